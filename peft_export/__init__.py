@@ -1,0 +1,49 @@
+"""peft_export: LoRA-adapted sentence-embedding models to ONNX, served without torch.
+
+Names are imported lazily so that ``import peft_export`` stays cheap and never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import (
+    ConfigError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    OutputExistsError,
+    PeftExportError,
+    UnsafeModelError,
+    ValidationError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "EmbeddingModel",
+    "MissingDependencyError",
+    "ModelNotFoundError",
+    "OutputExistsError",
+    "PeftExportError",
+    "UnsafeModelError",
+    "ValidationError",
+    "__version__",
+    "export_onnx_model",
+]
+
+if TYPE_CHECKING:
+    from .export.pipeline import export_onnx_model
+    from .runtime.model import EmbeddingModel
+
+
+def __getattr__(name: str):
+    if name == "EmbeddingModel":
+        from .runtime.model import EmbeddingModel
+
+        return EmbeddingModel
+    if name == "export_onnx_model":
+        from .export.pipeline import export_onnx_model
+
+        return export_onnx_model
+    raise AttributeError(f"module 'peft_export' has no attribute {name!r}")

@@ -1,0 +1,48 @@
+"""Exceptions raised by peft_export.
+
+Every class also inherits the builtin a caller would naturally catch, so
+``except ValueError`` and ``except PeftExportError`` both work.
+"""
+
+from __future__ import annotations
+
+
+class PeftExportError(Exception):
+    """Base class of every error raised on purpose by peft_export."""
+
+
+class ConfigError(PeftExportError, ValueError):
+    """A model, adapter or Sentence Transformers config is missing, malformed or unsupported."""
+
+
+class UnsafeModelError(PeftExportError, ValueError):
+    """A model or adapter asks for something we refuse to do (pickle weights, remote code, odd paths)."""
+
+
+class ModelNotFoundError(PeftExportError, FileNotFoundError):
+    """A model id names neither a local folder nor a reachable Hugging Face Hub repository."""
+
+
+class ValidationError(PeftExportError, ValueError):
+    """The exported graph does not reproduce the PyTorch reference within tolerance."""
+
+
+class MissingDependencyError(PeftExportError, ImportError):
+    """An optional dependency is needed for this call; the message names the extra to install."""
+
+
+class OutputExistsError(PeftExportError, FileExistsError):
+    """The output folder exists and overwriting was not requested."""
+
+
+def require(module: str, extra: str):
+    """Import an optional module, or raise MissingDependencyError naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingDependencyError(
+            f"{module!r} is required for this operation but is not installed. "
+            f"Install it with: pip install 'peft_export[{extra}]'"
+        ) from err

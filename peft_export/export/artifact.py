@@ -1,0 +1,90 @@
+"""Atomic export folders: build in a temporary folder beside the target, write the manifest last, rename.
+
+A kill at any moment leaves either no folder at the target or a complete one; stale temporary folders carry a
+recognisable prefix and are removed by the next export to the same target.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import OutputExistsError, PeftExportError
+from ..runtime.config import MANIFEST_FILE
+
+_TMP_PREFIX = ".peft-export-tmp-"
+_STALE_SECONDS = 3600
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    for leftover in parent.glob(f"{_TMP_PREFIX}{name}-*"):
+        try:
+            if time.time() - leftover.stat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue
+
+
+@contextmanager
+def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on clean exit it replaces ``target``. On error nothing is left behind."""
+    target = Path(target).expanduser().absolute()
+    if target.exists() and not force:
+        raise OutputExistsError(f"Output folder {target} already exists; pass --force (force=True) to overwrite it")
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"Output path {target} exists and is not a folder")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _clean_stale(parent, target.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=parent))
+    except OSError as err:
+        raise PeftExportError(f"Cannot write to {parent}: {err.strerror or err}") from err
+    try:
+        yield tmp
+        if not (tmp / MANIFEST_FILE).is_file():
+            raise PeftExportError("internal error: the export finished without writing its manifest")
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-old-", dir=parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise PeftExportError(f"Writing {target} failed: {err.strerror or err}; nothing was written") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("peft_export", "torch", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime-gpu",
+                 "tokenizers", "safetensors", "openvino", "sentence-transformers"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

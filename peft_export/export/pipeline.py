@@ -1,0 +1,235 @@
+"""Run the export stages in order: resolve -> load + merge -> trace -> validate -> write manifest atomically."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..runtime.config import MANIFEST_FILE, RuntimeConfig
+from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ..runtime.tokenizer import TextTokenizer
+from ..source.resolve import ResolvedModel, resolve_model
+from ..source.st_config import POOLING_MODES
+from . import validate
+from .artifact import atomic_output_folder, folder_size, library_versions, write_json
+
+logger = logging.getLogger(__name__)
+
+# An adapter whose effect on normalised embeddings stays under this is reported as doing nothing.
+NOOP_ADAPTER_THRESHOLD = 1e-4
+_ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
+
+
+@dataclass
+class ExportOptions:
+    model_id: str
+    output: str | Path
+    adapters: list[str] = field(default_factory=list)
+    base: str | None = None
+    revision: str | None = None
+    base_revision: str | None = None
+    token: str | bool | None = None
+    force: bool = False
+    opset: int = 17
+    max_seq_length: int | None = None
+    pooling: str | None = None  # override for plain encoders without a Pooling config
+    normalize: bool | None = None
+    trust_remote_code: bool = False
+    allow_noop_adapter: bool = False
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    manifest: dict[str, Any]
+    resolved: ResolvedModel
+
+
+def _max_seq_length(options: ExportOptions, resolved: ResolvedModel, encoder, tokenizer) -> int:
+    cfg = encoder.config
+    limit = getattr(cfg, "max_position_embeddings", None) or 512
+    if getattr(cfg, "model_type", "") in _ROBERTA_LIKE:
+        limit -= 2  # positions start after the padding index
+    requested = options.max_seq_length or resolved.pipeline.max_seq_length
+    if requested is None:
+        tok_max = getattr(tokenizer, "model_max_length", None)
+        requested = tok_max if isinstance(tok_max, int) and tok_max < 1_000_000 else limit
+    if requested < 1:
+        raise ConfigError(f"max_seq_length must be positive, found {requested}")
+    if options.max_seq_length and options.max_seq_length > limit:
+        raise ConfigError(f"--max-seq-length {options.max_seq_length} exceeds the model's {limit} positions")
+    return min(int(requested), limit)
+
+
+def _apply_overrides(options: ExportOptions, resolved: ResolvedModel) -> None:
+    pipeline = resolved.pipeline
+    if options.pooling:
+        modes = options.pooling.split(",")
+        for mode in modes:
+            if mode not in POOLING_MODES:
+                raise ConfigError(f"--pooling {mode!r} is not one of {', '.join(POOLING_MODES)}")
+        pipeline.pooling.modes = modes
+    if options.normalize is not None:
+        pipeline.normalize = options.normalize
+
+
+def _load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolved.tokenizer_folder), trust_remote_code=trust_remote_code)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(
+            f"{resolved.tokenizer_folder}: no fast (Rust) tokenizer is available; the torch-free runtime needs "
+            "tokenizer.json. Convert it with transformers' AutoTokenizer(use_fast=True) and save it."
+        )
+    return tokenizer
+
+
+def _reference_tokenize(tokenizer, input_names: list[str], max_len: int) -> Callable[[list[str]], dict]:
+    def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="np")
+        return {name: enc[name].astype(np.int64) for name in input_names}
+
+    return tokenize
+
+
+def _check_runtime_tokenizer(runtime_tok: TextTokenizer, reference_tok, texts: list[str]) -> None:
+    """The runtime's tokenizer (tokenizers library) must give exactly the reference ids, truncation included."""
+    for text in texts:
+        got = runtime_tok.encode([text])["input_ids"][0]
+        want = reference_tok([text])["input_ids"][0]
+        if got.shape != want.shape or not np.array_equal(got, want):
+            raise ConfigError(
+                f"The exported tokenizer does not reproduce the reference tokenization of {text[:40]!r}: "
+                f"{got[:12].tolist()}... vs {want[:12].tolist()}..."
+            )
+
+
+def export_onnx_model(model_id: str, output: str | Path, log: Callable[[str], None] = logger.info,
+                      **options: Any) -> ExportResult:
+    """Merge (at most one) adapter into ``model_id`` and write a validated ONNX export folder at ``output``.
+
+    Keyword options are the fields of :class:`ExportOptions` (adapters, base, revision, force, opset, ...).
+    """
+    return run_onnx_export(ExportOptions(model_id=model_id, output=output, **options), log)
+
+
+def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
+    import torch
+
+    from .graph import EmbeddingPipeline, load_dense
+    from .merge import attach_adapters, load_base_encoder, merge_adapter, uses_token_type_ids
+    from .onnx import export_onnx, input_names
+
+    started = time.perf_counter()
+    resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
+                             base_revision=options.base_revision, token=options.token)
+    _apply_overrides(options, resolved)
+    if len(resolved.adapters) > 1:
+        raise ConfigError(
+            f"A merged export takes one adapter, {len(resolved.adapters)} were given "
+            f"({', '.join(a.name for a in resolved.adapters)}); export each separately"
+        )
+    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
+    for adapter in resolved.adapters:
+        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
+            f"targets={adapter.config.target_modules}")
+
+    torch.manual_seed(0)
+    tokenizer = _load_tokenizer(resolved, options.trust_remote_code)
+    encoder = load_base_encoder(resolved.encoder_folder, options.trust_remote_code)
+    max_len = _max_seq_length(options, resolved, encoder, tokenizer)
+    tokenizer.model_max_length = max_len
+    with_type_ids = uses_token_type_ids(encoder, tokenizer)
+    dense = [load_dense(resolved.pipeline_folder, d) for d in resolved.pipeline.dense]
+
+    def make_pipeline(module):
+        return EmbeddingPipeline(module, resolved.pipeline, dense, with_type_ids).eval()
+
+    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_type_ids else [])
+    ref_tokenize = _reference_tokenize(tokenizer, names, max_len)
+    parity: dict[str, Any] = {}
+    if resolved.adapters:
+        adapter = resolved.adapters[0]
+        peft_model = attach_adapters(encoder, resolved.adapters)
+        references = validate.reference_outputs(make_pipeline(peft_model), ref_tokenize)
+        with peft_model.disable_adapter():
+            effect = validate.max_sentence_difference(references, validate.torch_runner(make_pipeline(peft_model)))
+        parity["adapter_vs_base_max_abs_diff"] = effect
+        if effect < NOOP_ADAPTER_THRESHOLD and not options.allow_noop_adapter:
+            raise ConfigError(
+                f"Adapter {adapter.name!r} changes the normalised embeddings by at most {effect:.2g} (< "
+                f"{NOOP_ADAPTER_THRESHOLD:g}): it does nothing (LoRA B still zero?). Pass --allow-noop-adapter to "
+                "export it anyway."
+            )
+        merged = merge_adapter(peft_model, adapter.name)
+        final = make_pipeline(merged)
+        merge_report = validate.compare_with_reference(references, validate.torch_runner(final), "The merged model")
+        parity["merged_vs_unmerged"] = merge_report.max_diff
+        log(f"merged == unmerged PEFT: max diff {merge_report.max_diff['sentence_embedding']:.2e}; "
+            f"adapter changes embeddings by up to {effect:.3f}")
+    else:
+        final = make_pipeline(encoder)
+        references = validate.reference_outputs(final, ref_tokenize)
+
+    with atomic_output_folder(options.output, force=options.force) as tmp:
+        model_path = export_onnx(final, tmp, opset=options.opset)
+        tokenizer.save_pretrained(str(tmp))
+        sentence_dim = int(references[0].sentence_embedding.shape[-1])
+        config = RuntimeConfig(
+            model_file=model_path.name,
+            input_names=input_names(final),
+            dimension=sentence_dim,
+            max_seq_length=max_len,
+            do_lower_case=resolved.pipeline.do_lower_case,
+            pad_token_id=int(tokenizer.pad_token_id or 0),
+            pooling_modes=list(resolved.pipeline.pooling.modes),
+            include_prompt=resolved.pipeline.pooling.include_prompt,
+            has_dense=bool(dense),
+            normalize=resolved.pipeline.normalize,
+            prompts=resolved.pipeline.prompts,
+            default_prompt_name=resolved.pipeline.default_prompt_name,
+            similarity_fn_name=resolved.pipeline.similarity_fn_name,
+        )
+        config.save(tmp)
+        runtime_tok = TextTokenizer(tmp, config)
+        _check_runtime_tokenizer(runtime_tok, ref_tokenize, validate.VALIDATION_TEXTS)
+        backend = OnnxRuntimeBackend(model_path)
+        report = validate.compare_with_reference(references, backend.run, "The exported ONNX graph")
+        parity["onnx_vs_reference"] = report.to_dict()
+        log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
+            f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
+        manifest = _manifest(resolved, options, config, parity, time.perf_counter() - started)
+        manifest["size_bytes"] = folder_size(tmp)
+        write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
+    log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")
+    return ExportResult(Path(options.output), manifest, resolved)
+
+
+def _manifest(resolved: ResolvedModel, options: ExportOptions, config: RuntimeConfig, parity: dict,
+              seconds: float) -> dict[str, Any]:
+    return {
+        "format": "peft_export",
+        "format_version": 1,
+        "created_unix": int(time.time()),
+        "base": {"id": resolved.base_id, "revision": resolved.base_revision},
+        "adapters": [
+            {"name": a.name, "source": a.source, "sha256": {a.weights.name: a.sha256}, **a.config.summary()}
+            for a in resolved.adapters
+        ],
+        "merge_mode": "merged" if resolved.adapters else "none",
+        "export": {"format": "onnx", "opset": options.opset, "dtype": "float32", "files": [config.model_file]},
+        "pipeline": {
+            "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
+            "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,
+        },
+        "validation": parity,
+        "library_versions": library_versions(),
+        "export_seconds": round(seconds, 2),
+    }

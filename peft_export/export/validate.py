@@ -1,0 +1,127 @@
+"""Numeric validation of an export against the PyTorch reference, on shapes not used for tracing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import ValidationError
+
+SENTENCE_TOLERANCE = 1e-5  # on L2-normalised sentence embeddings
+TOKEN_TOLERANCE = 1e-4
+
+# Real sentences of very different lengths; the last one is made longer than any max_seq_length.
+VALIDATION_TEXTS = [
+    "Hi",
+    "How do I reset my password?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Return a new array of given shape and type, filled with zeros.",
+    "A context manager that temporarily changes the working directory and restores it on exit.",
+    "Sentence embeddings map text to dense vectors so that similar meanings land close together.",
+    "Fine-tuning with LoRA adds a low-rank update B @ A to selected weight matrices of the network.",
+    "Émigré café naïve résumé — 東京 — مرحبا — 👍",
+    " ".join(["Long inputs are truncated to the model's maximum sequence length before encoding."] * 60),
+]
+BATCH_SIZES = (1, 3, 7)  # tracing used batch 2
+
+
+@dataclass
+class ValidationReport:
+    max_diff: dict[str, float] = field(default_factory=dict)
+    shapes: list[list[int]] = field(default_factory=list)
+    tolerances: dict[str, float] = field(
+        default_factory=lambda: {"sentence_embedding": SENTENCE_TOLERANCE, "token_embeddings": TOKEN_TOLERANCE}
+    )
+
+    def to_dict(self) -> dict:
+        return {"max_abs_diff": self.max_diff, "tolerances": self.tolerances, "shapes_checked": self.shapes}
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def validation_batches(texts: list[str] | None = None) -> list[list[str]]:
+    texts = texts or VALIDATION_TEXTS
+    batches = []
+    for size in BATCH_SIZES:
+        # Rotate so every batch mixes short texts with the long (truncated) one.
+        start = (size * 2) % len(texts)
+        rotated = texts[start:] + texts[:start]
+        batches.append(rotated[:size] if size > 1 else [texts[-1]])
+    batches.append([texts[0]])  # a one-token-ish input
+    return batches
+
+
+@dataclass
+class ReferenceBatch:
+    feeds: dict[str, np.ndarray]
+    sentence_embedding: np.ndarray  # (batch, dim)
+    token_embeddings: np.ndarray  # (batch, seq, hidden)
+
+
+def reference_outputs(
+    reference: torch.nn.Module, tokenize: Callable[[list[str]], dict[str, np.ndarray]], texts: list[str] | None = None
+) -> list[ReferenceBatch]:
+    """Run the PyTorch reference once on every validation batch."""
+    batches = []
+    for batch in validation_batches(texts):
+        feeds = tokenize(batch)
+        with torch.no_grad():
+            sentence, tokens = reference(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        batches.append(ReferenceBatch(feeds, sentence.numpy(), tokens.numpy()))
+    return batches
+
+
+def torch_runner(module: torch.nn.Module) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            sentence, tokens = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+        return {"sentence_embedding": sentence.numpy(), "token_embeddings": tokens.numpy()}
+
+    return run
+
+
+def compare_with_reference(
+    references: list[ReferenceBatch],
+    run_graph: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    what: str = "The exported graph",
+    tolerances: dict[str, float] | None = None,
+) -> ValidationReport:
+    """Run ``run_graph`` on each reference batch; raise once, listing every output over its tolerance."""
+    report = ValidationReport()
+    if tolerances:
+        report.tolerances = dict(tolerances)
+    worst = {name: 0.0 for name in report.tolerances}
+    for ref in references:
+        report.shapes.append(list(ref.feeds["input_ids"].shape))
+        got = run_graph(ref.feeds)
+        mask = ref.feeds["attention_mask"].astype(bool)
+        diffs = {
+            "sentence_embedding": np.abs(_unit(got["sentence_embedding"]) - _unit(ref.sentence_embedding)).max(),
+            "token_embeddings": np.abs(got["token_embeddings"][mask] - ref.token_embeddings[mask]).max(),
+        }
+        for name in worst:
+            value = float(diffs[name])
+            worst[name] = max(worst[name], value if np.isfinite(value) else float("inf"))
+    report.max_diff = worst
+    failures = [f"{name}: max abs diff {value:.3g} > {report.tolerances[name]:g}"
+                for name, value in worst.items() if not value <= report.tolerances[name]]
+    if failures:
+        raise ValidationError(
+            f"{what} does not match the PyTorch reference (unmerged PEFT) on input shapes {report.shapes}: "
+            + "; ".join(failures)
+        )
+    return report
+
+
+def max_sentence_difference(references: list[ReferenceBatch], run_graph) -> float:
+    """Largest difference of normalised sentence embeddings between ``run_graph`` and the references."""
+    worst = 0.0
+    for ref in references:
+        got = run_graph(ref.feeds)["sentence_embedding"]
+        worst = max(worst, float(np.abs(_unit(got) - _unit(ref.sentence_embedding)).max()))
+    return worst

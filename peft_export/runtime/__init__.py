@@ -1,0 +1,7 @@
+"""Torch-free runtime: ``EmbeddingModel`` and the similarity helpers."""
+
+from .model import EmbeddingModel
+from .onnxruntime_backend import SessionSettings
+from .similarity import similarity, similarity_pairwise
+
+__all__ = ["EmbeddingModel", "SessionSettings", "similarity", "similarity_pairwise"]

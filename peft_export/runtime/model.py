@@ -1,0 +1,218 @@
+"""EmbeddingModel: sentence-transformers' encode()/similarity() on an exported graph, without torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError
+from .config import RuntimeConfig, read_manifest
+from .onnxruntime_backend import OnnxRuntimeBackend, SessionSettings
+from .precision import PRECISIONS, quantize_embeddings
+from .similarity import similarity, similarity_pairwise
+from .tokenizer import TextTokenizer
+
+OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
+
+
+def _pool_numpy(tokens: np.ndarray, mask: np.ndarray, modes: list[str]) -> np.ndarray:
+    """Pooling for the one case the graph cannot do: a prompt excluded from pooling (include_prompt=False)."""
+    m = mask[..., None].astype(np.float32)  # (batch, seq, 1)
+    out = []
+    for mode in modes:
+        if mode == "cls":
+            out.append(tokens[np.arange(len(tokens)), mask.argmax(1)])
+        elif mode == "max":
+            out.append(np.where(m > 0, tokens, -np.inf).max(1))
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            count = np.maximum(m.sum(1), 1e-9)
+            out.append((tokens * m).sum(1) / (count if mode == "mean" else np.sqrt(count)))
+        elif mode == "weightedmean":
+            w = m * np.arange(1, tokens.shape[1] + 1, dtype=np.float32)[None, :, None]
+            out.append((tokens * w).sum(1) / np.maximum(w.sum(1), 1e-9))
+        elif mode == "lasttoken":
+            last = np.maximum(mask.sum(1) - 1, 0)
+            out.append(tokens[np.arange(len(tokens)), last])
+    return np.concatenate(out, axis=-1)
+
+
+class EmbeddingModel:
+    """Load an export folder and embed text like ``SentenceTransformer``.
+
+    >>> model = EmbeddingModel("out/")            # doctest: +SKIP
+    >>> model.encode(["a query", "a passage"])    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: str = "cpu",
+        providers: list | None = None,
+        *,
+        intra_op_threads: int | None = None,
+        session_settings: SessionSettings | None = None,
+    ):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise ConfigError(f"Export folder not found: {self.path}")
+        self.config = RuntimeConfig.load(self.path)
+        self.manifest = read_manifest(self.path)
+        settings = session_settings or SessionSettings()
+        if intra_op_threads is not None:
+            settings.intra_op_threads = intra_op_threads
+        self.device = device
+        self.backend = OnnxRuntimeBackend(self.path / self.config.model_file, device, providers, settings)
+        self._tokenizer = TextTokenizer(self.path, self.config)
+        # Graph inputs are what the tokenizer feeds; anything else means the folder was tampered with.
+        missing = set(self.backend.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
+        if missing:
+            raise ConfigError(f"{self.path}: graph has inputs {sorted(missing)} that the tokenizer cannot provide")
+        self._tokenizer.input_names = self.backend.input_names
+
+    # ----- properties mirroring SentenceTransformer -----
+    @property
+    def max_seq_length(self) -> int:
+        return self.config.max_seq_length
+
+    @property
+    def similarity_fn_name(self) -> str:
+        return self.config.similarity_fn_name
+
+    @property
+    def tokenizer(self):
+        """The underlying ``tokenizers.Tokenizer`` (truncation set to max_seq_length)."""
+        return self._tokenizer.tokenizer
+
+    @property
+    def prompts(self) -> dict[str, str]:
+        return dict(self.config.prompts)
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.config.dimension
+
+    def __repr__(self) -> str:
+        return (f"EmbeddingModel(path={str(self.path)!r}, backend={self.backend.name!r}, "
+                f"providers={self.backend.providers}, dimension={self.config.dimension})")
+
+    # ----- encode -----
+    def _resolve_prompt(self, prompt_name: str | None, prompt: str | None) -> str:
+        if prompt is not None:
+            return prompt
+        name = prompt_name if prompt_name is not None else self.config.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.config.prompts:
+            raise ValueError(
+                f"Prompt name {name!r} not found; the model has prompts {sorted(self.config.prompts)}"
+            )
+        return self.config.prompts[name]
+
+    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self._tokenizer.encode(list(texts))
+
+    def _embed_batch(self, texts: list[str], output_value: str, prompt_length: int) -> list[np.ndarray]:
+        feeds = self._tokenizer.encode(texts)
+        outputs = self.backend.run(feeds)
+        mask = feeds["attention_mask"]
+        if output_value == "token_embeddings":
+            tokens = outputs["token_embeddings"]
+            return [tokens[i, : int(mask[i].sum())] for i in range(len(texts))]
+        if prompt_length and not self.config.include_prompt:
+            pool_mask = mask.copy()
+            pool_mask[:, :prompt_length] = 0
+            emb = _pool_numpy(outputs["token_embeddings"], pool_mask, self.config.pooling_modes)
+            if self.config.normalize:
+                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            return list(emb)
+        return list(outputs["sentence_embedding"])
+
+    def encode(
+        self,
+        sentences: str | list[str],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        output_value: str = "sentence_embedding",
+        convert_to_numpy: bool = True,
+        normalize_embeddings: bool = False,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        truncate_dim: int | None = None,
+        precision: str = "float32",
+        convert_to_tensor: bool = False,
+    ) -> np.ndarray | list[np.ndarray]:
+        """Embed ``sentences``; a single string gives a 1-D vector, a list gives a (n, dim) array."""
+        if output_value not in OUTPUT_VALUES:
+            raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, found {output_value!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, found {precision!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}")
+        if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                         or not 0 < truncate_dim <= self.config.dimension):
+            raise ValueError(f"truncate_dim must be an integer in 1..{self.config.dimension}, found {truncate_dim!r}")
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"sentences[{i}] is {type(text).__name__}, expected str")
+        prompt_text = self._resolve_prompt(prompt_name, prompt)
+        prompt_length = 0
+        if prompt_text:
+            texts = [prompt_text + t for t in texts]
+            if not self.config.include_prompt:
+                if self.config.has_dense:
+                    raise ConfigError("include_prompt=False with a Dense module cannot run outside the graph")
+                prompt_length = self._tokenizer.prompt_length(prompt_text)
+
+        # Longest first, as sentence-transformers does, so each batch pads to similar lengths.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        results: list[Any] = [None] * len(texts)
+        progress = _progress(show_progress_bar, len(texts), batch_size)
+        for start in range(0, len(texts), batch_size):
+            index = order[start : start + batch_size]
+            batch = self._embed_batch([texts[i] for i in index], output_value, prompt_length)
+            for i, emb in zip(index, batch):
+                results[i] = emb
+            progress(len(index))
+
+        if output_value == "token_embeddings":
+            return results[0] if single else results
+        dim = truncate_dim or self.config.dimension
+        embeddings = np.stack(results).astype(np.float32) if results else np.zeros((0, dim), np.float32)
+        if truncate_dim:
+            embeddings = embeddings[:, :truncate_dim]
+        if normalize_embeddings and len(embeddings):
+            embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        if precision != "float32":
+            embeddings = quantize_embeddings(embeddings, precision)
+        return embeddings[0] if single else embeddings
+
+    # ----- similarity -----
+    def similarity(self, embeddings1, embeddings2) -> np.ndarray:
+        return similarity(embeddings1, embeddings2, self.config.similarity_fn_name)
+
+    def similarity_pairwise(self, embeddings1, embeddings2) -> np.ndarray:
+        return similarity_pairwise(embeddings1, embeddings2, self.config.similarity_fn_name)
+
+    def info(self) -> dict[str, Any]:
+        return {"path": str(self.path), "providers": self.backend.providers, "config": self.config.to_dict(),
+                "manifest": self.manifest}
+
+
+def _progress(show: bool | None, total: int, batch_size: int):
+    if not show or total <= batch_size:
+        return lambda n: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return lambda n: None
+    bar = tqdm(total=total, desc="Batches", unit="sentence")
+
+    def update(n: int) -> None:
+        bar.update(n)
+        if bar.n >= total:
+            bar.close()
+
+    return update

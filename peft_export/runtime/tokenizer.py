@@ -1,0 +1,52 @@
+"""Tokenization with the `tokenizers` library, configured once to match the reference model's settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .config import TOKENIZER_FILE, RuntimeConfig
+
+
+class TextTokenizer:
+    """Batch tokenizer: truncates to max_seq_length and pads to the longest sequence of each batch (right side)."""
+
+    def __init__(self, folder: Path, config: RuntimeConfig):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        self.max_seq_length = config.max_seq_length
+        self.do_lower_case = config.do_lower_case
+        self.tokenizer.enable_truncation(max_length=config.max_seq_length)
+        self.tokenizer.no_padding()  # padded in numpy: one pass, exact dtype
+        self.pad_token_id = config.pad_token_id
+        self.input_names = config.input_names
+
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        width = max((len(e.ids) for e in encodings), default=0)
+        batch = len(encodings)
+        input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((batch, width), dtype=np.int64)
+        token_type_ids = np.zeros((batch, width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            n = len(enc.ids)
+            input_ids[row, :n] = enc.ids
+            attention_mask[row, :n] = 1
+            token_type_ids[row, :n] = enc.type_ids
+        features = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        return {name: features[name] for name in self.input_names}
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        return [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+
+    def prompt_length(self, prompt: str) -> int:
+        """Prompt tokens as sentence-transformers counts them: with the leading special token, without the trailing one."""
+        ids = self.tokenizer.encode(prompt.lower() if self.do_lower_case else prompt).ids
+        special = {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
+        return len(ids) - 1 if ids and ids[-1] in special else len(ids)

@@ -1,0 +1,1 @@
+"""Resolve model ids into local folders and parsed configs."""

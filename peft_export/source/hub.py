@@ -1,0 +1,39 @@
+"""Turn a model id into a local folder: the only module that touches the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ModelNotFoundError, require
+
+# What an export needs from a repository. Pickle weights (*.bin, *.pt) are deliberately not fetched.
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*/*.json", "*/*.safetensors"]
+
+
+def is_local(model_id: str) -> bool:
+    return Path(model_id).expanduser().is_dir()
+
+
+def local_folder(model_id: str, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """A local folder for ``model_id``: the folder itself, or a Hub snapshot (cached, then downloaded)."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ModelNotFoundError(f"{model_id!r} exists but is not a folder; pass the model's folder")
+    looks_like_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
+    if looks_like_path:
+        raise ModelNotFoundError(f"No folder at {model_id!r} (and it is not a Hugging Face Hub id)")
+
+    hub = require("huggingface_hub", "export")
+    try:
+        return Path(
+            hub.snapshot_download(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS, token=token)
+        )
+    except Exception as err:  # huggingface_hub raises many types: offline, 404, gated, auth
+        reason = f"{type(err).__name__}: {err}".splitlines()[0]
+        raise ModelNotFoundError(
+            f"Could not get {model_id!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face Hub "
+            f"({reason}). If you are offline or the repo is private, download it elsewhere and pass the local "
+            "folder instead, e.g. `peft-export merge-onnx ./my-model`."
+        ) from err

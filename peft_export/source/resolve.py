@@ -1,0 +1,144 @@
+"""Resolve what the user named (a model id, --base, --adapter ...) into local folders and parsed configs."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, UnsafeModelError
+from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
+from .hub import local_folder
+from .st_config import PipelineConfig, read_pipeline_config
+
+DEFAULT_ADAPTER_NAME = "default"
+
+
+@dataclass
+class AdapterSource:
+    name: str
+    source: str
+    folder: Path
+    config: AdapterConfig
+    weights: Path
+    sha256: str
+
+
+@dataclass
+class ResolvedModel:
+    base_id: str
+    base_revision: str | None
+    base_folder: Path
+    encoder_folder: Path  # the transformers model inside the base (config.json + weights)
+    pipeline_folder: Path  # where modules.json / Pooling / Dense / tokenizer are read from
+    pipeline: PipelineConfig
+    adapters: list[AdapterSource] = field(default_factory=list)
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        for folder in (self.pipeline_folder / self.pipeline.transformer_path, self.encoder_folder):
+            if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+                return folder
+        return self.encoder_folder
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
+    """``NAME=PATH_OR_ID`` or ``PATH_OR_ID`` -> (name or None, path_or_id)."""
+    name, sep, target = spec.partition("=")
+    if sep and name and "/" not in name and not Path(spec).exists():
+        _check_adapter_name(name)
+        return name, target
+    return None, spec
+
+
+def _check_adapter_name(name: str) -> None:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise ConfigError(f"Adapter name {name!r} must use letters, digits, '-', '_' or '.' only")
+
+
+def load_adapter_source(
+    spec: str, name: str | None = None, revision: str | None = None, token: str | bool | None = None
+) -> AdapterSource:
+    folder = local_folder(spec, revision=revision, token=token)
+    config = read_adapter_config(folder)
+    weights = adapter_weights_path(folder)
+    name = name or DEFAULT_ADAPTER_NAME
+    _check_adapter_name(name)
+    return AdapterSource(name=name, source=spec, folder=folder, config=config, weights=weights, sha256=sha256_file(weights))
+
+
+def _has_weights(folder: Path) -> bool:
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return True
+    if any(folder.glob("pytorch_model*.bin")) or any(folder.glob("*.pt")):
+        raise UnsafeModelError(
+            f"{folder} has only pickle weights (pytorch_model.bin). peft_export loads safetensors only: convert the "
+            "model with `model.save_pretrained(dir, safe_serialization=True)`."
+        )
+    return False
+
+
+def resolve_model(
+    model_id: str,
+    adapters: list[str] | None = None,
+    base: str | None = None,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    token: str | bool | None = None,
+) -> ResolvedModel:
+    """Resolve ``model_id`` (full model or adapter-only folder / hub id) plus extra ``adapters`` specs."""
+    folder = local_folder(model_id, revision=revision, token=token)
+    resolved_adapters: list[AdapterSource] = []
+    pipeline_folder: Path | None = None
+
+    if (folder / "adapter_config.json").is_file() or (folder / "adapter_model.bin").is_file():
+        adapter = load_adapter_source(str(folder), name=DEFAULT_ADAPTER_NAME)
+        adapter.source = model_id
+        resolved_adapters.append(adapter)
+        base_id = base or adapter.config.base_model_name_or_path
+        if not base_id:
+            raise ConfigError(
+                f"{folder}/adapter_config.json has no base_model_name_or_path; pass the base model with --base"
+            )
+        base_folder = local_folder(base_id, revision=base_revision, token=token)
+        if (folder / "modules.json").is_file():
+            pipeline_folder = folder  # adapter-only Sentence Transformers folder carries the module configs
+        base_rev = base_revision
+    else:
+        if base:
+            raise ConfigError(f"--base is only used with an adapter-only MODEL_ID; {model_id!r} is a full model")
+        base_id, base_folder, base_rev = model_id, folder, revision
+
+    base_pipeline = read_pipeline_config(base_folder)
+    encoder_folder = base_folder / base_pipeline.transformer_path
+    if not _has_weights(encoder_folder):
+        raise ConfigError(f"{encoder_folder} has no model weights (*.safetensors); is {base_id!r} a full model?")
+    pipeline_folder = pipeline_folder or base_folder
+    pipeline = base_pipeline if pipeline_folder == base_folder else read_pipeline_config(pipeline_folder)
+
+    for spec in adapters or []:
+        name, target = parse_adapter_spec(spec)
+        if name is None:
+            name = DEFAULT_ADAPTER_NAME if not resolved_adapters else Path(target.rstrip("/")).name
+        adapter = load_adapter_source(target, name=name, token=token)
+        if any(a.name == adapter.name for a in resolved_adapters):
+            raise ConfigError(f"Two adapters are named {adapter.name!r}; name them with NAME=PATH")
+        resolved_adapters.append(adapter)
+
+    return ResolvedModel(
+        base_id=str(base_id),
+        base_revision=base_rev,
+        base_folder=base_folder,
+        encoder_folder=encoder_folder,
+        pipeline_folder=pipeline_folder,
+        pipeline=pipeline,
+        adapters=resolved_adapters,
+    )
