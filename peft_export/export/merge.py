@@ -17,22 +17,24 @@ from ..source.resolve import AdapterSource
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$")
 
 
+# Heads of the checkpoint that load_base_encoder drops (add_pooling_layer=False) because sentence embeddings are
+# pooled from last_hidden_state. LoRA on them (target_modules=["dense"] also hits BERT's pooler.dense) has no
+# effect on the embeddings, so their tensors are skipped instead of being reported as modules the base lacks.
+_UNUSED_HEADS = ("pooler",)
+
+
 def load_base_encoder(folder: Path, trust_remote_code: bool = False) -> nn.Module:
     """The transformers encoder in fp32, eval mode, from safetensors only."""
     from transformers import AutoModel
 
+    # Loaded exactly as sentence-transformers loads it (pooler included), so adapter keys line up with the
+    # modules PEFT saw at training time; the pooler output is unused and drops out of the traced graph.
     try:
         model = AutoModel.from_pretrained(
             str(folder),
             dtype=torch.float32,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
-            attn_implementation="eager",
-            add_pooling_layer=False,
-        )
-    except TypeError:  # architectures without a pooling layer reject the kwarg
-        model = AutoModel.from_pretrained(
-            str(folder), dtype=torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code,
             attn_implementation="eager",
         )
     except ValueError as err:
@@ -78,6 +80,8 @@ def check_adapter_tensors(base: nn.Module, adapter: AdapterSource) -> None:
                 raise ConfigError(f"{adapter.weights}: tensor {key!r} contains NaN or Inf values")
             module_name, part = match.group("module"), match.group("part")
             target = modules.get(module_name)
+            if target is None and module_name.split(".", 1)[0] in _UNUSED_HEADS:
+                continue  # e.g. BERT's pooler: loaded without it, and no sentence embedding reads its output
             if target is None:
                 raise ConfigError(
                     f"{adapter.weights}: tensor {key!r} targets module {module_name!r}, which the base model "
