@@ -36,6 +36,16 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-noop-adapter", action="store_true",
                         help="export even if the adapter does not change the embeddings")
     parser.add_argument("--token", help="Hugging Face token for private repositories")
+    quant = parser.add_argument_group("quantization (int8 graphs must pass a quality gate against fp32)")
+    quant.add_argument("--quantize", choices=["int8", "int8-static"],
+                       help="int8: dynamic, per-channel weights; int8-static: also calibrated activations")
+    quant.add_argument("--gate-data", help="JSON lines of {\"query\", \"passage\"} pairs for the quality gate "
+                                           "(default: the demo corpus' held-out pairs)")
+    quant.add_argument("--calibration-data", help="text file, one sentence per line, for int8-static calibration")
+    quant.add_argument("--min-mean-cosine", type=float, default=0.99, help="gate: mean cosine to fp32 (0.99)")
+    quant.add_argument("--min-worst-cosine", type=float, default=0.97, help="gate: worst sentence's cosine (0.97)")
+    quant.add_argument("--min-ndcg-retention", type=float, default=0.995,
+                       help="gate: NDCG@10 of int8 divided by fp32's (0.995)")
 
 
 def _default_model(args: argparse.Namespace) -> None:
@@ -51,6 +61,7 @@ def _default_model(args: argparse.Namespace) -> None:
 
 def _cmd_merge_onnx(args: argparse.Namespace) -> int:
     from .export.pipeline import ExportOptions, run_onnx_export
+    from .export.quality import QualityGate
 
     if args.model_id is None:
         _default_model(args)
@@ -60,6 +71,8 @@ def _cmd_merge_onnx(args: argparse.Namespace) -> int:
         base_revision=args.base_revision, token=args.token, force=args.force, opset=args.opset,
         max_seq_length=args.max_seq_length, pooling=args.pooling, normalize=args.normalize,
         trust_remote_code=args.trust_remote_code, allow_noop_adapter=args.allow_noop_adapter,
+        quantize=args.quantize, gate_data=args.gate_data, calibration_data=args.calibration_data,
+        gate=QualityGate(args.min_mean_cosine, args.min_worst_cosine, args.min_ndcg_retention),
     )
     result = run_onnx_export(options, log=lambda msg: print(msg, flush=True))
     print(f"done: {Path(result.path).absolute()}")

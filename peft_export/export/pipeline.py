@@ -18,6 +18,7 @@ from ..source.resolve import ResolvedModel, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import validate
 from .artifact import atomic_output_folder, folder_size, library_versions, write_json
+from .quality import QualityGate, gate_dict, load_pairs_file
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,10 @@ class ExportOptions:
     normalize: bool | None = None
     trust_remote_code: bool = False
     allow_noop_adapter: bool = False
+    quantize: str | None = None  # "int8" (dynamic) or "int8-static"; see export/quantize.py
+    gate: QualityGate = field(default_factory=QualityGate)
+    gate_data: str | None = None  # JSON lines of {"query", "passage"}; default: the demo held-out pairs
+    calibration_data: str | None = None  # text file, one sentence per line; default: demo training text
 
 
 @dataclass
@@ -205,11 +210,66 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
         parity["onnx_vs_reference"] = report.to_dict()
         log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
             f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
+        if options.quantize:
+            parity["quantization"] = _quantize_step(options, tmp, config, runtime_tok, backend, log)
         manifest = _manifest(resolved, options, config, parity, time.perf_counter() - started)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")
     return ExportResult(Path(options.output), manifest, resolved)
+
+
+def _onnx_embedder(tokenizer: TextTokenizer, backend: OnnxRuntimeBackend, batch_size: int = 32):
+    def embed(texts: list[str]) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), 0), np.float32)
+        for start in range(0, len(texts), batch_size):
+            index = order[start : start + batch_size]
+            emb = backend.run(tokenizer.encode([texts[i] for i in index]))["sentence_embedding"]
+            if out.shape[1] == 0:
+                out = np.zeros((len(texts), emb.shape[1]), np.float32)
+            out[index] = emb
+        return out
+
+    return embed
+
+
+def _calibration_texts(path: str | None) -> list[str]:
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            texts = [line.strip() for line in fh if line.strip()]
+        if not texts:
+            raise ConfigError(f"{path} holds no calibration sentences")
+        return texts[:512]
+    from ..demo import load_pairs
+
+    pairs = load_pairs("train")[:64]  # disjoint from the gate's held-out pairs
+    return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
+
+
+def _quantize_step(options: ExportOptions, folder: Path, config: RuntimeConfig, tokenizer: TextTokenizer,
+                   fp32_backend: OnnxRuntimeBackend, log) -> dict[str, Any]:
+    """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
+    from .quantize import quantize_with_gate
+
+    fp32_path = folder / config.model_file
+    int8_path = folder / "model_int8.onnx"
+    pairs = load_pairs_file(options.gate_data)
+    result = quantize_with_gate(
+        fp32_path, int8_path, _onnx_embedder(tokenizer, fp32_backend),
+        lambda path: _onnx_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
+        mode=options.quantize, tokenize=tokenizer.encode,
+        calibration_texts=_calibration_texts(options.calibration_data) if options.quantize == "int8-static" else None,
+    )
+    chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
+    log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "
+        f"NDCG@10 retention {chosen['ndcg10_retention']:.4f} on {chosen['texts']} texts")
+    fp32_path.unlink()
+    config.model_file = int8_path.name
+    config.save(folder)
+    result["gate"] = gate_dict(options.gate)
+    result["gate_data"] = options.gate_data or "peft_export demo held-out pairs"
+    return result
 
 
 def _manifest(resolved: ResolvedModel, options: ExportOptions, config: RuntimeConfig, parity: dict,
@@ -224,7 +284,8 @@ def _manifest(resolved: ResolvedModel, options: ExportOptions, config: RuntimeCo
             for a in resolved.adapters
         ],
         "merge_mode": "merged" if resolved.adapters else "none",
-        "export": {"format": "onnx", "opset": options.opset, "dtype": "float32", "files": [config.model_file]},
+        "export": {"format": "onnx", "opset": options.opset, "dtype": options.quantize or "float32",
+                   "files": [config.model_file]},
         "pipeline": {
             "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
             "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,
