@@ -126,6 +126,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark.run import run_bench_command
+
+    return run_bench_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-export",
@@ -153,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="export folder")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
     info.set_defaults(handler=_cmd_info)
+    bench = sub.add_parser("bench", help="benchmark export folders (and optionally eager PyTorch) on real text",
+                           description="Latency (batch 1), throughput (batch 32/128), cold start, peak RSS, tokens/s "
+                                       "and quality vs the first contender; writes Markdown, JSON and a PNG plot.")
+    bench.add_argument("paths", nargs="+", help="export folders to compare")
+    bench.add_argument("--eager", metavar="BASE", help="also time eager sentence-transformers on BASE (needs torch)")
+    bench.add_argument("--adapter", help="PEFT adapter for the eager contenders")
+    bench.add_argument("--eager-merged", action="store_true", help="add eager with the adapter merged by PEFT")
+    bench.add_argument("--queries", type=int, default=300, help="single queries for batch-1 latency (300)")
+    bench.add_argument("--sentences", type=int, default=1000, help="sentences for throughput (1000)")
+    bench.add_argument("--texts", help="text file, one sentence per line (default: the demo corpus)")
+    bench.add_argument("--gate-data", help="query/passage JSON lines for NDCG@10 (default: demo held-out pairs)")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--out", default="bench-results", help="output folder (bench-results)")
+    bench.add_argument("--quick", action="store_true", help="smoke run: 50 queries, 200 sentences, batch 32 only")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
