@@ -136,6 +136,7 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
     _apply_overrides(options, resolved)
+    gate_pairs = _check_quantize_options(options) if options.quantize else None
     if len(resolved.adapters) > 1:
         raise ConfigError(
             f"A merged export takes one adapter, {len(resolved.adapters)} were given "
@@ -211,7 +212,7 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
         log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
             f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
         if options.quantize:
-            parity["quantization"] = _quantize_step(options, tmp, config, runtime_tok, backend, log)
+            parity["quantization"] = _quantize_step(options, gate_pairs, tmp, config, runtime_tok, backend, log)
         manifest = _manifest(resolved, options, config, parity, time.perf_counter() - started)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
@@ -247,14 +248,24 @@ def _calibration_texts(path: str | None) -> list[str]:
     return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
 
 
-def _quantize_step(options: ExportOptions, folder: Path, config: RuntimeConfig, tokenizer: TextTokenizer,
+def _check_quantize_options(options: ExportOptions) -> list[dict[str, str]]:
+    """Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data."""
+    from .quantize import QUANTIZE_MODES
+
+    if options.quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, found {options.quantize!r}")
+    if options.calibration_data:
+        _calibration_texts(options.calibration_data)
+    return load_pairs_file(options.gate_data)
+
+
+def _quantize_step(options: ExportOptions, pairs: list[dict[str, str]], folder: Path, config: RuntimeConfig, tokenizer: TextTokenizer,
                    fp32_backend: OnnxRuntimeBackend, log) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from .quantize import quantize_with_gate
 
     fp32_path = folder / config.model_file
     int8_path = folder / "model_int8.onnx"
-    pairs = load_pairs_file(options.gate_data)
     result = quantize_with_gate(
         fp32_path, int8_path, _onnx_embedder(tokenizer, fp32_backend),
         lambda path: _onnx_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
