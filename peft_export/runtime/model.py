@@ -33,8 +33,11 @@ def _pool_numpy(tokens: np.ndarray, mask: np.ndarray, modes: list[str]) -> np.nd
             w = m * np.arange(1, tokens.shape[1] + 1, dtype=np.float32)[None, :, None]
             out.append((tokens * w).sum(1) / np.maximum(w.sum(1), 1e-9))
         elif mode == "lasttoken":
-            last = np.maximum(mask.sum(1) - 1, 0)
-            out.append(tokens[np.arange(len(tokens)), last])
+            # The last position still in the mask (the prompt is masked at the front, so not mask.sum() - 1);
+            # an all-zero row gives a zero vector, as in sentence-transformers.
+            has_tokens = mask.any(1)
+            last = np.where(has_tokens, mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1), 0)
+            out.append(tokens[np.arange(len(tokens)), last] * has_tokens[:, None])
     return np.concatenate(out, axis=-1)
 
 
