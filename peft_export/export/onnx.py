@@ -6,7 +6,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..errors import ConfigError
@@ -107,21 +106,6 @@ class OnnxFormat:
                 "files": [config.model_file]}
 
 
-def _onnx_embedder(tokenizer, backend, batch_size: int = 32):
-    def embed(texts: list[str]) -> np.ndarray:
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.zeros((len(texts), 0), np.float32)
-        for start in range(0, len(texts), batch_size):
-            index = order[start : start + batch_size]
-            emb = backend.run(tokenizer.encode([texts[i] for i in index]))["sentence_embedding"]
-            if out.shape[1] == 0:
-                out = np.zeros((len(texts), emb.shape[1]), np.float32)
-            out[index] = emb
-        return out
-
-    return embed
-
-
 def _calibration_texts(path: str | None) -> list[str]:
     if path:
         with open(path, encoding="utf-8") as fh:
@@ -151,14 +135,14 @@ def _quantize_step(options, pairs: list[dict[str, str]], folder: Path, config, t
                    log) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .quality import gate_dict
+    from .quality import backend_embedder, gate_dict
     from .quantize import quantize_with_gate
 
     fp32_path = folder / config.model_file
     int8_path = folder / "model_int8.onnx"
     result = quantize_with_gate(
-        fp32_path, int8_path, _onnx_embedder(tokenizer, fp32_backend),
-        lambda path: _onnx_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
+        fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend),
+        lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
         mode=options.quantize, tokenize=tokenizer.encode,
         calibration_texts=_calibration_texts(options.calibration_data) if options.quantize == "int8-static" else None,
     )

@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import ResolvedModel, resolve_model
@@ -167,6 +167,23 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
     from .onnx import OnnxFormat
 
     return run_export(options, OnnxFormat(options), log)  # checks --quantize options before the slow stages
+
+
+def export_openvino_model(model_id: str, output: str | Path, weight_format: str = "fp32",
+                          log: Callable[[str], None] = logger.info, **options: Any) -> ExportResult:
+    """Like :func:`export_onnx_model`, writing OpenVINO IR with ``weight_format`` fp32, fp16 or int8 weights."""
+    return run_openvino_export(ExportOptions(model_id=model_id, output=output, **options), weight_format, log)
+
+
+def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
+                        log: Callable[[str], None] = logger.info) -> ExportResult:
+    from .openvino import OpenVinoFormat
+
+    graph_format = OpenVinoFormat(weight_format, options)  # checks its options before the slow stages
+    require("openvino", "openvino")
+    if weight_format == "int8":
+        require("nncf", "openvino")
+    return run_export(options, graph_format, log)
 
 
 def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[[str], None] = logger.info
