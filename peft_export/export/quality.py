@@ -124,7 +124,7 @@ _DOCSTRING_MODULES = (
     "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools", "gzip", "hashlib",
     "heapq", "html", "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging", "mailbox",
     "os", "pathlib", "pickle", "queue", "random", "re", "shlex", "shutil", "socket", "sqlite3", "statistics",
-    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "traceback", "typing", "unittest",
+    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "traceback", "unittest",
     "urllib.parse", "uuid", "warnings", "zipfile",
 )
 _PROSE = re.compile(r"^[A-Z][^>|{}\[\]=]*[.?!]$")
