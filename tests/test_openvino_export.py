@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -71,10 +72,13 @@ def test_compressed_weights_pass_their_gate_and_record_it(tiny_exports, weight_f
     assert quality["worst_cosine"] <= quality["mean_cosine"] <= 1.0 + 1e-9
     assert quality["ndcg10_retention"] >= 0.995 and quality["texts"] >= 200
     assert quality["inference_precision"] == "f32" and quality["gate_data"]
-    # The conversion itself was checked in f32 before compression.
+    assert quality["chosen"] == quality["attempts"][0]["strategy"] and quality["attempts"][0]["failures"] == []
+    # The fp32 IR was checked against PyTorch before compression.
     assert manifest["validation"]["openvino_vs_reference"]["max_abs_diff"]["sentence_embedding"] <= 1e-5
     fp32_bytes = (tiny_exports["openvino-fp32"] / "openvino_model.bin").stat().st_size
     assert (folder / "openvino_model.bin").stat().st_size < max_size_ratio * fp32_bytes
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("openvino_model")) == [
+        "openvino_model.bin", "openvino_model.xml"]  # the candidate replaced the fp32 IR, nothing left over
     reference = EmbeddingModel(tiny_exports["openvino-fp32"]).encode(["How do I reset my password?"])
     got = EmbeddingModel(folder).encode(["How do I reset my password?"])
     assert 0 < np.abs(got - reference).max() < 0.05  # compressed: close, not identical
@@ -94,11 +98,39 @@ def test_failed_quality_gate_fails_the_export_and_leaves_nothing(tiny_model, tin
     out = tiny_model["root"] / "gate-fails"
     options = ExportOptions(model_id=str(tiny_model["adapter"]), output=out, base=str(tiny_model["base"]),
                             gate=QualityGate(min_mean_cosine=1.000001))  # no compression reaches this
-    with pytest.raises(ValidationError, match=r"The fp16-weight OpenVINO model fails the quality gate "
-                                              r"\(mean_cosine [01]\.\d+ < 1\.000001\)\. Nothing was written"):
+    with pytest.raises(ValidationError, match=r"No fp16-weight OpenVINO model passes the quality gate \(all weights "
+                                              r"stored as fp16: mean_cosine [01]\.\d+ < 1\.000001\)\. Nothing was "
+                                              r"written"):
         write_export(tiny_merged, options, OpenVinoFormat("fp16", options), log=lambda msg: None)
     assert not out.exists()
     assert not list(out.parent.glob(f".peft-export-tmp-{out.name}-*"))
+
+
+@requires_nncf
+def test_int8_climbs_the_ladder_when_ffn_outputs_do_not_survive_int8(tiny_model, tmp_path):
+    """FFN output projections with an outlier input column (fed by a dead unit, so fp32 is unaffected): per-channel
+    int8 rounds their real weights to zero; keeping them in fp32 passes."""
+    import torch
+    from transformers import BertModel
+
+    from peft_export.export.pipeline import export_openvino_model
+
+    folder = tmp_path / "outliers"
+    shutil.copytree(tiny_model["base"], folder)
+    model = BertModel.from_pretrained(str(folder))
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.output.dense.weight.mul_(50)  # make the FFN matter to the embedding
+            layer.intermediate.dense.bias[0] = -1e4  # GELU(-1e4) = 0: unit 0 is dead
+            layer.output.dense.weight[:, 0] = 1e4  # ...and read with a huge weight
+    model.save_pretrained(str(folder))
+    result = export_openvino_model(str(folder), tmp_path / "out", weight_format="int8", log=lambda msg: None)
+    quality = result.manifest["validation"]["weight_compression"]
+    first, second = quality["attempts"][:2]
+    assert first["strategy"] == "per-channel, all linear layers" and first["failures"]
+    assert second["strategy"] == "per-channel, FFN output projections kept in fp32" and second["failures"] == []
+    assert quality["chosen"] == second["strategy"] and second["excluded_nodes"] == 2
+    assert second["quantized_nodes"] == first["quantized_nodes"] - 2
 
 
 def test_fp16_gate_is_never_looser_than_0_999():

@@ -101,7 +101,7 @@ def gate_dict(gate: QualityGate) -> dict[str, float]:
     return asdict(gate)
 
 
-def backend_embedder(tokenizer, backend, batch_size: int = 32) -> Embed:
+def backend_embedder(tokenize: Callable[[list[str]], dict[str, np.ndarray]], backend, batch_size: int = 32) -> Embed:
     """``texts -> (n, dim)`` sentence embeddings from a runtime backend (longest first, to limit padding)."""
 
     def embed(texts: list[str]) -> np.ndarray:
@@ -109,7 +109,7 @@ def backend_embedder(tokenizer, backend, batch_size: int = 32) -> Embed:
         out = np.zeros((len(texts), 0), np.float32)
         for start in range(0, len(texts), batch_size):
             index = order[start : start + batch_size]
-            emb = backend.run(tokenizer.encode([texts[i] for i in index]))["sentence_embedding"]
+            emb = backend.run(tokenize([texts[i] for i in index]))["sentence_embedding"]
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), emb.shape[1]), np.float32)
             out[index] = emb
