@@ -233,3 +233,25 @@ def test_cli_merge_openvino_has_no_onnx_only_options(capsys):
     usage = capsys.readouterr().out
     assert "--weight-format {fp32,fp16,int8}" in usage and "--min-mean-cosine" in usage
     assert "--opset" not in usage and "--quantize" not in usage and "--calibration-data" not in usage
+
+
+@pytest.mark.slow
+@requires_nncf
+@pytest.mark.parametrize("weight_format", ["fp16", "int8"])
+def test_real_minilm_compressed_weights_pass_the_gate(minilm_adapter, tmp_path, weight_format):
+    from sentence_transformers import SentenceTransformer
+
+    from peft_export.export.pipeline import export_openvino_model
+
+    result = export_openvino_model(str(minilm_adapter["adapter"]), tmp_path / weight_format,
+                                   weight_format=weight_format, base=str(minilm_adapter["base"]),
+                                   log=lambda msg: None)
+    quality = result.manifest["validation"]["weight_compression"]
+    assert quality["mean_cosine"] >= (0.999 if weight_format == "fp16" else 0.99)
+    assert quality["ndcg10_retention"] >= 0.995 and quality["worst_cosine"] >= 0.97
+    reference = SentenceTransformer(str(minilm_adapter["base"]), device="cpu")
+    reference.load_adapter(str(minilm_adapter["adapter"]))
+    texts = ["How do I reset my password?", "Return a new array of given shape and type, filled with zeros.",
+             "The quick brown fox jumps over the lazy dog."]
+    got, want = EmbeddingModel(result.path).encode(texts), reference.encode(texts)
+    assert ((got * want).sum(1) > 0.995).all()
