@@ -172,3 +172,10 @@ def test_runtime_import_stays_torch_free():
             "print(sorted(m for m in ('torch', 'transformers', 'peft', 'openvino', 'nncf') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_bench_counts_the_same_flops_per_token_in_ir_and_onnx(tiny_exports):
+    from peft_export.benchmark.suite import linear_flops_per_token
+
+    onnx = linear_flops_per_token(tiny_exports["onnx"] / "model.onnx")
+    assert onnx and linear_flops_per_token(tiny_exports["openvino-fp32"] / "openvino_model.xml") == onnx
