@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     wrong = [r["contender"] for r in report.rows if r["contender"] in EXACT and r["worst_cosine"] < 0.99999]
     wrong += [r["contender"] for r in report.rows if r["mean_cosine"] < 0.99]
     if wrong:
-        print(f"FAIL: {', '.join(wrong)} disagree with eager PyTorch; the timings are of a wrong model", file=sys.stderr)
+        print(f"FAIL: {', '.join(wrong)} disagree with eager PyTorch; the timings are of a wrong model",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -20,7 +20,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "spec
 MAX_SEQ_LENGTH = 64
 
 __all__ = ["tiny_model", "tiny_merged", "tiny_exports", "tiny_reference", "minilm_adapter", "requires_openvino",
-           "requires_nncf", "EXPORT_KINDS"]
+           "requires_nncf"]
 
 try:
     import openvino  # noqa: F401
@@ -35,9 +35,9 @@ try:
 except ImportError:
     HAVE_NNCF = False
 
-requires_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino is not installed (pip install 'peft_export[openvino]')")
+requires_openvino = pytest.mark.skipif(
+    not HAVE_OPENVINO, reason="openvino is not installed (pip install 'peft_export[openvino]')")
 requires_nncf = pytest.mark.skipif(not HAVE_NNCF, reason="nncf is not installed (pip install 'peft_export[openvino]')")
-EXPORT_KINDS = ("onnx", "openvino-fp32", "openvino-fp16", "openvino-int8")
 
 
 def _minilm_path() -> Path:

@@ -187,7 +187,8 @@ class OpenVinoFormat:
                 quality = measure_quality(reference, backend_embedder(tokenizer.encode, compile_f32(path)),
                                           self.pairs)
                 attempt = {"strategy": strategy, "excluded_nodes": len(excluded),
-                           "quantized_nodes": matmuls - len(excluded), **quality, "failures": self.gate.failures(quality)}
+                           "quantized_nodes": matmuls - len(excluded), **quality,
+                           "failures": self.gate.failures(quality)}
                 attempts.append(attempt)
                 log(f"{self.weight_format} weights ({strategy}): mean cosine {quality['mean_cosine']:.5f}, worst "
                     f"{quality['worst_cosine']:.5f}, NDCG@10 retention {quality['ndcg10_retention']:.4f} on "

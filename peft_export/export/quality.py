@@ -101,7 +101,8 @@ def gate_dict(gate: QualityGate) -> dict[str, float]:
     return asdict(gate)
 
 
-def backend_embedder(tokenize: Callable[[list[str]], dict[str, np.ndarray]], backend, batch_size: int = 32) -> Embed:
+def backend_embedder(tokenize: Callable[[list[str]], dict[str, np.ndarray]], backend, batch_size: int = 32
+                     ) -> Embed:
     """``texts -> (n, dim)`` sentence embeddings from a runtime backend (longest first, to limit padding)."""
 
     def embed(texts: list[str]) -> np.ndarray:
