@@ -137,6 +137,8 @@ def fp32_matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
 
 def linear_flops_per_token(onnx_path: Path) -> float | None:
     """2 x the weights of every weight-bearing MatMul/Gemm in the graph: the encoder's FLOPs per token."""
+    if Path(onnx_path).suffix == ".xml":
+        return _openvino_linear_flops_per_token(Path(onnx_path))
     try:
         import onnx
         from onnx import numpy_helper  # noqa: F401
@@ -151,6 +153,21 @@ def linear_flops_per_token(onnx_path: Path) -> float | None:
                 dims = shapes.get(name)
                 if dims and len(dims) == 2:
                     total += 2 * dims[0] * dims[1]
+    return float(total) or None
+
+
+def _openvino_linear_flops_per_token(xml_path: Path) -> float | None:
+    """The same count on an OpenVINO IR: MatMuls whose second input is a static matrix (the weights)."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    total = 0
+    for op in openvino.Core().read_model(str(xml_path)).get_ordered_ops():
+        if op.get_type_name() == "MatMul":
+            shape = op.input_value(1).get_partial_shape()
+            if shape.is_static and len(shape) == 2:
+                total += 2 * shape[0].get_length() * shape[1].get_length()
     return float(total) or None
 
 

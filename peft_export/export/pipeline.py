@@ -1,4 +1,8 @@
-"""Run the export stages in order: resolve -> load + merge -> trace -> validate -> write manifest atomically."""
+"""Run the export stages in order: resolve -> load + merge -> reference -> write graph + validate -> manifest.
+
+Every format (ONNX, OpenVINO) shares all stages but one: a :class:`GraphFormat` writes its graph into the
+temporary export folder and validates what it wrote against the PyTorch reference.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +10,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
-from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import ResolvedModel, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import validate
 from .artifact import atomic_output_folder, folder_size, library_versions, write_json
-from .quality import QualityGate, gate_dict, load_pairs_file
+from .quality import QualityGate
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +50,41 @@ class ExportOptions:
     gate: QualityGate = field(default_factory=QualityGate)
     gate_data: str | None = None  # JSON lines of {"query", "passage"}; default: the demo held-out pairs
     calibration_data: str | None = None  # text file, one sentence per line; default: demo training text
+
+
+@dataclass
+class MergedModel:
+    """What the shared stages hand to a graph format: the merged fp32 pipeline and its reference outputs."""
+
+    resolved: ResolvedModel
+    pipeline: Any  # EmbeddingPipeline (torch), adapter merged, eval mode
+    tokenizer: Any  # transformers fast tokenizer, model_max_length set to max_seq_length
+    input_names: list[str]
+    reference_tokenize: Callable[[list[str]], dict[str, np.ndarray]]
+    references: list[validate.ReferenceBatch]  # PyTorch (unmerged PEFT) outputs on the validation shapes
+    max_seq_length: int
+    dense_layers: int
+    validation: dict[str, Any]  # measured parity so far; the format adds its own entries
+    started: float
+
+
+class GraphFormat(Protocol):
+    """The one export step that differs per format."""
+
+    name: str  # manifest["export"]["format"]
+    backend: str  # embedding_config.json "backend": the runtime that loads the folder
+
+    def write(self, merged: MergedModel, folder: Path, log: Callable[[str], None]) -> Path:
+        """Write the graph into ``folder``; return the model file the runtime loads."""
+
+    def validate(self, merged: MergedModel, model_path: Path, config: RuntimeConfig,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+        """Check the written graph against ``merged.references``; raise ValidationError or return manifest entries.
+
+        May replace the graph (int8 quantization) and update ``config`` accordingly."""
+
+    def manifest_entry(self, config: RuntimeConfig) -> dict[str, Any]:
+        """The manifest's ``export`` section."""
 
 
 @dataclass
@@ -126,17 +164,46 @@ def export_onnx_model(model_id: str, output: str | Path, log: Callable[[str], No
 
 
 def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
+    from .onnx import OnnxFormat
+
+    return run_export(options, OnnxFormat(options), log)  # checks --quantize options before the slow stages
+
+
+def export_openvino_model(model_id: str, output: str | Path, weight_format: str = "fp32",
+                          log: Callable[[str], None] = logger.info, **options: Any) -> ExportResult:
+    """Like :func:`export_onnx_model`, writing OpenVINO IR with ``weight_format`` fp32, fp16 or int8 weights."""
+    return run_openvino_export(ExportOptions(model_id=model_id, output=output, **options), weight_format, log)
+
+
+def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
+                        log: Callable[[str], None] = logger.info) -> ExportResult:
+    from .openvino import OpenVinoFormat
+
+    graph_format = OpenVinoFormat(weight_format, options)  # checks its options before the slow stages
+    require("openvino", "openvino")
+    if weight_format == "int8":
+        require("nncf", "openvino")
+    return run_export(options, graph_format, log)
+
+
+def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[[str], None] = logger.info
+               ) -> ExportResult:
+    """The stages every format shares around the one step that differs: write the graph and validate it."""
+    merged = merge_and_reference(options, log)
+    return write_export(merged, options, graph_format, log)
+
+
+def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:
+    """Resolve, load in fp32, merge the adapter with PEFT, and record the PyTorch reference outputs."""
     import torch
 
     from .graph import EmbeddingPipeline, load_dense
     from .merge import attach_adapters, load_base_encoder, merge_adapter, uses_token_type_ids
-    from .onnx import export_onnx, input_names
 
     started = time.perf_counter()
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
     _apply_overrides(options, resolved)
-    gate_pairs = _check_quantize_options(options) if options.quantize else None
     if len(resolved.adapters) > 1:
         raise ConfigError(
             f"A merged export takes one adapter, {len(resolved.adapters)} were given "
@@ -183,21 +250,34 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
     else:
         final = make_pipeline(encoder)
         references = validate.reference_outputs(final, ref_tokenize)
+    return MergedModel(resolved=resolved, pipeline=final, tokenizer=tokenizer, input_names=names,
+                       reference_tokenize=ref_tokenize,
+                       references=references, max_seq_length=max_len, dense_layers=len(dense), validation=parity,
+                       started=started)
 
+
+def write_export(merged: MergedModel, options: ExportOptions, graph_format: GraphFormat,
+                 log: Callable[[str], None] = logger.info) -> ExportResult:
+    """Write graph, tokenizer and runtime config into a temporary folder, validate, write the manifest, rename.
+
+    ``merged`` is not modified, so one merge can be written in several formats.
+    """
+    resolved = merged.resolved
     with atomic_output_folder(options.output, force=options.force) as tmp:
-        model_path = export_onnx(final, tmp, opset=options.opset)
-        tokenizer.save_pretrained(str(tmp))
-        sentence_dim = int(references[0].sentence_embedding.shape[-1])
+        model_path = graph_format.write(merged, tmp, log)
+        merged.tokenizer.save_pretrained(str(tmp))
+        sentence_dim = int(merged.references[0].sentence_embedding.shape[-1])
         config = RuntimeConfig(
+            backend=graph_format.backend,
             model_file=model_path.name,
-            input_names=input_names(final),
+            input_names=list(merged.input_names),
             dimension=sentence_dim,
-            max_seq_length=max_len,
+            max_seq_length=merged.max_seq_length,
             do_lower_case=resolved.pipeline.do_lower_case,
-            pad_token_id=int(tokenizer.pad_token_id or 0),
+            pad_token_id=int(merged.tokenizer.pad_token_id or 0),
             pooling_modes=list(resolved.pipeline.pooling.modes),
             include_prompt=resolved.pipeline.pooling.include_prompt,
-            has_dense=bool(dense),
+            has_dense=bool(merged.dense_layers),
             normalize=resolved.pipeline.normalize,
             prompts=resolved.pipeline.prompts,
             default_prompt_name=resolved.pipeline.default_prompt_name,
@@ -205,85 +285,17 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
         )
         config.save(tmp)
         runtime_tok = TextTokenizer(tmp, config)
-        _check_runtime_tokenizer(runtime_tok, ref_tokenize, validate.VALIDATION_TEXTS)
-        backend = OnnxRuntimeBackend(model_path)
-        report = validate.compare_with_reference(references, backend.run, "The exported ONNX graph")
-        parity["onnx_vs_reference"] = report.to_dict()
-        log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
-            f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
-        if options.quantize:
-            parity["quantization"] = _quantize_step(options, gate_pairs, tmp, config, runtime_tok, backend, log)
-        manifest = _manifest(resolved, options, config, parity, time.perf_counter() - started)
+        _check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, validate.VALIDATION_TEXTS)
+        validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
+        manifest = _manifest(resolved, graph_format.manifest_entry(config), config, validation,
+                             time.perf_counter() - merged.started)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")
     return ExportResult(Path(options.output), manifest, resolved)
 
 
-def _onnx_embedder(tokenizer: TextTokenizer, backend: OnnxRuntimeBackend, batch_size: int = 32):
-    def embed(texts: list[str]) -> np.ndarray:
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        out = np.zeros((len(texts), 0), np.float32)
-        for start in range(0, len(texts), batch_size):
-            index = order[start : start + batch_size]
-            emb = backend.run(tokenizer.encode([texts[i] for i in index]))["sentence_embedding"]
-            if out.shape[1] == 0:
-                out = np.zeros((len(texts), emb.shape[1]), np.float32)
-            out[index] = emb
-        return out
-
-    return embed
-
-
-def _calibration_texts(path: str | None) -> list[str]:
-    if path:
-        with open(path, encoding="utf-8") as fh:
-            texts = [line.strip() for line in fh if line.strip()]
-        if not texts:
-            raise ConfigError(f"{path} holds no calibration sentences")
-        return texts[:512]
-    from ..demo import load_pairs
-
-    pairs = load_pairs("train")[:64]  # disjoint from the gate's held-out pairs
-    return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
-
-
-def _check_quantize_options(options: ExportOptions) -> list[dict[str, str]]:
-    """Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data."""
-    from .quantize import QUANTIZE_MODES
-
-    if options.quantize not in QUANTIZE_MODES:
-        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, found {options.quantize!r}")
-    if options.calibration_data:
-        _calibration_texts(options.calibration_data)
-    return load_pairs_file(options.gate_data)
-
-
-def _quantize_step(options: ExportOptions, pairs: list[dict[str, str]], folder: Path, config: RuntimeConfig, tokenizer: TextTokenizer,
-                   fp32_backend: OnnxRuntimeBackend, log) -> dict[str, Any]:
-    """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
-    from .quantize import quantize_with_gate
-
-    fp32_path = folder / config.model_file
-    int8_path = folder / "model_int8.onnx"
-    result = quantize_with_gate(
-        fp32_path, int8_path, _onnx_embedder(tokenizer, fp32_backend),
-        lambda path: _onnx_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
-        mode=options.quantize, tokenize=tokenizer.encode,
-        calibration_texts=_calibration_texts(options.calibration_data) if options.quantize == "int8-static" else None,
-    )
-    chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
-    log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "
-        f"NDCG@10 retention {chosen['ndcg10_retention']:.4f} on {chosen['texts']} texts")
-    fp32_path.unlink()
-    config.model_file = int8_path.name
-    config.save(folder)
-    result["gate"] = gate_dict(options.gate)
-    result["gate_data"] = options.gate_data or "peft_export demo held-out pairs"
-    return result
-
-
-def _manifest(resolved: ResolvedModel, options: ExportOptions, config: RuntimeConfig, parity: dict,
+def _manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: RuntimeConfig, parity: dict,
               seconds: float) -> dict[str, Any]:
     return {
         "format": "peft_export",
@@ -295,8 +307,7 @@ def _manifest(resolved: ResolvedModel, options: ExportOptions, config: RuntimeCo
             for a in resolved.adapters
         ],
         "merge_mode": "merged" if resolved.adapters else "none",
-        "export": {"format": "onnx", "opset": options.opset, "dtype": options.quantize or "float32",
-                   "files": [config.model_file]},
+        "export": export_entry,
         "pipeline": {
             "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
             "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,

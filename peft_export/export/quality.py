@@ -7,8 +7,12 @@ docstring's first sentence as the query, the rest of it as the passage).
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -95,3 +99,66 @@ def enforce(gate: QualityGate, quality: dict[str, float], what: str) -> None:
 
 def gate_dict(gate: QualityGate) -> dict[str, float]:
     return asdict(gate)
+
+
+def backend_embedder(tokenize: Callable[[list[str]], dict[str, np.ndarray]], backend, batch_size: int = 32
+                     ) -> Embed:
+    """``texts -> (n, dim)`` sentence embeddings from a runtime backend (longest first, to limit padding)."""
+
+    def embed(texts: list[str]) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), 0), np.float32)
+        for start in range(0, len(texts), batch_size):
+            index = order[start : start + batch_size]
+            emb = backend.run(tokenize([texts[i] for i in index]))["sentence_embedding"]
+            if out.shape[1] == 0:
+                out = np.zeros((len(texts), emb.shape[1]), np.float32)
+            out[index] = emb
+        return out
+
+    return embed
+
+
+# Standard-library modules whose docstrings are prose; none has side effects at import.
+_DOCSTRING_MODULES = (
+    "argparse", "bisect", "calendar", "collections", "configparser", "contextlib", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools", "gzip", "hashlib",
+    "heapq", "html", "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging", "mailbox",
+    "os", "pathlib", "pickle", "queue", "random", "re", "shlex", "shutil", "socket", "sqlite3", "statistics",
+    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "traceback", "unittest",
+    "urllib.parse", "uuid", "warnings", "zipfile",
+)
+_PROSE = re.compile(r"^[A-Z][^>|{}\[\]=]*[.?!]$")
+
+
+@lru_cache(maxsize=1)
+def _docstring_paragraphs() -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for module_name in _DOCSTRING_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a minimal Python build may lack e.g. sqlite3
+            continue
+        objects = [module] + [obj for name, obj in sorted(vars(module).items()) if not name.startswith("_")]
+        for obj in objects:
+            if inspect.isclass(obj):
+                objects.extend(m for n, m in sorted(vars(obj).items()) if not n.startswith("_") and callable(m))
+            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or callable(obj)) else None
+            for block in (doc or "").split("\n\n"):
+                text = " ".join(block.split())
+                # Prose only: a capital first, a sentence end last, no doctest/markup/table characters.
+                if 40 <= len(text) <= 1200 and _PROSE.match(text):
+                    seen.setdefault(text)
+    return tuple(seen)
+
+
+def docstring_pairs(n: int = 500) -> list[dict[str, str]]:
+    """Query/passage pairs from the standard library's docstrings (first sentence -> the rest of the paragraph),
+    for installations without the demo corpus, which is built the same way."""
+    pairs, queries = [], set()
+    for text in _docstring_paragraphs():
+        query, _, passage = text.partition(". ")
+        if len(query.split()) >= 4 and len(passage.split()) >= 8 and query not in queries:
+            queries.add(query)
+            pairs.append({"query": query + ".", "passage": passage})
+    return pairs[:n]

@@ -128,3 +128,8 @@ class OnnxRuntimeBackend:
         names = outputs or self.output_names
         values = self.session.run(names, {k: feeds[k] for k in self.input_names}, self._run_options)
         return dict(zip(names, values))
+
+    def describe(self) -> dict:
+        """What was asked for and what ONNX Runtime runs (providers, threads)."""
+        return {"backend": self.name, "providers": self.providers,
+                "intra_op_threads": self.settings.intra_op_threads, "allow_spinning": self.settings.allow_spinning}
