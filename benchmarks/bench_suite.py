@@ -1,7 +1,8 @@
 """The full contender table on all-MiniLM-L6-v2 + the demo adapter, in one run on this machine.
 
 Contenders: eager sentence-transformers + PEFT adapter unmerged (the reference), eager merged, and every export
-variant that can be built here (ONNX Runtime fp32 and int8; more when their backends are installed).
+variant that can be built here: ONNX Runtime fp32 and int8, and with openvino installed OpenVINO f32, bf16 (where
+the CPU has it) and int8 weights; all from one PEFT merge.
 
     python benchmarks/bench_suite.py            # full run (several minutes on 2 cores)
     python benchmarks/bench_suite.py --quick    # smoke run, under 2 minutes once the exports exist
@@ -19,19 +20,31 @@ from peft_export.benchmark.suite import (
 
 
 def build_exports(base: str, adapter: str, folder: Path, rebuild: bool) -> dict[str, Path]:
-    """fp32 and int8 ONNX exports of base+adapter, reused across runs unless --rebuild."""
-    from peft_export.export.pipeline import ExportOptions, run_onnx_export
+    """One PEFT merge written as every variant this installation can build; cached unless --rebuild."""
+    from peft_export.export.onnx import OnnxFormat
+    from peft_export.export.pipeline import ExportOptions, merge_and_reference, write_export
 
-    variants = {"onnx-fp32": {}, "onnx-int8": {"quantize": "int8"}}
-    paths = {}
-    for name, extra in variants.items():
-        path = folder / name
-        if rebuild or not (path / "peft_export.json").is_file():
+    def options(name: str, **extra) -> ExportOptions:
+        return ExportOptions(model_id=adapter, output=folder / name, base=base, force=True, **extra)
+
+    formats = {"onnx-fp32": lambda: OnnxFormat(options("onnx-fp32")),
+               "onnx-int8": lambda: OnnxFormat(options("onnx-int8", quantize="int8"))}
+    try:
+        from peft_export.export.openvino import OpenVinoFormat
+
+        import openvino  # noqa: F401
+        formats["openvino-fp32"] = lambda: OpenVinoFormat("fp32", options("openvino-fp32"))
+        formats["openvino-int8"] = lambda: OpenVinoFormat("int8", options("openvino-int8"))
+    except ImportError:
+        print("openvino is not installed: no OpenVINO contenders", flush=True)
+    todo = [name for name in formats if rebuild or not (folder / name / "peft_export.json").is_file()]
+    if todo:
+        merged = merge_and_reference(options("unused"), log=lambda msg: None)
+        for name in todo:
             print(f"exporting {name} ...", flush=True)
-            run_onnx_export(ExportOptions(model_id=adapter, output=path, base=base, force=True, **extra),
-                            log=lambda m: None)
-        paths[name] = path
-    return paths
+            extra = {"quantize": "int8"} if name == "onnx-int8" else {}
+            write_export(merged, options(name, **extra), formats[name](), log=lambda msg: None)
+    return {name: folder / name for name in formats}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                 else Workload(queries, sentences, pairs))
 
     contenders = [eager_contender(base, args.adapter), eager_contender(base, args.adapter, merged=True)]
-    contenders += [runtime_contender(path, name=f"peft_export {name}") for name, path in exports.items()]
+    contenders += [runtime_contender(exports[name], name=f"ONNX Runtime {name[5:]}") for name in ("onnx-fp32",
+                                                                                                "onnx-int8")]
+    if "openvino-fp32" in exports:
+        from bench_openvino import openvino_contenders
+
+        contenders += openvino_contenders(exports)
     probe = EmbeddingModel(exports["onnx-fp32"])
     report = run_suite(
         contenders, workload, lambda texts: sum(probe._tokenizer.count_tokens(texts)),
@@ -66,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     md = report.write(out, "bench_suite", COLUMNS)
     plot(report, out / "bench_suite.png")
     print(md.read_text())
-    fp32 = next(r for r in report.rows if r["contender"].endswith("onnx-fp32"))
+    fp32 = next(r for r in report.rows if r["contender"] == "ONNX Runtime fp32")
     if fp32["worst_cosine"] < 0.99999:
         print("FAIL: the fp32 export disagrees with eager PyTorch", file=sys.stderr)
         return 1

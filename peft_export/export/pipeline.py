@@ -20,7 +20,7 @@ from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import ResolvedModel, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import validate
-from .artifact import atomic_output_folder, folder_size, library_versions, write_json
+from .artifact import atomic_output_folder, check_output_target, folder_size, library_versions, write_json
 from .quality import QualityGate
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
 def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[[str], None] = logger.info
                ) -> ExportResult:
     """The stages every format shares around the one step that differs: write the graph and validate it."""
+    check_output_target(options.output, options.force)  # fail before minutes of merging, not after
     merged = merge_and_reference(options, log)
     return write_export(merged, options, graph_format, log)
 
