@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import SENTENCE_ATOL, max_unit_diff
+from peft_export.runtime.onnxruntime_backend import OnnxRuntimeBackend as _RealBackend
 from peft_export import (
     ConfigError,
     EmbeddingModel,
@@ -80,9 +81,7 @@ class _CorruptedBackend:
     """Stands in for the ONNX Runtime backend used by validation and returns slightly wrong numbers."""
 
     def __init__(self, model_path, *args, **kwargs):
-        from peft_export.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-        self._real = OnnxRuntimeBackend(model_path, *args, **kwargs)
+        self._real = _RealBackend(model_path, *args, **kwargs)
 
     def run(self, feeds, outputs=None):
         result = self._real.run(feeds, outputs)
@@ -91,9 +90,10 @@ class _CorruptedBackend:
 
 @pytest.fixture
 def corrupted_graph_runner(monkeypatch):
-    import peft_export.export.pipeline as pipeline
+    import peft_export.runtime.onnxruntime_backend as backend_module
 
-    monkeypatch.setattr(pipeline, "OnnxRuntimeBackend", _CorruptedBackend)
+    # The ONNX stage imports the backend class when it validates, so patch it where it is defined.
+    monkeypatch.setattr(backend_module, "OnnxRuntimeBackend", _CorruptedBackend)
 
 
 def test_validation_failure_names_max_diffs_and_writes_nothing(bert_case, tmp_path, corrupted_graph_runner):
