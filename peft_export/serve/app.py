@@ -165,6 +165,7 @@ class EmbeddingServer:
                            f"({self.batcher.inflight_inputs} now, this request has {len(texts)}); retry in {retry} s",
                            headers={"Retry-After": str(retry)})
         disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+        self.metrics.requests_in_flight.inc()
         try:
             await asyncio.wait({job.future, disconnected}, return_when=asyncio.FIRST_COMPLETED)
         except BaseException:  # cancelled (forced shutdown): free the slots before propagating
@@ -172,6 +173,7 @@ class EmbeddingServer:
             raise
         finally:
             disconnected.cancel()
+            self.metrics.requests_in_flight.dec()
         if not job.future.done():
             self.batcher.cancel(job)
             raise _ClientGone()

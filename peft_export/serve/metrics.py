@@ -44,6 +44,9 @@ class ServeMetrics:
         self.inflight = prom.Gauge("peft_export_inputs_in_flight",
                                    "Inputs accepted and not yet answered (the 429 limit applies to this)",
                                    registry=r)
+        self.requests_in_flight = prom.Gauge("peft_export_requests_in_flight",
+                                             "Embedding requests accepted into the queue and not yet answered",
+                                             registry=r)
         self.ready = prom.Gauge("peft_export_ready", "1 once the model is loaded and warmed up", registry=r)
 
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
