@@ -170,6 +170,54 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_command(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .runtime.model import EmbeddingModel
+    from .serve import ServeSettings, create_app, run_server
+    from .serve.settings import LIMIT_FLAGS
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServeSettings(
+        served_model_name=args.served_model_name or Path(args.path).resolve().name,
+        default_adapter=args.default_adapter, auto_truncate=args.auto_truncate,
+        **{field: getattr(args, field) for field, _, _ in LIMIT_FLAGS},
+    )
+    model = EmbeddingModel(args.path, device=args.device, intra_op_threads=args.intra_op_threads)
+    app = create_app(model, settings)
+    print(f"serving {', '.join(app.state.server.served.names)} on http://{args.host}:{args.port}", flush=True)
+    run_server(app, args.host, args.port, graceful_timeout_s=args.graceful_timeout, log_level=args.log_level)
+    return 0
+
+
+def _add_serve_parser(sub) -> None:
+    from .serve.settings import LIMIT_FLAGS, ServeSettings  # light: no Starlette, no uvicorn
+
+    serve = sub.add_parser("serve", help="serve an export folder over HTTP (OpenAI and TEI routes)",
+                           description="Serve an export folder over HTTP with dynamic batching: POST /v1/embeddings "
+                                       "(OpenAI), POST /embed and /similarity (text-embeddings-inference), "
+                                       "GET /v1/models, /health, /live, /metrics. Needs peft_export[serve].")
+    serve.add_argument("path", help="export folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    serve.add_argument("--served-model-name", help="name of the base model in `model` (default: the folder's name)")
+    serve.add_argument("--default-adapter", metavar="NAME", help="adapter the TEI routes use when `model` is absent")
+    serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    serve.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads (default: all physical cores)")
+
+    limits = serve.add_argument_group("limits and batching")
+    for field, kind, text in LIMIT_FLAGS:
+        default = getattr(ServeSettings, field)
+        limits.add_argument("--" + field.replace("_", "-"), type=kind, default=default,
+                            help=f"{text} (default: {default})")
+    limits.add_argument("--auto-truncate", action="store_true",
+                        help="truncate inputs over max_seq_length when the request does not say (default: 422)")
+    serve.add_argument("--graceful-timeout", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(handler=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-export",
@@ -228,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench-results", help="output folder (bench-results)")
     bench.add_argument("--quick", action="store_true", help="smoke run: 50 queries, 200 sentences, batch 32 only")
     bench.set_defaults(handler=_cmd_bench)
+
+    _add_serve_parser(sub)
     return parser
 
 

@@ -1,0 +1,335 @@
+"""``create_app``: the Starlette application serving one EmbeddingModel (and its adapters) over HTTP.
+
+Routes: ``POST /v1/embeddings`` (OpenAI), ``POST /embed`` and ``POST /similarity`` (text-embeddings-inference),
+``GET /v1/models``, ``GET /health`` (readiness), ``GET /live`` (liveness), ``GET /metrics`` (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import numpy as np
+
+from ..errors import require
+from ..runtime.similarity import similarity
+from .batching import DynamicBatcher
+from .metrics import NO_MODEL, ServeMetrics
+from .protocol import (
+    ApiError,
+    dumps,
+    encode_base64,
+    parse_bool,
+    parse_dimensions,
+    parse_encoding_format,
+    parse_optional_string,
+    parse_texts,
+    read_json_body,
+    shorten,
+)
+from .served_model import ServedModel
+from .settings import ServeSettings
+
+logger = logging.getLogger("peft_export.serve")
+
+# Counting tokens of bigger requests than this (in characters) moves to a thread, keeping the event loop free.
+_COUNT_IN_THREAD_CHARS = 50_000
+_WARMUP_TEXTS = ["warm up", "warm up the model with a longer sentence " * 64]
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its embeddings were ready."""
+
+
+class _Request:
+    """Per-request facts the metrics need, filled in as the request is parsed."""
+
+    __slots__ = ("model",)
+
+    def __init__(self) -> None:
+        self.model = NO_MODEL
+
+
+class EmbeddingServer:
+    """State and handlers behind ``create_app``; reachable as ``app.state.server`` (tests, embedding apps)."""
+
+    def __init__(self, model: Any, settings: ServeSettings):
+        self.settings = settings
+        self.served = ServedModel(model, settings)
+        self.metrics = ServeMetrics()
+        self.batcher: DynamicBatcher | None = None
+        self.status = "starting"  # -> "warming_up" -> "ready" | "failed"
+
+    # ----- lifecycle -----
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app):
+        self.batcher = DynamicBatcher(
+            self.served.encode_group,
+            max_batch_tokens=self.settings.max_batch_tokens,
+            max_delay_s=self.settings.max_batch_delay_ms / 1000,
+            max_concurrent_inputs=self.settings.max_concurrent_inputs,
+            on_batch=lambda group, n, tokens, s: self.metrics.record_batch(self.served.label(group[0]), n, tokens, s),
+        )
+        for name in self.served.names:
+            adapter = None if name == self.served.base_name else name
+            self.metrics.watch_queue(name, lambda a=adapter: self.batcher.queued_inputs(lambda g: g[0] == a))
+        self.metrics.watch_inflight(lambda: self.batcher.inflight_inputs)
+        self.batcher.start()
+        warm_up = asyncio.get_running_loop().create_task(self._warm_up())
+        try:
+            yield
+        finally:
+            warm_up.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warm_up
+            await self.batcher.stop()
+            logger.info("batcher stopped; %d inputs were still in flight", self.batcher.inflight_inputs)
+
+    async def _warm_up(self) -> None:
+        """Run every adapter once (short and max-length inputs) before declaring the server ready."""
+        self.status = "warming_up"
+        try:
+            if self.settings.warmup:
+                for adapter in [None, *self.served.adapters]:
+                    await self.batcher.run_in_model_thread(self.served.encode_group, (adapter, None), _WARMUP_TEXTS)
+        except Exception as err:
+            logger.exception("warm-up failed")
+            self.status = f"failed: {type(err).__name__}: {err}"
+            return
+        self.status = "ready"
+        self.metrics.ready.set(1)
+        logger.info("model warmed up; serving %s", ", ".join(self.served.names))
+
+    # ----- plumbing shared by the embedding routes -----
+    def endpoint(self, route: str, shape: str,
+                 handler: Callable[[Any, _Request], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+        """Wrap ``handler``: render ApiError in the route family's shape, record metrics, hide tracebacks."""
+        from starlette.requests import ClientDisconnect
+        from starlette.responses import Response
+
+        async def run(request):
+            started = time.perf_counter()
+            info = _Request()
+            reason = None
+            try:
+                response = await handler(request, info)
+            except ApiError as err:
+                response, reason = self.error_response(err, shape), err.code
+            except (_ClientGone, ClientDisconnect):
+                response, reason = Response(status_code=499), "client_disconnected"
+            except Exception:
+                logger.exception("unexpected error on %s", route)
+                err = ApiError(500, "internal_error", "The server failed to process the request; see its log")
+                response, reason = self.error_response(err, shape), err.code
+            self.metrics.record_response(route, info.model, response.status_code,
+                                         time.perf_counter() - started, reason)
+            return response
+
+        return run
+
+    @staticmethod
+    def error_response(err: ApiError, shape: str):
+        from starlette.responses import Response
+
+        body = err.openai_body() if shape == "openai" else err.tei_body()
+        return Response(dumps(body), status_code=err.status, media_type="application/json", headers=err.headers)
+
+    async def token_counts(self, texts: list[str], prompt: str, truncate: bool, field: str, single: bool) -> list[int]:
+        """Tokens per input (after truncation); 422 for an input over the model's limit unless ``truncate``."""
+        full = [prompt + t for t in texts] if prompt else texts
+        if sum(map(len, full)) > _COUNT_IN_THREAD_CHARS:
+            counts = await asyncio.to_thread(self.served.count_tokens, full)
+        else:
+            counts = self.served.count_tokens(full)
+        limit = self.served.max_tokens
+        if not truncate:
+            for i, count in enumerate(counts):
+                if count > limit:
+                    where = field if single else f"{field}[{i}]"
+                    raise ApiError(422, "too_many_tokens",
+                                   f"{where} has {count} tokens; the model takes at most {limit}. Shorten it or "
+                                   "send truncate=true to embed its first tokens.", param=where)
+        return [min(c, limit) for c in counts]
+
+    async def embed(self, request, adapter: str | None, prompt_name: str | None, texts: list[str],
+                    tokens: list[int]) -> np.ndarray:
+        """Queue the inputs, wait for their embeddings; 429 when full, cancelled when the client goes away."""
+        job = self.batcher.try_submit((adapter, prompt_name), texts, tokens)
+        if job is None:
+            retry = self.settings.retry_after_seconds
+            raise ApiError(429, "queue_full",
+                           f"The server is at its limit of {self.settings.max_concurrent_inputs} inputs in flight "
+                           f"({self.batcher.inflight_inputs} now, this request has {len(texts)}); retry in {retry} s",
+                           headers={"Retry-After": str(retry)})
+        disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+        self.metrics.requests_in_flight.inc()
+        try:
+            await asyncio.wait({job.future, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (forced shutdown): free the slots before propagating
+            self.batcher.cancel(job)
+            raise
+        finally:
+            disconnected.cancel()
+            self.metrics.requests_in_flight.dec()
+        if not job.future.done():
+            self.batcher.cancel(job)
+            raise _ClientGone()
+        embeddings = job.future.result()
+        name = self.served.label(adapter)
+        self.metrics.inputs.labels(name).inc(len(texts))
+        self.metrics.tokens.labels(name).inc(sum(tokens))
+        return embeddings
+
+    def tei_adapter(self, body: dict[str, Any], info: _Request) -> str | None:
+        if body.get("model") is None:
+            adapter = self.served.default_adapter
+        else:
+            adapter = self.served.adapter_for(body["model"])
+        info.model = self.served.label(adapter)
+        return adapter
+
+    # ----- embedding routes -----
+    async def openai_embeddings(self, request, info: _Request):
+        s = self.settings
+        body = await read_json_body(request, s.max_request_bytes)
+        if body.get("model") is None:
+            raise ApiError(422, "missing_field", "Field 'model' is required: the base model's name or an "
+                           f"adapter's ({', '.join(self.served.names)})", param="model")
+        adapter = self.served.adapter_for(body["model"])
+        info.model = self.served.label(adapter)
+        texts, single = parse_texts(body.get("input"), "input", s.max_inputs_per_request, s.max_input_chars)
+        encoding_format = parse_encoding_format(body.get("encoding_format"))
+        dimensions = parse_dimensions(body.get("dimensions"), self.served.dimension)
+        truncate = parse_bool(body, "truncate", s.auto_truncate)
+        prompt_name = parse_optional_string(body, "prompt_name")
+        prompt = self.served.prompt_text(prompt_name)
+        tokens = await self.token_counts(texts, prompt, truncate, "input", single)
+        embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
+        # OpenAI semantics: a shortened vector is re-normalised to unit length.
+        embeddings = shorten(embeddings, dimensions, normalize=dimensions is not None)
+        if encoding_format == "base64":
+            data = [{"object": "embedding", "index": i, "embedding": encode_base64(v)} for i, v in enumerate(embeddings)]
+        else:
+            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(embeddings)]
+        usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
+        return _json({"object": "list", "data": data, "model": body["model"], "usage": usage})
+
+    async def tei_embed(self, request, info: _Request):
+        s = self.settings
+        body = await read_json_body(request, s.max_request_bytes)
+        adapter = self.tei_adapter(body, info)
+        texts, single = parse_texts(body.get("inputs"), "inputs", s.max_inputs_per_request, s.max_input_chars)
+        normalize = parse_bool(body, "normalize", True)
+        truncate = parse_bool(body, "truncate", s.auto_truncate)
+        direction = body.get("truncation_direction")
+        if direction is not None and direction not in ("Right", "right"):
+            raise ApiError(422, "invalid_truncation_direction",
+                           f"Only truncation_direction 'Right' is supported (as the model was trained), found "
+                           f"{direction!r}", param="truncation_direction")
+        dimensions = parse_dimensions(body.get("dimensions"), self.served.dimension)
+        prompt_name = parse_optional_string(body, "prompt_name")
+        prompt = self.served.prompt_text(prompt_name)
+        tokens = await self.token_counts(texts, prompt, truncate, "inputs", single)
+        embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
+        return _json(shorten(embeddings, dimensions, normalize))
+
+    async def tei_similarity(self, request, info: _Request):
+        s = self.settings
+        body = await read_json_body(request, s.max_request_bytes)
+        adapter = self.tei_adapter(body, info)
+        inputs = body.get("inputs")
+        if not isinstance(inputs, dict):
+            raise ApiError(422, "missing_field" if inputs is None else "invalid_type",
+                           "Field 'inputs' must be an object {\"source_sentence\": str, \"sentences\": [str, ...]}",
+                           param="inputs")
+        source, _ = parse_texts(inputs.get("source_sentence"), "inputs.source_sentence", 1, s.max_input_chars)
+        if isinstance(inputs.get("sentences"), str):
+            raise ApiError(422, "invalid_type", "inputs.sentences must be a list of strings, found str",
+                           param="inputs.sentences")
+        sentences, _ = parse_texts(inputs.get("sentences"), "inputs.sentences", s.max_inputs_per_request - 1,
+                                   s.max_input_chars)
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise ApiError(422, "invalid_type", "Field 'parameters' must be an object", param="parameters")
+        truncate = parse_bool(parameters, "truncate", s.auto_truncate)
+        prompt_name = parse_optional_string(parameters, "prompt_name")
+        prompt = self.served.prompt_text(prompt_name, "parameters.prompt_name")
+        source_tokens = await self.token_counts(source, prompt, truncate, "inputs.source_sentence", True)
+        tokens = await self.token_counts(sentences, prompt, truncate, "inputs.sentences", False)
+        embeddings = await self.embed(request, adapter, prompt_name, source + sentences, source_tokens + tokens)
+        scores = similarity(embeddings[:1], embeddings[1:], self.served.similarity_fn_name)[0]
+        return _json(scores.astype(np.float32))
+
+    # ----- plain routes -----
+    async def models(self, request):
+        created = int(time.time())
+        data = [{"id": self.served.base_name, "object": "model", "created": created, "owned_by": "peft_export",
+                 "root": self.served.base_name, "parent": None}]
+        data += [{"id": name, "object": "model", "created": created, "owned_by": "peft_export",
+                  "root": self.served.base_name, "parent": self.served.base_name} for name in self.served.adapters]
+        return _json({"object": "list", "data": data})
+
+    async def health(self, request):
+        ready = self.status == "ready"
+        return _json({"status": self.status}, 200 if ready else 503)
+
+    async def live(self, request):
+        return _json({"status": "alive"})
+
+    async def prometheus(self, request):
+        from starlette.responses import Response
+
+        payload, content_type = self.metrics.render()
+        return Response(payload, media_type=content_type)
+
+    async def not_found(self, request, exc):
+        status = getattr(exc, "status_code", 404)
+        code = "method_not_allowed" if status == 405 else "not_found"
+        message = f"{request.method} {request.url.path} is not a route of this server"
+        return self.error_response(ApiError(status, code, message), "openai")
+
+
+async def _wait_for_disconnect(request) -> None:
+    """Returns when the client closes the connection (the body has been read: only disconnect can come)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _json(payload: Any, status: int = 200):
+    from starlette.responses import Response
+
+    return Response(dumps(payload), status_code=status, media_type="application/json")
+
+
+def create_app(model: Any, settings: ServeSettings | None = None):
+    """A Starlette (ASGI) app serving ``model``: run it with uvicorn, or mount it in another app.
+
+    ``model`` is an ``EmbeddingModel`` (or anything with its ``encode`` signature); adapters listed by
+    ``model.list_adapters()`` are served under their own names. The app warms the model up in the background:
+    ``/live`` answers at once, ``/health`` turns 200 when warm.
+    """
+    require("starlette", "serve")
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    server = EmbeddingServer(model, settings or ServeSettings())
+    routes = [
+        Route("/v1/embeddings", server.endpoint("/v1/embeddings", "openai", server.openai_embeddings),
+              methods=["POST"]),
+        Route("/embeddings", server.endpoint("/embeddings", "openai", server.openai_embeddings), methods=["POST"]),
+        Route("/embed", server.endpoint("/embed", "tei", server.tei_embed), methods=["POST"]),
+        Route("/similarity", server.endpoint("/similarity", "tei", server.tei_similarity), methods=["POST"]),
+        Route("/v1/models", server.models, methods=["GET"]),
+        Route("/health", server.health, methods=["GET"]),
+        Route("/live", server.live, methods=["GET"]),
+        Route("/metrics", server.prometheus, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=server.lifespan,
+                    exception_handlers={404: server.not_found, 405: server.not_found})
+    app.state.server = server
+    return app

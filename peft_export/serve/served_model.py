@@ -1,0 +1,113 @@
+"""The model as the HTTP layer sees it: served names, token counts, and one encode call per batch group.
+
+Anything with ``encode``, ``max_seq_length`` and ``get_sentence_embedding_dimension`` can be served. A model
+that also has ``list_adapters()`` and accepts ``encode(..., adapter=NAME)`` serves each adapter under its own
+name; the base model answers to ``served_model_name`` and is called without ``adapter``. Names are only ever
+looked up in that in-memory list, so a name like ``../../etc/passwd`` is a 404 and never reaches the filesystem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Hashable
+
+import numpy as np
+
+from ..errors import ConfigError
+from .protocol import ApiError, show
+from .settings import ServeSettings
+
+# A batch group: (adapter name or None for the base, prompt name or None for the model's default prompt).
+Group = tuple
+
+
+class ServedModel:
+    def __init__(self, model: Any, settings: ServeSettings):
+        for needed in ("encode", "get_sentence_embedding_dimension", "max_seq_length"):
+            if not hasattr(model, needed):
+                raise ConfigError(f"create_app needs an EmbeddingModel-like object; {type(model).__name__} has no "
+                                  f"{needed!r}")
+        self.model = model
+        self.base_name = settings.served_model_name or Path(str(getattr(model, "path", "model"))).name
+        self.adapters = [str(name) for name in getattr(model, "list_adapters", lambda: [])()]
+        if self.base_name in self.adapters:
+            raise ConfigError(f"The served model name {self.base_name!r} is also an adapter's name; pick another "
+                              "with --served-model-name")
+        self.names = [self.base_name, *self.adapters]
+        self.dimension = int(model.get_sentence_embedding_dimension())
+        self.max_tokens = int(model.max_seq_length)
+        self.model_batch_size = settings.model_batch_size
+        self.prompts: dict[str, str] = dict(getattr(model, "prompts", None) or {})
+        self.default_prompt_name = getattr(getattr(model, "config", None), "default_prompt_name", None)
+        self.similarity_fn_name = getattr(model, "similarity_fn_name", "cosine")
+        self._count_tokens = _token_counter(model)
+        self.default_adapter: str | None = None
+        if settings.default_adapter is not None:
+            if settings.default_adapter not in self.names:
+                raise ConfigError(f"--default-adapter {settings.default_adapter!r} is not served; the model has "
+                                  f"{', '.join(map(repr, self.names))}")
+            self.default_adapter = self.adapter_for(settings.default_adapter)
+
+    # ----- names -----
+    def adapter_for(self, name: Any, field: str = "model") -> str | None:
+        """The adapter to pass to encode for a ``model`` field (None: the base); 404 for any other name."""
+        if not isinstance(name, str):
+            raise ApiError(422, "invalid_type", f"Field {field!r} must be a string, found {type(name).__name__}",
+                           param=field)
+        if name == self.base_name:
+            return None
+        if name in self.adapters:
+            return name
+        raise ApiError(404, "model_not_found",
+                       f"Model {show(name)} is not served here; available: {', '.join(self.names)}", param=field)
+
+    def label(self, adapter: str | None) -> str:
+        return self.base_name if adapter is None else adapter
+
+    # ----- prompts and tokens -----
+    def prompt_text(self, prompt_name: str | None, field: str = "prompt_name") -> str:
+        name = prompt_name if prompt_name is not None else self.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise ApiError(422, "unknown_prompt",
+                           f"Prompt {show(name)} is not defined by the model; it has {sorted(self.prompts)}",
+                           param=field)
+        return self.prompts[name]
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens each text becomes, special tokens included and without truncation."""
+        return self._count_tokens(texts)
+
+    # ----- the model call (runs on the model thread) -----
+    def encode_group(self, group: Hashable, texts: list[str]) -> np.ndarray:
+        adapter, prompt_name = group
+        options: dict[str, Any] = {"batch_size": self.model_batch_size}
+        if prompt_name is not None:
+            options["prompt_name"] = prompt_name
+        if adapter is not None:
+            options["adapter"] = adapter
+        return np.asarray(self.model.encode(texts, **options), dtype=np.float32)
+
+
+def _token_counter(model: Any):
+    """``model.count_tokens`` if it has one, else the model's own tokenizer with truncation switched off."""
+    if hasattr(model, "count_tokens"):
+        return model.count_tokens
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None or not hasattr(tokenizer, "to_str"):
+        raise ConfigError(f"{type(model).__name__} has neither count_tokens() nor a `tokenizers` tokenizer; the "
+                          "server needs one to enforce token limits")
+    from tokenizers import Tokenizer
+
+    counter = Tokenizer.from_str(tokenizer.to_str())  # a copy: the model's own keeps truncating
+    counter.no_truncation()
+    counter.no_padding()
+    lower = bool(getattr(getattr(model, "config", None), "do_lower_case", False))
+
+    def count(texts: list[str]) -> list[int]:
+        if lower:
+            texts = [t.lower() for t in texts]
+        return [len(e.ids) for e in counter.encode_batch(texts, add_special_tokens=True)]
+
+    return count

@@ -1,0 +1,70 @@
+"""ServeSettings: the limits and batching knobs of the HTTP server, checked once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass
+class ServeSettings:
+    """Limits and batching behaviour of ``create_app``; every field is also a ``peft-export serve`` flag.
+
+    The defaults follow the OpenAI embeddings API where clients depend on it (2048 inputs per request) and
+    text-embeddings-inference elsewhere (token-budget batching, 429 when the queue is full).
+    """
+
+    #: Name the base model answers to in the ``model`` field (default: the export folder's name).
+    served_model_name: str | None = None
+    #: Adapter used by the TEI routes when the body names no ``model`` (default: the base model).
+    default_adapter: str | None = None
+    #: Inputs in one request; one more is a 422. OpenAI's own limit, so LangChain/LlamaIndex batches fit.
+    max_inputs_per_request: int = 2048
+    #: Characters in one input, checked before tokenization so a huge string costs no tokenizer time.
+    max_input_chars: int = 100_000
+    #: Request body size in bytes; larger bodies get a 413 before they are parsed.
+    max_request_bytes: int = 16 * 1024 * 1024
+    #: Inputs accepted but not yet answered, over all requests; beyond it a request gets 429 + Retry-After.
+    max_concurrent_inputs: int = 8192
+    #: Token budget of one model call: queued inputs of one adapter are merged until their tokens reach it.
+    max_batch_tokens: int = 8192
+    #: How long the oldest queued input may wait for company before its batch runs anyway.
+    max_batch_delay_ms: float = 2.0
+    #: Sentences per ONNX Runtime run inside one model call (EmbeddingModel.encode's batch_size).
+    model_batch_size: int = 32
+    #: Truncate inputs longer than the model's max_seq_length when the request does not say (else 422).
+    auto_truncate: bool = False
+    #: Seconds a client is told to wait in the Retry-After header of a 429.
+    retry_after_seconds: int = 1
+    #: Warm the model up (every adapter) before /health turns 200.
+    warmup: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("max_inputs_per_request", "max_input_chars", "max_request_bytes", "max_concurrent_inputs",
+                    "max_batch_tokens", "model_batch_size", "retry_after_seconds")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ServeSettings.{name} must be a positive integer, found {value!r}")
+        if not isinstance(self.max_batch_delay_ms, (int, float)) or not 0 <= self.max_batch_delay_ms <= 1000:
+            raise ConfigError(f"ServeSettings.max_batch_delay_ms must be in 0..1000, found {self.max_batch_delay_ms!r}")
+        if self.max_concurrent_inputs < self.max_inputs_per_request:
+            raise ConfigError(
+                f"max_concurrent_inputs ({self.max_concurrent_inputs}) is below max_inputs_per_request "
+                f"({self.max_inputs_per_request}): a full-size request could never be accepted; raise the first "
+                "or lower the second"
+            )
+
+
+# The fields that `peft-export serve` exposes as --FIELD-NAME flags: (field, type, help).
+LIMIT_FLAGS = (
+    ("max_inputs_per_request", int, "inputs in one request; more is a 422"),
+    ("max_input_chars", int, "characters per input, checked before tokenizing; more is a 422"),
+    ("max_request_bytes", int, "request body size; more is a 413"),
+    ("max_concurrent_inputs", int, "inputs in flight over all requests; more is a 429 with Retry-After"),
+    ("max_batch_tokens", int, "token budget of one merged model call"),
+    ("max_batch_delay_ms", float, "longest wait of a queued input for company"),
+    ("model_batch_size", int, "sentences per ONNX Runtime run inside a model call"),
+    ("retry_after_seconds", int, "seconds in the Retry-After header of a 429"),
+)
