@@ -48,11 +48,17 @@ def load_sentences(n: int) -> tuple[list[str], str]:
         return list(demo_sentences(n)), "peft_export.demo corpus"
     except ImportError:
         pass
-    import collections, email, http.client, json as json_module, logging, pathlib, statistics, textwrap  # noqa: E401
+    import collections
+    import email
+    import http.client
+    import logging
+    import pathlib
+    import statistics
+    import textwrap
 
     seen: set[str] = set()
     sentences: list[str] = []
-    for module in (collections, email, http.client, json_module, logging, pathlib, statistics, textwrap, os,
+    for module in (collections, email, http.client, json, logging, pathlib, statistics, textwrap, os,
                    asyncio, argparse, inspect, subprocess):
         for _, obj in inspect.getmembers(module):
             doc = inspect.getdoc(obj) or ""
