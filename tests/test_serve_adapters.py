@@ -193,11 +193,12 @@ def test_a_client_that_disconnects_releases_its_slots(tiny):
     assert all("gone" not in texts for texts, _ in model.calls)  # dropped before reaching the model
 
 
-def test_hundreds_of_aborted_requests_leave_the_server_healthy(tiny, reference):
+@pytest.mark.parametrize("count", [300, pytest.param(3000, marks=pytest.mark.slow)])
+def test_many_aborted_requests_leave_the_server_healthy(tiny, reference, count):
     model = AdapterModel(EmbeddingModel(tiny["export"]))
     with serving(model) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
-        deadline = time.monotonic() + 20
-        for i in range(300):  # bounded in count and time, loopback only
+        deadline = time.monotonic() + 120
+        for i in range(count):  # bounded in count and time, loopback only
             _send_and_abort(srv.port, b'{"model": "alpha", "input": ["abort %d", "me"]}' % i)
             if time.monotonic() > deadline:
                 break
