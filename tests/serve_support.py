@@ -193,13 +193,15 @@ def tiny_exports_once(tmp_path_factory) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def serving(model, **settings):
-    """create_app(model, ServeSettings(**settings)) on a ThreadServer, ready (warmed up) unless the model blocks."""
+def serving(model, ready: bool = True, **settings):
+    """create_app(model, ServeSettings(**settings)) on a ThreadServer; with ``ready``, once /health says 200."""
     from peft_export.serve import ServeSettings, create_app
 
     app = create_app(model, ServeSettings(**settings))
     with ThreadServer(app) as server:
         server.app = app
+        if ready:
+            wait_ready(server.url)
         yield server
 
 

@@ -14,7 +14,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from serve_support import TINY_MAX_SEQ_LENGTH, AdapterModel, serving, tiny_exports_once  # noqa: E402
+from serve_support import TINY_MAX_SEQ_LENGTH, AdapterModel, serving, tiny_exports_once, wait_until  # noqa: E402
 
 from peft_export import EmbeddingModel  # noqa: E402
 
@@ -224,7 +224,8 @@ def test_a_model_that_fails_gives_500_json_without_traceback(tiny):
         def encode(self, sentences, adapter=None, **options):
             raise RuntimeError("secret internal detail")
 
-    with serving(Broken(EmbeddingModel(tiny["export"]))) as srv:
+    with serving(Broken(EmbeddingModel(tiny["export"])), ready=False) as srv:
+        wait_until(lambda: srv.app.state.server.status != "warming_up", what="warm-up over")
         health = httpx.get(srv.url + "/health", timeout=10)
         response = httpx.post(srv.url + "/v1/embeddings", json={"model": "tiny-lora", "input": "a"}, timeout=30)
     assert health.status_code == 503 and health.json()["status"].startswith("failed: RuntimeError")

@@ -181,3 +181,23 @@ def test_sigterm_lets_requests_in_flight_finish_and_exits_0(tiny, reference, tmp
         np.testing.assert_allclose(got, reference.encode(job), atol=1e-6)
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.url + "/live", timeout=2)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["no-such-folder"], "Export folder not found"),
+    (["{export}", "--default-adapter", "nope"], "--default-adapter 'nope' is not served"),
+    (["{export}", "--max-inputs-per-request", "10", "--max-concurrent-inputs", "5"], "max_concurrent_inputs"),
+])
+def test_serve_refuses_bad_arguments_with_one_line_and_status_2(tiny, tmp_path, arguments, message):
+    import os
+    import subprocess
+    import sys
+
+    from serve_support import REPO_ROOT
+
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    argv = [a.format(export=tiny["export"]) for a in arguments]
+    result = subprocess.run([sys.executable, "-m", "peft_export.cli", "serve", *argv, "--port", "1"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import numpy as np
 
@@ -210,10 +211,8 @@ class EmbeddingServer:
         embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
         # OpenAI semantics: a shortened vector is re-normalised to unit length.
         embeddings = shorten(embeddings, dimensions, normalize=dimensions is not None)
-        if encoding_format == "base64":
-            data = [{"object": "embedding", "index": i, "embedding": encode_base64(v)} for i, v in enumerate(embeddings)]
-        else:
-            data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(embeddings)]
+        encode = encode_base64 if encoding_format == "base64" else (lambda v: v)  # float: orjson writes the array
+        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(embeddings)]
         usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
         return _json({"object": "list", "data": data, "model": body["model"], "usage": usage})
 

@@ -6,7 +6,7 @@ none that exists: a label filled from raw request text would let any client crea
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import require
 

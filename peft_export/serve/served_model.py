@@ -8,8 +8,9 @@ looked up in that in-memory list, so a name like ``../../etc/passwd`` is a 404 a
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Hashable
+from typing import Any
 
 import numpy as np
 
