@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .adapters import AdapterMethods
 from .config import RuntimeConfig, read_manifest
 from .onnxruntime_backend import OnnxRuntimeBackend, SessionSettings
 from .precision import PRECISIONS, quantize_embeddings
@@ -38,11 +39,15 @@ def _pool_numpy(tokens: np.ndarray, mask: np.ndarray, modes: list[str]) -> np.nd
     return np.concatenate(out, axis=-1)
 
 
-class EmbeddingModel:
+class EmbeddingModel(AdapterMethods):
     """Load an export folder and embed text like ``SentenceTransformer``.
 
     >>> model = EmbeddingModel("out/")            # doctest: +SKIP
     >>> model.encode(["a query", "a passage"])    # doctest: +SKIP
+
+    Switchable exports (``merge-onnx --switchable``) add sentence-transformers' adapter methods
+    (``load_adapter``, ``set_adapter``, ``active_adapters``, ``enable_adapters``, ``disable_adapters``,
+    ``delete_adapter``, ``get_adapter_state_dict``) plus ``list_adapters`` and ``encode(..., adapter=NAME)``.
     """
 
     def __init__(
@@ -63,13 +68,15 @@ class EmbeddingModel:
         if intra_op_threads is not None:
             settings.intra_op_threads = intra_op_threads
         self.device = device
-        self.backend = OnnxRuntimeBackend(self.path / self.config.model_file, device, providers, settings)
+        self.backend = OnnxRuntimeBackend(self.path / self.config.model_file, device, providers, settings,
+                                          lora_inputs=bool(self.config.lora_slots))
         self._tokenizer = TextTokenizer(self.path, self.config)
         # Graph inputs are what the tokenizer feeds; anything else means the folder was tampered with.
         missing = set(self.backend.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if missing:
             raise ConfigError(f"{self.path}: graph has inputs {sorted(missing)} that the tokenizer cannot provide")
         self._tokenizer.input_names = self.backend.input_names
+        self._init_adapters()
 
     # ----- properties mirroring SentenceTransformer -----
     @property
@@ -112,9 +119,9 @@ class EmbeddingModel:
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self._tokenizer.encode(list(texts))
 
-    def _embed_batch(self, texts: list[str], output_value: str, prompt_length: int) -> list[np.ndarray]:
+    def _embed_batch(self, texts: list[str], output_value: str, prompt_length: int, adapter=None) -> list[np.ndarray]:
         feeds = self._tokenizer.encode(texts)
-        outputs = self.backend.run(feeds)
+        outputs = self.backend.run(feeds, adapter=adapter)
         mask = feeds["attention_mask"]
         if output_value == "token_embeddings":
             tokens = outputs["token_embeddings"]
@@ -141,8 +148,13 @@ class EmbeddingModel:
         truncate_dim: int | None = None,
         precision: str = "float32",
         convert_to_tensor: bool = False,
+        adapter: str | bool | None = None,
     ) -> np.ndarray | list[np.ndarray]:
-        """Embed ``sentences``; a single string gives a 1-D vector, a list gives a (n, dim) array."""
+        """Embed ``sentences``; a single string gives a 1-D vector, a list gives a (n, dim) array.
+
+        ``adapter`` (switchable exports): a loaded adapter's name to use for this call only, ``False`` for the
+        base model for this call, or None (default) for the model's state (``set_adapter`` / ``disable_adapters``).
+        """
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, found {output_value!r}")
         if precision not in PRECISIONS:
@@ -152,6 +164,7 @@ class EmbeddingModel:
         if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
                                          or not 0 < truncate_dim <= self.config.dimension):
             raise ValueError(f"truncate_dim must be an integer in 1..{self.config.dimension}, found {truncate_dim!r}")
+        run_adapter = self._adapter_for_call(adapter)  # resolved once: every batch of this call uses it
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         for i, text in enumerate(texts):
@@ -172,7 +185,7 @@ class EmbeddingModel:
         progress = _progress(show_progress_bar, len(texts), batch_size)
         for start in range(0, len(texts), batch_size):
             index = order[start : start + batch_size]
-            batch = self._embed_batch([texts[i] for i in index], output_value, prompt_length)
+            batch = self._embed_batch([texts[i] for i in index], output_value, prompt_length, run_adapter)
             for i, emb in zip(index, batch):
                 results[i] = emb
             progress(len(index))
