@@ -42,6 +42,8 @@ class ExportOptions:
     normalize: bool | None = None
     trust_remote_code: bool = False
     allow_noop_adapter: bool = False
+    switchable: bool = False  # keep adapters separate: one base graph + one weight file per adapter
+    default_adapter: str | None = None  # switchable: the adapter active when the export is loaded
 
 
 @dataclass
@@ -120,27 +122,58 @@ def export_onnx_model(model_id: str, output: str | Path, log: Callable[[str], No
     return run_onnx_export(ExportOptions(model_id=model_id, output=output, **options), log)
 
 
-def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
+@dataclass
+class PreparedExport:
+    """Everything the export stages share: the resolved model, its tokenizer and fp32 encoder, the pipeline
+    modules after the encoder, and the reference tokenization."""
+
+    resolved: ResolvedModel
+    tokenizer: Any
+    encoder: Any
+    max_len: int
+    uses_token_type_ids: bool
+    dense: list
+    input_names: list[str]
+    ref_tokenize: Callable[[list[str]], dict[str, np.ndarray]]
+
+    def make_pipeline(self, module):
+        from .graph import EmbeddingPipeline
+
+        return EmbeddingPipeline(module, self.resolved.pipeline, self.dense, self.uses_token_type_ids).eval()
+
+    def load_encoder(self, trust_remote_code: bool = False):
+        """Another fresh copy of the base encoder."""
+        from .merge import load_base_encoder
+
+        return load_base_encoder(self.resolved.encoder_folder, trust_remote_code)
+
+    def runtime_config(self, model_file: str, sentence_dim: int) -> RuntimeConfig:
+        pipeline = self.resolved.pipeline
+        return RuntimeConfig(
+            model_file=model_file,
+            input_names=list(self.input_names),
+            dimension=sentence_dim,
+            max_seq_length=self.max_len,
+            do_lower_case=pipeline.do_lower_case,
+            pad_token_id=int(self.tokenizer.pad_token_id or 0),
+            pooling_modes=list(pipeline.pooling.modes),
+            include_prompt=pipeline.pooling.include_prompt,
+            has_dense=bool(self.dense),
+            normalize=pipeline.normalize,
+            prompts=pipeline.prompts,
+            default_prompt_name=pipeline.default_prompt_name,
+            similarity_fn_name=pipeline.similarity_fn_name,
+        )
+
+
+def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedExport:
+    """Load tokenizer, encoder (fp32) and Dense modules for ``resolved``, with ``options``' overrides applied."""
     import torch
 
-    from .graph import EmbeddingPipeline, load_dense
-    from .merge import attach_adapters, load_base_encoder, merge_adapter, uses_token_type_ids
-    from .onnx import export_onnx, input_names
+    from .graph import load_dense
+    from .merge import load_base_encoder, uses_token_type_ids
 
-    started = time.perf_counter()
-    resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
-                             base_revision=options.base_revision, token=options.token)
     _apply_overrides(options, resolved)
-    if len(resolved.adapters) > 1:
-        raise ConfigError(
-            f"A merged export takes one adapter, {len(resolved.adapters)} were given "
-            f"({', '.join(a.name for a in resolved.adapters)}); export each separately"
-        )
-    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
-    for adapter in resolved.adapters:
-        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
-            f"targets={adapter.config.target_modules}")
-
     torch.manual_seed(0)
     tokenizer = _load_tokenizer(resolved, options.trust_remote_code)
     encoder = load_base_encoder(resolved.encoder_folder, options.trust_remote_code)
@@ -148,12 +181,38 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
     tokenizer.model_max_length = max_len
     with_type_ids = uses_token_type_ids(encoder, tokenizer)
     dense = [load_dense(resolved.pipeline_folder, d) for d in resolved.pipeline.dense]
-
-    def make_pipeline(module):
-        return EmbeddingPipeline(module, resolved.pipeline, dense, with_type_ids).eval()
-
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_type_ids else [])
-    ref_tokenize = _reference_tokenize(tokenizer, names, max_len)
+    return PreparedExport(resolved, tokenizer, encoder, max_len, with_type_ids, dense, names,
+                          _reference_tokenize(tokenizer, names, max_len))
+
+
+def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
+    if options.switchable:
+        from .switchable import run_switchable_export
+
+        return run_switchable_export(options, log)
+    from .merge import attach_adapters, merge_adapter
+    from .onnx import export_onnx
+
+    started = time.perf_counter()
+    resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
+                             base_revision=options.base_revision, token=options.token)
+    if options.default_adapter is not None:
+        raise ConfigError("--default-adapter only applies to switchable exports (--switchable)")
+    if len(resolved.adapters) > 1:
+        raise ConfigError(
+            f"A merged export takes one adapter, {len(resolved.adapters)} were given "
+            f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass --switchable to "
+            "keep them as switchable adapters over one base graph"
+        )
+    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
+    for adapter in resolved.adapters:
+        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
+            f"targets={adapter.config.target_modules}")
+
+    prepared = prepare_export(options, resolved)
+    tokenizer, encoder, make_pipeline = prepared.tokenizer, prepared.encoder, prepared.make_pipeline
+    ref_tokenize = prepared.ref_tokenize
     parity: dict[str, Any] = {}
     if resolved.adapters:
         adapter = resolved.adapters[0]
@@ -182,21 +241,7 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
         model_path = export_onnx(final, tmp, opset=options.opset)
         tokenizer.save_pretrained(str(tmp))
         sentence_dim = int(references[0].sentence_embedding.shape[-1])
-        config = RuntimeConfig(
-            model_file=model_path.name,
-            input_names=input_names(final),
-            dimension=sentence_dim,
-            max_seq_length=max_len,
-            do_lower_case=resolved.pipeline.do_lower_case,
-            pad_token_id=int(tokenizer.pad_token_id or 0),
-            pooling_modes=list(resolved.pipeline.pooling.modes),
-            include_prompt=resolved.pipeline.pooling.include_prompt,
-            has_dense=bool(dense),
-            normalize=resolved.pipeline.normalize,
-            prompts=resolved.pipeline.prompts,
-            default_prompt_name=resolved.pipeline.default_prompt_name,
-            similarity_fn_name=resolved.pipeline.similarity_fn_name,
-        )
+        config = prepared.runtime_config(model_path.name, sentence_dim)
         config.save(tmp)
         runtime_tok = TextTokenizer(tmp, config)
         _check_runtime_tokenizer(runtime_tok, ref_tokenize, validate.VALIDATION_TEXTS)
