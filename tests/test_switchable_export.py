@@ -105,6 +105,9 @@ def test_cli_default_adapter_is_active_when_loaded(tmp_path, capsys):
     assert max_unit_diff(model.encode(TEXTS), st_references()["ffn"]) <= SENTENCE_ATOL
     assert cli_main(["info", str(out)]) == 0
     assert "default adapter: ffn" in capsys.readouterr().out
+    assert cli_main(["encode", str(out), TEXTS[1], TEXTS[2], "--adapter", "attn", "--json"]) == 0
+    printed = np.array(json.loads(capsys.readouterr().out))
+    assert max_unit_diff(printed, st_references()["attn"][1:3]) <= SENTENCE_ATOL
 
 
 @pytest.mark.parametrize("change, key", [
@@ -112,6 +115,7 @@ def test_cli_default_adapter_is_active_when_loaded(tmp_path, capsys):
     ({"lora_bias": True}, "lora_bias"),
     ({"bias": "all"}, "'bias'"),
     ({"modules_to_save": ["pooler"]}, "modules_to_save"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
 ])
 def test_configs_the_graph_cannot_express_are_refused(tmp_path, change, key):
     adapter = edit_adapter_config(make_adapter("attn"), tmp_path / "edited", **change)

@@ -118,6 +118,33 @@ def test_load_adapter_refuses_adapters_the_graph_cannot_run(tmp_path):
     assert attn_only.list_adapters() == ["attn"]
 
 
+def _adapter_file(path, arrays):
+    import onnxruntime as ort
+
+    adapter = ort.AdapterFormat()
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()})
+    adapter.export_adapter(str(path))
+    return path
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.update({"encoder.layer.0.attention.self.query.lora_A": np.full((32, 2), np.nan, np.float32)}),
+     "'encoder.layer.0.attention.self.query.lora_A' contains NaN or Inf"),
+    (lambda a: a.update({"encoder.layer.0.attention.self.query.lora_B": np.zeros((2, 32), np.float16)}),
+     "'encoder.layer.0.attention.self.query.lora_B' has dtype float16, expected float32"),
+    (lambda a: a.update({"encoder.layer.0.attention.self.query.lora_A": np.zeros((48, 2), np.float32)}),
+     "'encoder.layer.0.attention.self.query' has A \\(48, 2\\).*expects A \\(32, r\\).*another base"),
+    (lambda a: a.pop("encoder.layer.0.attention.self.query.lora_B"),
+     "'encoder.layer.0.attention.self.query.lora_B' is missing; LoRA weights come in A/B pairs"),
+])
+def test_adapter_files_are_checked_against_the_graph(model, tmp_path, mutate, message):
+    arrays = model.backend.read_adapter(switchable_export() / "adapters" / "attn.onnx_adapter")
+    mutate(arrays)
+    with pytest.raises(ConfigError, match=message):
+        model.load_adapter(_adapter_file(tmp_path / "bad.onnx_adapter", arrays), adapter_name="bad")
+    assert "bad" not in model.list_adapters()
+
+
 def test_bad_adapter_files_in_an_export_are_refused_at_load(tmp_path):
     corrupt = copy_export(switchable_export(), tmp_path / "corrupt")
     (corrupt / "adapters" / "attn.onnx_adapter").write_bytes(b"\0" * 100)

@@ -172,13 +172,20 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     return ExportResult(Path(options.output), manifest, resolved)
 
 
+def _recorded(model_id: str | None) -> str | None:
+    """Local folders are recorded as absolute paths, so add-adapter finds them from any working directory."""
+    if model_id and Path(model_id).expanduser().is_dir():
+        return str(Path(model_id).expanduser().resolve())
+    return model_id
+
+
 def _switchable_fields(options: ExportOptions, base_id: str) -> dict[str, Any]:
     return {
         "merge_mode": MERGE_MODE,
         "default_adapter": options.default_adapter,
         # How add-adapter finds the same base and pipeline again.
-        "source": {"model_id": str(options.model_id), "base": options.base, "revision": options.revision,
-                   "base_revision": options.base_revision, "base_id": base_id},
+        "source": {"model_id": _recorded(str(options.model_id)), "base": _recorded(options.base),
+                   "revision": options.revision, "base_revision": options.base_revision, "base_id": _recorded(base_id)},
         "export_options": {"opset": options.opset, "max_seq_length": options.max_seq_length,
                            "pooling": options.pooling, "normalize": options.normalize},
     }
