@@ -208,6 +208,8 @@ def _locked(folder: Path):
 
 
 def _load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
+    if not folder.is_dir():
+        raise ConfigError(f"Export folder not found: {folder}")
     config = RuntimeConfig.load(folder)
     manifest = read_manifest(folder)
     if manifest.get("merge_mode") != MERGE_MODE or not config.lora_slots:
@@ -258,6 +260,7 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
     name, target = parse_adapter_spec(spec)
     if name is None:
         raise ConfigError(f"Name the adapter: NAME={spec}")
+    _load_switchable(folder)
     with _locked(folder):
         config, manifest = _load_switchable(folder)
         if name in config.adapters and not force:
@@ -314,6 +317,7 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
 def remove_adapter(output: str | Path, name: str, log: Callable[[str], None] = logger.info) -> None:
     """Remove an adapter's weight file and its entries; the graph is never modified."""
     folder = Path(output)
+    _load_switchable(folder)
     with _locked(folder):
         config, manifest = _load_switchable(folder)
         if name not in config.adapters:
