@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Report, cosine_rows, time_single_queries, time_throughput  # noqa: E402
+from peft_export.benchmark.harness import Report, cosine_rows, time_single_queries, time_throughput
 
 COLUMNS = [
     ("contender", "contender", ""),

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import machine_info, percentiles  # noqa: E402
+from peft_export.benchmark.harness import machine_info, percentiles
 
 ADAPTERS = {  # name -> (LoraConfig kwargs, description of the targets)
     "r8-attn-ffn": (dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"]),
@@ -41,26 +40,12 @@ ADAPTERS = {  # name -> (LoraConfig kwargs, description of the targets)
 N_MEMORY_ADAPTERS = 20
 
 
-def real_sentences(n: int, seed: int = 0) -> list[str]:
-    """Real English sentences of mixed length: the standard library's docstrings, split into sentences."""
-    import pydoc
-    import random
-    import re
-    import warnings
+def load_texts(n_queries: int, n_sentences: int) -> tuple[list[str], list[str]]:
+    """Short real queries and real passages of mixed length from the bundled demo corpus (as bench_encode)."""
+    from peft_export.demo import load_pairs, load_sentences
 
-    warnings.simplefilter("ignore", DeprecationWarning)  # some stdlib names warn when touched
-    texts: list[str] = []
-    for module_name in ("json", "os", "pathlib", "argparse", "collections", "subprocess", "threading", "typing",
-                        "email", "http.client", "logging", "decimal", "statistics", "unittest", "zipfile"):
-        module = pydoc.locate(module_name)
-        for obj in [module, *vars(module).values()]:
-            doc = getattr(obj, "__doc__", None)
-            if isinstance(doc, str):
-                for part in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                    if 20 <= len(part) <= 400 and part not in texts:
-                        texts.append(part)
-    random.Random(seed).shuffle(texts)
-    return [texts[i % len(texts)] for i in range(n)]
+    queries = [p["query"] for p in load_pairs("eval")]
+    return [queries[i % len(queries)] for i in range(n_queries)], load_sentences(n_sentences)
 
 
 def build(workdir: Path, log) -> dict[str, Path]:
@@ -223,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     paths = build(workdir, log=print)
-    queries = [q[:80] for q in real_sentences(args.queries, seed=1)]
-    sentences = real_sentences(args.sentences, seed=2)
+    queries, sentences = load_texts(args.queries, args.sentences)
     switchable = EmbeddingModel(paths["switchable"], intra_op_threads=args.threads)
     rows = []
     for name, (kwargs, targets) in ADAPTERS.items():

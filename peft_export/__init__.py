@@ -1,4 +1,4 @@
-"""peft_export: LoRA-adapted sentence-embedding models to ONNX, served without torch.
+"""peft_export: LoRA-adapted sentence-embedding models to ONNX or OpenVINO, served without torch.
 
 Names are imported lazily so that ``import peft_export`` stays cheap and never imports torch.
 """
@@ -32,10 +32,11 @@ __all__ = [
     "ValidationError",
     "__version__",
     "export_onnx_model",
+    "export_openvino_model",
 ]
 
 if TYPE_CHECKING:
-    from .export.pipeline import export_onnx_model
+    from .export.pipeline import export_onnx_model, export_openvino_model
     from .runtime.model import EmbeddingModel
 
 
@@ -48,4 +49,8 @@ def __getattr__(name: str):
         from .export.pipeline import export_onnx_model
 
         return export_onnx_model
+    if name == "export_openvino_model":
+        from .export.pipeline import export_openvino_model
+
+        return export_openvino_model
     raise AttributeError(f"module 'peft_export' has no attribute {name!r}")

@@ -10,9 +10,12 @@ from pathlib import Path
 from .errors import PeftExportError
 
 DEFAULT_OUTPUT_SUFFIX = "-onnx"
+OPENVINO_OUTPUT_SUFFIX = "-openvino"
 
 
-def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = DEFAULT_OUTPUT_SUFFIX) -> None:
+    """Options shared by merge-onnx and merge-openvino; the ONNX-only ones (opset, --quantize) only for ONNX."""
+    onnx = output_suffix == DEFAULT_OUTPUT_SUFFIX
     parser.add_argument(
         "model_id", nargs="?", default=None,
         help="local folder or Hugging Face Hub id: a Sentence Transformers model, a transformers encoder, or an "
@@ -23,9 +26,10 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", help="base model for an adapter-only MODEL_ID (default: its base_model_name_or_path)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) of MODEL_ID")
     parser.add_argument("--base-revision", help="hub revision of the base model")
-    parser.add_argument("-o", "--output", help="output folder (default: ./<model name>-onnx)")
+    parser.add_argument("-o", "--output", help=f"output folder (default: ./<model name>{output_suffix})")
     parser.add_argument("--force", action="store_true", help="overwrite an existing output folder")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    if onnx:
+        parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     parser.add_argument("--max-seq-length", type=int, help="truncate inputs to this many tokens")
     parser.add_argument("--pooling", help="pooling mode(s) for a plain encoder without a Pooling config, e.g. mean, cls")
     norm = parser.add_mutually_exclusive_group()
@@ -36,11 +40,26 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-noop-adapter", action="store_true",
                         help="export even if the adapter does not change the embeddings")
     parser.add_argument("--token", help="Hugging Face token for private repositories")
-    parser.add_argument("--switchable", action="store_true",
-                        help="keep adapters separate: one base graph with LoRA branches plus one weight file per "
-                             "--adapter, switched per call at run time")
-    parser.add_argument("--default-adapter", metavar="NAME",
-                        help="with --switchable: the adapter active when the export is loaded (default: none, the base)")
+    if onnx:
+        parser.add_argument("--switchable", action="store_true",
+                            help="keep adapters separate: one base graph with LoRA branches plus one weight file "
+                                 "per --adapter NAME=PATH, switched per call at run time")
+        parser.add_argument("--default-adapter", metavar="NAME",
+                            help="with --switchable: the adapter active when the export is loaded (default: none)")
+    quant = parser.add_argument_group(
+        "quantization (int8 graphs must pass a quality gate against fp32)" if onnx
+        else "quality gate (fp16 / int8 weights must pass it against fp32; fp16 needs mean cosine >= 0.999)")
+    if onnx:
+        quant.add_argument("--quantize", choices=["int8", "int8-static"],
+                           help="int8: dynamic, per-channel weights; int8-static: also calibrated activations")
+    quant.add_argument("--gate-data", help="JSON lines of {\"query\", \"passage\"} pairs for the quality gate "
+                                           "(default: the demo corpus' held-out pairs)")
+    if onnx:
+        quant.add_argument("--calibration-data", help="text file, one sentence per line, for int8-static calibration")
+    quant.add_argument("--min-mean-cosine", type=float, default=0.99, help="gate: mean cosine to fp32 (0.99)")
+    quant.add_argument("--min-worst-cosine", type=float, default=0.97, help="gate: worst sentence's cosine (0.97)")
+    quant.add_argument("--min-ndcg-retention", type=float, default=0.995,
+                       help="gate: NDCG@10 of int8 divided by fp32's (0.995)")
 
 
 def _default_model(args: argparse.Namespace) -> None:
@@ -54,22 +73,46 @@ def _default_model(args: argparse.Namespace) -> None:
         args.output = "all-MiniLM-L6-v2-demo-onnx"
 
 
-def _cmd_merge_onnx(args: argparse.Namespace) -> int:
-    from .export.pipeline import ExportOptions, run_onnx_export
+def _export_options(args: argparse.Namespace, output_suffix: str):
+    from .export.pipeline import ExportOptions
+    from .export.quality import QualityGate
 
     if args.model_id is None:
+        named_output = args.output
         _default_model(args)
-    output = args.output or Path(args.model_id.rstrip("/")).name + DEFAULT_OUTPUT_SUFFIX
-    options = ExportOptions(
+        if not named_output:
+            args.output = args.output.removesuffix(DEFAULT_OUTPUT_SUFFIX) + output_suffix
+    output = args.output or Path(args.model_id.rstrip("/")).name + output_suffix
+    return ExportOptions(
         model_id=args.model_id, output=output, adapters=args.adapter, base=args.base, revision=args.revision,
-        base_revision=args.base_revision, token=args.token, force=args.force, opset=args.opset,
-        max_seq_length=args.max_seq_length, pooling=args.pooling, normalize=args.normalize,
-        trust_remote_code=args.trust_remote_code, allow_noop_adapter=args.allow_noop_adapter,
-        switchable=args.switchable, default_adapter=args.default_adapter,
+        base_revision=args.base_revision, token=args.token, force=args.force,
+        opset=getattr(args, "opset", ExportOptions.opset), max_seq_length=args.max_seq_length,
+        pooling=args.pooling, normalize=args.normalize, trust_remote_code=args.trust_remote_code,
+        allow_noop_adapter=args.allow_noop_adapter, quantize=getattr(args, "quantize", None),
+        gate_data=args.gate_data, calibration_data=getattr(args, "calibration_data", None),
+        gate=QualityGate(args.min_mean_cosine, args.min_worst_cosine, args.min_ndcg_retention),
+        switchable=getattr(args, "switchable", False), default_adapter=getattr(args, "default_adapter", None),
     )
-    result = run_onnx_export(options, log=lambda msg: print(msg, flush=True))
+
+
+def _print_done(result) -> None:
     print(f"done: {Path(result.path).absolute()}")
     print(f"try it: peft-export encode {result.path} \"a sentence to embed\"")
+
+
+def _cmd_merge_onnx(args: argparse.Namespace) -> int:
+    from .export.pipeline import run_onnx_export
+
+    options = _export_options(args, DEFAULT_OUTPUT_SUFFIX)
+    _print_done(run_onnx_export(options, log=lambda msg: print(msg, flush=True)))
+    return 0
+
+
+def _cmd_merge_openvino(args: argparse.Namespace) -> int:
+    from .export.pipeline import run_openvino_export
+
+    options = _export_options(args, OPENVINO_OUTPUT_SUFFIX)
+    _print_done(run_openvino_export(options, args.weight_format, log=lambda msg: print(msg, flush=True)))
     return 0
 
 
@@ -95,7 +138,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
 
     from .runtime.model import EmbeddingModel
 
-    model = EmbeddingModel(args.path, device=args.device)
+    model = EmbeddingModel(args.path, device=args.device, backend=args.backend,
+                           inference_precision=args.inference_precision)
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
     embeddings = model.encode(texts, prompt_name=args.prompt_name, normalize_embeddings=args.normalize,
                               adapter=args.adapter)
@@ -120,8 +164,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(manifest, indent=2))
         return 0
     config = RuntimeConfig.load(path)
+    export = manifest["export"]
+    detail = (f"opset {export.get('opset')}" if export["format"] == "onnx"
+              else f"{export.get('weight_format')} weights")
     print(f"export:      {path.absolute()} ({manifest.get('size_bytes', 0) / 1e6:.1f} MB, "
-          f"{manifest['export']['format']} opset {manifest['export'].get('opset')})")
+          f"{export['format']} {detail})")
     print(f"base:        {manifest['base']['id']} (revision {manifest['base'].get('revision')})")
     for adapter in manifest.get("adapters", []):
         digest = next(iter(adapter["sha256"].values()))[:12]
@@ -133,17 +180,28 @@ def _cmd_info(args: argparse.Namespace) -> int:
               f"{manifest.get('default_adapter') or 'none (base)'}")
     print(f"pipeline:    pooling={config.pooling_modes} normalize={config.normalize} dim={config.dimension} "
           f"max_seq_length={config.max_seq_length} similarity={config.similarity_fn_name}")
-    onnx_check = manifest.get("validation", {}).get("onnx_vs_reference", {})
-    if onnx_check:
-        diffs = ", ".join(f"{k} {v:.1e}" for k, v in onnx_check["max_abs_diff"].items())
+    validation = manifest.get("validation", {})
+    graph_check = validation.get("onnx_vs_reference") or validation.get("openvino_vs_reference") or {}
+    if graph_check:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in graph_check["max_abs_diff"].items())
         print(f"validation:  max abs diff vs PyTorch: {diffs}")
+    gate = validation.get("weight_compression")
+    if gate:
+        print(f"quality:     {gate['weight_format']} weights vs fp32: mean cosine {gate['mean_cosine']:.5f}, worst "
+              f"{gate['worst_cosine']:.5f}, NDCG@10 retention {gate['ndcg10_retention']:.4f} ({gate['texts']} texts)")
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .benchmark.run import run_bench_command
+
+    return run_bench_command(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-export",
-        description="Export LoRA-adapted sentence-embedding models to ONNX and run them without torch.",
+        description="Export LoRA-adapted sentence-embedding models to ONNX or OpenVINO and run them without torch.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -154,10 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_arguments(merge)
     merge.set_defaults(handler=_cmd_merge_onnx)
 
+    merge_ov = sub.add_parser(
+        "merge-openvino", help="merge a LoRA adapter into its base and export OpenVINO IR (.xml + .bin)",
+        description="Same resolution, merge and validation as merge-onnx, writing OpenVINO IR with pooling, Dense "
+                    "and Normalize folded in and dynamic batch/sequence dimensions. fp16 and int8 (NNCF) weights "
+                    "must pass the quality gate against the fp32 model.",
+    )
+    _add_export_arguments(merge_ov, OPENVINO_OUTPUT_SUFFIX)
+    merge_ov.add_argument("--weight-format", choices=["fp32", "fp16", "int8"], default="fp32",
+                          help="weight storage: fp32 (default, exact), fp16 (half size), int8 (NNCF, quarter size)")
+    merge_ov.set_defaults(handler=_cmd_merge_openvino)
+
     enc = sub.add_parser("encode", help="embed sentences with an export folder (no torch)")
     enc.add_argument("path", help="export folder")
     enc.add_argument("texts", nargs="*", help="sentences (default: one per line from stdin)")
-    enc.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    enc.add_argument("--backend", choices=["onnxruntime", "openvino"],
+                     help="runtime (default: the one the folder was exported for)")
+    enc.add_argument("--device", default="cpu",
+                     help="cpu or cuda (onnxruntime); CPU, GPU or AUTO (openvino). Default: cpu")
+    enc.add_argument("--inference-precision", choices=["f32", "bf16", "f16"],
+                     help="openvino only: arithmetic precision (default f32, exact)")
     enc.add_argument("--prompt-name", help="name of a prompt from the model's config")
     enc.add_argument("--normalize", action="store_true", help="L2-normalise the output")
     enc.add_argument("--json", action="store_true", help="print embeddings as JSON")
@@ -187,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="export folder")
     info.add_argument("--json", action="store_true", help="print the whole manifest")
     info.set_defaults(handler=_cmd_info)
+    bench = sub.add_parser("bench", help="benchmark export folders (and optionally eager PyTorch) on real text",
+                           description="Latency (batch 1), throughput (batch 32/128), cold start, peak RSS, tokens/s "
+                                       "and quality vs the first contender; writes Markdown, JSON and a PNG plot.")
+    bench.add_argument("paths", nargs="+", help="export folders to compare")
+    bench.add_argument("--eager", metavar="BASE", help="also time eager sentence-transformers on BASE (needs torch)")
+    bench.add_argument("--adapter", help="PEFT adapter for the eager contenders")
+    bench.add_argument("--eager-merged", action="store_true", help="add eager with the adapter merged by PEFT")
+    bench.add_argument("--queries", type=int, default=300, help="single queries for batch-1 latency (300)")
+    bench.add_argument("--sentences", type=int, default=1000, help="sentences for throughput (1000)")
+    bench.add_argument("--texts", help="text file, one sentence per line (default: the demo corpus)")
+    bench.add_argument("--gate-data", help="query/passage JSON lines for NDCG@10 (default: demo held-out pairs)")
+    bench.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bench.add_argument("--out", default="bench-results", help="output folder (bench-results)")
+    bench.add_argument("--quick", action="store_true", help="smoke run: 50 queries, 200 sentences, batch 32 only")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 

@@ -31,14 +31,20 @@ def _clean_stale(parent: Path, name: str) -> None:
             continue
 
 
-@contextmanager
-def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on clean exit it replaces ``target``. On error nothing is left behind."""
+def check_output_target(target: str | Path, force: bool = False) -> Path:
+    """Refuse an existing output unless ``force``; called before the slow stages and again when writing."""
     target = Path(target).expanduser().absolute()
     if target.exists() and not force:
         raise OutputExistsError(f"Output folder {target} already exists; pass --force (force=True) to overwrite it")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"Output path {target} exists and is not a folder")
+    return target
+
+
+@contextmanager
+def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on clean exit it replaces ``target``. On error nothing is left behind."""
+    target = check_output_target(target, force)
     parent = target.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)

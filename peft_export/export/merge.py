@@ -17,9 +17,9 @@ from ..source.resolve import AdapterSource
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$")
 
 
-# Heads of the checkpoint that load_base_encoder drops (add_pooling_layer=False) because sentence embeddings are
-# pooled from last_hidden_state. LoRA on them (target_modules=["dense"] also hits BERT's pooler.dense) has no
-# effect on the embeddings, so their tensors are skipped instead of being reported as modules the base lacks.
+# Heads whose output no sentence embedding reads (pooling uses last_hidden_state). LoRA on them
+# (target_modules=["dense"] also hits BERT's pooler.dense) has no effect on the embeddings, so if the base checkpoint
+# has no such head their tensors are skipped instead of being reported as modules the base lacks.
 _UNUSED_HEADS = ("pooler",)
 
 
@@ -81,7 +81,7 @@ def check_adapter_tensors(base: nn.Module, adapter: AdapterSource) -> None:
             module_name, part = match.group("module"), match.group("part")
             target = modules.get(module_name)
             if target is None and module_name.split(".", 1)[0] in _UNUSED_HEADS:
-                continue  # e.g. BERT's pooler: loaded without it, and no sentence embedding reads its output
+                continue  # e.g. BERT's pooler absent from this checkpoint; its output is never used
             if target is None:
                 raise ConfigError(
                     f"{adapter.weights}: tensor {key!r} targets module {module_name!r}, which the base model "
@@ -115,6 +115,7 @@ def attach_adapters(base: nn.Module, adapters: list[AdapterSource]):
     from peft import PeftModel
 
     for adapter in adapters:
+        _check_targets_exist(base, adapter)
         check_adapter_tensors(base, adapter)
     first, *rest = adapters
     model = PeftModel.from_pretrained(base, str(first.folder), adapter_name=first.name, is_trainable=False)
@@ -122,6 +123,28 @@ def attach_adapters(base: nn.Module, adapters: list[AdapterSource]):
         model.load_adapter(str(adapter.folder), adapter_name=adapter.name, is_trainable=False)
     _check_targets_matched(model, adapters)
     return model.eval()
+
+
+def _check_targets_exist(base: nn.Module, adapter: AdapterSource) -> None:
+    """Refuse target_modules that name no module of the base, before PEFT raises its own (non-PeftExportError)
+    ValueError. Same matching rule as PEFT: a list matches a module name or its last components, a string is a
+    regular expression matched against the whole name."""
+    targets = adapter.config.target_modules
+    if targets == "all-linear":
+        return
+    names = [name for name, _ in base.named_modules() if name]
+    if isinstance(targets, str):
+        try:
+            found = any(re.fullmatch(targets, name) for name in names)
+        except re.error as err:
+            raise ConfigError(f"Adapter {adapter.name!r}: target_modules {targets!r} is not a valid regex: {err}") from err
+    else:
+        found = any(name == t or name.endswith("." + t) for name in names for t in targets)
+    if not found:
+        raise ConfigError(
+            f"Adapter {adapter.name!r}: target_modules {targets!r} match no module of the base model "
+            f"({type(base).__name__}); was this adapter made for another base?"
+        )
 
 
 def _check_targets_matched(model, adapters: list[AdapterSource]) -> None:

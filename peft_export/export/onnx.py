@@ -1,12 +1,14 @@
-"""Trace an EmbeddingPipeline to ONNX with torch.onnx, dynamic batch and sequence axes."""
+"""Trace an EmbeddingPipeline to ONNX with torch.onnx, dynamic batch and sequence axes; the ONNX export format."""
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .graph import EmbeddingPipeline
 
 DEFAULT_OPSET = 17
@@ -66,3 +68,90 @@ def export_onnx(pipeline: EmbeddingPipeline, folder: Path, opset: int = DEFAULT_
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=EXTERNAL_DATA_FILE, size_threshold=1024)
     return path
+
+
+class OnnxFormat:
+    """The ONNX step of the export pipeline: write ``model.onnx``, check it with ONNX Runtime, and with
+    ``options.quantize`` replace it by an int8 graph that passes the quality gate against it."""
+
+    name = "onnx"
+    backend = "onnxruntime"
+
+    def __init__(self, options):
+        self.options = options
+        # Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data.
+        self.gate_pairs = _check_quantize_options(options) if options.quantize else None
+
+    def write(self, merged, folder: Path, log) -> Path:
+        return export_onnx(merged.pipeline, folder, opset=self.options.opset)
+
+    def validate(self, merged, model_path: Path, config, log) -> dict:
+        from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+        from ..runtime.tokenizer import TextTokenizer
+        from .validate import compare_with_reference
+
+        backend = OnnxRuntimeBackend(model_path)
+        report = compare_with_reference(merged.references, backend.run, "The exported ONNX graph")
+        log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
+            f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
+        checks = {"onnx_vs_reference": report.to_dict()}
+        if self.options.quantize:
+            tokenizer = TextTokenizer(model_path.parent, config)
+            checks["quantization"] = _quantize_step(self.options, self.gate_pairs, model_path.parent, config,
+                                                    tokenizer, backend, log)
+        return checks
+
+    def manifest_entry(self, config) -> dict:
+        return {"format": "onnx", "opset": self.options.opset, "dtype": self.options.quantize or "float32",
+                "files": [config.model_file]}
+
+
+def _calibration_texts(path: str | None) -> list[str]:
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            texts = [line.strip() for line in fh if line.strip()]
+        if not texts:
+            raise ConfigError(f"{path} holds no calibration sentences")
+        return texts[:512]
+    from ..demo import load_pairs
+
+    pairs = load_pairs("train")[:64]  # disjoint from the gate's held-out pairs
+    return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
+
+
+def _check_quantize_options(options) -> list[dict[str, str]]:
+    """Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data."""
+    from .quality import load_pairs_file
+    from .quantize import QUANTIZE_MODES
+
+    if options.quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, found {options.quantize!r}")
+    if options.calibration_data:
+        _calibration_texts(options.calibration_data)
+    return load_pairs_file(options.gate_data)
+
+
+def _quantize_step(options, pairs: list[dict[str, str]], folder: Path, config, tokenizer, fp32_backend,
+                   log) -> dict[str, Any]:
+    """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
+    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from .quality import backend_embedder, gate_dict
+    from .quantize import quantize_with_gate
+
+    fp32_path = folder / config.model_file
+    int8_path = folder / "model_int8.onnx"
+    result = quantize_with_gate(
+        fp32_path, int8_path, backend_embedder(tokenizer.encode, fp32_backend),
+        lambda path: backend_embedder(tokenizer.encode, OnnxRuntimeBackend(path)), pairs, options.gate,
+        mode=options.quantize, tokenize=tokenizer.encode,
+        calibration_texts=_calibration_texts(options.calibration_data) if options.quantize == "int8-static" else None,
+    )
+    chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
+    log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "
+        f"NDCG@10 retention {chosen['ndcg10_retention']:.4f} on {chosen['texts']} texts")
+    fp32_path.unlink()
+    config.model_file = int8_path.name
+    config.save(folder)
+    result["gate"] = gate_dict(options.gate)
+    result["gate_data"] = options.gate_data or "peft_export demo held-out pairs"
+    return result

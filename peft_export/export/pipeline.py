@@ -1,4 +1,8 @@
-"""Run the export stages in order: resolve -> load + merge -> trace -> validate -> write manifest atomically."""
+"""Run the export stages in order: resolve -> load + merge -> reference -> write graph + validate -> manifest.
+
+Every format (ONNX, OpenVINO) shares all stages but one: a :class:`GraphFormat` writes its graph into the
+temporary export folder and validates what it wrote against the PyTorch reference.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
-from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import ResolvedModel, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import validate
-from .artifact import atomic_output_folder, folder_size, library_versions, write_json
+from .artifact import atomic_output_folder, check_output_target, folder_size, library_versions, write_json
+from .quality import QualityGate
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +46,47 @@ class ExportOptions:
     normalize: bool | None = None
     trust_remote_code: bool = False
     allow_noop_adapter: bool = False
-    switchable: bool = False  # keep adapters separate: one base graph + one weight file per adapter
+    quantize: str | None = None  # "int8" (dynamic) or "int8-static"; see export/quantize.py
+    gate: QualityGate = field(default_factory=QualityGate)
+    gate_data: str | None = None  # JSON lines of {"query", "passage"}; default: the demo held-out pairs
+    calibration_data: str | None = None  # text file, one sentence per line; default: demo training text
+    switchable: bool = False  # keep adapters separate: one base graph + one weight file per adapter (ONNX only)
     default_adapter: str | None = None  # switchable: the adapter active when the export is loaded
+
+
+@dataclass
+class MergedModel:
+    """What the shared stages hand to a graph format: the merged fp32 pipeline and its reference outputs."""
+
+    resolved: ResolvedModel
+    pipeline: Any  # EmbeddingPipeline (torch), adapter merged, eval mode
+    tokenizer: Any  # transformers fast tokenizer, model_max_length set to max_seq_length
+    input_names: list[str]
+    reference_tokenize: Callable[[list[str]], dict[str, np.ndarray]]
+    references: list[validate.ReferenceBatch]  # PyTorch (unmerged PEFT) outputs on the validation shapes
+    max_seq_length: int
+    dense_layers: int
+    validation: dict[str, Any]  # measured parity so far; the format adds its own entries
+    started: float
+
+
+class GraphFormat(Protocol):
+    """The one export step that differs per format."""
+
+    name: str  # manifest["export"]["format"]
+    backend: str  # embedding_config.json "backend": the runtime that loads the folder
+
+    def write(self, merged: MergedModel, folder: Path, log: Callable[[str], None]) -> Path:
+        """Write the graph into ``folder``; return the model file the runtime loads."""
+
+    def validate(self, merged: MergedModel, model_path: Path, config: RuntimeConfig,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+        """Check the written graph against ``merged.references``; raise ValidationError or return manifest entries.
+
+        May replace the graph (int8 quantization) and update ``config`` accordingly."""
+
+    def manifest_entry(self, config: RuntimeConfig) -> dict[str, Any]:
+        """The manifest's ``export`` section."""
 
 
 @dataclass
@@ -122,9 +165,47 @@ def export_onnx_model(model_id: str, output: str | Path, log: Callable[[str], No
     return run_onnx_export(ExportOptions(model_id=model_id, output=output, **options), log)
 
 
+def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
+    if options.switchable:
+        from .switchable import run_switchable_export
+
+        return run_switchable_export(options, log)
+    from .onnx import OnnxFormat
+
+    return run_export(options, OnnxFormat(options), log)  # checks --quantize options before the slow stages
+
+
+def export_openvino_model(model_id: str, output: str | Path, weight_format: str = "fp32",
+                          log: Callable[[str], None] = logger.info, **options: Any) -> ExportResult:
+    """Like :func:`export_onnx_model`, writing OpenVINO IR with ``weight_format`` fp32, fp16 or int8 weights."""
+    return run_openvino_export(ExportOptions(model_id=model_id, output=output, **options), weight_format, log)
+
+
+def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
+                        log: Callable[[str], None] = logger.info) -> ExportResult:
+    from .openvino import OpenVinoFormat
+
+    if options.switchable:
+        raise ConfigError("Switchable adapters are exported for ONNX Runtime only (merge-onnx --switchable); "
+                          "merge-openvino writes one merged adapter")
+    graph_format = OpenVinoFormat(weight_format, options)  # checks its options before the slow stages
+    require("openvino", "openvino")
+    if weight_format == "int8":
+        require("nncf", "openvino")
+    return run_export(options, graph_format, log)
+
+
+def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[[str], None] = logger.info
+               ) -> ExportResult:
+    """The stages every format shares around the one step that differs: write the graph and validate it."""
+    check_output_target(options.output, options.force)  # fail before minutes of merging, not after
+    merged = merge_and_reference(options, log)
+    return write_export(merged, options, graph_format, log)
+
+
 @dataclass
 class PreparedExport:
-    """Everything the export stages share: the resolved model, its tokenizer and fp32 encoder, the pipeline
+    """What every export mode loads first: the resolved model, its tokenizer and fp32 encoder, the pipeline
     modules after the encoder, and the reference tokenization."""
 
     resolved: ResolvedModel
@@ -147,23 +228,9 @@ class PreparedExport:
 
         return load_base_encoder(self.resolved.encoder_folder, trust_remote_code)
 
-    def runtime_config(self, model_file: str, sentence_dim: int) -> RuntimeConfig:
-        pipeline = self.resolved.pipeline
-        return RuntimeConfig(
-            model_file=model_file,
-            input_names=list(self.input_names),
-            dimension=sentence_dim,
-            max_seq_length=self.max_len,
-            do_lower_case=pipeline.do_lower_case,
-            pad_token_id=int(self.tokenizer.pad_token_id or 0),
-            pooling_modes=list(pipeline.pooling.modes),
-            include_prompt=pipeline.pooling.include_prompt,
-            has_dense=bool(self.dense),
-            normalize=pipeline.normalize,
-            prompts=pipeline.prompts,
-            default_prompt_name=pipeline.default_prompt_name,
-            similarity_fn_name=pipeline.similarity_fn_name,
-        )
+    def runtime_config(self, model_file: str, sentence_dim: int, backend: str = "onnxruntime") -> RuntimeConfig:
+        return runtime_config(self.resolved, self.tokenizer, self.input_names, self.max_len, len(self.dense),
+                              sentence_dim, model_file, backend)
 
 
 def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedExport:
@@ -186,19 +253,15 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
                           _reference_tokenize(tokenizer, names, max_len))
 
 
-def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
-    if options.switchable:
-        from .switchable import run_switchable_export
-
-        return run_switchable_export(options, log)
+def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:
+    """Resolve, load in fp32, merge the adapter with PEFT, and record the PyTorch reference outputs."""
     from .merge import attach_adapters, merge_adapter
-    from .onnx import export_onnx
 
     started = time.perf_counter()
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
     if options.default_adapter is not None:
-        raise ConfigError("--default-adapter only applies to switchable exports (--switchable)")
+        raise ConfigError("--default-adapter only applies to switchable exports (merge-onnx --switchable)")
     if len(resolved.adapters) > 1:
         raise ConfigError(
             f"A merged export takes one adapter, {len(resolved.adapters)} were given "
@@ -211,8 +274,8 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
             f"targets={adapter.config.target_modules}")
 
     prepared = prepare_export(options, resolved)
-    tokenizer, encoder, make_pipeline = prepared.tokenizer, prepared.encoder, prepared.make_pipeline
-    ref_tokenize = prepared.ref_tokenize
+    encoder, make_pipeline, ref_tokenize = prepared.encoder, prepared.make_pipeline, prepared.ref_tokenize
+    tokenizer, names, max_len, dense = prepared.tokenizer, prepared.input_names, prepared.max_len, prepared.dense
     parity: dict[str, Any] = {}
     if resolved.adapters:
         adapter = resolved.adapters[0]
@@ -236,28 +299,60 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
     else:
         final = make_pipeline(encoder)
         references = validate.reference_outputs(final, ref_tokenize)
+    return MergedModel(resolved=resolved, pipeline=final, tokenizer=tokenizer, input_names=names,
+                       reference_tokenize=ref_tokenize,
+                       references=references, max_seq_length=max_len, dense_layers=len(dense), validation=parity,
+                       started=started)
 
+
+def write_export(merged: MergedModel, options: ExportOptions, graph_format: GraphFormat,
+                 log: Callable[[str], None] = logger.info) -> ExportResult:
+    """Write graph, tokenizer and runtime config into a temporary folder, validate, write the manifest, rename.
+
+    ``merged`` is not modified, so one merge can be written in several formats.
+    """
+    resolved = merged.resolved
     with atomic_output_folder(options.output, force=options.force) as tmp:
-        model_path = export_onnx(final, tmp, opset=options.opset)
-        tokenizer.save_pretrained(str(tmp))
-        sentence_dim = int(references[0].sentence_embedding.shape[-1])
-        config = prepared.runtime_config(model_path.name, sentence_dim)
+        model_path = graph_format.write(merged, tmp, log)
+        merged.tokenizer.save_pretrained(str(tmp))
+        sentence_dim = int(merged.references[0].sentence_embedding.shape[-1])
+        config = runtime_config(resolved, merged.tokenizer, merged.input_names, merged.max_seq_length,
+                                merged.dense_layers, sentence_dim, model_path.name, graph_format.backend)
         config.save(tmp)
         runtime_tok = TextTokenizer(tmp, config)
-        _check_runtime_tokenizer(runtime_tok, ref_tokenize, validate.VALIDATION_TEXTS)
-        backend = OnnxRuntimeBackend(model_path)
-        report = validate.compare_with_reference(references, backend.run, "The exported ONNX graph")
-        parity["onnx_vs_reference"] = report.to_dict()
-        log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
-            f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
-        manifest = _manifest(resolved, options, config, parity, time.perf_counter() - started)
+        _check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, validate.VALIDATION_TEXTS)
+        validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
+        manifest = _manifest(resolved, graph_format.manifest_entry(config), config, validation,
+                             time.perf_counter() - merged.started)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")
     return ExportResult(Path(options.output), manifest, resolved)
 
 
-def _manifest(resolved: ResolvedModel, options: ExportOptions, config: RuntimeConfig, parity: dict,
+def runtime_config(resolved: ResolvedModel, tokenizer, input_names: list[str], max_seq_length: int, dense_layers: int,
+                   sentence_dim: int, model_file: str, backend: str) -> RuntimeConfig:
+    """embedding_config.json for an export of ``resolved``'s pipeline."""
+    pipeline = resolved.pipeline
+    return RuntimeConfig(
+        backend=backend,
+        model_file=model_file,
+        input_names=list(input_names),
+        dimension=sentence_dim,
+        max_seq_length=max_seq_length,
+        do_lower_case=pipeline.do_lower_case,
+        pad_token_id=int(tokenizer.pad_token_id or 0),
+        pooling_modes=list(pipeline.pooling.modes),
+        include_prompt=pipeline.pooling.include_prompt,
+        has_dense=bool(dense_layers),
+        normalize=pipeline.normalize,
+        prompts=pipeline.prompts,
+        default_prompt_name=pipeline.default_prompt_name,
+        similarity_fn_name=pipeline.similarity_fn_name,
+    )
+
+
+def _manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: RuntimeConfig, parity: dict,
               seconds: float) -> dict[str, Any]:
     return {
         "format": "peft_export",
@@ -269,7 +364,7 @@ def _manifest(resolved: ResolvedModel, options: ExportOptions, config: RuntimeCo
             for a in resolved.adapters
         ],
         "merge_mode": "merged" if resolved.adapters else "none",
-        "export": {"format": "onnx", "opset": options.opset, "dtype": "float32", "files": [config.model_file]},
+        "export": export_entry,
         "pipeline": {
             "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
             "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,

@@ -26,7 +26,7 @@ from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import AdapterSource, load_adapter_source, parse_adapter_spec, resolve_model, sha256_file
 from . import validate
-from .artifact import atomic_output_folder, folder_size, write_json
+from .artifact import atomic_output_folder, check_output_target, folder_size, write_json
 from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, _check_runtime_tokenizer,
                        _manifest, prepare_export)
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
@@ -115,6 +115,9 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     from .switchable_graph import export_switchable_onnx, find_slots
 
     started = time.perf_counter()
+    if options.quantize:
+        raise ConfigError("--quantize is not supported with --switchable: export the adapters in float32")
+    check_output_target(options.output, options.force)  # fail before minutes of validation, not after
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
     names = [a.name for a in resolved.adapters]
@@ -161,10 +164,11 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         log(f"switchable graph == base without adapter: "
             f"{validation['no_adapter_vs_base']['max_abs_diff']['sentence_embedding']:.1e}; every adapter == eager "
             "PEFT and == merged model within 1e-5")
-        manifest = _manifest(resolved, options, config, {}, time.perf_counter() - started)
+        export_entry = {"format": "onnx", "opset": options.opset, "dtype": "float32",
+                        "files": [config.model_file] + [_adapter_file(n) for n in names]}
+        manifest = _manifest(resolved, export_entry, config, {}, time.perf_counter() - started)
         manifest.update(_switchable_fields(options, resolved.base_id))
         manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n]) for n in names]
-        manifest["export"]["files"] = [config.model_file] + [_adapter_file(n) for n in names]
         manifest["validation"] = {k: v for k, v in validation.items() if k != "adapters"}
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export

@@ -9,8 +9,9 @@ import numpy as np
 
 from ..errors import ConfigError
 from .adapters import AdapterMethods
+from .backends import open_backend
 from .config import RuntimeConfig, read_manifest
-from .onnxruntime_backend import OnnxRuntimeBackend, SessionSettings
+from .onnxruntime_backend import SessionSettings
 from .precision import PRECISIONS, quantize_embeddings
 from .similarity import similarity, similarity_pairwise
 from .tokenizer import TextTokenizer
@@ -34,13 +35,21 @@ def _pool_numpy(tokens: np.ndarray, mask: np.ndarray, modes: list[str]) -> np.nd
             w = m * np.arange(1, tokens.shape[1] + 1, dtype=np.float32)[None, :, None]
             out.append((tokens * w).sum(1) / np.maximum(w.sum(1), 1e-9))
         elif mode == "lasttoken":
-            last = np.maximum(mask.sum(1) - 1, 0)
-            out.append(tokens[np.arange(len(tokens)), last])
+            # The last position still in the mask (the prompt is masked at the front, so not mask.sum() - 1);
+            # an all-zero row gives a zero vector, as in sentence-transformers.
+            has_tokens = mask.any(1)
+            last = np.where(has_tokens, mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1), 0)
+            out.append(tokens[np.arange(len(tokens)), last] * has_tokens[:, None])
     return np.concatenate(out, axis=-1)
 
 
 class EmbeddingModel(AdapterMethods):
     """Load an export folder and embed text like ``SentenceTransformer``.
+
+    ``backend`` is "onnxruntime", "openvino" or None (the one the folder was exported for). ``device`` is
+    "cpu"/"cuda" for ONNX Runtime and "CPU"/"GPU"/"AUTO" for OpenVINO. ``intra_op_threads`` sets the threads
+    of one inference on either backend; ``inference_precision`` ("f32" default, "bf16", "f16"),
+    ``performance_hint`` ("LATENCY", "THROUGHPUT") and ``openvino_settings`` apply to OpenVINO only.
 
     >>> model = EmbeddingModel("out/")            # doctest: +SKIP
     >>> model.encode(["a query", "a passage"])    # doctest: +SKIP
@@ -56,25 +65,32 @@ class EmbeddingModel(AdapterMethods):
         device: str = "cpu",
         providers: list | None = None,
         *,
+        backend: str | None = None,
         intra_op_threads: int | None = None,
         session_settings: SessionSettings | None = None,
+        openvino_settings: Any = None,
+        inference_precision: str | None = None,
+        performance_hint: str | None = None,
     ):
         self.path = Path(path)
         if not self.path.is_dir():
             raise ConfigError(f"Export folder not found: {self.path}")
         self.config = RuntimeConfig.load(self.path)
         self.manifest = read_manifest(self.path)
-        settings = session_settings or SessionSettings()
-        if intra_op_threads is not None:
-            settings.intra_op_threads = intra_op_threads
         self.device = device
-        self.backend = OnnxRuntimeBackend(self.path / self.config.model_file, device, providers, settings,
-                                          lora_inputs=bool(self.config.lora_slots))
+        self.backend = open_backend(
+            self.path, self.config, backend, device, providers=providers, intra_op_threads=intra_op_threads,
+            session_settings=session_settings, openvino_settings=openvino_settings,
+            inference_precision=inference_precision, performance_hint=performance_hint,
+        )
         self._tokenizer = TextTokenizer(self.path, self.config)
         # Graph inputs are what the tokenizer feeds; anything else means the folder was tampered with.
         missing = set(self.backend.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if missing:
             raise ConfigError(f"{self.path}: graph has inputs {sorted(missing)} that the tokenizer cannot provide")
+        absent = set(OUTPUT_VALUES) - set(self.backend.output_names)
+        if absent:
+            raise ConfigError(f"{self.path}: graph lacks outputs {sorted(absent)}; export the folder again")
         self._tokenizer.input_names = self.backend.input_names
         self._init_adapters()
 
@@ -121,11 +137,24 @@ class EmbeddingModel(AdapterMethods):
 
     def _embed_batch(self, texts: list[str], output_value: str, prompt_length: int, adapter=None) -> list[np.ndarray]:
         feeds = self._tokenizer.encode(texts)
-        outputs = self.backend.run(feeds, adapter=adapter)
+        outputs = self.backend.run(feeds) if adapter is None else self.backend.run(feeds, adapter=adapter)
+        return self._postprocess(feeds, outputs, output_value, prompt_length)
+
+    def _embed_batches(self, batches: list[list[str]], output_value: str, prompt_length: int, adapter=None
+                       ) -> list[list[np.ndarray]]:
+        """Several batches at once where the backend runs requests in parallel (OpenVINO THROUGHPUT)."""
+        if len(batches) == 1 or adapter is not None or not hasattr(self.backend, "run_batches"):
+            return [self._embed_batch(texts, output_value, prompt_length, adapter) for texts in batches]
+        feeds = [self._tokenizer.encode(texts) for texts in batches]
+        outputs = self.backend.run_batches(feeds)
+        return [self._postprocess(f, out, output_value, prompt_length) for f, out in zip(feeds, outputs)]
+
+    def _postprocess(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], output_value: str,
+                     prompt_length: int) -> list[np.ndarray]:
         mask = feeds["attention_mask"]
         if output_value == "token_embeddings":
             tokens = outputs["token_embeddings"]
-            return [tokens[i, : int(mask[i].sum())] for i in range(len(texts))]
+            return [tokens[i, : int(mask[i].sum())] for i in range(len(tokens))]
         if prompt_length and not self.config.include_prompt:
             pool_mask = mask.copy()
             pool_mask[:, :prompt_length] = 0
@@ -183,12 +212,16 @@ class EmbeddingModel(AdapterMethods):
         order = np.argsort([-len(t) for t in texts], kind="stable")
         results: list[Any] = [None] * len(texts)
         progress = _progress(show_progress_bar, len(texts), batch_size)
-        for start in range(0, len(texts), batch_size):
-            index = order[start : start + batch_size]
-            batch = self._embed_batch([texts[i] for i in index], output_value, prompt_length, run_adapter)
-            for i, emb in zip(index, batch):
-                results[i] = emb
-            progress(len(index))
+        batches = [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
+        at_once = max(1, int(getattr(self.backend, "parallel_requests", 1)))
+        for first in range(0, len(batches), at_once):
+            group = batches[first : first + at_once]
+            embedded = self._embed_batches([[texts[i] for i in index] for index in group], output_value,
+                                           prompt_length, run_adapter)
+            for index, batch in zip(group, embedded):
+                for i, emb in zip(index, batch):
+                    results[i] = emb
+                progress(len(index))
 
         if output_value == "token_embeddings":
             return results[0] if single else results
@@ -210,8 +243,8 @@ class EmbeddingModel(AdapterMethods):
         return similarity_pairwise(embeddings1, embeddings2, self.config.similarity_fn_name)
 
     def info(self) -> dict[str, Any]:
-        return {"path": str(self.path), "providers": self.backend.providers, "config": self.config.to_dict(),
-                "manifest": self.manifest}
+        return {"path": str(self.path), "backend": self.backend.name, "providers": self.backend.providers,
+                "runtime": self.backend.describe(), "config": self.config.to_dict(), "manifest": self.manifest}
 
 
 def _progress(show: bool | None, total: int, batch_size: int):

@@ -143,6 +143,11 @@ class OnnxRuntimeBackend:
         values = self.session.run(names, {k: feeds[k] for k in self.input_names}, options)
         return dict(zip(names, values))
 
+    def describe(self) -> dict:
+        """What was asked for and what ONNX Runtime runs (providers, threads)."""
+        return {"backend": self.name, "providers": self.providers,
+                "intra_op_threads": self.settings.intra_op_threads, "allow_spinning": self.settings.allow_spinning}
+
     # ----- adapters of switchable graphs -----
     def read_adapter(self, path: Path) -> dict[str, np.ndarray]:
         """The tensors of an adapter file, by graph input name."""

@@ -19,6 +19,7 @@ SUPPORTED_PEFT_TYPES = ("LORA",)
 # Fields whose non-empty value changes the architecture or the forward in ways a merged or switchable
 # graph cannot reproduce exactly.
 _UNSUPPORTED_WHEN_SET = (
+    "use_dora",  # its lora_magnitude_vector tensors are not merged or checked here; refuse by name
     "layer_replication",
     "alora_invocation_tokens",
     "arrow_config",
@@ -73,6 +74,20 @@ class AdapterConfig:
         return out
 
 
+def _is_transformers_auto_mapping(value: Any) -> bool:
+    """PEFT writes ``{"base_model_class": "BertModel", "parent_library": "transformers.models.bert.modeling_bert"}``
+    into every adapter made with ``get_peft_model`` on a bare model. Only that harmless form is accepted (and it is
+    never used here: adapters load through PeftModel.from_pretrained, not AutoPeftModel)."""
+    if not isinstance(value, dict) or set(value) - {"base_model_class", "parent_library"}:
+        return False
+    library, cls = value.get("parent_library"), value.get("base_model_class")
+    return (
+        isinstance(library, str) and (library == "transformers" or library.startswith("transformers."))
+        and all(part.isidentifier() for part in library.split("."))
+        and isinstance(cls, str) and cls.isidentifier()
+    )
+
+
 def check_adapter_config(raw: dict[str, Any], where: str = "adapter_config.json") -> AdapterConfig:
     """Validate a parsed adapter_config.json; raise ConfigError/UnsafeModelError naming the bad key."""
     peft_type = raw.get("peft_type")
@@ -80,8 +95,11 @@ def check_adapter_config(raw: dict[str, Any], where: str = "adapter_config.json"
         raise ConfigError(
             f"{where}: peft_type is {peft_type!r}; peft_export supports {', '.join(SUPPORTED_PEFT_TYPES)} adapters only"
         )
-    if raw.get("auto_mapping"):
-        raise UnsafeModelError(f"{where}: 'auto_mapping' is set; it makes PEFT import arbitrary classes, refused")
+    if raw.get("auto_mapping") and not _is_transformers_auto_mapping(raw["auto_mapping"]):
+        raise UnsafeModelError(
+            f"{where}: 'auto_mapping' is {raw['auto_mapping']!r}; it makes PEFT import a class from outside "
+            "transformers, refused"
+        )
     if raw.get("megatron_config") or raw.get("megatron_core", _DEFAULT_MEGATRON_CORE) != _DEFAULT_MEGATRON_CORE:
         raise UnsafeModelError(f"{where}: 'megatron_config'/'megatron_core' would import Megatron code, refused")
     if raw.get("trust_remote_code"):

@@ -1,0 +1,95 @@
+"""The full contender table on all-MiniLM-L6-v2 + the demo adapter, in one run on this machine.
+
+Contenders: eager sentence-transformers + PEFT adapter unmerged (the reference), eager merged, and every export
+variant that can be built here: ONNX Runtime fp32 and int8, and with openvino installed OpenVINO f32, bf16 (where
+the CPU has it) and int8 weights; all from one PEFT merge.
+
+    python benchmarks/bench_suite.py            # full run (several minutes on 2 cores)
+    python benchmarks/bench_suite.py --quick    # smoke run, under 2 minutes once the exports exist
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from peft_export.benchmark.suite import (
+    COLUMNS, Workload, eager_contender, linear_flops_per_token, plot, run_suite, runtime_contender,
+)
+
+
+def build_exports(base: str, adapter: str, folder: Path, rebuild: bool) -> dict[str, Path]:
+    """One PEFT merge written as every variant this installation can build; cached unless --rebuild."""
+    from peft_export.export.onnx import OnnxFormat
+    from peft_export.export.pipeline import ExportOptions, merge_and_reference, write_export
+
+    def options(name: str, **extra) -> ExportOptions:
+        return ExportOptions(model_id=adapter, output=folder / name, base=base, force=True, **extra)
+
+    formats = {"onnx-fp32": lambda: OnnxFormat(options("onnx-fp32")),
+               "onnx-int8": lambda: OnnxFormat(options("onnx-int8", quantize="int8"))}
+    try:
+        from peft_export.export.openvino import OpenVinoFormat
+
+        import openvino  # noqa: F401
+        formats["openvino-fp32"] = lambda: OpenVinoFormat("fp32", options("openvino-fp32"))
+        formats["openvino-int8"] = lambda: OpenVinoFormat("int8", options("openvino-int8"))
+    except ImportError:
+        print("openvino is not installed: no OpenVINO contenders", flush=True)
+    todo = [name for name in formats if rebuild or not (folder / name / "peft_export.json").is_file()]
+    if todo:
+        merged = merge_and_reference(options("unused"), log=lambda msg: None)
+        for name in todo:
+            print(f"exporting {name} ...", flush=True)
+            extra = {"quantize": "int8"} if name == "onnx-int8" else {}
+            write_export(merged, options(name, **extra), formats[name](), log=lambda msg: None)
+    return {name: folder / name for name in formats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path, load_pairs, load_sentences
+    from peft_export.runtime.model import EmbeddingModel
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", help="base Sentence Transformers folder (default: bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--adapter", default=str(DEMO_ADAPTER_DIR))
+    parser.add_argument("--out", default="bench-results")
+    parser.add_argument("--rebuild", action="store_true", help="re-export even if cached exports exist")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    base = args.base or str(bundled_base_model_path())
+    out = Path(args.out)
+    exports = build_exports(base, args.adapter, out / "exports", args.rebuild)
+
+    sentences = load_sentences(1000)
+    queries = [p["query"] for p in load_pairs("eval")][:300]
+    pairs = load_pairs("eval")
+    workload = (Workload(queries[:50], sentences[:200], pairs[:100], (32,), 1, False) if args.quick
+                else Workload(queries, sentences, pairs))
+
+    contenders = [eager_contender(base, args.adapter), eager_contender(base, args.adapter, merged=True)]
+    contenders += [runtime_contender(exports[name], name=f"ONNX Runtime {name[5:]}") for name in ("onnx-fp32",
+                                                                                                "onnx-int8")]
+    if "openvino-fp32" in exports:
+        from bench_openvino import openvino_contenders
+
+        contenders += openvino_contenders(exports)
+    probe = EmbeddingModel(exports["onnx-fp32"])
+    report = run_suite(
+        contenders, workload, lambda texts: sum(probe._tokenizer.count_tokens(texts)),
+        linear_flops_per_token(exports["onnx-fp32"] / "model.onnx"),
+        title="all-MiniLM-L6-v2 + demo LoRA adapter: peft_export vs eager PyTorch",
+    )
+    md = report.write(out, "bench_suite", COLUMNS)
+    plot(report, out / "bench_suite.png")
+    print(md.read_text())
+    fp32 = next(r for r in report.rows if r["contender"] == "ONNX Runtime fp32")
+    if fp32["worst_cosine"] < 0.99999:
+        print("FAIL: the fp32 export disagrees with eager PyTorch", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

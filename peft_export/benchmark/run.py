@@ -1,0 +1,52 @@
+"""`peft-export bench`: assemble contenders and workloads from command-line arguments, run, write reports."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import ConfigError
+from .suite import COLUMNS, Workload, eager_contender, linear_flops_per_token, plot, run_suite, runtime_contender
+
+
+def load_workload(args: argparse.Namespace) -> Workload:
+    from ..demo import load_pairs, load_sentences
+    from ..export.quality import load_pairs_file
+
+    if args.texts:
+        with open(args.texts, encoding="utf-8") as fh:
+            sentences = [line.strip() for line in fh if line.strip()]
+        if not sentences:
+            raise ConfigError(f"{args.texts} holds no sentences")
+        sentences = sentences[: args.sentences]
+    else:
+        sentences = load_sentences(args.sentences)
+    pairs = load_pairs_file(args.gate_data)
+    queries = [p["query"] for p in load_pairs("eval")][: args.queries]
+    if args.quick:
+        return Workload(queries[:50], sentences[:200], pairs[:100], batch_sizes=(32,), repeats=1, cold_start=False)
+    return Workload(queries, sentences, pairs)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    workload = load_workload(args)
+    contenders = []
+    if args.eager:
+        contenders.append(eager_contender(args.eager, args.adapter, device=args.device))
+        if args.eager_merged and args.adapter:
+            contenders.append(eager_contender(args.eager, args.adapter, merged=True, device=args.device))
+    for path in args.paths:
+        contenders.append(runtime_contender(path, device=args.device))
+    first_runtime = next(c for c in contenders if "path" in c.notes)
+    from ..runtime.model import EmbeddingModel
+
+    probe = EmbeddingModel(first_runtime.notes["path"])
+    flops = linear_flops_per_token(Path(first_runtime.notes["path"]) / probe.config.model_file)
+    report = run_suite(contenders, workload, lambda texts: sum(probe._tokenizer.count_tokens(texts)), flops,
+                       title="peft-export bench")
+    out = Path(args.out)
+    md = report.write(out, "bench", COLUMNS)
+    png = plot(report, out / "bench.png")
+    print(md.read_text())
+    print(f"wrote {md}, {out / 'bench.json'}" + (f", {png}" if png else ""))
+    return 0

@@ -1,0 +1,263 @@
+"""The benchmark suite: contenders x workloads, with quality columns, in one process and one run.
+
+Workloads: batch-1 latency over short queries (p50/p95/p99), throughput at batch 32 and 128 over real sentences
+of mixed lengths, cold start (process start to first embedding) and peak RSS in a fresh subprocess, real tokens
+per second and the share of the machine's measured fp32 matmul rate it represents, and agreement with the
+reference contender (mean/worst cosine, NDCG@10 retention on query -> passage pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .harness import Report, cosine_rows, time_single_queries, time_throughput
+
+Encode = Callable[[list[str], int], np.ndarray]
+
+COLUMNS = [
+    ("contender", "contender", ""),
+    ("b1_p50_ms", "b1 p50 ms", ".2f"),
+    ("b1_p95_ms", "b1 p95 ms", ".2f"),
+    ("b1_p99_ms", "b1 p99 ms", ".2f"),
+    ("b1_speedup", "b1 speed-up", ".2f"),
+    ("b32_per_s", "b32 sent/s", ".1f"),
+    ("b32_speedup", "b32 ratio", ".2f"),
+    ("b128_per_s", "b128 sent/s", ".1f"),
+    ("tokens_per_s", "tokens/s (b32)", ".0f"),
+    ("matmul_share", "of fp32 matmul peak", ".0%"),
+    ("cold_start_s", "cold start s", ".2f"),
+    ("peak_rss_mb", "peak RSS MB", ".0f"),
+    ("mean_cosine", "mean cos", ".6f"),
+    ("worst_cosine", "worst cos", ".6f"),
+    ("ndcg10_retention", "NDCG@10 ret.", ".4f"),
+]
+
+
+@dataclass
+class Contender:
+    name: str
+    encode: Encode
+    cold_start: list[str] | None = None  # argv of a subprocess that prints cold-start JSON (see _COLD_START)
+    notes: dict = field(default_factory=dict)
+
+
+@dataclass
+class Workload:
+    queries: list[str]
+    sentences: list[str]
+    pairs: list[dict[str, str]]
+    batch_sizes: tuple[int, ...] = (32, 128)
+    repeats: int = 3
+    cold_start: bool = True
+
+
+# A fresh interpreter: import, load, first embedding (cold start), then a full pass for peak RSS.
+_COLD_START = r"""
+import json, sys, time
+t0 = float(sys.argv[1])
+kind, path, extra = sys.argv[2], sys.argv[3], sys.argv[4:]
+sentences = json.load(sys.stdin)
+if kind == "runtime":
+    from peft_export import EmbeddingModel
+    model = EmbeddingModel(path, **json.loads(extra[0]) if extra else {})
+else:
+    from sentence_transformers import SentenceTransformer
+    model = SentenceTransformer(path, device="cpu")
+    if extra:
+        model.load_adapter(extra[0])
+model.encode(["cold start"])
+first = time.time() - t0
+model.encode(sentences, batch_size=32)
+# VmHWM belongs to this address space; ru_maxrss would include the parent's RSS at fork time.
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"cold_start_s": first, "peak_rss_mb": peak / 1024}))
+"""
+
+
+def runtime_contender(path: str | Path, name: str | None = None, **model_kwargs) -> Contender:
+    from ..runtime.model import EmbeddingModel
+
+    model = EmbeddingModel(path, **model_kwargs)
+    label = name or f"{model.backend.name} {model.config.model_file} ({Path(path).name})"
+    return Contender(label, lambda texts, bs: model.encode(texts, batch_size=bs),
+                     ["runtime", str(path), json.dumps(model_kwargs)], {"path": str(path)})
+
+
+def eager_contender(base: str, adapter: str | None, merged: bool = False, device: str = "cpu") -> Contender:
+    """sentence-transformers with the PEFT adapter loaded (unmerged), or merged into the weights with PEFT."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(base, device=device)
+    if adapter:
+        model.load_adapter(adapter)
+    if merged and adapter:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # transformers' PEFT integration has no merge verb; PEFT's own layer merge folds B @ A into each weight.
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge(safe_merge=True)
+    label = f"eager sentence-transformers{' + PEFT adapter' if adapter else ''}" + (
+        " (merged)" if merged else " (unmerged)" if adapter else "") + (f" on {device}" if device != "cpu" else "")
+
+    def encode(texts: list[str], batch_size: int) -> np.ndarray:
+        with torch.inference_mode():
+            return model.encode(texts, batch_size=batch_size)
+
+    cold = None if merged or device != "cpu" else ["eager", base] + ([adapter] if adapter else [])
+    return Contender(label, encode, cold, {"torch_threads": torch.get_num_threads()})
+
+
+def fp32_matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """Measured fp32 GEMM rate of this process (torch when installed, else numpy), in GFLOP/s."""
+    try:
+        import torch
+
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        mm = torch.mm
+    except ImportError:
+        a, b = np.random.rand(size, size).astype(np.float32), np.random.rand(size, size).astype(np.float32)
+        mm = np.matmul
+    mm(a, b)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(4):
+            mm(a, b)
+        rates.append(4 * 2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return float(np.median(rates))
+
+
+def linear_flops_per_token(onnx_path: Path) -> float | None:
+    """2 x the weights of every weight-bearing MatMul/Gemm in the graph: the encoder's FLOPs per token."""
+    if Path(onnx_path).suffix == ".xml":
+        return _openvino_linear_flops_per_token(Path(onnx_path))
+    try:
+        import onnx
+        from onnx import numpy_helper  # noqa: F401
+    except ImportError:
+        return None
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    shapes = {init.name: list(init.dims) for init in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"):
+            for name in node.input[1:2]:
+                dims = shapes.get(name)
+                if dims and len(dims) == 2:
+                    total += 2 * dims[0] * dims[1]
+    return float(total) or None
+
+
+def _openvino_linear_flops_per_token(xml_path: Path) -> float | None:
+    """The same count on an OpenVINO IR: MatMuls whose second input is a static matrix (the weights)."""
+    try:
+        import openvino
+    except ImportError:
+        return None
+    total = 0
+    for op in openvino.Core().read_model(str(xml_path)).get_ordered_ops():
+        if op.get_type_name() == "MatMul":
+            shape = op.input_value(1).get_partial_shape()
+            if shape.is_static and len(shape) == 2:
+                total += 2 * shape[0].get_length() * shape[1].get_length()
+    return float(total) or None
+
+
+def _cold_start(contender: Contender, sentences: list[str]) -> dict:
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", _COLD_START, repr(start), *contender.cold_start],
+                          input=json.dumps(sentences), capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return {"cold_start_error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_suite(contenders: list[Contender], workload: Workload, count_tokens: Callable[[list[str]], int],
+              flops_per_token: float | None, title: str, log: Callable[[str], None] = print) -> Report:
+    """Time every contender on every workload; the first contender is the reference for ratios and quality."""
+    from ..export.quality import ndcg_at_10
+
+    report = Report(title)
+    peak = fp32_matmul_gflops()
+    real_tokens = count_tokens(workload.sentences)
+    report.extra.update({"fp32_matmul_gflops": peak, "flops_per_token": flops_per_token,
+                         "real_tokens": real_tokens})
+    pair_texts = [p["query"] for p in workload.pairs] + [p["passage"] for p in workload.pairs]
+    n_pairs = len(workload.pairs)
+    reference = reference_pairs = None
+    for contender in contenders:
+        log(f"benchmarking {contender.name} ...")
+        row = {"contender": contender.name, **{f"note_{k}": v for k, v in contender.notes.items()}}
+        embeddings = contender.encode(workload.sentences, 32)
+        pair_emb = contender.encode(pair_texts, 32)
+        if reference is None:
+            reference, reference_pairs = embeddings, pair_emb
+        cos = cosine_rows(embeddings, reference)
+        row["mean_cosine"], row["worst_cosine"] = float(cos.mean()), float(cos.min())
+        ref_ndcg = ndcg_at_10(reference_pairs[:n_pairs], reference_pairs[n_pairs:])
+        row["ndcg10"] = ndcg_at_10(pair_emb[:n_pairs], pair_emb[n_pairs:])
+        row["ndcg10_retention"] = row["ndcg10"] / ref_ndcg if ref_ndcg else None
+        lat = time_single_queries(lambda q: contender.encode([q], 1), workload.queries)
+        row.update({f"b1_{k}": v for k, v in lat.items() if k.endswith("ms")})
+        for bs in workload.batch_sizes:
+            thr = time_throughput(lambda s: contender.encode(s, bs), workload.sentences, workload.repeats)
+            row[f"b{bs}_per_s"] = thr["sentences_per_s"]
+        if "b32_per_s" in row:
+            row["tokens_per_s"] = row["b32_per_s"] * real_tokens / len(workload.sentences)
+            if flops_per_token:
+                row["achieved_gflops"] = row["tokens_per_s"] * flops_per_token / 1e9
+                row["matmul_share"] = row["achieved_gflops"] / peak
+        if workload.cold_start and contender.cold_start:
+            row.update(_cold_start(contender, workload.sentences))
+        report.rows.append(row)
+    first = report.rows[0]
+    for row in report.rows:
+        row["b1_speedup"] = first["b1_p50_ms"] / row["b1_p50_ms"]
+        if "b32_per_s" in row and "b32_per_s" in first:
+            row["b32_speedup"] = row["b32_per_s"] / first["b32_per_s"]
+    report.notes += [
+        f"reference for ratios and quality: {first['contender']}",
+        f"{len(workload.queries)} single queries (batch 1, 20 warm-up); {len(workload.sentences)} real sentences "
+        f"({real_tokens} real tokens) per throughput pass, median of {workload.repeats} passes; NDCG@10 on "
+        f"{n_pairs} query -> passage pairs",
+        f"fp32 matmul peak measured here: {peak:.0f} GFLOP/s; encoder: "
+        + (f"{flops_per_token / 1e6:.1f} MFLOP per token" if flops_per_token else "FLOPs unknown"),
+    ]
+    return report
+
+
+def plot(report: Report, path: Path) -> Path | None:
+    """Two panels: batch-1 p50 latency and batch-32 throughput, one bar per contender."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [r["contender"] for r in report.rows]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 0.6 * len(names) + 2))
+    for ax, key, label in ((axes[0], "b1_p50_ms", "batch-1 p50 latency (ms, lower is better)"),
+                           (axes[1], "b32_per_s", "batch-32 throughput (sentences/s, higher is better)")):
+        values = [r.get(key) or 0 for r in report.rows]
+        ax.barh(range(len(names)), values, color="#4C72B0")
+        ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(label, fontsize=10)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
+    fig.suptitle(f"{report.title}\n{report.machine['cpu']}, {report.machine['usable_cores']} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,220 @@
+"""Convert an EmbeddingPipeline to OpenVINO IR (``openvino_model.xml`` + ``.bin``): the OpenVINO export format.
+
+Conversion uses OpenVINO's PyTorch frontend on the merged pipeline (encoder + pooling + Dense + Normalize), so
+the IR holds the whole embedding computation with dynamic batch and sequence dimensions. Weights are stored in
+fp32, fp16 (``save_model(compress_to_fp16=True)``) or int8 (NNCF weight-only compression, asymmetric, one scale
+per output channel, climbing the same ladder as ONNX int8 until the quality gate passes). Every check runs the IR
+with the f32 inference precision hint, so it measures the export, not OpenVINO's default bf16 arithmetic on CPUs
+that have bf16 units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ConfigError, ValidationError, require
+from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
+from .quality import QualityGate, backend_embedder, docstring_pairs, gate_dict, load_pairs_file, measure_quality
+from .validate import compare_with_reference
+
+MODEL_XML = "openvino_model.xml"
+WEIGHT_FORMATS = ("fp32", "fp16", "int8")
+# fp16 weights lose almost nothing; their gate is never looser than this, whatever --min-mean-cosine says.
+FP16_MIN_MEAN_COSINE = 0.999
+
+
+def convert_to_openvino(pipeline: torch.nn.Module):
+    """Trace ``pipeline`` with OpenVINO's PyTorch frontend; inputs are int64 with dynamic (batch, sequence)."""
+    ov = require("openvino", "openvino")
+    names = input_names(pipeline)
+    example = dict(zip(names, dummy_inputs(pipeline)))
+    shapes = [(name, ov.PartialShape([-1, -1]), ov.Type.i64) for name in names]
+    with torch.no_grad(), warnings.catch_warnings():
+        # Tracer warnings about Python control flow on shapes; the numeric validation is what counts.
+        warnings.simplefilter("ignore")
+        model = ov.convert_model(pipeline, example_input=example, input=shapes)
+    if len(model.outputs) != len(OUTPUT_NAMES):
+        raise ConfigError(f"OpenVINO conversion produced {len(model.outputs)} outputs, expected {OUTPUT_NAMES}")
+    for output, name in zip(model.outputs, OUTPUT_NAMES):
+        output.get_tensor().set_names({name})
+    return model
+
+
+def compile_f32(model_or_path, device: str = "CPU"):
+    """The runtime backend with the f32 precision hint and no dynamic quantization: exact float arithmetic."""
+    from ..runtime.openvino_backend import OpenVinoBackend, OpenVinoSettings
+
+    return OpenVinoBackend(model_or_path, device=device, settings=OpenVinoSettings(precision="f32"))
+
+
+def gate_for(weight_format: str, gate: QualityGate) -> QualityGate:
+    if weight_format == "fp16":
+        return replace(gate, min_mean_cosine=max(gate.min_mean_cosine, FP16_MIN_MEAN_COSINE))
+    return gate
+
+
+def gate_pairs(gate_data: str | None) -> tuple[list[dict[str, str]], str]:
+    """The quality gate's query/passage pairs and where they come from."""
+    try:
+        return load_pairs_file(gate_data), gate_data or "peft_export demo held-out pairs"
+    except ImportError:  # no demo corpus in this installation: pairs built the same way, from stdlib docstrings
+        return docstring_pairs(500), "standard-library docstring pairs"
+
+
+def _ffn_output(name: str) -> bool:
+    return ".output.dense" in name and ".attention." not in name
+
+
+def _ffn_any(name: str) -> bool:
+    return _ffn_output(name) or ".intermediate.dense" in name
+
+
+# Tried in order for int8 weights; the first that passes the gate is kept (the same ladder as ONNX int8).
+INT8_LADDER = [
+    ("per-channel, all linear layers", lambda name: False),
+    ("per-channel, FFN output projections kept in fp32", _ffn_output),
+    ("per-channel, whole FFN kept in fp32", _ffn_any),
+]
+
+
+def _weight_matmuls(model) -> list[str]:
+    """Names of the MatMuls whose second input is a weight (a constant, possibly behind a Convert)."""
+    names = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        source = op.input_value(1).get_node()
+        if source.get_type_name() == "Convert":
+            source = source.input_value(0).get_node()
+        if source.get_type_name() == "Constant":
+            names.append(op.get_friendly_name())
+    return names
+
+
+def compress_weights_int8(model, ignored: list[str] | None = None):
+    """NNCF weight-only int8 compression (asymmetric, per output channel); activations stay float."""
+    nncf = require("nncf", "openvino")
+    scope = nncf.IgnoredScope(names=list(ignored)) if ignored else None
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)  # NNCF logs a statistics table at INFO
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # and draws a progress bar on stdout
+            return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
+    finally:
+        nncf_logger.setLevel(level)
+
+
+class OpenVinoFormat:
+    """The OpenVINO step of the export pipeline.
+
+    ``write`` saves the fp32 IR; ``validate`` checks it (f32 hint) against the PyTorch reference within 1e-5, and
+    for fp16 / int8 weights replaces it by the compressed IR that passes the quality gate against it.
+    """
+
+    name = "openvino"
+    backend = "openvino"
+
+    def __init__(self, weight_format: str = "fp32", options=None):
+        if weight_format not in WEIGHT_FORMATS:
+            raise ConfigError(f"--weight-format must be one of {', '.join(WEIGHT_FORMATS)}, found {weight_format!r}")
+        if options is not None and getattr(options, "quantize", None):
+            raise ConfigError(f"--quantize {options.quantize} is for merge-onnx; with merge-openvino use "
+                              "--weight-format int8 (NNCF)")
+        self.weight_format = weight_format
+        self.gate = gate_for(weight_format, getattr(options, "gate", None) or QualityGate())
+        self.pairs: list[dict[str, str]] = []
+        self.pairs_source = ""
+        if weight_format != "fp32":  # fail fast, before the slow stages, on unreadable gate data
+            self.pairs, self.pairs_source = gate_pairs(getattr(options, "gate_data", None))
+
+    def write(self, merged, folder: Path, log: Callable[[str], None]) -> Path:
+        ov = require("openvino", "openvino")
+        path = folder / MODEL_XML
+        ov.save_model(convert_to_openvino(merged.pipeline), str(path), compress_to_fp16=False)
+        return path
+
+    def validate(self, merged, model_path: Path, config, log: Callable[[str], None]) -> dict[str, Any]:
+        from ..runtime.tokenizer import TextTokenizer
+
+        backend = compile_f32(model_path)  # the files as written, through the runtime's own loader
+        report = compare_with_reference(merged.references, backend.run, "The exported OpenVINO model")
+        log(f"OpenVINO (f32 precision hint) == PyTorch reference: sentence "
+            f"{report.max_diff['sentence_embedding']:.2e}, tokens {report.max_diff['token_embeddings']:.2e} "
+            f"on shapes {report.shapes}")
+        checks: dict[str, Any] = {"openvino_vs_reference": report.to_dict()}
+        if self.weight_format == "fp32":
+            return checks
+        tokenizer = TextTokenizer(model_path.parent, config)
+        texts = [p["query"] for p in self.pairs] + [p["passage"] for p in self.pairs]
+        reference = backend_embedder(tokenizer.encode, backend)(texts)  # fp32, computed once for every candidate
+        del backend
+        result = self._compress_with_gate(model_path, lambda t: reference, tokenizer, log)
+        result.update({"reference": "this IR with fp32 weights (validated above)", "inference_precision": "f32",
+                       "gate": gate_dict(self.gate), "gate_data": self.pairs_source})
+        checks["weight_compression"] = result
+        return checks
+
+    def _candidates(self, model):
+        matmuls = _weight_matmuls(model)
+        if self.weight_format == "fp16":
+            yield "all weights stored as fp16", model, []
+            return
+        for strategy, keep in INT8_LADDER:
+            excluded = [name for name in matmuls if keep(name)]
+            yield strategy, compress_weights_int8(model.clone(), excluded), excluded
+
+    def _compress_with_gate(self, model_path: Path, reference, tokenizer, log) -> dict[str, Any]:
+        """Write each candidate beside the fp32 IR, gate it as loaded from disk; the first that passes replaces it."""
+        ov = require("openvino", "openvino")
+        model = ov.Core().read_model(str(model_path))
+        attempts = []
+        matmuls = len(_weight_matmuls(model))
+        for strategy, candidate, excluded in self._candidates(model):
+            with tempfile.TemporaryDirectory(dir=model_path.parent) as scratch:
+                path = Path(scratch) / MODEL_XML
+                ov.save_model(candidate, str(path), compress_to_fp16=self.weight_format == "fp16")
+                quality = measure_quality(reference, backend_embedder(tokenizer.encode, compile_f32(path)),
+                                          self.pairs)
+                attempt = {"strategy": strategy, "excluded_nodes": len(excluded),
+                           "quantized_nodes": matmuls - len(excluded), **quality,
+                           "failures": self.gate.failures(quality)}
+                attempts.append(attempt)
+                log(f"{self.weight_format} weights ({strategy}): mean cosine {quality['mean_cosine']:.5f}, worst "
+                    f"{quality['worst_cosine']:.5f}, NDCG@10 retention {quality['ndcg10_retention']:.4f} on "
+                    f"{quality['texts']} texts")
+                if not attempt["failures"]:
+                    for suffix in (".xml", ".bin"):
+                        os.replace(path.with_suffix(suffix), model_path.with_suffix(suffix))
+                    return {"weight_format": self.weight_format, "chosen": strategy, **quality, "attempts": attempts}
+        summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
+        raise ValidationError(
+            f"No {self.weight_format}-weight OpenVINO model passes the quality gate ({summary}). Nothing was "
+            "written. Lower the gate explicitly (--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) "
+            "or export with --weight-format fp32."
+        )
+
+    def manifest_entry(self, config) -> dict[str, Any]:
+        from importlib.metadata import version
+
+        entry = {
+            "format": "openvino",
+            "weight_format": self.weight_format,
+            "dtype": "float32",  # inputs of the arithmetic and the outputs; weights are stored as weight_format
+            "files": [config.model_file, str(Path(config.model_file).with_suffix(".bin"))],
+            "openvino_version": version("openvino"),
+        }
+        if self.weight_format == "int8":
+            entry["weight_compression"] = {"tool": "nncf", "nncf_version": version("nncf"), "mode": "int8_asym",
+                                           "granularity": "per_channel"}
+        return entry

@@ -1,0 +1,164 @@
+"""Quality gate for lossy exports (int8, fp16, bf16): agreement with fp32 and retrieval retention on real text.
+
+Retrieval retention is NDCG@10 of the lossy model divided by the fp32 model's, on a query -> passage set where
+each query has exactly one relevant passage (by default the demo corpus' held-out pairs: a standard-library
+docstring's first sentence as the query, the rest of it as the passage).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import re
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConfigError, ValidationError
+
+Embed = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class QualityGate:
+    min_mean_cosine: float = 0.99
+    min_worst_cosine: float = 0.97
+    min_ndcg_retention: float = 0.995
+
+    def failures(self, quality: dict[str, float]) -> list[str]:
+        checks = [("mean_cosine", self.min_mean_cosine), ("worst_cosine", self.min_worst_cosine),
+                  ("ndcg10_retention", self.min_ndcg_retention)]
+        return [f"{key} {quality[key]:.5f} < {limit}" for key, limit in checks if not quality[key] >= limit]
+
+
+def load_pairs_file(path: str | Path | None) -> list[dict[str, str]]:
+    """Query/passage pairs from a JSON-lines file ({"query": ..., "passage": ...} per line); None: the demo set."""
+    if path is None:
+        from ..demo import load_pairs
+
+        return load_pairs("eval")
+    pairs = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number} is not valid JSON: {err}") from err
+            if not isinstance(item, dict) or not isinstance(item.get("query"), str) or not isinstance(
+                    item.get("passage"), str):
+                raise ConfigError(f"{path}:{number} must be an object with string 'query' and 'passage' fields")
+            pairs.append(item)
+    if len(pairs) < 20:
+        raise ConfigError(f"{path} holds {len(pairs)} pairs; the quality gate needs at least 20 for stable figures")
+    return pairs
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def ndcg_at_10(queries: np.ndarray, passages: np.ndarray) -> float:
+    """One relevant passage per query (same row index); cosine ranking."""
+    scores = _unit(queries) @ _unit(passages).T  # (n_queries, n_passages)
+    rank = (scores > scores.diagonal()[:, None]).sum(axis=1)  # 0 = first
+    return float(np.where(rank < 10, 1.0 / np.log2(rank + 2), 0.0).mean())
+
+
+def measure_quality(reference: Embed, candidate: Embed, pairs: list[dict[str, str]]) -> dict[str, float]:
+    queries = [p["query"] for p in pairs]
+    passages = [p["passage"] for p in pairs]
+    ref = reference(queries + passages)
+    got = candidate(queries + passages)
+    cosine = (_unit(ref) * _unit(got)).sum(axis=1)
+    n = len(queries)
+    ndcg_ref, ndcg_got = ndcg_at_10(ref[:n], ref[n:]), ndcg_at_10(got[:n], got[n:])
+    return {
+        "mean_cosine": float(cosine.mean()),
+        "worst_cosine": float(cosine.min()),
+        "ndcg10_reference": ndcg_ref,
+        "ndcg10": ndcg_got,
+        "ndcg10_retention": ndcg_got / ndcg_ref if ndcg_ref > 0 else 0.0,
+        "texts": len(ref),
+    }
+
+
+def enforce(gate: QualityGate, quality: dict[str, float], what: str) -> None:
+    failures = gate.failures(quality)
+    if failures:
+        raise ValidationError(
+            f"{what} fails the quality gate ({'; '.join(failures)}). Nothing was written. Lower the gate explicitly "
+            "(--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) if this loss is acceptable."
+        )
+
+
+def gate_dict(gate: QualityGate) -> dict[str, float]:
+    return asdict(gate)
+
+
+def backend_embedder(tokenize: Callable[[list[str]], dict[str, np.ndarray]], backend, batch_size: int = 32
+                     ) -> Embed:
+    """``texts -> (n, dim)`` sentence embeddings from a runtime backend (longest first, to limit padding)."""
+
+    def embed(texts: list[str]) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), 0), np.float32)
+        for start in range(0, len(texts), batch_size):
+            index = order[start : start + batch_size]
+            emb = backend.run(tokenize([texts[i] for i in index]))["sentence_embedding"]
+            if out.shape[1] == 0:
+                out = np.zeros((len(texts), emb.shape[1]), np.float32)
+            out[index] = emb
+        return out
+
+    return embed
+
+
+# Standard-library modules whose docstrings are prose; none has side effects at import.
+_DOCSTRING_MODULES = (
+    "argparse", "bisect", "calendar", "collections", "configparser", "contextlib", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "email.message", "enum", "fractions", "functools", "gzip", "hashlib",
+    "heapq", "html", "http.client", "inspect", "io", "ipaddress", "itertools", "json", "logging", "mailbox",
+    "os", "pathlib", "pickle", "queue", "random", "re", "shlex", "shutil", "socket", "sqlite3", "statistics",
+    "string", "subprocess", "tarfile", "tempfile", "textwrap", "threading", "traceback", "unittest",
+    "urllib.parse", "uuid", "warnings", "zipfile",
+)
+_PROSE = re.compile(r"^[A-Z][^>|{}\[\]=]*[.?!]$")
+
+
+@lru_cache(maxsize=1)
+def _docstring_paragraphs() -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for module_name in _DOCSTRING_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a minimal Python build may lack e.g. sqlite3
+            continue
+        objects = [module] + [obj for name, obj in sorted(vars(module).items()) if not name.startswith("_")]
+        for obj in objects:
+            if inspect.isclass(obj):
+                objects.extend(m for n, m in sorted(vars(obj).items()) if not n.startswith("_") and callable(m))
+            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or callable(obj)) else None
+            for block in (doc or "").split("\n\n"):
+                text = " ".join(block.split())
+                # Prose only: a capital first, a sentence end last, no doctest/markup/table characters.
+                if 40 <= len(text) <= 1200 and _PROSE.match(text):
+                    seen.setdefault(text)
+    return tuple(seen)
+
+
+def docstring_pairs(n: int = 500) -> list[dict[str, str]]:
+    """Query/passage pairs from the standard library's docstrings (first sentence -> the rest of the paragraph),
+    for installations without the demo corpus, which is built the same way."""
+    pairs, queries = [], set()
+    for text in _docstring_paragraphs():
+        query, _, passage = text.partition(". ")
+        if len(query.split()) >= 4 and len(passage.split()) >= 8 and query not in queries:
+            queries.add(query)
+            pairs.append({"query": query + ".", "passage": passage})
+    return pairs[:n]

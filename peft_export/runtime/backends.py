@@ -1,0 +1,79 @@
+"""Pick and open the runtime backend for an export folder (ONNX Runtime or OpenVINO)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .config import RuntimeConfig
+
+BACKENDS = ("onnxruntime", "openvino")
+
+
+def detect_backend(config: RuntimeConfig) -> str:
+    """The backend the folder was exported for: its model file decides, then embedding_config.json's field."""
+    if Path(config.model_file).suffix == ".xml":
+        return "openvino"  # an IR runs on OpenVINO only, whatever an older config says
+    if config.backend not in BACKENDS:
+        raise ConfigError(f"embedding_config.json names backend {config.backend!r}; expected one of {BACKENDS}")
+    return config.backend
+
+
+def open_backend(
+    folder: Path,
+    config: RuntimeConfig,
+    backend: str | None,
+    device: str,
+    *,
+    providers: list | None = None,
+    intra_op_threads: int | None = None,
+    session_settings: Any = None,
+    openvino_settings: Any = None,
+    inference_precision: str | None = None,
+    performance_hint: str | None = None,
+):
+    """Open ``folder``'s model with ``backend`` (None: the one it was exported for). Options for the other
+    backend are refused rather than ignored."""
+    chosen = detect_backend(config) if backend is None else backend
+    if chosen not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)} or None (automatic), found {backend!r}")
+    model_path = folder / config.model_file
+    if chosen == "onnxruntime":
+        openvino_only = {"openvino_settings": openvino_settings, "inference_precision": inference_precision,
+                         "performance_hint": performance_hint}
+        given = sorted(name for name, value in openvino_only.items() if value is not None)
+        if given:
+            raise ConfigError(f"{', '.join(given)} apply to backend='openvino' only; this model runs on onnxruntime")
+        if model_path.suffix == ".xml":
+            raise ConfigError(
+                f"{folder} holds an OpenVINO model ({config.model_file}), which ONNX Runtime cannot run; "
+                "load it with backend='openvino' (or leave backend unset), or export with `peft-export merge-onnx`."
+            )
+        from .onnxruntime_backend import OnnxRuntimeBackend, SessionSettings
+
+        settings = session_settings or SessionSettings()
+        if intra_op_threads is not None:
+            settings.intra_op_threads = intra_op_threads
+        return OnnxRuntimeBackend(model_path, device, providers, settings, lora_inputs=bool(config.lora_slots))
+
+    if providers is not None or session_settings is not None:
+        raise ConfigError("providers and session_settings apply to ONNX Runtime; with backend='openvino' pass "
+                          "device='CPU'|'GPU'|'AUTO' and openvino_settings / inference_precision / performance_hint")
+    if config.adapters or config.lora_slots:
+        raise ConfigError(
+            f"{folder} is a switchable-adapter export ({', '.join(sorted(config.adapters))}); switchable adapters "
+            "are not supported on the OpenVINO backend yet. Load it with backend='onnxruntime', or export one "
+            "merged adapter with `peft-export merge-openvino MODEL --adapter PATH`."
+        )
+    from .openvino_backend import OpenVinoBackend, OpenVinoSettings
+
+    settings = replace(openvino_settings) if openvino_settings is not None else OpenVinoSettings()
+    if inference_precision is not None:
+        settings.precision = inference_precision
+    if performance_hint is not None:
+        settings.performance_hint = performance_hint
+    if intra_op_threads is not None:
+        settings.num_threads = intra_op_threads
+    return OpenVinoBackend(model_path, device, settings)

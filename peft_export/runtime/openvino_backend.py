@@ -1,0 +1,249 @@
+"""OpenVINO backend: one compiled model with explicit precision, performance hint, threads and device.
+
+Same verbs as the ONNX Runtime backend: ``name``, ``input_names``, ``output_names``, ``providers`` (here the
+devices that execute), ``run(feeds) -> dict``, plus ``run_batches`` for several batches in parallel requests.
+
+Precision is never left to OpenVINO: on CPUs with bf16 units (AVX512_BF16, AMX) OpenVINO would compute in bf16
+by default, which moves normalised embeddings by ~1e-3. The default here is the f32 hint (exact parity with the
+PyTorch reference); ``precision="bf16"`` is the opt-in for speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import xml.etree.ElementTree as ElementTree
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, require
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("f32", "bf16", "f16")
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+_CAPABILITY_OF_PRECISION = {"f32": "FP32", "bf16": "BF16", "f16": "FP16"}
+
+
+@dataclass
+class OpenVinoSettings:
+    """How the model is compiled.
+
+    precision: inference precision hint, "f32" (default, parity), "bf16" or "f16" (faster where the device has
+        the units; refused on a device that lacks them).
+    performance_hint: "LATENCY" (one stream using every core: best for one request at a time) or "THROUGHPUT"
+        (several streams; pays off when batches run in parallel: concurrent encode() calls, or one encode()
+        call with more than one batch).
+    num_threads: INFERENCE_NUM_THREADS on CPU; None lets OpenVINO use every physical core. Set it when several
+        models share a process or a machine.
+    num_requests: batches run at once by one encode() call; None takes OpenVINO's optimum for the hint.
+    dynamic_quantization: CPU dynamic quantization of activations for int8-weight models. None: off under f32
+        (exact arithmetic), OpenVINO's default otherwise.
+    """
+
+    precision: str = "f32"
+    performance_hint: str = "LATENCY"
+    num_threads: int | None = None
+    num_requests: int | None = None
+    dynamic_quantization: bool | None = None
+
+    def check(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, found {self.precision!r}")
+        if str(self.performance_hint).upper() not in PERFORMANCE_HINTS:
+            raise ConfigError(
+                f"performance_hint must be one of {', '.join(PERFORMANCE_HINTS)}, found {self.performance_hint!r}"
+            )
+        for name in ("num_threads", "num_requests"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or None, found {value!r}")
+
+    def device_properties(self, device: str) -> dict[str, Any]:
+        """Compile properties for one concrete device (CPU, GPU, GPU.1 ...)."""
+        props: dict[str, Any] = {"INFERENCE_PRECISION_HINT": self.precision}
+        if device.startswith("CPU"):
+            if self.num_threads is not None:
+                props["INFERENCE_NUM_THREADS"] = self.num_threads
+            if self.dynamic_quantization is False or (self.dynamic_quantization is None and self.precision == "f32"):
+                props["DYNAMIC_QUANTIZATION_GROUP_SIZE"] = 0
+        return props
+
+    def compile_properties(self, device: str) -> dict[str, Any]:
+        hint = {"PERFORMANCE_HINT": str(self.performance_hint).upper()}
+        if device.startswith("AUTO"):
+            # AUTO passes per-device settings on to whichever device it picks.
+            return {**hint, "DEVICE_PROPERTIES": {d: self.device_properties(d) for d in ("CPU", "GPU")}}
+        if self.num_threads is not None and not device.startswith("CPU"):
+            raise ConfigError(f"num_threads applies to the CPU device only, not {device!r}")
+        return {**hint, **self.device_properties(device)}
+
+
+@lru_cache(maxsize=1)
+def _core():
+    ov = require("openvino", "openvino")
+    return ov.Core()
+
+
+def available_devices() -> list[str]:
+    return list(_core().available_devices)
+
+
+def resolve_device(device: str) -> str:
+    """Map a device name to OpenVINO's spelling and refuse devices this machine does not have."""
+    name = str(device).strip().upper()
+    if name == "CUDA":
+        raise ConfigError("device='cuda' is an ONNX Runtime device; OpenVINO devices are CPU, GPU and AUTO")
+    available = available_devices()
+    if name.startswith("AUTO") or name in available or any(d.split(".")[0] == name for d in available):
+        return name
+    hint = " (an Intel GPU needs its OpenCL driver, libOpenCL.so.1)" if name.startswith("GPU") else ""
+    raise ConfigError(
+        f"OpenVINO device {device!r} is not available{hint}; available: {', '.join(available + ['AUTO'])}"
+    )
+
+
+def _required_weight_bytes(xml_path: Path) -> int:
+    """Bytes of the .bin file that the IR's constants reference (largest offset + size)."""
+    needed = 0
+    try:
+        for _, element in ElementTree.iterparse(str(xml_path), events=("start",)):
+            if element.tag == "data" and "offset" in element.attrib and "size" in element.attrib:
+                needed = max(needed, int(element.attrib["offset"]) + int(element.attrib["size"]))
+    except (ElementTree.ParseError, ValueError) as err:
+        raise ConfigError(
+            f"{xml_path} is not a valid OpenVINO IR file ({err}); copy it again or re-export the folder"
+        ) from err
+    return needed
+
+
+def check_ir_files(xml_path: Path) -> None:
+    """An IR is two files; refuse a missing or truncated ``.bin`` before OpenVINO reads it."""
+    if not xml_path.is_file():
+        raise ConfigError(f"OpenVINO model file not found: {xml_path}")
+    bin_path = xml_path.with_suffix(".bin")
+    needed = _required_weight_bytes(xml_path)
+    if not bin_path.is_file():
+        raise ConfigError(
+            f"{xml_path.name} has no weights file: {bin_path} is missing. An OpenVINO model is two files; copy "
+            f"{bin_path.name} next to {xml_path.name} (the whole export folder), or export it again with "
+            "`peft-export merge-openvino`."
+        )
+    size = bin_path.stat().st_size
+    if size < needed:
+        raise ConfigError(
+            f"{bin_path} is truncated: it has {size} bytes but {xml_path.name} needs {needed}. The copy or "
+            "download was incomplete; copy the export folder again or re-export it."
+        )
+
+
+class OpenVinoBackend:
+    """A compiled OpenVINO model. ``run`` is thread-safe: every calling thread has its own infer request."""
+
+    name = "openvino"
+
+    def __init__(self, model: Path | Any, device: str = "CPU", settings: OpenVinoSettings | None = None):
+        ov = require("openvino", "openvino")
+        self.settings = settings or OpenVinoSettings()
+        self.settings.check()
+        self.device = resolve_device(device)
+        core = _core()
+        if not isinstance(model, ov.Model):
+            model = self._read(core, Path(model))
+        self._check_precision_supported(core)
+        self.compiled = core.compile_model(model, self.device, self.settings.compile_properties(self.device))
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
+        self.providers = list(self.compiled.get_property("EXECUTION_DEVICES"))
+        if self.device.startswith("AUTO"):
+            logger.info("OpenVINO AUTO runs this model on %s", ", ".join(self.providers))
+        self.parallel_requests = self.settings.num_requests or int(
+            self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+        )
+        self._local = threading.local()
+
+    @staticmethod
+    def _read(core, path: Path):
+        if path.suffix == ".onnx":
+            from .onnxruntime_backend import check_external_data
+
+            if not path.is_file():
+                raise ConfigError(f"ONNX model file not found: {path}")
+            try:
+                check_external_data(path)
+            except ImportError:
+                pass  # without the onnx package, external data paths are left to OpenVINO's reader
+        else:
+            check_ir_files(path)
+        try:
+            return core.read_model(str(path))
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())[-300:]
+            raise ConfigError(f"OpenVINO cannot read {path}: {detail}") from err
+
+    def _check_precision_supported(self, core) -> None:
+        if self.device.startswith("AUTO"):
+            return  # the device is picked at compile time; each one applies the hint it supports
+        capabilities = core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")
+        wanted = _CAPABILITY_OF_PRECISION[self.settings.precision]
+        if wanted not in capabilities:
+            raise ConfigError(
+                f"precision={self.settings.precision!r} needs {wanted} support, which {self.device} lacks "
+                f"(it has {', '.join(capabilities)}); use precision='f32'"
+            )
+
+    def _request(self):
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self.compiled.create_infer_request()
+        return request
+
+    def _inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {name: feeds[name] for name in self.input_names}
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        names = outputs or self.output_names
+        results = self._request().infer(self._inputs(feeds))  # outputs are copied out of the request
+        return {name: results[name] for name in names}
+
+    def run_batches(self, batches: list[dict[str, np.ndarray]], outputs: list[str] | None = None
+                    ) -> list[dict[str, np.ndarray]]:
+        """Run several batches, up to ``parallel_requests`` at once (what the THROUGHPUT hint is for)."""
+        if len(batches) <= 1 or self.parallel_requests <= 1:
+            return [self.run(feeds, outputs) for feeds in batches]
+        from openvino import AsyncInferQueue
+
+        names = outputs or self.output_names
+        results: list[dict[str, np.ndarray] | None] = [None] * len(batches)
+
+        def collect(request, index: int) -> None:
+            results[index] = {name: request.get_tensor(name).data.copy() for name in names}
+
+        queue = AsyncInferQueue(self.compiled, min(self.parallel_requests, len(batches)))
+        queue.set_callback(collect)
+        for index, feeds in enumerate(batches):
+            queue.start_async(self._inputs(feeds), userdata=index)
+        queue.wait_all()
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise RuntimeError(f"OpenVINO returned no result for batches {missing}")
+        return results  # type: ignore[return-value]
+
+    def describe(self) -> dict[str, Any]:
+        """What was asked for and what OpenVINO compiled (devices, precision, streams, threads)."""
+        info: dict[str, Any] = {"backend": self.name, "device": self.device, "execution_devices": self.providers,
+                                "performance_hint": str(self.settings.performance_hint).upper(),
+                                "parallel_requests": self.parallel_requests}
+        for key, prop in (("inference_precision", "INFERENCE_PRECISION_HINT"), ("num_streams", "NUM_STREAMS"),
+                          ("num_threads", "INFERENCE_NUM_THREADS")):
+            try:
+                value = self.compiled.get_property(prop)
+            except RuntimeError:  # AUTO does not report device-level properties
+                value = None
+            info[key] = value.to_string() if hasattr(value, "to_string") else value
+        info["num_streams"] = int(info["num_streams"]) if info["num_streams"] is not None else None
+        return info

@@ -1,0 +1,54 @@
+"""`peft-export bench --quick` on tiny exports: a table of positive numbers whose quality columns are computed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from peft_export.cli import main
+from peft_export.runtime.onnxruntime_backend import SessionSettings
+
+
+def test_bench_quick_writes_table_json_and_plot(bert_case, zoo, tmp_path):
+    base_export = zoo.export("bench-base", bert_case.base)  # same model without its adapter
+    out = tmp_path / "bench"
+    code = main(["bench", str(bert_case.export), str(base_export), "--quick", "--queries", "30",
+                 "--sentences", "60", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = report["rows"]
+    assert len(rows) == 2
+    for row in rows:
+        for key in ("b1_p50_ms", "b1_p99_ms", "b32_per_s", "tokens_per_s"):
+            assert row[key] > 0, key
+    assert rows[0]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)  # the reference against itself
+    # The second contender lacks the adapter: its cosine must be recomputed, not copied from the first.
+    a, b = bert_case.embedding_model(), __import__("peft_export").EmbeddingModel(base_export)
+    from peft_export.demo import load_sentences
+
+    sentences = load_sentences(60)
+    ea, eb = a.encode(sentences), b.encode(sentences)
+    cos = (ea * eb).sum(1) / np.linalg.norm(ea, axis=1) / np.linalg.norm(eb, axis=1)
+    assert rows[1]["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-5)
+    assert rows[1]["mean_cosine"] < 0.9999
+    assert report["machine"]["usable_cores"] >= 1 and report["machine"]["cpu"]
+    md = (out / "bench.md").read_text()
+    assert "| contender |" in md and str(bert_case.export.name) in md
+    assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_session_settings_are_applied(bert_case):
+    model = bert_case.embedding_model(session_settings=SessionSettings(
+        intra_op_threads=1, allow_spinning=False, enable_cpu_mem_arena=False, graph_optimization_level="basic"))
+    options = model.backend.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.enable_cpu_mem_arena is False
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert str(options.graph_optimization_level).endswith("ENABLE_BASIC")
+
+
+def test_unknown_optimization_level_is_refused(bert_case):
+    with pytest.raises(ValueError, match="graph_optimization_level must be one of"):
+        bert_case.embedding_model(session_settings=SessionSettings(graph_optimization_level="max"))

@@ -1,0 +1,257 @@
+"""merge-openvino: IR files, manifest and runtime config, f32 validation, fp16/int8 quality gates, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from openvino_fixtures import *  # noqa: F401,F403
+from openvino_fixtures import requires_nncf, requires_openvino
+
+from peft_export import ConfigError, EmbeddingModel, MissingDependencyError, OutputExistsError, ValidationError
+from peft_export.runtime.config import MANIFEST_FILE, RUNTIME_CONFIG_FILE
+
+pytestmark = requires_openvino
+
+
+def _manifest(folder) -> dict:
+    return json.loads((folder / MANIFEST_FILE).read_text())
+
+
+def test_fp32_export_writes_ir_config_and_manifest(tiny_exports):
+    folder = tiny_exports["openvino-fp32"]
+    assert (folder / "openvino_model.xml").is_file() and (folder / "openvino_model.bin").is_file()
+    assert not list(folder.glob("*.onnx"))
+    config = json.loads((folder / RUNTIME_CONFIG_FILE).read_text())
+    assert config["backend"] == "openvino" and config["model_file"] == "openvino_model.xml"
+    assert config["input_names"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert config["normalize"] is True and config["pooling_modes"] == ["mean"] and config["dimension"] == 32
+    manifest = _manifest(folder)
+    assert manifest["export"]["format"] == "openvino"
+    assert manifest["export"]["weight_format"] == "fp32"
+    assert manifest["export"]["files"] == ["openvino_model.xml", "openvino_model.bin"]
+    assert manifest["merge_mode"] == "merged" and manifest["adapters"][0]["r"] == 4
+    check = manifest["validation"]["openvino_vs_reference"]
+    assert check["max_abs_diff"]["sentence_embedding"] <= 1e-5
+    assert [2, 16] not in check["shapes_checked"]  # validated on shapes other than the traced one
+    assert {1, 3, 7} <= {shape[0] for shape in check["shapes_checked"]}
+    assert manifest["validation"]["adapter_vs_base_max_abs_diff"] > 1e-3
+
+
+def test_fp32_ir_equals_the_onnx_export(tiny_exports):
+    texts = ["Hi", "How do I reset my password?", "The quick brown fox jumps over the lazy dog."]
+    onnx = EmbeddingModel(tiny_exports["onnx"]).encode(texts)
+    ir = EmbeddingModel(tiny_exports["openvino-fp32"]).encode(texts)
+    assert np.abs(onnx - ir).max() < 1e-6
+
+
+def test_onnx_manifest_is_unchanged_by_the_shared_pipeline(tiny_exports):
+    manifest = _manifest(tiny_exports["onnx"])
+    assert manifest["export"] == {"format": "onnx", "opset": 17, "dtype": "float32", "files": ["model.onnx"]}
+    assert set(manifest["validation"]) == {"adapter_vs_base_max_abs_diff", "merged_vs_unmerged", "onnx_vs_reference"}
+    assert json.loads((tiny_exports["onnx"] / RUNTIME_CONFIG_FILE).read_text())["backend"] == "onnxruntime"
+
+
+@pytest.mark.parametrize("weight_format, min_mean_cosine, max_size_ratio", [("fp16", 0.999, 0.6), ("int8", 0.99, 0.45)])
+def test_compressed_weights_pass_their_gate_and_record_it(tiny_exports, weight_format, min_mean_cosine,
+                                                          max_size_ratio):
+    kind = f"openvino-{weight_format}"
+    if kind not in tiny_exports:
+        pytest.skip("nncf is not installed (pip install 'peft_export[openvino]')")
+    folder = tiny_exports[kind]
+    manifest = _manifest(folder)
+    assert manifest["export"]["weight_format"] == weight_format
+    quality = manifest["validation"]["weight_compression"]
+    assert quality["gate"] == {"min_mean_cosine": min_mean_cosine, "min_worst_cosine": 0.97,
+                               "min_ndcg_retention": 0.995}
+    assert quality["mean_cosine"] >= min_mean_cosine and quality["worst_cosine"] >= 0.97
+    assert quality["worst_cosine"] <= quality["mean_cosine"] <= 1.0 + 1e-9
+    assert quality["ndcg10_retention"] >= 0.995 and quality["texts"] >= 200
+    assert quality["inference_precision"] == "f32" and quality["gate_data"]
+    assert quality["chosen"] == quality["attempts"][0]["strategy"] and quality["attempts"][0]["failures"] == []
+    # The fp32 IR was checked against PyTorch before compression.
+    assert manifest["validation"]["openvino_vs_reference"]["max_abs_diff"]["sentence_embedding"] <= 1e-5
+    fp32_bytes = (tiny_exports["openvino-fp32"] / "openvino_model.bin").stat().st_size
+    assert (folder / "openvino_model.bin").stat().st_size < max_size_ratio * fp32_bytes
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("openvino_model")) == [
+        "openvino_model.bin", "openvino_model.xml"]  # the candidate replaced the fp32 IR, nothing left over
+    reference = EmbeddingModel(tiny_exports["openvino-fp32"]).encode(["How do I reset my password?"])
+    got = EmbeddingModel(folder).encode(["How do I reset my password?"])
+    assert 0 < np.abs(got - reference).max() < 0.05  # compressed: close, not identical
+
+
+@requires_nncf
+def test_int8_manifest_names_nncf(tiny_exports):
+    entry = _manifest(tiny_exports["openvino-int8"])["export"]["weight_compression"]
+    assert entry["tool"] == "nncf" and entry["mode"] == "int8_asym" and entry["nncf_version"]
+
+
+def test_failed_quality_gate_fails_the_export_and_leaves_nothing(tiny_model, tiny_merged):
+    from peft_export.export.openvino import OpenVinoFormat
+    from peft_export.export.pipeline import ExportOptions, write_export
+    from peft_export.export.quality import QualityGate
+
+    out = tiny_model["root"] / "gate-fails"
+    options = ExportOptions(model_id=str(tiny_model["adapter"]), output=out, base=str(tiny_model["base"]),
+                            gate=QualityGate(min_mean_cosine=1.000001))  # no compression reaches this
+    with pytest.raises(ValidationError, match=r"No fp16-weight OpenVINO model passes the quality gate \(all weights "
+                                              r"stored as fp16: mean_cosine [01]\.\d+ < 1\.000001\)\. Nothing was "
+                                              r"written"):
+        write_export(tiny_merged, options, OpenVinoFormat("fp16", options), log=lambda msg: None)
+    assert not out.exists()
+    assert not list(out.parent.glob(f".peft-export-tmp-{out.name}-*"))
+
+
+@requires_nncf
+def test_int8_climbs_the_ladder_when_ffn_outputs_do_not_survive_int8(tiny_model, tmp_path):
+    """FFN output projections with an outlier input column (fed by a dead unit, so fp32 is unaffected): per-channel
+    int8 rounds their real weights to zero; keeping them in fp32 passes."""
+    import torch
+    from transformers import BertModel
+
+    from peft_export.export.pipeline import export_openvino_model
+
+    folder = tmp_path / "outliers"
+    shutil.copytree(tiny_model["base"], folder)
+    model = BertModel.from_pretrained(str(folder))
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.output.dense.weight.mul_(50)  # make the FFN matter to the embedding
+            layer.intermediate.dense.bias[0] = -1e4  # GELU(-1e4) = 0: unit 0 is dead
+            layer.output.dense.weight[:, 0] = 1e4  # ...and read with a huge weight
+    model.save_pretrained(str(folder))
+    result = export_openvino_model(str(folder), tmp_path / "out", weight_format="int8", log=lambda msg: None)
+    quality = result.manifest["validation"]["weight_compression"]
+    first, second = quality["attempts"][:2]
+    assert first["strategy"] == "per-channel, all linear layers" and first["failures"]
+    assert second["strategy"] == "per-channel, FFN output projections kept in fp32" and second["failures"] == []
+    assert quality["chosen"] == second["strategy"] and second["excluded_nodes"] == 2
+    assert second["quantized_nodes"] == first["quantized_nodes"] - 2
+
+
+def test_fp16_gate_is_never_looser_than_0_999():
+    from peft_export.export.openvino import gate_for
+    from peft_export.export.quality import QualityGate
+
+    lenient = QualityGate(min_mean_cosine=0.5, min_worst_cosine=0.5, min_ndcg_retention=0.5)
+    assert gate_for("fp16", lenient).min_mean_cosine == 0.999
+    assert gate_for("fp16", lenient).min_worst_cosine == 0.5
+    assert gate_for("int8", lenient) == lenient
+
+
+def test_gate_pairs_fall_back_to_stdlib_docstrings_without_the_demo(monkeypatch):
+    from peft_export.export.openvino import gate_pairs
+
+    monkeypatch.setitem(sys.modules, "peft_export.demo", None)  # an installation without the demo corpus
+    pairs, source = gate_pairs(None)
+    assert source == "standard-library docstring pairs" and len(pairs) >= 200
+    assert all(p["query"].endswith(".") and len(p["passage"].split()) >= 8 for p in pairs)
+
+
+def test_bad_gate_data_and_onnx_only_options_fail_fast(tiny_model, tmp_path):
+    from peft_export.export.pipeline import export_openvino_model
+
+    few = tmp_path / "few.jsonl"
+    few.write_text(json.dumps({"query": "q", "passage": "p"}) + "\n")
+    with pytest.raises(ConfigError, match=r"few\.jsonl holds 1 pairs; the quality gate needs at least 20"):
+        export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", weight_format="int8",
+                              base=str(tiny_model["base"]), gate_data=str(few))
+    with pytest.raises(ConfigError, match=r"--quantize int8 is for merge-onnx; with merge-openvino use "
+                                          r"--weight-format int8"):
+        export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", base=str(tiny_model["base"]),
+                              quantize="int8")
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_weight_format_is_refused_before_loading(tiny_model):
+    from peft_export.export.pipeline import export_openvino_model
+
+    with pytest.raises(ConfigError, match=r"--weight-format must be one of fp32, fp16, int8, found 'int4'"):
+        export_openvino_model(str(tiny_model["adapter"]), tiny_model["root"] / "x", weight_format="int4",
+                              base=str(tiny_model["base"]))
+
+
+def test_existing_output_is_refused_without_force(tiny_model, tiny_merged, tiny_exports):
+    from peft_export.export.openvino import OpenVinoFormat
+    from peft_export.export.pipeline import ExportOptions, write_export
+
+    out = tiny_exports["openvino-fp32"]
+    options = ExportOptions(model_id=str(tiny_model["adapter"]), output=out, base=str(tiny_model["base"]))
+    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
+        write_export(tiny_merged, options, OpenVinoFormat("fp32"), log=lambda msg: None)
+
+
+def test_missing_openvino_names_the_extra(tiny_model, monkeypatch):
+    from peft_export.export.pipeline import export_openvino_model
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'peft_export\[openvino\]'"):
+        export_openvino_model(str(tiny_model["adapter"]), tiny_model["root"] / "x", base=str(tiny_model["base"]))
+
+
+def test_cli_rejects_an_unknown_weight_format(capsys):
+    from peft_export.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge-openvino", "some-model", "--weight-format", "int4"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_cli_merge_openvino_exports_and_refuses_to_overwrite(tiny_model, tmp_path, capsys):
+    from peft_export.cli import main
+
+    out = tmp_path / "cli-export"
+    code = main(["merge-openvino", str(tiny_model["adapter"]), "--base", str(tiny_model["base"]), "-o", str(out),
+                 "--max-seq-length", "32"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "OpenVINO (f32 precision hint) == PyTorch reference" in printed
+    assert json.loads((out / RUNTIME_CONFIG_FILE).read_text())["max_seq_length"] == 32
+    assert main(["merge-openvino", str(tiny_model["adapter"]), "--base", str(tiny_model["base"]), "-o", str(out)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+
+
+def test_cli_info_reports_weight_format_and_gate(tiny_exports, capsys):
+    from peft_export.cli import main
+
+    assert main(["info", str(tiny_exports["openvino-fp16"])]) == 0
+    info = capsys.readouterr().out
+    assert "openvino fp16 weights" in info
+    assert "quality:     fp16 weights vs fp32: mean cosine 1.00000" in info and "NDCG@10 retention" in info
+
+
+def test_cli_merge_openvino_has_no_onnx_only_options(capsys):
+    from peft_export.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["merge-openvino", "--help"])
+    usage = capsys.readouterr().out
+    assert "--weight-format {fp32,fp16,int8}" in usage and "--min-mean-cosine" in usage
+    assert "--opset" not in usage and "--quantize" not in usage and "--calibration-data" not in usage
+
+
+@pytest.mark.slow
+@requires_nncf
+@pytest.mark.parametrize("weight_format", ["fp16", "int8"])
+def test_real_minilm_compressed_weights_pass_the_gate(minilm_adapter, tmp_path, weight_format):
+    from sentence_transformers import SentenceTransformer
+
+    from peft_export.export.pipeline import export_openvino_model
+
+    result = export_openvino_model(str(minilm_adapter["adapter"]), tmp_path / weight_format,
+                                   weight_format=weight_format, base=str(minilm_adapter["base"]),
+                                   log=lambda msg: None)
+    quality = result.manifest["validation"]["weight_compression"]
+    assert quality["mean_cosine"] >= (0.999 if weight_format == "fp16" else 0.99)
+    assert quality["ndcg10_retention"] >= 0.995 and quality["worst_cosine"] >= 0.97
+    reference = SentenceTransformer(str(minilm_adapter["base"]), device="cpu")
+    reference.load_adapter(str(minilm_adapter["adapter"]))
+    texts = ["How do I reset my password?", "Return a new array of given shape and type, filled with zeros.",
+             "The quick brown fox jumps over the lazy dog."]
+    got, want = EmbeddingModel(result.path).encode(texts), reference.encode(texts)
+    assert ((got * want).sum(1) > 0.995).all()

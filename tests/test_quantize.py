@@ -1,0 +1,105 @@
+"""--quantize int8: the quality gate decides, records its figures, and refuses loudly when quality is lost."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fixtures import tiny_models
+
+from peft_export import EmbeddingModel, ValidationError, export_onnx_model
+from peft_export.demo import load_pairs
+from peft_export.export.quality import QualityGate, measure_quality, ndcg_at_10
+
+LENIENT = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
+
+
+def _outlier_encoder(zoo, name: str):
+    """A tiny BERT whose fp32 output is ordinary but whose int8 version is garbage.
+
+    In every layer one value channel is dead (zero weights and bias) and one FFN unit is pinned at GELU(-1e4) = 0;
+    the projections reading them get a huge weight in that input column for every output row. fp32 multiplies
+    those weights by zero, but per-channel int8 sizes each row's scale to the outlier, rounding every real weight
+    of the attention output and FFN output projections to zero, whichever rung of the ladder is tried.
+    """
+    import torch
+    from transformers import AutoModel
+
+    source = zoo.hf("bert")
+    folder = zoo.path(name)
+    model = AutoModel.from_pretrained(str(source))
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            # Randomly initialised sublayers barely move the residual stream; make them matter.
+            layer.attention.output.dense.weight.mul_(50)
+            layer.output.dense.weight.mul_(50)
+            value = layer.attention.self.value
+            value.weight[0].zero_()
+            value.bias[0] = 0.0
+            layer.attention.output.dense.weight[:, 0] = 1e4
+            layer.intermediate.dense.bias[0] = -1e4
+            layer.output.dense.weight[:, 0] = 1e4
+    model.save_pretrained(str(folder))
+    for f in source.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
+
+
+def test_int8_gate_refuses_model_made_to_fail(zoo, tmp_path, quiet_log):
+    folder = _outlier_encoder(zoo, "hf-outliers")
+    out = tmp_path / "int8"
+    with pytest.raises(ValidationError, match=r"No int8 variant passes the quality gate .*mean_cosine"):
+        export_onnx_model(str(folder), out, quantize="int8", log=quiet_log)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".peft-export-tmp")]
+
+
+def test_int8_export_records_gate_figures_that_match_a_recomputation(bert_case, zoo, tmp_path, quiet_log):
+    out = tmp_path / "int8"
+    result = export_onnx_model(str(bert_case.adapter), out, quantize="int8", gate=LENIENT, log=quiet_log)
+    quant = result.manifest["validation"]["quantization"]
+    assert result.manifest["export"]["dtype"] == "int8"
+    assert (out / "model_int8.onnx").is_file() and not (out / "model.onnx").exists()
+    assert json.loads((out / "embedding_config.json").read_text())["model_file"] == "model_int8.onnx"
+    chosen = next(a for a in quant["attempts"] if a["strategy"] == quant["chosen"])
+    assert chosen["quantized_nodes"] > 0 and chosen["failures"] == []
+
+    fp32, int8 = bert_case.embedding_model(), EmbeddingModel(out)
+    pairs = load_pairs("eval")
+    again = measure_quality(lambda t: fp32.encode(t), lambda t: int8.encode(t), pairs)
+    assert again["mean_cosine"] == pytest.approx(chosen["mean_cosine"], abs=1e-6)
+    assert again["worst_cosine"] == pytest.approx(chosen["worst_cosine"], abs=1e-6)
+    assert again["mean_cosine"] < 1.0  # int8 really is a different graph
+    assert (out / "model_int8.onnx").stat().st_size < (bert_case.export / "model.onnx").stat().st_size
+
+
+def test_gate_thresholds_are_enforced_in_order():
+    gate = QualityGate()
+    good = {"mean_cosine": 0.995, "worst_cosine": 0.98, "ndcg10_retention": 0.999}
+    assert gate.failures(good) == []
+    assert gate.failures({**good, "worst_cosine": 0.96}) == ["worst_cosine 0.96000 < 0.97"]
+    assert gate.failures({**good, "ndcg10_retention": float("nan")})  # NaN never passes
+
+
+def test_ndcg_at_10_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    passages = rng.normal(size=(12, 8))
+    queries = passages.copy()
+    assert ndcg_at_10(queries, passages) == pytest.approx(1.0)
+    queries[0] = passages[1] * 5 + passages[0] * 0.1  # query 0 now ranks its own passage second
+    scores = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        passages / np.linalg.norm(passages, axis=1, keepdims=True)).T
+    rank0 = int((scores[0] > scores[0, 0]).sum())
+    assert rank0 >= 1
+    expected = (11 + (1 / np.log2(rank0 + 2) if rank0 < 10 else 0)) / 12
+    assert ndcg_at_10(queries, passages) == pytest.approx(expected)
+
+
+def test_gate_data_file_is_validated(bert_case, tmp_path, quiet_log):
+    bad = tmp_path / "pairs.jsonl"
+    bad.write_text('{"query": "q"}\n')
+    with pytest.raises(ValueError, match="string 'query' and 'passage'"):
+        export_onnx_model(str(bert_case.adapter), tmp_path / "o", quantize="int8", gate_data=str(bad), log=quiet_log)
+    assert not (tmp_path / "o").exists()

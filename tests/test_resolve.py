@@ -1,0 +1,112 @@
+"""Model resolution: adapter-only folders find their base, full models take --adapter, and malformed
+Sentence Transformers configs are refused with the file and key named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from peft_export import ConfigError, export_onnx_model
+from peft_export.source.resolve import resolve_model
+from peft_export.source.st_config import read_pipeline_config
+
+
+def _quiet(msg: str) -> None:
+    return None
+
+
+def test_adapter_only_folder_finds_its_base(bert_case):
+    resolved = resolve_model(str(bert_case.adapter))
+    assert resolved.base_folder == bert_case.base.resolve()
+    assert resolved.pipeline_folder == bert_case.adapter.resolve()
+    (adapter,) = resolved.adapters
+    assert adapter.name == "default" and adapter.config.r == 4
+    assert resolved.pipeline.is_sentence_transformer and resolved.pipeline.normalize
+
+
+def test_base_option_overrides_base_model_name_or_path(bert_case, tmp_path):
+    moved_base = shutil.copytree(bert_case.base, tmp_path / "moved-base")
+    adapter = shutil.copytree(bert_case.adapter, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert resolve_model(str(adapter), base=str(moved_base)).base_folder == moved_base.resolve()
+
+
+def test_adapter_without_base_needs_the_base_option(bert_case, tmp_path):
+    adapter = shutil.copytree(bert_case.adapter, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"has no base_model_name_or_path; pass the base model with --base"):
+        resolve_model(str(adapter))
+
+
+def test_base_option_with_a_full_model_is_refused(bert_case):
+    with pytest.raises(ConfigError, match=r"--base is only used with an adapter-only MODEL_ID"):
+        resolve_model(str(bert_case.base), base=str(bert_case.base))
+
+
+def test_full_model_with_named_adapter(bert_case):
+    resolved = resolve_model(str(bert_case.base), adapters=[f"mine={bert_case.adapter}"])
+    assert [a.name for a in resolved.adapters] == ["mine"]
+
+
+def test_bad_adapter_name_is_refused(bert_case):
+    with pytest.raises(ConfigError, match=r"Adapter name 'bad name!' must use letters, digits"):
+        resolve_model(str(bert_case.base), adapters=[f"bad name!={bert_case.adapter}"])
+
+
+def test_adapter_targeting_dense_also_holds_the_unused_pooler(bert_case):
+    """target_modules=['dense'] also hits BERT's pooler in sentence-transformers; the export copes (the pooler's
+    output never reaches a sentence embedding) and the bert_case export exists to prove it."""
+    from safetensors import safe_open
+
+    with safe_open(str(bert_case.adapter / "adapter_model.safetensors"), "pt") as fh:
+        assert any(".pooler.dense." in key for key in fh.keys())
+    assert (bert_case.export / "peft_export.json").is_file()
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def base_copy(bert_case, tmp_path) -> Path:
+    return shutil.copytree(bert_case.base, tmp_path / "base")
+
+
+def test_unknown_similarity_function_is_refused(base_copy):
+    _edit_json(base_copy / "config_sentence_transformers.json", lambda d: d.update(similarity_fn_name="jaccard"))
+    with pytest.raises(ConfigError, match=r"similarity_fn_name 'jaccard' is not one of cosine, dot, euclidean"):
+        read_pipeline_config(base_copy)
+
+
+def test_unknown_pooling_mode_is_refused(base_copy):
+    _edit_json(base_copy / "1_Pooling" / "config.json", lambda d: d.update(pooling_mode="median"))
+    with pytest.raises(ConfigError, match=r"1_Pooling/config\.json: pooling mode 'median' is not one of"):
+        read_pipeline_config(base_copy)
+
+
+def test_modules_json_without_pooling_is_refused(base_copy):
+    (base_copy / "modules.json").write_text(json.dumps(json.loads((base_copy / "modules.json").read_text())[:1]))
+    with pytest.raises(ConfigError, match=r"no Pooling module"):
+        read_pipeline_config(base_copy)
+
+
+def test_modules_json_not_starting_with_transformer_is_refused(base_copy):
+    modules = json.loads((base_copy / "modules.json").read_text())
+    (base_copy / "modules.json").write_text(json.dumps([{**modules[1], "idx": 0}, {**modules[0], "idx": 1}]))
+    with pytest.raises(ConfigError, match=r"the first module must be a Transformer, found \['pooling'\]"):
+        read_pipeline_config(base_copy)
+
+
+def test_invalid_json_is_refused_naming_the_file(base_copy, tmp_path):
+    (base_copy / "modules.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"modules\.json is not valid JSON"):
+        export_onnx_model(str(base_copy), tmp_path / "out", log=_quiet)
