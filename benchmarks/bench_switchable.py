@@ -258,13 +258,15 @@ def markdown(report: dict) -> str:
              "| merged b32 /s | switchable b32 /s | b32 overhead | (CPU time) | max diff vs merged |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['adapter']} | {r['r']} | {r['targets']} | {r['merged_b1_p50_ms']:.2f} | "
-                     f"{r['switchable_b1_p50_ms']:.2f} | {r['b1_overhead_pct']:+.1f}% | {r['b1_cpu_overhead_pct']:+.1f}% | "
-                     f"{r['merged_b32_per_s']:.1f} | {r['switchable_b32_per_s']:.1f} | {r['b32_overhead_pct']:+.1f}% | "
-                     f"{r['b32_cpu_overhead_pct']:+.1f}% | {r['max_abs_diff']:.1e} |")
-    lines += ["", "b32 overhead: how much lower the switchable throughput is. CPU time: process CPU seconds per call "
-              "instead of wall clock.", "", "| adapter | b1 p50 staying on it (ms) | b1 p50 switching every call (ms) "
-              "| switch cost |", "|---|---|---|---|"]
+        cells = [r["adapter"], r["r"], r["targets"], f"{r['merged_b1_p50_ms']:.2f}", f"{r['switchable_b1_p50_ms']:.2f}",
+                 f"{r['b1_overhead_pct']:+.1f}%", f"{r['b1_cpu_overhead_pct']:+.1f}%", f"{r['merged_b32_per_s']:.1f}",
+                 f"{r['switchable_b32_per_s']:.1f}", f"{r['b32_overhead_pct']:+.1f}%",
+                 f"{r['b32_cpu_overhead_pct']:+.1f}%", f"{r['max_abs_diff']:.1e}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "b32 overhead: how much lower the switchable throughput is. CPU time: process CPU seconds per "
+              "call instead of wall clock.", "",
+              "| adapter | b1 p50 staying on it (ms) | b1 p50 switching every call (ms) | switch cost |",
+              "|---|---|---|---|"]
     for name, s in report["switch_cost"].items():
         lines.append(f"| {name} | {s['stay_p50_ms']:.2f} | {s['switch_p50_ms']:.2f} | {s['switch_cost_pct']:+.1f}% |")
     mem, disk = report["memory"], report["disk"]
@@ -279,12 +281,12 @@ def markdown(report: dict) -> str:
               f"| merged model (model.onnx) | {disk['merged_model_bytes'] / 1e6:.1f} |"]
     lines += [f"| adapter file {name} | {size / 1e6:.2f} |" for name, size in disk["adapter_file_bytes"].items()]
     settings = report["settings"]
-    lines += ["", f"- {settings['queries']} short real queries (batch 1), {settings['sentences']} real sentences at batch "
-              f"32; {settings['rounds']} rounds, contenders in alternating blocks; ONNX Runtime intra-op threads: "
-              f"{settings['threads'] or 'default (all cores)'}.",
+    lines += ["", f"- {settings['queries']} short real queries (batch 1), {settings['sentences']} real sentences "
+              f"at batch 32; {settings['rounds']} rounds, contenders in alternating blocks; ONNX Runtime intra-op "
+              f"threads: {settings['threads'] or 'default (all cores)'}.",
               f"- {n} merged models are measured as {n} sessions of one merged export (each session holds its own "
-              "copy of the weights, as different merged models would); the adapters are synthetic copies of the three "
-              "real ones with perturbed weights (same ranks and layouts).",
+              "copy of the weights, as different merged models would); the adapters are synthetic copies of the "
+              "three real ones with perturbed weights (same ranks and layouts).",
               f"- whole run: {report['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 

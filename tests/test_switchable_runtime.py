@@ -209,7 +209,8 @@ def test_switching_adapters_imports_no_torch():
     code = (
         "import sys; from peft_export import EmbeddingModel\n"
         f"m = EmbeddingModel({str(switchable_export())!r})\n"
-        "m.set_adapter('ffn'); m.encode(['a b c']); m.encode(['x'], adapter='attn'); m.get_adapter_state_dict('mixed')\n"
+        "m.set_adapter('ffn'); m.encode(['a b c']); m.encode(['x'], adapter='attn')\n"
+        "m.get_adapter_state_dict('mixed')\n"
         "print(sorted(k for k in ('torch', 'transformers', 'peft') if k in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -223,9 +223,7 @@ def replay_outputs(outputs: list[dict[str, np.ndarray]]):
 
 def max_output_difference(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> float:
     """Largest difference of normalised sentence embeddings between two runs over the same batches."""
-    worst = 0.0
-    for x, y in zip(a, b):
-        ux = x["sentence_embedding"] / np.maximum(np.linalg.norm(x["sentence_embedding"], axis=-1, keepdims=True), 1e-12)
-        uy = y["sentence_embedding"] / np.maximum(np.linalg.norm(y["sentence_embedding"], axis=-1, keepdims=True), 1e-12)
-        worst = max(worst, float(np.abs(ux - uy).max()))
-    return worst
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    return max(float(np.abs(unit(x["sentence_embedding"]) - unit(y["sentence_embedding"])).max()) for x, y in zip(a, b))

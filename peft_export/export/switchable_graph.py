@@ -152,8 +152,10 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
             f"internal error: the traced graph lost the LoRA inputs {missing[:3]} (their layers do not reach the "
             "embedding)"
         )
-    for slot in slots:
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros((slot.in_features, 0), np.float32), slot.input_a))
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros((0, slot.out_features), np.float32), slot.input_b))
+    for slot in slots:  # rank-0 defaults: without an adapter, every branch adds an empty product
+        zero_a = np.zeros((slot.in_features, 0), np.float32)
+        zero_b = np.zeros((0, slot.out_features), np.float32)
+        model.graph.initializer.extend([numpy_helper.from_array(zero_a, slot.input_a),
+                                        numpy_helper.from_array(zero_b, slot.input_b)])
     onnx.save_model(model, str(path))
     return path

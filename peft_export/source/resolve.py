@@ -61,7 +61,8 @@ def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
 
 def check_adapter_name(name: str) -> None:
     """Adapter names become file names: letters, digits, '-', '_' and '.', never a path."""
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+    if (not isinstance(name, str) or not name or name.startswith(".")
+            or not all(c.isalnum() or c in "-_." for c in name)):
         raise ConfigError(f"Adapter name {name!r} must use letters, digits, '-', '_' or '.' only")
 
 
