@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import (
+    AdapterNotFoundError,
     ConfigError,
     MissingDependencyError,
     ModelNotFoundError,
@@ -20,6 +21,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterNotFoundError",
     "ConfigError",
     "EmbeddingModel",
     "MissingDependencyError",

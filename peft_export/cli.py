@@ -40,6 +40,12 @@ def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = 
     parser.add_argument("--allow-noop-adapter", action="store_true",
                         help="export even if the adapter does not change the embeddings")
     parser.add_argument("--token", help="Hugging Face token for private repositories")
+    if onnx:
+        parser.add_argument("--switchable", action="store_true",
+                            help="keep adapters separate: one base graph with LoRA branches plus one weight file "
+                                 "per --adapter NAME=PATH, switched per call at run time")
+        parser.add_argument("--default-adapter", metavar="NAME",
+                            help="with --switchable: the adapter active when the export is loaded (default: none)")
     quant = parser.add_argument_group(
         "quantization (int8 graphs must pass a quality gate against fp32)" if onnx
         else "quality gate (fp16 / int8 weights must pass it against fp32; fp16 needs mean cosine >= 0.999)")
@@ -85,6 +91,7 @@ def _export_options(args: argparse.Namespace, output_suffix: str):
         allow_noop_adapter=args.allow_noop_adapter, quantize=getattr(args, "quantize", None),
         gate_data=args.gate_data, calibration_data=getattr(args, "calibration_data", None),
         gate=QualityGate(args.min_mean_cosine, args.min_worst_cosine, args.min_ndcg_retention),
+        switchable=getattr(args, "switchable", False), default_adapter=getattr(args, "default_adapter", None),
     )
 
 
@@ -109,6 +116,23 @@ def _cmd_merge_openvino(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add_adapter(args: argparse.Namespace) -> int:
+    from .export.switchable import add_adapter
+
+    entry = add_adapter(args.path, args.adapter, base=args.base, force=args.force,
+                        allow_noop_adapter=args.allow_noop_adapter, trust_remote_code=args.trust_remote_code,
+                        token=args.token, log=lambda msg: print(msg, flush=True))
+    print(f"done: {entry['name']} -> {Path(args.path) / entry['file']}")
+    return 0
+
+
+def _cmd_remove_adapter(args: argparse.Namespace) -> int:
+    from .export.switchable import remove_adapter
+
+    remove_adapter(args.path, args.name, log=lambda msg: print(msg, flush=True))
+    return 0
+
+
 def _cmd_encode(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -117,7 +141,8 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     model = EmbeddingModel(args.path, device=args.device, backend=args.backend,
                            inference_precision=args.inference_precision)
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
-    embeddings = model.encode(texts, prompt_name=args.prompt_name, normalize_embeddings=args.normalize)
+    embeddings = model.encode(texts, prompt_name=args.prompt_name, normalize_embeddings=args.normalize,
+                              adapter=args.adapter)
     if args.json:
         print(json.dumps([e.tolist() for e in embeddings]))
         return 0
@@ -150,6 +175,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"adapter:     {adapter['name']} <- {adapter['source']} r={adapter['r']} "
               f"alpha={adapter['lora_alpha']} sha256={digest}...")
     print(f"merge mode:  {manifest['merge_mode']}")
+    if manifest["merge_mode"] == "switchable":
+        print(f"switchable:  {len(config.lora_slots)} LoRA branches, default adapter: "
+              f"{manifest.get('default_adapter') or 'none (base)'}")
     print(f"pipeline:    pooling={config.pooling_modes} normalize={config.normalize} dim={config.dimension} "
           f"max_seq_length={config.max_seq_length} similarity={config.similarity_fn_name}")
     validation = manifest.get("validation", {})
@@ -255,7 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--prompt-name", help="name of a prompt from the model's config")
     enc.add_argument("--normalize", action="store_true", help="L2-normalise the output")
     enc.add_argument("--json", action="store_true", help="print embeddings as JSON")
+    enc.add_argument("--adapter", metavar="NAME", help="switchable exports: the adapter to encode with")
     enc.set_defaults(handler=_cmd_encode)
+
+    add = sub.add_parser("add-adapter", help="add a PEFT LoRA adapter to a switchable export (graph untouched)",
+                         description="Convert a PEFT LoRA adapter for an existing switchable export, validate it "
+                                     "against eager PEFT and the merged model on the export's base, and add its "
+                                     "weight file. A rejected adapter leaves the folder unchanged.")
+    add.add_argument("path", help="switchable export folder")
+    add.add_argument("adapter", metavar="NAME=PATH_OR_ID", help="adapter name and PEFT adapter folder or hub id")
+    add.add_argument("--base", help="where the export's base model is now (default: as recorded in the manifest)")
+    add.add_argument("--force", action="store_true", help="replace an adapter of the same name")
+    add.add_argument("--allow-noop-adapter", action="store_true",
+                     help="add it even if it does not change the embeddings or duplicates another adapter")
+    add.add_argument("--trust-remote-code", action="store_true", help="allow model code from the base's repository")
+    add.add_argument("--token", help="Hugging Face token for private repositories")
+    add.set_defaults(handler=_cmd_add_adapter)
+
+    rm = sub.add_parser("remove-adapter", help="remove an adapter from a switchable export (graph untouched)")
+    rm.add_argument("path", help="switchable export folder")
+    rm.add_argument("name", help="adapter name")
+    rm.set_defaults(handler=_cmd_remove_adapter)
 
     info = sub.add_parser("info", help="summarise an export folder's manifest")
     info.add_argument("path", help="export folder")

@@ -27,6 +27,10 @@ class ValidationError(PeftExportError, ValueError):
     """The exported graph does not reproduce the PyTorch reference within tolerance."""
 
 
+class AdapterNotFoundError(PeftExportError, ValueError):
+    """An adapter name that the model has not loaded (ValueError, as in PEFT and transformers)."""
+
+
 class MissingDependencyError(PeftExportError, ImportError):
     """An optional dependency is needed for this call; the message names the extra to install."""
 

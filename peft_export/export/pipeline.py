@@ -50,6 +50,8 @@ class ExportOptions:
     gate: QualityGate = field(default_factory=QualityGate)
     gate_data: str | None = None  # JSON lines of {"query", "passage"}; default: the demo held-out pairs
     calibration_data: str | None = None  # text file, one sentence per line; default: demo training text
+    switchable: bool = False  # keep adapters separate: one base graph + one weight file per adapter (ONNX only)
+    default_adapter: str | None = None  # switchable: the adapter active when the export is loaded
 
 
 @dataclass
@@ -164,6 +166,10 @@ def export_onnx_model(model_id: str, output: str | Path, log: Callable[[str], No
 
 
 def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
+    if options.switchable:
+        from .switchable import run_switchable_export
+
+        return run_switchable_export(options, log)
     from .onnx import OnnxFormat
 
     return run_export(options, OnnxFormat(options), log)  # checks --quantize options before the slow stages
@@ -179,6 +185,9 @@ def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
                         log: Callable[[str], None] = logger.info) -> ExportResult:
     from .openvino import OpenVinoFormat
 
+    if options.switchable:
+        raise ConfigError("Switchable adapters are exported for ONNX Runtime only (merge-onnx --switchable); "
+                          "merge-openvino writes one merged adapter")
     graph_format = OpenVinoFormat(weight_format, options)  # checks its options before the slow stages
     require("openvino", "openvino")
     if weight_format == "int8":
@@ -194,27 +203,44 @@ def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[
     return write_export(merged, options, graph_format, log)
 
 
-def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:
-    """Resolve, load in fp32, merge the adapter with PEFT, and record the PyTorch reference outputs."""
+@dataclass
+class PreparedExport:
+    """What every export mode loads first: the resolved model, its tokenizer and fp32 encoder, the pipeline
+    modules after the encoder, and the reference tokenization."""
+
+    resolved: ResolvedModel
+    tokenizer: Any
+    encoder: Any
+    max_len: int
+    uses_token_type_ids: bool
+    dense: list
+    input_names: list[str]
+    ref_tokenize: Callable[[list[str]], dict[str, np.ndarray]]
+
+    def make_pipeline(self, module):
+        from .graph import EmbeddingPipeline
+
+        return EmbeddingPipeline(module, self.resolved.pipeline, self.dense, self.uses_token_type_ids).eval()
+
+    def load_encoder(self, trust_remote_code: bool = False):
+        """Another fresh copy of the base encoder."""
+        from .merge import load_base_encoder
+
+        return load_base_encoder(self.resolved.encoder_folder, trust_remote_code)
+
+    def runtime_config(self, model_file: str, sentence_dim: int, backend: str = "onnxruntime") -> RuntimeConfig:
+        return runtime_config(self.resolved, self.tokenizer, self.input_names, self.max_len, len(self.dense),
+                              sentence_dim, model_file, backend)
+
+
+def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedExport:
+    """Load tokenizer, encoder (fp32) and Dense modules for ``resolved``, with ``options``' overrides applied."""
     import torch
 
-    from .graph import EmbeddingPipeline, load_dense
-    from .merge import attach_adapters, load_base_encoder, merge_adapter, uses_token_type_ids
+    from .graph import load_dense
+    from .merge import load_base_encoder, uses_token_type_ids
 
-    started = time.perf_counter()
-    resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
-                             base_revision=options.base_revision, token=options.token)
     _apply_overrides(options, resolved)
-    if len(resolved.adapters) > 1:
-        raise ConfigError(
-            f"A merged export takes one adapter, {len(resolved.adapters)} were given "
-            f"({', '.join(a.name for a in resolved.adapters)}); export each separately"
-        )
-    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
-    for adapter in resolved.adapters:
-        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
-            f"targets={adapter.config.target_modules}")
-
     torch.manual_seed(0)
     tokenizer = _load_tokenizer(resolved, options.trust_remote_code)
     encoder = load_base_encoder(resolved.encoder_folder, options.trust_remote_code)
@@ -222,12 +248,34 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     tokenizer.model_max_length = max_len
     with_type_ids = uses_token_type_ids(encoder, tokenizer)
     dense = [load_dense(resolved.pipeline_folder, d) for d in resolved.pipeline.dense]
-
-    def make_pipeline(module):
-        return EmbeddingPipeline(module, resolved.pipeline, dense, with_type_ids).eval()
-
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_type_ids else [])
-    ref_tokenize = _reference_tokenize(tokenizer, names, max_len)
+    return PreparedExport(resolved, tokenizer, encoder, max_len, with_type_ids, dense, names,
+                          _reference_tokenize(tokenizer, names, max_len))
+
+
+def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:
+    """Resolve, load in fp32, merge the adapter with PEFT, and record the PyTorch reference outputs."""
+    from .merge import attach_adapters, merge_adapter
+
+    started = time.perf_counter()
+    resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
+                             base_revision=options.base_revision, token=options.token)
+    if options.default_adapter is not None:
+        raise ConfigError("--default-adapter only applies to switchable exports (merge-onnx --switchable)")
+    if len(resolved.adapters) > 1:
+        raise ConfigError(
+            f"A merged export takes one adapter, {len(resolved.adapters)} were given "
+            f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass --switchable to "
+            "keep them as switchable adapters over one base graph"
+        )
+    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
+    for adapter in resolved.adapters:
+        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
+            f"targets={adapter.config.target_modules}")
+
+    prepared = prepare_export(options, resolved)
+    encoder, make_pipeline, ref_tokenize = prepared.encoder, prepared.make_pipeline, prepared.ref_tokenize
+    tokenizer, names, max_len, dense = prepared.tokenizer, prepared.input_names, prepared.max_len, prepared.dense
     parity: dict[str, Any] = {}
     if resolved.adapters:
         adapter = resolved.adapters[0]
@@ -268,22 +316,8 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
         model_path = graph_format.write(merged, tmp, log)
         merged.tokenizer.save_pretrained(str(tmp))
         sentence_dim = int(merged.references[0].sentence_embedding.shape[-1])
-        config = RuntimeConfig(
-            backend=graph_format.backend,
-            model_file=model_path.name,
-            input_names=list(merged.input_names),
-            dimension=sentence_dim,
-            max_seq_length=merged.max_seq_length,
-            do_lower_case=resolved.pipeline.do_lower_case,
-            pad_token_id=int(merged.tokenizer.pad_token_id or 0),
-            pooling_modes=list(resolved.pipeline.pooling.modes),
-            include_prompt=resolved.pipeline.pooling.include_prompt,
-            has_dense=bool(merged.dense_layers),
-            normalize=resolved.pipeline.normalize,
-            prompts=resolved.pipeline.prompts,
-            default_prompt_name=resolved.pipeline.default_prompt_name,
-            similarity_fn_name=resolved.pipeline.similarity_fn_name,
-        )
+        config = runtime_config(resolved, merged.tokenizer, merged.input_names, merged.max_seq_length,
+                                merged.dense_layers, sentence_dim, model_path.name, graph_format.backend)
         config.save(tmp)
         runtime_tok = TextTokenizer(tmp, config)
         _check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, validate.VALIDATION_TEXTS)
@@ -294,6 +328,28 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")
     return ExportResult(Path(options.output), manifest, resolved)
+
+
+def runtime_config(resolved: ResolvedModel, tokenizer, input_names: list[str], max_seq_length: int, dense_layers: int,
+                   sentence_dim: int, model_file: str, backend: str) -> RuntimeConfig:
+    """embedding_config.json for an export of ``resolved``'s pipeline."""
+    pipeline = resolved.pipeline
+    return RuntimeConfig(
+        backend=backend,
+        model_file=model_file,
+        input_names=list(input_names),
+        dimension=sentence_dim,
+        max_seq_length=max_seq_length,
+        do_lower_case=pipeline.do_lower_case,
+        pad_token_id=int(tokenizer.pad_token_id or 0),
+        pooling_modes=list(pipeline.pooling.modes),
+        include_prompt=pipeline.pooling.include_prompt,
+        has_dense=bool(dense_layers),
+        normalize=pipeline.normalize,
+        prompts=pipeline.prompts,
+        default_prompt_name=pipeline.default_prompt_name,
+        similarity_fn_name=pipeline.similarity_fn_name,
+    )
 
 
 def _manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: RuntimeConfig, parity: dict,

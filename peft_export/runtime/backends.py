@@ -56,12 +56,12 @@ def open_backend(
         settings = session_settings or SessionSettings()
         if intra_op_threads is not None:
             settings.intra_op_threads = intra_op_threads
-        return OnnxRuntimeBackend(model_path, device, providers, settings)
+        return OnnxRuntimeBackend(model_path, device, providers, settings, lora_inputs=bool(config.lora_slots))
 
     if providers is not None or session_settings is not None:
         raise ConfigError("providers and session_settings apply to ONNX Runtime; with backend='openvino' pass "
                           "device='CPU'|'GPU'|'AUTO' and openvino_settings / inference_precision / performance_hint")
-    if config.adapters:
+    if config.adapters or config.lora_slots:
         raise ConfigError(
             f"{folder} is a switchable-adapter export ({', '.join(sorted(config.adapters))}); switchable adapters "
             "are not supported on the OpenVINO backend yet. Load it with backend='onnxruntime', or export one "

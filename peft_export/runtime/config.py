@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,15 +35,22 @@ class RuntimeConfig:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     similarity_fn_name: str = "cosine"
+    # Switchable exports: adapter name -> {"file": relative path, r, lora_alpha, modules, ...}, the adapter
+    # active when the model loads (None: the base), and the graph's LoRA slots (runtime.lora_layout.Slot dicts).
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_adapter: str | None = None
+    lora_slots: list[dict[str, Any]] = field(default_factory=list)
     version: int = CONFIG_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def save(self, folder: Path) -> None:
-        (folder / RUNTIME_CONFIG_FILE).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        """Write through a temporary file and a rename: a reader sees the old file or the new one, never half."""
+        path = folder / RUNTIME_CONFIG_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, folder: Path) -> RuntimeConfig:

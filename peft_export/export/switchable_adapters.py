@@ -1,0 +1,229 @@
+"""PEFT LoRA adapters -> the factors a switchable graph takes, and the references they are validated against.
+
+The factors come from PEFT's own LoRA layers (``lora_A``, ``lora_B`` and ``scaling`` per module), so per-module
+ranks and alphas (``rank_pattern``, ``alpha_pattern``) and rsLoRA's scaling are exactly what PEFT's forward
+uses. Anything a low-rank branch cannot reproduce exactly is refused, naming the config key.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..runtime.lora_layout import Slot, pack_factors
+from ..source.adapter_config import AdapterConfig
+from ..source.resolve import AdapterSource, load_adapter_source
+from . import validate
+from .merge import _LORA_KEY, check_adapter_tensors, merge_adapter
+from .switchable_graph import UNUSED_HEADS
+
+# Config keys whose non-default value changes the forward beyond ``W x + scaling * B A x``.
+_REFUSED = {
+    "use_dora": "DoRA rescales every column of the updated weight by a learned magnitude",
+    "lora_bias": "it trains a bias on lora_B",
+    "modules_to_save": "it stores full trained copies of modules, which would replace the shared base's",
+    "kasa_config": "KaSA changes the LoRA forward",
+    "monteclora_config": "MonteCLoRA changes the LoRA forward",
+    "velora_config": "VeLoRA changes the LoRA forward",
+}
+
+
+def check_switchable_config(config: AdapterConfig, where: str) -> None:
+    """Refuse adapter configs whose effect a switchable graph cannot reproduce exactly, naming the key."""
+    raw = config.raw
+    for key, why in _REFUSED.items():
+        if raw.get(key):
+            raise ConfigError(
+                f"{where}: {key!r} is set ({raw[key]!r}); a switchable export cannot reproduce it exactly ({why}). "
+                "Export this adapter merged instead (merge-onnx without --switchable)."
+            )
+    bias = raw.get("bias", "none")
+    if bias not in (None, "none"):
+        raise ConfigError(
+            f"{where}: 'bias' is {bias!r}: the adapter trains the base layers' biases, which a switchable export "
+            "shares between adapters. Export it merged instead (merge-onnx without --switchable)."
+        )
+
+
+def peft_lora_factors(model: nn.Module, adapter_name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{module: (A (r, in), B * scaling (out, r))} in float32 for one adapter of a PEFT-wrapped model.
+
+    Module names are relative to the base model; heads the embedding never reads (BERT's pooler) are skipped.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    factors = {}
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
+            continue
+        if name.split(".", 1)[0] in UNUSED_HEADS:
+            continue
+        variant = getattr(module, "lora_variant", {}).get(adapter_name)
+        if variant is not None or getattr(module, "lora_bias", {}).get(adapter_name):
+            what = type(variant).__name__ if variant is not None else "lora_bias"
+            raise ConfigError(f"Adapter {adapter_name!r} uses {what} on {name!r}; a switchable export cannot "
+                              "reproduce it exactly. Export it merged instead.")
+        with torch.no_grad():
+            lora_a = module.lora_A[adapter_name].weight.detach().float()  # (r, in)
+            lora_b = module.lora_B[adapter_name].weight.detach().float() * float(module.scaling[adapter_name])
+        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+            raise ConfigError(f"Adapter {adapter_name!r}: LoRA weights of {name!r} contain NaN or Inf after scaling")
+        factors[name] = (lora_a.numpy().copy(), lora_b.numpy().copy())
+    if not factors:
+        raise ConfigError(f"Adapter {adapter_name!r} has no LoRA layer that reaches the embedding")
+    return factors
+
+
+def adapter_modules(adapter: AdapterSource) -> set[str]:
+    """Modules an adapter file has LoRA tensors for (pooler heads excluded); refuses files that are not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(adapter.weights), framework="pt") as fh:
+            keys = list(fh.keys())
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{adapter.weights} is not a readable safetensors file: {err}") from err
+    modules = set()
+    for key in keys:
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise ConfigError(f"{adapter.weights}: tensor {key!r} is not a LoRA weight (lora_A/lora_B)")
+        if match.group("module").split(".", 1)[0] not in UNUSED_HEADS:
+            modules.add(match.group("module"))
+    return modules
+
+
+def check_targets_in_graph(adapter: AdapterSource, slots: list[Slot]) -> None:
+    """Every module the adapter has weights for must have a branch in the graph."""
+    missing = sorted(adapter_modules(adapter) - {slot.module for slot in slots})
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(
+            f"Adapter {adapter.name!r} targets {missing[0]!r}{more}, which has no LoRA branch in this switchable "
+            "graph (the graph has branches only where the exported adapters had them). Re-export with this "
+            "adapter among the --adapter options: `peft-export merge-onnx BASE --switchable --adapter ... "
+            f"--adapter {adapter.name}={adapter.source}`."
+        )
+
+
+def _skeleton(slots: list[Slot]) -> nn.Module:
+    """A module tree holding a Linear of the right shape at every slot, with uninitialised weights: enough for
+    PEFT to place an adapter exactly as it would on the base, without the base's weights."""
+    root = nn.Module()
+    for slot in slots:
+        parent = root
+        *path, leaf = slot.module.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, nn.Linear(slot.in_features, slot.out_features, device="meta"))
+    return root.to_empty(device="cpu")
+
+
+def convert_peft_adapter(spec: str, slots: list[Slot], name: str = "default", revision: str | None = None,
+                         token: str | bool | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A PEFT LoRA adapter (folder or hub id) -> (graph inputs for ``slots``, summary), without the base model.
+
+    Used by the runtime's ``load_adapter`` for adapters that were not converted at export time. Checks shapes and
+    values and that every target has a branch, but cannot compare with the base model's outputs; exports and
+    ``peft-export add-adapter`` do that.
+    """
+    from peft import PeftModel
+
+    adapter = load_adapter_source(spec, name=name, revision=revision, token=token)
+    check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
+    check_targets_in_graph(adapter, slots)
+    skeleton = _skeleton(slots)
+    check_adapter_tensors(skeleton, adapter)
+    model = PeftModel.from_pretrained(skeleton, str(adapter.folder), adapter_name=adapter.name, is_trainable=False)
+    factors = peft_lora_factors(model, adapter.name)
+    return pack_factors(slots, factors), adapter_summary(adapter, factors)
+
+
+def adapter_summary(adapter: AdapterSource, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
+    """What the manifest and embedding_config.json record about an adapter."""
+    return {
+        "source": adapter.source,
+        "sha256": {adapter.weights.name: adapter.sha256},
+        **adapter.config.summary(),
+        "modules": sorted(factors),
+        "ranks": {module: int(a.shape[0]) for module, (a, _) in sorted(factors.items())},
+    }
+
+
+@dataclass
+class AdapterReferences:
+    """PyTorch outputs one adapter is validated against: eager PEFT, and the merged model of that adapter."""
+
+    name: str
+    eager: list[validate.ReferenceBatch]
+    merged: list[validate.ReferenceBatch]
+    effect: float  # largest change of normalised sentence embeddings vs the base
+    merged_vs_eager: float
+
+
+def replay(batches: list[validate.ReferenceBatch]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A runner that answers the validation batches in order with stored outputs (to compare two references)."""
+    stored = iter(batches)
+
+    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = next(stored)
+        return {"sentence_embedding": batch.sentence_embedding, "token_embeddings": batch.token_embeddings}
+
+    return run
+
+
+def adapter_references(peft_model, name: str, make_pipeline: Callable[[nn.Module], nn.Module], tokenize,
+                       base: list[validate.ReferenceBatch]) -> AdapterReferences:
+    """Eager PEFT with ``name`` active, and a merged copy of the model with ``name`` merged (PEFT's merge)."""
+    peft_model.set_adapter(name)
+    eager = validate.reference_outputs(make_pipeline(peft_model), tokenize)
+    effect = validate.max_sentence_difference(base, replay(eager))
+    merged_model = merge_adapter(copy.deepcopy(peft_model), name)
+    merged = validate.reference_outputs(make_pipeline(merged_model), tokenize)
+    del merged_model
+    report = validate.compare_with_reference(eager, replay(merged), f"The merged model of adapter {name!r}")
+    return AdapterReferences(name, eager, merged, effect, report.max_diff["sentence_embedding"])
+
+
+def validate_adapter_run(refs: AdapterReferences, run_graph) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
+    """The switchable graph with one adapter vs eager PEFT and vs the merged model; returns (report, outputs)."""
+    outputs = []
+
+    def recording(feeds):
+        out = run_graph(feeds)
+        outputs.append(out)
+        return out
+
+    eager = validate.compare_with_reference(refs.eager, recording,
+                                            f"The switchable graph with adapter {refs.name!r} (vs eager PEFT)")
+    merged = validate.compare_with_reference(refs.merged, replay_outputs(outputs),
+                                             f"The switchable graph with adapter {refs.name!r} (vs the merged model)")
+    report = {
+        "vs_eager_peft": eager.to_dict(),
+        "vs_merged_pytorch": merged.max_diff,
+        "merged_vs_eager_peft": refs.merged_vs_eager,
+        "adapter_vs_base_max_abs_diff": refs.effect,
+    }
+    return report, outputs
+
+
+def replay_outputs(outputs: list[dict[str, np.ndarray]]):
+    stored = iter(outputs)
+    return lambda feeds: next(stored)
+
+
+def max_output_difference(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> float:
+    """Largest difference of normalised sentence embeddings between two runs over the same batches."""
+    def unit(x: np.ndarray) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    return max(float(np.abs(unit(x["sentence_embedding"]) - unit(y["sentence_embedding"])).max()) for x, y in zip(a, b))

@@ -1,0 +1,161 @@
+"""The switchable graph: the base pipeline with a LoRA branch at every Linear that any adapter targets.
+
+Each branch computes ``y = x W^T + (x @ A) @ B + b`` where ``A`` (in, rank) and ``B`` (rank, out) are graph
+inputs that also carry an initializer ("overridable initializers"). The initializers have rank 0, so a run
+without an adapter adds an empty product (exact zeros) and reproduces the base model. ONNX Runtime's LoRA
+adapter files (``.onnx_adapter``) hold values for some of these inputs and replace them for one run.
+
+Why this construction:
+
+* The rank axis is dynamic (ONNX Runtime accepts any rank at run time; checked by experiment), so adapters of
+  different ranks share one graph with no zero padding, and an adapter that does not target a module simply
+  leaves that slot's rank-0 default in place: it contributes nothing there.
+* The adapter's scaling (lora_alpha / r, or / sqrt(r) with rsLoRA, per module with alpha_pattern/rank_pattern)
+  is folded into ``B``, so the graph needs no per-adapter scalar.
+* Every targeted Linear keeps its own branch. Packing query/key/value into one fused projection with a
+  block-diagonal B was tried: it removed nodes but measured no faster (the Split and the wider products cost
+  what the saved nodes gained), so the simpler layout stays.
+* The branch is added before the bias: ONNX Runtime's fusions that absorb a bias Add (BiasGelu) still fire.
+* The graph is traced from the same :class:`EmbeddingPipeline` as merged exports, with the targeted
+  ``nn.Linear`` modules replaced; A and B enter as extra forward inputs, so the tracer sees them as dynamic
+  values, never as constants it could fold. The ONNX model is then post-processed with the ``onnx`` helper
+  API to give each of those inputs its rank-0 default.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..runtime.lora_layout import Slot
+from .graph import EmbeddingPipeline
+from .onnx import MODEL_FILE, OUTPUT_NAMES, dummy_inputs, input_names
+
+# BERT-style pooler heads: loaded with the encoder (so adapter keys line up) but never read by the embedding.
+UNUSED_HEADS = ("pooler",)
+
+
+class LoraLinear(nn.Module):
+    """``nn.Linear`` plus a low-rank branch whose factors are set per forward by :class:`SwitchablePipeline`."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.base_layer = linear
+        self.lora_a: torch.Tensor | None = None  # (in, rank)
+        self.lora_b: torch.Tensor | None = None  # (rank, out), scaling folded in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.base_layer.weight.t())  # (..., out)
+        if self.lora_a is not None:
+            y = y + torch.matmul(torch.matmul(x, self.lora_a), self.lora_b)  # (..., rank) -> (..., out)
+        if self.base_layer.bias is not None:
+            y = y + self.base_layer.bias
+        return y
+
+
+class SwitchablePipeline(nn.Module):
+    """EmbeddingPipeline whose slot layers take their LoRA factors as extra forward inputs (A, B per slot).
+
+    Replaces the slot layers of ``pipeline.encoder`` in place.
+    """
+
+    def __init__(self, pipeline: EmbeddingPipeline, slots: list[Slot]):
+        super().__init__()
+        self.pipeline = pipeline
+        self.layers: list[LoraLinear] = []
+        modules = dict(pipeline.encoder.named_modules())
+        for slot in slots:
+            parent_name, _, child = slot.module.rpartition(".")
+            parent = modules[parent_name] if parent_name else pipeline.encoder
+            wrapped = LoraLinear(modules[slot.module])
+            setattr(parent, child, wrapped)
+            self.layers.append(wrapped)
+
+    def forward(self, *inputs: torch.Tensor):
+        n_text = len(input_names(self.pipeline))
+        text, factors = inputs[:n_text], inputs[n_text:]
+        for i, layer in enumerate(self.layers):
+            layer.lora_a, layer.lora_b = factors[2 * i], factors[2 * i + 1]
+        try:
+            return self.pipeline(*text)
+        finally:
+            for layer in self.layers:
+                layer.lora_a = layer.lora_b = None
+
+
+def find_slots(encoder: nn.Module, targeted: set[str]) -> list[Slot]:
+    """A slot per targeted Linear of ``encoder``, in module order; heads the embedding never reads are skipped."""
+    slots = []
+    for name, module in encoder.named_modules():
+        if name not in targeted or name.split(".", 1)[0] in UNUSED_HEADS:
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(
+                f"An adapter targets {name!r}, a {type(module).__name__}; switchable exports support LoRA on Linear "
+                "layers only"
+            )
+        slots.append(Slot(name, module.in_features, module.out_features))
+    return slots
+
+
+def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int) -> Path:
+    """Trace ``pipeline`` with a LoRA branch per slot and write ``folder/model.onnx`` with rank-0 defaults.
+
+    ``pipeline`` is modified (its slot layers are replaced); pass one built for the export only.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if not slots:
+        raise ConfigError("A switchable export needs at least one module with a LoRA branch")
+    text_names = input_names(pipeline)
+    text_inputs = dummy_inputs(pipeline)
+    switchable = SwitchablePipeline(pipeline, slots).eval()
+    generator = torch.Generator().manual_seed(0)
+    trace_rank = 3  # any rank: the axis is exported as dynamic
+    factors, factor_names, axes = [], [], {}
+    for i, slot in enumerate(slots):
+        factors += [torch.randn(slot.in_features, trace_rank, generator=generator) * 0.01,
+                    torch.randn(trace_rank, slot.out_features, generator=generator) * 0.01]
+        factor_names += [slot.input_a, slot.input_b]
+        axes[slot.input_a] = {1: f"rank_{i}"}
+        axes[slot.input_b] = {0: f"rank_{i}"}
+    for name in text_names:
+        axes[name] = {0: "batch", 1: "sequence"}
+    axes["sentence_embedding"] = {0: "batch"}
+    axes["token_embeddings"] = {0: "batch", 1: "sequence"}
+
+    path = folder / MODEL_FILE
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings; validated after
+        torch.onnx.export(
+            switchable,
+            (*text_inputs, *factors),
+            str(path),
+            input_names=text_names + factor_names,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    model = onnx.load(str(path))
+    declared = {i.name for i in model.graph.input}
+    missing = [n for n in factor_names if n not in declared]
+    if missing:
+        raise ConfigError(
+            f"internal error: the traced graph lost the LoRA inputs {missing[:3]} (their layers do not reach the "
+            "embedding)"
+        )
+    for slot in slots:  # rank-0 defaults: without an adapter, every branch adds an empty product
+        zero_a = np.zeros((slot.in_features, 0), np.float32)
+        zero_b = np.zeros((0, slot.out_features), np.float32)
+        model.graph.initializer.extend([numpy_helper.from_array(zero_a, slot.input_a),
+                                        numpy_helper.from_array(zero_b, slot.input_b)])
+    onnx.save_model(model, str(path))
+    return path

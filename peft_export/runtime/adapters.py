@@ -1,0 +1,221 @@
+"""Adapter methods of :class:`EmbeddingModel` for switchable exports, with sentence-transformers' / PEFT's meaning.
+
+State is one active adapter name plus an enabled flag, as in PEFT: ``disable_adapters()`` runs the base until
+``enable_adapters()``, whatever ``set_adapter()`` chose meanwhile. ``encode(..., adapter=NAME)`` picks an adapter
+for one call without touching that state. Each call resolves its adapter once, under a lock, and hands the
+backend a reference to it, so concurrent calls never see each other's adapter and an adapter deleted during a
+call stays valid until that call ends. Everything backend-specific goes through the backend's verbs
+(``lora_input_names``, ``load_adapter``, ``read_adapter``, ``adapter_from_arrays``, ``run(..., adapter=)``).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AdapterNotFoundError, ConfigError, UnsafeModelError, require
+from ..source.resolve import DEFAULT_ADAPTER_NAME, check_adapter_name
+from .lora_layout import LORA_A, LORA_B, Slot, check_factor_arrays, unpack_factors
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    adapter: Any  # the backend's handle
+    source: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _inside(folder: Path, relative: str) -> Path:
+    """``folder / relative``, refusing paths that leave the folder (``..``, absolute paths, symlinks out)."""
+    target = (folder / relative).resolve()
+    if Path(relative).is_absolute() or folder.resolve() not in target.parents:
+        raise UnsafeModelError(f"{folder}: adapter file {relative!r} points outside the export folder; refused")
+    return target
+
+
+class AdapterMethods:
+    """Mixed into EmbeddingModel, which provides ``path``, ``config``, ``manifest`` and ``backend``."""
+
+    def _init_adapters(self) -> None:
+        self._adapter_lock = threading.Lock()
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._active_adapter: str | None = None
+        self._adapters_enabled = True
+        self._slots = [Slot.from_dict(s) for s in self.config.lora_slots]
+        if not self._slots:
+            return
+        expected = {name for slot in self._slots for name in (slot.input_a, slot.input_b)}
+        found = set(self.backend.lora_input_names)
+        if found != expected:
+            missing = sorted(expected - found) or sorted(found - expected)
+            raise ConfigError(
+                f"{self.path}: the graph's LoRA inputs do not match embedding_config.json (first difference: "
+                f"{missing[0]!r}); the folder was modified. Export it again."
+            )
+        for name, entry in self.config.adapters.items():
+            self._register(name, self._load_checked(_inside(self.path, entry["file"])), entry["file"], entry)
+        default = self.config.default_adapter
+        if default is not None:
+            if default not in self._adapters:
+                raise ConfigError(f"{self.path}: default_adapter {default!r} is not among the adapters "
+                                  f"{sorted(self._adapters)}")
+            self._active_adapter = default
+
+    # ----- helpers -----
+    @property
+    def is_switchable(self) -> bool:
+        """True for exports made with ``--switchable`` (one base graph, adapters chosen per call)."""
+        return bool(self._slots)
+
+    def _require_switchable(self, method: str) -> None:
+        if not self._slots:
+            merged = [a.get("name") for a in self.manifest.get("adapters", [])]
+            what = f"adapter {', '.join(map(repr, merged))} merged into its weights" if merged else "no adapters"
+            raise ConfigError(
+                f"{method}() needs a switchable export, but {self.path} is a merged export ({what}). Export with "
+                "`peft-export merge-onnx BASE --adapter NAME=PATH ... --switchable` to switch adapters per call."
+            )
+
+    def _load_checked(self, path: Path):
+        check_factor_arrays(self._slots, self.backend.read_adapter(path), str(path))
+        return self.backend.load_adapter(path)
+
+    def _register(self, name: str, adapter, source: str, info: dict[str, Any]) -> None:
+        with self._adapter_lock:
+            if name in self._adapters:
+                raise ConfigError(f"Adapter with name {name!r} already exists. Please use a different name.")
+            self._adapters[name] = LoadedAdapter(name, adapter, source, dict(info))
+
+    def _unknown(self, name: Any) -> AdapterNotFoundError:
+        return AdapterNotFoundError(
+            f"Adapter with name {name!r} not found. Loaded adapters: {sorted(self._adapters)}"
+        )
+
+    def _adapter_for_call(self, adapter: str | bool | None):
+        """The backend handle one encode() call runs with (None: the base). ``adapter``: None = the model's state,
+        a name = that adapter for this call, False = the base for this call."""
+        if adapter is None and not self._slots:
+            return None
+        self._require_switchable("encode(adapter=...)" if adapter is not None else "encode")
+        with self._adapter_lock:
+            if adapter is None:
+                if not self._adapters_enabled or self._active_adapter is None:
+                    return None
+                return self._adapters[self._active_adapter].adapter
+            if adapter is False:
+                return None
+            if not isinstance(adapter, str) or adapter not in self._adapters:
+                raise self._unknown(adapter)
+            return self._adapters[adapter].adapter
+
+    # ----- the sentence-transformers / PEFT methods -----
+    def list_adapters(self) -> list[str]:
+        """Names of the loaded adapters, in load order ([] for a merged export)."""
+        with self._adapter_lock:
+            return list(self._adapters)
+
+    def load_adapter(self, path_or_id: str | Path, adapter_name: str | None = None, *, revision: str | None = None,
+                     token: str | bool | None = None) -> None:
+        """Load an adapter and make it the active one, as transformers' ``load_adapter`` does.
+
+        ``path_or_id``: an exported ``.onnx_adapter`` file, or a PEFT LoRA adapter (folder or hub id), converted
+        for this graph on the fly; that needs the export extra (torch, peft). ``adapter_name`` defaults to
+        ``"default"``.
+        """
+        self._require_switchable("load_adapter")
+        name = DEFAULT_ADAPTER_NAME if adapter_name is None else adapter_name
+        check_adapter_name(name)
+        if name in self._adapters:
+            raise ConfigError(f"Adapter with name {name!r} already exists. Please use a different name.")
+        path = Path(path_or_id).expanduser()
+        if path.is_file():
+            adapter, info = self._load_checked(path), {"file": str(path)}
+        else:
+            convert = require("peft_export.export.switchable_adapters", "export")
+            factors, info = convert.convert_peft_adapter(str(path_or_id), self._slots, name, revision=revision,
+                                                        token=token)
+            adapter = self.backend.adapter_from_arrays(factors)
+        self._register(name, adapter, str(path_or_id), info)
+        with self._adapter_lock:
+            self._active_adapter = name
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make ``adapter_name`` the active adapter (does not re-enable adapters after ``disable_adapters()``)."""
+        self._require_switchable("set_adapter")
+        if isinstance(adapter_name, list):
+            if len(adapter_name) != 1:
+                raise ConfigError(f"set_adapter takes one adapter; combining {adapter_name} is not supported")
+            adapter_name = adapter_name[0]
+        with self._adapter_lock:
+            if adapter_name not in self._adapters:
+                raise self._unknown(adapter_name)
+            self._active_adapter = adapter_name
+
+    def active_adapters(self) -> list[str]:
+        """The active adapter as a one-element list, or [] when none was set (the model runs as the base)."""
+        self._require_switchable("active_adapters")
+        with self._adapter_lock:
+            return [self._active_adapter] if self._active_adapter is not None else []
+
+    def active_adapter(self) -> str | None:
+        self._require_switchable("active_adapter")
+        with self._adapter_lock:
+            return self._active_adapter
+
+    def enable_adapters(self) -> None:
+        """Run with the active adapter again after ``disable_adapters()``."""
+        self._require_switchable("enable_adapters")
+        with self._adapter_lock:
+            self._adapters_enabled = True
+
+    def disable_adapters(self) -> None:
+        """Run as the base model until ``enable_adapters()``; the active adapter is kept."""
+        self._require_switchable("disable_adapters")
+        with self._adapter_lock:
+            self._adapters_enabled = False
+
+    def delete_adapter(self, adapter_names: str | list[str]) -> None:
+        """Unload adapters from this model (files on disk stay; see ``peft-export remove-adapter``).
+
+        As in PEFT, deleting the active adapter makes the first remaining one active, with a warning.
+        """
+        self._require_switchable("delete_adapter")
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        with self._adapter_lock:
+            missing = [n for n in names if n not in self._adapters]
+            if missing:
+                raise AdapterNotFoundError(
+                    f"The following adapter(s) are not present and cannot be deleted: {', '.join(map(str, missing))}"
+                )
+            for name in names:
+                del self._adapters[name]
+            if self._active_adapter in names:
+                deleted, self._active_adapter = self._active_adapter, next(iter(self._adapters), None)
+                if self._active_adapter is not None:
+                    warnings.warn(f"Adapter {deleted} was active which is now deleted. Setting active adapter to "
+                                  f"{self._active_adapter}.", stacklevel=2)
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, np.ndarray]:
+        """The adapter's LoRA weights with PEFT's keys and shapes (``<module>.lora_A.weight`` (r, in),
+        ``<module>.lora_B.weight`` (out, r)); the scaling is folded into ``lora_B``, so ``lora_B @ lora_A`` is the
+        exact weight update. ``adapter_name`` defaults to the active adapter."""
+        self._require_switchable("get_adapter_state_dict")
+        with self._adapter_lock:
+            name = self._active_adapter if adapter_name is None else adapter_name
+            if name is None:
+                raise AdapterNotFoundError("No adapter is active; pass adapter_name")
+            if name not in self._adapters:
+                raise self._unknown(name)
+            adapter = self._adapters[name].adapter
+        arrays = self.backend.adapter_arrays(adapter)
+        state = {}
+        for module, (lora_a, lora_b) in unpack_factors(self._slots, arrays).items():
+            state[f"{module}.{LORA_A}.weight"] = lora_a
+            state[f"{module}.{LORA_B}.weight"] = lora_b
+        return state

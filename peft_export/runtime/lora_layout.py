@@ -1,0 +1,124 @@
+"""Where the LoRA branches of a switchable graph sit, and how adapter weights are laid out for them (numpy only).
+
+A *slot* is the low-rank branch at one Linear layer of the base: graph inputs ``<module>.lora_A`` (in, r) and
+``<module>.lora_B`` (r, out). They are PEFT's ``lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r)
+transposed, in the layout the graph multiplies with (``x @ A @ B``), with the adapter's scaling (lora_alpha / r,
+or lora_alpha / sqrt(r) with rsLoRA) folded into ``B``. The rank is free per slot and per adapter; a slot an
+adapter leaves out keeps the graph's rank-0 default and contributes exactly nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+
+LORA_A = "lora_A"
+LORA_B = "lora_B"
+MAX_RANK = 4096  # as for adapter configs: a sanity bound against absurd files
+
+
+@dataclass(frozen=True)
+class Slot:
+    """The LoRA branch at one Linear layer of the base."""
+
+    module: str
+    in_features: int
+    out_features: int
+
+    @property
+    def input_a(self) -> str:
+        return f"{self.module}.{LORA_A}"
+
+    @property
+    def input_b(self) -> str:
+        return f"{self.module}.{LORA_B}"
+
+    def to_dict(self) -> dict:
+        return {"module": self.module, "in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Slot:
+        try:
+            return cls(str(data["module"]), int(data["in_features"]), int(data["out_features"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"Malformed LoRA slot description {data!r}: {err}") from err
+
+
+def pack_factors(slots: list[Slot], factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """PEFT-layout factors {module: (A (r, in), B_scaled (out, r))} -> the graph inputs they override.
+
+    A module without a slot is refused: the graph has no branch there, so the adapter cannot run exactly.
+    """
+    slots_by_module = {slot.module: slot for slot in slots}
+    unknown = sorted(set(factors) - set(slots_by_module))
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        raise ConfigError(
+            f"The adapter targets {unknown[0]!r}{more}, which has no LoRA branch in this switchable graph. Re-export "
+            "with this adapter among the --adapter options so that the graph gets a branch there."
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for module, (lora_a, lora_b) in factors.items():
+        slot = slots_by_module[module]
+        rank = lora_a.shape[0]
+        if lora_a.shape != (rank, slot.in_features) or lora_b.shape != (slot.out_features, rank):
+            raise ConfigError(
+                f"{module}: LoRA weights of shapes {tuple(lora_a.shape)} and {tuple(lora_b.shape)} do not fit the "
+                f"graph's layer ({slot.in_features} -> {slot.out_features}); was this adapter trained on another base?"
+            )
+        arrays[slot.input_a] = np.ascontiguousarray(lora_a.T, dtype=np.float32)
+        arrays[slot.input_b] = np.ascontiguousarray(lora_b.T, dtype=np.float32)
+    return arrays
+
+
+def unpack_factors(slots: list[Slot], arrays: dict[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Graph inputs -> PEFT-layout factors {module: (A (r, in), B_scaled (out, r))}."""
+    return {
+        slot.module: (np.ascontiguousarray(arrays[slot.input_a].T), np.ascontiguousarray(arrays[slot.input_b].T))
+        for slot in slots
+        if slot.input_a in arrays
+    }
+
+
+def check_factor_arrays(slots: list[Slot], arrays: dict[str, np.ndarray], where: str) -> dict[str, int]:
+    """Check an adapter's graph inputs (names, pairs, dtype, shapes, values); return {module: rank}.
+
+    Raises ConfigError naming the first bad entry.
+    """
+    if not arrays:
+        raise ConfigError(f"{where} holds no LoRA weights")
+    by_input = {name: slot for slot in slots for name in (slot.input_a, slot.input_b)}
+    for name in sorted(arrays):
+        if name not in by_input:
+            raise ConfigError(
+                f"{where}: {name!r} is not a LoRA input of this graph. The adapter was made for another base or "
+                "targets a layer without a branch here; re-export with it, or add it with `peft-export add-adapter`."
+            )
+    ranks = {}
+    for slot in slots:
+        has_a, has_b = slot.input_a in arrays, slot.input_b in arrays
+        if not has_a and not has_b:
+            continue
+        if has_a != has_b:
+            raise ConfigError(f"{where}: {slot.input_b if has_a else slot.input_a!r} is missing; LoRA weights come "
+                              "in A/B pairs")
+        lora_a, lora_b = arrays[slot.input_a], arrays[slot.input_b]
+        for name, value in ((slot.input_a, lora_a), (slot.input_b, lora_b)):
+            if value.dtype != np.float32:
+                raise ConfigError(f"{where}: {name!r} has dtype {value.dtype}, expected float32")
+            if value.ndim != 2:
+                raise ConfigError(f"{where}: {name!r} has shape {value.shape}, expected a matrix")
+            if not np.isfinite(value).all():
+                raise ConfigError(f"{where}: {name!r} contains NaN or Inf values")
+        rank = lora_a.shape[1]
+        if lora_a.shape[0] != slot.in_features or lora_b.shape != (rank, slot.out_features) or rank > MAX_RANK:
+            raise ConfigError(
+                f"{where}: {slot.module!r} has A {lora_a.shape} and B {lora_b.shape}; this graph expects A "
+                f"({slot.in_features}, r) and B (r, {slot.out_features}) with r <= {MAX_RANK}. Was the adapter made "
+                "for another base?"
+            )
+        ranks[slot.module] = rank
+    return ranks
