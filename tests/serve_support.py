@@ -97,7 +97,7 @@ class AdapterModel:
         if self.delay_s:
             time.sleep(self.delay_s)
         embeddings = self.model.encode(sentences, **options)
-        if adapter is None:
+        if adapter is None or adapter is False:
             return embeddings
         return embeddings @ self._rotations[adapter]
 

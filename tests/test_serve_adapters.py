@@ -61,7 +61,7 @@ def test_each_adapter_equals_in_process_encode_and_they_differ(tiny, reference):
     assert np.abs(got["alpha"] - got["base"]).max() > 0.05
     assert np.abs(got["alpha"] - got["beta"]).max() > 0.05
     adapters_called = {adapter for _, adapter in model.calls}
-    assert adapters_called == {None, "alpha", "beta"}  # the base is called without adapter=
+    assert adapters_called == {False, "alpha", "beta"}  # the base is called with adapter=False: never the default
 
 
 def test_tei_routes_use_the_default_adapter_unless_the_body_names_one(tiny, reference):
@@ -222,7 +222,7 @@ def test_live_answers_at_once_and_health_is_503_until_warmed_up(tiny):
     assert live.status_code == 200 and live.json() == {"status": "alive"}
     assert health.status_code == 503 and health.json() == {"status": "warming_up"}
     assert "peft_export_ready 0.0" in metrics and "peft_export_ready 1.0" in ready_metrics
-    assert {adapter for _, adapter in model.calls} == {None, "alpha", "beta"}  # every adapter warmed
+    assert {adapter for _, adapter in model.calls} == {False, "alpha", "beta"}  # every adapter warmed
 
 
 def test_metrics_count_requests_failures_batches_and_tokens_per_adapter(tiny):

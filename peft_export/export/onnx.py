@@ -141,8 +141,8 @@ def _quantize_step(options, pairs: list[dict[str, str]], folder: Path, config, t
     fp32_path = folder / config.model_file
     int8_path = folder / "model_int8.onnx"
     result = quantize_with_gate(
-        fp32_path, int8_path, backend_embedder(tokenizer.encode, fp32_backend),
-        lambda path: backend_embedder(tokenizer.encode, OnnxRuntimeBackend(path)), pairs, options.gate,
+        fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend),
+        lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
         mode=options.quantize, tokenize=tokenizer.encode,
         calibration_texts=_calibration_texts(options.calibration_data) if options.quantize == "int8-static" else None,
     )

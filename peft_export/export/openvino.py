@@ -157,7 +157,7 @@ class OpenVinoFormat:
             return checks
         tokenizer = TextTokenizer(model_path.parent, config)
         texts = [p["query"] for p in self.pairs] + [p["passage"] for p in self.pairs]
-        reference = backend_embedder(tokenizer.encode, backend)(texts)  # fp32, computed once for every candidate
+        reference = backend_embedder(tokenizer, backend)(texts)  # fp32, computed once for every candidate
         del backend
         result = self._compress_with_gate(model_path, lambda t: reference, tokenizer, log)
         result.update({"reference": "this IR with fp32 weights (validated above)", "inference_precision": "f32",
@@ -184,7 +184,7 @@ class OpenVinoFormat:
             with tempfile.TemporaryDirectory(dir=model_path.parent) as scratch:
                 path = Path(scratch) / MODEL_XML
                 ov.save_model(candidate, str(path), compress_to_fp16=self.weight_format == "fp16")
-                quality = measure_quality(reference, backend_embedder(tokenizer.encode, compile_f32(path)),
+                quality = measure_quality(reference, backend_embedder(tokenizer, compile_f32(path)),
                                           self.pairs)
                 attempt = {"strategy": strategy, "excluded_nodes": len(excluded),
                            "quantized_nodes": matmuls - len(excluded), **quality,

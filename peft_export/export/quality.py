@@ -101,16 +101,18 @@ def gate_dict(gate: QualityGate) -> dict[str, float]:
     return asdict(gate)
 
 
-def backend_embedder(tokenize: Callable[[list[str]], dict[str, np.ndarray]], backend, batch_size: int = 32
-                     ) -> Embed:
-    """``texts -> (n, dim)`` sentence embeddings from a runtime backend (longest first, to limit padding)."""
+def backend_embedder(tokenizer, backend, batch_size: int = 32) -> Embed:
+    """``texts -> (n, dim)`` sentence embeddings from a runtime backend, batched exactly as
+    ``EmbeddingModel.encode`` batches (by token length, longest first), so figures measured here are the ones
+    users reproduce: dynamic int8 picks activation scales per batch, so batch composition matters."""
+    from ..runtime.batches import plan_batches
 
     def embed(texts: list[str]) -> np.ndarray:
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        encodings = tokenizer.tokenize(texts)
         out = np.zeros((len(texts), 0), np.float32)
-        for start in range(0, len(texts), batch_size):
-            index = order[start : start + batch_size]
-            emb = backend.run(tokenize([texts[i] for i in index]))["sentence_embedding"]
+        for index in plan_batches([len(e.ids) for e in encodings], batch_size):
+            emb = backend.run(tokenizer.pad([encodings[i] for i in index]), ["sentence_embedding"])
+            emb = emb["sentence_embedding"]
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), emb.shape[1]), np.float32)
             out[index] = emb

@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import ConfigError
 from .adapters import AdapterMethods
 from .backends import open_backend
+from .batches import plan_batches
 from .config import RuntimeConfig, read_manifest
 from .onnxruntime_backend import SessionSettings
 from .precision import PRECISIONS, quantize_embeddings
@@ -135,19 +136,15 @@ class EmbeddingModel(AdapterMethods):
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self._tokenizer.encode(list(texts))
 
-    def _embed_batch(self, texts: list[str], output_value: str, prompt_length: int, adapter=None) -> list[np.ndarray]:
-        feeds = self._tokenizer.encode(texts)
-        outputs = self.backend.run(feeds) if adapter is None else self.backend.run(feeds, adapter=adapter)
-        return self._postprocess(feeds, outputs, output_value, prompt_length)
-
-    def _embed_batches(self, batches: list[list[str]], output_value: str, prompt_length: int, adapter=None
-                       ) -> list[list[np.ndarray]]:
-        """Several batches at once where the backend runs requests in parallel (OpenVINO THROUGHPUT)."""
-        if len(batches) == 1 or adapter is not None or not hasattr(self.backend, "run_batches"):
-            return [self._embed_batch(texts, output_value, prompt_length, adapter) for texts in batches]
-        feeds = [self._tokenizer.encode(texts) for texts in batches]
-        outputs = self.backend.run_batches(feeds)
-        return [self._postprocess(f, out, output_value, prompt_length) for f, out in zip(feeds, outputs)]
+    def _run_batches(self, batches: list[dict[str, np.ndarray]], outputs: list[str], adapter=None
+                     ) -> list[dict[str, np.ndarray]]:
+        """One backend run per batch; several at once where the backend runs requests in parallel (OpenVINO
+        THROUGHPUT hint)."""
+        if adapter is not None:
+            return [self.backend.run(feeds, outputs, adapter=adapter) for feeds in batches]
+        if len(batches) > 1 and hasattr(self.backend, "run_batches"):
+            return self.backend.run_batches(batches, outputs)
+        return [self.backend.run(feeds, outputs) for feeds in batches]
 
     def _postprocess(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], output_value: str,
                      prompt_length: int) -> list[np.ndarray]:
@@ -178,18 +175,19 @@ class EmbeddingModel(AdapterMethods):
         precision: str = "float32",
         convert_to_tensor: bool = False,
         adapter: str | bool | None = None,
+        max_batch_tokens: int | None = None,
     ) -> np.ndarray | list[np.ndarray]:
         """Embed ``sentences``; a single string gives a 1-D vector, a list gives a (n, dim) array.
 
         ``adapter`` (switchable exports): a loaded adapter's name to use for this call only, ``False`` for the
         base model for this call, or None (default) for the model's state (``set_adapter`` / ``disable_adapters``).
+        ``max_batch_tokens`` caps a batch's padded size (inputs x longest input) on top of ``batch_size``, which
+        keeps memory flat when a few long texts arrive among short ones.
         """
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, found {output_value!r}")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, found {precision!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, found {batch_size!r}")
         if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
                                          or not 0 < truncate_dim <= self.config.dimension):
             raise ValueError(f"truncate_dim must be an integer in 1..{self.config.dimension}, found {truncate_dim!r}")
@@ -208,18 +206,20 @@ class EmbeddingModel(AdapterMethods):
                     raise ConfigError("include_prompt=False with a Dense module cannot run outside the graph")
                 prompt_length = self._tokenizer.prompt_length(prompt_text)
 
-        # Longest first, as sentence-transformers does, so each batch pads to similar lengths.
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+        # Tokenize once, then batch longest first (by tokens, not characters as sentence-transformers does, so
+        # each batch pads as little as possible); only the output this call needs is fetched from the graph.
+        encodings = self._tokenizer.tokenize(texts)
+        batches = plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens)
+        pool_outside = output_value == "sentence_embedding" and bool(prompt_length) and not self.config.include_prompt
+        fetch = ["token_embeddings" if output_value == "token_embeddings" or pool_outside else "sentence_embedding"]
         results: list[Any] = [None] * len(texts)
         progress = _progress(show_progress_bar, len(texts), batch_size)
-        batches = [order[start : start + batch_size] for start in range(0, len(texts), batch_size)]
         at_once = max(1, int(getattr(self.backend, "parallel_requests", 1)))
         for first in range(0, len(batches), at_once):
             group = batches[first : first + at_once]
-            embedded = self._embed_batches([[texts[i] for i in index] for index in group], output_value,
-                                           prompt_length, run_adapter)
-            for index, batch in zip(group, embedded):
-                for i, emb in zip(index, batch):
+            feeds = [self._tokenizer.pad([encodings[i] for i in index]) for index in group]
+            for index, batch_feeds, outputs in zip(group, feeds, self._run_batches(feeds, fetch, run_adapter)):
+                for i, emb in zip(index, self._postprocess(batch_feeds, outputs, output_value, prompt_length)):
                     results[i] = emb
                 progress(len(index))
 

@@ -23,27 +23,33 @@ class TextTokenizer:
         self.pad_token_id = config.pad_token_id
         self.input_names = config.input_names
 
-    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def tokenize(self, texts: list[str]) -> list:
+        """``tokenizers.Encoding`` per text (truncated, unpadded): tokenize once, then batch with ``pad``."""
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        return self.tokenizer.encode_batch(texts, add_special_tokens=True)
+
+    def pad(self, encodings: list) -> dict[str, np.ndarray]:
+        """The graph's inputs for ``encodings``, right-padded to the longest of them."""
         width = max((len(e.ids) for e in encodings), default=0)
         batch = len(encodings)
         input_ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((batch, width), dtype=np.int64)
-        token_type_ids = np.zeros((batch, width), dtype=np.int64)
+        token_type_ids = np.zeros((batch, width), dtype=np.int64) if "token_type_ids" in self.input_names else None
         for row, enc in enumerate(encodings):
             n = len(enc.ids)
             input_ids[row, :n] = enc.ids
             attention_mask[row, :n] = 1
-            token_type_ids[row, :n] = enc.type_ids
+            if token_type_ids is not None:
+                token_type_ids[row, :n] = enc.type_ids
         features = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         return {name: features[name] for name in self.input_names}
 
+    def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        return self.pad(self.tokenize(texts))
+
     def count_tokens(self, texts: list[str]) -> list[int]:
-        if self.do_lower_case:
-            texts = [t.lower() for t in texts]
-        return [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=True)]
+        return [len(e.ids) for e in self.tokenize(texts)]
 
     def prompt_length(self, prompt: str) -> int:
         """Prompt tokens as sentence-transformers counts them: with the leading special token, without the trailing one."""

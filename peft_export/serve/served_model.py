@@ -88,6 +88,8 @@ class ServedModel:
             options["prompt_name"] = prompt_name
         if adapter is not None:
             options["adapter"] = adapter
+        elif self.adapters:
+            options["adapter"] = False  # the base itself, even when the export activates a default adapter
         return np.asarray(self.model.encode(texts, **options), dtype=np.float32)
 
 
