@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         f"torch threads {torch.get_num_threads()}; ONNX Runtime providers {ours.backend.providers}, "
         "default SessionSettings (all cores, spinning off).",
         f"export: {manifest.get('export_seconds', 0):.1f} s inside the exporter"
-        + (f", {manifest['bench_export_wall_s']:.1f} s wall in this process" if "bench_export_wall_s" in manifest else "")
+        + (f", {manifest['bench_export_wall_s']:.1f} s wall in this process"
+           if "bench_export_wall_s" in manifest else "")
         + f"; output {manifest.get('size_bytes', 0) / 1e6:.1f} MB.",
     ]
     report.extra["export"] = {k: manifest.get(k) for k in ("export_seconds", "size_bytes", "bench_export_wall_s")}

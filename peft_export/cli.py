@@ -31,7 +31,8 @@ def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = 
     if onnx:
         parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
     parser.add_argument("--max-seq-length", type=int, help="truncate inputs to this many tokens")
-    parser.add_argument("--pooling", help="pooling mode(s) for a plain encoder without a Pooling config, e.g. mean, cls")
+    parser.add_argument("--pooling",
+                        help="pooling mode(s) for a plain encoder without a Pooling config, e.g. mean, cls")
     norm = parser.add_mutually_exclusive_group()
     norm.add_argument("--normalize", dest="normalize", action="store_true", default=None,
                       help="L2-normalise sentence embeddings (default: as the Sentence Transformers config says)")

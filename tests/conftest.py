@@ -82,7 +82,8 @@ class Zoo:
             arch, self.path(name), self.tokenizer_texts, hidden=hidden))
 
     def st(self, name: str, arch: str, **kwargs) -> Path:
-        return self._once(f"st-{name}", lambda: tiny_models.build_st_model(self.hf(arch), self.path(f"st-{name}"), **kwargs))
+        return self._once(f"st-{name}", lambda: tiny_models.build_st_model(
+            self.hf(arch), self.path(f"st-{name}"), **kwargs))
 
     def st_adapter(self, name: str, st_folder: Path, arch: str, **kwargs) -> Path:
         kwargs.setdefault("target_modules", tiny_models.ARCHS[arch].target_modules)

@@ -70,7 +70,8 @@ def test_named_and_literal_prompts_exclude_prompt_tokens_like_sentence_transform
 
 def test_unknown_prompt_name_is_refused_listing_the_prompts(prompt_pair):
     model, _ = prompt_pair
-    with pytest.raises(ValueError, match=r"Prompt name 'passage' not found; the model has prompts \['document', 'query'\]"):
+    with pytest.raises(ValueError,
+                       match=r"Prompt name 'passage' not found; the model has prompts \['document', 'query'\]"):
         model.encode(["x"], prompt_name="passage")
 
 
@@ -162,7 +163,8 @@ def test_precision_equals_sentence_transformers_quantize_embeddings(raw_pair, re
 
 def test_unknown_precision_is_refused(raw_pair):
     model, _ = raw_pair
-    with pytest.raises(ValueError, match=r"precision must be one of float32, int8, uint8, binary, ubinary, found 'int4'"):
+    with pytest.raises(ValueError,
+                       match=r"precision must be one of float32, int8, uint8, binary, ubinary, found 'int4'"):
         model.encode(["x"], precision="int4")
 
 

@@ -4,7 +4,6 @@ targets, atomic writes and kill -9, and adapters that change nothing."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import signal

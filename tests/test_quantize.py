@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from fixtures import tiny_models
 
 from peft_export import EmbeddingModel, ValidationError, export_onnx_model
 from peft_export.demo import load_pairs

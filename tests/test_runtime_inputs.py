@@ -109,7 +109,8 @@ def test_non_string_item_is_refused_naming_its_index(bert_model):
 def test_unknown_execution_provider_is_refused_listing_the_available_ones(bert_case):
     from peft_export import ConfigError
 
-    with pytest.raises(ConfigError, match=r"'NoSuchExecutionProvider' is not available; available: .*CPUExecutionProvider"):
+    with pytest.raises(ConfigError,
+                       match=r"'NoSuchExecutionProvider' is not available; available: .*CPUExecutionProvider"):
         bert_case.embedding_model(providers=["NoSuchExecutionProvider"])
 
 
@@ -130,7 +131,8 @@ def test_explicit_cpu_provider_and_thread_settings(bert_case, bert_model):
 def test_cuda_without_cuda_provider_says_so(bert_case):
     from peft_export import ConfigError
 
-    with pytest.raises(ConfigError, match=r"device='cuda' needs the CUDA execution provider.*pip install 'peft_export\[gpu\]'"):
+    with pytest.raises(ConfigError,
+                       match=r"device='cuda' needs the CUDA execution provider.*pip install 'peft_export\[gpu\]'"):
         bert_case.embedding_model(device="cuda")
 
 

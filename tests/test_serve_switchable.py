@@ -70,7 +70,8 @@ def test_openai_model_field_picks_the_adapter(server, reference, name):
 def test_tei_embed_uses_the_servers_default_adapter_and_model_overrides_it(server, reference):
     got = httpx.post(server.url + "/embed", json={"inputs": TEXTS_SERVED, "truncate": True}, timeout=30).json()
     np.testing.assert_allclose(np.array(got, np.float32), reference["mixed"], atol=1e-6)
-    got = httpx.post(server.url + "/embed", json={"inputs": TEXTS_SERVED, "model": "attn", "truncate": True}, timeout=30).json()
+    body = {"inputs": TEXTS_SERVED, "model": "attn", "truncate": True}
+    got = httpx.post(server.url + "/embed", json=body, timeout=30).json()
     np.testing.assert_allclose(np.array(got, np.float32), reference["attn"], atol=1e-6)
 
 

@@ -110,7 +110,8 @@ def test_unsupported_sentence_transformers_module_is_refused(bert_case, tmp_path
     modules = json.loads((base / "modules.json").read_text())
     modules[1]["type"] = "sentence_transformers.models.WeightedLayerPooling"
     (base / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(ConfigError, match=r"'sentence_transformers\.models\.WeightedLayerPooling'; peft_export supports"):
+    with pytest.raises(ConfigError,
+                       match=r"'sentence_transformers\.models\.WeightedLayerPooling'; peft_export supports"):
         _export(base, tmp_path / "out")
 
 
@@ -301,7 +302,8 @@ def test_bad_adapter_tensors_are_refused_naming_the_key(bert_case, tmp_path, edi
 def test_adapter_for_a_base_with_another_hidden_size_is_refused(zoo, bert_case, tmp_path):
     other_hf = tiny_models.build_hf_encoder("bert", tmp_path / "hf48", zoo.tokenizer_texts, hidden=48)
     other_base = tiny_models.build_st_model(other_hf, tmp_path / "st48")
-    with pytest.raises(ConfigError, match=r"but the base layer takes 48 inputs; was this adapter trained on another base"):
+    with pytest.raises(ConfigError,
+                       match=r"but the base layer takes 48 inputs; was this adapter trained on another base"):
         _export(bert_case.adapter, tmp_path / "out", base=str(other_base))
 
 

@@ -76,7 +76,8 @@ def load_dense(folder: Path, config: DenseConfig) -> Dense:
     path = folder / config.path / "model.safetensors"
     if not path.is_file():
         if (folder / config.path / "pytorch_model.bin").is_file():
-            raise UnsafeModelError(f"{path.parent} has only pytorch_model.bin (pickle); safetensors weights are required")
+            raise UnsafeModelError(
+                f"{path.parent} has only pytorch_model.bin (pickle); safetensors weights are required")
         raise ConfigError(f"Dense module weights not found: {path}")
     dense = Dense(config)
     state = load_file(str(path))

@@ -14,7 +14,10 @@ from ..errors import ConfigError
 from ..source.resolve import AdapterSource
 
 # PEFT saves LoRA tensors as "<prefix>.<module path>.lora_A.weight" (no adapter name in the key).
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\."
+    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$"
+)
 
 
 # Heads whose output no sentence embedding reads (pooling uses last_hidden_state). LoRA on them
@@ -92,7 +95,8 @@ def check_adapter_tensors(base: nn.Module, adapter: AdapterSource) -> None:
 
 def _check_lora_shape(adapter: AdapterSource, key: str, part: str, shape, target: nn.Module) -> None:
     if not isinstance(target, nn.Linear) or part not in ("lora_A", "lora_B"):
-        raise ConfigError(f"{adapter.weights}: {key!r} targets a {type(target).__name__}; only Linear layers are supported")
+        raise ConfigError(
+            f"{adapter.weights}: {key!r} targets a {type(target).__name__}; only Linear layers are supported")
     rank = adapter.config.raw.get("rank_pattern") or {}
     if len(shape) != 2:
         raise ConfigError(f"{adapter.weights}: {key!r} has shape {tuple(shape)}, expected a matrix")
@@ -107,7 +111,8 @@ def _check_lora_shape(adapter: AdapterSource, key: str, part: str, shape, target
             "outputs; was this adapter trained on another base?"
         )
     if not rank and (shape[0] if part == "lora_A" else shape[1]) != adapter.config.r:
-        raise ConfigError(f"{adapter.weights}: {key!r} has shape {tuple(shape)}, rank differs from r={adapter.config.r}")
+        raise ConfigError(
+            f"{adapter.weights}: {key!r} has shape {tuple(shape)}, rank differs from r={adapter.config.r}")
 
 
 def attach_adapters(base: nn.Module, adapters: list[AdapterSource]):
@@ -137,7 +142,8 @@ def _check_targets_exist(base: nn.Module, adapter: AdapterSource) -> None:
         try:
             found = any(re.fullmatch(targets, name) for name in names)
         except re.error as err:
-            raise ConfigError(f"Adapter {adapter.name!r}: target_modules {targets!r} is not a valid regex: {err}") from err
+            raise ConfigError(
+                f"Adapter {adapter.name!r}: target_modules {targets!r} is not a valid regex: {err}") from err
     else:
         found = any(name == t or name.endswith("." + t) for name in names for t in targets)
     if not found:

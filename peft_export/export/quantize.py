@@ -51,7 +51,8 @@ def _weight_matmuls(model_path: Path) -> list[str]:
 
     model = onnx.load(str(model_path), load_external_data=False)
     constants = {init.name for init in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(i in constants for i in n.input)]
+    return [n.name for n in model.graph.node
+            if n.op_type in ("MatMul", "Gemm") and any(i in constants for i in n.input)]
 
 
 class _CalibrationReader:

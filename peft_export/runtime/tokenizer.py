@@ -52,7 +52,7 @@ class TextTokenizer:
         return [len(e.ids) for e in self.tokenize(texts)]
 
     def prompt_length(self, prompt: str) -> int:
-        """Prompt tokens as sentence-transformers counts them: with the leading special token, without the trailing one."""
+        """Prompt tokens as sentence-transformers counts them: the leading special token, not the trailing one."""
         ids = self.tokenizer.encode(prompt.lower() if self.do_lower_case else prompt).ids
         special = {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
         return len(ids) - 1 if ids and ids[-1] in special else len(ids)

@@ -74,7 +74,8 @@ def load_adapter_source(
     weights = adapter_weights_path(folder)
     name = name or DEFAULT_ADAPTER_NAME
     check_adapter_name(name)
-    return AdapterSource(name=name, source=spec, folder=folder, config=config, weights=weights, sha256=sha256_file(weights))
+    return AdapterSource(name=name, source=spec, folder=folder, config=config, weights=weights,
+                         sha256=sha256_file(weights))
 
 
 def _has_weights(folder: Path) -> bool:

@@ -219,6 +219,7 @@ def read_pipeline_config(folder: str | Path) -> PipelineConfig:
         config.similarity_fn_name = st_cfg.get("similarity_fn_name") or "cosine"
     if config.similarity_fn_name not in SIMILARITY_FUNCTIONS:
         raise ConfigError(
-            f"{st_path}: similarity_fn_name {config.similarity_fn_name!r} is not one of {', '.join(SIMILARITY_FUNCTIONS)}"
+            f"{st_path}: similarity_fn_name {config.similarity_fn_name!r} is not one of "
+            f"{', '.join(SIMILARITY_FUNCTIONS)}"
         )
     return config
