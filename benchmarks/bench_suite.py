@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from peft_export.runtime.onnxruntime_backend import SessionSettings
 from peft_export.benchmark.suite import (
     COLUMNS, Workload, eager_contender, linear_flops_per_token, plot, run_suite, runtime_contender,
 )
@@ -69,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                 else Workload(queries, sentences, pairs))
 
     contenders = [eager_contender(base, args.adapter), eager_contender(base, args.adapter, merged=True)]
-    contenders += [runtime_contender(exports[name], name=f"ONNX Runtime {name[5:]}") for name in ("onnx-fp32",
-                                                                                                "onnx-int8")]
+    for name in ("onnx-fp32", "onnx-int8"):
+        contenders.append(runtime_contender(exports[name], name=f"ONNX Runtime {name[5:]}"))
+        # The latency preset (threads spin between operators): for a process that serves one model at batch 1.
+        contenders.append(runtime_contender(exports[name], name=f"ONNX Runtime {name[5:]}, latency preset",
+                                            session_settings=SessionSettings.latency()))
     if "openvino-fp32" in exports:
         from bench_openvino import openvino_contenders
 

@@ -52,3 +52,15 @@ def test_session_settings_are_applied(bert_case):
 def test_unknown_optimization_level_is_refused(bert_case):
     with pytest.raises(ValueError, match="graph_optimization_level must be one of"):
         bert_case.embedding_model(session_settings=SessionSettings(graph_optimization_level="max"))
+
+
+def test_latency_preset_spins_and_throughput_preset_does_not(bert_case):
+    latency = bert_case.embedding_model(session_settings=SessionSettings.latency(intra_op_threads=2))
+    options = latency.backend.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.intra_op_num_threads == 2
+    throughput = bert_case.embedding_model(session_settings=SessionSettings.throughput())
+    assert throughput.backend.session.get_session_options().get_session_config_entry(
+        "session.intra_op.allow_spinning") == "0"
+    texts = ["a short query", "a somewhat longer sentence about low-rank adapters"]
+    np.testing.assert_allclose(latency.encode(texts), throughput.encode(texts), atol=1e-6)

@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -67,7 +67,11 @@ kind, path, extra = sys.argv[2], sys.argv[3], sys.argv[4:]
 sentences = json.load(sys.stdin)
 if kind == "runtime":
     from peft_export import EmbeddingModel
-    model = EmbeddingModel(path, **json.loads(extra[0]) if extra else {})
+    kwargs = json.loads(extra[0]) if extra else {}
+    if "session_settings" in kwargs:
+        from peft_export.runtime.onnxruntime_backend import SessionSettings
+        kwargs["session_settings"] = SessionSettings(**kwargs["session_settings"])
+    model = EmbeddingModel(path, **kwargs)
 else:
     from sentence_transformers import SentenceTransformer
     model = SentenceTransformer(path, device="cpu")
@@ -88,7 +92,9 @@ def runtime_contender(path: str | Path, name: str | None = None, **model_kwargs)
     model = EmbeddingModel(path, **model_kwargs)
     label = name or f"{model.backend.name} {model.config.model_file} ({Path(path).name})"
     return Contender(label, lambda texts, bs: model.encode(texts, batch_size=bs),
-                     ["runtime", str(path), json.dumps(model_kwargs)], {"path": str(path)})
+                     ["runtime", str(path), json.dumps(model_kwargs, default=asdict)],
+                     {"path": str(path), **({"session_settings": asdict(model_kwargs["session_settings"])}
+                                            if "session_settings" in model_kwargs else {})})
 
 
 def eager_contender(base: str, adapter: str | None, merged: bool = False, device: str = "cpu") -> Contender:
