@@ -20,7 +20,7 @@ from peft_export.benchmark.suite import (
 )
 
 
-def build_exports(base: str, adapter: str, folder: Path, rebuild: bool) -> dict[str, Path]:
+def build_exports(base: str, adapter: str, folder: Path, rebuild: bool, device: str = "cpu") -> dict[str, Path]:
     """One PEFT merge written as every variant this installation can build; cached unless --rebuild."""
     from peft_export.export.onnx import OnnxFormat
     from peft_export.export.pipeline import ExportOptions, merge_and_reference, write_export
@@ -30,7 +30,12 @@ def build_exports(base: str, adapter: str, folder: Path, rebuild: bool) -> dict[
 
     formats = {"onnx-fp32": lambda: OnnxFormat(options("onnx-fp32")),
                "onnx-int8": lambda: OnnxFormat(options("onnx-int8", quantize="int8"))}
+    if device == "cuda":
+        formats = {"onnx-fp32": formats["onnx-fp32"],
+                   "onnx-fp16": lambda: OnnxFormat(options("onnx-fp16", dtype="fp16"))}
     try:
+        if device == "cuda":
+            raise ImportError("OpenVINO contenders are CPU contenders")
         from peft_export.export.openvino import OpenVinoFormat
 
         import openvino  # noqa: F401
@@ -43,7 +48,7 @@ def build_exports(base: str, adapter: str, folder: Path, rebuild: bool) -> dict[
         merged = merge_and_reference(options("unused"), log=lambda msg: None)
         for name in todo:
             print(f"exporting {name} ...", flush=True)
-            extra = {"quantize": "int8"} if name == "onnx-int8" else {}
+            extra = {"quantize": "int8"} if name == "onnx-int8" else {"dtype": "fp16"} if name == "onnx-fp16" else {}
             write_export(merged, options(name, **extra), formats[name](), log=lambda msg: None)
     return {name: folder / name for name in formats}
 
@@ -58,10 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--rebuild", action="store_true", help="re-export even if cached exports exist")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: eager PyTorch on the GPU vs the CUDA execution provider with fp32 and fp16 graphs")
     args = parser.parse_args(argv)
     base = args.base or str(bundled_base_model_path())
     out = Path(args.out)
-    exports = build_exports(base, args.adapter, out / "exports", args.rebuild)
+    if args.device == "cuda":
+        import onnxruntime
+        import torch
+
+        if not torch.cuda.is_available() or "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            print("--device cuda needs a GPU with torch CUDA and onnxruntime-gpu (pip install 'peft_export[gpu]')",
+                  file=sys.stderr)
+            return 2
+    exports = build_exports(base, args.adapter, out / "exports", args.rebuild, args.device)
 
     sentences = load_sentences(1000)
     queries = [p["query"] for p in load_pairs("eval")][:300]
@@ -69,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     workload = (Workload(queries[:50], sentences[:200], pairs[:100], (32,), 1, False) if args.quick
                 else Workload(queries, sentences, pairs))
 
+    if args.device == "cuda":
+        return _gpu_suite(base, args.adapter, exports, workload, out)
     contenders = [eager_contender(base, args.adapter), eager_contender(base, args.adapter, merged=True)]
     for name in ("onnx-fp32", "onnx-int8"):
         contenders.append(runtime_contender(exports[name], name=f"ONNX Runtime {name[5:]}"))
@@ -92,6 +109,26 @@ def main(argv: list[str] | None = None) -> int:
     if fp32["worst_cosine"] < 0.99999:
         print("FAIL: the fp32 export disagrees with eager PyTorch", file=sys.stderr)
         return 1
+    return 0
+
+
+def _gpu_suite(base: str, adapter: str, exports: dict[str, Path], workload: Workload, out: Path) -> int:
+    """The same workloads on CUDA: eager PyTorch on the GPU vs the CUDA execution provider, fp32 and fp16."""
+    contenders = [eager_contender(base, adapter, device="cuda"), eager_contender(base, adapter, merged=True,
+                                                                                   device="cuda")]
+    contenders += [runtime_contender(exports[name], name=f"ONNX Runtime CUDA {name[5:]}", device="cuda")
+                   for name in ("onnx-fp32", "onnx-fp16")]
+    from peft_export.runtime.model import EmbeddingModel
+
+    workload.cold_start = False
+    probe = EmbeddingModel(exports["onnx-fp32"])
+    report = run_suite(
+        contenders, workload, lambda texts: sum(probe._tokenizer.count_tokens(texts)), None,
+        title="all-MiniLM-L6-v2 + demo LoRA adapter on CUDA: peft_export vs eager PyTorch",
+    )
+    md = report.write(out, "bench_suite_cuda", COLUMNS)
+    plot(report, out / "bench_suite_cuda.png")
+    print(md.read_text())
     return 0
 
 

@@ -53,6 +53,9 @@ def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = 
     if onnx:
         quant.add_argument("--quantize", choices=["int8", "int8-static"],
                            help="int8: dynamic, per-channel weights; int8-static: also calibrated activations")
+        quant.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                           help="fp16: half-precision graph for the CUDA execution provider (LayerNorm, Softmax "
+                                "and pooling kept fp32), gated against fp32 with mean cosine >= 0.999")
     quant.add_argument("--gate-data", help="JSON lines of {\"query\", \"passage\"} pairs for the quality gate "
                                            "(default: the demo corpus' held-out pairs)")
     if onnx:
@@ -90,6 +93,7 @@ def _export_options(args: argparse.Namespace, output_suffix: str):
         opset=getattr(args, "opset", ExportOptions.opset), max_seq_length=args.max_seq_length,
         pooling=args.pooling, normalize=args.normalize, trust_remote_code=args.trust_remote_code,
         allow_noop_adapter=args.allow_noop_adapter, quantize=getattr(args, "quantize", None),
+        dtype=getattr(args, "dtype", "fp32"),
         gate_data=args.gate_data, calibration_data=getattr(args, "calibration_data", None),
         gate=QualityGate(args.min_mean_cosine, args.min_worst_cosine, args.min_ndcg_retention),
         switchable=getattr(args, "switchable", False), default_adapter=getattr(args, "default_adapter", None),

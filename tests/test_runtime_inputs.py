@@ -145,6 +145,34 @@ def test_cuda_device_matches_cpu(bert_case, bert_model, real_texts):
     assert max_unit_diff(model.encode(texts), bert_model.encode(texts)) < 1e-4
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA_EP, reason="no CUDA execution provider in this onnxruntime build")
+def test_cuda_binds_io_and_runs_an_fp16_export(bert_case, bert_model, real_texts, tmp_path):
+    from peft_export import EmbeddingModel, export_onnx_model
+
+    out = export_onnx_model(str(bert_case.adapter), tmp_path / "fp16", dtype="fp16", log=lambda m: None).path
+    model = EmbeddingModel(out, device="cuda")
+    assert model.backend.io_binding and model.backend.providers[0] == "CUDAExecutionProvider"
+    texts = real_texts[:64]
+    assert max_unit_diff(model.encode(texts, batch_size=16), bert_model.encode(texts)) < 2e-2
+
+
+def test_io_binding_path_equals_plain_runs_on_cpu(bert_case, bert_model, real_texts):
+    """The I/O-binding run (the CUDA default) forced on the CPU provider: same results, only wanted outputs."""
+    from peft_export.runtime.onnxruntime_backend import SessionSettings
+
+    model = bert_case.embedding_model(session_settings=SessionSettings(io_binding=True))
+    assert model.backend.io_binding and model.backend.describe()["io_binding"] is True
+    assert bert_model.backend.io_binding is False  # off by default on the CPU
+    texts = real_texts[:40]
+    np.testing.assert_allclose(model.encode(texts, batch_size=8), bert_model.encode(texts, batch_size=8), atol=1e-6)
+    tokens = model.encode(texts[:3], output_value="token_embeddings")
+    for got, expected in zip(tokens, bert_model.encode(texts[:3], output_value="token_embeddings")):
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    feeds = model.tokenize(texts[:2])
+    assert list(model.backend.run(feeds, ["sentence_embedding"])) == ["sentence_embedding"]
+
+
 def test_missing_or_incomplete_export_folder(tmp_path, bert_case):
     import shutil
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .fp16 import DTYPES
 from .graph import EmbeddingPipeline
 
 DEFAULT_OPSET = 17
@@ -81,6 +82,15 @@ class OnnxFormat:
         self.options = options
         # Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data.
         self.gate_pairs = _check_quantize_options(options) if options.quantize else None
+        if options.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {options.dtype!r}")
+        if options.dtype == "fp16":
+            if options.quantize:
+                raise ConfigError("--dtype fp16 and --quantize are alternatives (fp16 for GPUs, int8 for CPUs); "
+                                  "pick one")
+            from .quality import load_pairs_file
+
+            self.gate_pairs = load_pairs_file(options.gate_data)
 
     def write(self, merged, folder: Path, log) -> Path:
         return export_onnx(merged.pipeline, folder, opset=self.options.opset)
@@ -99,10 +109,31 @@ class OnnxFormat:
             tokenizer = TextTokenizer(model_path.parent, config)
             checks["quantization"] = _quantize_step(self.options, self.gate_pairs, model_path.parent, config,
                                                     tokenizer, backend, log)
+        if self.options.dtype == "fp16":
+            checks["fp16"] = self._fp16_step(model_path, config, backend, log)
         return checks
 
+    def _fp16_step(self, fp32_path: Path, config, fp32_backend, log) -> dict:
+        """Replace the validated fp32 graph by its fp16 version once that passes the quality gate against it."""
+        from ..runtime.tokenizer import TextTokenizer
+        from .fp16 import fp16_with_gate
+        from .quality import fp16_gate, gate_dict
+
+        fp16_path = fp32_path.with_name("model_fp16.onnx")
+        tokenizer = TextTokenizer(fp32_path.parent, config)
+        result = fp16_with_gate(fp32_path, fp16_path, tokenizer, fp32_backend, self.gate_pairs, self.options.gate)
+        log(f"fp16: mean cosine {result['mean_cosine']:.6f}, worst {result['worst_cosine']:.6f}, NDCG@10 "
+            f"retention {result['ndcg10_retention']:.4f} vs fp32 (LayerNorm, Softmax, pooling kept fp32)")
+        fp32_path.unlink()
+        config.model_file = fp16_path.name
+        config.save(fp32_path.parent)
+        result["gate"] = gate_dict(fp16_gate(self.options.gate))
+        result["gate_data"] = self.options.gate_data or "peft_export demo held-out pairs"
+        return result
+
     def manifest_entry(self, config) -> dict:
-        return {"format": "onnx", "opset": self.options.opset, "dtype": self.options.quantize or "float32",
+        dtype = self.options.quantize or ("float16" if self.options.dtype == "fp16" else "float32")
+        return {"format": "onnx", "opset": self.options.opset, "dtype": dtype,
                 "files": [config.model_file]}
 
 

@@ -16,7 +16,6 @@ import logging
 import os
 import tempfile
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,13 +23,13 @@ import torch
 
 from ..errors import ConfigError, ValidationError, require
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
-from .quality import QualityGate, backend_embedder, docstring_pairs, gate_dict, load_pairs_file, measure_quality
+from .quality import (
+    QualityGate, backend_embedder, docstring_pairs, fp16_gate, gate_dict, load_pairs_file, measure_quality,
+)
 from .validate import compare_with_reference
 
 MODEL_XML = "openvino_model.xml"
 WEIGHT_FORMATS = ("fp32", "fp16", "int8")
-# fp16 weights lose almost nothing; their gate is never looser than this, whatever --min-mean-cosine says.
-FP16_MIN_MEAN_COSINE = 0.999
 
 
 def convert_to_openvino(pipeline: torch.nn.Module):
@@ -58,9 +57,7 @@ def compile_f32(model_or_path, device: str = "CPU"):
 
 
 def gate_for(weight_format: str, gate: QualityGate) -> QualityGate:
-    if weight_format == "fp16":
-        return replace(gate, min_mean_cosine=max(gate.min_mean_cosine, FP16_MIN_MEAN_COSINE))
-    return gate
+    return fp16_gate(gate) if weight_format == "fp16" else gate
 
 
 def gate_pairs(gate_data: str | None) -> tuple[list[dict[str, str]], str]:

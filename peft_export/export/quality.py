@@ -11,7 +11,7 @@ import importlib
 import inspect
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -33,6 +33,15 @@ class QualityGate:
         checks = [("mean_cosine", self.min_mean_cosine), ("worst_cosine", self.min_worst_cosine),
                   ("ndcg10_retention", self.min_ndcg_retention)]
         return [f"{key} {quality[key]:.5f} < {limit}" for key, limit in checks if not quality[key] >= limit]
+
+
+# fp16 weights lose almost nothing; their gate is never looser than this, whatever --min-mean-cosine says.
+FP16_MIN_MEAN_COSINE = 0.999
+
+
+def fp16_gate(gate: QualityGate) -> QualityGate:
+    """The gate for fp16 candidates: the user's, with the mean cosine raised to at least 0.999."""
+    return replace(gate, min_mean_cosine=max(gate.min_mean_cosine, FP16_MIN_MEAN_COSINE))
 
 
 def load_pairs_file(path: str | Path | None) -> list[dict[str, str]]:

@@ -117,6 +117,8 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     started = time.perf_counter()
     if options.quantize:
         raise ConfigError("--quantize is not supported with --switchable: export the adapters in float32")
+    if options.dtype != "fp32":
+        raise ConfigError("--dtype fp16 is not supported with --switchable: export the adapters in float32")
     check_output_target(options.output, options.force)  # fail before minutes of validation, not after
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
