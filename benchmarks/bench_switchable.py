@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
+    parser.add_argument("--latency-preset", action="store_true",
+                        help="SessionSettings.latency() for every session (threads spin between operators)")
     parser.add_argument("--out", default="bench-results", help="folder for the Markdown and JSON reports")
     parser.add_argument("--quick", action="store_true", help="60 queries, 96 sentences, 1 round, 5 adapters")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory measurement")
@@ -204,15 +206,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-switchable-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    from peft_export import EmbeddingModel
+    from peft_export import EmbeddingModel, SessionSettings
 
     started = time.perf_counter()
     paths = build(workdir, log=print)
     queries, sentences = load_texts(args.queries, args.sentences)
-    switchable = EmbeddingModel(paths["switchable"], intra_op_threads=args.threads)
+    preset = SessionSettings.latency if args.latency_preset else SessionSettings.throughput
+    switchable = EmbeddingModel(paths["switchable"], session_settings=preset(args.threads))
     rows = []
     for name, (kwargs, targets) in ADAPTERS.items():
-        merged = EmbeddingModel(paths[f"merged-{name}"], intra_op_threads=args.threads)
+        merged = EmbeddingModel(paths[f"merged-{name}"], session_settings=preset(args.threads))
         diff = float(np.abs(switchable.encode(sentences, adapter=name) - merged.encode(sentences)).max())
         if diff > 1e-5:
             print(f"FAIL: switchable adapter {name} differs from its merged export by {diff:.2g}", file=sys.stderr)
@@ -283,7 +286,8 @@ def markdown(report: dict) -> str:
     settings = report["settings"]
     lines += ["", f"- {settings['queries']} short real queries (batch 1), {settings['sentences']} real sentences "
               f"at batch 32; {settings['rounds']} rounds, contenders in alternating blocks; ONNX Runtime intra-op "
-              f"threads: {settings['threads'] or 'default (all cores)'}.",
+              f"threads: {settings['threads'] or 'default (all cores)'}"
+              f"{', latency preset (spinning)' if settings.get('latency_preset') else ''}.",
               f"- {n} merged models are measured as {n} sessions of one merged export (each session holds its own "
               "copy of the weights, as different merged models would); the adapters are synthetic copies of the "
               "three real ones with perturbed weights (same ranks and layouts).",

@@ -26,8 +26,10 @@ __all__ = [
     "EmbeddingModel",
     "MissingDependencyError",
     "ModelNotFoundError",
+    "OpenVinoSettings",
     "OutputExistsError",
     "PeftExportError",
+    "SessionSettings",
     "UnsafeModelError",
     "ValidationError",
     "__version__",
@@ -38,6 +40,8 @@ __all__ = [
 if TYPE_CHECKING:
     from .export.pipeline import export_onnx_model, export_openvino_model
     from .runtime.model import EmbeddingModel
+    from .runtime.onnxruntime_backend import SessionSettings
+    from .runtime.openvino_backend import OpenVinoSettings
 
 
 def __getattr__(name: str):
@@ -45,6 +49,14 @@ def __getattr__(name: str):
         from .runtime.model import EmbeddingModel
 
         return EmbeddingModel
+    if name == "SessionSettings":
+        from .runtime.onnxruntime_backend import SessionSettings
+
+        return SessionSettings
+    if name == "OpenVinoSettings":
+        from .runtime.openvino_backend import OpenVinoSettings
+
+        return OpenVinoSettings
     if name == "export_onnx_model":
         from .export.pipeline import export_onnx_model
 
