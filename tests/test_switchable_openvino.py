@@ -343,3 +343,17 @@ def test_switching_adapters_on_openvino_imports_no_torch_and_no_onnxruntime():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent)
     assert out.stdout.strip().splitlines()[-1] == "openvino []"
+
+
+def test_a_threads_request_never_keeps_the_previous_adapter(model):
+    # run() sets the LoRA inputs of the thread's request only when the adapter changes; every change must show.
+    backend = model.backend
+    feeds = model.tokenize(TEXTS[:3])
+    handles = {name: model._adapters[name].adapter for name in ADAPTERS}
+    fresh = {name: EmbeddingModel(openvino_switchable_export()).backend.run(feeds, adapter=(
+        handles[name] if name else None))["sentence_embedding"] for name in [*ADAPTERS, None]}
+    copy = backend.adapter_from_arrays(backend.adapter_arrays(handles["ffn"]))  # same values, another handle
+    for name in ["attn", None, "attn", "mixed", "ffn", "ffn", None, "mixed", "attn"]:
+        got = backend.run(feeds, adapter=handles[name] if name else None)["sentence_embedding"]
+        assert np.allclose(got, fresh[name], atol=1e-7, rtol=0), name
+    assert np.allclose(backend.run(feeds, adapter=copy)["sentence_embedding"], fresh["ffn"], atol=1e-7, rtol=0)

@@ -4,9 +4,11 @@ Same verbs as the ONNX Runtime backend: ``name``, ``input_names``, ``output_name
 devices that execute), ``run(feeds, adapter=None) -> dict``, plus ``run_batches`` for several batches in parallel
 requests, and for switchable IRs the adapter verbs ``lora_input_names``, ``read_adapter``, ``load_adapter``,
 ``adapter_from_arrays`` and ``adapter_arrays``. A switchable IR takes every LoRA factor as a model input with a
-dynamic rank axis; each run feeds the adapter's factors and, for the slots it leaves out, rank-0 matrices (an
-empty product: the branch adds exactly nothing). Nothing adapter-related is kept in a request between runs, so
-concurrent runs with different adapters cannot see each other's.
+dynamic rank axis; a run sets the adapter's factors and, for the slots it leaves out, rank-0 matrices (an
+empty product: the branch adds exactly nothing). ``run`` uses the calling thread's own infer request and sets
+the LoRA inputs whenever the adapter differs from that request's previous run; ``run_batches`` gives each
+request of its queue every input. No request is shared between threads, so concurrent runs with different
+adapters cannot see each other's.
 
 Precision is never left to OpenVINO: on CPUs with bf16 units (AVX512_BF16, AMX) OpenVINO would compute in bf16
 by default, which moves normalised embeddings by ~1e-3. The default here is the f32 hint (exact parity with the
@@ -148,6 +150,9 @@ def check_ir_files(xml_path: Path) -> None:
         )
 
 
+_UNSET = object()  # no adapter selected yet on this thread's request
+
+
 def _is_lora_input(name: str) -> bool:
     return name.endswith(f".{LORA_A}") or name.endswith(f".{LORA_B}")
 
@@ -172,6 +177,7 @@ class OpenVinoBackend:
         self.input_names = [name for name in names if not _is_lora_input(name)]
         self.lora_input_names = [name for name in names if _is_lora_input(name)]
         self._lora_defaults = self._rank_zero_defaults()
+        self._lora_default_tensors = self._tensors(self._lora_defaults)
         self.output_names = [port.get_any_name() for port in self.compiled.outputs]
         self.providers = list(self.compiled.get_property("EXECUTION_DEVICES"))
         if self.device.startswith("AUTO"):
@@ -231,6 +237,12 @@ class OpenVinoBackend:
             defaults[name] = value
         return defaults
 
+    @staticmethod
+    def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """OpenVINO tensors (copies) of ``arrays``, made once and only read by runs."""
+        ov = require("openvino", "openvino")
+        return {name: ov.Tensor(np.ascontiguousarray(value)) for name, value in arrays.items()}
+
     def _request(self):
         request = getattr(self._local, "request", None)
         if request is None:
@@ -238,23 +250,41 @@ class OpenVinoBackend:
         return request
 
     def _inputs(self, feeds: dict[str, np.ndarray], adapter: adapters.OvAdapter | None = None
-                ) -> dict[str, np.ndarray]:
-        """Every input of the model: the text inputs from ``feeds``, then every LoRA input (the adapter's factor,
-        or the rank-0 default), so no value of an earlier run survives in the request."""
-        inputs = {name: feeds[name] for name in self.input_names}
+                ) -> dict[str, Any]:
+        """Every input of the model for a request shared by several runs (``run_batches``): the text inputs from
+        ``feeds``, then every LoRA input (the adapter's factor, or the rank-0 default), so nothing of an earlier
+        run survives in the request."""
+        inputs: dict[str, Any] = {name: feeds[name] for name in self.input_names}
         if self._lora_defaults:
-            inputs.update(self._lora_defaults)
+            inputs.update(self._lora_default_tensors)
             if adapter is not None:
-                inputs.update(adapter.arrays)
+                inputs.update(adapter.tensors)
         elif adapter is not None:
             raise ConfigError("This OpenVINO model has no LoRA inputs; it cannot run with an adapter")
         return inputs
 
+    def _select_adapter(self, request, adapter: adapters.OvAdapter | None) -> None:
+        """Give this thread's request every LoRA input for ``adapter`` (None: rank-0 everywhere), unless its last
+        run had the same one. The request belongs to this thread alone, so no other run can see or change what
+        is set; skipping 2 x slots ``set_tensor`` calls when the adapter repeats saves ~0.45 ms per batch-1 run
+        (72 LoRA inputs, measured)."""
+        if self._local.__dict__.get("adapter", _UNSET) is adapter:
+            return
+        self._local.adapter = _UNSET  # until every input is set: a failure halfway must not look like a match
+        for name, tensor in self._lora_default_tensors.items():
+            request.set_tensor(name, tensor if adapter is None else adapter.tensors.get(name, tensor))
+        self._local.adapter = adapter
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None,
             adapter: adapters.OvAdapter | None = None) -> dict[str, np.ndarray]:
-        """One inference; ``adapter`` (from load_adapter / adapter_from_arrays) is fed for this run only."""
+        """One inference; ``adapter`` (from load_adapter / adapter_from_arrays) is active for this run only."""
         names = outputs or self.output_names
-        results = self._request().infer(self._inputs(feeds, adapter))  # outputs are copied out of the request
+        request = self._request()
+        if self._lora_defaults:
+            self._select_adapter(request, adapter)
+        elif adapter is not None:
+            raise ConfigError("This OpenVINO model has no LoRA inputs; it cannot run with an adapter")
+        results = request.infer({name: feeds[name] for name in self.input_names})  # outputs are copied out
         return {name: results[name] for name in names}
 
     def run_batches(self, batches: list[dict[str, np.ndarray]], outputs: list[str] | None = None,
@@ -286,10 +316,12 @@ class OpenVinoBackend:
         return adapters.read_adapter_arrays(Path(path))
 
     def load_adapter(self, path: Path) -> adapters.OvAdapter:
-        return adapters.OvAdapter(Path(path), self._checked(self.read_adapter(path), str(path)))
+        arrays = self._checked(self.read_adapter(path), str(path))
+        return adapters.OvAdapter(Path(path), arrays, self._tensors(arrays))
 
     def adapter_from_arrays(self, arrays: dict[str, np.ndarray]) -> adapters.OvAdapter:
-        return adapters.OvAdapter(None, self._checked(arrays, "adapter"))
+        arrays = self._checked(arrays, "adapter")
+        return adapters.OvAdapter(None, arrays, self._tensors(arrays))
 
     def adapter_arrays(self, adapter: adapters.OvAdapter) -> dict[str, np.ndarray]:
         return {name: value.copy() for name, value in adapter.arrays.items()}
