@@ -41,12 +41,11 @@ def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = 
     parser.add_argument("--allow-noop-adapter", action="store_true",
                         help="export even if the adapter does not change the embeddings")
     parser.add_argument("--token", help="Hugging Face token for private repositories")
-    if onnx:
-        parser.add_argument("--switchable", action="store_true",
-                            help="keep adapters separate: one base graph with LoRA branches plus one weight file "
-                                 "per --adapter NAME=PATH, switched per call at run time")
-        parser.add_argument("--default-adapter", metavar="NAME",
-                            help="with --switchable: the adapter active when the export is loaded (default: none)")
+    parser.add_argument("--switchable", action="store_true",
+                        help="keep adapters separate: one base graph with LoRA branches plus one weight file "
+                             "per --adapter NAME=PATH, switched per call at run time")
+    parser.add_argument("--default-adapter", metavar="NAME",
+                        help="with --switchable: the adapter active when the export is loaded (default: none)")
     quant = parser.add_argument_group(
         "quantization (int8 graphs must pass a quality gate against fp32)" if onnx
         else "quality gate (fp16 / int8 weights must pass it against fp32; fp16 needs mean cosine >= 0.999)")

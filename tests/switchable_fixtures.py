@@ -115,6 +115,20 @@ def switchable_export(name: str = "all", adapters: tuple[str, ...] = ("attn", "f
     return once(f"switchable-{name}", build)
 
 
+def openvino_switchable_export(name: str = "all", adapters: tuple[str, ...] = ("attn", "ffn", "mixed"),
+                               **options) -> Path:
+    """The same switchable export as :func:`switchable_export`, written for OpenVINO (merge-openvino --switchable)."""
+    from peft_export import export_openvino_model
+
+    def build() -> Path:
+        specs = [f"{a}={make_adapter(a)}" for a in adapters]
+        out = ROOT / f"openvino-switchable-{name}"
+        export_openvino_model(str(base_model()), out, adapters=specs, switchable=True, log=quiet, **options)
+        return out
+
+    return once(f"openvino-switchable-{name}", build)
+
+
 def merged_export(adapter: str | None) -> Path:
     """The merged export of one adapter, or of the base alone (adapter None)."""
     from peft_export import export_onnx_model

@@ -144,12 +144,12 @@ def test_parallel_requests_give_the_sequential_result(tiny_exports):
     assert [t.shape[0] for t in tokens] == [len(e.ids) for e in parallel.tokenizer.encode_batch(TEXTS[:4])]
 
 
-def test_switchable_adapter_exports_are_refused_on_openvino(ir_copy):
+def test_adapters_in_the_config_of_a_merged_ir_are_refused(ir_copy):
+    # Switchable OpenVINO exports are tested in test_switchable_openvino.py; a merged IR has no LoRA inputs.
     config = json.loads((ir_copy / RUNTIME_CONFIG_FILE).read_text())
     config["adapters"] = {"legal": {"rank": 8}}
     (ir_copy / RUNTIME_CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"switchable-adapter export \(legal\); switchable adapters are not "
-                                          r"supported on the OpenVINO backend yet"):
+    with pytest.raises(ConfigError, match=r"lists adapters \(legal\) but the graph has no LoRA branches"):
         EmbeddingModel(ir_copy)
 
 

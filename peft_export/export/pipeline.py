@@ -51,7 +51,7 @@ class ExportOptions:
     gate: QualityGate = field(default_factory=QualityGate)
     gate_data: str | None = None  # JSON lines of {"query", "passage"}; default: the demo held-out pairs
     calibration_data: str | None = None  # text file, one sentence per line; default: demo training text
-    switchable: bool = False  # keep adapters separate: one base graph + one weight file per adapter (ONNX only)
+    switchable: bool = False  # keep adapters separate: one base graph + one weight file per adapter
     default_adapter: str | None = None  # switchable: the adapter active when the export is loaded
 
 
@@ -187,8 +187,14 @@ def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
     from .openvino import OpenVinoFormat
 
     if options.switchable:
-        raise ConfigError("Switchable adapters are exported for ONNX Runtime only (merge-onnx --switchable); "
-                          "merge-openvino writes one merged adapter")
+        if weight_format != "fp32":
+            raise ConfigError(f"--weight-format {weight_format} is not supported with --switchable: the base graph "
+                              "and the adapters are exported in fp32 (a compressed base would no longer be the "
+                              "model the adapters were validated against); export with --weight-format fp32")
+        require("openvino", "openvino")
+        from .switchable import run_switchable_export
+
+        return run_switchable_export(options, log, backend="openvino")
     graph_format = OpenVinoFormat(weight_format, options)  # checks its options before the slow stages
     require("openvino", "openvino")
     if weight_format == "int8":
@@ -262,7 +268,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
     if options.default_adapter is not None:
-        raise ConfigError("--default-adapter only applies to switchable exports (merge-onnx --switchable)")
+        raise ConfigError("--default-adapter only applies to switchable exports (--switchable)")
     if len(resolved.adapters) > 1:
         raise ConfigError(
             f"A merged export takes one adapter, {len(resolved.adapters)} were given "

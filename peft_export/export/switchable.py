@@ -1,4 +1,5 @@
-"""Switchable exports: one base graph with LoRA branches plus one ONNX Runtime adapter file per adapter; and
+"""Switchable exports: one base graph with LoRA branches plus one adapter weight file per adapter, for ONNX Runtime
+(``model.onnx`` + ``.onnx_adapter`` files) or OpenVINO (``openvino_model.xml`` + ``.safetensors`` files); and
 ``add-adapter`` / ``remove-adapter`` on an existing export, which never touch its graph.
 
 Validation, before anything is declared done (at export and at add-adapter):
@@ -19,10 +20,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import AdapterNotFoundError, ConfigError, ValidationError
+from ..runtime.backends import detect_backend
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig, read_manifest
 from ..runtime.lora_layout import Slot, pack_factors
-from ..runtime.onnxruntime_adapters import ADAPTER_SUFFIX, write_adapter_file
-from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import AdapterSource, load_adapter_source, parse_adapter_spec, resolve_model, sha256_file
 from . import validate
@@ -41,8 +41,35 @@ BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, normalised sentence emb
 _RUNTIME_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks")
 
 
-def _adapter_file(name: str) -> str:
-    return f"{ADAPTERS_DIR}/{name}{ADAPTER_SUFFIX}"
+def _adapter_writer(backend: str) -> tuple[str, Callable[[Path, dict], None]]:
+    """(file suffix, writer) of the adapter files the runtime ``backend`` reads."""
+    if backend == "openvino":
+        from ..runtime.openvino_adapters import ADAPTER_SUFFIX, write_adapter_file
+    else:
+        from ..runtime.onnxruntime_adapters import ADAPTER_SUFFIX, write_adapter_file
+    return ADAPTER_SUFFIX, write_adapter_file
+
+
+def _adapter_file(name: str, suffix: str) -> str:
+    return f"{ADAPTERS_DIR}/{name}{suffix}"
+
+
+def _graph_files(config: RuntimeConfig) -> list[str]:
+    """The graph's files: ``model.onnx``, or an OpenVINO IR's ``.xml`` and ``.bin``."""
+    if Path(config.model_file).suffix == ".xml":
+        return [config.model_file, str(Path(config.model_file).with_suffix(".bin"))]
+    return [config.model_file]
+
+
+def _open_graph(folder: Path, config: RuntimeConfig):
+    """The runtime backend the folder was exported for, with exact arithmetic (OpenVINO: the f32 hint)."""
+    if detect_backend(config) == "openvino":
+        from .openvino import compile_f32
+
+        return compile_f32(folder / config.model_file)
+    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(folder / config.model_file, lora_inputs=True)
 
 
 def _base_references(peft_model, prepared: PreparedExport) -> list[validate.ReferenceBatch]:
@@ -69,7 +96,7 @@ def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[va
                               allow_duplicates: bool) -> dict[str, Any]:
     """Run the graph in ``folder`` without an adapter, with each candidate adapter file (checked against its
     references), and with each existing adapter file (for the pairwise difference); raise on any failure."""
-    backend = OnnxRuntimeBackend(folder / config.model_file, lora_inputs=True)
+    backend = _open_graph(folder, config)
     report = validate.compare_with_reference(
         base, backend.run, "The switchable graph without an adapter (vs the base model)",
         tolerances={"sentence_embedding": BASE_TOLERANCE, "token_embeddings": validate.TOKEN_TOLERANCE},
@@ -98,27 +125,45 @@ def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[va
     return {"no_adapter_vs_base": report.to_dict(), "adapters": per_adapter, "adapter_pair_max_abs_diff": pairs}
 
 
-def _runtime_entry(name: str, summary: dict[str, Any]) -> dict[str, Any]:
-    return {"file": _adapter_file(name), **{k: summary[k] for k in _RUNTIME_KEYS if k in summary}}
+def _runtime_entry(name: str, summary: dict[str, Any], suffix: str) -> dict[str, Any]:
+    return {"file": _adapter_file(name, suffix), **{k: summary[k] for k in _RUNTIME_KEYS if k in summary}}
 
 
-def _manifest_entry(name: str, folder: Path, summary: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
-    file = _adapter_file(name)
+def _manifest_entry(name: str, folder: Path, summary: dict[str, Any], validation: dict[str, Any],
+                    suffix: str) -> dict[str, Any]:
+    file = _adapter_file(name, suffix)
     return {"name": name, "file": file, "file_sha256": sha256_file(folder / file), **summary,
             "validation": validation}
 
 
-def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
+def _export_entry(backend: str, options: ExportOptions, config: RuntimeConfig, names: list[str],
+                  suffix: str) -> dict[str, Any]:
+    files = _graph_files(config) + [_adapter_file(n, suffix) for n in names]
+    if backend != "openvino":
+        return {"format": "onnx", "opset": options.opset, "dtype": "float32", "files": files}
+    from importlib.metadata import version
+
+    return {"format": "openvino", "weight_format": "fp32", "dtype": "float32", "files": files,
+            "openvino_version": version("openvino"), "adapter_format": "safetensors",
+            "converted_from": {"format": "onnx", "opset": options.opset}}
+
+
+def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = logger.info,
+                          backend: str = "onnxruntime") -> ExportResult:
+    """Export ``options.adapters`` as switchable adapters over one base graph for ``backend`` ("onnxruntime":
+    model.onnx + .onnx_adapter files; "openvino": openvino_model.xml/.bin + .safetensors files)."""
     from peft.tuners.lora import LoraLayer
 
     from .merge import attach_adapters
-    from .switchable_graph import export_switchable_onnx, find_slots
+    from .switchable_graph import export_switchable_onnx, export_switchable_openvino, find_slots
 
     started = time.perf_counter()
     if options.quantize:
         raise ConfigError("--quantize is not supported with --switchable: export the adapters in float32")
     if options.dtype != "fp32":
         raise ConfigError("--dtype fp16 is not supported with --switchable: export the adapters in float32")
+    suffix, write_adapter_file = _adapter_writer(backend)
+    export_graph = export_switchable_openvino if backend == "openvino" else export_switchable_onnx
     check_output_target(options.output, options.force)  # fail before minutes of validation, not after
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
@@ -151,26 +196,27 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
             f"changes embeddings by up to {refs[adapter.name].effect:.3f}")
 
     with atomic_output_folder(options.output, force=options.force) as tmp:
-        model_path = export_switchable_onnx(prepared.make_pipeline(graph_encoder), slots, tmp, options.opset)
+        model_path = export_graph(prepared.make_pipeline(graph_encoder), slots, tmp, options.opset)
         prepared.tokenizer.save_pretrained(str(tmp))
-        config = prepared.runtime_config(model_path.name, int(base[0].sentence_embedding.shape[-1]))
+        config = prepared.runtime_config(model_path.name, int(base[0].sentence_embedding.shape[-1]), backend)
         config.lora_slots = [slot.to_dict() for slot in slots]
         config.default_adapter = options.default_adapter
         for name, (arrays, summary) in converted.items():
-            write_adapter_file(tmp / _adapter_file(name), arrays)
-            config.adapters[name] = _runtime_entry(name, summary)
+            write_adapter_file(tmp / _adapter_file(name, suffix), arrays)
+            config.adapters[name] = _runtime_entry(name, summary, suffix)
         config.save(tmp)
         _check_runtime_tokenizer(TextTokenizer(tmp, config), prepared.ref_tokenize, validate.VALIDATION_TEXTS)
-        candidates = {name: (tmp / _adapter_file(name), refs[name]) for name in names}
+        candidates = {name: (tmp / _adapter_file(name, suffix), refs[name]) for name in names}
         validation = validate_switchable_graph(tmp, config, base, candidates, {}, options.allow_noop_adapter)
-        log(f"switchable graph == base without adapter: "
+        graph = "OpenVINO (f32 precision hint)" if backend == "openvino" else "ONNX Runtime"
+        log(f"switchable graph on {graph} == base without adapter: "
             f"{validation['no_adapter_vs_base']['max_abs_diff']['sentence_embedding']:.1e}; every adapter == eager "
             "PEFT and == merged model within 1e-5")
-        export_entry = {"format": "onnx", "opset": options.opset, "dtype": "float32",
-                        "files": [config.model_file] + [_adapter_file(n) for n in names]}
+        export_entry = _export_entry(backend, options, config, names, suffix)
         manifest = _manifest(resolved, export_entry, config, {}, time.perf_counter() - started)
         manifest.update(_switchable_fields(options, resolved.base_id))
-        manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n]) for n in names]
+        manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n], suffix)
+                                for n in names]
         manifest["validation"] = {k: v for k, v in validation.items() if k != "adapters"}
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
@@ -276,6 +322,7 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
         slots = [Slot.from_dict(s) for s in config.lora_slots]
         check_targets_in_graph(adapter, slots)
+        suffix, write_adapter_file = _adapter_writer(detect_backend(config))
         recorded = manifest["base"]["id"]
         if adapter.config.base_model_name_or_path and Path(adapter.config.base_model_name_or_path).name != \
                 Path(str(recorded)).name:
@@ -288,9 +335,9 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
         _check_effect(refs, allow_noop_adapter)
         arrays, summary = _convert(peft_model, adapter, slots)
 
-        final = folder / _adapter_file(name)
+        final = folder / _adapter_file(name, suffix)
         candidate = final.with_name(f".{final.name}.{os.getpid()}.candidate")
-        existing = {n: folder / _adapter_file(n) for n in config.adapters if n != name}
+        existing = {n: folder / _adapter_file(n, suffix) for n in config.adapters if n != name}
         try:
             write_adapter_file(candidate, arrays)
             try:
@@ -306,11 +353,11 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
             os.replace(candidate, final)  # commit order: weight file, runtime config, manifest
         finally:
             candidate.unlink(missing_ok=True)
-        config.adapters[name] = _runtime_entry(name, summary)
+        config.adapters[name] = _runtime_entry(name, summary, suffix)
         config.save(folder)
-        entry = _manifest_entry(name, folder, summary, validation["adapters"][name])
+        entry = _manifest_entry(name, folder, summary, validation["adapters"][name], suffix)
         manifest["adapters"] = [a for a in manifest.get("adapters", []) if a["name"] != name] + [entry]
-        manifest["export"]["files"] = [config.model_file] + [_adapter_file(n) for n in config.adapters]
+        manifest["export"]["files"] = _graph_files(config) + [_adapter_file(n, suffix) for n in config.adapters]
         manifest["validation"].setdefault("adapter_pair_max_abs_diff", {}).update(
             validation["adapter_pair_max_abs_diff"])
         manifest["size_bytes"] = folder_size(folder)
@@ -332,11 +379,12 @@ def remove_adapter(output: str | Path, name: str, log: Callable[[str], None] = l
         if config.default_adapter == name:
             config.default_adapter = None
             log(f"{name!r} was the default adapter; the export now loads with no adapter active")
+        suffix, _ = _adapter_writer(detect_backend(config))
         config.save(folder)  # commit point: the runtime no longer sees the adapter
-        (folder / _adapter_file(name)).unlink(missing_ok=True)
+        (folder / _adapter_file(name, suffix)).unlink(missing_ok=True)
         manifest["adapters"] = [a for a in manifest.get("adapters", []) if a["name"] != name]
         manifest["default_adapter"] = config.default_adapter
-        manifest["export"]["files"] = [config.model_file] + [_adapter_file(n) for n in config.adapters]
+        manifest["export"]["files"] = _graph_files(config) + [_adapter_file(n, suffix) for n in config.adapters]
         pairs = manifest.get("validation", {}).get("adapter_pair_max_abs_diff", {})
         for key in [k for k in pairs if name in k.split(" vs ")]:
             del pairs[key]

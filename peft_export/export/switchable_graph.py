@@ -20,10 +20,15 @@ Why this construction:
   ``nn.Linear`` modules replaced; A and B enter as extra forward inputs, so the tracer sees them as dynamic
   values, never as constants it could fold. The ONNX model is then post-processed with the ``onnx`` helper
   API to give each of those inputs its rank-0 default.
+* For OpenVINO the same traced graph is converted without those defaults: OpenVINO's ONNX reader turns an
+  input with an initializer into a constant, and a rank-0 constant cannot enter a MatMul. Every LoRA factor is
+  then a plain input of the IR with a dynamic rank axis, and the runtime feeds rank-0 matrices for the slots an
+  adapter leaves out (``runtime/openvino_backend.py``): the same arithmetic as ONNX Runtime's defaults.
 """
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, require
 from ..runtime.lora_layout import Slot
 from .graph import EmbeddingPipeline
 from .onnx import MODEL_FILE, OUTPUT_NAMES, dummy_inputs, input_names
@@ -103,8 +108,10 @@ def find_slots(encoder: nn.Module, targeted: set[str]) -> list[Slot]:
     return slots
 
 
-def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int) -> Path:
-    """Trace ``pipeline`` with a LoRA branch per slot and write ``folder/model.onnx`` with rank-0 defaults.
+def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int,
+                           rank_zero_defaults: bool = True) -> Path:
+    """Trace ``pipeline`` with a LoRA branch per slot and write ``folder/model.onnx`` with rank-0 defaults (without
+    them, every LoRA factor is a required input: the form OpenVINO converts).
 
     ``pipeline`` is modified (its slot layers are replaced); pass one built for the export only.
     """
@@ -152,10 +159,37 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
             f"internal error: the traced graph lost the LoRA inputs {missing[:3]} (their layers do not reach the "
             "embedding)"
         )
+    if not rank_zero_defaults:
+        return path
     for slot in slots:  # rank-0 defaults: without an adapter, every branch adds an empty product
         zero_a = np.zeros((slot.in_features, 0), np.float32)
         zero_b = np.zeros((0, slot.out_features), np.float32)
         model.graph.initializer.extend([numpy_helper.from_array(zero_a, slot.input_a),
                                         numpy_helper.from_array(zero_b, slot.input_b)])
     onnx.save_model(model, str(path))
+    return path
+
+
+def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int) -> Path:
+    """The switchable graph as OpenVINO IR (``folder/openvino_model.xml`` + ``.bin``, fp32 weights): traced to ONNX
+    as for ONNX Runtime, without rank-0 defaults, and converted; every LoRA factor is an input with a dynamic rank.
+
+    ``pipeline`` is modified (its slot layers are replaced); pass one built for the export only.
+    """
+    from .openvino import MODEL_XML
+
+    ov = require("openvino", "openvino")
+    path = folder / MODEL_XML
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as scratch:
+        onnx_path = export_switchable_onnx(pipeline, slots, Path(scratch), opset, rank_zero_defaults=False)
+        model = ov.convert_model(str(onnx_path))
+        shapes = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
+        for slot in slots:
+            for name, side, size in ((slot.input_a, 0, slot.in_features), (slot.input_b, 1, slot.out_features)):
+                shape = shapes.get(name)
+                if (shape is None or shape.rank.is_dynamic or len(shape) != 2 or shape[side].is_dynamic
+                        or shape[side].get_length() != size or not shape[1 - side].is_dynamic):
+                    raise ConfigError(f"internal error: the OpenVINO graph's LoRA input {name!r} has shape {shape}, "
+                                      f"expected {size} on axis {side} and a dynamic rank")
+        ov.save_model(model, str(path), compress_to_fp16=False)
     return path

@@ -49,6 +49,11 @@ class AdapterMethods:
         self._adapters_enabled = True
         self._slots = [Slot.from_dict(s) for s in self.config.lora_slots]
         if not self._slots:
+            if self.config.adapters:
+                raise ConfigError(
+                    f"{self.path}: embedding_config.json lists adapters ({', '.join(sorted(self.config.adapters))}) "
+                    "but the graph has no LoRA branches (no lora_slots); the folder was modified. Export it again."
+                )
             return
         expected = {name for slot in self._slots for name in (slot.input_a, slot.input_b)}
         found = set(self.backend.lora_input_names)
@@ -124,9 +129,10 @@ class AdapterMethods:
                      token: str | bool | None = None) -> None:
         """Load an adapter and make it the active one, as transformers' ``load_adapter`` does.
 
-        ``path_or_id``: an exported ``.onnx_adapter`` file, or a PEFT LoRA adapter (folder or hub id), converted
-        for this graph on the fly; that needs the export extra (torch, peft). ``adapter_name`` defaults to
-        ``"default"``.
+        ``path_or_id``: an exported adapter file (``.onnx_adapter`` on ONNX Runtime; ``.safetensors`` on
+        OpenVINO, which also reads ``.onnx_adapter`` files when onnxruntime is installed), or a PEFT LoRA adapter
+        (folder or hub id), converted for this graph on the fly; that needs the export extra (torch, peft).
+        ``adapter_name`` defaults to ``"default"``.
         """
         self._require_switchable("load_adapter")
         name = DEFAULT_ADAPTER_NAME if adapter_name is None else adapter_name

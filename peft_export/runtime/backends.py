@@ -61,11 +61,13 @@ def open_backend(
     if providers is not None or session_settings is not None:
         raise ConfigError("providers and session_settings apply to ONNX Runtime; with backend='openvino' pass "
                           "device='CPU'|'GPU'|'AUTO' and openvino_settings / inference_precision / performance_hint")
-    if config.adapters or config.lora_slots:
+    if (config.adapters or config.lora_slots) and model_path.suffix != ".xml":
+        # The ONNX graph's LoRA inputs carry rank-0 initializers, which OpenVINO's ONNX reader turns into
+        # constants it cannot multiply; the OpenVINO export strips them (export/switchable_graph.py).
         raise ConfigError(
-            f"{folder} is a switchable-adapter export ({', '.join(sorted(config.adapters))}); switchable adapters "
-            "are not supported on the OpenVINO backend yet. Load it with backend='onnxruntime', or export one "
-            "merged adapter with `peft-export merge-openvino MODEL --adapter PATH`."
+            f"{folder} is a switchable-adapter ONNX export ({', '.join(sorted(config.adapters))}), which OpenVINO "
+            "cannot read. Load it with backend='onnxruntime', or export it for OpenVINO with "
+            "`peft-export merge-openvino BASE --switchable --adapter NAME=PATH ...`."
         )
     from .openvino_backend import OpenVinoBackend, OpenVinoSettings
 

@@ -55,9 +55,10 @@ class EmbeddingModel(AdapterMethods):
     >>> model = EmbeddingModel("out/")            # doctest: +SKIP
     >>> model.encode(["a query", "a passage"])    # doctest: +SKIP
 
-    Switchable exports (``merge-onnx --switchable``) add sentence-transformers' adapter methods
-    (``load_adapter``, ``set_adapter``, ``active_adapters``, ``enable_adapters``, ``disable_adapters``,
-    ``delete_adapter``, ``get_adapter_state_dict``) plus ``list_adapters`` and ``encode(..., adapter=NAME)``.
+    Switchable exports (``merge-onnx --switchable`` or ``merge-openvino --switchable``) add sentence-transformers'
+    adapter methods (``load_adapter``, ``set_adapter``, ``active_adapters``, ``enable_adapters``,
+    ``disable_adapters``, ``delete_adapter``, ``get_adapter_state_dict``) plus ``list_adapters`` and
+    ``encode(..., adapter=NAME)``.
     """
 
     def __init__(
@@ -140,9 +141,12 @@ class EmbeddingModel(AdapterMethods):
                      ) -> list[dict[str, np.ndarray]]:
         """One backend run per batch; several at once where the backend runs requests in parallel (OpenVINO
         THROUGHPUT hint)."""
+        parallel = len(batches) > 1 and hasattr(self.backend, "run_batches")
         if adapter is not None:
+            if parallel:
+                return self.backend.run_batches(batches, outputs, adapter=adapter)
             return [self.backend.run(feeds, outputs, adapter=adapter) for feeds in batches]
-        if len(batches) > 1 and hasattr(self.backend, "run_batches"):
+        if parallel:
             return self.backend.run_batches(batches, outputs)
         return [self.backend.run(feeds, outputs) for feeds in batches]
 
