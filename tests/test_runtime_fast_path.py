@@ -82,10 +82,21 @@ def spy(bert_case):
 
 def test_one_tokenization_and_one_run_per_batch_fetching_only_the_sentence_embedding(spy, real_texts):
     texts = real_texts[:70]
-    spy.model.encode(texts, batch_size=32)
+    spy.model.encode(texts, batch_size=32, max_batch_tokens=None)  # sentence-transformers' batches
     assert spy.tokenize_calls == 1
     assert [shape[0] for shape, _ in spy.runs] == [32, 32, 6]
     assert all(outputs == ["sentence_embedding"] for _, outputs in spy.runs)
+
+
+def test_default_token_budget_on_cpu_bounds_runs_and_keeps_results(spy, bert_model, real_texts):
+    from peft_export.runtime.model import CPU_MAX_BATCH_TOKENS
+
+    assert spy.model.max_batch_tokens == CPU_MAX_BATCH_TOKENS
+    texts = real_texts[:100]
+    got = spy.model.encode(texts)
+    assert all(shape[0] == 1 or shape[0] * shape[1] <= CPU_MAX_BATCH_TOKENS for shape, _ in spy.runs)
+    assert any(shape[0] < 32 for shape, _ in spy.runs)
+    np.testing.assert_allclose(got, bert_model.encode(texts, max_batch_tokens=None), atol=1e-6)
 
 
 def test_token_embeddings_fetch_only_token_embeddings(spy, real_texts):

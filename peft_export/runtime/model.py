@@ -18,6 +18,7 @@ from .similarity import similarity, similarity_pairwise
 from .tokenizer import TextTokenizer
 
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
+CPU_MAX_BATCH_TOKENS = 1024
 
 
 def _pool_numpy(tokens: np.ndarray, mask: np.ndarray, modes: list[str]) -> np.ndarray:
@@ -94,6 +95,9 @@ class EmbeddingModel(AdapterMethods):
         if absent:
             raise ConfigError(f"{self.path}: graph lacks outputs {sorted(absent)}; export the folder again")
         self._tokenizer.input_names = self.backend.input_names
+        # Padded tokens per run for encode(max_batch_tokens="auto"): small runs keep attention in cache on CPUs.
+        on_gpu = str(device).lower() == "cuda" or str(device).upper().startswith("GPU")
+        self.max_batch_tokens: int | None = None if on_gpu else CPU_MAX_BATCH_TOKENS
         self._init_adapters()
 
     # ----- properties mirroring SentenceTransformer -----
@@ -179,14 +183,17 @@ class EmbeddingModel(AdapterMethods):
         precision: str = "float32",
         convert_to_tensor: bool = False,
         adapter: str | bool | None = None,
-        max_batch_tokens: int | None = None,
+        max_batch_tokens: int | None | str = "auto",
     ) -> np.ndarray | list[np.ndarray]:
         """Embed ``sentences``; a single string gives a 1-D vector, a list gives a (n, dim) array.
 
         ``adapter`` (switchable exports): a loaded adapter's name to use for this call only, ``False`` for the
         base model for this call, or None (default) for the model's state (``set_adapter`` / ``disable_adapters``).
         ``max_batch_tokens`` caps a batch's padded size (inputs x longest input) on top of ``batch_size``, which
-        keeps memory flat when a few long texts arrive among short ones.
+        keeps memory flat when a few long texts arrive among short ones. "auto" (default) is
+        ``self.max_batch_tokens``: 1024 on CPUs, where it measured faster than plain batches of 32 (MiniLM, 1,000
+        mixed sentences: 206 -> 233 sentences/s; one 32-sentence request of mixed lengths: 34 -> 145), and no cap
+        on GPUs. None: batches of ``batch_size`` only, as sentence-transformers does.
         """
         if output_value not in OUTPUT_VALUES:
             raise ValueError(f"output_value must be one of {OUTPUT_VALUES}, found {output_value!r}")
@@ -213,6 +220,8 @@ class EmbeddingModel(AdapterMethods):
         # Tokenize once, then batch longest first (by tokens, not characters as sentence-transformers does, so
         # each batch pads as little as possible); only the output this call needs is fetched from the graph.
         encodings = self._tokenizer.tokenize(texts)
+        if max_batch_tokens == "auto":
+            max_batch_tokens = self.max_batch_tokens
         batches = plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens)
         pool_outside = output_value == "sentence_embedding" and bool(prompt_length) and not self.config.include_prompt
         fetch = ["token_embeddings" if output_value == "token_embeddings" or pool_outside else "sentence_embedding"]
