@@ -50,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("exports", nargs="+", type=Path)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--sentences", type=int, default=256)
+    parser.add_argument("--queries", action="store_true",
+                        help="profile short real queries (the batch-1 latency workload) instead of mixed sentences")
     args = parser.parse_args(argv)
-    sentences = load_sentences(args.sentences)
+    if args.queries:
+        from peft_export.demo import load_pairs
+
+        sentences = [p["query"] for p in load_pairs("eval")][: args.sentences]
+    else:
+        sentences = load_sentences(args.sentences)
     for path in args.exports:
         result = profile(path, sentences, args.batch_size)
         print(f"## {path} (batch {args.batch_size}, {len(sentences)} sentences)")
