@@ -189,3 +189,41 @@ def edit_adapter_config(source: Path, dest: Path, **changes) -> Path:
     config.update(changes)
     path.write_text(json.dumps(config))
     return dest
+
+
+def concurrent_adapter_errors(model, texts: list[str], adapters, threads: int, calls: int) -> list[str]:
+    """Run ``threads`` workers, each encoding ``calls`` times with a random per-call adapter (or False for the
+    base) while another thread keeps changing the model's own state; returns every result that differs from the
+    single-threaded one (empty when calls never see each other's adapter)."""
+    import random
+    import threading
+
+    choices = [*adapters, False]
+    single = {name: model.encode(texts, adapter=name, batch_size=2) for name in choices}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(calls):
+            name = rng.choice(choices)
+            got = model.encode(texts, adapter=name, batch_size=2)
+            if not np.allclose(got, single[name], atol=1e-6, rtol=0):
+                errors.append(f"{name}: {np.abs(got - single[name]).max()}")
+
+    def switcher() -> None:
+        rng = random.Random(99)
+        while not stop.is_set():
+            model.set_adapter(rng.choice(list(adapters)))
+            (model.disable_adapters if rng.random() < 0.3 else model.enable_adapters)()
+
+    workers = [threading.Thread(target=worker, args=(seed,)) for seed in range(threads)]
+    background = threading.Thread(target=switcher)
+    background.start()
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    stop.set()
+    background.join()
+    return errors

@@ -8,16 +8,15 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import random
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from switchable_fixtures import (ADAPTERS, TEXTS, base_model, copy_export, make_adapter, max_unit_diff,
+from switchable_fixtures import (ADAPTERS, TEXTS, base_model, concurrent_adapter_errors, copy_export,
+                                 make_adapter, max_unit_diff,
                                  merged_export, openvino_switchable_export, quiet, snapshot, st_references,
                                  switchable_export)
 
@@ -133,35 +132,9 @@ def test_per_call_adapter_leaves_the_model_state_alone(model):
 def test_concurrent_calls_never_see_each_others_adapter(hint):
     # THROUGHPUT runs the batches of one call in parallel requests (AsyncInferQueue) as well.
     model = EmbeddingModel(openvino_switchable_export(), performance_hint=hint)
+    assert concurrent_adapter_errors(model, TEXTS, ADAPTERS, threads=6, calls=20) == []
     choices = [*ADAPTERS, False]
     single = {name: model.encode(TEXTS, adapter=name, batch_size=2) for name in choices}
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def worker(seed: int) -> None:
-        rng = random.Random(seed)
-        for _ in range(20):
-            name = rng.choice(choices)
-            got = model.encode(TEXTS, adapter=name, batch_size=2)
-            if not np.allclose(got, single[name], atol=1e-6, rtol=0):
-                errors.append(f"{name}: {np.abs(got - single[name]).max()}")
-
-    def switcher() -> None:  # the model's own state changes all the time; per-call choices must not notice
-        rng = random.Random(99)
-        while not stop.is_set():
-            model.set_adapter(rng.choice(list(ADAPTERS)))
-            (model.disable_adapters if rng.random() < 0.3 else model.enable_adapters)()
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
-    background = threading.Thread(target=switcher)
-    background.start()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    stop.set()
-    background.join()
-    assert errors == []
     for name in choices:  # and the single-threaded results are those of the ONNX Runtime graph
         assert max_unit_diff(single[name], st_references()[name or None]) <= SENTENCE_ATOL
 

@@ -4,16 +4,15 @@ model's state alone, thread safety, on-the-fly loading, and clear refusals (merg
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from switchable_fixtures import (ADAPTERS, TEXTS, copy_export, make_adapter, max_unit_diff, merged_export,
+from switchable_fixtures import (ADAPTERS, TEXTS, concurrent_adapter_errors, copy_export, make_adapter,
+                                 max_unit_diff, merged_export,
                                  st_references, switchable_export)
 
 from peft_export import AdapterNotFoundError, ConfigError, EmbeddingModel, UnsafeModelError
@@ -174,35 +173,7 @@ def test_merged_exports_refuse_adapter_methods():
 
 
 def test_concurrent_calls_never_see_each_others_adapter(model):
-    choices = [*ADAPTERS, False]
-    single = {name: model.encode(TEXTS, adapter=name, batch_size=2) for name in choices}
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def worker(seed: int) -> None:
-        rng = random.Random(seed)
-        for _ in range(25):
-            name = rng.choice(choices)
-            got = model.encode(TEXTS, adapter=name, batch_size=2)
-            if not np.allclose(got, single[name], atol=1e-6, rtol=0):
-                errors.append(f"{name}: {np.abs(got - single[name]).max()}")
-
-    def switcher() -> None:  # the model's own state changes all the time; per-call choices must not notice
-        rng = random.Random(99)
-        while not stop.is_set():
-            model.set_adapter(rng.choice(list(ADAPTERS)))
-            (model.disable_adapters if rng.random() < 0.3 else model.enable_adapters)()
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
-    background = threading.Thread(target=switcher)
-    background.start()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    stop.set()
-    background.join()
-    assert errors == []
+    assert concurrent_adapter_errors(model, TEXTS, ADAPTERS, threads=8, calls=25) == []
 
 
 def test_switching_adapters_imports_no_torch():

@@ -7,14 +7,13 @@ loaded, so a process holding many adapters pays for their size once, in the page
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, require
+from .atomic_file import write_atomically
 
 ADAPTER_SUFFIX = ".onnx_adapter"
 
@@ -35,16 +34,7 @@ def write_adapter_file(path: Path, arrays: dict[str, np.ndarray]) -> None:
               for name, a in arrays.items()}
     adapter = ort.AdapterFormat()
     adapter.set_parameters(values)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        adapter.export_adapter(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file is as readable as the rest of the export
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, adapter.export_adapter)
 
 
 def read_adapter_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -9,14 +9,13 @@ adapter of MiniLM is 0.6-3.5 MB) and marks them read-only, so every run and ever
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, require
+from .atomic_file import write_atomically
 
 ADAPTER_SUFFIX = ".safetensors"
 _FORMAT = {"format": "peft_export-openvino-lora"}  # safetensors metadata: what the file is
@@ -50,16 +49,7 @@ def write_adapter_file(path: Path, arrays: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     tensors = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in arrays.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=_FORMAT)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file is as readable as the rest of the export
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=_FORMAT))
 
 
 def read_adapter_arrays(path: Path) -> dict[str, np.ndarray]:
