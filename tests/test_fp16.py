@@ -16,7 +16,10 @@ def test_fp16_export_replaces_the_graph_records_the_gate_and_stays_close(bert_ca
                                                                           real_texts):
     onnx = pytest.importorskip("onnx")
     out = tmp_path / "fp16"
-    result = export_onnx_model(str(bert_case.adapter), out, dtype="fp16", log=quiet_log)
+    # The tiny random model ranks the demo pairs near chance, so its NDCG@10 moves with tiny changes: relax only
+    # that part of the gate here (fp16 always keeps its mean-cosine floor of 0.999).
+    gate = QualityGate(min_ndcg_retention=0.9)
+    result = export_onnx_model(str(bert_case.adapter), out, dtype="fp16", gate=gate, log=quiet_log)
     assert (out / "model_fp16.onnx").is_file() and not (out / "model.onnx").exists()
     assert json.loads((out / "embedding_config.json").read_text())["model_file"] == "model_fp16.onnx"
     assert result.manifest["export"]["dtype"] == "float16"
