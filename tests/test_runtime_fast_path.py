@@ -26,6 +26,13 @@ def test_plan_batches_token_budget_limits_padded_size():
         assert len(b) * max(lengths[i] for i in b) <= 60
 
 
+def test_plan_batches_under_a_budget_keeps_short_inputs_out_of_a_long_batch():
+    lengths = [256, 20, 240, 200, 18, 12]
+    batches = [list(b) for b in plan_batches(lengths, batch_size=32, max_batch_tokens=1024)]
+    assert batches == [[0, 2, 3], [1, 4, 5]]  # 200 is within a quarter of 256; 20 would be mostly padding
+    assert [list(b) for b in plan_batches(lengths, batch_size=32)] == [[0, 2, 3, 1, 4, 5]]  # no budget: size only
+
+
 def test_plan_batches_gives_an_input_over_budget_a_batch_of_its_own():
     assert [list(b) for b in plan_batches([500, 2], batch_size=8, max_batch_tokens=100)] == [[0], [1]]
 
@@ -101,7 +108,7 @@ def test_default_token_budget_on_cpu_bounds_runs_and_keeps_results(spy, bert_mod
 
 def test_token_embeddings_fetch_only_token_embeddings(spy, real_texts):
     spy.model.encode(real_texts[:5], output_value="token_embeddings")
-    assert [outputs for _, outputs in spy.runs] == [["token_embeddings"]]
+    assert spy.runs and all(outputs == ["token_embeddings"] for _, outputs in spy.runs)
 
 
 def test_token_budget_bounds_every_padded_batch_and_keeps_results(spy, bert_model, real_texts):
