@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .quality import QualityGate, backend_embedder, enforce, fp16_gate, measure_quality
+from .quality import QualityGate, backend_embedder, enforce, fp16_gate, gate_dict, measure_quality
 
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceSum", "ReduceMean", "ReduceL2", "Div", "Clip", "Sqrt", "Pow",
             "Erf"]
@@ -50,4 +50,4 @@ def fp16_with_gate(fp32_path: Path, out_path: Path, tokenizer, fp32_backend, pai
     except BaseException:
         out_path.unlink(missing_ok=True)
         raise
-    return {**quality, "fp32_ops": FP32_OPS, "measured_on": "CPUExecutionProvider"}
+    return {**quality, "fp32_ops": FP32_OPS, "measured_on": "CPUExecutionProvider", "gate": gate_dict(gate)}

@@ -117,19 +117,13 @@ class OnnxFormat:
         """Replace the validated fp32 graph by its fp16 version once that passes the quality gate against it."""
         from ..runtime.tokenizer import TextTokenizer
         from .fp16 import fp16_with_gate
-        from .quality import fp16_gate, gate_dict
 
         fp16_path = fp32_path.with_name("model_fp16.onnx")
         tokenizer = TextTokenizer(fp32_path.parent, config)
         result = fp16_with_gate(fp32_path, fp16_path, tokenizer, fp32_backend, self.gate_pairs, self.options.gate)
         log(f"fp16: mean cosine {result['mean_cosine']:.6f}, worst {result['worst_cosine']:.6f}, NDCG@10 "
             f"retention {result['ndcg10_retention']:.4f} vs fp32 (LayerNorm, Softmax, pooling kept fp32)")
-        fp32_path.unlink()
-        config.model_file = fp16_path.name
-        config.save(fp32_path.parent)
-        result["gate"] = gate_dict(fp16_gate(self.options.gate))
-        result["gate_data"] = self.options.gate_data or "peft_export demo held-out pairs"
-        return result
+        return _adopt_graph(fp32_path, fp16_path, config, result, self.options)
 
     def manifest_entry(self, config) -> dict:
         dtype = self.options.quantize or ("float16" if self.options.dtype == "fp16" else "float32")
@@ -180,9 +174,15 @@ def _quantize_step(options, pairs: list[dict[str, str]], folder: Path, config, t
     chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
     log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "
         f"NDCG@10 retention {chosen['ndcg10_retention']:.4f} on {chosen['texts']} texts")
-    fp32_path.unlink()
-    config.model_file = int8_path.name
-    config.save(folder)
     result["gate"] = gate_dict(options.gate)
+    return _adopt_graph(fp32_path, int8_path, config, result, options)
+
+
+def _adopt_graph(fp32_path: Path, lossy_path: Path, config, result: dict[str, Any], options) -> dict[str, Any]:
+    """Make the gated lossy graph the folder's model: drop the fp32 file, point the runtime config at the new one,
+    and note where the gate's pairs came from."""
+    fp32_path.unlink()
+    config.model_file = lossy_path.name
+    config.save(fp32_path.parent)
     result["gate_data"] = options.gate_data or "peft_export demo held-out pairs"
     return result

@@ -115,15 +115,12 @@ def backend_embedder(tokenizer, backend, batch_size: int = 32) -> Embed:
     ``EmbeddingModel.encode`` batches on a CPU (by token length, longest first, under its default token budget),
     so figures measured here are the ones users reproduce: dynamic int8 picks activation scales per batch, so
     batch composition matters."""
-    from ..runtime.batches import plan_batches
     from ..runtime.model import CPU_MAX_BATCH_TOKENS
 
     def embed(texts: list[str]) -> np.ndarray:
-        encodings = tokenizer.tokenize(texts)
         out = np.zeros((len(texts), 0), np.float32)
-        for index in plan_batches([len(e.ids) for e in encodings], batch_size, CPU_MAX_BATCH_TOKENS):
-            emb = backend.run(tokenizer.pad([encodings[i] for i in index]), ["sentence_embedding"])
-            emb = emb["sentence_embedding"]
+        for index, feeds in tokenizer.batches(texts, batch_size, CPU_MAX_BATCH_TOKENS):
+            emb = backend.run(feeds, ["sentence_embedding"])["sentence_embedding"]
             if out.shape[1] == 0:
                 out = np.zeros((len(texts), emb.shape[1]), np.float32)
             out[index] = emb

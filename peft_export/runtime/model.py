@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,6 @@ import numpy as np
 from ..errors import ConfigError
 from .adapters import AdapterMethods
 from .backends import open_backend
-from .batches import plan_batches
 from .config import RuntimeConfig, read_manifest
 from .onnxruntime_backend import SessionSettings
 from .precision import PRECISIONS, quantize_embeddings
@@ -145,14 +145,10 @@ class EmbeddingModel(AdapterMethods):
                      ) -> list[dict[str, np.ndarray]]:
         """One backend run per batch; several at once where the backend runs requests in parallel (OpenVINO
         THROUGHPUT hint)."""
-        parallel = len(batches) > 1 and hasattr(self.backend, "run_batches")
-        if adapter is not None:
-            if parallel:
-                return self.backend.run_batches(batches, outputs, adapter=adapter)
-            return [self.backend.run(feeds, outputs, adapter=adapter) for feeds in batches]
-        if parallel:
-            return self.backend.run_batches(batches, outputs)
-        return [self.backend.run(feeds, outputs) for feeds in batches]
+        options = {} if adapter is None else {"adapter": adapter}
+        if len(batches) > 1 and hasattr(self.backend, "run_batches"):
+            return self.backend.run_batches(batches, outputs, **options)
+        return [self.backend.run(feeds, outputs, **options) for feeds in batches]
 
     def _postprocess(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], output_value: str,
                      prompt_length: int) -> list[np.ndarray]:
@@ -193,7 +189,7 @@ class EmbeddingModel(AdapterMethods):
         keeps memory flat when a few long texts arrive among short ones. "auto" (default) is
         ``self.max_batch_tokens``: 1024 on CPUs, where it measured faster than plain batches of 32 (MiniLM, 1,000
         mixed sentences: 206 -> 231 sentences/s; 32-sentence requests of mixed lengths: 34 -> 186/s, with
-        :func:`plan_batches` also keeping short inputs out of long batches), and no cap on GPUs. None: batches
+        :func:`.batches.plan_batches` also keeping short inputs out of long batches), and no cap on GPUs. None: batches
         of ``batch_size`` only, as sentence-transformers does.
         """
         if output_value not in OUTPUT_VALUES:
@@ -220,19 +216,17 @@ class EmbeddingModel(AdapterMethods):
 
         # Tokenize once, then batch longest first (by tokens, not characters as sentence-transformers does, so
         # each batch pads as little as possible); only the output this call needs is fetched from the graph.
-        encodings = self._tokenizer.tokenize(texts)
         if max_batch_tokens == "auto":
             max_batch_tokens = self.max_batch_tokens
-        batches = plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens)
+        batches = self._tokenizer.batches(texts, batch_size, max_batch_tokens)
         pool_outside = output_value == "sentence_embedding" and bool(prompt_length) and not self.config.include_prompt
         fetch = ["token_embeddings" if output_value == "token_embeddings" or pool_outside else "sentence_embedding"]
         results: list[Any] = [None] * len(texts)
         progress = _progress(show_progress_bar, len(texts), batch_size)
         at_once = max(1, int(getattr(self.backend, "parallel_requests", 1)))
-        for first in range(0, len(batches), at_once):
-            group = batches[first : first + at_once]
-            feeds = [self._tokenizer.pad([encodings[i] for i in index]) for index in group]
-            for index, batch_feeds, outputs in zip(group, feeds, self._run_batches(feeds, fetch, run_adapter)):
+        while group := list(islice(batches, at_once)):
+            indices, feeds = zip(*group)
+            for index, batch_feeds, outputs in zip(indices, feeds, self._run_batches(list(feeds), fetch, run_adapter)):
                 for i, emb in zip(index, self._postprocess(batch_feeds, outputs, output_value, prompt_length)):
                     results[i] = emb
                 progress(len(index))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from .batches import plan_batches
 from .config import TOKENIZER_FILE, RuntimeConfig
 
 
@@ -47,6 +49,14 @@ class TextTokenizer:
 
     def encode(self, texts: list[str]) -> dict[str, np.ndarray]:
         return self.pad(self.tokenize(texts))
+
+    def batches(self, texts: list[str], batch_size: int, max_batch_tokens: int | None = None
+                ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """Tokenize ``texts`` once and yield ``(indices, inputs)`` per batch as :func:`plan_batches` plans them
+        (longest first); each batch is padded only when it is reached."""
+        encodings = self.tokenize(texts)
+        for index in plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens):
+            yield index, self.pad([encodings[i] for i in index])
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         return [len(e.ids) for e in self.tokenize(texts)]
