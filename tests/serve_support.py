@@ -182,6 +182,18 @@ class ProcessServer:
         return self.process.returncode
 
 
+@contextlib.contextmanager
+def served_process(export: Path, log_path: Path, *extra: str):
+    """A ready ProcessServer for the duration of the block; on leaving, SIGTERM and the exit status must be 0."""
+    srv = ProcessServer(export, log_path, *extra)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        code = srv.stop()
+    assert code == 0, srv.log()
+
+
 _BUILT: dict[str, dict[str, Path]] = {}
 
 

@@ -106,13 +106,7 @@ def make_adapter(name: str, base: Path | None = None, seed: int | None = None, z
 def switchable_export(name: str = "all", adapters: tuple[str, ...] = ("attn", "ffn", "mixed"), **options) -> Path:
     from peft_export import export_onnx_model
 
-    def build() -> Path:
-        specs = [f"{a}={make_adapter(a)}" for a in adapters]
-        out = ROOT / f"switchable-{name}"
-        export_onnx_model(str(base_model()), out, adapters=specs, switchable=True, log=quiet, **options)
-        return out
-
-    return once(f"switchable-{name}", build)
+    return _switchable("switchable", export_onnx_model, name, adapters, options)
 
 
 def openvino_switchable_export(name: str = "all", adapters: tuple[str, ...] = ("attn", "ffn", "mixed"),
@@ -120,13 +114,18 @@ def openvino_switchable_export(name: str = "all", adapters: tuple[str, ...] = ("
     """The same switchable export as :func:`switchable_export`, written for OpenVINO (merge-openvino --switchable)."""
     from peft_export import export_openvino_model
 
+    return _switchable("openvino-switchable", export_openvino_model, name, adapters, options)
+
+
+def _switchable(kind: str, exporter: Callable[..., Any], name: str, adapters: tuple[str, ...],
+                options: dict[str, Any]) -> Path:
     def build() -> Path:
         specs = [f"{a}={make_adapter(a)}" for a in adapters]
-        out = ROOT / f"openvino-switchable-{name}"
-        export_openvino_model(str(base_model()), out, adapters=specs, switchable=True, log=quiet, **options)
+        out = ROOT / f"{kind}-{name}"
+        exporter(str(base_model()), out, adapters=specs, switchable=True, log=quiet, **options)
         return out
 
-    return once(f"openvino-switchable-{name}", build)
+    return once(f"{kind}-{name}", build)
 
 
 def merged_export(adapter: str | None) -> Path:

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 
-from serve_support import ProcessServer, tiny_exports_once, wait_until  # noqa: E402
+from serve_support import ProcessServer, served_process, tiny_exports_once, wait_until  # noqa: E402
 
 from peft_export import EmbeddingModel  # noqa: E402
 
@@ -37,13 +37,8 @@ def reference(tiny):
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
-    srv = ProcessServer(tiny["export"], tmp_path_factory.mktemp("serve-log") / "server.log")
-    try:
-        srv.wait_ready()
+    with served_process(tiny["export"], tmp_path_factory.mktemp("serve-log") / "server.log") as srv:
         yield srv
-    finally:
-        code = srv.stop()
-    assert code == 0, srv.log()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 
-from serve_support import ProcessServer  # noqa: E402
+from serve_support import served_process  # noqa: E402
 from switchable_fixtures import TEXTS, switchable_export  # noqa: E402
 
 from peft_export import EmbeddingModel  # noqa: E402
@@ -38,14 +38,9 @@ def reference(export):
 
 @pytest.fixture(scope="module")
 def server(export, tmp_path_factory):
-    srv = ProcessServer(export, tmp_path_factory.mktemp("serve-switchable") / "server.log",
-                        "--served-model-name", "base", "--default-adapter", "mixed")
-    try:
-        srv.wait_ready()
+    with served_process(export, tmp_path_factory.mktemp("serve-switchable") / "server.log",
+                        "--served-model-name", "base", "--default-adapter", "mixed") as srv:
         yield srv
-    finally:
-        code = srv.stop()
-    assert code == 0, srv.log()
 
 
 def test_reference_adapters_really_differ(reference):
