@@ -5,6 +5,7 @@ Measures, in one run on one machine, for adapters of rank 8, 16 and 32 on differ
 * the cost of the LoRA branches: batch-1 latency (p50 over short real queries) and batch-32 throughput of the
   switchable graph with the adapter active vs the merged export of the same adapter, as wall-clock time and as
   CPU time per call (CPU time is steadier on a shared machine);
+* the same for adapters merged into their own session at run time (``EmbeddingModel.merge_adapter``);
 * the cost of switching adapters between calls: round-robin calls over the adapters vs staying on one;
 * memory: resident memory of one process holding the base + 20 adapters vs one holding 20 merged models
   (each in a fresh subprocess), and on disk the size of each adapter file vs a merged model.
@@ -147,10 +148,12 @@ from peft_export import EmbeddingModel
 mode, folder, n, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 before = rss_mb()
 texts = ['a short query', 'a somewhat longer sentence to embed with the model ' * 3]
-if mode == 'switchable':
+if mode in ('switchable', 'merge_adapter'):
     model = EmbeddingModel(folder)
     for i, f in enumerate(files[:n]):
         model.load_adapter(f, adapter_name=f'a{i}')
+    if mode == 'merge_adapter':
+        model.merge_adapter(model.list_adapters())
     for name in model.list_adapters():
         model.encode(texts, adapter=name)
 else:
@@ -180,7 +183,8 @@ def memory(paths: dict[str, Path], workdir: Path, n: int) -> dict:
         files.append(str(out))
     assert all(k.rsplit(".", 1)[0] in slots for k in read_adapter_arrays(Path(files[0])))
     result = {}
-    for mode, folder in (("switchable", paths["switchable"]), ("merged", paths[f"merged-{next(iter(ADAPTERS))}"])):
+    for mode, folder in (("switchable", paths["switchable"]), ("merge_adapter", paths["switchable"]),
+                         ("merged", paths[f"merged-{next(iter(ADAPTERS))}"])):
         out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(folder), str(n), json.dumps(files)],
                              capture_output=True, text=True, check=True)
         result[mode] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -213,17 +217,23 @@ def main(argv: list[str] | None = None) -> int:
     queries, sentences = load_texts(args.queries, args.sentences)
     preset = SessionSettings.latency if args.latency_preset else SessionSettings.throughput
     switchable = EmbeddingModel(paths["switchable"], session_settings=preset(args.threads))
+    merged_at_run_time = EmbeddingModel(paths["switchable"], session_settings=preset(args.threads))
+    merged_at_run_time.merge_adapter(list(ADAPTERS))
     rows = []
     for name, (kwargs, targets) in ADAPTERS.items():
         merged = EmbeddingModel(paths[f"merged-{name}"], session_settings=preset(args.threads))
-        diff = float(np.abs(switchable.encode(sentences, adapter=name) - merged.encode(sentences)).max())
-        if diff > 1e-5:
-            print(f"FAIL: switchable adapter {name} differs from its merged export by {diff:.2g}", file=sys.stderr)
+        reference = merged.encode(sentences)
+        diff = float(np.abs(switchable.encode(sentences, adapter=name) - reference).max())
+        merge_diff = float(np.abs(merged_at_run_time.encode(sentences, adapter=name) - reference).max())
+        if max(diff, merge_diff) > 1e-5:
+            print(f"FAIL: switchable adapter {name} differs from its merged export by {diff:.2g} "
+                  f"(merged at run time: {merge_diff:.2g})", file=sys.stderr)
             return 1
         runs = {"merged": lambda t, b, m=merged: m.encode(t, batch_size=b),
-                "switchable": lambda t, b, n=name: switchable.encode(t, batch_size=b, adapter=n)}
+                "switchable": lambda t, b, n=name: switchable.encode(t, batch_size=b, adapter=n),
+                "merge_adapter": lambda t, b, n=name: merged_at_run_time.encode(t, batch_size=b, adapter=n)}
         res = compare(runs, queries, sentences, args.rounds)
-        m, s = res["merged"], res["switchable"]
+        m, s, g = res["merged"], res["switchable"], res["merge_adapter"]
         rows.append({
             "adapter": name, "r": kwargs["r"], "targets": targets, "max_abs_diff": diff,
             "merged_b1_p50_ms": m["b1_wall"]["p50_ms"], "switchable_b1_p50_ms": s["b1_wall"]["p50_ms"],
@@ -232,17 +242,23 @@ def main(argv: list[str] | None = None) -> int:
             "merged_b32_per_s": m["b32_per_s"], "switchable_b32_per_s": s["b32_per_s"],
             "b32_overhead_pct": 100 * (1 - s["b32_per_s"] / m["b32_per_s"]),
             "b32_cpu_overhead_pct": 100 * (1 - s["b32_per_cpu_s"] / m["b32_per_cpu_s"]),
+            "merge_max_abs_diff": merge_diff, "merge_b1_p50_ms": g["b1_wall"]["p50_ms"],
+            "merge_b1_overhead_pct": 100 * (g["b1_wall"]["p50_ms"] / m["b1_wall"]["p50_ms"] - 1),
+            "merge_b32_per_s": g["b32_per_s"], "merge_b32_overhead_pct": 100 * (1 - g["b32_per_s"] / m["b32_per_s"]),
             "detail": res,
         })
-        print(f"{name}: b1 {rows[-1]['b1_overhead_pct']:+.1f}%  b32 {rows[-1]['b32_overhead_pct']:+.1f}% lower")
+        r = rows[-1]
+        print(f"{name}: switchable b1 {r['b1_overhead_pct']:+.1f}%  b32 {r['b32_overhead_pct']:+.1f}% lower; "
+              f"merge_adapter b1 {r['merge_b1_overhead_pct']:+.1f}%  b32 {r['merge_b32_overhead_pct']:+.1f}% lower")
     switching = switch_cost(switchable, queries[:max(20, args.queries // 4)], args.rounds)
+    switching_merged = switch_cost(merged_at_run_time, queries[:max(20, args.queries // 4)], args.rounds)
     mem = {} if args.skip_memory else memory(paths, workdir, n_memory)
     merged_size = (paths[f"merged-{next(iter(ADAPTERS))}"] / "model.onnx").stat().st_size
     disk = {name: (paths["switchable"] / "adapters" / f"{name}.onnx_adapter").stat().st_size for name in ADAPTERS}
     report = {"title": "Switchable export vs merged exports (all-MiniLM-L6-v2)", "machine": machine_info(),
               "settings": vars(args) | {"memory_adapters": n_memory, "workdir": str(workdir)}, "rows": rows,
-              "switch_cost": switching, "memory": mem, "disk": {"merged_model_bytes": merged_size,
-                                                                "adapter_file_bytes": disk},
+              "switch_cost": switching, "switch_cost_merge_adapter": switching_merged, "memory": mem,
+              "disk": {"merged_model_bytes": merged_size, "adapter_file_bytes": disk},
               "wall_s": time.perf_counter() - started}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,16 +284,28 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     lines += ["", "b32 overhead: how much lower the switchable throughput is. CPU time: process CPU seconds per "
               "call instead of wall clock.", "",
+              "| adapter | merge_adapter b1 p50 ms | b1 overhead | merge_adapter b32 /s | b32 overhead "
+              "| max diff vs merged |", "|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['adapter']} | {r['merge_b1_p50_ms']:.2f} | {r['merge_b1_overhead_pct']:+.1f}% | "
+                     f"{r['merge_b32_per_s']:.1f} | {r['merge_b32_overhead_pct']:+.1f}% | "
+                     f"{r['merge_max_abs_diff']:.1e} |")
+    lines += ["", "merge_adapter: the same switchable export with each adapter merged into its own session at run "
+              "time (EmbeddingModel.merge_adapter), against the merged export of that adapter.", "",
               "| adapter | b1 p50 staying on it (ms) | b1 p50 switching every call (ms) | switch cost |",
               "|---|---|---|---|"]
-    for name, s in report["switch_cost"].items():
-        lines.append(f"| {name} | {s['stay_p50_ms']:.2f} | {s['switch_p50_ms']:.2f} | {s['switch_cost_pct']:+.1f}% |")
+    for label, key in (("", "switch_cost"), (" (merge_adapter)", "switch_cost_merge_adapter")):
+        for name, s in report.get(key, {}).items():
+            lines.append(f"| {name}{label} | {s['stay_p50_ms']:.2f} | {s['switch_p50_ms']:.2f} | "
+                         f"{s['switch_cost_pct']:+.1f}% |")
     mem, disk = report["memory"], report["disk"]
     n = report["settings"]["memory_adapters"]
     if mem:
         lines += ["", "| resident memory of one process | RSS MB | peak MB |", "|---|---|---|",
                   f"| base + {n} adapters (switchable) | {mem['switchable']['rss_mb']:.0f} | "
                   f"{mem['switchable']['peak_mb']:.0f} |",
+                  f"| base + {n} adapters, all merged with merge_adapter | {mem['merge_adapter']['rss_mb']:.0f} | "
+                  f"{mem['merge_adapter']['peak_mb']:.0f} |",
                   f"| {n} merged models | {mem['merged']['rss_mb']:.0f} | {mem['merged']['peak_mb']:.0f} |",
                   f"| (python + imports, before loading) | {mem['switchable']['rss_before_mb']:.0f} | |"]
     lines += ["", "| on disk | MB |", "|---|---|",

@@ -92,3 +92,25 @@ def test_concurrent_requests_with_mixed_adapters_each_get_their_own(server, refe
         results = list(pool.map(call, jobs))
     for (name, index), got in zip(jobs, results):
         np.testing.assert_allclose(got, reference[None if name == "base" else name][index], atol=1e-6)
+
+
+def test_merge_adapter_flag_serves_merged_sessions_with_the_same_answers(export, reference, tmp_path):
+    with served_process(export, tmp_path / "server.log", "--served-model-name", "base",
+                        "--merge-adapter", "all") as srv:
+        assert "merged into their own sessions: attn, ffn, mixed" in srv.log()
+        for name in ("base", *ADAPTERS):
+            body = {"model": name, "input": TEXTS_SERVED, "truncate": True}
+            response = httpx.post(srv.url + "/v1/embeddings", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            got = np.array([d["embedding"] for d in response.json()["data"]], np.float32)
+            np.testing.assert_allclose(got, reference[None if name == "base" else name], atol=1e-5)
+
+
+def test_merge_adapter_flag_with_an_unknown_name_fails_at_start(export, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "peft_export.cli", "serve", str(export), "--merge-adapter", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "Adapter with name 'nope' not found" in done.stderr

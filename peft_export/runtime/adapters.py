@@ -31,6 +31,15 @@ class LoadedAdapter:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _merged_types(backend) -> tuple[type, ...]:
+    """The handle types of merged adapters on ``backend`` (none on backends without ``merge_adapter``)."""
+    if getattr(backend, "merge_adapter", None) is None:
+        return ()
+    from .onnxruntime_merged import MergedAdapter
+
+    return (MergedAdapter,)
+
+
 def _inside(folder: Path, relative: str) -> Path:
     """``folder / relative``, refusing paths that leave the folder (``..``, absolute paths, symlinks out)."""
     target = (folder / relative).resolve()
@@ -206,6 +215,59 @@ class AdapterMethods:
                 if self._active_adapter is not None:
                     warnings.warn(f"Adapter {deleted} was active which is now deleted. Setting active adapter to "
                                   f"{self._active_adapter}.", stacklevel=2)
+
+    def merge_adapter(self, adapter_names: str | list[str] | None = None) -> None:
+        """Run these adapters (default: the active one) at the speed of a merged export, as PEFT's
+        ``merge_adapter`` does: each gets its own session of the base graph with the adapter merged into the
+        weights, built now (about a second for MiniLM). Unlike PEFT, nothing else changes: the base, the other
+        adapters, ``set_adapter`` and ``encode(adapter=...)`` work as before, and results stay the same (within
+        float rounding, ~1e-7). Costs memory: about half a merged model per merged adapter (ONNX Runtime's
+        pre-packed weights; the rest is shared), plus one shared copy of the base weights. ONNX Runtime backend
+        only; needs the ``onnx`` package (the export extra). ``unmerge_adapter`` frees it again."""
+        self._require_switchable("merge_adapter")
+        merge = getattr(self.backend, "merge_adapter", None)
+        if merge is None:
+            raise ConfigError(f"merge_adapter() needs the ONNX Runtime backend; this model runs on "
+                              f"{self.backend.name}, where adapters always run on the switchable graph")
+        with self._adapter_lock:
+            names = self._names_or_active(adapter_names, "merge_adapter")
+            todo = {n: self._adapters[n].adapter for n in names
+                    if not isinstance(self._adapters[n].adapter, _merged_types(self.backend))}
+        built = {name: merge(handle, self._slots) for name, handle in todo.items()}  # slow: outside the lock
+        with self._adapter_lock:
+            for name, handle in built.items():
+                loaded = self._adapters.get(name)
+                if loaded is not None and loaded.adapter is todo[name]:  # not deleted or replaced meanwhile
+                    loaded.adapter = handle
+
+    def unmerge_adapter(self, adapter_names: str | list[str] | None = None) -> None:
+        """Run these adapters (default: every merged one) on the switchable graph again and free their sessions."""
+        self._require_switchable("unmerge_adapter")
+        with self._adapter_lock:
+            names = list(self._adapters) if adapter_names is None else self._names_or_active(adapter_names,
+                                                                                             "unmerge_adapter")
+            for name in names:
+                loaded = self._adapters[name]
+                if isinstance(loaded.adapter, _merged_types(self.backend)):
+                    loaded.adapter = loaded.adapter.source
+
+    def merged_adapters(self) -> list[str]:
+        """Names of the adapters that run merged (see ``merge_adapter``), in load order."""
+        self._require_switchable("merged_adapters")
+        with self._adapter_lock:
+            return [n for n, a in self._adapters.items() if isinstance(a.adapter, _merged_types(self.backend))]
+
+    def _names_or_active(self, adapter_names: str | list[str] | None, method: str) -> list[str]:
+        """Called under the lock: the named adapters (all must be loaded), or the active one."""
+        if adapter_names is None:
+            if self._active_adapter is None:
+                raise AdapterNotFoundError(f"No adapter is active; pass adapter_names to {method}()")
+            return [self._active_adapter]
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            if name not in self._adapters:
+                raise self._unknown(name)
+        return names
 
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, np.ndarray]:
         """The adapter's LoRA weights with PEFT's keys and shapes (``<module>.lora_A.weight`` (r, in),

@@ -14,6 +14,8 @@ import numpy as np
 
 from ..errors import ConfigError, UnsafeModelError, require
 from . import onnxruntime_adapters as adapters
+from .lora_layout import Slot
+from .onnxruntime_merged import MergedAdapter, MergedSessions, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +116,8 @@ def check_external_data(model_path: Path) -> None:
 class OnnxRuntimeBackend:
     """Same verbs as every backend: ``input_names``, ``output_names``, ``run(feeds, adapter=None) -> dict``, and for
     switchable graphs ``lora_input_names``, ``read_adapter``, ``load_adapter``, ``adapter_from_arrays`` and
-    ``adapter_arrays`` (ONNX Runtime's ``.onnx_adapter`` files, see :mod:`.onnxruntime_adapters`)."""
+    ``adapter_arrays`` (ONNX Runtime's ``.onnx_adapter`` files, see :mod:`.onnxruntime_adapters`); this backend
+    alone also has ``merge_adapter`` (a session with the adapter merged in, see :mod:`.onnxruntime_merged`)."""
 
     name = "onnxruntime"
     adapter_suffix = adapters.ADAPTER_SUFFIX
@@ -137,6 +140,9 @@ class OnnxRuntimeBackend:
             # each one at load ("will not be treated as constant"). Errors still show.
             options.log_severity_level = 3
         self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
+        self.model_path = model_path
+        self._requested = requested
+        self._merged_sessions: MergedSessions | None = None
         self.providers = self.session.get_providers()
         wanted = [p[0] if isinstance(p, tuple) else p for p in requested]
         if wanted and wanted[0] != "CPUExecutionProvider" and self.providers[0] != wanted[0]:
@@ -155,24 +161,28 @@ class OnnxRuntimeBackend:
             adapter: adapters.OrtAdapter | None = None) -> dict[str, np.ndarray]:
         """One inference; ``adapter`` (from load_adapter / adapter_from_arrays) is active for this run only."""
         names = outputs or self.output_names
-        options = adapters.run_options(adapter) if adapter is not None else None
+        session, options = self.session, None
+        if isinstance(adapter, MergedAdapter):
+            session = adapter.session  # the adapter is in that session's weights
+        elif adapter is not None:
+            options = adapters.run_options(adapter)
         if self.io_binding:
-            return self._run_bound(feeds, names, options)
-        values = self.session.run(names, {k: feeds[k] for k in self.input_names}, options)
+            return self._run_bound(session, feeds, names, options)
+        values = session.run(names, {k: feeds[k] for k in self.input_names}, options)
         return dict(zip(names, values))
 
-    def _run_bound(self, feeds: dict[str, np.ndarray], names: list[str], options) -> dict[str, np.ndarray]:
+    def _run_bound(self, session, feeds: dict[str, np.ndarray], names: list[str], options) -> dict[str, np.ndarray]:
         """I/O binding: ONNX Runtime copies each input to the device once and only the requested outputs come
         back, written straight into host memory (a graph output nobody asked for never leaves the GPU)."""
-        binding = self.session.io_binding()
+        binding = session.io_binding()
         for name in self.input_names:
             binding.bind_cpu_input(name, np.ascontiguousarray(feeds[name]))
         for name in names:
             binding.bind_output(name, "cpu")
         if options is None:
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
         else:
-            self.session.run_with_iobinding(binding, options)
+            session.run_with_iobinding(binding, options)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
 
     def describe(self) -> dict:
@@ -199,5 +209,18 @@ class OnnxRuntimeBackend:
         adapters.write_adapter_file(Path(name), arrays)
         return adapters.load_adapter_file(Path(name))
 
-    def adapter_arrays(self, adapter: adapters.OrtAdapter) -> dict[str, np.ndarray]:
+    def adapter_arrays(self, adapter: adapters.OrtAdapter | MergedAdapter) -> dict[str, np.ndarray]:
+        if isinstance(adapter, MergedAdapter):
+            adapter = adapter.source
         return adapters.read_adapter_arrays(adapter.path)
+
+    def merge_adapter(self, adapter: adapters.OrtAdapter, slots: list[Slot]) -> MergedAdapter:
+        """A handle whose runs go to a new session of the base graph with ``adapter`` merged into its weights (same
+        settings and providers as this backend's session)."""
+        if self._merged_sessions is None:
+            self._merged_sessions = MergedSessions(self.model_path, slots)
+        ort = require("onnxruntime", "onnxruntime")
+        session = self._merged_sessions.build(self.adapter_arrays(adapter), self.settings.to_session_options(ort),
+                                              self._requested)
+        release_free_memory()
+        return MergedAdapter(source=adapter, session=session)
