@@ -116,18 +116,19 @@ def compare(runs: dict, queries: list[str], sentences: list[str], rounds: int, b
 
 def switch_cost(model, queries: list[str], rounds: int) -> dict:
     """Per adapter: batch-1 p50 when every call uses another adapter than the previous one (a, b, c, a, b, c, ...)
-    vs calls that stay on one adapter (a, a, a, b, b, b, ...). Both sequences make the same calls and are
-    interleaved, so load drift hits them alike."""
+    vs calls that stay on one adapter for the whole query list (a, a, ..., a, b, b, ..., b, ...). Both make the
+    same calls; which one runs first alternates by round, so load drift hits them alike. Long stays matter for
+    merge_adapter, whose adapters have weights of their own: a stay keeps them in the CPU caches."""
     names = model.list_adapters()
     times = {mode: {n: [] for n in names} for mode in ("stay", "switch")}
-    k = len(names)
     for r in range(rounds):
-        for i, q in enumerate(queries):
-            stay = [n for n in names for _ in range(k)]
-            switch = names * k
-            for mode in (("stay", "switch") if (i + r) % 2 == 0 else ("switch", "stay")):
-                for n in (stay if mode == "stay" else switch):
-                    times[mode][n].append(timed(lambda: model.encode([q], adapter=n), time.perf_counter))
+        for mode in (("stay", "switch") if r % 2 == 0 else ("switch", "stay")):
+            if mode == "stay":
+                calls = [(n, q) for n in names for q in queries]
+            else:
+                calls = [(n, q) for q in queries for n in names]
+            for n, q in calls:
+                times[mode][n].append(timed(lambda: model.encode([q], adapter=n), time.perf_counter))
     out = {}
     for n in names:
         s, w = float(np.median(times["stay"][n]) * 1000), float(np.median(times["switch"][n]) * 1000)

@@ -11,8 +11,10 @@ adapter targets. That is what the merged export of the adapter computes, at the 
 Memory: every weight the adapter leaves alone is one shared copy across all merged sessions (handed to ONNX
 Runtime with ``SessionOptions.add_initializer``); the merged matrices are embedded in the session's own graph, so
 ONNX Runtime frees them once it has pre-packed them. A merged adapter then costs ONNX Runtime's pre-packed copy
-of the MatMul weights (about 46 MB for all-MiniLM-L6-v2), against about 97 MB for a separate merged model and a
-few MB for an adapter on the switchable graph. The first merge also keeps one shared copy of the base weights.
+of the MatMul weights (about 50 MB for all-MiniLM-L6-v2; the Python API cannot share pre-packed weights between
+sessions), against about 107 MB for a separate merged model and a few MB for an adapter on the switchable graph.
+The first merge also keeps one shared copy of the base weights. Those separate weights are also why calls that
+rotate between merged adapters at batch 1 are slower than calls that stay on one (CPU caches).
 
 Cutting the branches out needs the ``onnx`` package (part of the export extra), read lazily: serving without
 merged adapters does not need it.
