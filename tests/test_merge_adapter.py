@@ -121,3 +121,56 @@ def test_openvino_models_refuse_merge_adapter_clearly():
     with pytest.raises(ConfigError, match="merge_adapter\\(\\) needs the ONNX Runtime backend"):
         model.merge_adapter("attn")
     assert model.merged_adapters() == []
+
+
+def test_merging_and_unmerging_while_other_threads_encode(model):
+    import random
+    import threading
+
+    import numpy as np
+
+    names = ["attn", "ffn", "mixed", False]
+    single = {name: model.encode(TEXTS, adapter=name, batch_size=2) for name in names}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(12):
+            name = rng.choice(names)
+            got = model.encode(TEXTS, adapter=name, batch_size=2)
+            if np.abs(got - single[name]).max() > SENTENCE_ATOL:
+                errors.append(f"{name}: {np.abs(got - single[name]).max()}")
+
+    def merger() -> None:
+        rng = random.Random(5)
+        while not stop.is_set():
+            name = rng.choice(names[:3])
+            (model.merge_adapter if rng.random() < 0.6 else model.unmerge_adapter)(name)
+
+    background = threading.Thread(target=merger)
+    workers = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    background.start()
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    stop.set()
+    background.join()
+    assert errors == []
+    assert set(model.merged_adapters()) <= {"attn", "ffn", "mixed"}
+
+
+def test_an_update_that_overflows_float32_is_refused_and_the_adapter_keeps_working(model, tmp_path):
+    import numpy as np
+
+    from peft_export.runtime.onnxruntime_adapters import read_adapter_arrays, write_adapter_file
+
+    source = switchable_export() / "adapters" / "attn.onnx_adapter"
+    huge = {k: np.full_like(v, 1e25) for k, v in read_adapter_arrays(source).items()}  # finite; A @ B is not
+    write_adapter_file(tmp_path / "huge.onnx_adapter", huge)
+    model.load_adapter(str(tmp_path / "huge.onnx_adapter"), adapter_name="huge")
+    with pytest.raises(ConfigError, match="non-finite weights; refused"):
+        model.merge_adapter("huge")
+    assert model.merged_adapters() == []
+    assert model.encode(TEXTS, adapter="attn").shape == (len(TEXTS), 32)

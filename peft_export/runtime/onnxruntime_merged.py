@@ -123,7 +123,8 @@ class MergedSessions:
                     continue  # the adapter leaves this slot alone
                 name = weights[slot.module]
                 delta = factors[slot.input_a].astype(np.float64) @ factors[slot.input_b].astype(np.float64)
-                merged[name] = (self._arrays[name] + delta).astype(np.float32)
+                with np.errstate(over="ignore", invalid="ignore"):  # checked right below
+                    merged[name] = (self._arrays[name] + delta).astype(np.float32)
                 if not np.isfinite(merged[name]).all():
                     raise ConfigError(f"Merging the adapter into {slot.module!r} gives non-finite weights; refused")
             for tensor in model.graph.initializer:
