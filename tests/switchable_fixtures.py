@@ -190,10 +190,12 @@ def edit_adapter_config(source: Path, dest: Path, **changes) -> Path:
     return dest
 
 
-def concurrent_adapter_errors(model, texts: list[str], adapters, threads: int, calls: int) -> list[str]:
+def concurrent_adapter_errors(model, texts: list[str], adapters, threads: int, calls: int,
+                              disturb: Callable[[Any], None] | None = None, atol: float = 1e-6) -> list[str]:
     """Run ``threads`` workers, each encoding ``calls`` times with a random per-call adapter (or False for the
-    base) while another thread keeps changing the model's own state; returns every result that differs from the
-    single-threaded one (empty when calls never see each other's adapter)."""
+    base) while another thread keeps calling ``disturb(rng)`` (default: changing the model's own state with
+    set_adapter / disable_adapters / enable_adapters); returns every result that differs from the
+    single-threaded one by more than ``atol`` (empty when calls never see each other's adapter)."""
     import random
     import threading
 
@@ -207,14 +209,17 @@ def concurrent_adapter_errors(model, texts: list[str], adapters, threads: int, c
         for _ in range(calls):
             name = rng.choice(choices)
             got = model.encode(texts, adapter=name, batch_size=2)
-            if not np.allclose(got, single[name], atol=1e-6, rtol=0):
+            if not np.allclose(got, single[name], atol=atol, rtol=0):
                 errors.append(f"{name}: {np.abs(got - single[name]).max()}")
+
+    def change_state(rng: random.Random) -> None:
+        model.set_adapter(rng.choice(list(adapters)))
+        (model.disable_adapters if rng.random() < 0.3 else model.enable_adapters)()
 
     def switcher() -> None:
         rng = random.Random(99)
         while not stop.is_set():
-            model.set_adapter(rng.choice(list(adapters)))
-            (model.disable_adapters if rng.random() < 0.3 else model.enable_adapters)()
+            (disturb or change_state)(rng)
 
     workers = [threading.Thread(target=worker, args=(seed,)) for seed in range(threads)]
     background = threading.Thread(target=switcher)

@@ -124,41 +124,14 @@ def test_openvino_models_refuse_merge_adapter_clearly():
 
 
 def test_merging_and_unmerging_while_other_threads_encode(model):
-    import random
-    import threading
+    def merge_or_unmerge(rng) -> None:
+        name = rng.choice(list(ADAPTERS))
+        (model.merge_adapter if rng.random() < 0.6 else model.unmerge_adapter)(name)
 
-    import numpy as np
-
-    names = ["attn", "ffn", "mixed", False]
-    single = {name: model.encode(TEXTS, adapter=name, batch_size=2) for name in names}
-    errors: list[str] = []
-    stop = threading.Event()
-
-    def worker(seed: int) -> None:
-        rng = random.Random(seed)
-        for _ in range(12):
-            name = rng.choice(names)
-            got = model.encode(TEXTS, adapter=name, batch_size=2)
-            if np.abs(got - single[name]).max() > SENTENCE_ATOL:
-                errors.append(f"{name}: {np.abs(got - single[name]).max()}")
-
-    def merger() -> None:
-        rng = random.Random(5)
-        while not stop.is_set():
-            name = rng.choice(names[:3])
-            (model.merge_adapter if rng.random() < 0.6 else model.unmerge_adapter)(name)
-
-    background = threading.Thread(target=merger)
-    workers = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    background.start()
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join()
-    stop.set()
-    background.join()
-    assert errors == []
-    assert set(model.merged_adapters()) <= {"attn", "ffn", "mixed"}
+    # merged and switchable results of one adapter differ by float rounding (~1e-7), hence the sentence tolerance
+    assert concurrent_adapter_errors(model, TEXTS, list(ADAPTERS), threads=4, calls=12, disturb=merge_or_unmerge,
+                                     atol=SENTENCE_ATOL) == []
+    assert set(model.merged_adapters()) <= set(ADAPTERS)
 
 
 def test_an_update_that_overflows_float32_is_refused_and_the_adapter_keeps_working(model, tmp_path):
