@@ -78,3 +78,14 @@ def test_minilm_adapters_match_sentence_transformers(exported, reference, order)
     reference.enable_adapters()
     assert max_unit_diff(exported.encode(SENTENCES, adapter="support"),
                          exported.encode(SENTENCES, adapter="legal")) > 1e-2
+
+
+def test_minilm_merged_adapters_match_sentence_transformers(exported, reference):
+    exported.merge_adapter(list(ADAPTERS))
+    try:
+        for name in ADAPTERS:
+            reference.set_adapter(name)
+            expected = reference.encode(SENTENCES, batch_size=16)
+            assert max_unit_diff(exported.encode(SENTENCES, adapter=name), expected) <= 1e-5
+    finally:
+        exported.unmerge_adapter()
