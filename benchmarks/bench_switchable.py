@@ -136,6 +136,23 @@ def switch_cost(model, queries: list[str], rounds: int) -> dict:
     return out
 
 
+def batch_rotation(model, sentences: list[str], rounds: int) -> dict:
+    """Throughput at batch 32 when consecutive batches go to different adapters (a, b, c, a, ...) vs long runs
+    on one adapter (a, a, ..., b, b, ..., c, c, ...): the same batches, a server's per-adapter batching."""
+    names = model.list_adapters()
+    chunks = [sentences[i:i + 32] for i in range(0, len(sentences), 32)]
+    rates = {"stay": [], "rotate": []}
+    for r in range(rounds):
+        for mode in (("stay", "rotate") if r % 2 == 0 else ("rotate", "stay")):
+            start = time.perf_counter()
+            for j, chunk in enumerate(chunks):
+                name = names[j % len(names)] if mode == "rotate" else names[j * len(names) // len(chunks)]
+                model.encode(chunk, adapter=name, batch_size=32)
+            rates[mode].append(len(sentences) / (time.perf_counter() - start))
+    stay, rotate = float(np.median(rates["stay"])), float(np.median(rates["rotate"]))
+    return {"stay_per_s": stay, "rotate_per_s": rotate, "rotation_cost_pct": 100 * (1 - rotate / stay)}
+
+
 _MEMORY_SCRIPT = """
 import json, sys
 from pathlib import Path
@@ -253,12 +270,15 @@ def main(argv: list[str] | None = None) -> int:
               f"merge_adapter b1 {r['merge_b1_overhead_pct']:+.1f}%  b32 {r['merge_b32_overhead_pct']:+.1f}% lower")
     switching = switch_cost(switchable, queries[:max(20, args.queries // 4)], args.rounds)
     switching_merged = switch_cost(merged_at_run_time, queries[:max(20, args.queries // 4)], args.rounds)
+    rotation = {"switchable": batch_rotation(switchable, sentences, args.rounds),
+                "merge_adapter": batch_rotation(merged_at_run_time, sentences, args.rounds)}
     mem = {} if args.skip_memory else memory(paths, workdir, n_memory)
     merged_size = (paths[f"merged-{next(iter(ADAPTERS))}"] / "model.onnx").stat().st_size
     disk = {name: (paths["switchable"] / "adapters" / f"{name}.onnx_adapter").stat().st_size for name in ADAPTERS}
     report = {"title": "Switchable export vs merged exports (all-MiniLM-L6-v2)", "machine": machine_info(),
               "settings": vars(args) | {"memory_adapters": n_memory, "workdir": str(workdir)}, "rows": rows,
-              "switch_cost": switching, "switch_cost_merge_adapter": switching_merged, "memory": mem,
+              "switch_cost": switching, "switch_cost_merge_adapter": switching_merged,
+              "batch_rotation": rotation, "memory": mem,
               "disk": {"merged_model_bytes": merged_size, "adapter_file_bytes": disk},
               "wall_s": time.perf_counter() - started}
     out = Path(args.out)
@@ -299,6 +319,12 @@ def markdown(report: dict) -> str:
         for name, s in report.get(key, {}).items():
             lines.append(f"| {name}{label} | {s['stay_p50_ms']:.2f} | {s['switch_p50_ms']:.2f} | "
                          f"{s['switch_cost_pct']:+.1f}% |")
+    if report.get("batch_rotation"):
+        lines += ["", "| batch 32, over the three adapters | staying on one adapter /s | a different adapter every "
+                  "batch /s | cost |", "|---|---|---|---|"]
+        for mode, b in report["batch_rotation"].items():
+            lines.append(f"| {mode} | {b['stay_per_s']:.1f} | {b['rotate_per_s']:.1f} | "
+                         f"{b['rotation_cost_pct']:+.1f}% |")
     mem, disk = report["memory"], report["disk"]
     n = report["settings"]["memory_adapters"]
     if mem:
