@@ -147,3 +147,25 @@ def test_an_update_that_overflows_float32_is_refused_and_the_adapter_keeps_worki
         model.merge_adapter("huge")
     assert model.merged_adapters() == []
     assert model.encode(TEXTS, adapter="attn").shape == (len(TEXTS), 32)
+
+
+def test_merging_with_spinning_threads_warns(caplog):
+    from peft_export import SessionSettings
+
+    model = EmbeddingModel(switchable_export(), session_settings=SessionSettings.latency())
+    with caplog.at_level("WARNING", logger="peft_export.runtime.onnxruntime_backend"):
+        model.merge_adapter("attn")
+    assert "spinning threads" in caplog.text
+    assert max_unit_diff(model.encode(TEXTS, adapter="attn"), st_references()["attn"]) <= SENTENCE_ATOL
+
+
+def test_without_the_onnx_package_merge_says_what_to_install(model, monkeypatch):
+    import sys
+
+    from peft_export.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # a serving-only environment: onnxruntime without onnx
+    with pytest.raises(MissingDependencyError, match="'onnx' is required .* pip install 'peft_export\\[export\\]'"):
+        model.merge_adapter("attn")
+    assert model.merged_adapters() == []
+    assert max_unit_diff(model.encode(TEXTS, adapter="attn"), st_references()["attn"]) <= SENTENCE_ATOL

@@ -217,6 +217,12 @@ class OnnxRuntimeBackend:
     def merge_adapter(self, adapter: adapters.OrtAdapter, slots: list[Slot]) -> MergedAdapter:
         """A handle whose runs go to a new session of the base graph with ``adapter`` merged into its weights (same
         settings and providers as this backend's session)."""
+        if self.settings.allow_spinning:
+            logger.warning(
+                "merge_adapter with spinning threads (SessionSettings.latency()): every merged adapter is another "
+                "session whose threads spin, and they fight for the cores (batch 1 measured twice as slow when "
+                "calls rotate between merged adapters). Use the default settings with merged adapters."
+            )
         if self._merged_sessions is None:
             self._merged_sessions = MergedSessions(self.model_path, slots)
         ort = require("onnxruntime", "onnxruntime")
