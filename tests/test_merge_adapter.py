@@ -169,3 +169,31 @@ def test_without_the_onnx_package_merge_says_what_to_install(model, monkeypatch)
         model.merge_adapter("attn")
     assert model.merged_adapters() == []
     assert max_unit_diff(model.encode(TEXTS, adapter="attn"), st_references()["attn"]) <= SENTENCE_ATOL
+
+
+def test_a_full_temporary_disk_gives_a_clear_error_and_leaves_no_file(model, monkeypatch, tmp_path):
+    import errno
+    import os
+    import tempfile
+
+    real_fdopen = os.fdopen
+
+    class FullFile:
+        def __init__(self, fd):
+            self.file = real_fdopen(fd, "wb")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: FullFile(fd))
+    with pytest.raises(ConfigError, match="No space left on device. Free space there or point TMPDIR elsewhere"):
+        model.merge_adapter("attn")
+    assert model.merged_adapters() == []
+    assert list(tmp_path.iterdir()) == []  # the partial file is gone

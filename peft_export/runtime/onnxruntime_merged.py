@@ -131,10 +131,18 @@ class MergedSessions:
                 if tensor.name in merged:  # embedded: ONNX Runtime frees it after pre-packing
                     tensor.CopyFrom(numpy_helper.from_array(merged[tensor.name], tensor.name))
             # From a file, not from bytes: the Python session object would keep the bytes (a whole model) alive.
-            fd, scratch = tempfile.mkstemp(suffix=".onnx", prefix="peft-export-merged-")
-            with os.fdopen(fd, "wb") as file:
-                file.write(model.SerializeToString())
+            data = model.SerializeToString()
             del model
+            fd, scratch = tempfile.mkstemp(suffix=".onnx", prefix="peft-export-merged-")
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(data)
+            except OSError as err:
+                os.unlink(scratch)
+                raise ConfigError(f"merge_adapter writes the merged graph ({len(data) / 1e6:.0f} MB) to a temporary "
+                                  f"file in {tempfile.gettempdir()} for a moment and could not: {err}. Free space "
+                                  "there or point TMPDIR elsewhere.") from err
+            del data
         try:
             for name, value in self._shared.items():
                 if name not in merged:
