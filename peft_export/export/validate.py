@@ -53,6 +53,11 @@ def validation_batches(texts: list[str] | None = None) -> list[list[str]]:
         rotated = texts[start:] + texts[:start]
         batches.append(rotated[:size] if size > 1 else [texts[-1]])
     batches.append([texts[0]])  # a one-token-ish input
+    # Short texts only: the batches above all hold the truncated long text, so their padding is to the maximum
+    # length; this one checks padding at the lengths queries have.
+    short = [t for t in texts if len(t) < 200][:5]
+    if len(short) > 1:
+        batches.append(short)
     return batches
 
 
