@@ -240,7 +240,7 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--default-adapter", metavar="NAME", help="adapter the TEI routes use when `model` is absent")
     serve.add_argument("--merge-adapter", action="append", metavar="NAME",
                        help="run this adapter of a switchable export from its own session with the LoRA update merged "
-                            "in: merged-export speed for hot adapters, ~45 MB more memory each for MiniLM (repeat; "
+                            "in: merged-export speed for hot adapters, ~50 MB more memory each for MiniLM (repeat; "
                             "'all' for every adapter; ONNX Runtime only)")
     serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     serve.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads (default: all physical cores)")

@@ -21,6 +21,7 @@ import numpy as np
 from ..errors import AdapterNotFoundError, ConfigError, UnsafeModelError, require
 from ..source.resolve import DEFAULT_ADAPTER_NAME, check_adapter_name
 from .lora_layout import LORA_A, LORA_B, Slot, check_factor_arrays, unpack_factors
+from .onnxruntime_merged import MergedAdapter  # numpy only; onnx and onnxruntime load when a merge runs
 
 
 @dataclass
@@ -29,15 +30,6 @@ class LoadedAdapter:
     adapter: Any  # the backend's handle
     source: str
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _merged_types(backend) -> tuple[type, ...]:
-    """The handle types of merged adapters on ``backend`` (none on backends without ``merge_adapter``)."""
-    if getattr(backend, "merge_adapter", None) is None:
-        return ()
-    from .onnxruntime_merged import MergedAdapter
-
-    return (MergedAdapter,)
 
 
 def _inside(folder: Path, relative: str) -> Path:
@@ -234,7 +226,7 @@ class AdapterMethods:
         with self._adapter_lock:
             names = self._names_or_active(adapter_names, "merge_adapter")
             todo = {n: self._adapters[n].adapter for n in names
-                    if not isinstance(self._adapters[n].adapter, _merged_types(self.backend))}
+                    if not isinstance(self._adapters[n].adapter, MergedAdapter)}
         built = {name: merge(handle, self._slots) for name, handle in todo.items()}  # slow: outside the lock
         with self._adapter_lock:
             for name, handle in built.items():
@@ -250,14 +242,14 @@ class AdapterMethods:
                                                                                              "unmerge_adapter")
             for name in names:
                 loaded = self._adapters[name]
-                if isinstance(loaded.adapter, _merged_types(self.backend)):
+                if isinstance(loaded.adapter, MergedAdapter):
                     loaded.adapter = loaded.adapter.source
 
     def merged_adapters(self) -> list[str]:
         """Names of the adapters that run merged (see ``merge_adapter``), in load order."""
         self._require_switchable("merged_adapters")
         with self._adapter_lock:
-            return [n for n, a in self._adapters.items() if isinstance(a.adapter, _merged_types(self.backend))]
+            return [n for n, a in self._adapters.items() if isinstance(a.adapter, MergedAdapter)]
 
     def _names_or_active(self, adapter_names: str | list[str] | None, method: str) -> list[str]:
         """Called under the lock: the named adapters (all must be loaded), or the active one."""
