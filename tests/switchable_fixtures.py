@@ -231,3 +231,30 @@ def concurrent_adapter_errors(model, texts: list[str], adapters, threads: int, c
     stop.set()
     background.join()
     return errors
+
+
+QUERY_A = "encoder.layer.0.attention.self.query.lora_A"
+QUERY_B = "encoder.layer.0.attention.self.query.lora_B"
+
+# Adapter files every backend must refuse, as (mutate the file's arrays in place, message it must raise).
+TAMPERED_ADAPTERS = [
+    (lambda a: a.update({QUERY_A: np.full((32, 2), np.nan, np.float32)}), f"'{QUERY_A}' contains NaN or Inf"),
+    (lambda a: a.update({QUERY_B: np.zeros((2, 32), np.float16)}), f"'{QUERY_B}' has dtype float16, expected float32"),
+    (lambda a: a.update({QUERY_A: np.zeros((48, 2), np.float32)}),
+     "'encoder.layer.0.attention.self.query' has A \\(48, 2\\).*expects A \\(32, r\\).*another base"),
+    (lambda a: a.pop(QUERY_B), f"'{QUERY_B}' is missing; LoRA weights come in A/B pairs"),
+]
+
+
+def check_switch_order(model, order, atol: float) -> None:
+    """Switch through ``order`` (adapter names; None = disable adapters) with set_adapter / disable_adapters /
+    enable_adapters, asserting after each step that the model equals sentence-transformers in the same state."""
+    expected = st_references()
+    for name in order:
+        if name is None:
+            model.disable_adapters()
+        else:
+            model.enable_adapters()
+            model.set_adapter(name)
+        assert max_unit_diff(model.encode(TEXTS, batch_size=3), expected[name]) <= atol, (order, name)
+    model.enable_adapters()

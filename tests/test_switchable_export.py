@@ -10,8 +10,8 @@ import json
 
 import numpy as np
 import pytest
-from switchable_fixtures import (ADAPTERS, ROOT, TEXTS, base_model, edit_adapter_config, make_adapter,
-                                 max_unit_diff, merged_export, quiet, st_references, switchable_export)
+from switchable_fixtures import (ADAPTERS, ROOT, TEXTS, base_model, check_switch_order, edit_adapter_config,
+                                 make_adapter, max_unit_diff, merged_export, quiet, st_references, switchable_export)
 
 from peft_export import ConfigError, EmbeddingModel, export_onnx_model
 from peft_export.cli import main as cli_main
@@ -61,16 +61,7 @@ def test_fresh_switchable_export_runs_as_the_base(model):
 
 @pytest.mark.parametrize("order", list(itertools.permutations([*ADAPTERS, None])))
 def test_every_switch_order_matches_sentence_transformers(model, order):
-    expected = st_references()
-    for name in order:
-        if name is None:
-            model.disable_adapters()
-        else:
-            model.enable_adapters()
-            model.set_adapter(name)
-        got = model.encode(TEXTS, batch_size=3)
-        assert max_unit_diff(got, expected[name]) <= SENTENCE_ATOL, (order, name)
-    model.enable_adapters()
+    check_switch_order(model, order, SENTENCE_ATOL)
 
 
 @pytest.mark.parametrize("name", list(ADAPTERS))

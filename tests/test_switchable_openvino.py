@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from switchable_fixtures import (ADAPTERS, TEXTS, base_model, concurrent_adapter_errors, copy_export,
-                                 make_adapter, max_unit_diff,
-                                 merged_export, openvino_switchable_export, quiet, snapshot, st_references,
-                                 switchable_export)
+from switchable_fixtures import (ADAPTERS, QUERY_B, TAMPERED_ADAPTERS, TEXTS, base_model, check_switch_order,
+                                 concurrent_adapter_errors, copy_export, make_adapter, max_unit_diff, merged_export,
+                                 openvino_switchable_export, quiet, snapshot, st_references, switchable_export)
 
 from peft_export import AdapterNotFoundError, ConfigError, EmbeddingModel, UnsafeModelError, ValidationError
 from peft_export.cli import main as cli_main
@@ -28,8 +27,6 @@ pytest.importorskip("openvino", reason="openvino is not installed (pip install '
 SENTENCE_ATOL = 1e-5
 BASE_ATOL = 1e-6
 LATE = dict(r=3, lora_alpha=6, target_modules=["query", "dense"])
-QUERY_A = "encoder.layer.0.attention.self.query.lora_A"
-QUERY_B = "encoder.layer.0.attention.self.query.lora_B"
 
 
 @pytest.fixture(scope="module")
@@ -101,15 +98,7 @@ def test_fresh_export_runs_as_the_base_and_adapters_differ(model):
 
 @pytest.mark.parametrize("order", list(itertools.permutations([*ADAPTERS, None])))
 def test_every_switch_order_matches_sentence_transformers(model, order):
-    expected = st_references()
-    for name in order:
-        if name is None:
-            model.disable_adapters()
-        else:
-            model.enable_adapters()
-            model.set_adapter(name)
-        assert max_unit_diff(model.encode(TEXTS, batch_size=3), expected[name]) <= SENTENCE_ATOL, (order, name)
-    model.enable_adapters()
+    check_switch_order(model, order, SENTENCE_ATOL)
 
 
 def test_per_call_adapter_leaves_the_model_state_alone(model):
@@ -172,11 +161,7 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> Path:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda a: a.update({QUERY_A: np.full((32, 2), np.nan, np.float32)}), f"'{QUERY_A}' contains NaN or Inf"),
-    (lambda a: a.update({QUERY_B: np.zeros((2, 32), np.float16)}), f"'{QUERY_B}' has dtype float16, expected float32"),
-    (lambda a: a.update({QUERY_A: np.zeros((48, 2), np.float32)}),
-     "'encoder.layer.0.attention.self.query' has A \\(48, 2\\).*expects A \\(32, r\\).*another base"),
-    (lambda a: a.pop(QUERY_B), f"'{QUERY_B}' is missing; LoRA weights come in A/B pairs"),
+    *TAMPERED_ADAPTERS,
     (lambda a: a.update({"base_model.model.encoder.layer.0.attention.self.query.lora_A.weight":
                          np.zeros((2, 32), np.float32)}), "is not a LoRA input of this graph"),
 ])
