@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(queries)} short real queries for batch-1 latency (20 warm-up calls); {len(sentences)} real sentences "
         f"of mixed lengths at batch {args.batch_size}, median of {repeats} passes.",
         f"torch threads {torch.get_num_threads()}; ONNX Runtime providers {ours.backend.providers}, "
-        "default SessionSettings (all cores, spinning off).",
+        "default SessionSettings (all cores, threads spin during runs and stop after).",
         f"export: {manifest.get('export_seconds', 0):.1f} s inside the exporter"
         + (f", {manifest['bench_export_wall_s']:.1f} s wall in this process"
            if "bench_export_wall_s" in manifest else "")

@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all)")
-    parser.add_argument("--latency-preset", action="store_true",
-                        help="SessionSettings.latency() for every session (threads spin between operators)")
+    parser.add_argument("--spinning-off", action="store_true",
+                        help="SessionSettings.throughput() for every session (threads sleep between operators) "
+                             "instead of the default settings (threads spin during runs)")
     parser.add_argument("--out", default="bench-results", help="folder for the Markdown and JSON reports")
     parser.add_argument("--quick", action="store_true", help="60 queries, 96 sentences, 1 round, 5 adapters")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory measurement")
@@ -233,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     paths = build(workdir, log=print)
     queries, sentences = load_texts(args.queries, args.sentences)
-    preset = SessionSettings.latency if args.latency_preset else SessionSettings.throughput
-    switchable = EmbeddingModel(paths["switchable"], session_settings=preset(args.threads))
-    merged_at_run_time = EmbeddingModel(paths["switchable"], session_settings=preset(args.threads))
+    preset = SessionSettings.throughput if args.spinning_off else SessionSettings
+    switchable = EmbeddingModel(paths["switchable"], session_settings=preset(intra_op_threads=args.threads))
+    merged_at_run_time = EmbeddingModel(paths["switchable"], session_settings=preset(intra_op_threads=args.threads))
     merged_at_run_time.merge_adapter(list(ADAPTERS))
     rows = []
     for name, (kwargs, targets) in ADAPTERS.items():
-        merged = EmbeddingModel(paths[f"merged-{name}"], session_settings=preset(args.threads))
+        merged = EmbeddingModel(paths[f"merged-{name}"], session_settings=preset(intra_op_threads=args.threads))
         reference = merged.encode(sentences)
         diff = float(np.abs(switchable.encode(sentences, adapter=name) - reference).max())
         merge_diff = float(np.abs(merged_at_run_time.encode(sentences, adapter=name) - reference).max())
@@ -339,10 +340,12 @@ def markdown(report: dict) -> str:
               f"| merged model (model.onnx) | {disk['merged_model_bytes'] / 1e6:.1f} |"]
     lines += [f"| adapter file {name} | {size / 1e6:.2f} |" for name, size in disk["adapter_file_bytes"].items()]
     settings = report["settings"]
+    spinning = ("spinning off (SessionSettings.throughput())" if settings.get("spinning_off")
+                else "default settings (threads spin during runs)")
     lines += ["", f"- {settings['queries']} short real queries (batch 1), {settings['sentences']} real sentences "
               f"at batch 32; {settings['rounds']} rounds, contenders in alternating blocks; ONNX Runtime intra-op "
               f"threads: {settings['threads'] or 'default (all cores)'}"
-              f"{', latency preset (spinning)' if settings.get('latency_preset') else ''}.",
+              f"; {spinning}.",
               f"- {n} merged models are measured as {n} sessions of one merged export (each session holds its own "
               "copy of the weights, as different merged models would); the adapters are synthetic copies of the "
               "three real ones with perturbed weights (same ranks and layouts).",

@@ -54,13 +54,22 @@ def test_unknown_optimization_level_is_refused(bert_case):
         bert_case.embedding_model(session_settings=SessionSettings(graph_optimization_level="max"))
 
 
-def test_latency_preset_spins_and_throughput_preset_does_not(bert_case):
-    latency = bert_case.embedding_model(session_settings=SessionSettings.latency(intra_op_threads=2))
-    options = latency.backend.session.get_session_options()
-    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
-    assert options.intra_op_num_threads == 2
+def test_default_spins_only_during_runs_and_throughput_preset_does_not_spin(bert_case):
+    def entry(model, key):
+        return model.backend.session.get_session_options().get_session_config_entry(key)
+
+    default = bert_case.embedding_model(session_settings=SessionSettings.latency(intra_op_threads=2))
+    assert entry(default, "session.intra_op.allow_spinning") == "1"
+    assert entry(default, "session.force_spinning_stop") == "1"
+    assert default.backend.session.get_session_options().intra_op_num_threads == 2
+    assert default.backend.describe()["stop_spinning_between_runs"] is True
+    assert bert_case.embedding_model().backend.settings == SessionSettings()
+    keeps_spinning = bert_case.embedding_model(session_settings=SessionSettings(stop_spinning_between_runs=False))
+    assert entry(keeps_spinning, "session.intra_op.allow_spinning") == "1"
+    with pytest.raises(Exception, match="force_spinning_stop"):  # not set: ORT's own behaviour
+        entry(keeps_spinning, "session.force_spinning_stop")
     throughput = bert_case.embedding_model(session_settings=SessionSettings.throughput())
-    assert throughput.backend.session.get_session_options().get_session_config_entry(
-        "session.intra_op.allow_spinning") == "0"
+    assert entry(throughput, "session.intra_op.allow_spinning") == "0"
     texts = ["a short query", "a somewhat longer sentence about low-rank adapters"]
-    np.testing.assert_allclose(latency.encode(texts), throughput.encode(texts), atol=1e-6)
+    np.testing.assert_allclose(default.encode(texts), throughput.encode(texts), atol=1e-6)
+    np.testing.assert_allclose(keeps_spinning.encode(texts), throughput.encode(texts), atol=1e-6)

@@ -149,13 +149,17 @@ def test_an_update_that_overflows_float32_is_refused_and_the_adapter_keeps_worki
     assert model.encode(TEXTS, adapter="attn").shape == (len(TEXTS), 32)
 
 
-def test_merging_with_spinning_threads_warns(caplog):
+def test_merging_with_threads_that_keep_spinning_warns_and_the_default_does_not(caplog):
     from peft_export import SessionSettings
 
-    model = EmbeddingModel(switchable_export(), session_settings=SessionSettings.latency())
+    quiet = EmbeddingModel(switchable_export())  # default: threads spin during runs only
+    with caplog.at_level("WARNING", logger="peft_export.runtime.onnxruntime_backend"):
+        quiet.merge_adapter("attn")
+    assert "spinning" not in caplog.text
+    model = EmbeddingModel(switchable_export(), session_settings=SessionSettings(stop_spinning_between_runs=False))
     with caplog.at_level("WARNING", logger="peft_export.runtime.onnxruntime_backend"):
         model.merge_adapter("attn")
-    assert "spinning threads" in caplog.text
+    assert "keep spinning after each run" in caplog.text
     assert max_unit_diff(model.encode(TEXTS, adapter="attn"), st_references()["attn"]) <= SENTENCE_ATOL
 
 

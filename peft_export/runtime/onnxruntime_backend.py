@@ -29,29 +29,33 @@ _DEVICE_PROVIDERS = {
 class SessionSettings:
     """Session options, with defaults chosen for a latency-sensitive server on a small CPU.
 
-    intra_op_threads=None uses every physical core ORT sees. Spinning is off by default: with it on, two sessions
-    in one process (or a tokenizer thread) fight for the cores and batch-1 latency more than doubles (measured).
+    intra_op_threads=None uses every physical core ORT sees. Worker threads spin between operators while a run is
+    in progress and stop spinning when it ends (``stop_spinning_between_runs``, ORT's
+    ``session.force_spinning_stop``): batch-1 latency drops by a quarter against sleeping threads, and idle
+    sessions take no CPU, so several sessions used one after another do not slow each other down (measured in
+    ``benchmarks/bench_spinning.py``). Sessions that run *at the same time* still compete for the cores while
+    they spin; for that, ``throughput()`` turns spinning off.
     """
 
     intra_op_threads: int | None = None
     inter_op_threads: int = 1
-    allow_spinning: bool = False
+    allow_spinning: bool = True
+    stop_spinning_between_runs: bool = True
     enable_cpu_mem_arena: bool = True
     graph_optimization_level: str = "all"
     io_binding: bool | None = None  # None: on with the CUDA provider (inputs copied once, only wanted outputs back)
 
     @classmethod
     def latency(cls, intra_op_threads: int | None = None) -> SessionSettings:
-        """One session per process, batch-1 latency first: worker threads spin between operators instead of
-        sleeping. Measured on 2 cores (MiniLM, short queries): batch-1 p50 2.77 -> 2.08 ms, batch 32 unchanged.
-        Do not use it with several sessions (or other busy threads) in one process: they fight for the cores."""
-        return cls(intra_op_threads=intra_op_threads, allow_spinning=True)
+        """One caller at a time, batch-1 latency first: the defaults (threads spin during runs, stop after)."""
+        return cls(intra_op_threads=intra_op_threads)
 
     @classmethod
     def throughput(cls, intra_op_threads: int | None = None) -> SessionSettings:
-        """Batch jobs and servers that batch requests: the defaults (spinning off, memory arena on). Spinning
-        measured no gain at batch 32 (109 vs 112 sentences/s), and it costs CPU time other threads could use."""
-        return cls(intra_op_threads=intra_op_threads)
+        """Several sessions or busy threads running at the same time in one process: spinning off, so a thread
+        waiting for work sleeps instead of taking a core another session needs. Costs batch-1 latency when
+        a session runs alone; no measurable difference at batch 32."""
+        return cls(intra_op_threads=intra_op_threads, allow_spinning=False)
 
     def to_session_options(self, ort):
         options = ort.SessionOptions()
@@ -61,6 +65,8 @@ class SessionSettings:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.allow_spinning else "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "1" if self.allow_spinning else "0")
+        if self.allow_spinning and self.stop_spinning_between_runs:
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         options.enable_cpu_mem_arena = self.enable_cpu_mem_arena
         levels = {
             "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -189,7 +195,7 @@ class OnnxRuntimeBackend:
         """What was asked for and what ONNX Runtime runs (providers, threads)."""
         return {"backend": self.name, "providers": self.providers,
                 "intra_op_threads": self.settings.intra_op_threads, "allow_spinning": self.settings.allow_spinning,
-                "io_binding": self.io_binding}
+                "stop_spinning_between_runs": self.settings.stop_spinning_between_runs, "io_binding": self.io_binding}
 
     # ----- adapters of switchable graphs -----
     def read_adapter(self, path: Path) -> dict[str, np.ndarray]:
@@ -217,11 +223,11 @@ class OnnxRuntimeBackend:
     def merge_adapter(self, adapter: adapters.OrtAdapter, slots: list[Slot]) -> MergedAdapter:
         """A handle whose runs go to a new session of the base graph with ``adapter`` merged into its weights (same
         settings and providers as this backend's session)."""
-        if self.settings.allow_spinning:
+        if self.settings.allow_spinning and not self.settings.stop_spinning_between_runs:
             logger.warning(
-                "merge_adapter with spinning threads (SessionSettings.latency()): every merged adapter is another "
+                "merge_adapter with threads that keep spinning after each run: every merged adapter is another "
                 "session whose threads spin, and they fight for the cores (batch 1 measured twice as slow when "
-                "calls rotate between merged adapters). Use the default settings with merged adapters."
+                "calls rotate between merged adapters). Keep stop_spinning_between_runs=True (the default)."
             )
         if self._merged_sessions is None:
             self._merged_sessions = MergedSessions(self.model_path, slots)
