@@ -162,6 +162,14 @@ def bert_reference(bert_case):
     return bert_case.reference()
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """The server tests' tiny BERT, its adapter and merged export (serve_support.build_tiny_exports), built once."""
+    from serve_support import build_tiny_exports
+
+    return build_tiny_exports(tmp_path_factory.mktemp("serve-tiny"))
+
+
 @pytest.fixture
 def quiet_log() -> Callable[[str], None]:
     return lambda msg: None

@@ -194,16 +194,6 @@ def served_process(export: Path, log_path: Path, *extra: str):
     assert code == 0, srv.log()
 
 
-_BUILT: dict[str, dict[str, Path]] = {}
-
-
-def tiny_exports_once(tmp_path_factory) -> dict[str, Path]:
-    """build_tiny_exports, once per test session even when several modules ask (fixtures here are per module)."""
-    if "tiny" not in _BUILT:
-        _BUILT["tiny"] = build_tiny_exports(tmp_path_factory.mktemp("serve-tiny"))
-    return _BUILT["tiny"]
-
-
 @contextlib.contextmanager
 def serving(model, ready: bool = True, **settings):
     """create_app(model, ServeSettings(**settings)) on a ThreadServer; with ``ready``, once /health says 200."""

@@ -19,14 +19,9 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from serve_support import AdapterModel, serving, tiny_exports_once, wait_ready, wait_until  # noqa: E402
+from serve_support import AdapterModel, serving, wait_ready, wait_until  # noqa: E402
 
 from peft_export import EmbeddingModel  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_exports_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,11 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("starlette")
 
-from serve_support import ProcessServer, served_process, tiny_exports_once, wait_until  # noqa: E402
+from serve_support import ProcessServer, served_process, wait_until  # noqa: E402
 
 from peft_export import EmbeddingModel  # noqa: E402
 
 TEXTS = ["A LoRA adapter specialises the encoder.", "Short", "émoji 🙂 and RTL שלום", "   spaces   "]
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    return tiny_exports_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
