@@ -24,6 +24,9 @@ def test_bench_quick_writes_table_json_and_plot(bert_case, zoo, tmp_path):
         for key in ("b1_p50_ms", "b1_p99_ms", "b32_per_s", "tokens_per_s"):
             assert row[key] > 0, key
     assert rows[0]["mean_cosine"] == pytest.approx(1.0, abs=1e-6)  # the reference against itself
+    settings = rows[0]["note_runtime"]  # what the figures were measured with
+    assert settings["backend"] == "onnxruntime" and settings["providers"] == ["CPUExecutionProvider"]
+    assert settings["allow_spinning"] is True and settings["stop_spinning_between_runs"] is True
     # The second contender lacks the adapter: its cosine must be recomputed, not copied from the first.
     a, b = bert_case.embedding_model(), __import__("peft_export").EmbeddingModel(base_export)
     from peft_export.demo import load_sentences

@@ -91,10 +91,11 @@ def runtime_contender(path: str | Path, name: str | None = None, **model_kwargs)
 
     model = EmbeddingModel(path, **model_kwargs)
     label = name or f"{model.backend.name} {model.config.model_file} ({Path(path).name})"
+    # The backend's own account of what runs (providers or devices, threads, spinning, precision) goes into the
+    # JSON, so a figure can be traced to the settings it was measured with.
     return Contender(label, lambda texts, bs: model.encode(texts, batch_size=bs),
                      ["runtime", str(path), json.dumps(model_kwargs, default=asdict)],
-                     {"path": str(path), **({"session_settings": asdict(model_kwargs["session_settings"])}
-                                            if "session_settings" in model_kwargs else {})})
+                     {"path": str(path), "runtime": model.backend.describe()})
 
 
 def eager_contender(base: str, adapter: str | None, merged: bool = False, device: str = "cpu") -> Contender:
