@@ -31,7 +31,7 @@ class SessionSettings:
 
     intra_op_threads=None uses every physical core ORT sees. Worker threads spin between operators while a run is
     in progress and stop spinning when it ends (``stop_spinning_between_runs``, ORT's
-    ``session.force_spinning_stop``): batch-1 latency drops by a quarter against sleeping threads, and idle
+    ``session.force_spinning_stop``): batch-1 latency drops by 20-30% against sleeping threads, and idle
     sessions take no CPU, so several sessions used one after another do not slow each other down (measured in
     ``benchmarks/bench_spinning.py``). Sessions that run *at the same time* still compete for the cores while
     they spin; for that, ``throughput()`` turns spinning off.
