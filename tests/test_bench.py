@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import runpy
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,8 +86,6 @@ def test_an_idle_model_takes_no_cpu_after_a_run(bert_case):
     """RELIABILITY 22: with the default settings, a model's threads stop spinning when its run ends, so models
     that are loaded but idle (or used in turn) leave the cores to the one that runs. ORT's plain spinning keeps
     the pool busy for a while after each run (measured ~25 ms of CPU per run on MiniLM)."""
-    import time
-
     model = bert_case.embedding_model()
     for _ in range(3):
         model.encode(["warm-up query"])
@@ -94,3 +96,22 @@ def test_an_idle_model_takes_no_cpu_after_a_run(bert_case):
         time.sleep(0.3)
         idle_cpu.append(time.process_time() - start)
     assert min(idle_cpu) < 0.005, f"process CPU while idle after runs: {idle_cpu} s"
+
+
+def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_spinning.py"
+    argv = [str(script), "--quick", "--export", str(bert_case.export), "--out", str(tmp_path)]
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old_argv
+    assert done.value.code == 0
+    report = json.loads((tmp_path / "bench_spinning.json").read_text())
+    assert [row["settings"].split(" (")[0] for row in report["rows"]] == [
+        "spinning off", "spinning, kept on after each run", "spinning during runs only"]
+    for row in report["rows"]:
+        for key in ("one_b1_ms", "one_b32_per_s", "turns_b1_ms", "both_b1_per_s", "both_b32_per_s",
+                    "threads_b1_per_s"):
+            assert row[key] > 0, (row["settings"], key)
