@@ -24,14 +24,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from peft_export.benchmark.harness import Report
+from bench_encode import export_if_needed, load_texts  # same export and real texts as bench_encode
+
+from peft_export.benchmark.harness import Report, time_throughput
 
 SETTINGS = {
     "spinning off (SessionSettings.throughput())": dict(allow_spinning=False),
@@ -49,16 +50,6 @@ COLUMNS = [
     ("both_b32_per_s", "two models at once, b32 /s", ".1f"),
     ("threads_b1_per_s", "one model, 4 threads, b1 queries/s", ".0f"),
 ]
-
-
-def export_demo() -> Path:
-    from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
-    from peft_export.export.pipeline import ExportOptions, run_onnx_export
-
-    out = Path(tempfile.mkdtemp(prefix="bench-spinning-")) / "model"
-    run_onnx_export(ExportOptions(model_id=str(DEMO_ADAPTER_DIR), output=out, base=str(bundled_base_model_path())),
-                    log=lambda m: None)
-    return out
 
 
 def single_latency(models: list, queries: list[str]) -> tuple[float, float]:
@@ -102,9 +93,8 @@ def measure(models: list, queries: list[str], sentences: list[str]) -> dict[str,
     batches = [sentences[i:i + 32] for i in range(0, len(sentences), 32)]
     row = {}
     row["one_b1_ms"], row["one_b1_cpu_ms"] = single_latency([one], queries)
-    start = time.perf_counter()
-    one.encode(sentences, batch_size=32)
-    row["one_b32_per_s"] = len(sentences) / (time.perf_counter() - start)
+    row["one_b32_per_s"] = time_throughput(lambda s: one.encode(s, batch_size=32), sentences, repeats=1)[
+        "sentences_per_s"]
     row["turns_b1_ms"] = single_latency([one, other], queries)[0]
     row["both_b1_per_s"] = concurrent_rate([one, other], 2, [[q] for q in queries], 1)
     row["both_b32_per_s"] = concurrent_rate([one, other], 2, batches, 32)
@@ -114,7 +104,9 @@ def measure(models: list, queries: list[str], sentences: list[str]) -> dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export", help="an ONNX export folder (default: export the demo adapter on MiniLM)")
+    parser.add_argument("--base", default=None, help="base Sentence Transformers folder (default: bundled MiniLM)")
+    parser.add_argument("--adapter", default=None, help="adapter folder (default: the demo adapter)")
+    parser.add_argument("--export", help="an ONNX export folder (default: export --adapter on --base now)")
     parser.add_argument("--queries", type=int, default=200, help="short real queries per batch-1 workload")
     parser.add_argument("--sentences", type=int, default=320, help="real sentences per batch-32 workload")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all settings, alternating order")
@@ -125,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         args.queries, args.sentences, args.rounds = min(args.queries, 40), min(args.sentences, 64), 1
 
     from peft_export import EmbeddingModel, SessionSettings
-    from peft_export.demo import load_pairs, load_sentences
+    from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
 
-    export = Path(args.export) if args.export else export_demo()
-    queries = [p["query"] for p in load_pairs("eval")][:args.queries]
-    sentences = load_sentences(args.sentences)
+    args.base = args.base or str(bundled_base_model_path())
+    args.adapter = args.adapter or str(DEMO_ADAPTER_DIR)
+    export = export_if_needed(args)[0]
+    queries, sentences = load_texts(args.queries, args.sentences)
     models = {name: [EmbeddingModel(export, session_settings=SessionSettings(**kw)) for _ in range(2)]
               for name, kw in SETTINGS.items()}
     reference = models[next(iter(models))][0].encode(sentences[:64])
@@ -152,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             row[key] = float(statistics.median(r[key] for r in rounds))
         row["rounds"] = rounds
         report.rows.append(row)
-    threads = models[next(iter(models))][0].backend.session.get_session_options().intra_op_num_threads
+    threads = models[next(iter(models))][0].backend.describe()["intra_op_threads"]
     report.notes += [
         f"Export: {export}. {len(queries)} short real queries (batch 1), {len(sentences)} real sentences of mixed "
         f"lengths (batch 32, the runtime's default token budget); medians over {args.rounds} rounds, settings in "

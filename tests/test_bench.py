@@ -98,8 +98,9 @@ def test_an_idle_model_takes_no_cpu_after_a_run(bert_case):
     assert min(idle_cpu) < 0.005, f"process CPU while idle after runs: {idle_cpu} s"
 
 
-def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path):
+def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path, monkeypatch):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_spinning.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # as when run as a script: it imports bench_encode
     argv = [str(script), "--quick", "--export", str(bert_case.export), "--out", str(tmp_path)]
     old_argv, sys.argv = sys.argv, argv
     try:
