@@ -28,8 +28,9 @@ def profile(path: Path, sentences: list[str], batch_size: int) -> dict:
     options = model.backend.settings.to_session_options(ort)
     options.enable_profiling = True
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
-    model.backend.session = ort.InferenceSession(str(path / model.config.model_file), options,
-                                                 providers=model.backend.providers)
+    model.backend.session = ort.InferenceSession(
+        str(path / model.config.model_file), options, providers=model.backend.providers,
+        disabled_optimizers=model.backend.settings.disabled_optimizers(model.backend.providers))
     start = time.perf_counter()
     model.encode(sentences, batch_size=batch_size)
     wall = time.perf_counter() - start

@@ -35,6 +35,12 @@ class SessionSettings:
     sessions take no CPU, so several sessions used one after another do not slow each other down (measured in
     ``benchmarks/bench_spinning.py``). Sessions that run *at the same time* still compete for the cores while
     they spin; for that, ``throughput()`` turns spinning off.
+
+    ``fuse_skip_layer_norm=None`` lets ONNX Runtime fuse residual Add + LayerNormalization into its
+    ``SkipLayerNormalization`` kernel only on GPU providers. On the CPU that kernel is slower than the two operators it
+    replaces (ORT 1.32, AVX-512 Xeon, one of MiniLM's 384-wide rows of 15 tokens: 17.6 us against 4.8 + 1.3 us;
+    1,280 tokens: 1,095 us against 147 + 101 us; ``benchmarks/bench_ort_kernels.py``), so CPU sessions keep them
+    apart; ``True``/``False`` force it either way.
     """
 
     intra_op_threads: int | None = None
@@ -44,6 +50,7 @@ class SessionSettings:
     enable_cpu_mem_arena: bool = True
     graph_optimization_level: str = "all"
     io_binding: bool | None = None  # None: on with the CUDA provider (inputs copied once, only wanted outputs back)
+    fuse_skip_layer_norm: bool | None = None  # None: on GPU providers only (see above)
 
     @classmethod
     def latency(cls, intra_op_threads: int | None = None) -> SessionSettings:
@@ -80,6 +87,13 @@ class SessionSettings:
             )
         options.graph_optimization_level = levels[self.graph_optimization_level]
         return options
+
+    def disabled_optimizers(self, providers: list) -> list[str]:
+        """ONNX Runtime graph transformers to leave out (``InferenceSession(disabled_optimizers=...)``) for a session
+        whose first provider is ``providers[0]``."""
+        first = providers[0][0] if providers and isinstance(providers[0], tuple) else (providers or [None])[0]
+        fuse = self.fuse_skip_layer_norm if self.fuse_skip_layer_norm is not None else first != "CPUExecutionProvider"
+        return [] if fuse else ["SkipLayerNormFusion"]
 
 
 def resolve_providers(device: str, providers: list | None, available: list[str]) -> list:
@@ -145,7 +159,8 @@ class OnnxRuntimeBackend:
             # A switchable graph's LoRA weights are overridable initializers by design; ORT logs a warning for
             # each one at load ("will not be treated as constant"). Errors still show.
             options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested)
+        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested,
+                                            disabled_optimizers=self.settings.disabled_optimizers(requested))
         self.model_path = model_path
         self._requested = requested
         self._merged_sessions: MergedSessions | None = None
@@ -195,7 +210,8 @@ class OnnxRuntimeBackend:
         """What was asked for and what ONNX Runtime runs (providers, threads)."""
         return {"backend": self.name, "providers": self.providers,
                 "intra_op_threads": self.settings.intra_op_threads, "allow_spinning": self.settings.allow_spinning,
-                "stop_spinning_between_runs": self.settings.stop_spinning_between_runs, "io_binding": self.io_binding}
+                "stop_spinning_between_runs": self.settings.stop_spinning_between_runs, "io_binding": self.io_binding,
+                "disabled_optimizers": self.settings.disabled_optimizers(self._requested)}
 
     # ----- adapters of switchable graphs -----
     def read_adapter(self, path: Path) -> dict[str, np.ndarray]:
@@ -220,9 +236,10 @@ class OnnxRuntimeBackend:
             adapter = adapter.source
         return adapters.read_adapter_arrays(adapter.path)
 
-    def merge_adapter(self, adapter: adapters.OrtAdapter, slots: list[Slot]) -> MergedAdapter:
+    def merge_adapter(self, adapter: adapters.OrtAdapter, slots: list[Slot],
+                      attention: dict[str, int] | None = None) -> MergedAdapter:
         """A handle whose runs go to a new session of the base graph with ``adapter`` merged into its weights (same
-        settings and providers as this backend's session)."""
+        settings and providers as this backend's session; attention fused when the export recorded its shape)."""
         if self.settings.allow_spinning and not self.settings.stop_spinning_between_runs:
             logger.warning(
                 "merge_adapter with threads that keep spinning after each run: every merged adapter is another "
@@ -233,6 +250,7 @@ class OnnxRuntimeBackend:
             self._merged_sessions = MergedSessions(self.model_path, slots)
         ort = require("onnxruntime", "onnxruntime")
         session = self._merged_sessions.build(self.adapter_arrays(adapter), self.settings.to_session_options(ort),
-                                              self._requested)
+                                              self._requested, self.settings.disabled_optimizers(self._requested),
+                                              attention)
         release_free_memory()
         return MergedAdapter(source=adapter, session=session)

@@ -99,9 +99,14 @@ class MergedSessions:
         self._shared: dict[str, object] = {}  # initializer name -> OrtValue, one copy for every merged session
         self._arrays: dict[str, np.ndarray] = {}  # the memory those OrtValues borrow
 
-    def build(self, factors: dict[str, np.ndarray], options, providers: list):
+    def build(self, factors: dict[str, np.ndarray], options, providers: list,
+              disabled_optimizers: list[str] | None = None, attention: dict[str, int] | None = None):
         """A session for the base with ``factors`` (graph input name -> A (in, r) / B (r, out), scaling folded in)
-        merged: ``W + A @ B`` at every slot the adapter targets (products in float64, rounded once)."""
+        merged: ``W + A @ B`` at every slot the adapter targets (products in float64, rounded once).
+
+        ``attention`` (``{"num_heads", "hidden_size"}``, recorded by the export) fuses each attention block as
+        merge-onnx does for a merged export (``export/ort_fusion.py``), so the merged adapter runs the same graph
+        as the merged export of that adapter; without it the graph stays as traced."""
         onnx = require("onnx", "export")  # the onnx package; the export extra has it
         from onnx import numpy_helper
 
@@ -130,6 +135,9 @@ class MergedSessions:
             for tensor in model.graph.initializer:
                 if tensor.name in merged:  # embedded: ONNX Runtime frees it after pre-packing
                     tensor.CopyFrom(numpy_helper.from_array(merged[tensor.name], tensor.name))
+            if attention:
+                model = _fuse_attention(model, attention)
+            in_graph = {tensor.name for tensor in model.graph.initializer}
             # From a file, not from bytes: the Python session object would keep the bytes (a whole model) alive.
             data = model.SerializeToString()
             del model
@@ -145,11 +153,20 @@ class MergedSessions:
             del data
         try:
             for name, value in self._shared.items():
-                if name not in merged:
+                if name not in merged and name in in_graph:  # fused query/key/value weights are packed anew
                     options.add_initializer(name, value)
-            return ort.InferenceSession(scratch, sess_options=options, providers=providers)
+            return ort.InferenceSession(scratch, sess_options=options, providers=providers,
+                                        disabled_optimizers=disabled_optimizers)
         finally:
             os.unlink(scratch)
+
+
+def _fuse_attention(model, attention: dict[str, int]):
+    """The merged graph with attention fused as in a merged export, or as it was if nothing fused."""
+    from ..export.ort_fusion import AttentionShape, fuse_attention
+
+    fused, counts = fuse_attention(model, AttentionShape(int(attention["num_heads"]), int(attention["hidden_size"])))
+    return fused if counts["Attention"] else model
 
 
 def release_free_memory() -> None:
