@@ -52,7 +52,8 @@ def test_fp32_ir_equals_the_onnx_export(tiny_exports):
 def test_onnx_manifest_is_unchanged_by_the_shared_pipeline(tiny_exports):
     manifest = _manifest(tiny_exports["onnx"])
     assert manifest["export"] == {"format": "onnx", "opset": 17, "dtype": "float32", "files": ["model.onnx"]}
-    assert set(manifest["validation"]) == {"adapter_vs_base_max_abs_diff", "merged_vs_unmerged", "onnx_vs_reference"}
+    assert set(manifest["validation"]) == {"adapter_vs_base_max_abs_diff", "merged_vs_unmerged", "onnx_vs_reference",
+                                           "attention_fusion"}
     assert json.loads((tiny_exports["onnx"] / RUNTIME_CONFIG_FILE).read_text())["backend"] == "onnxruntime"
 
 

@@ -145,7 +145,8 @@ def fp32_matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
 
 
 def linear_flops_per_token(onnx_path: Path) -> float | None:
-    """2 x the weights of every weight-bearing MatMul/Gemm in the graph: the encoder's FLOPs per token."""
+    """2 x the weights of every weight-bearing MatMul/Gemm in the graph (and of ONNX Runtime's fused Attention, whose
+    weight is the packed query/key/value projection): the encoder's FLOPs per token."""
     if Path(onnx_path).suffix == ".xml":
         return _openvino_linear_flops_per_token(Path(onnx_path))
     try:
@@ -157,7 +158,8 @@ def linear_flops_per_token(onnx_path: Path) -> float | None:
     shapes = {init.name: list(init.dims) for init in model.graph.initializer}
     total = 0
     for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits"):
+        if node.op_type in ("MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits",
+                            "MatMulIntegerToFloat", "Attention", "QAttention"):
             for name in node.input[1:2]:
                 dims = shapes.get(name)
                 if dims and len(dims) == 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,10 @@ class OnnxFormat:
         log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
             f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
         checks = {"onnx_vs_reference": report.to_dict()}
+        if self.options.fuse_attention and self.options.dtype == "fp32":
+            checks["attention_fusion"] = _fusion_step(merged, model_path, log)
+            if checks["attention_fusion"]["applied"]:
+                backend = OnnxRuntimeBackend(model_path)
         if self.options.quantize:
             tokenizer = TextTokenizer(model_path.parent, config)
             checks["quantization"] = _quantize_step(self.options, self.gate_pairs, model_path.parent, config,
@@ -129,6 +134,41 @@ class OnnxFormat:
         dtype = self.options.quantize or ("float16" if self.options.dtype == "fp16" else "float32")
         return {"format": "onnx", "opset": self.options.opset, "dtype": dtype,
                 "files": [config.model_file]}
+
+
+def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
+    """Replace the validated graph by its attention-fused version (export/ort_fusion.py) when the optimizer fuses
+    something and the result still matches the PyTorch reference; otherwise keep it and say why."""
+    import onnx
+
+    from ..errors import ValidationError
+    from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+    from .ort_fusion import AttentionShape, fuse_attention
+    from .validate import compare_with_reference
+
+    shape = AttentionShape.of(getattr(merged.pipeline.encoder, "config", None))
+    if shape is None:
+        return {"applied": False, "reason": "the encoder config has no num_attention_heads / hidden_size"}
+    if (model_path.parent / EXTERNAL_DATA_FILE).exists():
+        return {"applied": False, "reason": "weights in external data (over 2 GiB) are not rewritten"}
+    fused, counts = fuse_attention(onnx.load(str(model_path)), shape)
+    if not counts["Attention"]:
+        log("Attention fusion: ONNX Runtime's optimizer matched no attention block; the traced graph is kept")
+        return {"applied": False, "reason": "no attention block matched ONNX Runtime's fusion patterns"}
+    candidate = model_path.with_name("model_fused.onnx")
+    onnx.save(fused, str(candidate))
+    try:
+        report = compare_with_reference(merged.references, OnnxRuntimeBackend(candidate).run,
+                                        "The attention-fused ONNX graph")
+    except ValidationError as err:
+        candidate.unlink()
+        log(f"Attention fusion: not kept, {err}")
+        return {"applied": False, "reason": str(err)}
+    os.replace(candidate, model_path)
+    log(f"Attention fusion: {counts['Attention']} attention blocks fused (ONNX Runtime transformer optimizer); "
+        f"== PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}")
+    return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "fused_operators": counts,
+            **shape.to_dict(), "fused_vs_reference": report.to_dict()}
 
 
 def _calibration_texts(path: str | None) -> list[str]:

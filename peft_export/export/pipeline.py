@@ -48,6 +48,7 @@ class ExportOptions:
     allow_noop_adapter: bool = False
     quantize: str | None = None  # "int8" (dynamic) or "int8-static"; see export/quantize.py
     dtype: str = "fp32"  # "fp16": an fp16 graph for GPUs, gated against fp32; see export/fp16.py
+    fuse_attention: bool = True  # ONNX fp32/int8: ONNX Runtime's attention fusion, validated; see export/ort_fusion.py
     gate: QualityGate = field(default_factory=QualityGate)
     gate_data: str | None = None  # JSON lines of {"query", "passage"}; default: the demo held-out pairs
     calibration_data: str | None = None  # text file, one sentence per line; default: demo training text

@@ -4,6 +4,9 @@ ORT's default dynamic quantization (one scale per weight tensor) loses too much 
 all-MiniLM-L6-v2: worst-sentence cosine 0.86). Per-channel weight scales fix most of it; the FFN output
 projections, whose inputs have the widest ranges after GELU, are the layers that hurt most, so the next rung
 keeps them in fp32.
+
+On an attention-fused graph (export/ort_fusion.py) dynamic quantization also turns each ``Attention`` into
+``QAttention`` (query/key/value weights int8, per channel); static quantization leaves it in fp32.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def _weight_matmuls(model_path: Path) -> list[str]:
     model = onnx.load(str(model_path), load_external_data=False)
     constants = {init.name for init in model.graph.initializer}
     return [n.name for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm") and any(i in constants for i in n.input)]
+            if n.op_type in ("MatMul", "Gemm", "Attention") and any(i in constants for i in n.input)]
 
 
 class _CalibrationReader:
@@ -67,19 +70,22 @@ class _CalibrationReader:
 
 def _quantize(fp32: Path, out: Path, mode: str, exclude: list[str],
               tokenize: Callable | None, calibration_texts: list[str] | None) -> None:
+    import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))  # quantizer's pre-process advice
+    # Outputs of contrib operators (Attention, BiasGelu) have no inferred type; they are float.
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     if mode == "int8":
         quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude)
+                         op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=exclude, extra_options=extra)
         return
     if not calibration_texts or tokenize is None:
         raise ConfigError("int8-static needs calibration texts")
     quantize_static(str(fp32), str(out), _CalibrationReader(tokenize, calibration_texts),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
                     weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
-                    extra_options={"ActivationSymmetric": True})
+                    extra_options={"ActivationSymmetric": True, **extra})
 
 
 def quantize_with_gate(

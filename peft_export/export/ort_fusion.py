@@ -1,0 +1,74 @@
+"""Attention fusion for ONNX Runtime on the CPU, with ONNX Runtime's own transformer optimizer.
+
+torch.onnx writes each self-attention block as ~30 small operators (MatMuls for query/key/value, Reshape and
+Transpose per head, scale, mask Add, Softmax, and the shape arithmetic behind each Reshape). ONNX Runtime does not
+fuse them when it loads the graph: its session-time AttentionFusion does not match the pattern transformers 5
+produces. ``onnxruntime.transformers.optimizer`` does, offline, and packs query/key/value into one ``Attention``
+contrib operator per layer (MiniLM: 267 nodes after ORT's own optimizations -> 59).
+
+Measured on all-MiniLM-L6-v2, 2-core AVX-512 Xeon, ONNX Runtime 1.32 (``benchmarks/bench_ort_kernels.py``): batch 1
+about 10% faster, batch 32 about the same; with dynamic int8 the fused ``QAttention`` makes batch 1 20% faster and
+batch 32 11% faster. Results stay within 2e-7 of the unfused graph.
+
+Options chosen, and why:
+
+* ``SkipLayerNormalization`` and ``EmbedLayerNormalization`` fusions are off: ONNX Runtime's CPU kernels for them
+  are slower than the Add and LayerNormalization they replace (see ``SessionSettings.fuse_skip_layer_norm``).
+* The attention mask stays a 2-D 0/1 mask (``AttentionMaskFormat.AttentionMask``) instead of per-row lengths, so
+  any mask the tokenizer produces means what it means in PyTorch.
+* ``opt_level=0``: only the optimizer's pattern fusions are written to the file; ONNX Runtime applies its own
+  hardware-specific optimizations at load time, as for any graph.
+* GELU stays exact (no tanh approximation).
+
+The fused graph uses ``com.microsoft`` operators that ONNX Runtime (CPU and CUDA) and OpenVINO's ONNX reader run.
+Callers validate it against the PyTorch reference before keeping it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FUSED_OPERATORS = ("Attention", "BiasGelu", "LayerNormalization")
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    num_heads: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, config: Any) -> AttentionShape | None:
+        """From a transformers config; None for models without plain multi-head self-attention."""
+        heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+        if not isinstance(heads, int) or not isinstance(hidden, int) or heads <= 0 or hidden % heads:
+            return None
+        return cls(heads, hidden)
+
+    def to_dict(self) -> dict[str, int]:
+        return {"num_heads": self.num_heads, "hidden_size": self.hidden_size}
+
+
+def fuse_attention(model, shape: AttentionShape):
+    """``(fused ModelProto, {operator: count})`` for an ONNX ModelProto; the input model is left unchanged.
+    The count of ``Attention`` is 0 when the optimizer found no attention block it could fuse."""
+    import copy
+
+    from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_skip_layer_norm = False
+    options.enable_bias_skip_layer_norm = False
+    options.enable_embed_layer_norm = False
+    options.enable_gelu_approximation = False
+    options.attention_mask_format = AttentionMaskFormat.AttentionMask
+    optimizer = optimize_model(copy.deepcopy(model), model_type="bert", num_heads=shape.num_heads,
+                               hidden_size=shape.hidden_size, optimization_options=options, opt_level=0)
+    stats = optimizer.get_fused_operator_statistics()
+    counts = {op: int(stats.get(op, 0)) for op in FUSED_OPERATORS}
+    optimizer.topological_sort()  # as the optimizer's own save does
+    fused = optimizer.model
+    if not any(opset.domain == "com.microsoft" for opset in fused.opset_import):
+        fused.opset_import.add(domain="com.microsoft", version=1)
+    return fused, counts

@@ -1,0 +1,92 @@
+"""merge-onnx fuses each attention block with ONNX Runtime's transformer optimizer, and keeps it only when the fused
+graph still matches the PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from peft_export import EmbeddingModel, export_onnx_model
+from peft_export.cli import main
+from peft_export.export import ort_fusion
+
+LAYERS = 2  # tests/fixtures/tiny_models.py
+
+
+def _ops(folder) -> list[str]:
+    config = json.loads((folder / "embedding_config.json").read_text())
+    return [node.op_type for node in onnx.load(str(folder / config["model_file"])).graph.node]
+
+
+@pytest.mark.parametrize("case_name", ["bert_case", "roberta_case", "distilbert_case"])
+def test_every_tiny_architecture_is_fused_and_validated(case_name, request, real_texts):
+    case = request.getfixturevalue(case_name)
+    fusion = json.loads((case.export / "peft_export.json").read_text())["validation"]["attention_fusion"]
+    assert fusion["applied"] is True
+    assert fusion["fused_operators"]["Attention"] == LAYERS
+    assert fusion["fused_vs_reference"]["max_abs_diff"]["sentence_embedding"] <= 1e-5
+    ops = _ops(case.export)
+    assert ops.count("Attention") == LAYERS and "Softmax" not in ops
+    assert "SkipLayerNormalization" not in ops  # slower on CPU than Add + LayerNormalization
+    # Same answers as sentence-transformers with the PEFT adapter.
+    from conftest import assert_same_embeddings
+
+    assert_same_embeddings(case.embedding_model().encode(real_texts[:40]), case.reference().encode(real_texts[:40]))
+
+
+def test_no_fuse_attention_keeps_the_traced_graph_with_the_same_embeddings(bert_case, tmp_path, real_texts):
+    out = tmp_path / "unfused"
+    assert main(["merge-onnx", str(bert_case.adapter), "-o", str(out), "--no-fuse-attention"]) == 0
+    ops = _ops(out)
+    assert "Attention" not in ops and "Softmax" in ops
+    assert "attention_fusion" not in json.loads((out / "peft_export.json").read_text())["validation"]
+    unfused, fused = EmbeddingModel(out).encode(real_texts[:40]), bert_case.embedding_model().encode(real_texts[:40])
+    assert np.abs(unfused - fused).max() < 1e-5
+
+
+def test_a_fused_graph_that_fails_validation_is_not_kept(bert_case, tmp_path, monkeypatch, quiet_log, real_texts):
+    real_fuse = ort_fusion.fuse_attention
+
+    def broken_fuse(model, shape):
+        fused, counts = real_fuse(model, shape)
+        for tensor in fused.graph.initializer:
+            if tensor.name.endswith("_qkv_weight"):  # a fusion that got the weights wrong
+                weights = onnx.numpy_helper.to_array(tensor) * 1.5
+                tensor.CopyFrom(onnx.numpy_helper.from_array(weights, tensor.name))
+        return fused, counts
+
+    monkeypatch.setattr(ort_fusion, "fuse_attention", broken_fuse)
+    out = tmp_path / "kept-traced"
+    export_onnx_model(str(bert_case.adapter), out, log=quiet_log)
+    fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
+    assert fusion["applied"] is False and "does not match the PyTorch reference" in fusion["reason"]
+    assert "Attention" not in _ops(out)
+    assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]  # the rejected candidate is gone
+    from conftest import assert_same_embeddings
+
+    assert_same_embeddings(EmbeddingModel(out).encode(real_texts[:20]), bert_case.reference().encode(real_texts[:20]))
+
+
+def test_int8_quantizes_the_fused_attention(bert_case, tmp_path, quiet_log):
+    from peft_export.export.quality import QualityGate
+
+    out = tmp_path / "int8"
+    export_onnx_model(str(bert_case.adapter), out, quantize="int8", log=quiet_log,
+                      gate=QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5))
+    ops = _ops(out)
+    assert ops.count("QAttention") == LAYERS and "Attention" not in ops
+    quantization = json.loads((out / "peft_export.json").read_text())["validation"]["quantization"]
+    assert quantization["attempts"][0]["quantized_nodes"] == 4 * LAYERS  # QKV, output, FFN in, FFN out per layer
+
+
+def test_attention_shape_comes_from_the_config():
+    class Config:
+        num_attention_heads, hidden_size = 12, 384
+
+    assert ort_fusion.AttentionShape.of(Config()).to_dict() == {"num_heads": 12, "hidden_size": 384}
+    Config.hidden_size = 385
+    assert ort_fusion.AttentionShape.of(Config()) is None
+    assert ort_fusion.AttentionShape.of(object()) is None
