@@ -201,3 +201,28 @@ def test_a_full_temporary_disk_gives_a_clear_error_and_leaves_no_file(model, mon
         model.merge_adapter("attn")
     assert model.merged_adapters() == []
     assert list(tmp_path.iterdir()) == []  # the partial file is gone
+
+
+def test_merged_sessions_fuse_attention_as_the_merged_export_does(model, monkeypatch):
+    """The switchable export records its attention shape; a merged adapter's graph is fused like a merged export's
+    (same graph, same speed). The "ffn" adapter leaves query/key/value alone, "attn" merges into them before the
+    query/key/value weights are packed."""
+    from peft_export.export import ort_fusion
+
+    attention = model.manifest["export"]["attention"]
+    assert attention == {"num_heads": 2, "hidden_size": 32}  # tests/fixtures/tiny_models.py
+    counts = []
+    real = ort_fusion.fuse_attention
+
+    def recording(graph, shape):
+        fused, found = real(graph, shape)
+        counts.append((shape.to_dict(), found["Attention"]))
+        return fused, found
+
+    monkeypatch.setattr(ort_fusion, "fuse_attention", recording)
+    model.merge_adapter(["ffn", "attn"])
+    assert counts == [(attention, 2), (attention, 2)]  # every layer of both merged graphs
+    for name in ("ffn", "attn"):
+        got = model.encode(TEXTS, adapter=name)
+        assert max_unit_diff(got, EmbeddingModel(merged_export(name)).encode(TEXTS)) <= SENTENCE_ATOL
+        assert max_unit_diff(got, st_references()[name]) <= SENTENCE_ATOL

@@ -155,6 +155,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     from peft.tuners.lora import LoraLayer
 
     from .merge import attach_adapters
+    from .ort_fusion import AttentionShape
     from .switchable_graph import export_switchable_onnx, export_switchable_openvino, find_slots
 
     started = time.perf_counter()
@@ -213,6 +214,9 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
             f"{validation['no_adapter_vs_base']['max_abs_diff']['sentence_embedding']:.1e}; every adapter == eager "
             "PEFT and == merged model within 1e-5")
         export_entry = _export_entry(backend, options, config, names, suffix)
+        attention = AttentionShape.of(getattr(graph_encoder, "config", None))
+        if backend != "openvino" and attention is not None:
+            export_entry["attention"] = attention.to_dict()  # for merge_adapter's attention fusion
         manifest = _manifest(resolved, export_entry, config, {}, time.perf_counter() - started)
         manifest.update(_switchable_fields(options, resolved.base_id))
         manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n], suffix)

@@ -227,7 +227,8 @@ class AdapterMethods:
             names = self._names_or_active(adapter_names, "merge_adapter")
             todo = {n: self._adapters[n].adapter for n in names
                     if not isinstance(self._adapters[n].adapter, MergedAdapter)}
-        built = {name: merge(handle, self._slots) for name, handle in todo.items()}  # slow: outside the lock
+        attention = ((self.manifest or {}).get("export") or {}).get("attention")  # None for older exports
+        built = {name: merge(handle, self._slots, attention) for name, handle in todo.items()}  # slow: no lock
         with self._adapter_lock:
             for name, handle in built.items():
                 loaded = self._adapters.get(name)
