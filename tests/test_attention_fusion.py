@@ -90,3 +90,26 @@ def test_attention_shape_comes_from_the_config():
     Config.hidden_size = 385
     assert ort_fusion.AttentionShape.of(Config()) is None
     assert ort_fusion.AttentionShape.of(object()) is None
+
+
+def test_fusion_leaves_no_optimizer_objects_behind(bert_case, zoo):
+    """The optimizer's objects form reference cycles that hold copies of the graph; merge_adapter fuses once per
+    merged adapter, so each call must free them (measured: +230 MB per MiniLM merge otherwise)."""
+    import gc
+
+    def graphs_alive() -> int:
+        return sum(1 for o in gc.get_objects() if type(o).__name__ == "ModelProto")
+
+    traced = zoo.export("bert-traced", bert_case.adapter, fuse_attention=False)
+    model = onnx.load(str(traced / "model.onnx"))
+    gc.collect()
+    gc.disable()  # only the collection inside fuse_attention may free them
+    try:
+        before = graphs_alive()
+        fused, counts = ort_fusion.fuse_attention(model, ort_fusion.AttentionShape(2, 32))
+        left = graphs_alive() - before
+    finally:
+        gc.enable()
+    assert counts["Attention"] == LAYERS
+    assert "Attention" not in [node.op_type for node in model.graph.node]  # the input graph is not edited
+    assert left == 1  # the fused graph it returned; no copies held by the optimizer's objects

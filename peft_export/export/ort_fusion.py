@@ -26,6 +26,7 @@ Callers validate it against the PyTorch reference before keeping it.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,4 +72,8 @@ def fuse_attention(model, shape: AttentionShape):
     fused = optimizer.model
     if not any(opset.domain == "com.microsoft" for opset in fused.opset_import):
         fused.opset_import.add(domain="com.microsoft", version=1)
+    # The optimizer's fusion objects reference each other, so the graph copies they hold (a model's size each)
+    # outlive this call until a garbage collection: measured +230 MB per merge_adapter call without this.
+    del optimizer
+    gc.collect()
     return fused, counts
