@@ -28,7 +28,7 @@ import numpy as np
 
 from bench_encode import load_texts  # the same real texts as the other benchmarks
 
-from peft_export.benchmark.harness import Report, time_single_queries, time_throughput
+from peft_export.benchmark.harness import Report, cosine_rows, time_single_queries, time_throughput
 
 WIDTH = 384
 CHAIN = 12
@@ -38,12 +38,12 @@ COLUMNS = [
     ("b1_p50_ms", "b1 p50 ms", ".3f"),
     ("b32_per_s", "b32 sentences/s", ".1f"),
     ("max_diff", "max diff vs first of its precision", ".1e"),
+    ("worst_cosine", "worst cosine vs first of its precision", ".5f"),
     ("graph_nodes", "nodes in the file", "d"),
 ]
 
 
 def _chain_model(op: str):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, current = [], "x"
@@ -62,7 +62,8 @@ def _chain_model(op: str):
         [helper.make_tensor_value_info(current, TensorProto.FLOAT, shape)],
         initializer=[numpy_helper.from_array(np.ones(WIDTH, np.float32), "gamma"),
                      numpy_helper.from_array(np.zeros(WIDTH, np.float32), "beta")])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
 
 
 def kernel_times(quick: bool) -> list[dict]:
@@ -125,12 +126,13 @@ def graph_rows(exports: dict[str, Path], queries: list[str], sentences: list[str
             nodes[label] = len(onnx.load(str(folder / models[label].config.model_file),
                                          load_external_data=False).graph.node)
     firsts: dict[str, np.ndarray] = {}
-    diffs = {}
+    diffs, cosines = {}, {}
     for label, model in models.items():
         precision = "int8" if "int8" in label else "fp32"
         got = model.encode(sentences[:64])
         firsts.setdefault(precision, got)
         diffs[label] = float(np.abs(got - firsts[precision]).max())
+        cosines[label] = float(cosine_rows(got, firsts[precision]).min())
     results: dict[str, list] = {label: [] for label in models}
     for round_ in range(rounds):
         order = list(models) if round_ % 2 == 0 else list(models)[::-1]
@@ -141,6 +143,7 @@ def graph_rows(exports: dict[str, Path], queries: list[str], sentences: list[str
             results[label].append((b1, b32["sentences_per_s"]))
     return [{"contender": label, "b1_p50_ms": statistics.median(r[0] for r in rounds_),
              "b32_per_s": statistics.median(r[1] for r in rounds_), "max_diff": diffs[label],
+             "worst_cosine": cosines[label],
              "graph_nodes": nodes[label]} for label, rounds_ in results.items()]
 
 
@@ -166,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                                 args.adapter or str(DEMO_ADAPTER_DIR), args.quick)
         rows = graph_rows(exports, queries, sentences, args.rounds)
     for row in rows:
-        if row["max_diff"] > (1e-5 if "fp32" in row["contender"] else 1e-2):
-            print(f"FAIL: {row['contender']} differs from the first of its precision by {row['max_diff']:.1e}",
-                  file=sys.stderr)
+        # fp32 graphs must agree to float rounding; int8 ones re-quantize activations that moved by that rounding,
+        # so they are held to the int8 gate's worst-sentence bar against each other.
+        if row["max_diff"] > 1e-5 if "fp32" in row["contender"] else row["worst_cosine"] < 0.97:
+            print(f"FAIL: {row['contender']} differs from the first of its precision (max diff {row['max_diff']:.1e}, "
+                  f"worst cosine {row['worst_cosine']:.5f})", file=sys.stderr)
             return 1
     report = Report("ONNX Runtime fusions on this CPU: attention (export) and SkipLayerNormalization (load)")
     report.rows = rows

@@ -116,3 +116,27 @@ def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path, m
         for key in ("one_b1_ms", "one_b32_per_s", "turns_b1_ms", "both_b1_per_s", "both_b32_per_s",
                     "threads_b1_per_s"):
             assert row[key] > 0, (row["settings"], key)
+
+
+def test_bench_ort_kernels_quick_times_every_graph_and_both_kernels(bert_case, tmp_path, monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ort_kernels.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    argv = [str(script), "--quick", "--base", str(bert_case.base), "--adapter", str(bert_case.adapter),
+            "--out", str(tmp_path)]
+    old_argv, sys.argv = sys.argv, argv
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = old_argv
+    assert done.value.code == 0
+    report = json.loads((tmp_path / "bench_ort_kernels.json").read_text())
+    assert len(report["rows"]) == 8  # traced/fused x fp32/int8 x SkipLayerNorm fusion off/on
+    for row in report["rows"]:
+        assert row["b1_p50_ms"] > 0 and row["b32_per_s"] > 0, row["contender"]
+    fused = [r for r in report["rows"] if r["contender"].startswith("fused fp32")]
+    traced = [r for r in report["rows"] if r["contender"].startswith("traced fp32")]
+    assert fused[0]["graph_nodes"] < traced[0]["graph_nodes"]  # the fusion removed nodes
+    assert all(r["max_diff"] <= 1e-5 for r in fused + traced)
+    kernels = {(k["tokens"], k["operator"]): k["us_per_op"] for k in report["kernels"]}
+    assert len(kernels) == 4 and all(v > 0 for v in kernels.values())
