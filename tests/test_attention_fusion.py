@@ -113,3 +113,20 @@ def test_fusion_leaves_no_optimizer_objects_behind(bert_case, zoo):
     assert counts["Attention"] == LAYERS
     assert "Attention" not in [node.op_type for node in model.graph.node]  # the input graph is not edited
     assert left == 1  # the fused graph it returned; no copies held by the optimizer's objects
+
+
+def test_graphs_with_external_weights_keep_the_traced_graph(bert_case, tmp_path, monkeypatch, quiet_log, real_texts):
+    """Over 2 GiB of weights go to model.onnx_data; the fusion would have to rewrite them, so it is skipped and the
+    manifest says why (the threshold is lowered here to exercise the path on a tiny model)."""
+    from peft_export.export import onnx as onnx_format
+
+    monkeypatch.setattr(onnx_format, "_TWO_GIB", 1024)
+    out = tmp_path / "external"
+    export_onnx_model(str(bert_case.adapter), out, log=quiet_log)
+    assert (out / "model.onnx_data").stat().st_size > 10_000
+    fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
+    assert fusion == {"applied": False, "reason": "weights in external data (over 2 GiB) are not rewritten"}
+    assert "Attention" not in _ops(out)
+    from conftest import assert_same_embeddings
+
+    assert_same_embeddings(EmbeddingModel(out).encode(real_texts[:20]), bert_case.reference().encode(real_texts[:20]))

@@ -57,6 +57,22 @@ def test_cli_encode_and_info_stay_torch_free(bert_case):
     assert _run(code) == {"heavy": [], "ok": True}
 
 
+def test_merge_adapter_with_attention_fusion_stays_torch_free():
+    """merge_adapter runs ONNX Runtime's transformer optimizer on the merged graph (a serving process: onnxruntime
+    and onnx, no torch)."""
+    from switchable_fixtures import switchable_export
+
+    code = _report(
+        "import peft_export\n"
+        f"model = peft_export.EmbeddingModel({str(switchable_export())!r})\n"
+        "assert model.manifest['export']['attention']\n"
+        "model.merge_adapter('attn')\n"
+        "assert model.merged_adapters() == ['attn']\n"
+        "assert model.encode(['merged and fused'], adapter='attn').shape[0] == 1\n"
+    )
+    assert _run(code) == {"heavy": [], "ok": True}
+
+
 def test_the_heavy_check_would_notice_torch():
     """Guard against a check that cannot fail: importing the exporter does bring torch in."""
     report = _run(_report("import peft_export.export.pipeline"))
