@@ -98,18 +98,22 @@ def test_an_idle_model_takes_no_cpu_after_a_run(bert_case):
     assert min(idle_cpu) < 0.005, f"process CPU while idle after runs: {idle_cpu} s"
 
 
-def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path, monkeypatch):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_spinning.py"
+def _run_benchmark(name: str, args: list[str], out: Path, monkeypatch) -> dict:
+    """Run ``benchmarks/<name>.py`` as a script with ``args`` (plus ``--out out``); its JSON report."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     monkeypatch.syspath_prepend(str(script.parent))  # as when run as a script: it imports bench_encode
-    argv = [str(script), "--quick", "--export", str(bert_case.export), "--out", str(tmp_path)]
-    old_argv, sys.argv = sys.argv, argv
+    old_argv, sys.argv = sys.argv, [str(script), *args, "--out", str(out)]
     try:
         with pytest.raises(SystemExit) as done:
             runpy.run_path(str(script), run_name="__main__")
     finally:
         sys.argv = old_argv
     assert done.value.code == 0
-    report = json.loads((tmp_path / "bench_spinning.json").read_text())
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path, monkeypatch):
+    report = _run_benchmark("bench_spinning", ["--quick", "--export", str(bert_case.export)], tmp_path, monkeypatch)
     assert [row["settings"].split(" (")[0] for row in report["rows"]] == [
         "spinning off", "spinning, kept on after each run", "spinning during runs only"]
     for row in report["rows"]:
@@ -119,18 +123,8 @@ def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path, m
 
 
 def test_bench_ort_kernels_quick_times_every_graph_and_both_kernels(bert_case, tmp_path, monkeypatch):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ort_kernels.py"
-    monkeypatch.syspath_prepend(str(script.parent))
-    argv = [str(script), "--quick", "--base", str(bert_case.base), "--adapter", str(bert_case.adapter),
-            "--out", str(tmp_path)]
-    old_argv, sys.argv = sys.argv, argv
-    try:
-        with pytest.raises(SystemExit) as done:
-            runpy.run_path(str(script), run_name="__main__")
-    finally:
-        sys.argv = old_argv
-    assert done.value.code == 0
-    report = json.loads((tmp_path / "bench_ort_kernels.json").read_text())
+    report = _run_benchmark("bench_ort_kernels", ["--quick", "--base", str(bert_case.base), "--adapter",
+                                                  str(bert_case.adapter)], tmp_path, monkeypatch)
     assert len(report["rows"]) == 8  # traced/fused x fp32/int8 x SkipLayerNorm fusion off/on
     for row in report["rows"]:
         assert row["b1_p50_ms"] > 0 and row["b32_per_s"] > 0, row["contender"]
