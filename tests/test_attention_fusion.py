@@ -130,3 +130,16 @@ def test_graphs_with_external_weights_keep_the_traced_graph(bert_case, tmp_path,
     from conftest import assert_same_embeddings
 
     assert_same_embeddings(EmbeddingModel(out).encode(real_texts[:20]), bert_case.reference().encode(real_texts[:20]))
+
+
+def test_an_optimizer_crash_keeps_the_traced_graph(bert_case, tmp_path, monkeypatch, quiet_log):
+    def crash(model, shape):
+        raise RuntimeError("symbolic shape inference failed on node X")
+
+    monkeypatch.setattr(ort_fusion, "fuse_attention", crash)
+    out = tmp_path / "crashed"
+    export_onnx_model(str(bert_case.adapter), out, log=quiet_log)
+    fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
+    assert fusion == {"applied": False, "reason": "ONNX Runtime's optimizer failed: RuntimeError: symbolic shape "
+                                                  "inference failed on node X"}
+    assert "Attention" not in _ops(out) and "Softmax" in _ops(out)

@@ -226,3 +226,17 @@ def test_merged_sessions_fuse_attention_as_the_merged_export_does(model, monkeyp
         got = model.encode(TEXTS, adapter=name)
         assert max_unit_diff(got, EmbeddingModel(merged_export(name)).encode(TEXTS)) <= SENTENCE_ATOL
         assert max_unit_diff(got, st_references()[name]) <= SENTENCE_ATOL
+
+
+def test_merge_adapter_runs_unfused_when_the_optimizer_fails(model, monkeypatch, caplog):
+    from peft_export.export import ort_fusion
+
+    def crash(graph, shape):
+        raise RuntimeError("optimizer bug")
+
+    monkeypatch.setattr(ort_fusion, "fuse_attention", crash)
+    with caplog.at_level("WARNING"):
+        model.merge_adapter("mixed")
+    assert "attention fusion failed (RuntimeError: optimizer bug); the merged graph runs unfused" in caplog.text
+    got = model.encode(TEXTS, adapter="mixed")
+    assert max_unit_diff(got, EmbeddingModel(merged_export("mixed")).encode(TEXTS)) <= SENTENCE_ATOL

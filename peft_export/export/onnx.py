@@ -151,7 +151,12 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
         return {"applied": False, "reason": "the encoder config has no num_attention_heads / hidden_size"}
     if (model_path.parent / EXTERNAL_DATA_FILE).exists():
         return {"applied": False, "reason": "weights in external data (over 2 GiB) are not rewritten"}
-    fused, counts = fuse_attention(onnx.load(str(model_path)), shape)
+    try:
+        fused, counts = fuse_attention(onnx.load(str(model_path)), shape)
+    except Exception as err:  # a third-party optimizer; the traced graph is valid without it
+        reason = f"ONNX Runtime's optimizer failed: {type(err).__name__}: {err}"
+        log(f"Attention fusion: {reason}; the traced graph is kept")
+        return {"applied": False, "reason": reason}
     if not counts["Attention"]:
         log("Attention fusion: ONNX Runtime's optimizer matched no attention block; the traced graph is kept")
         return {"applied": False, "reason": "no attention block matched ONNX Runtime's fusion patterns"}

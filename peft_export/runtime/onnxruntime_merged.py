@@ -22,6 +22,7 @@ merged adapters does not need it.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import threading
@@ -32,6 +33,8 @@ import numpy as np
 
 from ..errors import ConfigError, require
 from .lora_layout import Slot
+
+logger = logging.getLogger(__name__)
 
 SHARED_MIN_ELEMENTS = 1024  # smaller initializers (biases, LayerNorm, shape constants) stay in each graph
 
@@ -162,10 +165,17 @@ class MergedSessions:
 
 
 def _fuse_attention(model, attention: dict[str, int]):
-    """The merged graph with attention fused as in a merged export, or as it was if nothing fused."""
+    """The merged graph with attention fused as in a merged export, or as it was if nothing fused or the optimizer
+    failed (the unfused graph computes the same, a little slower)."""
     from ..export.ort_fusion import AttentionShape, fuse_attention
 
-    fused, counts = fuse_attention(model, AttentionShape(int(attention["num_heads"]), int(attention["hidden_size"])))
+    try:
+        shape = AttentionShape(int(attention["num_heads"]), int(attention["hidden_size"]))
+        fused, counts = fuse_attention(model, shape)
+    except Exception as err:  # a third-party optimizer; the unfused graph is valid without it
+        logger.warning("merge_adapter: attention fusion failed (%s: %s); the merged graph runs unfused",
+                       type(err).__name__, err)
+        return model
     return fused if counts["Attention"] else model
 
 
