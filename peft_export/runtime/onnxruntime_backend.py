@@ -91,9 +91,14 @@ class SessionSettings:
     def disabled_optimizers(self, providers: list) -> list[str]:
         """ONNX Runtime graph transformers to leave out (``InferenceSession(disabled_optimizers=...)``) for a session
         whose first provider is ``providers[0]``."""
-        first = providers[0][0] if providers and isinstance(providers[0], tuple) else (providers or [None])[0]
+        first = provider_name(providers[0]) if providers else None
         fuse = self.fuse_skip_layer_norm if self.fuse_skip_layer_norm is not None else first != "CPUExecutionProvider"
         return [] if fuse else ["SkipLayerNormFusion"]
+
+
+def provider_name(provider: str | tuple) -> str:
+    """The name of a provider entry: ``"CUDAExecutionProvider"`` or ``("CUDAExecutionProvider", {options})``."""
+    return provider[0] if isinstance(provider, tuple) else provider
 
 
 def resolve_providers(device: str, providers: list | None, available: list[str]) -> list:
@@ -109,7 +114,7 @@ def resolve_providers(device: str, providers: list | None, available: list[str])
                 "(onnxruntime-gpu, instead of onnxruntime)."
             )
     for provider in providers:
-        name = provider[0] if isinstance(provider, tuple) else provider
+        name = provider_name(provider)
         if name not in available:
             raise ConfigError(f"Execution provider {name!r} is not available; available: {', '.join(available)}")
     return providers
@@ -165,7 +170,7 @@ class OnnxRuntimeBackend:
         self._requested = requested
         self._merged_sessions: MergedSessions | None = None
         self.providers = self.session.get_providers()
-        wanted = [p[0] if isinstance(p, tuple) else p for p in requested]
+        wanted = [provider_name(p) for p in requested]
         if wanted and wanted[0] != "CPUExecutionProvider" and self.providers[0] != wanted[0]:
             logger.warning(
                 "Requested %s but ONNX Runtime fell back to %s; embeddings are computed on the CPU.",
