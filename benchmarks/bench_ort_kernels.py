@@ -28,7 +28,8 @@ import numpy as np
 
 from bench_encode import load_texts  # the same real texts as the other benchmarks
 
-from peft_export.benchmark.harness import Report, cosine_rows, time_single_queries, time_throughput
+from peft_export.benchmark.harness import (Report, alternating_rounds, cosine_rows, time_single_queries,
+                                          time_throughput)
 
 WIDTH = 384
 CHAIN = 12
@@ -133,14 +134,14 @@ def graph_rows(exports: dict[str, Path], queries: list[str], sentences: list[str
         firsts.setdefault(precision, got)
         diffs[label] = float(np.abs(got - firsts[precision]).max())
         cosines[label] = float(cosine_rows(got, firsts[precision]).min())
-    results: dict[str, list] = {label: [] for label in models}
-    for round_ in range(rounds):
-        order = list(models) if round_ % 2 == 0 else list(models)[::-1]
-        for label in order:
-            model = models[label]
-            b1 = time_single_queries(lambda q, m=model: m.encode([q], batch_size=1), queries)["p50_ms"]
-            b32 = time_throughput(lambda s, m=model: m.encode(s, batch_size=32), sentences, repeats=1)
-            results[label].append((b1, b32["sentences_per_s"]))
+
+    def measure(label: str) -> tuple[float, float]:
+        model = models[label]
+        b1 = time_single_queries(lambda q: model.encode([q], batch_size=1), queries)["p50_ms"]
+        b32 = time_throughput(lambda s: model.encode(s, batch_size=32), sentences, repeats=1)
+        return b1, b32["sentences_per_s"]
+
+    results = alternating_rounds(list(models), rounds, measure)
     return [{"contender": label, "b1_p50_ms": statistics.median(r[0] for r in rounds_),
              "b32_per_s": statistics.median(r[1] for r in rounds_), "max_diff": diffs[label],
              "worst_cosine": cosines[label],

@@ -32,7 +32,7 @@ import numpy as np
 
 from bench_encode import export_if_needed, load_texts  # same export and real texts as bench_encode
 
-from peft_export.benchmark.harness import Report, time_throughput
+from peft_export.benchmark.harness import Report, alternating_rounds, time_throughput
 
 SETTINGS = {
     "spinning off (SessionSettings.throughput())": dict(allow_spinning=False),
@@ -132,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             if diff > 1e-6:
                 print(f"FAIL: {name} differs from the first setting by {diff:.1e}", file=sys.stderr)
                 return 1
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    for round_ in range(args.rounds):
-        order = list(models) if round_ % 2 == 0 else list(models)[::-1]
-        for name in order:
-            results[name].append(measure(models[name], queries, sentences))
+    results = alternating_rounds(list(models), args.rounds, lambda name: measure(models[name], queries, sentences))
 
     report = Report("ONNX Runtime thread spinning: SessionSettings compared")
     for name, rounds in results.items():

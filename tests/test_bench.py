@@ -134,3 +134,12 @@ def test_bench_ort_kernels_quick_times_every_graph_and_both_kernels(bert_case, t
     assert all(r["max_diff"] <= 1e-5 for r in fused + traced)
     kernels = {(k["tokens"], k["operator"]): k["us_per_op"] for k in report["kernels"]}
     assert len(kernels) == 4 and all(v > 0 for v in kernels.values())
+
+
+def test_alternating_rounds_reverse_the_order_every_other_round():
+    from peft_export.benchmark.harness import alternating_rounds
+
+    calls = []
+    results = alternating_rounds(["a", "b", "c"], 3, lambda name: calls.append(name) or f"{name}{len(calls)}")
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert results == {"a": ["a1", "a6", "a7"], "b": ["b2", "b5", "b8"], "c": ["c3", "c4", "c9"]}
