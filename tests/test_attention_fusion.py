@@ -8,6 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import assert_same_embeddings
 
 from peft_export import EmbeddingModel, export_onnx_model
 from peft_export.cli import main
@@ -32,8 +33,6 @@ def test_every_tiny_architecture_is_fused_and_validated(case_name, request, real
     assert ops.count("Attention") == LAYERS and "Softmax" not in ops
     assert "SkipLayerNormalization" not in ops  # slower on CPU than Add + LayerNormalization
     # Same answers as sentence-transformers with the PEFT adapter.
-    from conftest import assert_same_embeddings
-
     assert_same_embeddings(case.embedding_model().encode(real_texts[:40]), case.reference().encode(real_texts[:40]))
 
 
@@ -65,8 +64,6 @@ def test_a_fused_graph_that_fails_validation_is_not_kept(bert_case, tmp_path, mo
     assert fusion["applied"] is False and "does not match the PyTorch reference" in fusion["reason"]
     assert "Attention" not in _ops(out)
     assert sorted(p.name for p in out.glob("*.onnx")) == ["model.onnx"]  # the rejected candidate is gone
-    from conftest import assert_same_embeddings
-
     assert_same_embeddings(EmbeddingModel(out).encode(real_texts[:20]), bert_case.reference().encode(real_texts[:20]))
 
 
@@ -127,8 +124,6 @@ def test_graphs_with_external_weights_keep_the_traced_graph(bert_case, tmp_path,
     fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
     assert fusion == {"applied": False, "reason": "weights in external data (over 2 GiB) are not rewritten"}
     assert "Attention" not in _ops(out)
-    from conftest import assert_same_embeddings
-
     assert_same_embeddings(EmbeddingModel(out).encode(real_texts[:20]), bert_case.reference().encode(real_texts[:20]))
 
 
