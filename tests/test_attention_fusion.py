@@ -79,6 +79,34 @@ def test_int8_quantizes_the_fused_attention(bert_case, tmp_path, quiet_log):
     assert quantization["attempts"][0]["quantized_nodes"] == 4 * LAYERS  # QKV, output, FFN in, FFN out per layer
 
 
+def test_int8_static_quantizes_the_traced_graph(bert_case, tmp_path, quiet_log):
+    """ORT's static (QDQ) quantizer has no form of Attention: a fused graph would keep its query/key/value
+    projections in fp32 while the manifest counted them as quantized. Static exports stay unfused and every
+    projection gets int8 inputs and weights."""
+    import onnx
+
+    from peft_export.export.quality import QualityGate
+
+    out = tmp_path / "int8-static"
+    export_onnx_model(str(bert_case.adapter), out, quantize="int8-static", log=quiet_log,
+                      gate=QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5))
+    validation = json.loads((out / "peft_export.json").read_text())["validation"]
+    assert validation["attention_fusion"]["applied"] is False
+    assert "static (QDQ) quantizer has no form of the fused Attention" in validation["attention_fusion"]["reason"]
+    graph = onnx.load(str(out / "model_int8.onnx")).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    constants = {init.name for init in graph.initializer}
+
+    def dequantized(name: str, constant: bool) -> bool:
+        node = producers.get(name)
+        return node is not None and node.op_type == "DequantizeLinear" and (node.input[0] in constants) == constant
+
+    weighted = [n for n in graph.node if n.op_type == "MatMul" and dequantized(n.input[1], constant=True)]
+    assert all(dequantized(n.input[0], constant=False) for n in weighted)  # int8 activations too
+    assert len(weighted) == validation["quantization"]["attempts"][0]["quantized_nodes"] == 6 * LAYERS
+    assert "Attention" not in _ops(out)
+
+
 def test_attention_shape_comes_from_the_config():
     class Config:
         num_attention_heads, hidden_size = 12, 384

@@ -18,6 +18,8 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
 OUTPUT_NAMES = ["sentence_embedding", "token_embeddings"]
 _TWO_GIB = 2 * 1024**3
+STATIC_KEEPS_TRACED = ("int8-static: ONNX Runtime's static (QDQ) quantizer has no form of the fused Attention "
+                       "operator, so the traced query/key/value MatMuls are quantized instead")
 
 
 def input_names(pipeline: EmbeddingPipeline) -> list[str]:
@@ -107,9 +109,12 @@ class OnnxFormat:
             f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
         checks = {"onnx_vs_reference": report.to_dict()}
         if self.options.fuse_attention and self.options.dtype == "fp32":
-            checks["attention_fusion"] = _fusion_step(merged, model_path, log)
-            if checks["attention_fusion"]["applied"]:
-                backend = OnnxRuntimeBackend(model_path)
+            if self.options.quantize == "int8-static":
+                checks["attention_fusion"] = {"applied": False, "reason": STATIC_KEEPS_TRACED}
+            else:
+                checks["attention_fusion"] = _fusion_step(merged, model_path, log)
+                if checks["attention_fusion"]["applied"]:
+                    backend = OnnxRuntimeBackend(model_path)
         if self.options.quantize:
             tokenizer = TextTokenizer(model_path.parent, config)
             checks["quantization"] = _quantize_step(self.options, self.gate_pairs, model_path.parent, config,
@@ -176,28 +181,15 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
             **shape.to_dict(), "fused_vs_reference": report.to_dict()}
 
 
-def _calibration_texts(path: str | None) -> list[str]:
-    if path:
-        with open(path, encoding="utf-8") as fh:
-            texts = [line.strip() for line in fh if line.strip()]
-        if not texts:
-            raise ConfigError(f"{path} holds no calibration sentences")
-        return texts[:512]
-    from ..demo import load_pairs
-
-    pairs = load_pairs("train")[:64]  # disjoint from the gate's held-out pairs
-    return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
-
-
 def _check_quantize_options(options) -> list[dict[str, str]]:
     """Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data."""
-    from .quality import load_pairs_file
+    from .quality import calibration_texts, load_pairs_file
     from .quantize import QUANTIZE_MODES
 
     if options.quantize not in QUANTIZE_MODES:
         raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, found {options.quantize!r}")
     if options.calibration_data:
-        _calibration_texts(options.calibration_data)
+        calibration_texts(options.calibration_data)
     return load_pairs_file(options.gate_data)
 
 
@@ -205,7 +197,7 @@ def _quantize_step(options, pairs: list[dict[str, str]], folder: Path, config, t
                    log) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .quality import backend_embedder, gate_dict
+    from .quality import backend_embedder, calibration_texts, gate_dict
     from .quantize import quantize_with_gate
 
     fp32_path = folder / config.model_file
@@ -214,7 +206,7 @@ def _quantize_step(options, pairs: list[dict[str, str]], folder: Path, config, t
         fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend),
         lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
         mode=options.quantize, tokenize=tokenizer.encode,
-        calibration_texts=_calibration_texts(options.calibration_data) if options.quantize == "int8-static" else None,
+        calibration_texts=calibration_texts(options.calibration_data) if options.quantize == "int8-static" else None,
     )
     chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
     log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "

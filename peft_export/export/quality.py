@@ -68,6 +68,29 @@ def load_pairs_file(path: str | Path | None) -> list[dict[str, str]]:
     return pairs
 
 
+CALIBRATION_TEXTS_MAX = 512
+CALIBRATION_PAIRS = 150  # 300 texts: NNCF's default calibration subset size
+
+
+def calibration_texts(path: str | Path | None) -> list[str]:
+    """Sentences for static int8 calibration: one per line of ``path`` (the first 512), or by default 300 texts
+    from the demo corpus' training pairs, disjoint from the gate's held-out pairs (standard-library docstring pairs
+    past the gate's 500 where the demo corpus is not installed)."""
+    if path:
+        with open(path, encoding="utf-8") as fh:
+            texts = [line.strip() for line in fh if line.strip()]
+        if not texts:
+            raise ConfigError(f"{path} holds no calibration sentences")
+        return texts[:CALIBRATION_TEXTS_MAX]
+    try:
+        from ..demo import load_pairs
+
+        pairs = load_pairs("train")[:CALIBRATION_PAIRS]
+    except ImportError:  # a short standard library: overlap with the gate beats no calibration
+        pairs = docstring_pairs(500 + CALIBRATION_PAIRS)[500:] or docstring_pairs(CALIBRATION_PAIRS)
+    return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
+
+
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 

@@ -26,6 +26,9 @@ from .quality import Embed, QualityGate, measure_quality
 logger = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int8", "int8-static")
+# Operators each mode quantizes. Dynamic int8 turns a fused Attention into QAttention; the static (QDQ) quantizer
+# has no form of Attention, so static graphs are quantized unfused (see OnnxFormat.validate).
+QUANTIZED_OPS = {"int8": ("MatMul", "Attention"), "int8-static": ("MatMul",)}
 
 
 @dataclass
@@ -49,13 +52,14 @@ LADDER = [
 ]
 
 
-def _weight_matmuls(model_path: Path) -> list[str]:
+def _weight_matmuls(model_path: Path, mode: str) -> list[str]:
+    """Nodes ``mode`` quantizes: those of its operator types with a constant weight."""
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     constants = {init.name for init in model.graph.initializer}
     return [n.name for n in model.graph.node
-            if n.op_type in ("MatMul", "Gemm", "Attention") and any(i in constants for i in n.input)]
+            if n.op_type in QUANTIZED_OPS[mode] and any(i in constants for i in n.input)]
 
 
 class _CalibrationReader:
@@ -78,13 +82,15 @@ def _quantize(fp32: Path, out: Path, mode: str, exclude: list[str],
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     if mode == "int8":
         quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Attention"], nodes_to_exclude=exclude, extra_options=extra)
+                         op_types_to_quantize=list(QUANTIZED_OPS[mode]), nodes_to_exclude=exclude,
+                         extra_options=extra)
         return
     if not calibration_texts or tokenize is None:
         raise ConfigError("int8-static needs calibration texts")
     quantize_static(str(fp32), str(out), _CalibrationReader(tokenize, calibration_texts),
                     quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude,
+                    weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS[mode]),
+                    nodes_to_exclude=exclude,
                     extra_options={"ActivationSymmetric": True, **extra})
 
 
@@ -102,7 +108,7 @@ def quantize_with_gate(
     """Quantize ``fp32_path`` into ``out_path`` with the first rung that passes ``gate``; report every attempt."""
     if mode not in QUANTIZE_MODES:
         raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, found {mode!r}")
-    matmuls = _weight_matmuls(fp32_path)
+    matmuls = _weight_matmuls(fp32_path, mode)
     attempts = []
     for rung in LADDER:
         excluded = [n for n in matmuls if rung.exclude(n)]
@@ -119,7 +125,10 @@ def quantize_with_gate(
                 os.replace(candidate_path, out_path)
                 return {"mode": mode, "chosen": rung.name, "attempts": attempts}
     summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
+    other = (" Dynamic --quantize int8, or `peft-export merge-openvino --quantize int8-static` (NNCF, with "
+             "SmoothQuant), usually keep more quality than ONNX Runtime's static quantizer."
+             if mode == "int8-static" else "")
     raise ValidationError(
         f"No int8 variant passes the quality gate ({summary}). Nothing was written. Lower the gate explicitly "
-        "(--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) or export fp32."
+        f"(--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) or export fp32.{other}"
     )
