@@ -3,9 +3,10 @@
 Contenders: eager sentence-transformers with the PEFT adapter unmerged (the reference for every ratio and for
 quality), ONNX Runtime f32 (context), OpenVINO f32, OpenVINO bf16 (only where the CPU reports BF16), and
 OpenVINO with NNCF int8 weights, computed in f32 and, where the CPU has bf16, in bf16 with OpenVINO's dynamic
-quantization. Workloads and columns are the benchmark suite's (peft_export.benchmark.suite): batch-1 latency
-over short real queries, batch-32 throughput over real sentences of mixed lengths, mean/worst cosine and
-NDCG@10 retention against eager fp32.
+quantization, and OpenVINO with NNCF static int8 (weights and activations, ``merge-openvino --quantize
+int8-static``) under both precision hints. Workloads and columns are the benchmark suite's
+(peft_export.benchmark.suite): batch-1 latency over short real queries, batch-32 throughput over real sentences
+of mixed lengths, mean/worst cosine and NDCG@10 retention against eager fp32.
 
     python benchmarks/bench_openvino.py             # full run: 300 queries, 1000 sentences, 3 passes
     python benchmarks/bench_openvino.py --quick     # smoke run
@@ -46,17 +47,19 @@ def cpu_has_bf16() -> bool:
 
 
 def build_exports(base: str, adapter: str, folder: Path, rebuild: bool = False, log=print) -> dict[str, Path]:
-    """One merge written three ways (ONNX fp32, OpenVINO fp32, OpenVINO int8 weights); reused unless rebuild."""
+    """One merge written four ways (ONNX fp32, OpenVINO fp32, int8 weights, static int8); reused unless rebuild."""
     from peft_export.export.onnx import OnnxFormat
     from peft_export.export.openvino import OpenVinoFormat
     from peft_export.export.pipeline import ExportOptions, merge_and_reference, write_export
 
     def options(name: str) -> ExportOptions:
-        return ExportOptions(model_id=adapter, output=folder / name, base=base, force=True)
+        return ExportOptions(model_id=adapter, output=folder / name, base=base, force=True,
+                             quantize="int8-static" if name == "openvino-int8-static" else None)
 
     formats = {"onnx-fp32": lambda: OnnxFormat(options("onnx-fp32")),
                "openvino-fp32": lambda: OpenVinoFormat("fp32", options("openvino-fp32")),
-               "openvino-int8": lambda: OpenVinoFormat("int8", options("openvino-int8"))}
+               "openvino-int8": lambda: OpenVinoFormat("int8", options("openvino-int8")),
+               "openvino-int8-static": lambda: OpenVinoFormat("fp32", options("openvino-int8-static"))}
     todo = [name for name in formats if rebuild or not (folder / name / "peft_export.json").is_file()]
     if todo:
         merged = merge_and_reference(options("unused"), log=lambda msg: None)
@@ -67,7 +70,7 @@ def build_exports(base: str, adapter: str, folder: Path, rebuild: bool = False, 
 
 
 def openvino_contenders(exports: dict[str, Path], bf16: bool | None = None) -> list[Contender]:
-    """OpenVINO f32, bf16 (if the CPU has it), int8 weights in f32 and (with bf16) in bf16."""
+    """OpenVINO f32, bf16 (if the CPU has it), int8 weights and static int8, each in f32 and (with bf16) in bf16."""
     bf16 = cpu_has_bf16() if bf16 is None else bf16
     rows = [runtime_contender(exports["openvino-fp32"], name="OpenVINO f32")]
     if bf16:
@@ -76,6 +79,11 @@ def openvino_contenders(exports: dict[str, Path], bf16: bool | None = None) -> l
     if bf16:
         rows.append(runtime_contender(exports["openvino-int8"], name="OpenVINO int8 weights, bf16",
                                       inference_precision="bf16"))
+    if "openvino-int8-static" in exports:
+        rows.append(runtime_contender(exports["openvino-int8-static"], name="OpenVINO int8 static, f32"))
+        if bf16:
+            rows.append(runtime_contender(exports["openvino-int8-static"], name="OpenVINO int8 static, bf16",
+                                          inference_precision="bf16"))
     return rows
 
 

@@ -2,7 +2,7 @@
 
 Contenders: eager sentence-transformers + PEFT adapter unmerged (the reference), eager merged, and every export
 variant that can be built here: ONNX Runtime fp32 and int8, and with openvino installed OpenVINO f32, bf16 (where
-the CPU has it) and int8 weights; all from one PEFT merge.
+the CPU has it), int8 weights and static int8 (weights and activations); all from one PEFT merge.
 
     python benchmarks/bench_suite.py            # full run (several minutes on 2 cores)
     python benchmarks/bench_suite.py --quick    # smoke run, under 2 minutes once the exports exist
@@ -41,6 +41,8 @@ def build_exports(base: str, adapter: str, folder: Path, rebuild: bool, device: 
         import openvino  # noqa: F401
         formats["openvino-fp32"] = lambda: OpenVinoFormat("fp32", options("openvino-fp32"))
         formats["openvino-int8"] = lambda: OpenVinoFormat("int8", options("openvino-int8"))
+        formats["openvino-int8-static"] = lambda: OpenVinoFormat(
+            "fp32", options("openvino-int8-static", quantize="int8-static"))
     except ImportError:
         print("openvino is not installed: no OpenVINO contenders", flush=True)
     todo = [name for name in formats if rebuild or not (folder / name / "peft_export.json").is_file()]
@@ -48,7 +50,8 @@ def build_exports(base: str, adapter: str, folder: Path, rebuild: bool, device: 
         merged = merge_and_reference(options("unused"), log=lambda msg: None)
         for name in todo:
             print(f"exporting {name} ...", flush=True)
-            extra = {"quantize": "int8"} if name == "onnx-int8" else {"dtype": "fp16"} if name == "onnx-fp16" else {}
+            extra = {"onnx-int8": {"quantize": "int8"}, "onnx-fp16": {"dtype": "fp16"},
+                     "openvino-int8-static": {"quantize": "int8-static"}}.get(name, {})
             write_export(merged, options(name, **extra), formats[name](), log=lambda msg: None)
     return {name: folder / name for name in formats}
 

@@ -14,7 +14,7 @@ OPENVINO_OUTPUT_SUFFIX = "-openvino"
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = DEFAULT_OUTPUT_SUFFIX) -> None:
-    """Options shared by merge-onnx and merge-openvino; the ONNX-only ones (opset, --quantize) only for ONNX."""
+    """Options shared by merge-onnx and merge-openvino; the ONNX-only ones (opset, fusion, dtype) only for ONNX."""
     onnx = output_suffix == DEFAULT_OUTPUT_SUFFIX
     parser.add_argument(
         "model_id", nargs="?", default=None,
@@ -51,17 +51,22 @@ def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = 
                         help="with --switchable: the adapter active when the export is loaded (default: none)")
     quant = parser.add_argument_group(
         "quantization (int8 graphs must pass a quality gate against fp32)" if onnx
-        else "quality gate (fp16 / int8 weights must pass it against fp32; fp16 needs mean cosine >= 0.999)")
+        else "quantization and quality gate (fp16 / int8 models must pass it against fp32; fp16 needs mean cosine "
+             ">= 0.999)")
     if onnx:
         quant.add_argument("--quantize", choices=["int8", "int8-static"],
                            help="int8: dynamic, per-channel weights; int8-static: also calibrated activations")
         quant.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                            help="fp16: half-precision graph for the CUDA execution provider (LayerNorm, Softmax "
                                 "and pooling kept fp32), gated against fp32 with mean cosine >= 0.999")
+    else:
+        quant.add_argument("--quantize", choices=["int8-static"],
+                           help="int8-static: int8 weights and activations (NNCF, calibrated on real text); the "
+                                "matrix products run in int8. --weight-format int8 compresses the weights only")
     quant.add_argument("--gate-data", help="JSON lines of {\"query\", \"passage\"} pairs for the quality gate "
                                            "(default: the demo corpus' held-out pairs)")
-    if onnx:
-        quant.add_argument("--calibration-data", help="text file, one sentence per line, for int8-static calibration")
+    quant.add_argument("--calibration-data", help="text file, one sentence per line, for int8-static calibration "
+                                                  "(default: 300 texts of the demo corpus' training pairs)")
     quant.add_argument("--min-mean-cosine", type=float, default=0.99, help="gate: mean cosine to fp32 (0.99)")
     quant.add_argument("--min-worst-cosine", type=float, default=0.97, help="gate: worst sentence's cosine (0.97)")
     quant.add_argument("--min-ndcg-retention", type=float, default=0.995,
@@ -192,9 +197,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if graph_check:
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in graph_check["max_abs_diff"].items())
         print(f"validation:  max abs diff vs PyTorch: {diffs}")
-    gate = validation.get("weight_compression")
+    gate = validation.get("weight_compression") or validation.get("quantization")
     if gate:
-        print(f"quality:     {gate['weight_format']} weights vs fp32: mean cosine {gate['mean_cosine']:.5f}, worst "
+        what = "weights and activations" if gate.get("activations") == "int8" else "weights"
+        print(f"quality:     {gate['weight_format']} {what} vs fp32: mean cosine {gate['mean_cosine']:.5f}, worst "
               f"{gate['worst_cosine']:.5f}, NDCG@10 retention {gate['ndcg10_retention']:.4f} ({gate['texts']} texts)")
     return 0
 

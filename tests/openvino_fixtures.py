@@ -1,5 +1,5 @@
 """Fixtures for the OpenVINO tests: a tiny Sentence Transformers model with a LoRA adapter, merged once and
-written as ONNX and as OpenVINO IR (fp32, fp16, int8 weights).
+written as ONNX and as OpenVINO IR (fp32, fp16, int8 weights; int8 weights and activations).
 
 Import the fixtures into a test module with ``from openvino_fixtures import *``. Fixtures imported into several
 modules are separate fixtures to pytest, so the expensive builders below are cached per process instead: every
@@ -128,7 +128,7 @@ def _tiny_exports() -> dict[str, Path]:
 
     def options(kind: str) -> ExportOptions:
         return ExportOptions(model_id=str(tiny_model["adapter"]), output=tiny_model["root"] / f"export-{kind}",
-                             base=str(tiny_model["base"]))
+                             base=str(tiny_model["base"]), quantize="int8-static" if kind == "int8-static" else None)
 
     formats = {"onnx": OnnxFormat(options("onnx"))}
     if HAVE_OPENVINO:
@@ -136,9 +136,12 @@ def _tiny_exports() -> dict[str, Path]:
 
         for weight_format in ("fp32", "fp16") + (("int8",) if HAVE_NNCF else ()):
             formats[f"openvino-{weight_format}"] = OpenVinoFormat(weight_format, options(weight_format))
+        if HAVE_NNCF:
+            formats["openvino-int8-static"] = OpenVinoFormat("fp32", options("int8-static"))
     folders = {}
     for kind, graph_format in formats.items():
-        folders[kind] = write_export(tiny_merged, options(kind), graph_format, log=lambda msg: None).path
+        kind_options = options(kind.removeprefix("openvino-"))
+        folders[kind] = write_export(tiny_merged, kind_options, graph_format, log=lambda msg: None).path
     return folders
 
 

@@ -1,4 +1,5 @@
-"""merge-openvino: IR files, manifest and runtime config, f32 validation, fp16/int8 quality gates, refusals."""
+"""merge-openvino: IR files, manifest and runtime config, f32 validation, fp16/int8 quality gates (weights only,
+and weights + activations), refusals."""
 
 from __future__ import annotations
 
@@ -20,6 +21,27 @@ pytestmark = requires_openvino
 
 def _manifest(folder) -> dict:
     return json.loads((folder / MANIFEST_FILE).read_text())
+
+
+def _weight_matmuls_by_input(model) -> dict[str, bool]:
+    """Each MatMul with a constant weight -> whether its activation input is quantized (comes from a
+    FakeQuantize), read from the IR as OpenVINO loads it."""
+    found = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        weight = op.input_value(1).get_node()
+        while weight.get_type_name() in ("Convert", "Subtract", "Multiply", "FakeQuantize"):
+            weight = weight.input_value(0).get_node()
+        if weight.get_type_name() == "Constant":
+            found[op.get_friendly_name()] = op.input_value(0).get_node().get_type_name() == "FakeQuantize"
+    return found
+
+
+def _read_ir(folder):
+    import openvino
+
+    return openvino.Core().read_model(str(folder / "openvino_model.xml"))
 
 
 def test_fp32_export_writes_ir_config_and_manifest(tiny_exports):
@@ -91,6 +113,45 @@ def test_int8_manifest_names_nncf(tiny_exports):
     assert entry["tool"] == "nncf" and entry["mode"] == "int8_asym" and entry["nncf_version"]
 
 
+@requires_nncf
+def test_int8_static_quantizes_activations_and_passes_its_gate(tiny_exports):
+    folder = tiny_exports["openvino-int8-static"]
+    manifest = _manifest(folder)
+    export = manifest["export"]
+    assert export["weight_format"] == "int8" and "weight_compression" not in export
+    assert export["quantization"]["tool"] == "nncf" and export["quantization"]["mode"] == "int8-static"
+    assert "weight_compression" not in manifest["validation"]
+    quality = manifest["validation"]["quantization"]
+    assert quality["activations"] == "int8" and quality["calibration_texts"] == 300
+    assert quality["mean_cosine"] >= 0.99 and quality["worst_cosine"] >= 0.97 and quality["ndcg10_retention"] >= 0.995
+    assert quality["chosen"] == quality["attempts"][0]["strategy"] and quality["attempts"][0]["failures"] == []
+    assert manifest["validation"]["openvino_vs_reference"]["max_abs_diff"]["sentence_embedding"] <= 1e-5
+    # Every linear layer reads int8 activations; weight-only compression leaves them float.
+    static = _weight_matmuls_by_input(_read_ir(folder))
+    assert len(static) == quality["attempts"][0]["quantized_nodes"] == 12 and all(static.values())
+    assert not any(_weight_matmuls_by_input(_read_ir(tiny_exports["openvino-int8"])).values())
+    text = ["How do I reset my password?"]
+    reference = EmbeddingModel(tiny_exports["openvino-fp32"]).encode(text)
+    assert 0 < np.abs(EmbeddingModel(folder).encode(text) - reference).max() < 0.05
+
+
+@requires_nncf
+def test_int8_static_leaves_the_ignored_layers_in_float(tiny_exports):
+    """The ladder's later rungs keep FFN projections in float: their inputs must not be quantized."""
+    from peft_export.export.openvino import _ffn_output, quantize_int8_static
+    from peft_export.runtime.config import RuntimeConfig
+    from peft_export.runtime.tokenizer import TextTokenizer
+
+    folder = tiny_exports["openvino-fp32"]
+    tokenizer = TextTokenizer(folder, RuntimeConfig.load(folder))
+    calibration = [feeds for _, feeds in tokenizer.batches(["a short one", "Some sentence about passwords."] * 4, 1)]
+    model = _read_ir(folder)
+    ignored = [name for name in _weight_matmuls_by_input(model) if _ffn_output(name)]
+    assert len(ignored) == 2  # one per layer
+    quantized = _weight_matmuls_by_input(quantize_int8_static(model, calibration, ignored))
+    assert {name for name, q in quantized.items() if not q} == set(ignored)
+
+
 def test_failed_quality_gate_fails_the_export_and_leaves_nothing(tiny_model, tiny_merged):
     from peft_export.export.openvino import OpenVinoFormat
     from peft_export.export.pipeline import ExportOptions, write_export
@@ -103,6 +164,24 @@ def test_failed_quality_gate_fails_the_export_and_leaves_nothing(tiny_model, tin
                                               r"stored as fp16: mean_cosine [01]\.\d+ < 1\.000001\)\. Nothing was "
                                               r"written"):
         write_export(tiny_merged, options, OpenVinoFormat("fp16", options), log=lambda msg: None)
+    assert not out.exists()
+    assert not list(out.parent.glob(f".peft-export-tmp-{out.name}-*"))
+
+
+@requires_nncf
+def test_failed_int8_static_gate_lists_every_rung_and_leaves_nothing(tiny_model, tiny_merged):
+    from peft_export.export.openvino import OpenVinoFormat
+    from peft_export.export.pipeline import ExportOptions, write_export
+    from peft_export.export.quality import QualityGate
+
+    out = tiny_model["root"] / "static-gate-fails"
+    options = ExportOptions(model_id=str(tiny_model["adapter"]), output=out, base=str(tiny_model["base"]),
+                            quantize="int8-static", gate=QualityGate(min_worst_cosine=1.000001))
+    with pytest.raises(ValidationError, match=r"No int8-static OpenVINO model passes the quality gate \(per-channel, "
+                                              r"all linear layers: worst_cosine [01]\.\d+ < 1\.000001; per-channel, "
+                                              r"FFN output projections kept in fp32: .*; per-channel, whole FFN kept "
+                                              r"in fp32: worst_cosine .*\)\. Nothing was written"):
+        write_export(tiny_merged, options, OpenVinoFormat("fp32", options), log=lambda msg: None)
     assert not out.exists()
     assert not list(out.parent.glob(f".peft-export-tmp-{out.name}-*"))
 
@@ -162,9 +241,18 @@ def test_bad_gate_data_and_onnx_only_options_fail_fast(tiny_model, tmp_path):
         export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", weight_format="int8",
                               base=str(tiny_model["base"]), gate_data=str(few))
     with pytest.raises(ConfigError, match=r"--quantize int8 is for merge-onnx; with merge-openvino use "
-                                          r"--weight-format int8"):
+                                          r"--weight-format int8 \(NNCF, int8 weights\) or --quantize int8-static"):
         export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", base=str(tiny_model["base"]),
                               quantize="int8")
+    with pytest.raises(ConfigError, match=r"--quantize int8-static quantizes the fp32 weights itself; leave "
+                                          r"--weight-format at fp32 \(found fp16\)"):
+        export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", base=str(tiny_model["base"]),
+                              quantize="int8-static", weight_format="fp16")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ConfigError, match=r"empty\.txt holds no calibration sentences"):
+        export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", base=str(tiny_model["base"]),
+                              quantize="int8-static", calibration_data=str(empty))
     assert not (tmp_path / "x").exists()
 
 
@@ -224,30 +312,37 @@ def test_cli_info_reports_weight_format_and_gate(tiny_exports, capsys):
     info = capsys.readouterr().out
     assert "openvino fp16 weights" in info
     assert "quality:     fp16 weights vs fp32: mean cosine 1.00000" in info and "NDCG@10 retention" in info
+    if "openvino-int8-static" in tiny_exports:
+        assert main(["info", str(tiny_exports["openvino-int8-static"])]) == 0
+        info = capsys.readouterr().out
+        assert "openvino int8 weights" in info and "quality:     int8 weights and activations vs fp32" in info
 
 
-def test_cli_merge_openvino_has_no_onnx_only_options(capsys):
+def test_cli_merge_openvino_offers_only_its_own_options(capsys):
     from peft_export.cli import main
 
     with pytest.raises(SystemExit):
         main(["merge-openvino", "--help"])
     usage = capsys.readouterr().out
     assert "--weight-format {fp32,fp16,int8}" in usage and "--min-mean-cosine" in usage
-    assert "--opset" not in usage and "--quantize" not in usage and "--calibration-data" not in usage
+    assert "--quantize {int8-static}" in usage and "--calibration-data" in usage
+    assert "--opset" not in usage and "--dtype" not in usage and "--no-fuse-attention" not in usage
 
 
 @pytest.mark.slow
 @requires_nncf
-@pytest.mark.parametrize("weight_format", ["fp16", "int8"])
+@pytest.mark.parametrize("weight_format", ["fp16", "int8", "int8-static"])
 def test_real_minilm_compressed_weights_pass_the_gate(minilm_adapter, tmp_path, weight_format):
     from sentence_transformers import SentenceTransformer
 
     from peft_export.export.pipeline import export_openvino_model
 
+    static = weight_format == "int8-static"
     result = export_openvino_model(str(minilm_adapter["adapter"]), tmp_path / weight_format,
-                                   weight_format=weight_format, base=str(minilm_adapter["base"]),
+                                   weight_format="fp32" if static else weight_format,
+                                   quantize="int8-static" if static else None, base=str(minilm_adapter["base"]),
                                    log=lambda msg: None)
-    quality = result.manifest["validation"]["weight_compression"]
+    quality = result.manifest["validation"]["quantization" if static else "weight_compression"]
     assert quality["mean_cosine"] >= (0.999 if weight_format == "fp16" else 0.99)
     assert quality["ndcg10_retention"] >= 0.995 and quality["worst_cosine"] >= 0.97
     reference = SentenceTransformer(str(minilm_adapter["base"]), device="cpu")

@@ -3,9 +3,11 @@
 Conversion uses OpenVINO's PyTorch frontend on the merged pipeline (encoder + pooling + Dense + Normalize), so
 the IR holds the whole embedding computation with dynamic batch and sequence dimensions. Weights are stored in
 fp32, fp16 (``save_model(compress_to_fp16=True)``) or int8 (NNCF weight-only compression, asymmetric, one scale
-per output channel, climbing the same ladder as ONNX int8 until the quality gate passes). Every check runs the IR
-with the f32 inference precision hint, so it measures the export, not OpenVINO's default bf16 arithmetic on CPUs
-that have bf16 units.
+per output channel, climbing the same ladder as ONNX int8 until the quality gate passes). ``--quantize
+int8-static`` quantizes activations too (``nncf.quantize`` calibrated on real text, transformer model type), so
+the matrix products run in int8 (VNNI / AMX on CPUs that have them); it climbs the same ladder. Every check runs
+the IR with the f32 inference precision hint, so it measures the export, not OpenVINO's default bf16 arithmetic on
+CPUs that have bf16 units.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import torch
 from ..errors import ConfigError, ValidationError, require
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from .quality import (
-    QualityGate, backend_embedder, docstring_pairs, fp16_gate, gate_dict, load_pairs_file, measure_quality,
+    QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate, gate_dict, load_pairs_file,
+    measure_quality,
 )
 from .validate import compare_with_reference
 
 MODEL_XML = "openvino_model.xml"
 WEIGHT_FORMATS = ("fp32", "fp16", "int8")
+QUANTIZE_MODES = ("int8-static",)  # ONNX's dynamic "int8" has no OpenVINO counterpart at export time
 
 
 def convert_to_openvino(pipeline: torch.nn.Module):
@@ -98,18 +102,37 @@ def _weight_matmuls(model) -> list[str]:
     return names
 
 
+@contextlib.contextmanager
+def _quiet_nncf():
+    """NNCF logs a statistics table at INFO and draws progress bars on stdout; keep the export's own log readable."""
+    nncf_logger = logging.getLogger("nncf")
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        nncf_logger.setLevel(level)
+
+
 def compress_weights_int8(model, ignored: list[str] | None = None):
     """NNCF weight-only int8 compression (asymmetric, per output channel); activations stay float."""
     nncf = require("nncf", "openvino")
     scope = nncf.IgnoredScope(names=list(ignored)) if ignored else None
-    nncf_logger = logging.getLogger("nncf")
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)  # NNCF logs a statistics table at INFO
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # and draws a progress bar on stdout
-            return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
-    finally:
-        nncf_logger.setLevel(level)
+    with _quiet_nncf():
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
+
+
+def quantize_int8_static(model, calibration: list[dict[str, Any]], ignored: list[str] | None = None):
+    """NNCF post-training quantization of weights and activations, calibrated on ``calibration`` (one feed dict per
+    text, unpadded). The transformer model type keeps LayerNorm, Softmax and GELU in float and applies SmoothQuant
+    and bias correction; NNCF picks its mixed preset for it (symmetric weights per channel, asymmetric
+    activations per tensor)."""
+    nncf = require("nncf", "openvino")
+    scope = nncf.IgnoredScope(names=list(ignored)) if ignored else None
+    with _quiet_nncf():
+        return nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                             subset_size=len(calibration), ignored_scope=scope)
 
 
 class OpenVinoFormat:
@@ -125,15 +148,28 @@ class OpenVinoFormat:
     def __init__(self, weight_format: str = "fp32", options=None):
         if weight_format not in WEIGHT_FORMATS:
             raise ConfigError(f"--weight-format must be one of {', '.join(WEIGHT_FORMATS)}, found {weight_format!r}")
-        if options is not None and getattr(options, "quantize", None):
-            raise ConfigError(f"--quantize {options.quantize} is for merge-onnx; with merge-openvino use "
-                              "--weight-format int8 (NNCF)")
-        self.weight_format = weight_format
+        quantize = getattr(options, "quantize", None)
+        if quantize and quantize not in QUANTIZE_MODES:
+            raise ConfigError(f"--quantize {quantize} is for merge-onnx; with merge-openvino use --weight-format int8 "
+                              "(NNCF, int8 weights) or --quantize int8-static (NNCF, int8 weights and activations)")
+        if quantize and weight_format != "fp32":
+            raise ConfigError(f"--quantize {quantize} quantizes the fp32 weights itself; leave --weight-format at "
+                              f"fp32 (found {weight_format})")
+        self.weight_format = "int8" if quantize else weight_format
+        self.quantize = quantize
         self.gate = gate_for(weight_format, getattr(options, "gate", None) or QualityGate())
         self.pairs: list[dict[str, str]] = []
         self.pairs_source = ""
-        if weight_format != "fp32":  # fail fast, before the slow stages, on unreadable gate data
+        self.calibration: list[str] = []
+        if self.weight_format != "fp32":  # fail fast, before the slow stages, on unreadable gate data
             self.pairs, self.pairs_source = gate_pairs(getattr(options, "gate_data", None))
+        if quantize:
+            self.calibration = calibration_texts(getattr(options, "calibration_data", None))
+
+    @property
+    def lossy_kind(self) -> str:
+        """How the lossy variant is named in logs and errors."""
+        return "int8-static" if self.quantize else f"{self.weight_format}-weight"
 
     def write(self, merged, folder: Path, log: Callable[[str], None]) -> Path:
         ov = require("openvino", "openvino")
@@ -156,28 +192,35 @@ class OpenVinoFormat:
         texts = [p["query"] for p in self.pairs] + [p["passage"] for p in self.pairs]
         reference = backend_embedder(tokenizer, backend)(texts)  # fp32, computed once for every candidate
         del backend
-        result = self._compress_with_gate(model_path, lambda t: reference, tokenizer, log)
+        calibration = [feeds for _, feeds in tokenizer.batches(self.calibration, 1)] if self.quantize else []
+        result = self._compress_with_gate(model_path, lambda t: reference, tokenizer, calibration, log)
         result.update({"reference": "this IR with fp32 weights (validated above)", "inference_precision": "f32",
                        "gate": gate_dict(self.gate), "gate_data": self.pairs_source})
-        checks["weight_compression"] = result
+        if self.quantize:
+            result.update({"activations": "int8", "calibration_texts": len(calibration)})
+        checks["quantization" if self.quantize else "weight_compression"] = result
         return checks
 
-    def _candidates(self, model):
+    def _candidates(self, model, calibration: list[dict[str, Any]]):
         matmuls = _weight_matmuls(model)
         if self.weight_format == "fp16":
             yield "all weights stored as fp16", model, []
             return
         for strategy, keep in INT8_LADDER:
             excluded = [name for name in matmuls if keep(name)]
-            yield strategy, compress_weights_int8(model.clone(), excluded), excluded
+            if self.quantize:
+                yield strategy, quantize_int8_static(model.clone(), calibration, excluded), excluded
+            else:
+                yield strategy, compress_weights_int8(model.clone(), excluded), excluded
 
-    def _compress_with_gate(self, model_path: Path, reference, tokenizer, log) -> dict[str, Any]:
+    def _compress_with_gate(self, model_path: Path, reference, tokenizer, calibration: list[dict[str, Any]],
+                            log) -> dict[str, Any]:
         """Write each candidate beside the fp32 IR, gate it as loaded from disk; the first that passes replaces it."""
         ov = require("openvino", "openvino")
         model = ov.Core().read_model(str(model_path))
         attempts = []
         matmuls = len(_weight_matmuls(model))
-        for strategy, candidate, excluded in self._candidates(model):
+        for strategy, candidate, excluded in self._candidates(model, calibration):
             with tempfile.TemporaryDirectory(dir=model_path.parent) as scratch:
                 path = Path(scratch) / MODEL_XML
                 ov.save_model(candidate, str(path), compress_to_fp16=self.weight_format == "fp16")
@@ -187,7 +230,7 @@ class OpenVinoFormat:
                            "quantized_nodes": matmuls - len(excluded), **quality,
                            "failures": self.gate.failures(quality)}
                 attempts.append(attempt)
-                log(f"{self.weight_format} weights ({strategy}): mean cosine {quality['mean_cosine']:.5f}, worst "
+                log(f"{self.lossy_kind} ({strategy}): mean cosine {quality['mean_cosine']:.5f}, worst "
                     f"{quality['worst_cosine']:.5f}, NDCG@10 retention {quality['ndcg10_retention']:.4f} on "
                     f"{quality['texts']} texts")
                 if not attempt["failures"]:
@@ -196,7 +239,7 @@ class OpenVinoFormat:
                     return {"weight_format": self.weight_format, "chosen": strategy, **quality, "attempts": attempts}
         summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
         raise ValidationError(
-            f"No {self.weight_format}-weight OpenVINO model passes the quality gate ({summary}). Nothing was "
+            f"No {self.lossy_kind} OpenVINO model passes the quality gate ({summary}). Nothing was "
             "written. Lower the gate explicitly (--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) "
             "or export with --weight-format fp32."
         )
@@ -211,7 +254,12 @@ class OpenVinoFormat:
             "files": [config.model_file, str(Path(config.model_file).with_suffix(".bin"))],
             "openvino_version": version("openvino"),
         }
-        if self.weight_format == "int8":
+        if self.quantize:
+            entry["quantization"] = {"tool": "nncf", "nncf_version": version("nncf"), "mode": self.quantize,
+                                     "method": "nncf.quantize, model_type=transformer",
+                                     "weights": "int8, symmetric, per channel",
+                                     "activations": "int8, asymmetric, per tensor, calibrated"}
+        elif self.weight_format == "int8":
             entry["weight_compression"] = {"tool": "nncf", "nncf_version": version("nncf"), "mode": "int8_asym",
                                            "granularity": "per_channel"}
         return entry
