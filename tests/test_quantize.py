@@ -102,3 +102,31 @@ def test_gate_data_file_is_validated(bert_case, tmp_path, quiet_log):
     with pytest.raises(ValueError, match="string 'query' and 'passage'"):
         export_onnx_model(str(bert_case.adapter), tmp_path / "o", quantize="int8", gate_data=str(bad), log=quiet_log)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("option", ["gate_data", "calibration_data"])
+def test_unreadable_gate_or_calibration_files_are_config_errors(bert_case, tmp_path, quiet_log, option):
+    """Binary files, missing paths and folders fail before any model is loaded, naming the option."""
+    from peft_export import ConfigError
+
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x00\xd0\x01\xff" * 16)
+    flag = "--" + option.replace("_", "-")
+    cases = [(binary, rf"weights\.bin is not UTF-8 text \(.* at byte 1\); {flag} must be a text file"),
+             (tmp_path / "missing.jsonl", rf"cannot read {flag} .*missing\.jsonl: No such file or directory"),
+             (tmp_path, rf"cannot read {flag} .*: Is a directory")]
+    for path, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            export_onnx_model(str(bert_case.adapter), tmp_path / "o", quantize="int8-static", log=quiet_log,
+                              **{option: str(path)})
+    assert not (tmp_path / "o").exists()
+
+
+def test_gate_pairs_may_hold_unicode_line_separators(tmp_path):
+    """JSON allows U+2028 unescaped inside strings; only newlines end a JSON line."""
+    from peft_export.export.quality import load_pairs_file
+
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"query": f"question {i}\u2028part two", "passage": f"answer {i}"} for i in range(20)]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert load_pairs_file(path) == rows

@@ -44,6 +44,17 @@ def fp16_gate(gate: QualityGate) -> QualityGate:
     return replace(gate, min_mean_cosine=max(gate.min_mean_cosine, FP16_MIN_MEAN_COSINE))
 
 
+def _read_lines(path: str | Path, what: str) -> list[str]:
+    """The lines of a user's UTF-8 text file, or a ConfigError that names the file and what it was for."""
+    try:
+        return Path(path).read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); {what} must be a text "
+                          "file") from err
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from err
+
+
 def load_pairs_file(path: str | Path | None) -> list[dict[str, str]]:
     """Query/passage pairs from a JSON-lines file ({"query": ..., "passage": ...} per line); None: the demo set."""
     if path is None:
@@ -51,18 +62,17 @@ def load_pairs_file(path: str | Path | None) -> list[dict[str, str]]:
 
         return load_pairs("eval")
     pairs = []
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}:{number} is not valid JSON: {err}") from err
-            if not isinstance(item, dict) or not isinstance(item.get("query"), str) or not isinstance(
-                    item.get("passage"), str):
-                raise ConfigError(f"{path}:{number} must be an object with string 'query' and 'passage' fields")
-            pairs.append(item)
+    for number, line in enumerate(_read_lines(path, "--gate-data"), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number} is not valid JSON: {err}") from err
+        if not isinstance(item, dict) or not isinstance(item.get("query"), str) or not isinstance(
+                item.get("passage"), str):
+            raise ConfigError(f"{path}:{number} must be an object with string 'query' and 'passage' fields")
+        pairs.append(item)
     if len(pairs) < 20:
         raise ConfigError(f"{path} holds {len(pairs)} pairs; the quality gate needs at least 20 for stable figures")
     return pairs
@@ -77,8 +87,7 @@ def calibration_texts(path: str | Path | None) -> list[str]:
     from the demo corpus' training pairs, disjoint from the gate's held-out pairs (standard-library docstring pairs
     past the gate's 500 where the demo corpus is not installed)."""
     if path:
-        with open(path, encoding="utf-8") as fh:
-            texts = [line.strip() for line in fh if line.strip()]
+        texts = [line.strip() for line in _read_lines(path, "--calibration-data") if line.strip()]
         if not texts:
             raise ConfigError(f"{path} holds no calibration sentences")
         return texts[:CALIBRATION_TEXTS_MAX]
