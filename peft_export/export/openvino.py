@@ -126,8 +126,8 @@ def compress_weights_int8(model, ignored: list[str] | None = None):
 def quantize_int8_static(model, calibration: list[dict[str, Any]], ignored: list[str] | None = None):
     """NNCF post-training quantization of weights and activations, calibrated on ``calibration`` (one feed dict per
     text, unpadded). The transformer model type keeps LayerNorm, Softmax and GELU in float and applies SmoothQuant
-    and bias correction; NNCF picks its mixed preset for it (symmetric weights per channel, asymmetric
-    activations per tensor)."""
+    and bias correction; NNCF picks its mixed preset for it (symmetric weights per channel, activations per tensor,
+    asymmetric where their range needs it)."""
     nncf = require("nncf", "openvino")
     scope = nncf.IgnoredScope(names=list(ignored)) if ignored else None
     with _quiet_nncf():
@@ -139,7 +139,8 @@ class OpenVinoFormat:
     """The OpenVINO step of the export pipeline.
 
     ``write`` saves the fp32 IR; ``validate`` checks it (f32 hint) against the PyTorch reference within 1e-5, and
-    for fp16 / int8 weights replaces it by the compressed IR that passes the quality gate against it.
+    for fp16 / int8 weights, or static int8 (``options.quantize == "int8-static"``), replaces it by the first
+    candidate of the ladder that passes the quality gate against it.
     """
 
     name = "openvino"
@@ -238,10 +239,11 @@ class OpenVinoFormat:
                         os.replace(path.with_suffix(suffix), model_path.with_suffix(suffix))
                     return {"weight_format": self.weight_format, "chosen": strategy, **quality, "attempts": attempts}
         summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
+        fallback = "without --quantize" if self.quantize else "with --weight-format fp32"
         raise ValidationError(
             f"No {self.lossy_kind} OpenVINO model passes the quality gate ({summary}). Nothing was "
             "written. Lower the gate explicitly (--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) "
-            "or export with --weight-format fp32."
+            f"or export {fallback}."
         )
 
     def manifest_entry(self, config) -> dict[str, Any]:
@@ -257,8 +259,8 @@ class OpenVinoFormat:
         if self.quantize:
             entry["quantization"] = {"tool": "nncf", "nncf_version": version("nncf"), "mode": self.quantize,
                                      "method": "nncf.quantize, model_type=transformer",
-                                     "weights": "int8, symmetric, per channel",
-                                     "activations": "int8, asymmetric, per tensor, calibrated"}
+                                     "preset": "mixed", "weights": "int8, symmetric, per channel",
+                                     "activations": "int8, per tensor, calibrated"}
         elif self.weight_format == "int8":
             entry["weight_compression"] = {"tool": "nncf", "nncf_version": version("nncf"), "mode": "int8_asym",
                                            "granularity": "per_channel"}
