@@ -143,3 +143,20 @@ def test_alternating_rounds_reverse_the_order_every_other_round():
     results = alternating_rounds(["a", "b", "c"], 3, lambda name: calls.append(name) or f"{name}{len(calls)}")
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c"]
     assert results == {"a": ["a1", "a6", "a7"], "b": ["b2", "b5", "b8"], "c": ["c3", "c4", "c9"]}
+
+
+def test_rows_are_labelled_with_what_distinguishes_each_export():
+    """Several OpenVINO or ONNX exports in one table share a model file name; the label says which is which."""
+    from peft_export.benchmark.suite import export_variant
+
+    def manifest(merge_mode="merged", **export):
+        return {"merge_mode": merge_mode, "export": export}
+
+    assert export_variant(manifest(format="onnx", dtype="float32")) == "fp32"
+    assert export_variant(manifest(format="onnx", dtype="int8")) == "int8"
+    assert export_variant(manifest(format="onnx", dtype="float16")) == "fp16"
+    assert export_variant(manifest("switchable", format="onnx", dtype="float32")) == "fp32, switchable"
+    assert export_variant(manifest(format="openvino", weight_format="int8", dtype="float32")) == "int8 weights"
+    static = manifest(format="openvino", weight_format="int8", quantization={"mode": "int8-static"})
+    assert export_variant(static, {"inference_precision": "bf16"}) == "int8-static, bf16"
+    assert export_variant(static, {"inference_precision": "f32"}) == "int8-static"

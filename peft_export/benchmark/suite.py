@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -86,11 +86,28 @@ print(json.dumps({"cold_start_s": first, "peak_rss_mb": peak / 1024}))
 """
 
 
+def export_variant(manifest: dict[str, Any], model_kwargs: dict[str, Any] | None = None) -> str:
+    """What distinguishes an export in a table row: its arithmetic (fp32, int8, int8-static, fp16, int8 weights),
+    switchable or not, and a precision other than the default asked of the runtime."""
+    export = manifest.get("export", {})
+    if isinstance(export.get("quantization"), dict):  # OpenVINO static int8
+        variant = export["quantization"].get("mode", "int8")
+    elif export.get("format") == "openvino":
+        variant = f"{export.get('weight_format', 'fp32')} weights"
+    else:
+        dtype = export.get("dtype", "float32")
+        variant = {"float32": "fp32", "float16": "fp16"}.get(dtype, dtype)
+    if manifest.get("merge_mode") == "switchable":
+        variant += ", switchable"
+    precision = (model_kwargs or {}).get("inference_precision")
+    return f"{variant}, {precision}" if precision and precision != "f32" else variant
+
+
 def runtime_contender(path: str | Path, name: str | None = None, **model_kwargs) -> Contender:
     from ..runtime.model import EmbeddingModel
 
     model = EmbeddingModel(path, **model_kwargs)
-    label = name or f"{model.backend.name} {model.config.model_file} ({Path(path).name})"
+    label = name or f"{model.backend.name} {export_variant(model.manifest, model_kwargs)} ({Path(path).name})"
     # The backend's own account of what runs (providers or devices, threads, spinning, precision) goes into the
     # JSON, so a figure can be traced to the settings it was measured with.
     return Contender(label, lambda texts, bs: model.encode(texts, batch_size=bs),
