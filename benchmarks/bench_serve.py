@@ -4,7 +4,8 @@ Starts the server as a separate process on 127.0.0.1, measures in-process ``enco
 sentences, then sweeps concurrency (1, 2, 4, ..., 64) with an async HTTP client sending single-sentence and
 32-sentence OpenAI-style requests (round-robin over every served model: the base and its adapters). Reports
 requests/s, embeddings/s, p50/p95/p99 latency and the HTTP / in-process throughput ratio, and checks every
-response against the in-process embeddings before reporting any speed.
+response against the in-process embeddings before reporting any speed (within 1e-5; int8 / fp16 exports, whose
+results move with batch composition, to a cosine of at least 0.99).
 
     python benchmarks/bench_serve.py EXPORT_FOLDER                 # full sweep, a few minutes
     python benchmarks/bench_serve.py EXPORT_FOLDER --quick         # smoke run, about a minute
@@ -36,7 +37,8 @@ SHAPES = {"single": 1, "batch32": 32}
 COLUMNS = [("shape", "request", ""), ("concurrency", "concurrency", "d"), ("requests", "requests", "d"),
            ("requests_per_s", "requests/s", ".1f"), ("embeddings_per_s", "embeddings/s", ".1f"),
            ("ratio", "HTTP / in-process", ".2f"), ("p50_ms", "p50 ms", ".1f"), ("p95_ms", "p95 ms", ".1f"),
-           ("p99_ms", "p99 ms", ".1f"), ("errors", "errors", "d"), ("max_abs_diff", "max diff", ".1e")]
+           ("p99_ms", "p99 ms", ".1f"), ("errors", "errors", "d"), ("max_abs_diff", "max diff", ".1e"),
+           ("min_cosine", "min cos", ".5f")]
 
 
 # ----- inputs -----
@@ -148,6 +150,19 @@ def in_process_rate(model, sentences: list[str], repeats: int) -> tuple[float, n
     return float(np.median(rates)), embeddings
 
 
+# Lossy exports (int8, fp16) give slightly different results for the same text in another batch: dynamic int8
+# picks activation scales per batch (ONNX Runtime int8 on MiniLM: cosine 0.995 between a text alone and padded),
+# OpenVINO picks kernels by shape (static int8: up to 2.6e-3 apart), and the server composes its own batches.
+# Their responses are held to a cosine to the in-process result instead, which still catches a wrong text or a
+# wrong order (cosines far below 0.9) but not noise of int8 size.
+LOSSY_MIN_COSINE = 0.99
+
+
+def is_lossy(model) -> bool:
+    export = model.manifest.get("export", {})
+    return export.get("dtype", "float32") != "float32" or export.get("weight_format", "fp32") != "fp32"
+
+
 def references_per_model(model, sentences: list[str], base: np.ndarray) -> dict:
     """What every served model should return for each sentence: keyed by adapter (None: the base)."""
     references = {None: base}
@@ -162,12 +177,12 @@ async def run_level(client, models: list[str], adapter_of: dict, sentences: list
     size = SHAPES[shape]
     latencies: list[float] = []
     errors = 0
-    max_diff = 0.0
+    max_diff, min_cosine = 0.0, 1.0
     counter = iter(range(max_requests))
     deadline = time.perf_counter() + max_seconds
 
     async def worker() -> None:
-        nonlocal errors, max_diff
+        nonlocal errors, max_diff, min_cosine
         for n in counter:
             if time.perf_counter() > deadline:
                 return
@@ -189,6 +204,8 @@ async def run_level(client, models: list[str], adapter_of: dict, sentences: list
             got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data])
             want = references[adapter_of[name]][indices]
             max_diff = max(max_diff, float(np.abs(got - want).max()))
+            cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            min_cosine = min(min_cosine, float(cosine.min()))
 
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -196,7 +213,7 @@ async def run_level(client, models: list[str], adapter_of: dict, sentences: list
     done = len(latencies)
     return {"shape": shape, "concurrency": concurrency, "requests": done, "seconds": elapsed,
             "requests_per_s": done / elapsed, "embeddings_per_s": (done - errors) * size / elapsed,
-            "errors": errors, "max_abs_diff": max_diff, **percentiles(latencies)}
+            "errors": errors, "max_abs_diff": max_diff, "min_cosine": min_cosine, **percentiles(latencies)}
 
 
 async def sweep(args, export: Path, sentences: list[str], references, reference_rate: float) -> tuple[list, dict]:
@@ -262,6 +279,7 @@ def markdown(report: dict) -> str:
                   "of in-process (target >= 0.80).",
               f"- p99 at concurrency 16: single {s['p99_c16_single_ms'] or 'n/a'} ms, "
               f"batch32 {s['p99_c16_batch32_ms'] or 'n/a'} ms.",
+              f"- Every response checked against in-process `encode`: {s['check']}.",
               f"- Server: {report['server']['metrics_sample']['mean_inputs_per_call']:.1f} inputs per model call on "
               f"average; exit status after SIGTERM: {report['server']['exit_status_after_sigterm']}.",
               f"- Command: `{report['command']}`", "- The load generator shares the machine's cores with the server."]
@@ -304,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         row["ratio"] = row["embeddings_per_s"] / stats["sentences_per_s"]
 
     worst_diff = max(row["max_abs_diff"] for row in rows)
+    worst_cosine = min(row["min_cosine"] for row in rows)
+    lossy = is_lossy(model)
+    check = (f"min cosine {worst_cosine:.5f}, limit {LOSSY_MIN_COSINE} (lossy export; max abs diff {worst_diff:.1e})"
+             if lossy else f"max abs diff {worst_diff:.1e}, limit 1e-5")
+    wrong = worst_cosine < LOSSY_MIN_COSINE if lossy else worst_diff > 1e-5
     best = max(rows, key=lambda r: r["embeddings_per_s"])
     p99 = {row["shape"]: round(row["p99_ms"], 1) for row in rows if row["concurrency"] == 16}
     report = {
@@ -313,14 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         "summary": {"best_embeddings_per_s": best["embeddings_per_s"], "best_shape": best["shape"],
                     "best_concurrency": best["concurrency"], "ratio": best["ratio"],
                     "p99_c16_single_ms": p99.get("single"), "p99_c16_batch32_ms": p99.get("batch32"),
-                    "max_abs_diff": worst_diff},
+                    "max_abs_diff": worst_diff, "min_cosine": worst_cosine, "check": check},
     }
     (out / "bench_serve.json").write_text(json.dumps(report, indent=2))
     (out / "bench_serve.md").write_text(markdown(report))
     print(markdown(report))
     errors = sum(row["errors"] for row in rows)
-    if worst_diff > 1e-5 or errors:
-        print(f"FAILED: max abs diff {worst_diff:.2e} (limit 1e-5), {errors} failed requests", file=sys.stderr)
+    if wrong or errors:
+        print(f"FAILED: {check}; {errors} failed requests", file=sys.stderr)
         return 1
     return 0
 

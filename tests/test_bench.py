@@ -160,3 +160,26 @@ def test_rows_are_labelled_with_what_distinguishes_each_export():
     static = manifest(format="openvino", weight_format="int8", quantization={"mode": "int8-static"})
     assert export_variant(static, {"inference_precision": "bf16"}) == "int8-static, bf16"
     assert export_variant(static, {"inference_precision": "f32"}) == "int8-static"
+
+
+def test_bench_serve_holds_exact_exports_to_1e5_and_int8_ones_to_a_cosine(bert_case, zoo, monkeypatch):
+    """bench_serve checks every response against in-process encode: exactly for fp32 exports; int8 results move
+    with batch composition (the server makes its own batches), so they are held to a cosine that this noise
+    stays above."""
+    from peft_export import EmbeddingModel
+    from peft_export.demo import load_sentences
+    from peft_export.export.quality import QualityGate
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_serve import LOSSY_MIN_COSINE, is_lossy
+
+    assert not is_lossy(EmbeddingModel(bert_case.export))
+    lenient = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
+    int8 = EmbeddingModel(zoo.export("bench-int8", bert_case.adapter, quantize="int8", gate=lenient))
+    assert is_lossy(int8)
+    sentences = load_sentences(64)
+    batched = int8.encode(sentences, batch_size=32)
+    alone = np.stack([int8.encode([s])[0] for s in sentences])
+    assert np.abs(alone - batched).max() > 1e-5  # the noise an exact check would flag
+    cosine = (alone * batched).sum(1) / np.linalg.norm(alone, axis=1) / np.linalg.norm(batched, axis=1)
+    assert cosine.min() >= LOSSY_MIN_COSINE
