@@ -130,3 +130,17 @@ def test_gate_pairs_may_hold_unicode_line_separators(tmp_path):
     rows = [{"query": f"question {i}\u2028part two", "passage": f"answer {i}"} for i in range(20)]
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     assert load_pairs_file(path) == rows
+
+
+def test_calibration_texts_default_to_training_pairs_and_avoid_the_gate_pairs(monkeypatch):
+    import sys
+
+    from peft_export.export.quality import calibration_texts, docstring_pairs
+
+    gate = {p["query"] for p in load_pairs("eval")} | {p["passage"] for p in load_pairs("eval")}
+    texts = calibration_texts(None)
+    assert len(texts) == 300 and not gate & set(texts)
+    monkeypatch.setitem(sys.modules, "peft_export.demo", None)  # an installation without the demo corpus
+    fallback = calibration_texts(None)  # queries first, then their passages
+    gate_queries = {p["query"] for p in docstring_pairs(500)}
+    assert len(fallback) >= 100 and not gate_queries & set(fallback[: len(fallback) // 2])

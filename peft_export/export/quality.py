@@ -95,7 +95,9 @@ def calibration_texts(path: str | Path | None) -> list[str]:
         from ..demo import load_pairs
 
         pairs = load_pairs("train")[:CALIBRATION_PAIRS]
-    except ImportError:  # a short standard library: overlap with the gate beats no calibration
+    except ImportError:  # no demo corpus in this installation
+        # Past the 500 pairs the gate falls back to; on a standard library too short for that, overlap with the
+        # gate beats no calibration.
         pairs = docstring_pairs(500 + CALIBRATION_PAIRS)[500:] or docstring_pairs(CALIBRATION_PAIRS)
     return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
 
