@@ -14,6 +14,7 @@ from .errors import (
     ModelNotFoundError,
     OutputExistsError,
     PeftExportError,
+    ToolError,
     UnsafeModelError,
     ValidationError,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "OpenVinoSettings",
     "OutputExistsError",
     "PeftExportError",
+    "ToolError",
     "SessionSettings",
     "UnsafeModelError",
     "ValidationError",

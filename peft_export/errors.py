@@ -6,6 +6,9 @@ Every class also inherits the builtin a caller would naturally catch, so
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 
 class PeftExportError(Exception):
     """Base class of every error raised on purpose by peft_export."""
@@ -37,6 +40,22 @@ class MissingDependencyError(PeftExportError, ImportError):
 
 class OutputExistsError(PeftExportError, FileExistsError):
     """The output folder exists and overwriting was not requested."""
+
+
+class ToolError(PeftExportError, RuntimeError):
+    """A library that peft_export drives (a quantizer, for one) failed on this model."""
+
+
+@contextmanager
+def tool_step(what: str) -> Iterator[None]:
+    """Turn a third-party library's failure inside the block into a ToolError naming the step, so the CLI reports
+    it as one line instead of a traceback from deep inside that library."""
+    try:
+        yield
+    except PeftExportError:
+        raise
+    except Exception as err:
+        raise ToolError(f"{what} failed on this model: {type(err).__name__}: {err}") from err
 
 
 def require(module: str, extra: str):

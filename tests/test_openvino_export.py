@@ -352,3 +352,24 @@ def test_real_minilm_compressed_weights_pass_the_gate(minilm_adapter, tmp_path, 
              "The quick brown fox jumps over the lazy dog."]
     got, want = EmbeddingModel(result.path).encode(texts), reference.encode(texts)
     assert ((got * want).sum(1) > 0.995).all()
+
+
+@requires_nncf
+def test_an_nncf_crash_is_one_clear_error_and_writes_nothing(tiny_model, tiny_merged, monkeypatch):
+    import nncf
+
+    from peft_export import ToolError
+    from peft_export.export.openvino import OpenVinoFormat
+    from peft_export.export.pipeline import ExportOptions, write_export
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("cannot build the quantizer graph")
+
+    monkeypatch.setattr(nncf, "quantize", crash)
+    out = tiny_model["root"] / "nncf-crash"
+    options = ExportOptions(model_id=str(tiny_model["adapter"]), output=out, base=str(tiny_model["base"]),
+                            quantize="int8-static")
+    with pytest.raises(ToolError, match=r"NNCF static int8 quantization \(nncf.quantize\) failed on this model: "
+                                        r"RuntimeError: cannot build the quantizer graph"):
+        write_export(tiny_merged, options, OpenVinoFormat("fp32", options), log=lambda msg: None)
+    assert not out.exists() and not list(out.parent.glob(f".peft-export-tmp-{out.name}-*"))

@@ -144,3 +144,22 @@ def test_calibration_texts_default_to_training_pairs_and_avoid_the_gate_pairs(mo
     fallback = calibration_texts(None)  # queries first, then their passages
     gate_queries = {p["query"] for p in docstring_pairs(500)}
     assert len(fallback) >= 100 and not gate_queries & set(fallback[: len(fallback) // 2])
+
+
+def test_a_quantizer_crash_is_one_clear_error_and_writes_nothing(bert_case, tmp_path, quiet_log, monkeypatch):
+    """A third-party quantizer failing on a model surfaces as ToolError naming the step, not as its traceback."""
+    import onnxruntime.quantization as ort_quantization
+
+    from peft_export import ToolError
+    from peft_export.cli import main
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("unsupported node in graph")
+
+    monkeypatch.setattr(ort_quantization, "quantize_dynamic", crash)
+    out = tmp_path / "int8"
+    with pytest.raises(ToolError, match=r"ONNX Runtime's dynamic quantizer \(quantize_dynamic\) failed on this "
+                                        r"model: RuntimeError: unsupported node in graph"):
+        export_onnx_model(str(bert_case.adapter), out, quantize="int8", log=quiet_log)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".peft-export-tmp")]
+    assert main(["merge-onnx", str(bert_case.adapter), "--quantize", "int8", "-o", str(out)]) == 2

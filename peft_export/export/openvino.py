@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import ConfigError, ValidationError, require
+from ..errors import ConfigError, ValidationError, require, tool_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from .quality import (
     QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate, gate_dict, load_pairs_file,
@@ -119,7 +119,7 @@ def compress_weights_int8(model, ignored: list[str] | None = None):
     """NNCF weight-only int8 compression (asymmetric, per output channel); activations stay float."""
     nncf = require("nncf", "openvino")
     scope = nncf.IgnoredScope(names=list(ignored)) if ignored else None
-    with _quiet_nncf():
+    with _quiet_nncf(), tool_step("NNCF weight compression (nncf.compress_weights)"):
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
 
 
@@ -130,7 +130,7 @@ def quantize_int8_static(model, calibration: list[dict[str, Any]], ignored: list
     asymmetric where their range needs it)."""
     nncf = require("nncf", "openvino")
     scope = nncf.IgnoredScope(names=list(ignored)) if ignored else None
-    with _quiet_nncf():
+    with _quiet_nncf(), tool_step("NNCF static int8 quantization (nncf.quantize)"):
         return nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
                              subset_size=len(calibration), ignored_scope=scope)
 

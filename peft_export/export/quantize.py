@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError, ValidationError
+from ..errors import ConfigError, ValidationError, tool_step
 from .quality import Embed, QualityGate, measure_quality
 
 logger = logging.getLogger(__name__)
@@ -81,17 +81,18 @@ def _quantize(fp32: Path, out: Path, mode: str, exclude: list[str],
     # Outputs of contrib operators (Attention, BiasGelu) have no inferred type; they are float.
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     if mode == "int8":
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=list(QUANTIZED_OPS[mode]), nodes_to_exclude=exclude,
-                         extra_options=extra)
+        with tool_step("ONNX Runtime's dynamic quantizer (quantize_dynamic)"):
+            quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=list(QUANTIZED_OPS[mode]), nodes_to_exclude=exclude,
+                             extra_options=extra)
         return
     if not calibration_texts or tokenize is None:
         raise ConfigError("int8-static needs calibration texts")
-    quantize_static(str(fp32), str(out), _CalibrationReader(tokenize, calibration_texts),
-                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS[mode]),
-                    nodes_to_exclude=exclude,
-                    extra_options={"ActivationSymmetric": True, **extra})
+    with tool_step("ONNX Runtime's static quantizer (quantize_static)"):
+        quantize_static(str(fp32), str(out), _CalibrationReader(tokenize, calibration_texts),
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS[mode]),
+                        nodes_to_exclude=exclude, extra_options={"ActivationSymmetric": True, **extra})
 
 
 def quantize_with_gate(
