@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from openvino_fixtures import *  # noqa: F401,F403
-from openvino_fixtures import requires_openvino
+from openvino_fixtures import requires_nncf, requires_openvino
 
 from peft_export import ConfigError, EmbeddingModel, MissingDependencyError
 from peft_export.runtime.config import RUNTIME_CONFIG_FILE
@@ -179,3 +180,25 @@ def test_bench_counts_the_same_flops_per_token_in_ir_and_onnx(tiny_exports):
 
     onnx = linear_flops_per_token(tiny_exports["onnx"] / "model.onnx")
     assert onnx and linear_flops_per_token(tiny_exports["openvino-fp32"] / "openvino_model.xml") == onnx
+
+
+@requires_nncf
+def test_bench_openvino_shapes_quick_reports_every_measure(tiny_exports, tmp_path, monkeypatch):
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_openvino_shapes.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--static-int8",
+                                      str(tiny_exports["openvino-int8-static"]), "--fp32",
+                                      str(tiny_exports["openvino-fp32"]), "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(str(script), run_name="__main__")
+    assert done.value.code == 0
+    rows = json.loads((tmp_path / "bench_openvino_shapes.json").read_text())["rows"]
+    assert rows[0]["contender"] == "static int8 IR, f32 hint" and rows[-1]["contender"] == "fp32 IR, f32 hint"
+    for row in rows:
+        for key in ("first_p50_ms", "first_max_ms", "second_p95_ms", "same_shape_ms", "alternating_ms",
+                    "buckets_ms", "bucket_compile_s"):
+            assert row[key] > 0, (row["contender"], key)
+        assert row["distinct_lengths"] > 1
+    assert rows[-1]["bucket_max_diff"] <= 1e-5  # f32 does not notice the padding
