@@ -109,7 +109,9 @@ class OnnxFormat:
             f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
         checks = {"onnx_vs_reference": report.to_dict()}
         if self.options.fuse_attention and self.options.dtype == "fp32":
-            if self.options.quantize == "int8-static":
+            from .quantize import QUANTIZED_OPS
+
+            if self.options.quantize and "Attention" not in QUANTIZED_OPS[self.options.quantize]:
                 checks["attention_fusion"] = {"applied": False, "reason": STATIC_KEEPS_TRACED}
             else:
                 checks["attention_fusion"] = _fusion_step(merged, model_path, log)
