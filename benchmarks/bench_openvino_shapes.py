@@ -57,10 +57,11 @@ def _feeds(names: list[str], length: int, padded_to: int | None = None) -> dict[
     return {name: values[name] for name in names}
 
 
-def _median_ms(request, feeds_cycle: list, runs: int) -> float:
+def _median_ms(cycle: list, runs: int) -> float:
+    """Median ms of ``runs`` infer calls going round ``cycle``, a list of (infer request, inputs)."""
     times = []
     for i in range(runs):
-        feeds = feeds_cycle[i % len(feeds_cycle)]
+        request, feeds = cycle[i % len(cycle)]
         start = time.perf_counter()
         request.infer(feeds)
         times.append(time.perf_counter() - start)
@@ -100,8 +101,8 @@ def _shapes(folder: Path, precision: str, buckets: list[int], runs: int) -> dict
     fixed, other = _feeds(names, short + 2), _feeds(names, short + 3)
     for _ in range(20):
         dynamic.infer(fixed), dynamic.infer(other)
-    result = {"same_shape_ms": _median_ms(dynamic, [fixed], runs),
-              "alternating_ms": _median_ms(dynamic, [fixed, other], runs)}
+    result = {"same_shape_ms": _median_ms([(dynamic, fixed)], runs),
+              "alternating_ms": _median_ms([(dynamic, fixed), (dynamic, other)], runs)}
     reference = dynamic.infer(_feeds(names, short))["sentence_embedding"].copy()
 
     process = psutil.Process()
@@ -120,13 +121,7 @@ def _shapes(folder: Path, precision: str, buckets: list[int], runs: int) -> dict
              (requests[buckets[1]], _feeds(names, longer, buckets[1]))]
     for request, feeds in pairs * 20:
         request.infer(feeds)
-    times = []
-    for i in range(runs):
-        request, feeds = pairs[i % 2]
-        start = time.perf_counter()
-        request.infer(feeds)
-        times.append(time.perf_counter() - start)
-    result["buckets_ms"] = statistics.median(times) * 1e3
+    result["buckets_ms"] = _median_ms(pairs, runs)
     return result
 
 
