@@ -41,7 +41,13 @@ def test_bench_quick_writes_table_json_and_plot(bert_case, zoo, tmp_path):
     assert rows[1]["mean_cosine"] == pytest.approx(float(cos.mean()), abs=1e-5)
     assert rows[1]["mean_cosine"] < 0.9999
     assert report["machine"]["usable_cores"] >= 1 and report["machine"]["cpu"]
+    # The weight-read floor follows from the graph's weights: FLOPs per token / 2 weights of 4 bytes each.
+    assert report["fp32_weight_mb"] == pytest.approx(report["flops_per_token"] * 2 / 1e6)
+    assert report["weight_read_gbs"] > 0
+    assert report["b1_weight_read_floor_ms"] == pytest.approx(
+        report["fp32_weight_mb"] / report["weight_read_gbs"], rel=1e-9)
     md = (out / "bench.md").read_text()
+    assert "batch-1 weight-read floor" in md
     assert "| contender |" in md and str(bert_case.export.name) in md
     assert (out / "bench.png").stat().st_size > 1000
 
