@@ -216,7 +216,7 @@ class AdapterMethods:
         float rounding, ~1e-7). Costs memory: about half a merged model per merged adapter (ONNX Runtime's
         pre-packed weights; the rest is shared), plus one shared copy of the base weights; and since each merged
         adapter has weights of its own, batch-1 calls that rotate between merged adapters miss the CPU caches
-        (measured +37 to +42% on MiniLM with the default settings). ONNX Runtime backend only; needs the ``onnx``
+        (measured +37 to +53% on MiniLM with the default settings). ONNX Runtime backend only; needs the ``onnx``
         package (the export extra). ``unmerge_adapter`` frees it again."""
         self._require_switchable("merge_adapter")
         merge = getattr(self.backend, "merge_adapter", None)
