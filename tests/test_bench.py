@@ -189,3 +189,15 @@ def test_bench_serve_holds_exact_exports_to_1e5_and_int8_ones_to_a_cosine(bert_c
     assert np.abs(alone - batched).max() > 1e-5  # the noise an exact check would flag
     cosine = (alone * batched).sum(1) / np.linalg.norm(alone, axis=1) / np.linalg.norm(batched, axis=1)
     assert cosine.min() >= LOSSY_MIN_COSINE
+
+
+def test_bench_switchable_counts_each_adapters_branch_arithmetic_from_its_shapes():
+    from switchable_fixtures import switchable_export
+
+    from peft_export import EmbeddingModel
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_switchable.py"), run_name="bench")
+    model = EmbeddingModel(switchable_export())
+    # Tiny base: 2 layers, hidden 32, FFN 37. A multiply-add per element of A (in x r) and B (r x out) per token.
+    assert bench["lora_flops_per_token"](model, "attn") == 2 * 2 * 3 * 2 * (32 + 32)  # r=2 on query/key/value
+    assert bench["lora_flops_per_token"](model, "ffn") == 2 * 2 * 8 * ((32 + 37) + (37 + 32))  # r=8, FFN in/out
