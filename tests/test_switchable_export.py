@@ -52,6 +52,21 @@ def test_folder_holds_one_graph_and_one_file_per_adapter():
     assert not any("key" in m for m in config["adapters"]["mixed"]["modules"])
 
 
+def test_rank_zero_defaults_broadcast_a_column_instead_of_writing_a_block():
+    import onnx
+    from onnx import numpy_helper
+
+    folder = switchable_export()
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    slots = json.loads((folder / "embedding_config.json").read_text())["lora_slots"]
+    defaults = {t.name: numpy_helper.to_array(t).shape for t in graph.initializer if ".lora_" in t.name}
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    for slot in slots:
+        a, b = f"{slot['module']}.lora_A", f"{slot['module']}.lora_B"
+        assert defaults[a] == (slot["in_features"], 0) and defaults[b] == (0, 1)
+        assert isinstance(inputs[b][1], str)  # out axis dynamic, so that (0, 1) and (rank, out) both fit
+
+
 def test_fresh_switchable_export_runs_as_the_base(model):
     assert model.active_adapters() == [] and model.list_adapters() == list(ADAPTERS)
     base_export = EmbeddingModel(merged_export(None))

@@ -1,8 +1,9 @@
 """The switchable graph: the base pipeline with a LoRA branch at every Linear that any adapter targets.
 
 Each branch computes ``y = x W^T + (x @ A) @ B + b`` where ``A`` (in, rank) and ``B`` (rank, out) are graph
-inputs that also carry an initializer ("overridable initializers"). The initializers have rank 0, so a run
-without an adapter adds an empty product (exact zeros) and reproduces the base model. ONNX Runtime's LoRA
+inputs that also carry an initializer ("overridable initializers"). The initializers have rank 0 (B's is (0, 1),
+broadcast by the Add; see ``_add_rank_zero_defaults``), so a run without an adapter adds an empty product (exact
+zeros) and reproduces the base model. ONNX Runtime's LoRA
 adapter files (``.onnx_adapter``) hold values for some of these inputs and replace them for one run.
 
 Why this construction:
@@ -116,7 +117,6 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
     ``pipeline`` is modified (its slot layers are replaced); pass one built for the export only.
     """
     import onnx
-    from onnx import numpy_helper
 
     if not slots:
         raise ConfigError("A switchable export needs at least one module with a LoRA branch")
@@ -161,13 +161,39 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
         )
     if not rank_zero_defaults:
         return path
-    for slot in slots:  # rank-0 defaults: without an adapter, every branch adds an empty product
-        zero_a = np.zeros((slot.in_features, 0), np.float32)
-        zero_b = np.zeros((0, slot.out_features), np.float32)
-        model.graph.initializer.extend([numpy_helper.from_array(zero_a, slot.input_a),
-                                        numpy_helper.from_array(zero_b, slot.input_b)])
+    _add_rank_zero_defaults(model, slots)
     onnx.save_model(model, str(path))
     return path
+
+
+def _add_rank_zero_defaults(model, slots: list[Slot]) -> None:
+    """Give every LoRA input of ``model`` (an ``onnx.ModelProto``, edited in place) a rank-0 default, so that a run
+    without an adapter, or a slot an adapter leaves out, adds an empty product: exact zeros.
+
+    B's default is (0, 1), not (0, out): the empty product is then a (tokens, 1) column of zeros that the Add
+    broadcasts, instead of a (tokens, out) block written and read again at every untargeted slot. B's out axis is
+    declared dynamic for that (adapters still bring (rank, out), checked against the slot on load). Measured on
+    all-MiniLM-L6-v2 with three adapters' target sets (36 slots), batch 32 against the merged export: with no
+    adapter 11.9% -> 6.5% lower, with an r=16 adapter on query/value 12.2% -> 7.6%; batch 1 +24.5% -> +19.9%.
+    """
+    from onnx import numpy_helper
+
+    inputs = {i.name: i for i in model.graph.input}
+    values = {v.name for v in model.graph.value_info}
+    for i, slot in enumerate(slots):
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.zeros((slot.in_features, 0), np.float32), slot.input_a),
+            numpy_helper.from_array(np.zeros((0, 1), np.float32), slot.input_b)])
+        out_axis = inputs[slot.input_b].type.tensor_type.shape.dim[1]
+        out_axis.Clear()
+        out_axis.dim_param = f"lora_out_{i}"
+    # Shapes the tracer recorded downstream of B (the delta's, (tokens, out)) no longer hold for the default.
+    delta = {out for node in model.graph.node if any(n in {s.input_b for s in slots} for n in node.input)
+             for out in node.output}
+    if delta & values:
+        kept = [v for v in model.graph.value_info if v.name not in delta]
+        del model.graph.value_info[:]
+        model.graph.value_info.extend(kept)
 
 
 def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int) -> Path:
