@@ -84,7 +84,7 @@ class OnnxFormat:
     def __init__(self, options):
         self.options = options
         # Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data.
-        self.gate_pairs = _check_quantize_options(options) if options.quantize else None
+        self.gate_pairs, self.calibration = _check_quantize_options(options) if options.quantize else (None, None)
         if options.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {options.dtype!r}")
         if options.dtype == "fp16":
@@ -119,8 +119,8 @@ class OnnxFormat:
                     backend = OnnxRuntimeBackend(model_path)
         if self.options.quantize:
             tokenizer = TextTokenizer(model_path.parent, config)
-            checks["quantization"] = _quantize_step(self.options, self.gate_pairs, model_path.parent, config,
-                                                    tokenizer, backend, log)
+            checks["quantization"] = _quantize_step(self.options, self.gate_pairs, self.calibration,
+                                                    model_path.parent, config, tokenizer, backend, log)
         if self.options.dtype == "fp16":
             checks["fp16"] = self._fp16_step(model_path, config, backend, log)
         return checks
@@ -183,23 +183,25 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
             **shape.to_dict(), "fused_vs_reference": report.to_dict()}
 
 
-def _check_quantize_options(options) -> list[dict[str, str]]:
-    """Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data."""
+def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | None]:
+    """Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data; the gate
+    pairs, and the calibration texts when a file is given or the mode calibrates (read once, here)."""
     from .quality import calibration_texts, load_pairs_file
     from .quantize import QUANTIZE_MODES
 
     if options.quantize not in QUANTIZE_MODES:
         raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, found {options.quantize!r}")
-    if options.calibration_data:
-        calibration_texts(options.calibration_data)
-    return load_pairs_file(options.gate_data)
+    calibration = None
+    if options.calibration_data or options.quantize == "int8-static":
+        calibration = calibration_texts(options.calibration_data)
+    return load_pairs_file(options.gate_data), calibration
 
 
-def _quantize_step(options, pairs: list[dict[str, str]], folder: Path, config, tokenizer, fp32_backend,
-                   log) -> dict[str, Any]:
+def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] | None, folder: Path, config,
+                   tokenizer, fp32_backend, log) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .quality import backend_embedder, calibration_texts, gate_dict
+    from .quality import backend_embedder, gate_dict
     from .quantize import quantize_with_gate
 
     fp32_path = folder / config.model_file
@@ -208,7 +210,7 @@ def _quantize_step(options, pairs: list[dict[str, str]], folder: Path, config, t
         fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend),
         lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
         mode=options.quantize, tokenize=tokenizer.encode,
-        calibration_texts=calibration_texts(options.calibration_data) if options.quantize == "int8-static" else None,
+        calibration_texts=calibration if options.quantize == "int8-static" else None,
     )
     chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
     log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "
