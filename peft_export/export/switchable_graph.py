@@ -179,7 +179,6 @@ def _add_rank_zero_defaults(model, slots: list[Slot]) -> None:
     from onnx import numpy_helper
 
     inputs = {i.name: i for i in model.graph.input}
-    values = {v.name for v in model.graph.value_info}
     for i, slot in enumerate(slots):
         model.graph.initializer.extend([
             numpy_helper.from_array(np.zeros((slot.in_features, 0), np.float32), slot.input_a),
@@ -188,12 +187,11 @@ def _add_rank_zero_defaults(model, slots: list[Slot]) -> None:
         out_axis.Clear()
         out_axis.dim_param = f"lora_out_{i}"
     # Shapes the tracer recorded downstream of B (the delta's, (tokens, out)) no longer hold for the default.
-    delta = {out for node in model.graph.node if any(n in {s.input_b for s in slots} for n in node.input)
-             for out in node.output}
-    if delta & values:
-        kept = [v for v in model.graph.value_info if v.name not in delta]
-        del model.graph.value_info[:]
-        model.graph.value_info.extend(kept)
+    b_inputs = {slot.input_b for slot in slots}
+    delta = {out for node in model.graph.node if b_inputs.intersection(node.input) for out in node.output}
+    kept = [v for v in model.graph.value_info if v.name not in delta]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
 def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int) -> Path:
