@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.benchmark.harness import Report
+from peft_export.benchmark.harness import Report, time_single_queries
 
 COLUMNS = [
     ("contender", "contender", ""),
@@ -72,18 +72,11 @@ def _passes(folder: Path, precision: str, queries: list[str], warmup: int) -> di
     from peft_export.runtime.model import EmbeddingModel
 
     model = EmbeddingModel(folder, inference_precision=precision)
-    for text in queries[:warmup]:
-        model.encode([text])
     result = {}
-    for name in ("first", "second"):
-        times = []
-        for text in queries:
-            start = time.perf_counter()
-            model.encode([text])
-            times.append(time.perf_counter() - start)
-        result[f"{name}_p50_ms"] = float(np.percentile(times, 50) * 1e3)
-        result[f"{name}_p95_ms"] = float(np.percentile(times, 95) * 1e3)
-        result[f"{name}_max_ms"] = float(max(times) * 1e3)
+    for name, untimed in (("first", warmup), ("second", 0)):
+        times = time_single_queries(lambda text: model.encode([text]), queries, warmup=untimed)
+        for key in ("p50", "p95", "max"):
+            result[f"{name}_{key}_ms"] = times[f"{key}_ms"]
     result["distinct_lengths"] = len(set(model._tokenizer.count_tokens(queries)))
     return result
 
