@@ -76,6 +76,37 @@ def test_folder_holds_an_ir_and_safetensors_adapters():
         assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
 
 
+def _lora_shapes(ir) -> dict[str, list]:
+    return {p.get_any_name(): [None if d.is_dynamic else d.get_length() for d in p.get_partial_shape()]
+            for p in ir.inputs if ".lora_" in p.get_any_name()}
+
+
+def test_rank_zero_b_is_a_broadcast_column_and_older_irs_keep_full_width(model, tmp_path):
+    import openvino as ov
+
+    folder = openvino_switchable_export()
+    slots = json.loads((folder / "embedding_config.json").read_text())["lora_slots"]
+    shapes = _lora_shapes(ov.Core().read_model(str(folder / "openvino_model.xml")))
+    defaults = model.backend._lora_defaults
+    for slot in slots:
+        a, b = f"{slot['module']}.lora_A", f"{slot['module']}.lora_B"
+        assert shapes[a] == [slot["in_features"], None] and shapes[b] == [None, None]
+        assert defaults[a].shape == (slot["in_features"], 0) and defaults[b].shape == (0, 1)
+    # An IR written before B's out axis was dynamic: rank-0 B stays (0, out), results unchanged.
+    old = copy_export(folder, tmp_path / "static-out")
+    ir = ov.Core().read_model(str(folder / "openvino_model.xml"))  # not the copy: saving over a mapped .bin faults
+    ir.reshape({p: ov.PartialShape([-1, slot["out_features"]]) for slot in slots for p in ir.inputs
+                if p.get_any_name() == f"{slot['module']}.lora_B"})
+    ov.save_model(ir, str(old / "openvino_model.xml"), compress_to_fp16=False)
+    older = EmbeddingModel(old)
+    for slot in slots:
+        assert older.backend._lora_defaults[f"{slot['module']}.lora_B"].shape == (0, slot["out_features"])
+    for name in ("mixed", False):
+        assert max_unit_diff(older.encode(TEXTS, adapter=name), model.encode(TEXTS, adapter=name)) <= 1e-7
+    with pytest.raises(ConfigError, match=f"'{QUERY_B}' has shape \\(2, 48\\); this graph expects \\(r, 32\\)"):
+        older.backend.adapter_from_arrays({QUERY_B: np.zeros((2, 48), np.float32)})
+
+
 @pytest.mark.parametrize("name", [*ADAPTERS, None])
 def test_openvino_equals_onnx_runtime_merged_export_and_sentence_transformers(model, onnx_model, name):
     assert model.backend.name == "openvino" and model.backend.input_names == onnx_model.backend.input_names

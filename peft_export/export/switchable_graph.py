@@ -23,8 +23,9 @@ Why this construction:
   API to give each of those inputs its rank-0 default.
 * For OpenVINO the same traced graph is converted without those defaults: OpenVINO's ONNX reader turns an
   input with an initializer into a constant, and a rank-0 constant cannot enter a MatMul. Every LoRA factor is
-  then a plain input of the IR with a dynamic rank axis, and the runtime feeds rank-0 matrices for the slots an
-  adapter leaves out (``runtime/openvino_backend.py``): the same arithmetic as ONNX Runtime's defaults.
+  then a plain input of the IR with a dynamic rank axis (and B with a dynamic out axis), and the runtime feeds
+  rank-0 matrices, (in, 0) and (0, 1), for the slots an adapter leaves out (``runtime/openvino_backend.py``): the
+  same arithmetic as ONNX Runtime's defaults.
 """
 
 from __future__ import annotations
@@ -207,13 +208,16 @@ def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], f
     with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as scratch:
         onnx_path = export_switchable_onnx(pipeline, slots, Path(scratch), opset, rank_zero_defaults=False)
         model = ov.convert_model(str(onnx_path))
-        shapes = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
+        ports = {port.get_any_name(): port for port in model.inputs}
         for slot in slots:
             for name, side, size in ((slot.input_a, 0, slot.in_features), (slot.input_b, 1, slot.out_features)):
-                shape = shapes.get(name)
+                shape = ports[name].get_partial_shape() if name in ports else None
                 if (shape is None or shape.rank.is_dynamic or len(shape) != 2 or shape[side].is_dynamic
                         or shape[side].get_length() != size or not shape[1 - side].is_dynamic):
                     raise ConfigError(f"internal error: the OpenVINO graph's LoRA input {name!r} has shape {shape}, "
                                       f"expected {size} on axis {side} and a dynamic rank")
+        # B's out axis dynamic too, so that the runtime's rank-0 default for B can be (0, 1), broadcast by the Add,
+        # as in the ONNX graph (see _add_rank_zero_defaults; adapters are still checked against the slot's size).
+        model.reshape({ports[slot.input_b]: ov.PartialShape([-1, -1]) for slot in slots})
         ov.save_model(model, str(path), compress_to_fp16=False)
     return path

@@ -4,11 +4,11 @@ Same verbs as the ONNX Runtime backend: ``name``, ``input_names``, ``output_name
 devices that execute), ``run(feeds, adapter=None) -> dict``, plus ``run_batches`` for several batches in parallel
 requests, and for switchable IRs the adapter verbs ``lora_input_names``, ``read_adapter``, ``load_adapter``,
 ``adapter_from_arrays`` and ``adapter_arrays``. A switchable IR takes every LoRA factor as a model input with a
-dynamic rank axis; a run sets the adapter's factors and, for the slots it leaves out, rank-0 matrices (an
-empty product: the branch adds exactly nothing). ``run`` uses the calling thread's own infer request and sets
-the LoRA inputs whenever the adapter differs from that request's previous run; ``run_batches`` gives each
-request of its queue every input. No request is shared between threads, so concurrent runs with different
-adapters cannot see each other's.
+dynamic rank axis; a run sets the adapter's factors and, for the slots it leaves out, rank-0 matrices (an empty
+product: the branch adds exactly nothing; B's is a (0, 1) column the Add broadcasts). ``run`` uses the calling
+thread's own infer request and sets the LoRA inputs whenever the adapter differs from that request's previous
+run; ``run_batches`` gives each request of its queue every input. No request is shared between threads, so
+concurrent runs with different adapters cannot see each other's.
 
 Precision is never left to OpenVINO: on CPUs with bf16 units (AVX512_BF16, AMX) OpenVINO would compute in bf16
 by default, which moves normalised embeddings by ~1e-3. The default here is the f32 hint (exact parity with the
@@ -218,21 +218,28 @@ class OpenVinoBackend:
             )
 
     def _rank_zero_defaults(self) -> dict[str, np.ndarray]:
-        """Rank-0 factors for every LoRA input: (in, 0) for ``lora_A``, (0, out) for ``lora_B``."""
-        defaults = {}
+        """Rank-0 factors for every LoRA input: (in, 0) for ``lora_A``; for ``lora_B`` (0, 1), a column of zeros
+        the Add broadcasts, where the IR leaves B's out axis dynamic (switchable IRs written since that change),
+        else (0, out). Also records each input's layer-side size for :meth:`_checked` (None: dynamic in the IR)."""
+        defaults, self._layer_sizes = {}, {}
         for port in self.compiled.inputs:
             name = port.get_any_name()
             if not _is_lora_input(name):
                 continue
             shape = port.get_partial_shape()
-            fixed = 0 if name.endswith(LORA_A) else 1  # the layer's side; the other axis is the rank
-            if shape.rank.is_dynamic or len(shape) != 2 or shape[fixed].is_dynamic or not shape[1 - fixed].is_dynamic:
+            is_a = name.endswith(LORA_A)
+            if (shape.rank.is_dynamic or len(shape) != 2 or (is_a and shape[0].is_dynamic)
+                    or not shape[1 if is_a else 0].is_dynamic):
                 raise ConfigError(
                     f"LoRA input {name!r} has shape {shape}; a switchable graph takes a matrix with a dynamic rank "
                     "axis. Export the folder again with `peft-export merge-openvino BASE --switchable ...`."
                 )
-            size = shape[fixed].get_length()
-            value = np.zeros((size, 0) if fixed == 0 else (0, size), np.float32)
+            if is_a:
+                size = self._layer_sizes[name] = shape[0].get_length()
+                value = np.zeros((size, 0), np.float32)
+            else:
+                size = self._layer_sizes[name] = None if shape[1].is_dynamic else shape[1].get_length()
+                value = np.zeros((0, size or 1), np.float32)
             value.setflags(write=False)
             defaults[name] = value
         return defaults
@@ -337,8 +344,9 @@ class OpenVinoBackend:
                 raise ConfigError(f"{where}: {name!r} has dtype {getattr(value, 'dtype', type(value))}, "
                                   "expected float32")
             side = 0 if name.endswith(LORA_A) else 1  # the layer's axis; the other is the rank
-            if value.ndim != 2 or value.shape[side] != default.shape[side]:
-                expected = f"({default.shape[0]}, r)" if side == 0 else f"(r, {default.shape[1]})"
+            size = self._layer_sizes[name]  # None: B's out axis is dynamic; check_factor_arrays checks it
+            if value.ndim != 2 or (size is not None and value.shape[side] != size):
+                expected = f"({size}, r)" if side == 0 else f"(r, {size or 'out'})"
                 raise ConfigError(f"{where}: {name!r} has shape {value.shape}; this graph expects {expected}")
         return adapters.frozen(arrays)
 
