@@ -242,6 +242,9 @@ TAMPERED_ADAPTERS = [
     (lambda a: a.update({QUERY_B: np.zeros((2, 32), np.float16)}), f"'{QUERY_B}' has dtype float16, expected float32"),
     (lambda a: a.update({QUERY_A: np.zeros((48, 2), np.float32)}),
      "'encoder.layer.0.attention.self.query' has A \\(48, 2\\).*expects A \\(32, r\\).*another base"),
+    # B's out axis is dynamic in the graphs (rank-0 default (0, 1)): its size is checked against the slot.
+    (lambda a: a.update({QUERY_B: np.zeros((a[QUERY_A].shape[1], 48), np.float32)}),
+     "'encoder.layer.0.attention.self.query' has A \\(32, \\d+\\) and B \\(\\d+, 48\\).*expects.*B \\(r, 32\\)"),
     (lambda a: a.pop(QUERY_B), f"'{QUERY_B}' is missing; LoRA weights come in A/B pairs"),
 ]
 
