@@ -201,3 +201,22 @@ def test_bench_switchable_counts_each_adapters_branch_arithmetic_from_its_shapes
     # Tiny base: 2 layers, hidden 32, FFN 37. A multiply-add per element of A (in x r) and B (r x out) per token.
     assert bench["lora_flops_per_token"](model, "attn") == 2 * 2 * 3 * 2 * (32 + 32)  # r=2 on query/key/value
     assert bench["lora_flops_per_token"](model, "ffn") == 2 * 2 * 8 * ((32 + 37) + (37 + 32))  # r=8, FFN in/out
+
+
+def test_bench_lora_branch_graphs_differ_only_by_their_branches():
+    import onnxruntime as ort
+
+    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_lora_branch.py"), run_name="bench")
+    x = {"x": np.random.default_rng(0).standard_normal((1, 7, 384)).astype(np.float32)}
+    for context, branches in (("small", 36), ("large", 12)):
+        plain, none = bench["_graph"](context, 2, branches=False)
+        with_branches, count = bench["_graph"](context, 2, branches=True)
+        assert (none, count) == (0, branches)
+        kinds = [n.op_type for n in with_branches.graph.node]
+        assert kinds.count("MatMul") - [n.op_type for n in plain.graph.node].count("MatMul") == 2 * branches
+        outputs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+                   for m in (plain, with_branches)]
+        assert outputs[0].shape == outputs[1].shape == (1, 7, 384)
+        assert np.abs(outputs[0] - outputs[1]).max() > 1e-4  # the branches compute something
+    row = bench["measure"]("small", 1, 1, rounds=1, runs=3)
+    assert row["branches"] == 36 and row["with_us"] > 0 and row["without_us"] > 0
