@@ -66,17 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     switchable = EmbeddingModel(paths["switchable"], intra_op_threads=args.threads)
     names = [BASE, *ADAPTERS]
     merged = {name: EmbeddingModel(paths[name], intra_op_threads=args.threads) for name in names}
+    calls = {name: False if name == BASE else name for name in names}  # encode(adapter=...) for each row
     diffs = {}
-    for name in names:
-        call = False if name == BASE else name
+    for name, call in calls.items():
         diffs[name] = float(np.abs(switchable.encode(sentences, adapter=call) - merged[name].encode(sentences)).max())
         if diffs[name] > 1e-5:
             print(f"FAIL: the switchable IR with {name} differs from its merged IR by {diffs[name]:.2g}",
                   file=sys.stderr)
             return 1
     runs = {}
-    for name in names:
-        call = False if name == BASE else name
+    for name, call in calls.items():
         runs[f"merged {name}"] = lambda t, b, m=merged[name]: m.encode(t, batch_size=b)
         runs[f"switchable {name}"] = lambda t, b, c=call: switchable.encode(t, batch_size=b, adapter=c)
     result = compare(runs, queries, sentences, args.rounds)
