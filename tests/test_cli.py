@@ -95,6 +95,10 @@ def test_encode_reads_stdin(cli_export, bert_model, capsys, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["info", "{tmp}"], r"has no peft_export\.json; is it a peft_export export folder\?"),
     (["encode", "{tmp}/missing", "text"], r"Export folder not found"),
+    (["info", "{tmp}/missing"], r"Export folder not found: .*missing$"),  # not "has no peft_export.json"
+    (["info", "{tmp}/missing", "--json"], r"Export folder not found: .*missing$"),
+    (["serve", "{tmp}/missing"], r"Export folder not found: .*missing$"),
+    (["bench", "{tmp}/missing", "--quick"], r"Export folder not found: .*missing$"),
     (["merge-onnx", "{tmp}/no/such/model", "-o", "{tmp}/out"], r"No folder at"),
     (["merge-onnx", "{adapter}", "-o", "{tmp}/out", "--pooling", "median"], r"--pooling 'median' is not one of"),
 ])

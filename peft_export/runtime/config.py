@@ -73,6 +73,8 @@ class RuntimeConfig:
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    if not Path(folder).is_dir():
+        raise ConfigError(f"Export folder not found: {folder}")
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} has no {MANIFEST_FILE}; is it a peft_export export folder?")
