@@ -110,3 +110,34 @@ def test_invalid_json_is_refused_naming_the_file(base_copy, tmp_path):
     (base_copy / "modules.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"modules\.json is not valid JSON"):
         export_onnx_model(str(base_copy), tmp_path / "out", log=_quiet)
+
+
+def _offline(monkeypatch, tmp_path) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+
+
+def test_offline_hub_base_of_an_adapter_folder_points_to_the_base_option(bert_case, tmp_path, monkeypatch):
+    """The base named by adapter_config.json cannot be fetched offline: the fix is --base, not another MODEL_ID."""
+    from peft_export.errors import ModelNotFoundError
+
+    adapter = shutil.copytree(bert_case.adapter, tmp_path / "adapter")
+    _edit_json(adapter / "adapter_config.json",
+               lambda c: c.update(base_model_name_or_path="peft-export-tests/no-such-base"))
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"'peft-export-tests/no-such-base'.*`--base \./local-base`") as err:
+        resolve_model(str(adapter))
+    assert "merge-onnx ./my-model" not in str(err.value)
+    assert "HF_TOKEN" in str(err.value)  # a private or gated base: how to authenticate
+    assert resolve_model(str(adapter), base=str(bert_case.base)).base_folder == bert_case.base.resolve()
+
+
+def test_offline_hub_adapter_says_how_to_pass_the_adapter(bert_case, tmp_path, monkeypatch):
+    from peft_export.errors import ModelNotFoundError
+
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"'peft-export-tests/no-such-adapter'.*NAME=\./my-adapter"):
+        resolve_model(str(bert_case.base), adapters=["a=peft-export-tests/no-such-adapter"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, UnsafeModelError
 from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
-from .hub import local_folder
+from .hub import PASS_ADAPTER_LOCALLY, PASS_BASE_LOCALLY, local_folder
 from .st_config import PipelineConfig, read_pipeline_config
 
 DEFAULT_ADAPTER_NAME = "default"
@@ -69,7 +69,7 @@ def check_adapter_name(name: str) -> None:
 def load_adapter_source(
     spec: str, name: str | None = None, revision: str | None = None, token: str | bool | None = None
 ) -> AdapterSource:
-    folder = local_folder(spec, revision=revision, token=token)
+    folder = local_folder(spec, revision=revision, token=token, instead=PASS_ADAPTER_LOCALLY)
     config = read_adapter_config(folder)
     weights = adapter_weights_path(folder)
     name = name or DEFAULT_ADAPTER_NAME
@@ -111,7 +111,8 @@ def resolve_model(
             raise ConfigError(
                 f"{folder}/adapter_config.json has no base_model_name_or_path; pass the base model with --base"
             )
-        base_folder = local_folder(base_id, revision=base_revision, token=token)
+        # The base named by adapter_config.json is usually a hub id: offline, --base is the way to a local copy.
+        base_folder = local_folder(base_id, revision=base_revision, token=token, instead=PASS_BASE_LOCALLY)
         if (folder / "modules.json").is_file():
             pipeline_folder = folder  # adapter-only Sentence Transformers folder carries the module configs
         base_rev = base_revision
