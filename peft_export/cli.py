@@ -114,26 +114,34 @@ def _print_done(result) -> None:
 
 def _cmd_merge_onnx(args: argparse.Namespace) -> int:
     from .export.pipeline import run_onnx_export
+    from .export.quiet import third_party_quiet
 
     options = _export_options(args, DEFAULT_OUTPUT_SUFFIX)
-    _print_done(run_onnx_export(options, log=lambda msg: print(msg, flush=True)))
+    with third_party_quiet():  # our progress lines only, not the libraries' bars and deprecation notices
+        result = run_onnx_export(options, log=lambda msg: print(msg, flush=True))
+    _print_done(result)
     return 0
 
 
 def _cmd_merge_openvino(args: argparse.Namespace) -> int:
     from .export.pipeline import run_openvino_export
+    from .export.quiet import third_party_quiet
 
     options = _export_options(args, OPENVINO_OUTPUT_SUFFIX)
-    _print_done(run_openvino_export(options, args.weight_format, log=lambda msg: print(msg, flush=True)))
+    with third_party_quiet():
+        result = run_openvino_export(options, args.weight_format, log=lambda msg: print(msg, flush=True))
+    _print_done(result)
     return 0
 
 
 def _cmd_add_adapter(args: argparse.Namespace) -> int:
+    from .export.quiet import third_party_quiet
     from .export.switchable import add_adapter
 
-    entry = add_adapter(args.path, args.adapter, base=args.base, force=args.force,
-                        allow_noop_adapter=args.allow_noop_adapter, trust_remote_code=args.trust_remote_code,
-                        token=args.token, log=lambda msg: print(msg, flush=True))
+    with third_party_quiet():
+        entry = add_adapter(args.path, args.adapter, base=args.base, force=args.force,
+                            allow_noop_adapter=args.allow_noop_adapter, trust_remote_code=args.trust_remote_code,
+                            token=args.token, log=lambda msg: print(msg, flush=True))
     print(f"done: {entry['name']} -> {Path(args.path) / entry['file']}")
     return 0
 
@@ -206,9 +214,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark.run import run_bench_command
+    from contextlib import nullcontext
 
-    return run_bench_command(args)
+    from .benchmark.run import run_bench_command
+    from .export.quiet import third_party_quiet
+
+    with third_party_quiet() if args.eager else nullcontext():  # --eager loads models with transformers
+        return run_bench_command(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
