@@ -189,7 +189,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
               else f"{export.get('weight_format')} weights")
     print(f"export:      {path.absolute()} ({manifest.get('size_bytes', 0) / 1e6:.1f} MB, "
           f"{export['format']} {detail})")
-    print(f"base:        {manifest['base']['id']} (revision {manifest['base'].get('revision')})")
+    print(f"base:        {manifest['base']['id']} ({_base_origin(manifest['base'])})")
     for adapter in manifest.get("adapters", []):
         digest = next(iter(adapter["sha256"].values()))[:12]
         print(f"adapter:     {adapter['name']} <- {adapter['source']} r={adapter['r']} "
@@ -211,6 +211,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"quality:     {gate['weight_format']} {what} vs fp32: mean cosine {gate['mean_cosine']:.5f}, worst "
               f"{gate['worst_cosine']:.5f}, NDCG@10 retention {gate['ndcg10_retention']:.4f} ({gate['texts']} texts)")
     return 0
+
+
+def _base_origin(base: dict) -> str:
+    """Where the base's weights came from: a hub revision, or a local folder (which has no revision)."""
+    if base.get("revision"):
+        return f"revision {base['revision']}"
+    if base.get("local_copy"):
+        return f"local copy from {base['local_copy']}"
+    base_id = str(base.get("id", ""))
+    if base_id.startswith((".", "/", "~")) or Path(base_id).expanduser().is_dir():
+        return "local folder"
+    return "revision not recorded"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

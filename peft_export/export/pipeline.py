@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import ConfigError, require
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import ResolvedModel, resolve_model
+from ..source.resolve import ResolvedModel, recorded_base, recorded_source, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import validate
 from .artifact import atomic_output_folder, check_output_target, folder_size, library_versions, write_json
@@ -367,9 +367,10 @@ def _manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: Run
         "format": "peft_export",
         "format_version": 1,
         "created_unix": int(time.time()),
-        "base": {"id": resolved.base_id, "revision": resolved.base_revision},
+        "base": recorded_base(resolved),
         "adapters": [
-            {"name": a.name, "source": a.source, "sha256": {a.weights.name: a.sha256}, **a.config.summary()}
+            {"name": a.name, "source": recorded_source(a.source), "sha256": {a.weights.name: a.sha256},
+             **a.config.summary()}
             for a in resolved.adapters
         ],
         "merge_mode": "merged" if resolved.adapters else "none",

@@ -229,9 +229,14 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
 
 
 def _recorded(model_id: str | None) -> str | None:
-    """Local folders are recorded as absolute paths, so add-adapter finds them from any working directory."""
+    """Local folders are recorded as absolute paths, so add-adapter finds them from any working directory; under
+    the home directory as ``~/...`` (add-adapter expands it), so the manifest does not name the user's home."""
     if model_id and Path(model_id).expanduser().is_dir():
-        return str(Path(model_id).expanduser().resolve())
+        path = Path(model_id).expanduser().resolve()
+        try:
+            return str(Path("~") / path.relative_to(Path.home().resolve()))
+        except (ValueError, RuntimeError):  # outside the home directory, or no home directory
+            return str(path)
     return model_id
 
 

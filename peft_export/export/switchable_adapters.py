@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..runtime.lora_layout import Slot, pack_factors
 from ..source.adapter_config import AdapterConfig
-from ..source.resolve import AdapterSource, load_adapter_source
+from ..source.resolve import AdapterSource, load_adapter_source, recorded_source
 from . import validate
 from .merge import _LORA_KEY, check_adapter_tensors, merge_adapter
 from .switchable_graph import UNUSED_HEADS
@@ -151,7 +151,7 @@ def convert_peft_adapter(spec: str, slots: list[Slot], name: str = "default", re
 def adapter_summary(adapter: AdapterSource, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """What the manifest and embedding_config.json record about an adapter."""
     return {
-        "source": adapter.source,
+        "source": recorded_source(adapter.source),
         "sha256": {adapter.weights.name: adapter.sha256},
         **adapter.config.summary(),
         "modules": sorted(factors),

