@@ -326,7 +326,7 @@ def bench_figure(report: Report):
         ax.barh(rows, values, color="#4C72B0")
         ax.set_xlim(0, (max(values) or 1) * 1.3)  # room for the value labels inside the frame
         for i, v in enumerate(values):
-            ax.text(v, i, f" {v:{spec}}", va="center", fontsize=8)
+            ax.text(v, i, f" {v:{spec if v >= 100 else '.2f'}}", va="center", fontsize=8)
         ax.set_title(label, fontsize=10)
     quality = axes[2]
     series = (("ndcg10_retention", "NDCG@10 retention", "#55A868", -0.2),

@@ -167,7 +167,7 @@ def resolve_model(
         if base:
             raise ConfigError(f"--base is only used with an adapter-only MODEL_ID; {model_id!r} is a full model")
         base_id, base_folder, base_rev = model_id, folder, revision
-    base_rev = base_rev or snapshot_revision(base_folder)  # a hub download: the commit actually used
+    base_rev = snapshot_revision(base_folder) or base_rev  # a hub download: the commit actually used
 
     base_pipeline = read_pipeline_config(base_folder)
     encoder_folder = base_folder / base_pipeline.transformer_path
