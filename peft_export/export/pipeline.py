@@ -277,10 +277,10 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
             f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass --switchable to "
             "keep them as switchable adapters over one base graph"
         )
-    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
+    log(f"base: {recorded_source(resolved.base_id)} ({resolved.encoder_folder})")
     for adapter in resolved.adapters:
-        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
-            f"targets={adapter.config.target_modules}")
+        log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
+            f"alpha={adapter.config.lora_alpha} targets={adapter.config.target_modules}")
 
     prepared = prepare_export(options, resolved)
     encoder, make_pipeline, ref_tokenize = prepared.encoder, prepared.make_pipeline, prepared.ref_tokenize

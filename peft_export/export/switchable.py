@@ -24,7 +24,8 @@ from ..runtime.backends import detect_backend
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig, read_manifest
 from ..runtime.lora_layout import Slot, pack_factors
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import AdapterSource, load_adapter_source, parse_adapter_spec, resolve_model, sha256_file
+from ..source.resolve import (AdapterSource, load_adapter_source, parse_adapter_spec, recorded_source,
+                              resolve_model, sha256_file)
 from . import validate
 from .artifact import atomic_output_folder, check_output_target, folder_size, write_json
 from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, _check_runtime_tokenizer,
@@ -175,10 +176,10 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         raise ConfigError(f"--default-adapter {options.default_adapter!r} is not one of the adapters {names}")
     for adapter in resolved.adapters:
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
-    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
+    log(f"base: {recorded_source(resolved.base_id)} ({resolved.encoder_folder})")
     for adapter in resolved.adapters:
-        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
-            f"targets={adapter.config.target_modules}")
+        log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
+            f"alpha={adapter.config.lora_alpha} targets={adapter.config.target_modules}")
 
     prepared = prepare_export(options, resolved)
     peft_model = attach_adapters(prepared.encoder, resolved.adapters)
