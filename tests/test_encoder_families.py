@@ -187,3 +187,54 @@ def test_modernbert_local_attention_changes_the_output(family_texts):
     finally:
         config.sliding_window = saved
     assert max_unit_diff(local, global_only) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def promptless_mpnet(tmp_path_factory, real_texts):
+    """all-mpnet-base-v2 as its hub files are: config_sentence_transformers.json without any prompts."""
+    import json
+    import shutil
+
+    case = _CASES.get("mpnet") or FamilyCase("mpnet", tmp_path_factory.mktemp("family-mpnet"),
+                                              text.FALLBACK_SENTENCES + text.real_sentences(400, seed=1))
+    root = tmp_path_factory.mktemp("promptless")
+    base = shutil.copytree(case.base, root / "base")
+    st_config = base / "config_sentence_transformers.json"
+    st_config.write_text(json.dumps({k: v for k, v in json.loads(st_config.read_text()).items() if k != "prompts"}))
+    return case, base
+
+
+@pytest.mark.parametrize("switchable", [False, True], ids=["merged", "switchable"])
+def test_query_and_document_prompt_names_work_without_saved_prompts(promptless_mpnet, tmp_path, switchable,
+                                                                   family_texts):
+    """sentence-transformers 6.x gives every model empty "query" and "document" prompts; so do exports and the
+    runtime, for new exports and for ones written before the defaults were recorded."""
+    import json
+    import shutil
+
+    from fixtures.tiny_models import st_reference
+
+    from peft_export import EmbeddingModel, export_onnx_model
+
+    case, base = promptless_mpnet
+    reference = st_reference(base, case.adapter)
+    assert reference.prompts == {"query": "", "document": ""}
+    spec = f"{ADAPTER}={case.adapter}" if switchable else str(case.adapter)
+    out = tmp_path / "export"
+    export_onnx_model(str(base), out, adapters=[spec], switchable=switchable, log=_quiet)
+    assert json.loads((out / "embedding_config.json").read_text())["prompts"] == {"query": "", "document": ""}
+    old = shutil.copytree(out, tmp_path / "old-export")  # as exports made before: no prompts recorded
+    config = json.loads((old / "embedding_config.json").read_text())
+    (old / "embedding_config.json").write_text(json.dumps({**config, "prompts": {}}))
+    mode = "switchable-onnx" if switchable else "merged-onnx"
+    expected = reference.encode(family_texts, prompt_name="query")
+    np.testing.assert_array_equal(expected, reference.encode(family_texts))
+    for folder in (out, old):
+        model = EmbeddingModel(folder)
+        assert model.prompts == {"query": "", "document": ""}
+        for name in ("query", "document"):
+            got = _encode(model, family_texts, mode, prompt_name=name)
+            assert max_unit_diff(got, expected) < SENTENCE_ATOL
+        with pytest.raises(ValueError, match=r"Prompt name 'passage' not found; the model has prompts "
+                                             r"\['document', 'query'\]"):
+            model.encode(family_texts[:1], prompt_name="passage")
