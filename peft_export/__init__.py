@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .errors import (
     AdapterNotFoundError,
     ConfigError,
+    InvalidInputError,
     MissingDependencyError,
     ModelNotFoundError,
     OutputExistsError,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterNotFoundError",
     "ConfigError",
+    "InvalidInputError",
     "EmbeddingModel",
     "MissingDependencyError",
     "ModelNotFoundError",

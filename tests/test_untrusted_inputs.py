@@ -308,7 +308,7 @@ def test_adapter_for_a_base_with_another_hidden_size_is_refused(zoo, bert_case, 
 
 
 def test_adapter_for_another_architecture_is_refused(distilbert_case, bert_case, tmp_path):
-    with pytest.raises(ConfigError, match=r"match no module of the base model \(BertModel\)"):
+    with pytest.raises(ConfigError, match=r"match no module of the base model \(BertModel, model_type 'bert'\)"):
         _export(distilbert_case.adapter, tmp_path / "out", base=str(bert_case.base))
 
 

@@ -264,7 +264,7 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
 
 def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:
     """Resolve, load in fp32, merge the adapter with PEFT, and record the PyTorch reference outputs."""
-    from .merge import attach_adapters, merge_adapter
+    from .merge import attach_adapters, merge_adapter, nonfinite_hint
 
     started = time.perf_counter()
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
@@ -290,6 +290,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
         adapter = resolved.adapters[0]
         peft_model = attach_adapters(encoder, resolved.adapters)
         references = validate.reference_outputs(make_pipeline(peft_model), ref_tokenize)
+        validate.check_finite_outputs(references, f"Adapter {adapter.name!r}", nonfinite_hint(adapter))
         with peft_model.disable_adapter():
             effect = validate.max_sentence_difference(references, validate.torch_runner(make_pipeline(peft_model)))
         parity["adapter_vs_base_max_abs_diff"] = effect

@@ -14,6 +14,9 @@ RUNTIME_CONFIG_FILE = "embedding_config.json"
 MANIFEST_FILE = "peft_export.json"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_VERSION = 1
+# sentence-transformers >= 6 gives every SentenceTransformer empty "query" and "document" prompts, which saved
+# prompts override; encode(prompt_name="query") on a model that saved none is accepted and adds nothing.
+ST_DEFAULT_PROMPTS = {"query": "", "document": ""}
 
 
 @dataclass
@@ -41,6 +44,10 @@ class RuntimeConfig:
     default_adapter: str | None = None
     lora_slots: list[dict[str, Any]] = field(default_factory=list)
     version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        # Also for exports written before the defaults were recorded: prompt names resolve as in ST 6.x.
+        self.prompts = {**ST_DEFAULT_PROMPTS, **(self.prompts or {})}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

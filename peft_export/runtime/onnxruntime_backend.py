@@ -124,8 +124,16 @@ def check_external_data(model_path: Path) -> None:
     """Refuse ONNX files whose external data lives outside the model folder (path traversal, symlinks)."""
     import onnx  # only present with the export extra; without it ORT's own loader checks paths
 
+    from google.protobuf.message import DecodeError
+
     folder = model_path.parent.resolve()
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except DecodeError as err:
+        raise ConfigError(
+            f"{model_path} is not a readable ONNX model (protobuf: {err}); the file is truncated or corrupt. "
+            "Export the folder again."
+        ) from err
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key != "location":
@@ -136,6 +144,20 @@ def check_external_data(model_path: Path) -> None:
                     f"{model_path}: tensor {tensor.name!r} points to external data {entry.value!r} outside the "
                     "model folder; refused"
                 )
+
+
+def _open_session(ort, model_path: Path, options, providers: list, settings: SessionSettings):
+    """An InferenceSession; a file ONNX Runtime cannot parse or load is a ConfigError naming it."""
+    state = ort.capi.onnxruntime_pybind11_state
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers,
+                                    disabled_optimizers=settings.disabled_optimizers(providers))
+    except (state.InvalidProtobuf, state.InvalidGraph, state.NoSuchFile) as err:
+        detail = " ".join(str(err).split())[-300:]
+        raise ConfigError(
+            f"ONNX Runtime cannot load {model_path}: {detail}. The file is truncated or corrupt; export the folder "
+            "again."
+        ) from err
 
 
 class OnnxRuntimeBackend:
@@ -164,8 +186,7 @@ class OnnxRuntimeBackend:
             # A switchable graph's LoRA weights are overridable initializers by design; ORT logs a warning for
             # each one at load ("will not be treated as constant"). Errors still show.
             options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested,
-                                            disabled_optimizers=self.settings.disabled_optimizers(requested))
+        self.session = _open_session(ort, model_path, options, requested, self.settings)
         self.model_path = model_path
         self._requested = requested
         self._merged_sessions: MergedSessions | None = None
