@@ -42,6 +42,11 @@ class OutputExistsError(PeftExportError, FileExistsError):
     """The output folder exists and overwriting was not requested."""
 
 
+class NonFiniteEmbeddingError(PeftExportError, FloatingPointError):
+    """The model produced NaN or Inf for some input: corrupt weights or an adapter that overflows. Never returned
+    as an embedding."""
+
+
 class ToolError(PeftExportError, RuntimeError):
     """A library that peft_export drives (a quantizer, for one) failed on this model."""
 

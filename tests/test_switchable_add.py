@@ -73,7 +73,7 @@ def test_removing_the_default_adapter_clears_it(tmp_path):
     remove_adapter(folder, "attn", log=quiet)
     model = EmbeddingModel(folder)
     assert model.list_adapters() == [] and model.active_adapters() == []
-    assert json.loads((folder / "embedding_config.json").read_text())["default_adapter"] is None
+    assert json.loads((folder / "peft_export.json").read_text())["default_adapter"] is None
 
 
 def _refused(folder, spec, error, match, **kwargs):
