@@ -104,7 +104,7 @@ def test_corrupt_and_pickle_weights_are_refused(export, tmp_path):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(make_adapter("attn"), corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    _refused(export, f"corrupt={corrupt}", ConfigError, "is not a readable safetensors file")
+    _refused(export, f"corrupt={corrupt}", ConfigError, "is not a valid safetensors file")
     pickled = tmp_path / "pickled"
     shutil.copytree(make_adapter("attn"), pickled)
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")

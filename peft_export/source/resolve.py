@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, UnsafeModelError
+from .safetensors_file import check_safetensors_file
 from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
 from .hub import local_folder
 from .st_config import PipelineConfig, read_pipeline_config
@@ -72,6 +73,8 @@ def load_adapter_source(
     folder = local_folder(spec, revision=revision, token=token)
     config = read_adapter_config(folder)
     weights = adapter_weights_path(folder)
+    if weights.suffix == ".safetensors":
+        check_safetensors_file(weights, "adapter weights")
     name = name or DEFAULT_ADAPTER_NAME
     check_adapter_name(name)
     return AdapterSource(name=name, source=spec, folder=folder, config=config, weights=weights,
@@ -80,6 +83,8 @@ def load_adapter_source(
 
 def _has_weights(folder: Path) -> bool:
     if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors_file(weights, "model weights")
         return True
     if any(folder.glob("pytorch_model*.bin")) or any(folder.glob("*.pt")):
         raise UnsafeModelError(
