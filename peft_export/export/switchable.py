@@ -433,7 +433,9 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
             crash_point("add-adapter-file-written")
             entry = _manifest_entry(name, folder, summary, validation["adapters"][name], suffix)
             entry["file"], entry["file_sha256"] = relative, sha256_file(final)
-            manifest["adapters"] = [a for a in manifest.get("adapters", []) if a["name"] != name] + [entry]
+            entries = manifest.get("adapters", [])  # a replaced adapter keeps its place
+            manifest["adapters"] = ([entry if a["name"] == name else a for a in entries] if replaced
+                                    else [*entries, entry])
             files = {**{n: e["file"] for n, e in config.adapters.items()}, name: relative}
             manifest["export"]["files"] = _graph_files(config) + list(files.values())
             manifest["validation"].setdefault("adapter_pair_max_abs_diff", {}).update(
