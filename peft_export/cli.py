@@ -129,7 +129,7 @@ def _cmd_merge_openvino(args: argparse.Namespace) -> int:
 
 
 def _cmd_add_adapter(args: argparse.Namespace) -> int:
-    from .export.switchable import add_adapter
+    from .export.switchable_changes import add_adapter
 
     entry = add_adapter(args.path, args.adapter, base=args.base, force=args.force,
                         allow_noop_adapter=args.allow_noop_adapter, trust_remote_code=args.trust_remote_code,
@@ -139,7 +139,7 @@ def _cmd_add_adapter(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove_adapter(args: argparse.Namespace) -> int:
-    from .export.switchable import remove_adapter
+    from .export.switchable_changes import remove_adapter
 
     remove_adapter(args.path, args.name, log=lambda msg: print(msg, flush=True))
     return 0

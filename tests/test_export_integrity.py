@@ -25,7 +25,7 @@ from switchable_fixtures import (TEXTS, base_model, copy_export, make_adapter, m
 from peft_export import ConfigError, EmbeddingModel, NonFiniteEmbeddingError, PeftExportError, UnsafeModelError
 from peft_export.cli import main as cli_main
 from peft_export.export.artifact import clean_dead_temporaries, save_tokenizer
-from peft_export.export.switchable import remove_adapter
+from peft_export.export.switchable_changes import remove_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_PREFIX = ".peft-export-tmp-"
