@@ -238,8 +238,9 @@ def test_without_folder_exchange_a_kill_between_renames_is_put_back(tmp_path):
     result = _run_export(target, mode="no-exchange", point="export-old-aside")
     assert result.returncode == -signal.SIGKILL, result.stderr
     assert not target.exists()  # the one moment this fallback leaves nothing at the path ...
-    clean_dead_temporaries(tmp_path, target)  # ... which the next export into the folder repairs first
-    assert _version(target) == "old" and _leftovers(tmp_path) == []
+    other = tmp_path / "other"
+    assert _run_export(other, mode="no-exchange").returncode == 0  # ... which the next export beside it repairs
+    assert _version(target) == "old" and _version(other) == "new" and _leftovers(tmp_path) == []
     assert _run_export(target, mode="no-exchange").returncode == 0
     assert _version(target) == "new" and _leftovers(tmp_path) == []
 
@@ -251,13 +252,13 @@ def test_temporary_folders_of_live_runs_are_kept_and_of_dead_runs_removed(tmp_pa
     try:
         building = Path(process.stdout.readline().strip())
         assert building.is_dir()
-        clean_dead_temporaries(tmp_path, target)
+        clean_dead_temporaries(tmp_path)
         assert building.is_dir()  # its owner is alive
     finally:
         process.kill()
         process.wait(timeout=30)
     assert _leftovers(tmp_path)
-    clean_dead_temporaries(tmp_path, target)  # seconds old, but its owner is dead
+    clean_dead_temporaries(tmp_path)  # seconds old, but its owner is dead
     assert _leftovers(tmp_path) == [] and _version(target) == "old"
 
 

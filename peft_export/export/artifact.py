@@ -98,15 +98,33 @@ def _release(parent: Path, stem: str, fd: int) -> None:
     os.close(fd)
 
 
-def clean_dead_temporaries(parent: Path, target: Path | None = None) -> None:
+def _remove(path: Path) -> None:
+    """Delete a temporary folder; a symlink (an output path that was a link to a folder, swapped out) is unlinked,
+    never followed."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _restore_previous(entry: Path, parent: Path) -> None:
+    """An old export that a killed ``--force`` had renamed aside goes back to its path if nothing is there."""
+    if not entry.name.endswith(_PREVIOUS_SUFFIX) or not (entry / "export" / MANIFEST_FILE).is_file():
+        return
+    name = (entry / "target_name").read_text(encoding="utf-8").strip()
+    if name and Path(name).name == name and not (parent / name).exists():
+        os.rename(entry / "export", parent / name)
+
+
+def clean_dead_temporaries(parent: Path) -> None:
     """Remove the temporary folders in ``parent`` whose owner died, and their owner files. An old export left aside
-    by a killed ``--force`` (see the module docstring) is put back at ``target`` if nothing is there."""
+    by a killed ``--force`` (see the module docstring) is put back at its path if nothing is there."""
     try:
         entries = list(parent.glob(f"{_TMP_PREFIX}*"))
     except OSError:
         return
     for entry in entries:
-        if entry.name.endswith(_OWNER_SUFFIX) or not entry.is_dir():
+        if entry.name.endswith(_OWNER_SUFFIX) or not (entry.is_dir() or entry.is_symlink()):
             continue
         owner = entry.with_name(entry.name + _OWNER_SUFFIX)
         try:
@@ -115,11 +133,8 @@ def clean_dead_temporaries(parent: Path, target: Path | None = None) -> None:
                     continue
             elif time.time() - entry.stat().st_mtime < _UNOWNED_STALE_SECONDS:
                 continue  # no owner file: maybe an older version's export in progress
-            previous = entry / "export"
-            if (entry.name.endswith(_PREVIOUS_SUFFIX) and target is not None and not target.exists()
-                    and (previous / MANIFEST_FILE).is_file()):
-                os.rename(previous, target)
-            shutil.rmtree(entry, ignore_errors=True)
+            _restore_previous(entry, parent)
+            _remove(entry)
             owner.unlink(missing_ok=True)
         except OSError:
             continue
@@ -174,7 +189,7 @@ def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
         return
     if exchange_folders(tmp, target):  # target: the new export; tmp: the old one
         crash_point("export-swapped")
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         return
     # No exchange: rename the old export aside (into an owned folder, so that a kill right now leaves it
     # restorable: the next export puts it back), then the new one into place.
@@ -183,6 +198,7 @@ def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
     try:
         aside = parent / stem
         aside.mkdir()
+        (aside / "target_name").write_text(target.name, encoding="utf-8")
         os.rename(target, aside / "export")
         crash_point("export-old-aside")
         os.rename(tmp, target)
@@ -199,7 +215,7 @@ def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Pa
     stem = f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(6)}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        clean_dead_temporaries(parent, target)
+        clean_dead_temporaries(parent)
         fd = _claim(parent, stem)
     except OSError as err:
         raise PeftExportError(f"Cannot write to {parent}: {err.strerror or err}") from err

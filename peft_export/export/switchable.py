@@ -246,7 +246,10 @@ def _switchable_fields(options: ExportOptions, base_id: str) -> dict[str, Any]:
     }
 
 
-# add-adapter / remove-adapter live in switchable_changes.py; imported here, where callers have always found them.
-from .switchable_changes import add_adapter, remove_adapter  # noqa: E402
+def __getattr__(name: str):
+    """add_adapter / remove_adapter live in switchable_changes.py (which imports this module); found here too."""
+    if name in ("add_adapter", "remove_adapter"):
+        from . import switchable_changes
 
-__all__ = ["add_adapter", "remove_adapter", "run_switchable_export", "validate_switchable_graph"]
+        return getattr(switchable_changes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
