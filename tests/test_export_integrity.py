@@ -91,10 +91,9 @@ def test_graph_file_that_does_not_match_its_hash_is_refused(export):
 
 def test_runtime_config_and_manifest_that_disagree_are_refused(export):
     # An export written before the manifest alone listed the adapters, killed between its two writes.
-    manifest = _json(export / "peft_export.json")
+    _legacy(export)
     config = _json(export / "embedding_config.json")
-    config["adapters"] = {e["name"]: {"file": e["file"]} for e in manifest["adapters"] if e["name"] != "mixed"}
-    config["default_adapter"] = None
+    del config["adapters"]["mixed"]
     _write_json(export / "embedding_config.json", config)
     with pytest.raises(ConfigError, match=r"embedding_config.json lists adapters \['attn', 'ffn'\] .* but "
                                           r"peft_export.json lists \['attn', 'ffn', 'mixed'\].*was interrupted"):
@@ -129,6 +128,33 @@ def test_kill_during_add_adapter_force_leaves_the_old_or_the_new_adapter(export,
     assert len(list((export / "adapters").iterdir())) == 4  # the file no entry lists (new or replaced) is left
     remove_adapter(export, "ffn", log=quiet)  # the next change removes it
     assert sorted(p.name for p in (export / "adapters").iterdir()) == [n for n in listed if not n.startswith("ffn")]
+
+
+def _legacy(export: Path) -> None:
+    """The layout of exports made before the manifest alone listed the adapters: the config lists them too."""
+    manifest = _json(export / "peft_export.json")
+    config = _json(export / "embedding_config.json")
+    config["adapters"] = {e["name"]: {"file": e["file"], "r": e["r"]} for e in manifest["adapters"]}
+    config["default_adapter"] = None
+    _write_json(export / "embedding_config.json", config)
+
+
+@pytest.mark.parametrize("legacy, point, expect", [
+    (False, "remove-adapter-committed", ["attn", "mixed"]),
+    (True, "remove-adapter-config-migrated", ["attn", "ffn", "mixed"]),
+    (True, "remove-adapter-committed", ["attn", "mixed"]),
+])
+def test_kill_during_remove_adapter_leaves_the_old_or_the_new_set(export, legacy, point, expect):
+    if legacy:
+        _legacy(export)
+    result = subprocess.run([sys.executable, "-m", "peft_export.cli", "remove-adapter", str(export), "ffn"],
+                            env=_kill_env(point), capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert EmbeddingModel(export).list_adapters() == expect
+    assert "adapters" not in _json(export / "embedding_config.json")
+    remove_adapter(export, "mixed", log=quiet)  # the next change finishes the cleanup
+    assert sorted(p.name for p in (export / "adapters").iterdir()) == ["attn.onnx_adapter"] + (
+        ["ffn.onnx_adapter"] if "ffn" in expect else [])
 
 
 def _fail_manifest_fsync(monkeypatch, code: int) -> None:
