@@ -35,6 +35,7 @@ from ..runtime.config import MANIFEST_FILE
 
 _TMP_PREFIX = ".peft-export-tmp-"
 _OWNER_SUFFIX = ".owner"
+_CLAIM_PREFIX = ".peft-export-claim-"
 _PREVIOUS_SUFFIX = "-previous"  # the old export, renamed aside where folders cannot be exchanged
 _UNOWNED_STALE_SECONDS = 3600  # temporary folders without an owner file (older versions): removed after an hour
 CRASH_ENV = "PEFT_EXPORT_CRASH_AT"
@@ -78,7 +79,7 @@ def owned_by_live_process(owner: Path) -> bool:
 def _claim(parent: Path, stem: str) -> int:
     """Create ``parent/stem.owner`` already locked (made under another name, locked, then renamed, so no cleaner
     ever sees it unlocked); return its descriptor, which holds the lock until closed or the process dies."""
-    fd, made = tempfile.mkstemp(prefix=".peft-export-claim-", dir=parent)
+    fd, made = tempfile.mkstemp(prefix=_CLAIM_PREFIX, dir=parent)
     try:
         try:
             _try_lock(fd)
@@ -136,6 +137,12 @@ def clean_dead_temporaries(parent: Path) -> None:
             _restore_previous(entry, parent)
             _remove(entry)
             owner.unlink(missing_ok=True)
+        except OSError:
+            continue
+    for claim in parent.glob(f"{_CLAIM_PREFIX}*"):  # killed between creating an owner file and naming it
+        try:
+            if time.time() - claim.stat().st_mtime > 60 and not owned_by_live_process(claim):
+                claim.unlink()
         except OSError:
             continue
     for owner in parent.glob(f"{_TMP_PREFIX}*{_OWNER_SUFFIX}"):
@@ -201,7 +208,11 @@ def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
         (aside / "target_name").write_text(target.name, encoding="utf-8")
         os.rename(target, aside / "export")
         crash_point("export-old-aside")
-        os.rename(tmp, target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.rename(aside / "export", target)  # the old export back where it was
+            raise
         shutil.rmtree(aside, ignore_errors=True)
     finally:
         _release(parent, stem, fd)
