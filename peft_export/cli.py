@@ -136,7 +136,7 @@ def _cmd_merge_openvino(args: argparse.Namespace) -> int:
 
 def _cmd_add_adapter(args: argparse.Namespace) -> int:
     from .export.quiet import third_party_quiet
-    from .export.switchable import add_adapter
+    from .export.switchable_changes import add_adapter
 
     with third_party_quiet():
         entry = add_adapter(args.path, args.adapter, base=args.base, force=args.force,
@@ -147,7 +147,7 @@ def _cmd_add_adapter(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove_adapter(args: argparse.Namespace) -> int:
-    from .export.switchable import remove_adapter
+    from .export.switchable_changes import remove_adapter
 
     remove_adapter(args.path, args.name, log=lambda msg: print(msg, flush=True))
     return 0

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, UnsafeModelError
+from .safetensors_file import check_safetensors_file
 from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
 from .hub import PASS_ADAPTER_LOCALLY, PASS_BASE_LOCALLY, local_folder
 from .st_config import PipelineConfig, read_pipeline_config
@@ -119,6 +120,8 @@ def load_adapter_source(
     folder = local_folder(spec, revision=revision, token=token, instead=PASS_ADAPTER_LOCALLY)
     config = read_adapter_config(folder)
     weights = adapter_weights_path(folder)
+    if weights.suffix == ".safetensors":
+        check_safetensors_file(weights, "adapter weights")
     name = name or DEFAULT_ADAPTER_NAME
     check_adapter_name(name)
     return AdapterSource(name=name, source=spec, folder=folder, config=config, weights=weights,
@@ -127,6 +130,8 @@ def load_adapter_source(
 
 def _has_weights(folder: Path) -> bool:
     if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors_file(weights, "model weights")
         return True
     if any(folder.glob("pytorch_model*.bin")) or any(folder.glob("*.pt")):
         raise UnsafeModelError(
