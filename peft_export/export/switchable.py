@@ -22,7 +22,7 @@ from ..runtime.backends import detect_backend
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.lora_layout import Slot, pack_factors
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import (AdapterSource, load_adapter_source, parse_adapter_spec, recorded_source,
+from ..source.resolve import (AdapterSource, recorded_source,
                               resolve_model, sha256_file)
 from . import validate
 from .artifact import (atomic_output_folder, check_output_target, folder_size, record_graph_hashes,
