@@ -30,6 +30,10 @@ def load_base_encoder(folder: Path, trust_remote_code: bool = False) -> nn.Modul
     """The transformers encoder in fp32, eval mode, from safetensors only."""
     from transformers import AutoModel
 
+    from .quiet import quiet_loading_bars
+
+    quiet_loading_bars()
+
     # Loaded exactly as sentence-transformers loads it (pooler included), so adapter keys line up with the
     # modules PEFT saw at training time; the pooler output is unused and drops out of the traced graph.
     try:

@@ -137,6 +137,10 @@ def _apply_overrides(options: ExportOptions, resolved: ResolvedModel) -> None:
 def _load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
+    from .quiet import quiet_loading_bars
+
+    quiet_loading_bars()
+
     tokenizer = AutoTokenizer.from_pretrained(str(resolved.tokenizer_folder), trust_remote_code=trust_remote_code)
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(

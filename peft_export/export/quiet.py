@@ -9,6 +9,7 @@ multi-GB download without progress looks like a hang.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager
 from typing import Iterator
@@ -24,11 +25,27 @@ def third_party_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         for category in (FutureWarning, DeprecationWarning):
             warnings.filterwarnings("ignore", category=category, module=_NOISY_MODULES)
-        restore = _disable_transformers_progress_bars()
+        _state["active"] = True
+        if "transformers" in sys.modules:
+            quiet_loading_bars()
         try:
             yield
         finally:
-            restore()
+            _state["active"] = False
+            restore, _state["restore"] = _state["restore"], None
+            if restore is not None:
+                restore()
+
+
+# Inside third_party_quiet: whether it is active, and how to put transformers' bars back once silenced.
+_state: dict = {"active": False, "restore": None}
+
+
+def quiet_loading_bars() -> None:
+    """Called where an export first imports transformers (never earlier: an adapter config refused before that must
+    not have imported it): inside :func:`third_party_quiet`, turn its progress bars off until the block ends."""
+    if _state["active"] and _state["restore"] is None:
+        _state["restore"] = _disable_transformers_progress_bars()
 
 
 def _disable_transformers_progress_bars():
