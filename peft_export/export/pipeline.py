@@ -21,13 +21,13 @@ from ..source.resolve import ResolvedModel, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import validate
 from .artifact import atomic_output_folder, check_output_target, folder_size, library_versions, write_json
+from .families import family_of
 from .quality import QualityGate
 
 logger = logging.getLogger(__name__)
 
 # An adapter whose effect on normalised embeddings stays under this is reported as doing nothing.
 NOOP_ADAPTER_THRESHOLD = 1e-4
-_ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
 
 
 @dataclass
@@ -101,8 +101,7 @@ class ExportResult:
 def _max_seq_length(options: ExportOptions, resolved: ResolvedModel, encoder, tokenizer) -> int:
     cfg = encoder.config
     limit = getattr(cfg, "max_position_embeddings", None) or 512
-    if getattr(cfg, "model_type", "") in _ROBERTA_LIKE:
-        limit -= 2  # positions start after the padding index
+    limit -= family_of(encoder).position_offset  # e.g. RoBERTa-likes: positions start after the padding index
     requested = options.max_seq_length or resolved.pipeline.max_seq_length
     if requested is None:
         tok_max = getattr(tokenizer, "model_max_length", None)
