@@ -15,7 +15,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from ..errors import tool_step
+from ..errors import PeftExportError, ToolError
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
                 bert_attention_fusion=False),
     ModelFamily("qwen3", ("qwen3",), "Qwen3Model", **_ROTARY_DECODER),
     ModelFamily("llama", ("llama", "mistral"), "MistralModel", **_ROTARY_DECODER),
-    BidirectionalGemma3("gemma3", ("gemma3_text",), "Gemma3TextModel", lora_targets=_DECODER_TARGETS,
+    BidirectionalGemma3("gemma3", ("gemma3_text",), "Gemma3TextModel", lora_targets=_DECODER_TARGETS,  # mean pooling
                         bert_attention_fusion=False, decoder=True),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
@@ -122,5 +122,15 @@ def tracing_step(encoder, step: str) -> Iterator[None]:
     the step (e.g. "Tracing to ONNX"), instead of a traceback from inside torch or OpenVINO."""
     model_type = getattr(getattr(encoder, "config", None), "model_type", None) or type(encoder).__name__
     what = f"{step} of the {model_type!r} model ({type(encoder).__name__})"
-    with tool_step(what), family_of(encoder).tracing(encoder):
-        yield
+    try:
+        with family_of(encoder).tracing(encoder):
+            yield
+    except PeftExportError:
+        raise
+    except Exception as err:  # a tracer's own failure, often one line from deep inside C++ ("unordered_map::at")
+        first_line = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ToolError(
+            f"{what} failed: {type(err).__name__}: {first_line}. This model cannot be traced as loaded; a model "
+            "type that needs a traceable replacement (for example of a mask built with torch.vmap) needs an entry "
+            "in peft_export/export/families.py. Nothing was written."
+        ) from err
