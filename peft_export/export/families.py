@@ -93,7 +93,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
     DEFAULT_FAMILY,
     ModelFamily("distilbert", ("distilbert",), "DistilBertModel",
                 lora_targets=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")),
-    ModelFamily("roberta", ("roberta", "xlm-roberta", "camembert", "longformer"), "XLMRobertaModel",
+    ModelFamily("roberta", ("roberta", "xlm-roberta", "camembert", "longformer"), "RobertaModel / XLMRobertaModel",
                 pooling="cls", position_offset=2),
     ModelFamily("mpnet", ("mpnet",), "MPNetModel", lora_targets=("q", "k", "v", "o"), position_offset=2),
     ModelFamily("modernbert", ("modernbert",), "ModernBertModel", lora_targets=("Wqkv", "Wo", "Wi"),
