@@ -222,8 +222,9 @@ def untraceable_gemma3(monkeypatch):
                         lambda self, encoder: contextlib.nullcontext())
 
 
-@pytest.mark.parametrize("mode,step", [("merged-onnx", "Tracing to ONNX"),
-                                       ("merged-openvino", "Converting to OpenVINO")])
+@pytest.mark.parametrize("mode,step", [
+    ("merged-onnx", "Tracing to ONNX"),
+    pytest.param("merged-openvino", "Converting to OpenVINO", marks=pytest.mark.slow)])
 def test_untraceable_model_fails_with_one_error(untraceable_gemma3, gemma3_family, tmp_path, mode, step):
     out = tmp_path / "out"
     expected = rf"{step} \(.*\) of the 'gemma3_text' model \(Gemma3TextModel\) failed: .*Nothing was written"
