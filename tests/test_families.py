@@ -75,6 +75,11 @@ def mistral_family(tmp_path_factory) -> FamilyCase:
     return _build("mistral", tmp_path_factory.mktemp("family-mistral"))
 
 
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> FamilyCase:
+    return _build("llama", tmp_path_factory.mktemp("family-llama"))
+
+
 @pytest.fixture(scope="module")
 def parity_texts(real_texts) -> list[str]:
     return real_texts[:14] + [LONG_TEXT, "ok"]
