@@ -207,7 +207,8 @@ def memory(paths: dict[str, Path], workdir: Path, n: int) -> dict:
 
     config = json.loads((paths["switchable"] / "embedding_config.json").read_text())
     slots = {s["module"]: Slot.from_dict(s) for s in config["lora_slots"]}
-    sources = [paths["switchable"] / e["file"] for e in config["adapters"].values()]
+    manifest = json.loads((paths["switchable"] / "peft_export.json").read_text())  # the manifest lists the adapters
+    sources = [paths["switchable"] / e["file"] for e in manifest["adapters"]]
     files = []
     rng = np.random.default_rng(0)
     for i in range(n):  # n distinct adapters with the three layouts and ranks, random non-zero weights

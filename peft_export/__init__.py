@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 from .errors import (
     AdapterNotFoundError,
     ConfigError,
+    InvalidInputError,
     MissingDependencyError,
     ModelNotFoundError,
+    NonFiniteEmbeddingError,
     OutputExistsError,
     PeftExportError,
     ToolError,
@@ -24,9 +26,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterNotFoundError",
     "ConfigError",
+    "InvalidInputError",
     "EmbeddingModel",
     "MissingDependencyError",
     "ModelNotFoundError",
+    "NonFiniteEmbeddingError",
     "OpenVinoSettings",
     "OutputExistsError",
     "PeftExportError",

@@ -114,32 +114,40 @@ def _print_done(result) -> None:
 
 def _cmd_merge_onnx(args: argparse.Namespace) -> int:
     from .export.pipeline import run_onnx_export
+    from .export.quiet import third_party_quiet
 
     options = _export_options(args, DEFAULT_OUTPUT_SUFFIX)
-    _print_done(run_onnx_export(options, log=lambda msg: print(msg, flush=True)))
+    with third_party_quiet():  # our progress lines only, not the libraries' bars and deprecation notices
+        result = run_onnx_export(options, log=lambda msg: print(msg, flush=True))
+    _print_done(result)
     return 0
 
 
 def _cmd_merge_openvino(args: argparse.Namespace) -> int:
     from .export.pipeline import run_openvino_export
+    from .export.quiet import third_party_quiet
 
     options = _export_options(args, OPENVINO_OUTPUT_SUFFIX)
-    _print_done(run_openvino_export(options, args.weight_format, log=lambda msg: print(msg, flush=True)))
+    with third_party_quiet():
+        result = run_openvino_export(options, args.weight_format, log=lambda msg: print(msg, flush=True))
+    _print_done(result)
     return 0
 
 
 def _cmd_add_adapter(args: argparse.Namespace) -> int:
-    from .export.switchable import add_adapter
+    from .export.quiet import third_party_quiet
+    from .export.switchable_changes import add_adapter
 
-    entry = add_adapter(args.path, args.adapter, base=args.base, force=args.force,
-                        allow_noop_adapter=args.allow_noop_adapter, trust_remote_code=args.trust_remote_code,
-                        token=args.token, log=lambda msg: print(msg, flush=True))
+    with third_party_quiet():
+        entry = add_adapter(args.path, args.adapter, base=args.base, force=args.force,
+                            allow_noop_adapter=args.allow_noop_adapter, trust_remote_code=args.trust_remote_code,
+                            token=args.token, log=lambda msg: print(msg, flush=True))
     print(f"done: {entry['name']} -> {Path(args.path) / entry['file']}")
     return 0
 
 
 def _cmd_remove_adapter(args: argparse.Namespace) -> int:
-    from .export.switchable import remove_adapter
+    from .export.switchable_changes import remove_adapter
 
     remove_adapter(args.path, args.name, log=lambda msg: print(msg, flush=True))
     return 0
@@ -181,7 +189,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
               else f"{export.get('weight_format')} weights")
     print(f"export:      {path.absolute()} ({manifest.get('size_bytes', 0) / 1e6:.1f} MB, "
           f"{export['format']} {detail})")
-    print(f"base:        {manifest['base']['id']} (revision {manifest['base'].get('revision')})")
+    print(f"base:        {manifest['base']['id']} ({_base_origin(manifest['base'])})")
     for adapter in manifest.get("adapters", []):
         digest = next(iter(adapter["sha256"].values()))[:12]
         print(f"adapter:     {adapter['name']} <- {adapter['source']} r={adapter['r']} "
@@ -205,10 +213,26 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark.run import run_bench_command
+def _base_origin(base: dict) -> str:
+    """Where the base's weights came from: a hub revision, or a local folder (which has no revision)."""
+    if base.get("revision"):
+        return f"revision {base['revision']}"
+    if base.get("local_copy"):
+        return f"local copy from {base['local_copy']}"
+    base_id = str(base.get("id", ""))
+    if base_id.startswith((".", "/", "~")) or Path(base_id).expanduser().is_dir():
+        return "local folder"
+    return "revision not recorded"
 
-    return run_bench_command(args)
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from .benchmark.run import run_bench_command
+    from .export.quiet import third_party_quiet
+
+    with third_party_quiet() if args.eager else nullcontext():  # --eager loads models with transformers
+        return run_bench_command(args)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

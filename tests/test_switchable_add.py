@@ -73,7 +73,7 @@ def test_removing_the_default_adapter_clears_it(tmp_path):
     remove_adapter(folder, "attn", log=quiet)
     model = EmbeddingModel(folder)
     assert model.list_adapters() == [] and model.active_adapters() == []
-    assert json.loads((folder / "embedding_config.json").read_text())["default_adapter"] is None
+    assert json.loads((folder / "peft_export.json").read_text())["default_adapter"] is None
 
 
 def _refused(folder, spec, error, match, **kwargs):
@@ -104,7 +104,7 @@ def test_corrupt_and_pickle_weights_are_refused(export, tmp_path):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(make_adapter("attn"), corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    _refused(export, f"corrupt={corrupt}", ConfigError, "is not a readable safetensors file")
+    _refused(export, f"corrupt={corrupt}", ConfigError, "is not a valid safetensors file")
     pickled = tmp_path / "pickled"
     shutil.copytree(make_adapter("attn"), pickled)
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")

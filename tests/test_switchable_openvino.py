@@ -50,7 +50,7 @@ def test_folder_holds_an_ir_and_safetensors_adapters():
     assert sorted(p.name for p in (folder / "adapters").iterdir()) == [f"{n}.safetensors" for n in sorted(ADAPTERS)]
     assert not list(folder.rglob("*.onnx")) and not [p for p in folder.iterdir() if p.name.startswith(".")]
     assert config["backend"] == "openvino" and config["model_file"] == "openvino_model.xml"
-    assert config["adapters"]["attn"]["file"] == "adapters/attn.safetensors"
+    assert [e["file"] for e in manifest["adapters"] if e["name"] == "attn"] == ["adapters/attn.safetensors"]
     assert manifest["merge_mode"] == "switchable"
     export = manifest["export"]
     assert export["format"] == "openvino" and export["weight_format"] == "fp32"
@@ -98,6 +98,9 @@ def test_rank_zero_b_is_a_broadcast_column_and_older_irs_keep_full_width(model, 
     ir.reshape({p: ov.PartialShape([-1, slot["out_features"]]) for slot in slots for p in ir.inputs
                 if p.get_any_name() == f"{slot['module']}.lora_B"})
     ov.save_model(ir, str(old / "openvino_model.xml"), compress_to_fp16=False)
+    manifest = json.loads((old / "peft_export.json").read_text())
+    del manifest["export"]["sha256"]  # older exports recorded no graph hashes
+    (old / "peft_export.json").write_text(json.dumps(manifest))
     older = EmbeddingModel(old)
     for slot in slots:
         assert older.backend._lora_defaults[f"{slot['module']}.lora_B"].shape == (0, slot["out_features"])
@@ -204,9 +207,22 @@ def test_tampered_adapter_files_are_refused(model, tmp_path, mutate, message):
     assert "bad" not in model.list_adapters()
 
 
+def _record(folder, name, **changes):
+    """Edit adapter ``name``'s manifest entry; its sha256 follows the file, as an attacker would write it."""
+    manifest = json.loads((folder / "peft_export.json").read_text())
+    entry = next(e for e in manifest["adapters"] if e["name"] == name)
+    entry.update(changes)
+    if (folder / entry["file"]).is_file():
+        entry["file_sha256"] = _sha(folder / entry["file"])
+    (folder / "peft_export.json").write_text(json.dumps(manifest))
+
+
 def test_bad_adapter_files_in_an_export_are_refused_at_load(tmp_path):
     corrupt = copy_export(openvino_switchable_export(), tmp_path / "corrupt")
     (corrupt / "adapters" / "attn.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ConfigError, match="attn.safetensors does not hold what peft_export.json records"):
+        EmbeddingModel(corrupt)
+    _record(corrupt, "attn")
     with pytest.raises(ConfigError, match="attn.safetensors is not a valid adapter file \\(safetensors"):
         EmbeddingModel(corrupt)
     nan = copy_export(openvino_switchable_export(), tmp_path / "nan")
@@ -214,17 +230,17 @@ def test_bad_adapter_files_in_an_export_are_refused_at_load(tmp_path):
         nan / "adapters" / "mixed.safetensors"))
     arrays[QUERY_B] = np.full_like(arrays[QUERY_B], np.inf)
     _write(nan / "adapters" / "mixed.safetensors", arrays)
+    _record(nan, "mixed")
     with pytest.raises(ConfigError, match=f"mixed.safetensors: '{QUERY_B}' contains NaN or Inf"):
         EmbeddingModel(nan)
     escaping = copy_export(openvino_switchable_export(), tmp_path / "escaping")
-    config = json.loads((escaping / "embedding_config.json").read_text())
-    config["adapters"]["attn"]["file"] = "../corrupt/adapters/ffn.safetensors"
-    (escaping / "embedding_config.json").write_text(json.dumps(config))
+    _record(escaping, "attn", file="../corrupt/adapters/ffn.safetensors")
     with pytest.raises(UnsafeModelError, match="points outside the export folder"):
         EmbeddingModel(escaping)
     swapped = copy_export(openvino_switchable_export("attn-only", ("attn",)), tmp_path / "swapped")
     shutil.copy(openvino_switchable_export() / "adapters" / "ffn.safetensors",
                 swapped / "adapters" / "attn.safetensors")
+    _record(swapped, "attn")
     with pytest.raises(ConfigError, match="is not a LoRA input of this graph"):
         EmbeddingModel(swapped)
 

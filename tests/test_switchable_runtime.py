@@ -3,6 +3,7 @@ model's state alone, thread safety, on-the-fly loading, and clear refusals (merg
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -134,19 +135,31 @@ def test_adapter_files_are_checked_against_the_graph(model, tmp_path, mutate, me
     assert "bad" not in model.list_adapters()
 
 
+def _edit_manifest_entry(folder, name, **changes):
+    manifest = json.loads((folder / "peft_export.json").read_text())
+    next(e for e in manifest["adapters"] if e["name"] == name).update(changes)
+    (folder / "peft_export.json").write_text(json.dumps(manifest))
+
+
 def test_bad_adapter_files_in_an_export_are_refused_at_load(tmp_path):
     corrupt = copy_export(switchable_export(), tmp_path / "corrupt")
     (corrupt / "adapters" / "attn.onnx_adapter").write_bytes(b"\0" * 100)
+    with pytest.raises(ConfigError, match="attn.onnx_adapter does not hold what peft_export.json records for "
+                                          "adapter 'attn': sha256"):
+        EmbeddingModel(corrupt)
+    _edit_manifest_entry(corrupt, "attn", file_sha256=hashlib.sha256(b"\0" * 100).hexdigest())
     with pytest.raises(ConfigError, match="attn.onnx_adapter is not a valid ONNX Runtime adapter file"):
         EmbeddingModel(corrupt)
     escaping = copy_export(switchable_export(), tmp_path / "escaping")
-    config = json.loads((escaping / "embedding_config.json").read_text())
-    config["adapters"]["attn"]["file"] = "../corrupt/adapters/ffn.onnx_adapter"
-    (escaping / "embedding_config.json").write_text(json.dumps(config))
+    _edit_manifest_entry(escaping, "attn", file="../corrupt/adapters/ffn.onnx_adapter")
     with pytest.raises(UnsafeModelError, match="points outside the export folder"):
         EmbeddingModel(escaping)
     swapped = copy_export(switchable_export("attn-only", ("attn",)), tmp_path / "swapped")
-    shutil.copy(switchable_export() / "adapters" / "ffn.onnx_adapter", swapped / "adapters" / "attn.onnx_adapter")
+    source = switchable_export() / "adapters" / "ffn.onnx_adapter"
+    shutil.copy(source, swapped / "adapters" / "attn.onnx_adapter")
+    with pytest.raises(ConfigError, match="does not hold what peft_export.json records"):
+        EmbeddingModel(swapped)
+    _edit_manifest_entry(swapped, "attn", file_sha256=hashlib.sha256(source.read_bytes()).hexdigest())
     with pytest.raises(ConfigError, match="is not a LoRA input of this graph"):
         EmbeddingModel(swapped)
 

@@ -3,6 +3,7 @@ configs and tensors, adapters for another base, ONNX external data outside the f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -308,7 +309,7 @@ def test_adapter_for_a_base_with_another_hidden_size_is_refused(zoo, bert_case, 
 
 
 def test_adapter_for_another_architecture_is_refused(distilbert_case, bert_case, tmp_path):
-    with pytest.raises(ConfigError, match=r"match no module of the base model \(BertModel\)"):
+    with pytest.raises(ConfigError, match=r"match no module of the base model \(BertModel, model_type 'bert'\)"):
         _export(distilbert_case.adapter, tmp_path / "out", base=str(bert_case.base))
 
 
@@ -342,6 +343,10 @@ def _point_external_data(export: Path, location: str, data_file: Path) -> None:
         entry = tensor.external_data.add()
         entry.key, entry.value = key, value
     (export / "model.onnx").write_bytes(model.SerializeToString())
+    # As an attacker would, record the new graph's hash too: the path check below is what must refuse it.
+    manifest = json.loads((export / "peft_export.json").read_text())
+    manifest["export"]["sha256"]["model.onnx"] = hashlib.sha256((export / "model.onnx").read_bytes()).hexdigest()
+    (export / "peft_export.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("kind", ["parent", "absolute", "symlink"])
@@ -352,7 +357,8 @@ def test_external_data_outside_the_folder_is_refused(bert_case, tmp_path, kind):
         _point_external_data(export, "../outside.bin", outside)
     elif kind == "absolute":
         _point_external_data(export, str(outside), outside)
-    else:
+    else:  # a real model.onnx whose data is a symlink elsewhere (ONNX Runtime refuses; a hub snapshot, where
+        # both are symlinks into one blobs/ folder, loads: tests/test_export_integrity.py)
         _point_external_data(export, "weights.bin", outside)
         os.symlink(outside, export / "weights.bin")
     with pytest.raises(UnsafeModelError, match=r"points to external data .* outside the model folder; refused"):

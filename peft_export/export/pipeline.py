@@ -17,10 +17,11 @@ import numpy as np
 from ..errors import ConfigError, require
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import ResolvedModel, resolve_model
+from ..source.resolve import ResolvedModel, recorded_base, recorded_source, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import validate
-from .artifact import atomic_output_folder, check_output_target, folder_size, library_versions, write_json
+from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_graph_hashes,
+                       save_tokenizer, write_json)
 from .families import family_of
 from .quality import QualityGate
 
@@ -70,6 +71,7 @@ class MergedModel:
     dense_layers: int
     validation: dict[str, Any]  # measured parity so far; the format adds its own entries
     started: float
+    max_positions: int | None = None  # the encoder's positions: max_seq_length's limit, recorded for the runtime
 
 
 class GraphFormat(Protocol):
@@ -98,10 +100,16 @@ class ExportResult:
     resolved: ResolvedModel
 
 
-def _max_seq_length(options: ExportOptions, resolved: ResolvedModel, encoder, tokenizer) -> int:
+def position_limit(encoder) -> int:
+    """Tokens the encoder has positions for (RoBERTa-like models lose two to the padding index's offset)."""
     cfg = encoder.config
     limit = getattr(cfg, "max_position_embeddings", None) or 512
     limit -= family_of(encoder).position_offset  # e.g. RoBERTa-likes: positions start after the padding index
+    return int(limit)
+
+
+def _max_seq_length(options: ExportOptions, resolved: ResolvedModel, encoder, tokenizer) -> int:
+    limit = position_limit(encoder)
     requested = options.max_seq_length or resolved.pipeline.max_seq_length
     if requested is None:
         tok_max = getattr(tokenizer, "model_max_length", None)
@@ -238,7 +246,7 @@ class PreparedExport:
 
     def runtime_config(self, model_file: str, sentence_dim: int, backend: str = "onnxruntime") -> RuntimeConfig:
         return runtime_config(self.resolved, self.tokenizer, self.input_names, self.max_len, len(self.dense),
-                              sentence_dim, model_file, backend)
+                              sentence_dim, model_file, backend, max_positions=position_limit(self.encoder))
 
 
 def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedExport:
@@ -263,7 +271,7 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
 
 def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:
     """Resolve, load in fp32, merge the adapter with PEFT, and record the PyTorch reference outputs."""
-    from .merge import attach_adapters, merge_adapter
+    from .merge import attach_adapters, merge_adapter, nonfinite_hint
 
     started = time.perf_counter()
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
@@ -276,10 +284,10 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
             f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass --switchable to "
             "keep them as switchable adapters over one base graph"
         )
-    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
+    log(f"base: {recorded_source(resolved.base_id)} ({resolved.encoder_folder})")
     for adapter in resolved.adapters:
-        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
-            f"targets={adapter.config.target_modules}")
+        log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
+            f"alpha={adapter.config.lora_alpha} targets={adapter.config.target_modules}")
 
     prepared = prepare_export(options, resolved)
     encoder, make_pipeline, ref_tokenize = prepared.encoder, prepared.make_pipeline, prepared.ref_tokenize
@@ -289,6 +297,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
         adapter = resolved.adapters[0]
         peft_model = attach_adapters(encoder, resolved.adapters)
         references = validate.reference_outputs(make_pipeline(peft_model), ref_tokenize)
+        validate.check_finite_outputs(references, f"Adapter {adapter.name!r}", nonfinite_hint(adapter))
         with peft_model.disable_adapter():
             effect = validate.max_sentence_difference(references, validate.torch_runner(make_pipeline(peft_model)))
         parity["adapter_vs_base_max_abs_diff"] = effect
@@ -310,7 +319,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     return MergedModel(resolved=resolved, pipeline=final, tokenizer=tokenizer, input_names=names,
                        reference_tokenize=ref_tokenize,
                        references=references, max_seq_length=max_len, dense_layers=len(dense), validation=parity,
-                       started=started)
+                       started=started, max_positions=position_limit(encoder))
 
 
 def write_export(merged: MergedModel, options: ExportOptions, graph_format: GraphFormat,
@@ -322,16 +331,18 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
     resolved = merged.resolved
     with atomic_output_folder(options.output, force=options.force) as tmp:
         model_path = graph_format.write(merged, tmp, log)
-        merged.tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(merged.tokenizer, tmp)
         sentence_dim = int(merged.references[0].sentence_embedding.shape[-1])
         config = runtime_config(resolved, merged.tokenizer, merged.input_names, merged.max_seq_length,
-                                merged.dense_layers, sentence_dim, model_path.name, graph_format.backend)
+                                merged.dense_layers, sentence_dim, model_path.name, graph_format.backend,
+                                max_positions=merged.max_positions)
         config.save(tmp)
         runtime_tok = TextTokenizer(tmp, config)
         _check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, validate.VALIDATION_TEXTS)
         validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
         manifest = _manifest(resolved, graph_format.manifest_entry(config), config, validation,
                              time.perf_counter() - merged.started)
+        record_graph_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")
@@ -339,7 +350,8 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
 
 
 def runtime_config(resolved: ResolvedModel, tokenizer, input_names: list[str], max_seq_length: int, dense_layers: int,
-                   sentence_dim: int, model_file: str, backend: str) -> RuntimeConfig:
+                   sentence_dim: int, model_file: str, backend: str, max_positions: int | None = None
+                   ) -> RuntimeConfig:
     """embedding_config.json for an export of ``resolved``'s pipeline."""
     pipeline = resolved.pipeline
     return RuntimeConfig(
@@ -357,6 +369,7 @@ def runtime_config(resolved: ResolvedModel, tokenizer, input_names: list[str], m
         prompts=pipeline.prompts,
         default_prompt_name=pipeline.default_prompt_name,
         similarity_fn_name=pipeline.similarity_fn_name,
+        max_positions=max_positions,
     )
 
 
@@ -366,9 +379,10 @@ def _manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: Run
         "format": "peft_export",
         "format_version": 1,
         "created_unix": int(time.time()),
-        "base": {"id": resolved.base_id, "revision": resolved.base_revision},
+        "base": recorded_base(resolved),
         "adapters": [
-            {"name": a.name, "source": a.source, "sha256": {a.weights.name: a.sha256}, **a.config.summary()}
+            {"name": a.name, "source": recorded_source(a.source), "sha256": {a.weights.name: a.sha256},
+             **a.config.summary()}
             for a in resolved.adapters
         ],
         "merge_mode": "merged" if resolved.adapters else "none",

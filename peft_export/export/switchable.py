@@ -12,27 +12,26 @@ Validation, before anything is declared done (at export and at add-adapter):
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import AdapterNotFoundError, ConfigError, ValidationError
+from ..errors import ConfigError, ValidationError
 from ..runtime.backends import detect_backend
-from ..runtime.config import MANIFEST_FILE, RuntimeConfig, read_manifest
+from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.lora_layout import Slot, pack_factors
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import AdapterSource, load_adapter_source, parse_adapter_spec, resolve_model, sha256_file
+from ..source.resolve import (AdapterSource, recorded_source,
+                              resolve_model, sha256_file)
 from . import validate
-from .artifact import atomic_output_folder, check_output_target, folder_size, write_json
+from .artifact import (atomic_output_folder, check_output_target, folder_size, record_graph_hashes,
+                       save_tokenizer, write_json)
 from .families import family_of
 from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, _check_runtime_tokenizer,
                        _manifest, prepare_export)
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
-                                  check_targets_in_graph, max_output_difference, peft_lora_factors,
-                                  validate_adapter_run)
+                                  max_output_difference, peft_lora_factors, validate_adapter_run)
 
 logger = logging.getLogger(__name__)
 
@@ -176,10 +175,10 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         raise ConfigError(f"--default-adapter {options.default_adapter!r} is not one of the adapters {names}")
     for adapter in resolved.adapters:
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
-    log(f"base: {resolved.base_id} ({resolved.encoder_folder})")
+    log(f"base: {recorded_source(resolved.base_id)} ({resolved.encoder_folder})")
     for adapter in resolved.adapters:
-        log(f"adapter {adapter.name!r}: {adapter.source} r={adapter.config.r} alpha={adapter.config.lora_alpha} "
-            f"targets={adapter.config.target_modules}")
+        log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
+            f"alpha={adapter.config.lora_alpha} targets={adapter.config.target_modules}")
 
     prepared = prepare_export(options, resolved)
     peft_model = attach_adapters(prepared.encoder, resolved.adapters)
@@ -199,7 +198,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
 
     with atomic_output_folder(options.output, force=options.force) as tmp:
         model_path = export_graph(prepared.make_pipeline(graph_encoder), slots, tmp, options.opset)
-        prepared.tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(prepared.tokenizer, tmp)
         config = prepared.runtime_config(model_path.name, int(base[0].sentence_embedding.shape[-1]), backend)
         config.lora_slots = [slot.to_dict() for slot in slots]
         config.default_adapter = options.default_adapter
@@ -223,6 +222,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n], suffix)
                                 for n in names]
         manifest["validation"] = {k: v for k, v in validation.items() if k != "adapters"}
+        record_graph_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")
@@ -230,9 +230,14 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
 
 
 def _recorded(model_id: str | None) -> str | None:
-    """Local folders are recorded as absolute paths, so add-adapter finds them from any working directory."""
+    """Local folders are recorded as absolute paths, so add-adapter finds them from any working directory; under
+    the home directory as ``~/...`` (add-adapter expands it), so the manifest does not name the user's home."""
     if model_id and Path(model_id).expanduser().is_dir():
-        return str(Path(model_id).expanduser().resolve())
+        path = Path(model_id).expanduser().resolve()
+        try:
+            return str(Path("~") / path.relative_to(Path.home().resolve()))
+        except (ValueError, RuntimeError):  # outside the home directory, or no home directory
+            return str(path)
     return model_id
 
 
@@ -248,151 +253,10 @@ def _switchable_fields(options: ExportOptions, base_id: str) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """One add/remove at a time per export folder (an flock on the folder itself, so no file is created)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; callers must not run two changes at once
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def __getattr__(name: str):
+    """add_adapter / remove_adapter live in switchable_changes.py (which imports this module); found here too."""
+    if name in ("add_adapter", "remove_adapter"):
+        from . import switchable_changes
 
-
-def _load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
-    if not folder.is_dir():
-        raise ConfigError(f"Export folder not found: {folder}")
-    config = RuntimeConfig.load(folder)
-    manifest = read_manifest(folder)
-    if manifest.get("merge_mode") != MERGE_MODE or not config.lora_slots:
-        raise ConfigError(
-            f"{folder} is a {manifest.get('merge_mode', 'merged')!r} export; adapters can only be added to or "
-            "removed from a switchable export (peft-export merge-onnx BASE --adapter NAME=PATH --switchable)"
-        )
-    return config, manifest
-
-
-def _prepare_base(manifest: dict[str, Any], folder: Path, base: str | None, token, trust_remote_code: bool,
-                  config: RuntimeConfig) -> PreparedExport:
-    """The base model and pipeline the export was made from (``base`` overrides where the base is found), checked
-    against the export's runtime config."""
-    source, saved = manifest.get("source") or {}, manifest.get("export_options") or {}
-    model_id = source.get("model_id") or manifest["base"]["id"]
-    if model_id != source.get("base_id", model_id):  # an adapter-only folder whose base came from --base or its config
-        resolved = resolve_model(model_id, base=base or source.get("base"), revision=source.get("revision"),
-                                 base_revision=source.get("base_revision"), token=token)
-    else:
-        model_id = base or model_id
-        resolved = resolve_model(model_id, revision=None if base else source.get("revision"), token=token)
-    options = ExportOptions(model_id=model_id, output=folder, opset=saved.get("opset", 17),
-                            max_seq_length=saved.get("max_seq_length"), pooling=saved.get("pooling"),
-                            normalize=saved.get("normalize"), trust_remote_code=trust_remote_code)
-    prepared = prepare_export(options, resolved)
-    fresh = prepared.runtime_config(config.model_file, config.dimension).to_dict()
-    for key in ("input_names", "max_seq_length", "pooling_modes", "normalize", "has_dense", "do_lower_case"):
-        if fresh[key] != getattr(config, key):
-            raise ConfigError(
-                f"The base model {resolved.base_id!r} does not match this export: {key} is {fresh[key]!r} there and "
-                f"{getattr(config, key)!r} in the export. Pass --base with the model the export was made from."
-            )
-    return prepared
-
-
-def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force: bool = False,
-                allow_noop_adapter: bool = False, trust_remote_code: bool = False, token=None,
-                log: Callable[[str], None] = logger.info) -> dict[str, Any]:
-    """Convert and validate a PEFT adapter for an existing switchable export, then add its weight file.
-
-    The graph is never modified. Every check runs before anything is written to the folder; a rejected adapter
-    leaves it unchanged. Returns the adapter's manifest entry.
-    """
-    from .merge import attach_adapters
-
-    folder = Path(output)
-    name, target = parse_adapter_spec(spec)
-    if name is None:
-        raise ConfigError(f"Name the adapter: NAME={spec}")
-    _load_switchable(folder)
-    with _locked(folder):
-        config, manifest = _load_switchable(folder)
-        if name in config.adapters and not force:
-            raise ConfigError(f"{folder} already has an adapter named {name!r}; pass --force to replace it, or "
-                              "remove it first with `peft-export remove-adapter`")
-        adapter = load_adapter_source(target, name=name, token=token)
-        check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
-        slots = [Slot.from_dict(s) for s in config.lora_slots]
-        check_targets_in_graph(adapter, slots)
-        suffix, write_adapter_file = _adapter_writer(detect_backend(config))
-        recorded = manifest["base"]["id"]
-        if adapter.config.base_model_name_or_path and Path(adapter.config.base_model_name_or_path).name != \
-                Path(str(recorded)).name:
-            log(f"note: adapter {name!r} names base {adapter.config.base_model_name_or_path!r}; this export's base "
-                f"is {recorded!r}. Outputs are checked against the export's base below.")
-        prepared = _prepare_base(manifest, folder, base, token, trust_remote_code, config)
-        peft_model = attach_adapters(prepared.encoder, [adapter])
-        base_refs = _base_references(peft_model, prepared)
-        refs = adapter_references(peft_model, name, prepared.make_pipeline, prepared.ref_tokenize, base_refs)
-        _check_effect(refs, allow_noop_adapter)
-        arrays, summary = _convert(peft_model, adapter, slots)
-
-        final = folder / _adapter_file(name, suffix)
-        candidate = final.with_name(f".{final.name}.{os.getpid()}.candidate")
-        existing = {n: folder / _adapter_file(n, suffix) for n in config.adapters if n != name}
-        try:
-            write_adapter_file(candidate, arrays)
-            try:
-                validation = validate_switchable_graph(folder, config, base_refs, {name: (candidate, refs)},
-                                                       existing, allow_noop_adapter)
-            except ValidationError as err:
-                if "without an adapter" in str(err):
-                    raise ValidationError(
-                        f"{err}. The base model used for validation is not the one this export was made from; pass "
-                        "--base with that model."
-                    ) from err
-                raise
-            os.replace(candidate, final)  # commit order: weight file, runtime config, manifest
-        finally:
-            candidate.unlink(missing_ok=True)
-        config.adapters[name] = _runtime_entry(name, summary, suffix)
-        config.save(folder)
-        entry = _manifest_entry(name, folder, summary, validation["adapters"][name], suffix)
-        manifest["adapters"] = [a for a in manifest.get("adapters", []) if a["name"] != name] + [entry]
-        manifest["export"]["files"] = _graph_files(config) + [_adapter_file(n, suffix) for n in config.adapters]
-        manifest["validation"].setdefault("adapter_pair_max_abs_diff", {}).update(
-            validation["adapter_pair_max_abs_diff"])
-        manifest["size_bytes"] = folder_size(folder)
-        write_json(folder / MANIFEST_FILE, manifest)
-    log(f"added adapter {name!r} to {folder} ({final.stat().st_size / 1e6:.2f} MB): == eager PEFT within "
-        f"{validation['adapters'][name]['vs_eager_peft']['max_abs_diff']['sentence_embedding']:.1e}")
-    return entry
-
-
-def remove_adapter(output: str | Path, name: str, log: Callable[[str], None] = logger.info) -> None:
-    """Remove an adapter's weight file and its entries; the graph is never modified."""
-    folder = Path(output)
-    _load_switchable(folder)
-    with _locked(folder):
-        config, manifest = _load_switchable(folder)
-        if name not in config.adapters:
-            raise AdapterNotFoundError(f"{folder} has no adapter named {name!r}; it has {sorted(config.adapters)}")
-        del config.adapters[name]
-        if config.default_adapter == name:
-            config.default_adapter = None
-            log(f"{name!r} was the default adapter; the export now loads with no adapter active")
-        suffix, _ = _adapter_writer(detect_backend(config))
-        config.save(folder)  # commit point: the runtime no longer sees the adapter
-        (folder / _adapter_file(name, suffix)).unlink(missing_ok=True)
-        manifest["adapters"] = [a for a in manifest.get("adapters", []) if a["name"] != name]
-        manifest["default_adapter"] = config.default_adapter
-        manifest["export"]["files"] = _graph_files(config) + [_adapter_file(n, suffix) for n in config.adapters]
-        pairs = manifest.get("validation", {}).get("adapter_pair_max_abs_diff", {})
-        for key in [k for k in pairs if name in k.split(" vs ")]:
-            del pairs[key]
-        manifest["size_bytes"] = folder_size(folder)
-        write_json(folder / MANIFEST_FILE, manifest)
-    log(f"removed adapter {name!r} from {folder}")
+        return getattr(switchable_changes, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

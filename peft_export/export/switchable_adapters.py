@@ -18,7 +18,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..runtime.lora_layout import Slot, pack_factors
 from ..source.adapter_config import AdapterConfig
-from ..source.resolve import AdapterSource, load_adapter_source
+from ..source.resolve import AdapterSource, load_adapter_source, recorded_source
 from . import validate
 from .merge import _LORA_KEY, check_adapter_tensors, merge_adapter
 from .switchable_graph import UNUSED_HEADS
@@ -27,7 +27,6 @@ from .switchable_graph import UNUSED_HEADS
 _REFUSED = {
     "use_dora": "DoRA rescales every column of the updated weight by a learned magnitude",
     "lora_bias": "it trains a bias on lora_B",
-    "modules_to_save": "it stores full trained copies of modules, which would replace the shared base's",
     "kasa_config": "KaSA changes the LoRA forward",
     "monteclora_config": "MonteCLoRA changes the LoRA forward",
     "velora_config": "VeLoRA changes the LoRA forward",
@@ -151,7 +150,7 @@ def convert_peft_adapter(spec: str, slots: list[Slot], name: str = "default", re
 def adapter_summary(adapter: AdapterSource, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
     """What the manifest and embedding_config.json record about an adapter."""
     return {
-        "source": adapter.source,
+        "source": recorded_source(adapter.source),
         "sha256": {adapter.weights.name: adapter.sha256},
         **adapter.config.summary(),
         "modules": sorted(factors),
@@ -186,6 +185,7 @@ def adapter_references(peft_model, name: str, make_pipeline: Callable[[nn.Module
     """Eager PEFT with ``name`` active, and a merged copy of the model with ``name`` merged (PEFT's merge)."""
     peft_model.set_adapter(name)
     eager = validate.reference_outputs(make_pipeline(peft_model), tokenize)
+    validate.check_finite_outputs(eager, f"Adapter {name!r}")
     effect = validate.max_sentence_difference(base, replay(eager))
     merged_model = merge_adapter(copy.deepcopy(peft_model), name)
     merged = validate.reference_outputs(make_pipeline(merged_model), tokenize)

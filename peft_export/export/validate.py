@@ -124,9 +124,22 @@ def compare_with_reference(
 
 
 def max_sentence_difference(references: list[ReferenceBatch], run_graph) -> float:
-    """Largest difference of normalised sentence embeddings between ``run_graph`` and the references."""
+    """Largest difference of normalised sentence embeddings between ``run_graph`` and the references; inf when
+    either side is not finite (a NaN difference would otherwise compare as no difference at all)."""
     worst = 0.0
     for ref in references:
         got = run_graph(ref.feeds)["sentence_embedding"]
-        worst = max(worst, float(np.abs(_unit(got) - _unit(ref.sentence_embedding)).max()))
+        value = float(np.abs(_unit(got) - _unit(ref.sentence_embedding)).max())
+        worst = max(worst, value if np.isfinite(value) else float("inf"))
     return worst
+
+
+def check_finite_outputs(references: list[ReferenceBatch], what: str, hint: str = "") -> None:
+    """Raise ValidationError naming the output and the input shape where ``references`` hold NaN or Inf."""
+    for ref in references:
+        for name in ("sentence_embedding", "token_embeddings"):
+            if not np.isfinite(getattr(ref, name)).all():
+                raise ValidationError(
+                    f"{what} produces non-finite values (NaN/Inf) in {name} on input shape "
+                    f"{list(ref.feeds['input_ids'].shape)}{hint}"
+                )

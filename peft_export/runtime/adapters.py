@@ -18,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AdapterNotFoundError, ConfigError, UnsafeModelError, require
+from ..errors import AdapterNotFoundError, ConfigError, require
 from ..source.resolve import DEFAULT_ADAPTER_NAME, check_adapter_name
+from .export_files import confined, verify_sha256
 from .lora_layout import LORA_A, LORA_B, Slot, check_factor_arrays, unpack_factors
 from .onnxruntime_merged import MergedAdapter  # numpy only; onnx and onnxruntime load when a merge runs
 
@@ -30,14 +31,6 @@ class LoadedAdapter:
     adapter: Any  # the backend's handle
     source: str
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _inside(folder: Path, relative: str) -> Path:
-    """``folder / relative``, refusing paths that leave the folder (``..``, absolute paths, symlinks out)."""
-    target = (folder / relative).resolve()
-    if Path(relative).is_absolute() or folder.resolve() not in target.parents:
-        raise UnsafeModelError(f"{folder}: adapter file {relative!r} points outside the export folder; refused")
-    return target
 
 
 class AdapterMethods:
@@ -52,7 +45,7 @@ class AdapterMethods:
         if not self._slots:
             if self.config.adapters:
                 raise ConfigError(
-                    f"{self.path}: embedding_config.json lists adapters ({', '.join(sorted(self.config.adapters))}) "
+                    f"{self.path}: the export lists adapters ({', '.join(sorted(self.config.adapters))}) "
                     "but the graph has no LoRA branches (no lora_slots); the folder was modified. Export it again."
                 )
             return
@@ -65,7 +58,13 @@ class AdapterMethods:
                 f"{missing[0]!r}); the folder was modified. Export it again."
             )
         for name, entry in self.config.adapters.items():
-            self._register(name, self._load_checked(_inside(self.path, entry["file"])), entry["file"], entry)
+            if not isinstance(entry, dict):
+                raise ConfigError(f"{self.path}: adapter {name!r} has no entry with a file and its sha256")
+            path = confined(self.path, entry.get("file"), f"adapter {name!r}'s file")
+            # Each file is checked against the sha256 the manifest records, then read once: a file replaced or
+            # corrupted on disk is refused by name, and one changed later never mixes into this model.
+            verify_sha256(path, entry.get("file_sha256"), f"adapter {name!r}")
+            self._register(name, self._load_checked(path), entry["file"], entry)
         default = self.config.default_adapter
         if default is not None:
             if default not in self._adapters:
@@ -89,8 +88,9 @@ class AdapterMethods:
             )
 
     def _load_checked(self, path: Path):
-        check_factor_arrays(self._slots, self.backend.read_adapter(path), str(path))
-        return self.backend.load_adapter(path)
+        arrays = self.backend.read_adapter(path)
+        check_factor_arrays(self._slots, arrays, str(path))
+        return self.backend.load_adapter(path, arrays)
 
     def _register(self, name: str, adapter, source: str, info: dict[str, Any]) -> None:
         with self._adapter_lock:

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .atomic_file import write_atomically
+from .export_files import confined
 
 RUNTIME_CONFIG_FILE = "embedding_config.json"
 MANIFEST_FILE = "peft_export.json"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_VERSION = 1
+# sentence-transformers >= 6 gives every SentenceTransformer empty "query" and "document" prompts, which saved
+# prompts override; encode(prompt_name="query") on a model that saved none is accepted and adds nothing.
+ST_DEFAULT_PROMPTS = {"query": "", "document": ""}
 
 
 @dataclass
@@ -35,25 +39,36 @@ class RuntimeConfig:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
     similarity_fn_name: str = "cosine"
-    # Switchable exports: adapter name -> {"file": relative path, r, lora_alpha, modules, ...}, the adapter
-    # active when the model loads (None: the base), and the graph's LoRA slots (runtime.lora_layout.Slot dicts).
+    # Switchable exports: adapter name -> {"file": relative path, "file_sha256", r, lora_alpha, modules, ...}, the
+    # adapter active when the model loads (None: the base), and the graph's LoRA slots (lora_layout.Slot dicts).
+    # The adapter table and default adapter are the manifest's (peft_export.json), the one file that says which
+    # adapters an export holds: add/remove-adapter change it with one rename. They are filled in at load.
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_adapter: str | None = None
     lora_slots: list[dict[str, Any]] = field(default_factory=list)
+    # Positions the graph's encoder has (max_position_embeddings, less RoBERTa's offset): max_seq_length's limit.
+    # None in exports made before it was recorded.
+    max_positions: int | None = None
     version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        # Also for exports written before the defaults were recorded: prompt names resolve as in ST 6.x.
+        self.prompts = {**ST_DEFAULT_PROMPTS, **(self.prompts or {})}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def save(self, folder: Path) -> None:
-        """Write through a temporary file and a rename: a reader sees the old file or the new one, never half."""
-        path = folder / RUNTIME_CONFIG_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        """Write through a temporary file and a rename: a reader sees the old file or the new one, never half.
+        A switchable export's adapter table is not written here (the manifest holds it)."""
+        data = self.to_dict()
+        if self.lora_slots:
+            del data["adapters"], data["default_adapter"]
+        text = json.dumps(data, indent=2) + "\n"
+        write_atomically(folder / RUNTIME_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
-    def load(cls, folder: Path) -> RuntimeConfig:
+    def load(cls, folder: Path, prefer_manifest: bool = False) -> RuntimeConfig:
         path = folder / RUNTIME_CONFIG_FILE
         if not path.is_file():
             raise ConfigError(
@@ -64,16 +79,86 @@ class RuntimeConfig:
             raise ConfigError(f"{folder} has no {MANIFEST_FILE}: the export did not finish; export it again")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a JSON object")
         if data.get("version") != CONFIG_VERSION:
             raise ConfigError(f"{path} has config version {data.get('version')!r}; this runtime reads {CONFIG_VERSION}")
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        check_values(config, path)
+        confined(folder, config.model_file, f"{RUNTIME_CONFIG_FILE}'s model_file")
+        manifest = read_manifest(folder)
+        if config.lora_slots or manifest.get("merge_mode") == "switchable":
+            config.adapters, config.default_adapter = adapter_table(folder, data, manifest, prefer_manifest)
+        return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_values(config: RuntimeConfig, path: Path) -> None:
+    """Types and ranges of the values the runtime computes with; each refusal names the key, value and limit."""
+    if not _is_int(config.max_seq_length) or config.max_seq_length < 1:
+        raise ConfigError(f"{path}: max_seq_length must be a positive integer, found {config.max_seq_length!r}")
+    if config.max_positions is not None:
+        if not _is_int(config.max_positions) or config.max_positions < 1:
+            raise ConfigError(f"{path}: max_positions must be a positive integer, found {config.max_positions!r}")
+        if config.max_seq_length > config.max_positions:
+            raise ConfigError(f"{path}: max_seq_length {config.max_seq_length} exceeds the graph's "
+                              f"{config.max_positions} positions (max_positions); set it to at most "
+                              f"{config.max_positions}")
+    if not _is_int(config.dimension) or config.dimension < 1:
+        raise ConfigError(f"{path}: dimension must be a positive integer, found {config.dimension!r}")
+    if not _is_int(config.pad_token_id) or config.pad_token_id < 0:
+        raise ConfigError(f"{path}: pad_token_id must be a non-negative integer, found {config.pad_token_id!r}")
+    for key in ("input_names", "output_names", "pooling_modes", "lora_slots"):
+        if not isinstance(getattr(config, key), list):
+            raise ConfigError(f"{path}: {key} must be a list, found {getattr(config, key)!r}")
+    for key in ("adapters", "prompts"):
+        if not isinstance(getattr(config, key), dict):
+            raise ConfigError(f"{path}: {key} must be an object, found {getattr(config, key)!r}")
+
+
+def adapter_table(folder: Path, data: dict[str, Any], manifest: dict[str, Any], prefer_manifest: bool = False
+                  ) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """A switchable export's adapters (name -> runtime entry with ``file`` and ``file_sha256``) and default adapter,
+    from the manifest. Exports made before the manifest held them alone list them in embedding_config.json too; both
+    lists must then agree (they disagree after an add/remove-adapter interrupted between its two writes), unless
+    ``prefer_manifest`` (add/remove-adapter, which repair the folder by rewriting both)."""
+    entries = manifest.get("adapters") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                for e in entries):
+        raise ConfigError(f"{folder}: {MANIFEST_FILE}'s adapters must be a list of objects with a name")
+    table = {e["name"]: {k: v for k, v in e.items() if k not in ("name", "validation", "source")} for e in entries}
+    default = manifest.get("default_adapter")
+    legacy = data.get("adapters")
+    if legacy and not prefer_manifest:
+        mine = {name: (entry or {}).get("file") for name, entry in legacy.items()}
+        theirs = {name: entry.get("file") for name, entry in table.items()}
+        if mine != theirs or data.get("default_adapter") != default:
+            raise ConfigError(
+                f"{folder}: {RUNTIME_CONFIG_FILE} lists adapters {sorted(mine)} (default "
+                f"{data.get('default_adapter')!r}) but {MANIFEST_FILE} lists {sorted(theirs)} (default {default!r}): "
+                "an add-adapter or remove-adapter was interrupted. Run it again (add with --force), or export again."
+            )
+    if default is not None and default not in table:
+        raise ConfigError(f"{folder}: default_adapter {default!r} is not among the adapters {sorted(table)}")
+    return table, default
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
+    if not Path(folder).is_dir():
+        raise ConfigError(f"Export folder not found: {folder}")
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} has no {MANIFEST_FILE}; is it a peft_export export folder?")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict):
+        raise ConfigError(f"{path} must hold a JSON object")
+    return manifest

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteEmbeddingError
 from .adapters import AdapterMethods
 from .backends import open_backend
-from .config import RuntimeConfig, read_manifest
+from .config import RUNTIME_CONFIG_FILE, RuntimeConfig, read_manifest
+from .export_files import verify_graph_files
 from .onnxruntime_backend import SessionSettings
 from .precision import PRECISIONS, quantize_embeddings
 from .similarity import similarity, similarity_pairwise
@@ -80,12 +81,16 @@ class EmbeddingModel(AdapterMethods):
             raise ConfigError(f"Export folder not found: {self.path}")
         self.config = RuntimeConfig.load(self.path)
         self.manifest = read_manifest(self.path)
+        self._check_sequence_limit()
         self.device = device
         self.backend = open_backend(
             self.path, self.config, backend, device, providers=providers, intra_op_threads=intra_op_threads,
             session_settings=session_settings, openvino_settings=openvino_settings,
             inference_precision=inference_precision, performance_hint=performance_hint,
         )
+        # The graph is the one the manifest recorded (checked after the backend's own checks, whose errors say more
+        # about a missing or truncated file).
+        verify_graph_files(self.path, self.manifest)
         self._tokenizer = TextTokenizer(self.path, self.config)
         # Graph inputs are what the tokenizer feeds; anything else means the folder was tampered with.
         missing = set(self.backend.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
@@ -95,10 +100,46 @@ class EmbeddingModel(AdapterMethods):
         if absent:
             raise ConfigError(f"{self.path}: graph lacks outputs {sorted(absent)}; export the folder again")
         self._tokenizer.input_names = self.backend.input_names
+        self._check_output_width()
         # Padded tokens per run for encode(max_batch_tokens="auto"): small runs keep attention in cache on CPUs.
         on_gpu = str(device).lower() == "cuda" or str(device).upper().startswith("GPU")
         self.max_batch_tokens: int | None = None if on_gpu else CPU_MAX_BATCH_TOKENS
         self._init_adapters()
+
+    def _check_sequence_limit(self) -> None:
+        """max_seq_length within what the graph takes: its positions (recorded at export), or for exports made
+        before that was recorded, the length the export was validated with."""
+        if self.config.max_positions is not None:
+            return  # checked against max_positions when the config was read
+        exported = (self.manifest.get("pipeline") or {}).get("max_seq_length")
+        if isinstance(exported, int) and self.config.max_seq_length > exported:
+            raise ConfigError(
+                f"{self.path / RUNTIME_CONFIG_FILE}: max_seq_length {self.config.max_seq_length} exceeds the "
+                f"{exported} tokens this graph was exported and validated with; set it to at most {exported}"
+            )
+
+    def _check_output_width(self) -> None:
+        """``dimension`` must be the graph's sentence_embedding width wherever the graph declares it."""
+        width = getattr(self.backend, "output_width", lambda name: None)("sentence_embedding")
+        if width is not None and width != self.config.dimension:
+            raise ConfigError(
+                f"{self.path / RUNTIME_CONFIG_FILE}: dimension is {self.config.dimension} but the graph's "
+                f"sentence_embedding has {width} values; set dimension to {width}"
+            )
+
+    def _check_finite(self, vectors: list[np.ndarray], adapter: str | bool | None) -> None:
+        """Refuse NaN/Inf instead of returning them as embeddings (corrupt weights, an overflowing adapter)."""
+        bad = [i for i, v in enumerate(vectors) if not np.isfinite(v).all()]
+        if not bad:
+            return
+        if adapter is None:
+            with self._adapter_lock:
+                adapter = self._active_adapter if self._adapters_enabled else None
+        which = "the base model" if adapter in (None, False) else f"adapter {adapter!r}"
+        raise NonFiniteEmbeddingError(
+            f"{self.path} with {which} produced NaN or Inf for {len(bad)} of {len(vectors)} inputs (first: index "
+            f"{bad[0]}); its weights may be corrupt. Nothing was returned."
+        )
 
     # ----- properties mirroring SentenceTransformer -----
     @property
@@ -231,6 +272,7 @@ class EmbeddingModel(AdapterMethods):
                     results[i] = emb
                 progress(len(index))
 
+        self._check_finite(results, adapter)
         if output_value == "token_embeddings":
             return results[0] if single else results
         dim = truncate_dim or self.config.dimension

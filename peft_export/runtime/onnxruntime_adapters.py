@@ -7,7 +7,7 @@ loaded, so a process holding many adapters pays for their size once, in the page
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +20,13 @@ ADAPTER_SUFFIX = ".onnx_adapter"
 
 @dataclass(frozen=True)
 class OrtAdapter:
-    """A loaded adapter: the file it was mapped from and ONNX Runtime's handle to it."""
+    """A loaded adapter: the file it was mapped from, ONNX Runtime's handle to it, and the arrays read when it was
+    loaded (merge_adapter and get_adapter_state_dict use those, never the file again, which a later export may
+    have replaced)."""
 
     path: Path
     handle: object  # onnxruntime.LoraAdapter
+    arrays: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
 
 def write_adapter_file(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -51,15 +54,16 @@ def read_adapter_arrays(path: Path) -> dict[str, np.ndarray]:
     return {name: np.array(value.numpy()) for name, value in parameters.items()}
 
 
-def load_adapter_file(path: Path) -> OrtAdapter:
-    """Memory-map an adapter file for runs; check its contents first with :func:`read_adapter_arrays`."""
+def load_adapter_file(path: Path, arrays: dict[str, np.ndarray] | None = None) -> OrtAdapter:
+    """Memory-map an adapter file for runs; check its contents first with :func:`read_adapter_arrays` and pass
+    what it returned as ``arrays`` (kept with the handle)."""
     ort = require("onnxruntime", "onnxruntime")
     handle = ort.LoraAdapter()
     try:
         handle.Load(str(path))
     except RuntimeError as err:
         raise ConfigError(f"{path} could not be loaded as an ONNX Runtime adapter: {str(err).splitlines()[0]}") from err
-    return OrtAdapter(Path(path), handle)
+    return OrtAdapter(Path(path), handle, arrays)
 
 
 def run_options(adapter: OrtAdapter | None):

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..errors import ConfigError, UnsafeModelError, require
 from . import onnxruntime_adapters as adapters
+from .export_files import confined
 from .lora_layout import Slot
 from .onnxruntime_merged import MergedAdapter, MergedSessions, release_free_memory
 
@@ -121,21 +122,51 @@ def resolve_providers(device: str, providers: list | None, available: list[str])
 
 
 def check_external_data(model_path: Path) -> None:
-    """Refuse ONNX files whose external data lives outside the model folder (path traversal, symlinks)."""
+    """Refuse ONNX files whose external data is written as a location outside the model folder (absolute, ``..``).
+    Confined by the path written, not by where a symlink resolves: a Hugging Face cache snapshot is symlinks into
+    its blobs/ folder by design (what the files hold is checked against the manifest's hashes instead)."""
     import onnx  # only present with the export extra; without it ORT's own loader checks paths
 
-    folder = model_path.parent.resolve()
-    model = onnx.load(str(model_path), load_external_data=False)
+    from google.protobuf.message import DecodeError
+
+    folder = model_path.parent
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except DecodeError as err:
+        raise ConfigError(
+            f"{model_path} is not a readable ONNX model (protobuf: {err}); the file is truncated or corrupt. "
+            "Export the folder again."
+        ) from err
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key != "location":
                 continue
-            target = (folder / entry.value).resolve()
-            if os.path.isabs(entry.value) or folder not in target.parents:
+            try:
+                confined(folder, entry.value, f"tensor {tensor.name!r}'s external data")
+            except UnsafeModelError as err:
                 raise UnsafeModelError(
                     f"{model_path}: tensor {tensor.name!r} points to external data {entry.value!r} outside the "
                     "model folder; refused"
-                )
+                ) from err
+
+
+def _open_session(ort, model_path: Path, options, providers: list, settings: SessionSettings):
+    """An InferenceSession; a file ONNX Runtime cannot parse or load is a ConfigError naming it."""
+    state = ort.capi.onnxruntime_pybind11_state
+    try:
+        return ort.InferenceSession(str(model_path), sess_options=options, providers=providers,
+                                    disabled_optimizers=settings.disabled_optimizers(providers))
+    except (state.InvalidProtobuf, state.InvalidGraph, state.NoSuchFile) as err:
+        detail = " ".join(str(err).split())[-300:]
+        raise ConfigError(
+            f"ONNX Runtime cannot load {model_path}: {detail}. The file is truncated or corrupt; export the folder "
+            "again."
+        ) from err
+    except Exception as err:  # ONNX Runtime's own check: data behind a symlink that leaves the model's folder
+        if "escapes model directory" not in str(err):
+            raise
+        raise UnsafeModelError(f"{model_path} points to external data through a symlink outside the model folder; "
+                               f"refused (ONNX Runtime: {str(err).split('Error: ', 1)[-1]})") from err
 
 
 class OnnxRuntimeBackend:
@@ -164,8 +195,11 @@ class OnnxRuntimeBackend:
             # A switchable graph's LoRA weights are overridable initializers by design; ORT logs a warning for
             # each one at load ("will not be treated as constant"). Errors still show.
             options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(model_path), sess_options=options, providers=requested,
-                                            disabled_optimizers=self.settings.disabled_optimizers(requested))
+        # Held open for merge_adapter, which reads the graph again: through this descriptor it reads the file this
+        # session was made from, even after an export --force has put another one at the path.
+        self._graph_fd = os.open(model_path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        weakref.finalize(self, os.close, self._graph_fd)
+        self.session = _open_session(ort, model_path, options, requested, self.settings)
         self.model_path = model_path
         self._requested = requested
         self._merged_sessions: MergedSessions | None = None
@@ -211,6 +245,13 @@ class OnnxRuntimeBackend:
             session.run_with_iobinding(binding, options)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
 
+    def output_width(self, name: str) -> int | None:
+        """The last axis of output ``name`` where the graph fixes it (None when it is dynamic or absent)."""
+        for output in self.session.get_outputs():
+            if output.name == name and output.shape and isinstance(output.shape[-1], int):
+                return int(output.shape[-1])
+        return None
+
     def describe(self) -> dict:
         """What was asked for and what ONNX Runtime runs (providers, threads)."""
         return {"backend": self.name, "providers": self.providers,
@@ -223,8 +264,9 @@ class OnnxRuntimeBackend:
         """The tensors of an adapter file, by graph input name."""
         return adapters.read_adapter_arrays(Path(path))
 
-    def load_adapter(self, path: Path) -> adapters.OrtAdapter:
-        return adapters.load_adapter_file(Path(path))
+    def load_adapter(self, path: Path, arrays: dict[str, np.ndarray] | None = None) -> adapters.OrtAdapter:
+        """A handle for runs; ``arrays`` (what :meth:`read_adapter` gave for this file) are kept with it."""
+        return adapters.load_adapter_file(Path(path), arrays)
 
     def adapter_from_arrays(self, arrays: dict[str, np.ndarray]) -> adapters.OrtAdapter:
         """An adapter from graph-layout arrays, kept in a private folder that is removed with this backend."""
@@ -234,12 +276,27 @@ class OnnxRuntimeBackend:
         fd, name = tempfile.mkstemp(suffix=adapters.ADAPTER_SUFFIX, dir=self._scratch)
         os.close(fd)
         adapters.write_adapter_file(Path(name), arrays)
-        return adapters.load_adapter_file(Path(name))
+        return adapters.load_adapter_file(Path(name), {k: np.array(v, dtype=np.float32) for k, v in arrays.items()})
 
     def adapter_arrays(self, adapter: adapters.OrtAdapter | MergedAdapter) -> dict[str, np.ndarray]:
         if isinstance(adapter, MergedAdapter):
             adapter = adapter.source
+        if adapter.arrays is not None:
+            return {name: value.copy() for name, value in adapter.arrays.items()}
         return adapters.read_adapter_arrays(adapter.path)
+
+    def graph_bytes(self) -> bytes:
+        """The model file as this session loaded it (read through the descriptor opened then)."""
+        if not hasattr(os, "pread"):
+            return self.model_path.read_bytes()
+        size, parts, offset = os.fstat(self._graph_fd).st_size, [], 0
+        while offset < size:
+            part = os.pread(self._graph_fd, min(size - offset, 1 << 24), offset)
+            if not part:
+                break
+            parts.append(part)
+            offset += len(part)
+        return b"".join(parts)
 
     def merge_adapter(self, adapter: adapters.OrtAdapter, slots: list[Slot],
                       attention: dict[str, int] | None = None) -> MergedAdapter:
@@ -252,7 +309,7 @@ class OnnxRuntimeBackend:
                 "calls rotate between merged adapters). Keep stop_spinning_between_runs=True (the default)."
             )
         if self._merged_sessions is None:
-            self._merged_sessions = MergedSessions(self.model_path, slots)
+            self._merged_sessions = MergedSessions(self.model_path, slots, self.graph_bytes)
         ort = require("onnxruntime", "onnxruntime")
         session = self._merged_sessions.build(self.adapter_arrays(adapter), self.settings.to_session_options(ort),
                                               self._requested, self.settings.disabled_optimizers(self._requested),

@@ -28,6 +28,7 @@ import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -95,9 +96,12 @@ def cut_branches(model, slots: list[Slot]) -> dict[str, str]:
 class MergedSessions:
     """Builds one session per merged adapter from a switchable ONNX file, sharing the untouched base weights."""
 
-    def __init__(self, model_path: Path, slots: list[Slot]):
+    def __init__(self, model_path: Path, slots: list[Slot], read_graph: Callable[[], bytes] | None = None):
         self.model_path = model_path
         self.slots = slots
+        # The graph's bytes as the switchable session loaded them (see OnnxRuntimeBackend.graph_bytes), so that a
+        # file replaced on disk since (an export --force) is never merged with this model's adapters.
+        self.read_graph = read_graph or model_path.read_bytes
         self._lock = threading.Lock()
         self._shared: dict[str, object] = {}  # initializer name -> OrtValue, one copy for every merged session
         self._arrays: dict[str, np.ndarray] = {}  # the memory those OrtValues borrow
@@ -117,7 +121,11 @@ class MergedSessions:
         with self._lock:
             # ONNX Runtime wants every initializer's data in the graph bytes, even those add_initializer replaces,
             # so the graph is read again for each merge rather than kept (it is as large as the weights).
-            model = onnx.load(str(self.model_path))
+            model = onnx.load_model_from_string(self.read_graph())
+            if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+                from onnx.external_data_helper import load_external_data_for_model
+
+                load_external_data_for_model(model, str(self.model_path.parent))
             weights = cut_branches(model, self.slots)
             if not self._shared:
                 for tensor in model.graph.initializer:

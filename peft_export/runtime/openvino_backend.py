@@ -282,6 +282,15 @@ class OpenVinoBackend:
             request.set_tensor(name, tensor if adapter is None else adapter.tensors.get(name, tensor))
         self._local.adapter = adapter
 
+    def output_width(self, name: str) -> int | None:
+        """The last axis of output ``name`` where the model fixes it (None when it is dynamic or absent)."""
+        for port in self.compiled.outputs:
+            if name in port.get_names():
+                shape = port.get_partial_shape()
+                if shape.rank.is_static and shape.rank.get_length() and shape[shape.rank.get_length() - 1].is_static:
+                    return int(shape[shape.rank.get_length() - 1].get_length())
+        return None
+
     def run(self, feeds: dict[str, np.ndarray], outputs: list[str] | None = None,
             adapter: adapters.OvAdapter | None = None) -> dict[str, np.ndarray]:
         """One inference; ``adapter`` (from load_adapter / adapter_from_arrays) is active for this run only."""
@@ -322,8 +331,9 @@ class OpenVinoBackend:
         """The tensors of an adapter file (``.safetensors``; ``.onnx_adapter`` with onnxruntime), by input name."""
         return adapters.read_adapter_arrays(Path(path))
 
-    def load_adapter(self, path: Path) -> adapters.OvAdapter:
-        arrays = self._checked(self.read_adapter(path), str(path))
+    def load_adapter(self, path: Path, arrays: dict[str, np.ndarray] | None = None) -> adapters.OvAdapter:
+        """A handle for runs from ``arrays`` (what :meth:`read_adapter` gave for this file) or the file itself."""
+        arrays = self._checked(self.read_adapter(path) if arrays is None else arrays, str(path))
         return adapters.OvAdapter(Path(path), arrays, self._tensors(arrays))
 
     def adapter_from_arrays(self, arrays: dict[str, np.ndarray]) -> adapters.OvAdapter:

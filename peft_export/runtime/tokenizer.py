@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import ConfigError, InvalidInputError
 from .batches import plan_batches
 from .config import TOKENIZER_FILE, RuntimeConfig
 
@@ -17,7 +18,13 @@ class TextTokenizer:
     def __init__(self, folder: Path, config: RuntimeConfig):
         from tokenizers import Tokenizer
 
-        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        path = folder / TOKENIZER_FILE
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: the export folder lacks its tokenizer; export the folder again")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # the tokenizers library raises plain Exception for unreadable files
+            raise ConfigError(f"{path} is not a readable tokenizers file: {err}") from err
         self.max_seq_length = config.max_seq_length
         self.do_lower_case = config.do_lower_case
         self.tokenizer.enable_truncation(max_length=config.max_seq_length)
@@ -29,7 +36,10 @@ class TextTokenizer:
         """``tokenizers.Encoding`` per text (truncated, unpadded): tokenize once, then batch with ``pad``."""
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
-        return self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        try:
+            return self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
+            raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
 
     def pad(self, encodings: list) -> dict[str, np.ndarray]:
         """The graph's inputs for ``encodings``, right-padded to the longest of them."""
@@ -66,3 +76,14 @@ class TextTokenizer:
         ids = self.tokenizer.encode(prompt.lower() if self.do_lower_case else prompt).ids
         special = {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
         return len(ids) - 1 if ids and ids[-1] in special else len(ids)
+
+
+def _first_invalid(texts: list[str]) -> str:
+    """Name the first text that is not valid Unicode (a lone UTF-16 surrogate such as "\\ud800")."""
+    for index, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return (f"sentences[{index}] is not valid Unicode: {err.object[err.start:err.end]!r} at character "
+                    f"{err.start} is a lone surrogate")
+    return "the input could not be tokenized"

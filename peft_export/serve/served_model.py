@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteEmbeddingError
 from .protocol import ApiError, show
 from .settings import ServeSettings
 
@@ -90,7 +90,18 @@ class ServedModel:
             options["adapter"] = adapter
         elif self.adapters:
             options["adapter"] = False  # the base itself, even when the export activates a default adapter
-        return np.asarray(self.model.encode(texts, **options), dtype=np.float32)
+        try:
+            vectors = np.asarray(self.model.encode(texts, **options), dtype=np.float32)
+        except NonFiniteEmbeddingError as err:
+            raise self._non_finite(adapter) from err
+        if not np.isfinite(vectors).all():  # any model object: NaN/Inf is never served as an embedding
+            raise self._non_finite(adapter)
+        return vectors
+
+    def _non_finite(self, adapter: str | None) -> ApiError:
+        return ApiError(500, "non_finite_embedding",
+                        f"Model {self.label(adapter)!r} produced NaN or Inf for this batch (corrupt weights?); "
+                        "no embeddings were returned")
 
 
 def _token_counter(model: Any):

@@ -126,6 +126,12 @@ def check_adapter_config(raw: dict[str, Any], where: str = "adapter_config.json"
         isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets)
     ):
         raise ConfigError(f"{where}: 'target_modules' must be a non-empty list of module names or a regex string")
+    if raw.get("modules_to_save"):
+        raise ConfigError(
+            f"{where}: 'modules_to_save' is set ({raw['modules_to_save']!r}): it stores full trained copies of "
+            "modules, which peft_export does not export (LoRA weights only). Merge the adapter into its base with "
+            "PEFT (merge_and_unload), save that, and export the merged model instead."
+        )
     for key in _UNSUPPORTED_WHEN_SET:
         if raw.get(key):
             raise ConfigError(f"{where}: {key!r} is set ({raw[key]!r}); peft_export cannot export it exactly")

