@@ -27,8 +27,11 @@ _UNUSED_HEADS = ("pooler",)
 
 
 def load_base_encoder(folder: Path, trust_remote_code: bool = False) -> nn.Module:
-    """The transformers encoder in fp32, eval mode, from safetensors only."""
-    from transformers import AutoModel
+    """The transformers encoder in fp32, eval mode, from safetensors only, loaded as its family's registry entry
+    says (export/families.py: eager attention; the key/value cache off for decoders)."""
+    from transformers import AutoConfig, AutoModel
+
+    from .families import family_for
 
     from .quiet import quiet_loading_bars
 
@@ -37,12 +40,13 @@ def load_base_encoder(folder: Path, trust_remote_code: bool = False) -> nn.Modul
     # Loaded exactly as sentence-transformers loads it (pooler included), so adapter keys line up with the
     # modules PEFT saw at training time; the pooler output is unused and drops out of the traced graph.
     try:
+        model_type = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).model_type
         model = AutoModel.from_pretrained(
             str(folder),
             dtype=torch.float32,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
-            attn_implementation="eager",
+            **family_for(model_type).load_kwargs(),
         )
     except ValueError as err:
         if "trust_remote_code" in str(err):

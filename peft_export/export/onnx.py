@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from .families import family_of, tracing_step
 from .fp16 import DTYPES
 from .graph import EmbeddingPipeline
 
@@ -18,6 +19,7 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
 OUTPUT_NAMES = ["sentence_embedding", "token_embeddings"]
 _TWO_GIB = 2 * 1024**3
+TRACE_ONNX = "Tracing to ONNX (torch.onnx.export)"
 STATIC_KEEPS_TRACED = ("int8-static: ONNX Runtime's static (QDQ) quantizer has no form of the fused Attention "
                        "operator, so the traced query/key/value MatMuls are quantized instead")
 
@@ -50,7 +52,7 @@ def export_onnx(pipeline: EmbeddingPipeline, folder: Path, opset: int = DEFAULT_
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["sentence_embedding"] = {0: "batch"}
     axes["token_embeddings"] = {0: "batch", 1: "sequence"}
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, TRACE_ONNX):
         # The TorchScript exporter warns about its own deprecation and about tracing constants; neither
         # affects this graph, whose correctness the validation stage checks numerically.
         warnings.simplefilter("ignore")
@@ -153,6 +155,9 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
     from .ort_fusion import AttentionShape, fuse_attention
     from .validate import compare_with_reference
 
+    skip = family_of(merged.pipeline.encoder).fusion_skip_reason()
+    if skip:
+        return {"applied": False, "reason": skip}
     shape = AttentionShape.of(getattr(merged.pipeline.encoder, "config", None))
     if shape is None:
         return {"applied": False, "reason": "the encoder config has no num_attention_heads / hidden_size"}

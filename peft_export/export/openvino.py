@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ConfigError, ValidationError, require, tool_step
+from .families import tracing_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from .quality import (
     QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate, gate_dict, load_pairs_file,
@@ -33,6 +34,7 @@ from .validate import compare_with_reference
 
 MODEL_XML = "openvino_model.xml"
 WEIGHT_FORMATS = ("fp32", "fp16", "int8")
+CONVERT_OPENVINO = "Converting to OpenVINO (openvino.convert_model)"
 QUANTIZE_MODES = ("int8-static",)  # ONNX's dynamic "int8" has no OpenVINO counterpart at export time
 
 
@@ -42,15 +44,31 @@ def convert_to_openvino(pipeline: torch.nn.Module):
     names = input_names(pipeline)
     example = dict(zip(names, dummy_inputs(pipeline)))
     shapes = [(name, ov.PartialShape([-1, -1]), ov.Type.i64) for name in names]
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, CONVERT_OPENVINO):
         # Tracer warnings about Python control flow on shapes; the numeric validation is what counts.
         warnings.simplefilter("ignore")
         model = ov.convert_model(pipeline, example_input=example, input=shapes)
+    keep_input_names(model, names)
     if len(model.outputs) != len(OUTPUT_NAMES):
         raise ConfigError(f"OpenVINO conversion produced {len(model.outputs)} outputs, expected {OUTPUT_NAMES}")
     for output, name in zip(model.outputs, OUTPUT_NAMES):
         output.get_tensor().set_names({name})
     return model
+
+
+def keep_input_names(model, names: list[str]) -> None:
+    """Make each of ``names`` the only name of the model input that carries it.
+
+    OpenVINO's converters give an input every name its tensor had in the source graph: when a cast of an input to
+    its own dtype is folded away (the last-token pooling's ``attention_mask.to(int64)``), the input also carries
+    the cast's output name, and ``get_any_name()`` (what the runtime feeds by) may return that one instead."""
+    by_name = {name: port for port in model.inputs for name in port.get_names()}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise ConfigError(f"internal error: the OpenVINO model has no inputs named {missing[:3]}; its inputs are "
+                          f"{[sorted(port.get_names()) for port in model.inputs][:6]}")
+    for name in names:
+        by_name[name].get_tensor().set_names({name})
 
 
 def compile_f32(model_or_path, device: str = "CPU"):

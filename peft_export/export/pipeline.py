@@ -22,13 +22,13 @@ from ..source.st_config import POOLING_MODES
 from . import validate
 from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_graph_hashes,
                        save_tokenizer, write_json)
+from .families import family_of
 from .quality import QualityGate
 
 logger = logging.getLogger(__name__)
 
 # An adapter whose effect on normalised embeddings stays under this is reported as doing nothing.
 NOOP_ADAPTER_THRESHOLD = 1e-4
-_ROBERTA_LIKE = {"roberta", "xlm-roberta", "camembert", "longformer", "mpnet"}
 
 
 @dataclass
@@ -104,8 +104,7 @@ def position_limit(encoder) -> int:
     """Tokens the encoder has positions for (RoBERTa-like models lose two to the padding index's offset)."""
     cfg = encoder.config
     limit = getattr(cfg, "max_position_embeddings", None) or 512
-    if getattr(cfg, "model_type", "") in _ROBERTA_LIKE:
-        limit -= 2  # positions start after the padding index
+    limit -= family_of(encoder).position_offset  # e.g. RoBERTa-likes: positions start after the padding index
     return int(limit)
 
 

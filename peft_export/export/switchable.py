@@ -27,6 +27,7 @@ from ..source.resolve import (AdapterSource, recorded_source,
 from . import validate
 from .artifact import (atomic_output_folder, check_output_target, folder_size, record_graph_hashes,
                        save_tokenizer, write_json)
+from .families import family_of
 from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, _check_runtime_tokenizer,
                        _manifest, prepare_export)
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
@@ -214,7 +215,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
             "PEFT and == merged model within 1e-5")
         export_entry = _export_entry(backend, options, config, names, suffix)
         attention = AttentionShape.of(getattr(graph_encoder, "config", None))
-        if backend != "openvino" and attention is not None:
+        if backend != "openvino" and attention is not None and family_of(graph_encoder).bert_attention_fusion:
             export_entry["attention"] = attention.to_dict()  # for merge_adapter's attention fusion
         manifest = _manifest(resolved, export_entry, config, {}, time.perf_counter() - started)
         manifest.update(_switchable_fields(options, resolved.base_id))

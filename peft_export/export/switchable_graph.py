@@ -41,7 +41,8 @@ from torch import nn
 from ..errors import ConfigError, require
 from ..runtime.lora_layout import Slot
 from .graph import EmbeddingPipeline
-from .onnx import MODEL_FILE, OUTPUT_NAMES, dummy_inputs, input_names
+from .families import tracing_step
+from .onnx import MODEL_FILE, OUTPUT_NAMES, TRACE_ONNX, dummy_inputs, input_names
 
 # BERT-style pooler heads: loaded with the encoder (so adapter keys line up) but never read by the embedding.
 UNUSED_HEADS = ("pooler",)
@@ -139,7 +140,7 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
     axes["token_embeddings"] = {0: "batch", 1: "sequence"}
 
     path = folder / MODEL_FILE
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, TRACE_ONNX):
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings; validated after
         torch.onnx.export(
             switchable,
@@ -191,13 +192,16 @@ def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], f
 
     ``pipeline`` is modified (its slot layers are replaced); pass one built for the export only.
     """
-    from .openvino import MODEL_XML
+    from .openvino import CONVERT_OPENVINO, MODEL_XML, keep_input_names
 
     ov = require("openvino", "openvino")
     path = folder / MODEL_XML
+    encoder = pipeline.encoder
     with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as scratch:
         onnx_path = export_switchable_onnx(pipeline, slots, Path(scratch), opset, rank_zero_defaults=False)
-        model = ov.convert_model(str(onnx_path))
+        with tracing_step(encoder, CONVERT_OPENVINO):
+            model = ov.convert_model(str(onnx_path))
+        keep_input_names(model, input_names(pipeline) + [n for slot in slots for n in (slot.input_a, slot.input_b)])
         shapes = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
         for slot in slots:
             # A: (in, rank); B: (rank, out) with out dynamic too, so that the runtime can feed (0, 1) for a slot an
