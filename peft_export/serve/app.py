@@ -36,6 +36,8 @@ from .settings import ServeSettings
 
 logger = logging.getLogger("peft_export.serve")
 
+# The route label of requests that matched no route (unknown path or method): one label, whatever the path.
+UNMATCHED_ROUTE = "<unmatched>"
 # Counting tokens of bigger requests than this (in characters) moves to a thread, keeping the event loop free.
 _COUNT_IN_THREAD_CHARS = 50_000
 _WARMUP_TEXTS = ["warm up", "warm up the model with a longer sentence " * 64]
@@ -63,6 +65,7 @@ class EmbeddingServer:
         self.metrics = ServeMetrics()
         self.batcher: DynamicBatcher | None = None
         self.status = "starting"  # -> "warming_up" -> "ready" | "failed"
+        self.cut_off_at_shutdown = 0  # requests answered 503 because the graceful timeout expired
 
     # ----- lifecycle -----
     @contextlib.asynccontextmanager
@@ -88,6 +91,9 @@ class EmbeddingServer:
                 await warm_up
             await self.batcher.stop()
             logger.info("batcher stopped; %d inputs were still in flight", self.batcher.inflight_inputs)
+            if self.cut_off_at_shutdown:
+                logger.warning("%d request(s) still running when the graceful timeout expired were answered 503",
+                               self.cut_off_at_shutdown)
 
     async def _warm_up(self) -> None:
         """Run every adapter once (short and max-length inputs) before declaring the server ready."""
@@ -121,6 +127,15 @@ class EmbeddingServer:
                 response, reason = self.error_response(err, shape), err.code
             except (_ClientGone, ClientDisconnect):
                 response, reason = Response(status_code=499), "client_disconnected"
+            except asyncio.CancelledError:
+                # uvicorn cancels the requests still running when --graceful-timeout expires; answer them like any
+                # refusal (JSON 503, retry elsewhere or later) instead of its text/plain 500 and a traceback each.
+                self.cut_off_at_shutdown += 1
+                retry = self.settings.retry_after_seconds
+                err = ApiError(503, "shutting_down", "The server is shutting down and its graceful timeout expired "
+                               f"before this request finished; retry in {retry} s",
+                               headers={"Retry-After": str(retry)})
+                response, reason = self.error_response(err, shape), err.code
             except Exception:
                 logger.exception("unexpected error on %s", route)
                 err = ApiError(500, "internal_error", "The server failed to process the request; see its log")
@@ -246,7 +261,7 @@ class EmbeddingServer:
                            param="inputs")
         source, _ = parse_texts(inputs.get("source_sentence"), "inputs.source_sentence", 1, s.max_input_chars)
         if isinstance(inputs.get("sentences"), str):
-            raise ApiError(422, "invalid_type", "inputs.sentences must be a list of strings, found str",
+            raise ApiError(422, "invalid_type", "inputs.sentences must be a list of strings, found string",
                            param="inputs.sentences")
         sentences, _ = parse_texts(inputs.get("sentences"), "inputs.sentences", s.max_inputs_per_request - 1,
                                    s.max_input_chars)
@@ -288,6 +303,7 @@ class EmbeddingServer:
         status = getattr(exc, "status_code", 404)
         code = "method_not_allowed" if status == 405 else "not_found"
         message = f"{request.method} {request.url.path} is not a route of this server"
+        self.metrics.record_response(UNMATCHED_ROUTE, NO_MODEL, status, None, code)
         return self.error_response(ApiError(status, code, message), "openai")
 
 

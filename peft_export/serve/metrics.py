@@ -47,6 +47,9 @@ class ServeMetrics:
         self.requests_in_flight = prom.Gauge("peft_export_requests_in_flight",
                                              "Embedding requests accepted into the queue and not yet answered",
                                              registry=r)
+        self.connections_closed = prom.Counter(
+            "peft_export_connections_closed", "Connections closed or refused below the routes (read timeout, "
+            "connection cap, protocol error), by reason", ["reason"], registry=r)
         self.ready = prom.Gauge("peft_export_ready", "1 once the model is loaded and warmed up", registry=r)
 
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
@@ -67,6 +70,9 @@ class ServeMetrics:
             self.failures.labels(route, model, reason or str(status)).inc()
         if seconds is not None:
             self.latency.labels(route, model).observe(seconds)
+
+    def record_connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()  # reasons are fixed strings of serve.connections
 
     def render(self) -> tuple[bytes, str]:
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST

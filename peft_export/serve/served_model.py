@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
-from .protocol import ApiError, show
+from .protocol import ApiError, json_type, show
 from .settings import ServeSettings
 
 # A batch group: (adapter name or None for the base, prompt name or None for the model's default prompt).
@@ -53,7 +53,7 @@ class ServedModel:
     def adapter_for(self, name: Any, field: str = "model") -> str | None:
         """The adapter to pass to encode for a ``model`` field (None: the base); 404 for any other name."""
         if not isinstance(name, str):
-            raise ApiError(422, "invalid_type", f"Field {field!r} must be a string, found {type(name).__name__}",
+            raise ApiError(422, "invalid_type", f"Field {field!r} must be a string, found {json_type(name)}",
                            param=field)
         if name == self.base_name:
             return None
