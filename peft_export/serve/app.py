@@ -75,12 +75,13 @@ class EmbeddingServer:
             max_batch_tokens=self.settings.max_batch_tokens,
             max_delay_s=self.settings.max_batch_delay_ms / 1000,
             max_concurrent_inputs=self.settings.max_concurrent_inputs,
+            max_concurrent_tokens=self.settings.max_concurrent_tokens,
             on_batch=lambda group, n, tokens, s: self.metrics.record_batch(self.served.label(group[0]), n, tokens, s),
         )
         for name in self.served.names:
             adapter = None if name == self.served.base_name else name
             self.metrics.watch_queue(name, lambda a=adapter: self.batcher.queued_inputs(lambda g: g[0] == a))
-        self.metrics.watch_inflight(lambda: self.batcher.inflight_inputs)
+        self.metrics.watch_inflight(lambda: self.batcher.inflight_inputs, lambda: self.batcher.inflight_tokens)
         self.batcher.start()
         warm_up = asyncio.get_running_loop().create_task(self._warm_up())
         try:
@@ -153,22 +154,24 @@ class EmbeddingServer:
         body = err.openai_body() if shape == "openai" else err.tei_body()
         return Response(dumps(body), status_code=err.status, media_type="application/json", headers=err.headers)
 
-    async def token_counts(self, texts: list[str], prompt: str, truncate: bool, field: str, single: bool) -> list[int]:
-        """Tokens per input (after truncation); 422 for an input over the model's limit unless ``truncate``."""
-        full = [prompt + t for t in texts] if prompt else texts
-        if sum(map(len, full)) > _COUNT_IN_THREAD_CHARS:
-            counts = await asyncio.to_thread(self.served.count_tokens, full)
+    async def token_counts(self, texts: list[str], prompt: str, truncate: bool, field: str, single: bool
+                           ) -> tuple[list[str], list[int]]:
+        """What to embed per input and its tokens after truncation; 422 for an input over the model's limit unless
+        ``truncate``. Long inputs are measured on a prefix (ServedModel.measure), never tokenized whole."""
+        if sum(map(len, texts)) + len(prompt) * len(texts) > _COUNT_IN_THREAD_CHARS:
+            measured, counts = await asyncio.to_thread(self.served.measure, texts, prompt)
         else:
-            counts = self.served.count_tokens(full)
+            measured, counts = self.served.measure(texts, prompt)
         limit = self.served.max_tokens
         if not truncate:
             for i, count in enumerate(counts):
                 if count > limit:
                     where = field if single else f"{field}[{i}]"
+                    found = f"more than {limit}" if len(measured[i]) < len(texts[i]) else str(count)
                     raise ApiError(422, "too_many_tokens",
-                                   f"{where} has {count} tokens; the model takes at most {limit}. Shorten it or "
+                                   f"{where} has {found} tokens; the model takes at most {limit}. Shorten it or "
                                    "send truncate=true to embed its first tokens.", param=where)
-        return [min(c, limit) for c in counts]
+        return measured, [min(c, limit) for c in counts]
 
     async def embed(self, request, adapter: str | None, prompt_name: str | None, texts: list[str],
                     tokens: list[int]) -> np.ndarray:
@@ -176,9 +179,13 @@ class EmbeddingServer:
         job = self.batcher.try_submit((adapter, prompt_name), texts, tokens)
         if job is None:
             retry = self.settings.retry_after_seconds
-            raise ApiError(429, "queue_full",
-                           f"The server is at its limit of {self.settings.max_concurrent_inputs} inputs in flight "
-                           f"({self.batcher.inflight_inputs} now, this request has {len(texts)}); retry in {retry} s",
+            if self.batcher.over_token_budget(tokens):
+                what = (f"{self.settings.max_concurrent_tokens} tokens in flight ({self.batcher.inflight_tokens} "
+                        f"now, this request has {sum(tokens)})")
+            else:
+                what = (f"{self.settings.max_concurrent_inputs} inputs in flight ({self.batcher.inflight_inputs} "
+                        f"now, this request has {len(texts)})")
+            raise ApiError(429, "queue_full", f"The server is at its limit of {what}; retry in {retry} s",
                            headers={"Retry-After": str(retry)})
         disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
         self.metrics.requests_in_flight.inc()
@@ -222,7 +229,7 @@ class EmbeddingServer:
         truncate = parse_bool(body, "truncate", s.auto_truncate)
         prompt_name = parse_optional_string(body, "prompt_name")
         prompt = self.served.prompt_text(prompt_name)
-        tokens = await self.token_counts(texts, prompt, truncate, "input", single)
+        texts, tokens = await self.token_counts(texts, prompt, truncate, "input", single)
         embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
         # OpenAI semantics: a shortened vector is re-normalised to unit length.
         embeddings = shorten(embeddings, dimensions, normalize=dimensions is not None)
@@ -246,7 +253,7 @@ class EmbeddingServer:
         dimensions = parse_dimensions(body.get("dimensions"), self.served.dimension)
         prompt_name = parse_optional_string(body, "prompt_name")
         prompt = self.served.prompt_text(prompt_name)
-        tokens = await self.token_counts(texts, prompt, truncate, "inputs", single)
+        texts, tokens = await self.token_counts(texts, prompt, truncate, "inputs", single)
         embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
         return _json(shorten(embeddings, dimensions, normalize))
 
@@ -271,8 +278,8 @@ class EmbeddingServer:
         truncate = parse_bool(parameters, "truncate", s.auto_truncate)
         prompt_name = parse_optional_string(parameters, "prompt_name")
         prompt = self.served.prompt_text(prompt_name, "parameters.prompt_name")
-        source_tokens = await self.token_counts(source, prompt, truncate, "inputs.source_sentence", True)
-        tokens = await self.token_counts(sentences, prompt, truncate, "inputs.sentences", False)
+        source, source_tokens = await self.token_counts(source, prompt, truncate, "inputs.source_sentence", True)
+        sentences, tokens = await self.token_counts(sentences, prompt, truncate, "inputs.sentences", False)
         embeddings = await self.embed(request, adapter, prompt_name, source + sentences, source_tokens + tokens)
         scores = similarity(embeddings[:1], embeddings[1:], self.served.similarity_fn_name)[0]
         return _json(scores.astype(np.float32))

@@ -44,6 +44,9 @@ class ServeMetrics:
         self.inflight = prom.Gauge("peft_export_inputs_in_flight",
                                    "Inputs accepted and not yet answered (the 429 limit applies to this)",
                                    registry=r)
+        self.inflight_tokens = prom.Gauge("peft_export_tokens_in_flight",
+                                          "Tokens of the inputs in flight (max_concurrent_tokens applies to this)",
+                                          registry=r)
         self.requests_in_flight = prom.Gauge("peft_export_requests_in_flight",
                                              "Embedding requests accepted into the queue and not yet answered",
                                              registry=r)
@@ -55,8 +58,9 @@ class ServeMetrics:
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model).set_function(depth)
 
-    def watch_inflight(self, count: Callable[[], int]) -> None:
-        self.inflight.set_function(count)
+    def watch_inflight(self, inputs: Callable[[], int], tokens: Callable[[], int]) -> None:
+        self.inflight.set_function(inputs)
+        self.inflight_tokens.set_function(tokens)
 
     def record_batch(self, model: str, inputs: int, tokens: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(inputs)

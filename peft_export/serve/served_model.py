@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import ConfigError
 from .protocol import ApiError, json_type, show
 from .settings import ServeSettings
+from .token_counter import TokenCounter, counter_for
 
 # A batch group: (adapter name or None for the base, prompt name or None for the model's default prompt).
 Group = tuple
@@ -41,7 +42,10 @@ class ServedModel:
         self.prompts: dict[str, str] = dict(getattr(model, "prompts", None) or {})
         self.default_prompt_name = getattr(getattr(model, "config", None), "default_prompt_name", None)
         self.similarity_fn_name = getattr(model, "similarity_fn_name", "cosine")
-        self._count_tokens = _token_counter(model)
+        self._counter = counter_for(model, self.max_tokens)
+        if self._counter is None:
+            raise ConfigError(f"{type(model).__name__} has neither count_tokens() nor a `tokenizers` tokenizer; the "
+                              "server needs one to enforce token limits")
         self.default_adapter: str | None = None
         if settings.default_adapter is not None:
             if settings.default_adapter not in self.names:
@@ -78,7 +82,16 @@ class ServedModel:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens each text becomes, special tokens included and without truncation."""
-        return self._count_tokens(texts)
+        if isinstance(self._counter, TokenCounter):
+            return self._counter.count(texts)
+        return self._counter(texts)
+
+    def measure(self, texts: list[str], prompt: str) -> tuple[list[str], list[int]]:
+        """Per text, what to embed and its token count with the prompt (TokenCounter.measure: a long text may
+        come back as a prefix that embeds the same under truncation, counted as ``max_tokens + 1``)."""
+        if isinstance(self._counter, TokenCounter):
+            return self._counter.measure(texts, prompt)
+        return list(texts), self._counter([prompt + t for t in texts] if prompt else list(texts))
 
     # ----- the model call (runs on the model thread) -----
     def encode_group(self, group: Hashable, texts: list[str]) -> np.ndarray:
@@ -91,26 +104,3 @@ class ServedModel:
         elif self.adapters:
             options["adapter"] = False  # the base itself, even when the export activates a default adapter
         return np.asarray(self.model.encode(texts, **options), dtype=np.float32)
-
-
-def _token_counter(model: Any):
-    """``model.count_tokens`` if it has one, else the model's own tokenizer with truncation switched off."""
-    if hasattr(model, "count_tokens"):
-        return model.count_tokens
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None or not hasattr(tokenizer, "to_str"):
-        raise ConfigError(f"{type(model).__name__} has neither count_tokens() nor a `tokenizers` tokenizer; the "
-                          "server needs one to enforce token limits")
-    from tokenizers import Tokenizer
-
-    counter = Tokenizer.from_str(tokenizer.to_str())  # a copy: the model's own keeps truncating
-    counter.no_truncation()
-    counter.no_padding()
-    lower = bool(getattr(getattr(model, "config", None), "do_lower_case", False))
-
-    def count(texts: list[str]) -> list[int]:
-        if lower:
-            texts = [t.lower() for t in texts]
-        return [len(e.ids) for e in counter.encode_batch(texts, add_special_tokens=True)]
-
-    return count

@@ -27,6 +27,9 @@ class ServeSettings:
     max_request_bytes: int = 16 * 1024 * 1024
     #: Inputs accepted but not yet answered, over all requests; beyond it a request gets 429 + Retry-After.
     max_concurrent_inputs: int = 8192
+    #: Tokens (after truncation) accepted but not yet answered; beyond it a request gets 429 + Retry-After
+    #: (a request bigger than this is accepted when nothing else is in flight).
+    max_concurrent_tokens: int = 512 * 1024
     #: Token budget of one model call: queued inputs of one adapter are merged until their tokens reach it.
     max_batch_tokens: int = 8192
     #: How long the oldest queued input may wait for company before its batch runs anyway.
@@ -50,8 +53,8 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         positive = ("max_inputs_per_request", "max_input_chars", "max_request_bytes", "max_concurrent_inputs",
-                    "max_batch_tokens", "model_batch_size", "retry_after_seconds", "max_connections",
-                    "max_header_bytes")
+                    "max_concurrent_tokens", "max_batch_tokens", "model_batch_size", "retry_after_seconds",
+                    "max_connections", "max_header_bytes")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -76,6 +79,7 @@ LIMIT_FLAGS = (
     ("max_input_chars", int, "characters per input, checked before tokenizing; more is a 422"),
     ("max_request_bytes", int, "request body size; more is a 413"),
     ("max_concurrent_inputs", int, "inputs in flight over all requests; more is a 429 with Retry-After"),
+    ("max_concurrent_tokens", int, "tokens in flight over all requests; more is a 429 with Retry-After"),
     ("max_batch_tokens", int, "token budget of one merged model call"),
     ("max_batch_delay_ms", float, "longest wait of a queued input for company"),
     ("model_batch_size", int, "sentences per ONNX Runtime run inside a model call"),
