@@ -77,9 +77,9 @@ def wait_ready(http, process: subprocess.Popen, timeout: float = 120) -> None:
     raise TimeoutError("server not ready")
 
 
-def probe_once(http, model: str) -> tuple[float, np.ndarray]:
+def probe_once(http, model: str, timeout: float = 900) -> tuple[float, np.ndarray]:
     started = time.perf_counter()
-    response = http.post("/v1/embeddings", json={"model": model, "input": PROBE}, timeout=120)
+    response = http.post("/v1/embeddings", json={"model": model, "input": PROBE}, timeout=timeout)
     took = time.perf_counter() - started
     response.raise_for_status()
     return took, np.array(response.json()["data"][0]["embedding"], dtype=np.float32)
@@ -109,7 +109,7 @@ def main() -> None:
     load_before = os.getloadavg()
     process = start_server(args.export, args.repo, port, log, args.serve_arg)
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=900) as http:
             wait_ready(http, process)
             names = [m["id"] for m in http.get("/v1/models").json()["data"]]
             bulk_model = names[1] if len(names) > 1 else names[0]
@@ -140,7 +140,7 @@ def main() -> None:
             def bulk(batch: list[str]) -> None:
                 started = time.perf_counter()
                 response = http.post("/v1/embeddings", json={"model": bulk_model, "input": batch, "truncate": True},
-                                     timeout=600)
+                                     timeout=1800)
                 response.raise_for_status()
                 bulk_seconds.append(time.perf_counter() - started)
 

@@ -54,8 +54,6 @@ class _Item:
 class EmbedJob:
     """One request's inputs; ``future`` resolves to their (n, dim) embeddings in request order."""
 
-    cursor = 0  # index of the next item to consider for a batch
-
     def __init__(self, group: Hashable, texts: list[str], tokens: list[int], loop: asyncio.AbstractEventLoop):
         self.group = group
         self.texts = texts
@@ -64,6 +62,7 @@ class EmbedJob:
         self.enqueued_at = loop.time()
         self.remaining = len(texts)
         self.embeddings: np.ndarray | None = None
+        self.cursor = 0  # index of the next item to consider for a batch
 
     def next_queued(self) -> _Item | None:
         """The next item still waiting for a batch (dropped ones are skipped), or None."""

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import resource
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +53,10 @@ class ConnectionLimits:
 
 def effective_max_connections(requested: int) -> int:
     """``requested``, lowered to what the process's open-file limit can hold (with a reserve for everything else)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: no such limit to respect
+        return requested
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return requested

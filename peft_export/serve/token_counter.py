@@ -88,8 +88,9 @@ class TokenCounter:
         return texts, counts
 
 
-def counter_for(model: Any, max_tokens: int) -> TokenCounter | Callable[[list[str]], list[int]]:
-    """A TokenCounter on the model's ``tokenizers`` tokenizer, or the model's own ``count_tokens`` if it has one."""
+def counter_for(model: Any, max_tokens: int) -> TokenCounter | Callable[[list[str]], list[int]] | None:
+    """A TokenCounter on the model's ``tokenizers`` tokenizer, the model's own ``count_tokens`` if it has one, or
+    None when it has neither."""
     if hasattr(model, "count_tokens"):
         return model.count_tokens
     tokenizer = getattr(model, "tokenizer", None)
