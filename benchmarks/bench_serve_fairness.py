@@ -15,7 +15,7 @@ within 1e-5. Records the machine, its load (``os.getloadavg``) before and after,
 
     python benchmarks/bench_serve_fairness.py EXPORT [--repo /path/to/other/checkout] [--out results.json]
 
-Bounded: at most ``--max-probes`` probe requests; every request has a timeout.
+Bounded: probing stops after ``--max-seconds``; every request has a timeout.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--bulk-inputs", type=int, default=160)
     parser.add_argument("--bulk-chars", type=int, default=99_999)
     parser.add_argument("--idle-probes", type=int, default=20)
-    parser.add_argument("--max-probes", type=int, default=600)
+    parser.add_argument("--max-seconds", type=float, default=1800, help="stop probing after this long")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `peft-export serve` argument")
     args = parser.parse_args()
@@ -149,7 +149,8 @@ def main() -> None:
                 futures = [pool.submit(bulk, batch) for batch in texts]
                 threading.Thread(target=lambda: (concurrent.futures.wait(futures), done.set()), daemon=True).start()
                 time.sleep(0.2)  # the bulk requests are in
-                while not done.is_set() and len(loaded) < args.max_probes:
+                deadline = time.monotonic() + args.max_seconds
+                while not done.is_set() and time.monotonic() < deadline:
                     loaded.append(probe_once(http, probe_model)[0])
                     time.sleep(0.05)
                 for future in futures:
