@@ -293,3 +293,53 @@ def test_unknown_routes_and_methods_are_counted_in_metrics(server):
     assert 'peft_export_requests_total{model="-",route="<unmatched>",status="404"} 5.0' in text
     assert 'peft_export_requests_total{model="-",route="<unmatched>",status="405"} 1.0' in text
     assert "/no/such/route" not in text  # the label is bounded, whatever the path
+
+
+def test_when_every_connection_runs_a_request_a_new_one_gets_503_json():
+    """At the cap with nothing to evict (both connections are running requests), a third client is refused
+    at once with 503 + Retry-After instead of being left hanging."""
+    import asyncio
+
+    import uvicorn
+    from serve_support import free_port, wait_until
+
+    from peft_export.serve.connections import ConnectionLimits, guarded_protocol_class
+
+    release = threading.Event()
+    reasons: list[str] = []
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await asyncio.to_thread(release.wait, 10)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol = guarded_protocol_class(ConnectionLimits(max_connections=2), reasons.append)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    busy = []
+    try:
+        wait_until(lambda: server.started, timeout=30, what="uvicorn start")
+        for _ in range(2):
+            sock = connect(port)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            busy.append(sock)
+        time.sleep(0.3)  # both requests are inside the app
+        third = connect(port)
+        status, headers, body = read_response(third, timeout=5)
+        assert status == 503 and headers["retry-after"] == "1", (status, body)
+        assert "limit of 2 open connections" in json.loads(body)["error"]["message"]
+        third.close()
+        release.set()
+        assert all(read_response(sock)[0] == 200 for sock in busy)
+        assert reasons == ["too_many_connections"]
+    finally:
+        release.set()
+        for sock in busy:
+            sock.close()
+        server.should_exit = True
+        thread.join(timeout=30)
