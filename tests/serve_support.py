@@ -143,7 +143,7 @@ class ThreadServer:
 class ProcessServer:
     """``peft-export serve`` in a child process on 127.0.0.1; stdout/stderr go to a log file."""
 
-    def __init__(self, export: Path, log_path: Path, *extra: str):
+    def __init__(self, export: Path, log_path: Path, *extra: str, preexec_fn=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -152,7 +152,7 @@ class ProcessServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "peft_export.cli", "serve", str(export), "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "warning", *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT,
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, preexec_fn=preexec_fn,
         )
 
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -186,3 +186,75 @@ def test_stop_finishes_queued_work_first():
 
     job = run(main())
     assert job.future.done() and job.future.result()[0, 0] == 4
+
+
+def test_groups_take_turns_so_a_short_request_skips_another_groups_backlog():
+    """FIFO across groups made one input of group B wait for every batch of group A queued before it."""
+    gate = threading.Event()
+    encoder = RecordingEncoder(gate=gate)
+
+    async def main():
+        batcher = make(encoder, max_delay_s=0.0, max_batch_tokens=8)
+        batcher.start()
+        blocker = batcher.try_submit("A", ["hold"], [1])
+        while not encoder.calls:
+            await asyncio.sleep(0.001)
+        bulk = [batcher.try_submit("A", [f"a{r}-{i}" for i in range(8)], [4] * 8) for r in range(3)]  # 12 batches
+        probe = batcher.try_submit("B", ["b"], [1])
+        gate.set()
+        await asyncio.gather(blocker.future, probe.future, *(job.future for job in bulk))
+        await batcher.stop()
+
+    run(main())
+    groups = [group for group, _ in encoder.calls[1:]]
+    assert groups.index("B") == 0, groups  # right after the running batch of A, not after 12 more of them
+    assert sum(len(texts) for group, texts in encoder.calls[1:] if group == "A") == 24
+
+
+def test_inside_a_group_each_waiting_request_gets_a_seat_in_the_next_batch():
+    gate = threading.Event()
+    encoder = RecordingEncoder(gate=gate)
+
+    async def main():
+        batcher = make(encoder, max_delay_s=0.0, max_batch_tokens=8)
+        batcher.start()
+        blocker = batcher.try_submit("g", ["hold"], [1])
+        while not encoder.calls:
+            await asyncio.sleep(0.001)
+        bulk = batcher.try_submit("g", [f"bulk{i}" for i in range(10)], [2] * 10)
+        short = batcher.try_submit("g", ["short"], [2])
+        gate.set()
+        results = await asyncio.gather(blocker.future, bulk.future, short.future)
+        await batcher.stop()
+        return results
+
+    _, bulk_result, short_result = run(main())
+    first = encoder.calls[1][1]
+    assert "short" in first and len(first) == 4, encoder.calls  # 8 tokens: three bulk inputs and the short one
+    assert bulk_result[:, 0].tolist() == [len(f"bulk{i}") for i in range(10)]  # split back in request order
+    assert short_result[0, 0] == len("short")
+
+
+def test_admission_counts_tokens_in_flight_too():
+    gate = threading.Event()
+    encoder = RecordingEncoder(gate=gate)
+
+    async def main():
+        batcher = make(encoder, max_delay_s=0.0, max_concurrent_tokens=100)
+        batcher.start()
+        first = batcher.try_submit("g", ["a", "b"], [30, 30])
+        assert batcher.inflight_tokens == 60
+        assert batcher.try_submit("g", ["c"], [50]) is None  # 60 + 50 > 100, though only 3 inputs
+        second = batcher.try_submit("g", ["d"], [40])
+        assert second is not None and batcher.inflight_tokens == 100
+        batcher.cancel(second)
+        assert batcher.inflight_tokens == 60
+        gate.set()
+        await first.future
+        alone = batcher.try_submit("g", ["huge"], [500])  # over the budget, but nothing else is in flight
+        assert alone is not None
+        await alone.future
+        await batcher.stop()
+        assert batcher.inflight_tokens == 0
+
+    run(main())

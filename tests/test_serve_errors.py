@@ -6,6 +6,7 @@ own limits; test_serve_http.py covers the same app in a separate `peft-export se
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -98,6 +99,26 @@ def test_bad_inputs_are_422_naming_the_index(server, tiny, inputs, code, param):
     assert param in message
     if inputs == [[101, 2023]]:
         assert "token arrays are not supported" in message
+
+
+@pytest.mark.parametrize("route, body, found", [
+    ("/v1/embeddings", {"input": [None]}, "input[0] must be a string, found null"),
+    ("/v1/embeddings", {"input": {"text": "a"}}, "found object"),
+    ("/v1/embeddings", {"input": ["a", 2.5]}, "input[1] must be a string, found number"),
+    ("/v1/embeddings", {"input": [True]}, "found boolean"),
+    ("/v1/embeddings", {"input": "a", "prompt_name": ["q"]}, "'prompt_name' must be a string, found array"),
+    ("/v1/embeddings", {"input": "a", "model": 7}, "'model' must be a string, found number"),
+    ("/embed", {"inputs": [{"a": 1}]}, "inputs[0] must be a string, found object"),
+    ("/similarity", {"inputs": {"source_sentence": "a", "sentences": "b"}}, "must be a list of strings, found string"),
+])
+def test_type_errors_name_json_types_not_python_ones(server, tiny, route, body, found):
+    if route == "/v1/embeddings":
+        body = {"model": tiny["export"].name, **body}
+    response = server.client.post(route, json=body)
+    assert response.status_code == 422 and found in response.text, response.text
+    assert not re.search(r"found (NoneType|dict|float|bool|list|str|int)\b", response.text), response.text
+    response = server.client.post("/v1/embeddings", json=[1, 2])
+    assert "must be a JSON object, found array" in openai_error(response, 400, "invalid_json")
 
 
 def test_tei_bad_inputs_name_the_index(server):

@@ -36,6 +36,8 @@ from .settings import ServeSettings
 
 logger = logging.getLogger("peft_export.serve")
 
+# The route label of requests that matched no route (unknown path or method): one label, whatever the path.
+UNMATCHED_ROUTE = "<unmatched>"
 # Counting tokens of bigger requests than this (in characters) moves to a thread, keeping the event loop free.
 _COUNT_IN_THREAD_CHARS = 50_000
 _WARMUP_TEXTS = ["warm up", "warm up the model with a longer sentence " * 64]
@@ -63,6 +65,7 @@ class EmbeddingServer:
         self.metrics = ServeMetrics()
         self.batcher: DynamicBatcher | None = None
         self.status = "starting"  # -> "warming_up" -> "ready" | "failed"
+        self.cut_off_at_shutdown = 0  # requests answered 503 because the graceful timeout expired
 
     # ----- lifecycle -----
     @contextlib.asynccontextmanager
@@ -72,12 +75,13 @@ class EmbeddingServer:
             max_batch_tokens=self.settings.max_batch_tokens,
             max_delay_s=self.settings.max_batch_delay_ms / 1000,
             max_concurrent_inputs=self.settings.max_concurrent_inputs,
+            max_concurrent_tokens=self.settings.max_concurrent_tokens,
             on_batch=lambda group, n, tokens, s: self.metrics.record_batch(self.served.label(group[0]), n, tokens, s),
         )
         for name in self.served.names:
             adapter = None if name == self.served.base_name else name
             self.metrics.watch_queue(name, lambda a=adapter: self.batcher.queued_inputs(lambda g: g[0] == a))
-        self.metrics.watch_inflight(lambda: self.batcher.inflight_inputs)
+        self.metrics.watch_inflight(lambda: self.batcher.inflight_inputs, lambda: self.batcher.inflight_tokens)
         self.batcher.start()
         warm_up = asyncio.get_running_loop().create_task(self._warm_up())
         try:
@@ -88,6 +92,9 @@ class EmbeddingServer:
                 await warm_up
             await self.batcher.stop()
             logger.info("batcher stopped; %d inputs were still in flight", self.batcher.inflight_inputs)
+            if self.cut_off_at_shutdown:
+                logger.warning("%d request(s) still running when the graceful timeout expired were answered 503",
+                               self.cut_off_at_shutdown)
 
     async def _warm_up(self) -> None:
         """Run every adapter once (short and max-length inputs) before declaring the server ready."""
@@ -121,6 +128,15 @@ class EmbeddingServer:
                 response, reason = self.error_response(err, shape), err.code
             except (_ClientGone, ClientDisconnect):
                 response, reason = Response(status_code=499), "client_disconnected"
+            except asyncio.CancelledError:
+                # uvicorn cancels the requests still running when --graceful-timeout expires; answer them like any
+                # refusal (JSON 503, retry elsewhere or later) instead of its text/plain 500 and a traceback each.
+                self.cut_off_at_shutdown += 1
+                retry = self.settings.retry_after_seconds
+                err = ApiError(503, "shutting_down", "The server is shutting down and its graceful timeout expired "
+                               f"before this request finished; retry in {retry} s",
+                               headers={"Retry-After": str(retry)})
+                response, reason = self.error_response(err, shape), err.code
             except Exception:
                 logger.exception("unexpected error on %s", route)
                 err = ApiError(500, "internal_error", "The server failed to process the request; see its log")
@@ -138,22 +154,24 @@ class EmbeddingServer:
         body = err.openai_body() if shape == "openai" else err.tei_body()
         return Response(dumps(body), status_code=err.status, media_type="application/json", headers=err.headers)
 
-    async def token_counts(self, texts: list[str], prompt: str, truncate: bool, field: str, single: bool) -> list[int]:
-        """Tokens per input (after truncation); 422 for an input over the model's limit unless ``truncate``."""
-        full = [prompt + t for t in texts] if prompt else texts
-        if sum(map(len, full)) > _COUNT_IN_THREAD_CHARS:
-            counts = await asyncio.to_thread(self.served.count_tokens, full)
+    async def token_counts(self, texts: list[str], prompt: str, truncate: bool, field: str, single: bool
+                           ) -> tuple[list[str], list[int]]:
+        """What to embed per input and its tokens after truncation; 422 for an input over the model's limit unless
+        ``truncate``. Long inputs are measured on a prefix (ServedModel.measure), never tokenized whole."""
+        if sum(map(len, texts)) + len(prompt) * len(texts) > _COUNT_IN_THREAD_CHARS:
+            measured, counts = await asyncio.to_thread(self.served.measure, texts, prompt)
         else:
-            counts = self.served.count_tokens(full)
+            measured, counts = self.served.measure(texts, prompt)
         limit = self.served.max_tokens
         if not truncate:
             for i, count in enumerate(counts):
                 if count > limit:
                     where = field if single else f"{field}[{i}]"
+                    found = f"more than {limit}" if len(measured[i]) < len(texts[i]) else str(count)
                     raise ApiError(422, "too_many_tokens",
-                                   f"{where} has {count} tokens; the model takes at most {limit}. Shorten it or "
+                                   f"{where} has {found} tokens; the model takes at most {limit}. Shorten it or "
                                    "send truncate=true to embed its first tokens.", param=where)
-        return [min(c, limit) for c in counts]
+        return measured, [min(c, limit) for c in counts]
 
     async def embed(self, request, adapter: str | None, prompt_name: str | None, texts: list[str],
                     tokens: list[int]) -> np.ndarray:
@@ -161,9 +179,13 @@ class EmbeddingServer:
         job = self.batcher.try_submit((adapter, prompt_name), texts, tokens)
         if job is None:
             retry = self.settings.retry_after_seconds
-            raise ApiError(429, "queue_full",
-                           f"The server is at its limit of {self.settings.max_concurrent_inputs} inputs in flight "
-                           f"({self.batcher.inflight_inputs} now, this request has {len(texts)}); retry in {retry} s",
+            if self.batcher.over_token_budget(tokens):
+                what = (f"{self.settings.max_concurrent_tokens} tokens in flight ({self.batcher.inflight_tokens} "
+                        f"now, this request has {sum(tokens)})")
+            else:
+                what = (f"{self.settings.max_concurrent_inputs} inputs in flight ({self.batcher.inflight_inputs} "
+                        f"now, this request has {len(texts)})")
+            raise ApiError(429, "queue_full", f"The server is at its limit of {what}; retry in {retry} s",
                            headers={"Retry-After": str(retry)})
         disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
         self.metrics.requests_in_flight.inc()
@@ -207,7 +229,7 @@ class EmbeddingServer:
         truncate = parse_bool(body, "truncate", s.auto_truncate)
         prompt_name = parse_optional_string(body, "prompt_name")
         prompt = self.served.prompt_text(prompt_name)
-        tokens = await self.token_counts(texts, prompt, truncate, "input", single)
+        texts, tokens = await self.token_counts(texts, prompt, truncate, "input", single)
         embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
         # OpenAI semantics: a shortened vector is re-normalised to unit length.
         embeddings = shorten(embeddings, dimensions, normalize=dimensions is not None)
@@ -231,7 +253,7 @@ class EmbeddingServer:
         dimensions = parse_dimensions(body.get("dimensions"), self.served.dimension)
         prompt_name = parse_optional_string(body, "prompt_name")
         prompt = self.served.prompt_text(prompt_name)
-        tokens = await self.token_counts(texts, prompt, truncate, "inputs", single)
+        texts, tokens = await self.token_counts(texts, prompt, truncate, "inputs", single)
         embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
         return _json(shorten(embeddings, dimensions, normalize))
 
@@ -246,7 +268,7 @@ class EmbeddingServer:
                            param="inputs")
         source, _ = parse_texts(inputs.get("source_sentence"), "inputs.source_sentence", 1, s.max_input_chars)
         if isinstance(inputs.get("sentences"), str):
-            raise ApiError(422, "invalid_type", "inputs.sentences must be a list of strings, found str",
+            raise ApiError(422, "invalid_type", "inputs.sentences must be a list of strings, found string",
                            param="inputs.sentences")
         sentences, _ = parse_texts(inputs.get("sentences"), "inputs.sentences", s.max_inputs_per_request - 1,
                                    s.max_input_chars)
@@ -256,8 +278,8 @@ class EmbeddingServer:
         truncate = parse_bool(parameters, "truncate", s.auto_truncate)
         prompt_name = parse_optional_string(parameters, "prompt_name")
         prompt = self.served.prompt_text(prompt_name, "parameters.prompt_name")
-        source_tokens = await self.token_counts(source, prompt, truncate, "inputs.source_sentence", True)
-        tokens = await self.token_counts(sentences, prompt, truncate, "inputs.sentences", False)
+        source, source_tokens = await self.token_counts(source, prompt, truncate, "inputs.source_sentence", True)
+        sentences, tokens = await self.token_counts(sentences, prompt, truncate, "inputs.sentences", False)
         embeddings = await self.embed(request, adapter, prompt_name, source + sentences, source_tokens + tokens)
         scores = similarity(embeddings[:1], embeddings[1:], self.served.similarity_fn_name)[0]
         return _json(scores.astype(np.float32))
@@ -288,6 +310,7 @@ class EmbeddingServer:
         status = getattr(exc, "status_code", 404)
         code = "method_not_allowed" if status == 405 else "not_found"
         message = f"{request.method} {request.url.path} is not a route of this server"
+        self.metrics.record_response(UNMATCHED_ROUTE, NO_MODEL, status, None, code)
         return self.error_response(ApiError(status, code, message), "openai")
 
 

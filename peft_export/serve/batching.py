@@ -1,15 +1,25 @@
 """Dynamic batching: inputs of concurrent requests are merged into model calls and the results split back.
 
 Each request becomes an ``EmbedJob`` whose inputs wait in a queue of their *group* (adapter + prompt: the
-settings a model call shares). One worker task forms batches: it picks the group whose oldest input has waited
-longest, waits at most ``max_delay_s`` from that input's arrival for more company, then takes inputs in
-arrival order until ``max_batch_tokens`` is reached (always at least one) and runs the model in a dedicated
-thread, so the event loop keeps accepting, parsing and answering requests while ONNX Runtime computes.
-A request larger than the budget is simply spread over several consecutive batches.
+settings a model call shares). One worker task forms batches and runs the model in a dedicated thread, so the
+event loop keeps accepting, parsing and answering requests while ONNX Runtime computes.
 
-Admission is counted in inputs: ``try_submit`` refuses (returns None) when accepting the request would put more
-than ``max_concurrent_inputs`` inputs in flight. ``cancel`` drops a job's inputs that have not started, so a
-client that disconnects frees its slots at once.
+Scheduling is fair, so that a short request never waits behind another tenant's bulk load:
+
+* across groups, least recently served first: after a batch of group A, every other group with queued work
+  (including one whose first request arrived while A's batch ran) gets a batch before A gets its next one
+  (first-in-first-out made a one-sentence request to adapter B wait for every batch of three 160-input requests
+  to adapter A that came first);
+* inside a group, a batch takes one input from each waiting request in turn until ``max_batch_tokens`` is
+  reached (always at least one input), so a one-input request rides in the next batch instead of after every
+  input of the requests before it. A request larger than the budget is spread over several batches.
+
+Before a batch runs, the worker waits at most ``max_delay_s`` from its group's oldest input for more company.
+
+Admission bounds work, not only inputs: ``try_submit`` refuses (returns None) when accepting the request would
+put more than ``max_concurrent_inputs`` inputs, or more than ``max_concurrent_tokens`` tokens, in flight (a
+request bigger than the token budget is still accepted when nothing else is in flight). ``cancel`` drops a job's
+inputs that have not started, so a client that disconnects frees its slots at once.
 """
 
 from __future__ import annotations
@@ -52,6 +62,13 @@ class EmbedJob:
         self.enqueued_at = loop.time()
         self.remaining = len(texts)
         self.embeddings: np.ndarray | None = None
+        self.cursor = 0  # index of the next item to consider for a batch
+
+    def next_queued(self) -> _Item | None:
+        """The next item still waiting for a batch (dropped ones are skipped), or None."""
+        while self.cursor < len(self.items) and self.items[self.cursor].state != _QUEUED:
+            self.cursor += 1
+        return self.items[self.cursor] if self.cursor < len(self.items) else None
 
     def _store(self, index: int, vector: np.ndarray) -> None:
         if self.embeddings is None:
@@ -64,16 +81,20 @@ class EmbedJob:
 
 class DynamicBatcher:
     def __init__(self, encode_batch: EncodeBatch, *, max_batch_tokens: int, max_delay_s: float,
-                 max_concurrent_inputs: int, on_batch: BatchObserver | None = None):
+                 max_concurrent_inputs: int, max_concurrent_tokens: int | None = None,
+                 on_batch: BatchObserver | None = None):
         self._encode_batch = encode_batch
         self.max_batch_tokens = max_batch_tokens
         self.max_delay_s = max_delay_s
         self.max_concurrent_inputs = max_concurrent_inputs
+        self.max_concurrent_tokens = max_concurrent_tokens
         self._on_batch = on_batch
-        self._queues: dict[Hashable, deque[_Item]] = {}
+        self._jobs: dict[Hashable, deque[EmbedJob]] = {}  # per group, jobs with queued inputs, oldest first
+        self._last_served: dict[Hashable, float] = {}  # loop time each group's last batch was taken
         self._queued_tokens: dict[Hashable, int] = {}
         self._queued_inputs: dict[Hashable, int] = {}
         self.inflight_inputs = 0  # accepted and not yet answered or dropped
+        self.inflight_tokens = 0
         # One thread owns the model: ONNX Runtime parallelises inside a run; a second runner would only contend.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peft-export-model")
         self._wake = asyncio.Event()
@@ -102,18 +123,24 @@ class DynamicBatcher:
         """Inputs waiting for a model call, in every group or in the groups ``where`` accepts."""
         return sum(n for group, n in self._queued_inputs.items() if where is None or where(group))
 
+    def over_token_budget(self, tokens: list[int]) -> bool:
+        """Whether a request of ``tokens`` would exceed ``max_concurrent_tokens`` now."""
+        if self.max_concurrent_tokens is None or self.inflight_tokens == 0:
+            return False
+        return self.inflight_tokens + sum(tokens) > self.max_concurrent_tokens
+
     def try_submit(self, group: Hashable, texts: list[str], tokens: list[int]) -> EmbedJob | None:
-        """Queue a request's inputs, or return None when that would exceed ``max_concurrent_inputs``."""
+        """Queue a request's inputs, or return None when that would exceed the inputs or tokens in flight."""
         if self._closing:
             raise RuntimeError("the batcher is stopping")
-        if self.inflight_inputs + len(texts) > self.max_concurrent_inputs:
+        if self.inflight_inputs + len(texts) > self.max_concurrent_inputs or self.over_token_budget(tokens):
             return None
         job = EmbedJob(group, texts, tokens, asyncio.get_running_loop())
-        queue = self._queues.setdefault(group, deque())
-        queue.extend(job.items)
+        self._jobs.setdefault(group, deque()).append(job)
         self._queued_tokens[group] = self._queued_tokens.get(group, 0) + sum(tokens)
         self._queued_inputs[group] = self._queued_inputs.get(group, 0) + len(texts)
         self.inflight_inputs += len(texts)
+        self.inflight_tokens += sum(tokens)
         self._wake.set()
         return job
 
@@ -125,34 +152,46 @@ class DynamicBatcher:
                 self._queued_tokens[job.group] -= item.tokens
                 self._queued_inputs[job.group] -= 1
                 self.inflight_inputs -= 1
+                self.inflight_tokens -= item.tokens
         if not job.future.done():
             job.future.cancel()
 
     # ----- the worker -----
-    def _oldest_group(self) -> Hashable | None:
-        best, best_time = None, None
-        for group, queue in self._queues.items():
-            while queue and queue[0].state == _DROPPED:
-                queue.popleft()
-            if queue and (best_time is None or queue[0].job.enqueued_at < best_time):
-                best, best_time = group, queue[0].job.enqueued_at
+    def _next_group(self) -> Hashable | None:
+        """The group with queued inputs served least recently (never: first), the oldest input breaking ties."""
+        best, best_key = None, None
+        for group, jobs in self._jobs.items():
+            if self._queued_inputs.get(group, 0) <= 0:
+                continue
+            key = (self._last_served.get(group, float("-inf")), self._oldest_waiting(group))
+            if best_key is None or key < best_key:
+                best, best_key = group, key
         return best
 
+    def _oldest_waiting(self, group: Hashable) -> float:
+        jobs = self._jobs[group]
+        while jobs and jobs[0].next_queued() is None:
+            jobs.popleft()
+        return jobs[0].enqueued_at
+
     def _take(self, group: Hashable) -> list[_Item]:
-        queue = self._queues[group]
+        """One batch of ``group``: an input from each waiting job in turn until the token budget is reached."""
         batch: list[_Item] = []
         tokens = 0
-        while queue:
-            item = queue[0]
-            if item.state == _DROPPED:
-                queue.popleft()
-                continue
-            if batch and tokens + item.tokens > self.max_batch_tokens:
-                break
-            queue.popleft()
-            item.state = _RUNNING
-            batch.append(item)
-            tokens += item.tokens
+        active = list(self._jobs[group])
+        while active:
+            still = []
+            for job in active:
+                item = job.next_queued()
+                if item is None or (batch and tokens + item.tokens > self.max_batch_tokens):
+                    continue  # this job is done, or its next input does not fit this batch
+                job.cursor += 1
+                item.state = _RUNNING
+                batch.append(item)
+                tokens += item.tokens
+                still.append(job)
+            active = still
+        self._jobs[group] = deque(job for job in self._jobs[group] if job.next_queued() is not None)
         self._queued_tokens[group] -= tokens
         self._queued_inputs[group] -= len(batch)
         return batch
@@ -173,15 +212,16 @@ class DynamicBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            group = self._oldest_group()
+            group = self._next_group()
             if group is None:
                 if self._closing:
                     return
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._wait_for_company(group, self._queues[group][0].job.enqueued_at)
-            batch = self._take(group)
+            await self._wait_for_company(group, self._oldest_waiting(group))
+            batch = self._take(group) if self._queued_inputs.get(group, 0) > 0 else []
+            self._last_served[group] = loop.time()  # its turn is over: every other group with work goes first
             if batch:
                 await self._run_batch(loop, group, batch)
 
@@ -197,6 +237,7 @@ class DynamicBatcher:
             for item in batch:
                 item.state = _DONE
                 self.inflight_inputs -= 1
+                self.inflight_tokens -= item.tokens
                 if not item.job.future.done():
                     item.job.future.set_exception(err)
             return
@@ -205,5 +246,6 @@ class DynamicBatcher:
         for item, vector in zip(batch, embeddings):
             item.state = _DONE
             self.inflight_inputs -= 1
+            self.inflight_tokens -= item.tokens
             if not item.job.future.done():
                 item.job._store(item.index, vector)

@@ -44,16 +44,23 @@ class ServeMetrics:
         self.inflight = prom.Gauge("peft_export_inputs_in_flight",
                                    "Inputs accepted and not yet answered (the 429 limit applies to this)",
                                    registry=r)
+        self.inflight_tokens = prom.Gauge("peft_export_tokens_in_flight",
+                                          "Tokens of the inputs in flight (max_concurrent_tokens applies to this)",
+                                          registry=r)
         self.requests_in_flight = prom.Gauge("peft_export_requests_in_flight",
                                              "Embedding requests accepted into the queue and not yet answered",
                                              registry=r)
+        self.connections_closed = prom.Counter(
+            "peft_export_connections_closed", "Connections closed or refused below the routes (read timeout, "
+            "connection cap, protocol error), by reason", ["reason"], registry=r)
         self.ready = prom.Gauge("peft_export_ready", "1 once the model is loaded and warmed up", registry=r)
 
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model).set_function(depth)
 
-    def watch_inflight(self, count: Callable[[], int]) -> None:
-        self.inflight.set_function(count)
+    def watch_inflight(self, inputs: Callable[[], int], tokens: Callable[[], int]) -> None:
+        self.inflight.set_function(inputs)
+        self.inflight_tokens.set_function(tokens)
 
     def record_batch(self, model: str, inputs: int, tokens: int, seconds: float) -> None:
         self.batch_size.labels(model).observe(inputs)
@@ -67,6 +74,9 @@ class ServeMetrics:
             self.failures.labels(route, model, reason or str(status)).inc()
         if seconds is not None:
             self.latency.labels(route, model).observe(seconds)
+
+    def record_connection_closed(self, reason: str) -> None:
+        self.connections_closed.labels(reason).inc()  # reasons are fixed strings of serve.connections
 
     def render(self) -> tuple[bytes, str]:
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST

@@ -40,7 +40,7 @@ class ApiError(Exception):
 
     @property
     def tei_type(self) -> str:
-        if self.status == 429:
+        if self.status in (429, 503):
             return "Overloaded"
         if self.status == 404:
             return "NotFound"
@@ -51,6 +51,19 @@ class ApiError(Exception):
 
     def tei_body(self) -> dict[str, Any]:
         return {"error": self.message, "error_type": self.tei_type}
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, as a client wrote it: null, boolean, number, string, array, object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
 
 
 def show(value: Any, limit: int = 60) -> str:
@@ -80,7 +93,7 @@ async def read_json_body(request, max_bytes: int) -> dict[str, Any]:
     except orjson.JSONDecodeError as err:
         raise ApiError(400, "invalid_json", f"Request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_json", f"Request body must be a JSON object, found {type(body).__name__}")
+        raise ApiError(400, "invalid_json", f"Request body must be a JSON object, found {json_type(body)}")
     return body
 
 
@@ -97,7 +110,7 @@ def parse_texts(value: Any, field: str, max_inputs: int, max_chars: int) -> tupl
     texts = [value] if single else value
     if not isinstance(texts, list):
         raise ApiError(422, "invalid_type",
-                       f"Field {field!r} must be a string or a list of strings, found {type(value).__name__}",
+                       f"Field {field!r} must be a string or a list of strings, found {json_type(value)}",
                        param=field)
     if not texts:
         raise ApiError(422, "empty_input", f"Field {field!r} is an empty list; send at least one string",
@@ -109,9 +122,10 @@ def parse_texts(value: Any, field: str, max_inputs: int, max_chars: int) -> tupl
     for i, text in enumerate(texts):
         where = field if single else f"{field}[{i}]"
         if not isinstance(text, str):
-            hint = " (token arrays are not supported: send text)" if isinstance(text, (int, list)) else ""
+            token_like = isinstance(text, (int, list)) and not isinstance(text, bool)
+            hint = " (token arrays are not supported: send text)" if token_like else ""
             raise ApiError(422, "invalid_type",
-                           f"{where} must be a string, found {type(text).__name__}{hint}", param=where)
+                           f"{where} must be a string, found {json_type(text)}{hint}", param=where)
         if not text:
             raise ApiError(422, "empty_input", f"{where} is an empty string; every input needs text", param=where)
         if len(text) > max_chars:
@@ -155,7 +169,7 @@ def parse_encoding_format(value: Any) -> str:
 def parse_optional_string(body: dict[str, Any], field: str) -> str | None:
     value = body.get(field)
     if value is not None and not isinstance(value, str):
-        raise ApiError(422, "invalid_type", f"Field {field!r} must be a string, found {type(value).__name__}",
+        raise ApiError(422, "invalid_type", f"Field {field!r} must be a string, found {json_type(value)}",
                        param=field)
     return value
 

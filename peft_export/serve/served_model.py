@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, NonFiniteEmbeddingError
-from .protocol import ApiError, show
+from .protocol import ApiError, json_type, show
 from .settings import ServeSettings
+from .token_counter import TokenCounter, counter_for
 
 # A batch group: (adapter name or None for the base, prompt name or None for the model's default prompt).
 Group = tuple
@@ -41,7 +42,10 @@ class ServedModel:
         self.prompts: dict[str, str] = dict(getattr(model, "prompts", None) or {})
         self.default_prompt_name = getattr(getattr(model, "config", None), "default_prompt_name", None)
         self.similarity_fn_name = getattr(model, "similarity_fn_name", "cosine")
-        self._count_tokens = _token_counter(model)
+        self._counter = counter_for(model, self.max_tokens)
+        if self._counter is None:
+            raise ConfigError(f"{type(model).__name__} has neither count_tokens() nor a `tokenizers` tokenizer; the "
+                              "server needs one to enforce token limits")
         self.default_adapter: str | None = None
         if settings.default_adapter is not None:
             if settings.default_adapter not in self.names:
@@ -53,7 +57,7 @@ class ServedModel:
     def adapter_for(self, name: Any, field: str = "model") -> str | None:
         """The adapter to pass to encode for a ``model`` field (None: the base); 404 for any other name."""
         if not isinstance(name, str):
-            raise ApiError(422, "invalid_type", f"Field {field!r} must be a string, found {type(name).__name__}",
+            raise ApiError(422, "invalid_type", f"Field {field!r} must be a string, found {json_type(name)}",
                            param=field)
         if name == self.base_name:
             return None
@@ -78,7 +82,16 @@ class ServedModel:
 
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens each text becomes, special tokens included and without truncation."""
-        return self._count_tokens(texts)
+        if isinstance(self._counter, TokenCounter):
+            return self._counter.count(texts)
+        return self._counter(texts)
+
+    def measure(self, texts: list[str], prompt: str) -> tuple[list[str], list[int]]:
+        """Per text, what to embed and its token count with the prompt (TokenCounter.measure: a long text may
+        come back as a prefix that embeds the same under truncation, counted as ``max_tokens + 1``)."""
+        if isinstance(self._counter, TokenCounter):
+            return self._counter.measure(texts, prompt)
+        return list(texts), self._counter([prompt + t for t in texts] if prompt else list(texts))
 
     # ----- the model call (runs on the model thread) -----
     def encode_group(self, group: Hashable, texts: list[str]) -> np.ndarray:
@@ -102,26 +115,3 @@ class ServedModel:
         return ApiError(500, "non_finite_embedding",
                         f"Model {self.label(adapter)!r} produced NaN or Inf for this batch (corrupt weights?); "
                         "no embeddings were returned")
-
-
-def _token_counter(model: Any):
-    """``model.count_tokens`` if it has one, else the model's own tokenizer with truncation switched off."""
-    if hasattr(model, "count_tokens"):
-        return model.count_tokens
-    tokenizer = getattr(model, "tokenizer", None)
-    if tokenizer is None or not hasattr(tokenizer, "to_str"):
-        raise ConfigError(f"{type(model).__name__} has neither count_tokens() nor a `tokenizers` tokenizer; the "
-                          "server needs one to enforce token limits")
-    from tokenizers import Tokenizer
-
-    counter = Tokenizer.from_str(tokenizer.to_str())  # a copy: the model's own keeps truncating
-    counter.no_truncation()
-    counter.no_padding()
-    lower = bool(getattr(getattr(model, "config", None), "do_lower_case", False))
-
-    def count(texts: list[str]) -> list[int]:
-        if lower:
-            texts = [t.lower() for t in texts]
-        return [len(e.ids) for e in counter.encode_batch(texts, add_special_tokens=True)]
-
-    return count

@@ -27,6 +27,9 @@ class ServeSettings:
     max_request_bytes: int = 16 * 1024 * 1024
     #: Inputs accepted but not yet answered, over all requests; beyond it a request gets 429 + Retry-After.
     max_concurrent_inputs: int = 8192
+    #: Tokens (after truncation) accepted but not yet answered; beyond it a request gets 429 + Retry-After
+    #: (a request bigger than this is accepted when nothing else is in flight).
+    max_concurrent_tokens: int = 512 * 1024
     #: Token budget of one model call: queued inputs of one adapter are merged until their tokens reach it.
     max_batch_tokens: int = 8192
     #: How long the oldest queued input may wait for company before its batch runs anyway.
@@ -39,16 +42,29 @@ class ServeSettings:
     retry_after_seconds: int = 1
     #: Warm the model up (every adapter) before /health turns 200.
     warmup: bool = True
+    #: Seconds a request may take to deliver its headers (from the connection's start); then 408 and close.
+    header_timeout_s: float = 10.0
+    #: Seconds a request may take to deliver its body once the headers are in; then 408 and close.
+    body_timeout_s: float = 60.0
+    #: Open connections; at the cap the one waiting longest for a request is closed (503 if all are busy).
+    max_connections: int = 2048
+    #: Bytes of request line + headers; more is a 431.
+    max_header_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         positive = ("max_inputs_per_request", "max_input_chars", "max_request_bytes", "max_concurrent_inputs",
-                    "max_batch_tokens", "model_batch_size", "retry_after_seconds")
+                    "max_concurrent_tokens", "max_batch_tokens", "model_batch_size", "retry_after_seconds",
+                    "max_connections", "max_header_bytes")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ServeSettings.{name} must be a positive integer, found {value!r}")
         if not isinstance(self.max_batch_delay_ms, (int, float)) or not 0 <= self.max_batch_delay_ms <= 1000:
             raise ConfigError(f"ServeSettings.max_batch_delay_ms must be in 0..1000, found {self.max_batch_delay_ms!r}")
+        for name in ("header_timeout_s", "body_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 3600:
+                raise ConfigError(f"ServeSettings.{name} must be a number of seconds in (0, 3600], found {value!r}")
         if self.max_concurrent_inputs < self.max_inputs_per_request:
             raise ConfigError(
                 f"max_concurrent_inputs ({self.max_concurrent_inputs}) is below max_inputs_per_request "
@@ -63,8 +79,13 @@ LIMIT_FLAGS = (
     ("max_input_chars", int, "characters per input, checked before tokenizing; more is a 422"),
     ("max_request_bytes", int, "request body size; more is a 413"),
     ("max_concurrent_inputs", int, "inputs in flight over all requests; more is a 429 with Retry-After"),
+    ("max_concurrent_tokens", int, "tokens in flight over all requests; more is a 429 with Retry-After"),
     ("max_batch_tokens", int, "token budget of one merged model call"),
     ("max_batch_delay_ms", float, "longest wait of a queued input for company"),
     ("model_batch_size", int, "sentences per ONNX Runtime run inside a model call"),
     ("retry_after_seconds", int, "seconds in the Retry-After header of a 429"),
+    ("header_timeout_s", float, "seconds a request may take to send its headers; then 408 and close"),
+    ("body_timeout_s", float, "seconds a request may take to send its body after the headers; then 408 and close"),
+    ("max_connections", int, "open connections; at the cap the longest-waiting idle one is closed"),
+    ("max_header_bytes", int, "bytes of request line and headers; more is a 431"),
 )
