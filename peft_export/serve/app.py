@@ -87,6 +87,7 @@ class EmbeddingServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await warm_up
             await self.batcher.stop()
+            self.served.close()
             logger.info("batcher stopped; %d inputs were still in flight", self.batcher.inflight_inputs)
 
     async def _warm_up(self) -> None:
