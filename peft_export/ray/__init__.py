@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["BatchEmbedder", "embed_dataset", "serve_app", "EmbeddingDeployment"]
+__all__ = ["BatchEmbedder", "embed_dataset", "serve_app"]
 
 if TYPE_CHECKING:
     from .data import BatchEmbedder, embed_dataset
-    from .serve import EmbeddingDeployment, serve_app
+    from .serve import serve_app
 
-_HOMES = {"BatchEmbedder": "data", "embed_dataset": "data", "serve_app": "serve", "EmbeddingDeployment": "serve"}
+_HOMES = {"BatchEmbedder": "data", "embed_dataset": "data", "serve_app": "serve"}
 
 
 def __getattr__(name: str):

@@ -48,9 +48,15 @@ class ServeMetrics:
                                              "Embedding requests accepted into the queue and not yet answered",
                                              registry=r)
         self.ready = prom.Gauge("peft_export_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.merged = prom.Gauge("peft_export_adapter_merged",
+                                 "1 while the adapter runs merged into its own session, 0 on the LoRA branches",
+                                 ["model"], registry=r)
 
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model).set_function(depth)
+
+    def watch_merged(self, model: str, merged: Callable[[], bool]) -> None:
+        self.merged.labels(model).set_function(lambda: float(merged()))
 
     def watch_inflight(self, count: Callable[[], int]) -> None:
         self.inflight.set_function(count)
