@@ -62,12 +62,12 @@ def build_exports(workdir: Path) -> dict[str, Path]:
     from peft_export import export_onnx_model
 
     merged, switchable = workdir / "minilm-demo", workdir / "minilm-8-adapters"
-    if not (merged / "manifest.json").exists():
+    if not (merged / "peft_export.json").exists():
         from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
 
         export_onnx_model(str(DEMO_ADAPTER_DIR), merged, base=str(bundled_base_model_path()), force=True,
                           log=lambda m: None)
-    if not (switchable / "manifest.json").exists():
+    if not (switchable / "peft_export.json").exists():
         import torch
         from peft import LoraConfig
         from sentence_transformers import SentenceTransformer
@@ -315,6 +315,14 @@ def zipf_picker(names: list[str], s: float, seed: int):
     return (lambda n: draws[n % len(draws)]), [round(float(w), 3) for w in weights]
 
 
+def merged_now(url: str) -> list[str]:
+    import httpx
+
+    metrics = httpx.get(url + "/metrics", timeout=30).text
+    return sorted(line.split('"')[1] for line in metrics.splitlines()
+                  if line.startswith("peft_export_adapter_merged{") and line.endswith(" 1.0"))
+
+
 def bench_adapters(args, exports: dict[str, Path], work: Path) -> dict:
     from peft_export import EmbeddingModel
 
@@ -328,19 +336,27 @@ def bench_adapters(args, exports: dict[str, Path], work: Path) -> dict:
     skewed, weights = zipf_picker(names, 1.2, 0)
     configs = {"LoRA branches (no merge)": [], "--merge-adapter all": ["--merge-adapter", "all"],
                **{f"--merged-adapter-budget {b}": ["--merged-adapter-budget", str(b)] for b in (2, 4, 8)}}
+    expected = {label: 0 if "no merge" in label else N_ADAPTERS if "all" in label else int(label.split()[-1])
+                for label in configs}
     rows, loads = [], [uptime()]
     for label, extra in configs.items():
         process, url = serve_process(export, ["--served-model-name", "base", *extra], work / "adapters.log")
         try:
             wait_ready(url, process)
             for traffic, pick in (("uniform", uniform), ("skewed", skewed)):
-                # warm-up long enough for the budget to settle (merges run in the background)
-                asyncio.run(load_level(url, references, sentences, 1, pick, args.adapter_warmup, 100_000))
+                # Warm-up: traffic until the budget has filled (merges run in the background and take seconds
+                # of CPU each), at least --adapter-warmup s, at most --adapter-settle s; then measure.
+                settle_started = time.perf_counter()
+                while True:
+                    asyncio.run(load_level(url, references, sentences, 1, pick, args.adapter_warmup, 100_000))
+                    merged = merged_now(url)
+                    waited = time.perf_counter() - settle_started
+                    if len(merged) >= expected[label] or waited > args.adapter_settle:
+                        break
                 row = asyncio.run(load_level(url, references, sentences, 1, pick, args.seconds, 100_000))
-                metrics = __import__("httpx").get(url + "/metrics", timeout=10).text
-                merged = sorted(line.split('"')[1] for line in metrics.splitlines()
-                                if line.startswith("peft_export_adapter_merged{") and line.endswith(" 1.0"))
-                row.update(config=label, traffic=traffic, merged_at_end=merged)
+                row.update(config=label, traffic=traffic, merged_before=merged, merged_at_end=merged_now(url),
+                           settle_s=waited)
+                merged = row["merged_at_end"]
                 rows.append(row)
                 log(f"adapters {label:28s} {traffic:8s}: {row['requests_per_s']:.1f} req/s, p99 "
                     f"{row['p99_ms']:.0f} ms, errors {row['errors']}, merged {merged}")
@@ -385,11 +401,11 @@ def markdown(report: dict) -> str:
         a = report["adapters"]
         lines += ["### 8 adapters, one `peft-export serve`, single-sentence requests, concurrency 16", "",
                   f"Skewed traffic: Zipf s=1.2 over the 8 adapters (shares {a['zipf_weights']}).", "",
-                  "| configuration | traffic | requests/s | p50 ms | p99 ms | errors | max diff | merged at the end |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| configuration | traffic | requests/s | p50 ms | p99 ms | errors | max diff | warm-up s "
+                  "| merged at the end |", "|---|---|---|---|---|---|---|---|---|"]
         for r in a["rows"]:
             lines.append(f"| {r['config']} | {r['traffic']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                         f"{r['p99_ms']:.1f} | {r['errors']} | {r['max_diff']:.1e} | "
+                         f"{r['p99_ms']:.1f} | {r['errors']} | {r['max_diff']:.1e} | {r['settle_s']:.0f} | "
                          f"{', '.join(r['merged_at_end']) or '-'} |")
         lines += ["", "Load: " + " / ".join(u.split("load average:")[-1].strip() for u in a["uptime"]), ""]
     return "\n".join(lines) + "\n"
@@ -403,7 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--texts", type=int, default=10_000, help="corpus size for the data section")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the data contenders")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of one measured load level")
-    parser.add_argument("--adapter-warmup", type=float, default=8.0, help="seconds of traffic before measuring")
+    parser.add_argument("--adapter-warmup", type=float, default=5.0, help="least seconds of traffic before measuring")
+    parser.add_argument("--adapter-settle", type=float, default=120.0,
+                        help="most seconds of warm-up traffic waiting for the budget to fill")
     parser.add_argument("--embed-pythonpath", help="PYTHONPATH with `peft-export embed` (e.g. its worktree)")
     args = parser.parse_args(argv)
     work, out = Path(args.workdir), Path(args.out)

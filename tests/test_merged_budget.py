@@ -99,10 +99,15 @@ def test_bad_budgets_are_refused(model):
         MergedAdapterBudget(model, -1)
     with pytest.raises(ConfigError, match="merged_adapter_budget must be a count of adapters >= 0, found 'two'"):
         ServeSettings(merged_adapter_budget="two")
-    with pytest.raises(ConfigError, match="needs a switchable export"):
-        from switchable_fixtures import merged_export
+    from switchable_fixtures import merged_export
 
-        MergedAdapterBudget(EmbeddingModel(merged_export("attn")), 2)
+    merged = EmbeddingModel(merged_export("attn"))
+    with pytest.raises(ConfigError, match="needs a switchable export"):
+        MergedAdapterBudget(merged, 2)
+    from peft_export.serve.served_model import ServedModel
+
+    with pytest.raises(ConfigError, match="--merged-adapter-budget 2 needs a switchable export with adapters; m has"):
+        ServedModel(merged, ServeSettings(served_model_name="m", merged_adapter_budget=2))
 
 
 def test_server_keeps_hot_adapters_merged_and_answers_like_encode(model):

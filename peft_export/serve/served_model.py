@@ -49,7 +49,10 @@ class ServedModel:
                                   f"{', '.join(map(repr, self.names))}")
             self.default_adapter = self.adapter_for(settings.default_adapter)
         self.merged_budget = None
-        if settings.merged_adapter_budget and self.adapters:
+        if settings.merged_adapter_budget and not self.adapters:
+            raise ConfigError(f"--merged-adapter-budget {settings.merged_adapter_budget} needs a switchable export "
+                              f"with adapters; {self.base_name} has none to merge")
+        if settings.merged_adapter_budget:
             from ..runtime.merged_budget import MergedAdapterBudget
 
             self.merged_budget = MergedAdapterBudget(model, settings.merged_adapter_budget)
