@@ -96,7 +96,16 @@ def write_corpus(path: Path, n: int) -> list[str]:
     from peft_export.demo import load_sentences
 
     texts = list(load_sentences(n))
-    pq.write_table(pa.table({"id": list(range(n)), "text": texts}), path, row_group_size=1024)
+    table = pa.table({"id": list(range(n)), "text": texts})
+    pq.write_table(table, path, row_group_size=1024)
+    # The same rows as 8 files for Ray Data: a single file is one read task and one block, which one actor takes
+    # whole, leaving the others idle (Ray warns "the operator only received 1 input(s)").
+    parts = path.with_suffix("")
+    shutil.rmtree(parts, ignore_errors=True)
+    parts.mkdir()
+    step = -(-n // 8)
+    for k in range(0, n, step):
+        pq.write_table(table.slice(k, step), parts / f"part-{k // step}.parquet")
     return texts
 
 
@@ -130,7 +139,7 @@ def ray_job(export: Path, corpus: Path, out: Path, actors: int, threads: int) ->
 
     from peft_export.ray import embed_dataset
 
-    ds = ray.data.read_parquet(str(corpus))
+    ds = ray.data.read_parquet(str(corpus.with_suffix("")))  # the folder of 8 parts
     ds = embed_dataset(ds, export, id_column="id", keep_columns=False, num_actors=actors, threads_per_actor=threads)
     ds.write_parquet(str(out))
 
@@ -156,8 +165,8 @@ def bench_data(args, exports: dict[str, Path], work: Path) -> dict:
         def cli(out: Path) -> None:
             env = dict(os.environ, PYTHONPATH=args.embed_pythonpath)
             subprocess.run([sys.executable, "-m", "peft_export.cli", "embed", str(export), str(corpus), "-o",
-                            str(out), "--id-column", "id", "--quiet"], check=True, env=env, cwd=REPO_ROOT,
-                           stderr=subprocess.DEVNULL)
+                            str(out), "--id-column", "id", "--quiet"], check=True, env=env,
+                           cwd=args.embed_pythonpath)  # python -m puts the working directory first on sys.path
         contenders["peft-export embed (embed branch), defaults"] = cli
     times: dict[str, list[float]] = {name: [] for name in contenders}
     checks: dict[str, float] = {}

@@ -128,8 +128,11 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     rule). Extra keyword
     arguments go to ``map_batches`` (e.g. ``resources``, ``memory``).
 
-    Ray Data may emit blocks out of order; set ``DataContext.get_current().execution_options.preserve_order =
-    True`` (or sort by the id column) when order matters. Each row's embedding always stays with its row.
+    Each actor takes whole blocks: a dataset of one block (one small file) keeps one actor busy and the rest idle,
+    so give it at least as many blocks as actors (several input files, ``override_num_blocks=`` on read, or
+    ``ds.repartition(n)``). Ray Data may emit blocks out of order; set
+    ``DataContext.get_current().execution_options.preserve_order = True`` (or sort by the id column) when order
+    matters. Each row's embedding always stays with its row.
     """
     require("ray.data", "ray")
     require("pyarrow", "ray")
