@@ -246,6 +246,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(
         served_model_name=args.served_model_name or Path(args.path).resolve().name,
         default_adapter=args.default_adapter, auto_truncate=args.auto_truncate,
+        merged_adapter_budget=args.merged_adapter_budget,
         **{field: getattr(args, field) for field, _, _ in LIMIT_FLAGS},
     )
     model = EmbeddingModel(args.path, device=args.device, intra_op_threads=args.intra_op_threads)
@@ -275,6 +276,10 @@ def _add_serve_parser(sub) -> None:
                        help="run this adapter of a switchable export from its own session with the LoRA update merged "
                             "in: merged-export speed for hot adapters, ~50 MB more memory each for MiniLM (repeat; "
                             "'all' for every adapter; ONNX Runtime only)")
+    serve.add_argument("--merged-adapter-budget", type=int, metavar="N",
+                       help="keep the N most requested adapters merged (LRU eviction, ~50 MB each for MiniLM); "
+                            "the others run through the LoRA branches with the same answers. Adapters named by "
+                            "--merge-adapter stay merged on top of N (ONNX Runtime only)")
     serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     serve.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads (default: all physical cores)")
 
@@ -371,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_cmd_bench)
 
     _add_serve_parser(sub)
+    from .ray.cli import add_serve_ray_parser  # light: Ray is imported when the command runs
+
+    add_serve_ray_parser(sub)
     return parser
 
 

@@ -82,6 +82,10 @@ class EmbeddingServer:
             adapter = None if name == self.served.base_name else name
             self.metrics.watch_queue(name, lambda a=adapter: self.batcher.queued_inputs(lambda g: g[0] == a))
         self.metrics.watch_inflight(lambda: self.batcher.inflight_inputs, lambda: self.batcher.inflight_tokens)
+        merged = getattr(self.served.model, "merged_adapters", None)
+        if self.served.adapters and merged is not None:
+            for name in self.served.adapters:
+                self.metrics.watch_merged(name, lambda n=name: n in merged())
         self.batcher.start()
         warm_up = asyncio.get_running_loop().create_task(self._warm_up())
         try:
@@ -91,6 +95,7 @@ class EmbeddingServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await warm_up
             await self.batcher.stop()
+            self.served.close()
             logger.info("batcher stopped; %d inputs were still in flight", self.batcher.inflight_inputs)
             if self.cut_off_at_shutdown:
                 logger.warning("%d request(s) still running when the graceful timeout expired were answered 503",

@@ -54,9 +54,15 @@ class ServeMetrics:
             "peft_export_connections_closed", "Connections closed or refused below the routes (read timeout, "
             "connection cap, protocol error), by reason", ["reason"], registry=r)
         self.ready = prom.Gauge("peft_export_ready", "1 once the model is loaded and warmed up", registry=r)
+        self.merged = prom.Gauge("peft_export_adapter_merged",
+                                 "1 while the adapter runs merged into its own session, 0 on the LoRA branches",
+                                 ["model"], registry=r)
 
     def watch_queue(self, model: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(model).set_function(depth)
+
+    def watch_merged(self, model: str, merged: Callable[[], bool]) -> None:
+        self.merged.labels(model).set_function(lambda: float(merged()))
 
     def watch_inflight(self, inputs: Callable[[], int], tokens: Callable[[], int]) -> None:
         self.inflight.set_function(inputs)

@@ -52,6 +52,19 @@ class ServedModel:
                 raise ConfigError(f"--default-adapter {settings.default_adapter!r} is not served; the model has "
                                   f"{', '.join(map(repr, self.names))}")
             self.default_adapter = self.adapter_for(settings.default_adapter)
+        self.merged_budget = None
+        if settings.merged_adapter_budget and not self.adapters:
+            raise ConfigError(f"--merged-adapter-budget {settings.merged_adapter_budget} needs a switchable export "
+                              f"with adapters; {self.base_name} has none to merge")
+        if settings.merged_adapter_budget:
+            from ..runtime.merged_budget import MergedAdapterBudget
+
+            self.merged_budget = MergedAdapterBudget(model, settings.merged_adapter_budget)
+
+    def close(self) -> None:
+        """Stop the merged-adapter budget's background merges (the server's shutdown)."""
+        if self.merged_budget is not None:
+            self.merged_budget.close()
 
     # ----- names -----
     def adapter_for(self, name: Any, field: str = "model") -> str | None:
@@ -101,6 +114,8 @@ class ServedModel:
             options["prompt_name"] = prompt_name
         if adapter is not None:
             options["adapter"] = adapter
+            if self.merged_budget is not None:
+                self.merged_budget.touch(adapter)
         elif self.adapters:
             options["adapter"] = False  # the base itself, even when the export activates a default adapter
         try:

@@ -50,6 +50,9 @@ class ServeSettings:
     max_connections: int = 2048
     #: Bytes of request line + headers; more is a 431.
     max_header_bytes: int = 64 * 1024
+    #: Switchable ONNX Runtime exports: how many adapters to keep merged into their own session (the hottest, by
+    #: recent requests; LRU eviction; see runtime/merged_budget.py). None or 0: none beyond ``--merge-adapter``.
+    merged_adapter_budget: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("max_inputs_per_request", "max_input_chars", "max_request_bytes", "max_concurrent_inputs",
@@ -59,6 +62,9 @@ class ServeSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ServeSettings.{name} must be a positive integer, found {value!r}")
+        budget = self.merged_adapter_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+            raise ConfigError(f"ServeSettings.merged_adapter_budget must be a count of adapters >= 0, found {budget!r}")
         if not isinstance(self.max_batch_delay_ms, (int, float)) or not 0 <= self.max_batch_delay_ms <= 1000:
             raise ConfigError(f"ServeSettings.max_batch_delay_ms must be in 0..1000, found {self.max_batch_delay_ms!r}")
         for name in ("header_timeout_s", "body_timeout_s"):

@@ -1,0 +1,165 @@
+"""``embed_dataset``: embed a text column of a Ray Dataset with an export folder, one model per actor, no torch.
+
+Each actor of a Ray Data actor pool opens :class:`~peft_export.runtime.model.EmbeddingModel` once and embeds the
+batches it is given (``map_batches`` with the callable class :class:`BatchEmbedder`), adding an ``embedding``
+column (a fixed-size list of float32) to every row; every other column, the id included, stays as it was.
+
+Cores, not oversubscribed: an actor runs ONNX Runtime (or OpenVINO) with ``threads_per_actor`` intra-op threads
+(default 1), and its tokenizer's thread pool is capped the same way. The default pool is ``num_actors = cluster
+CPUs // threads_per_actor``, so actors x threads = cores: every core runs one inference thread, none two. Each
+actor reserves ``threads_per_actor x (CPUs - 1) / CPUs`` of Ray's CPUs (``num_cpus_per_actor`` overrides it),
+which keeps one CPU's worth of Ray's scheduling room free on the cluster: Ray Data's read, repartition and write
+tasks need a CPU slot to start, and a pool that reserved every CPU would wait forever for its own input (seen on
+a 2-CPU machine). Those tasks are brief and I/O-bound, so they share the cores without slowing inference much.
+Two single-threaded actors beat one actor with two threads on the 2-core test machine (43.8 vs 34.3 texts/s,
+measured under load; docs/scaling.md).
+
+Faults: Ray Data creates pool actors with ``max_restarts=-1`` and ``max_task_retries=-1`` (its defaults; pass
+other values as keyword arguments to change them): an actor that dies (killed, OOM, node lost) is restarted and
+the batch it held is run again, so the output is complete. Errors in the data (a missing column, a non-string
+value) are not retried: they fail the job with a message naming the row.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, require
+
+EMBEDDING_COLUMN = "embedding"
+
+
+class BatchEmbedder:
+    """The callable class behind :func:`embed_dataset`: one ``EmbeddingModel`` per actor, built in ``__init__``.
+
+    Takes and returns ``pyarrow.Table`` batches. Subclass it (and pass ``embedder=``) to add per-batch behaviour;
+    ``before_batch`` is called with each batch before it is embedded.
+    """
+
+    def __init__(self, export: str, column: str, *, adapter: str | None = None, prompt_name: str | None = None,
+                 encode_batch_size: int = 32, threads: int = 1, backend: str | None = None,
+                 output_column: str = EMBEDDING_COLUMN, model_options: dict[str, Any] | None = None):
+        # Before the tokenizer's thread pool exists (first encode): as many threads as this actor has CPUs.
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+        from ..runtime.model import EmbeddingModel
+
+        self.model = EmbeddingModel(export, backend=backend, intra_op_threads=threads, **(model_options or {}))
+        self.column = column
+        self.output_column = output_column
+        self.options: dict[str, Any] = {"batch_size": encode_batch_size}
+        if prompt_name is not None:
+            self.options["prompt_name"] = prompt_name
+        if adapter is not None:
+            self.options["adapter"] = adapter
+        elif getattr(self.model, "is_switchable", False):
+            self.options["adapter"] = False  # the base itself, even when the export activates a default adapter
+        self.dimension = self.model.get_sentence_embedding_dimension()
+
+    def before_batch(self, batch) -> None:
+        """Hook for subclasses (called once per batch, before encoding)."""
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+
+        self.before_batch(batch)
+        texts = _texts(batch, self.column)
+        vectors = np.ascontiguousarray(self.model.encode(texts, **self.options), dtype=np.float32)
+        vectors = vectors.reshape(len(texts), self.dimension)  # (rows, dim), also for an empty batch
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())
+        column = pa.FixedSizeListArray.from_arrays(flat, self.dimension)
+        return batch.append_column(self.output_column, column)
+
+
+def _texts(batch, column: str) -> list[str]:
+    """The batch's texts as Python strings; a null or non-string value is an error naming its row in the batch."""
+    import pyarrow as pa
+
+    if column not in batch.column_names:
+        raise ConfigError(f"Column {column!r} not found; the dataset has {batch.column_names}")
+    values = batch.column(column)
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise ConfigError(f"Column {column!r} must hold strings, found {values.type}")
+    texts = values.to_pylist()
+    for i, text in enumerate(texts):
+        if text is None:
+            raise ConfigError(f"Column {column!r} has a null value at row {i} of this batch; drop or fill nulls "
+                              "first (ds.filter(...))")
+    return texts
+
+
+def plan_actors(num_actors: int | None, threads_per_actor: int | None,
+                num_cpus_per_actor: float | None = None) -> tuple[int, int, float]:
+    """(actors, threads per actor, Ray CPUs reserved per actor) for this Ray cluster (see the module doc)."""
+    ray = require("ray", "ray")
+    threads = 1 if threads_per_actor is None else threads_per_actor
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads_per_actor must be a positive integer, found {threads_per_actor!r}")
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    if threads > cpus:
+        raise ConfigError(f"threads_per_actor={threads} is more than the {cpus} CPUs of this Ray cluster; an "
+                          "actor asking for it could never start")
+    if num_actors is None:
+        num_actors = max(1, cpus // threads)
+    if isinstance(num_actors, bool) or not isinstance(num_actors, int) or num_actors < 1:
+        raise ConfigError(f"num_actors must be a positive integer, found {num_actors!r}")
+    if num_cpus_per_actor is None:
+        num_cpus_per_actor = threads * (cpus - 1) / cpus if cpus > 1 else 0.5
+    if not isinstance(num_cpus_per_actor, (int, float)) or not 0 < num_cpus_per_actor <= cpus:
+        raise ConfigError(f"num_cpus_per_actor must be in (0, {cpus}], found {num_cpus_per_actor!r}")
+    return num_actors, threads, float(num_cpus_per_actor)
+
+
+def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | None = None,
+                  prompt_name: str | None = None, batch_size: int = 64, id_column: str | None = None,
+                  num_actors: int | None = None, threads_per_actor: int | None = None, backend: str | None = None,
+                  *, num_cpus_per_actor: float | None = None, output_column: str = EMBEDDING_COLUMN,
+                  keep_columns: bool = True, encode_batch_size: int = 32,
+                  embedder: type[BatchEmbedder] = BatchEmbedder, model_options: dict[str, Any] | None = None,
+                  **ray_remote_args):
+    """``ds`` with an ``embedding`` column: the export's sentence embedding of ``column`` (float32, fixed size).
+
+    ``export`` must be a path every Ray node can read (a shared file system, or the same path on each node).
+    ``adapter``/``prompt_name`` as in ``EmbeddingModel.encode``; ``batch_size`` rows per actor call;
+    ``id_column``, when given, must exist, and with ``keep_columns=False`` only it and the embedding are kept.
+    ``num_actors``, ``threads_per_actor`` and ``num_cpus_per_actor`` size the pool (see the module doc for the
+    rule). Extra keyword
+    arguments go to ``map_batches`` (e.g. ``resources``, ``memory``).
+
+    Each actor takes whole blocks: a dataset of one block (one small file) keeps one actor busy and the rest idle,
+    so give it at least as many blocks as actors (several input files, ``override_num_blocks=`` on read, or
+    ``ds.repartition(n)``). Ray Data may emit blocks out of order; set
+    ``DataContext.get_current().execution_options.preserve_order = True`` (or sort by the id column) when order
+    matters. Each row's embedding always stays with its row.
+    """
+    require("ray.data", "ray")
+    require("pyarrow", "ray")
+    export = Path(export).expanduser().resolve()
+    if not export.is_dir():
+        raise ConfigError(f"Export folder not found: {export}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, found {batch_size!r}")
+    schema = ds.schema()
+    names = list(schema.names) if schema is not None else []
+    for field, name in (("column", column), ("id_column", id_column)):
+        if name is not None and name not in names:
+            raise ConfigError(f"{field} {name!r} is not a column of the dataset; it has {names}")
+    kind = str(schema.types[names.index(column)])
+    if kind not in ("string", "large_string"):
+        raise ConfigError(f"Column {column!r} must hold strings, found {kind}; cast it first (e.g. with "
+                          "ds.map_batches) or pick another column")
+    actors, threads, reserved = plan_actors(num_actors, threads_per_actor, num_cpus_per_actor)
+    from ray.data import ActorPoolStrategy
+
+    out = ds.map_batches(
+        embedder, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
+        fn_constructor_kwargs=dict(export=str(export), column=column, adapter=adapter, prompt_name=prompt_name,
+                                   encode_batch_size=encode_batch_size, threads=threads, backend=backend,
+                                   output_column=output_column, model_options=model_options),
+        compute=ActorPoolStrategy(size=actors), num_cpus=reserved, **ray_remote_args,
+    )
+    if not keep_columns:
+        out = out.select_columns([c for c in (id_column, output_column) if c is not None])
+    return out
