@@ -347,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_cmd_bench)
 
     _add_serve_parser(sub)
+    from .corpus.command import add_embed_parser  # light: argparse only
+
+    add_embed_parser(sub)
     return parser
 
 

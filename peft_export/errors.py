@@ -42,6 +42,10 @@ class OutputExistsError(PeftExportError, FileExistsError):
     """The output folder exists and overwriting was not requested."""
 
 
+class InputError(PeftExportError, ValueError):
+    """A corpus to embed is missing, unreadable, empty, or has a missing column or a value that is not text."""
+
+
 class ToolError(PeftExportError, RuntimeError):
     """A library that peft_export drives (a quantizer, for one) failed on this model."""
 
