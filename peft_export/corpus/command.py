@@ -74,5 +74,6 @@ def run_embed(args: argparse.Namespace) -> int:
         return 0
     resumed = f", {result.resumed_rows:,} of them from an earlier run" if result.resumed_rows else ""
     print(f"embedded {result.rows:,} texts{resumed} into {result.output} in {result.seconds:.1f} s "
-          f"({result.texts_per_second:.1f} texts/s)", file=sys.stderr)
+          f"({result.texts_per_second:.1f} texts/s; {result.startup_seconds:.1f} s of it checking the input and "
+          f"loading the model)", file=sys.stderr)
     return 0

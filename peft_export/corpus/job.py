@@ -39,6 +39,7 @@ class EmbedResult:
     parts: int
     resumed_rows: int  # rows found done by an earlier run
     seconds: float
+    startup_seconds: float = 0.0  # of ``seconds``: checking the input and opening the model (or its workers)
 
     @property
     def texts_per_second(self) -> float:
@@ -120,6 +121,7 @@ def embed_corpus(
             target.work_dir.mkdir(parents=True, exist_ok=True)
             save_state(target.work_dir, state)
         remove_parts_from(target, state.parts_done)
+        ready = time.perf_counter()
         resumed = state.rows_done
         if log and resumed:
             log(f"resuming: {resumed:,} of {total:,} rows done in {state.parts_done} parts")
@@ -130,7 +132,8 @@ def embed_corpus(
     state.complete = True
     save_state(target.work_dir, state)
     finish(target)
-    return EmbedResult(target.path, state.rows_done, state.parts_done, resumed, time.perf_counter() - started)
+    return EmbedResult(target.path, state.rows_done, state.parts_done, resumed, time.perf_counter() - started,
+                       ready - started)
 
 
 def _prepare_output(target: OutputTarget, job: dict, force: bool) -> JobState | None:
