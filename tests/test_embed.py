@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from peft_export.cli import main
-from peft_export.corpus import embed_corpus
+from peft_export.corpus import embed_corpus as embed_with_defaults
 from peft_export.corpus.job import KILL_ENV
 from peft_export.errors import InputError, OutputExistsError
 
@@ -24,6 +24,12 @@ pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
 PART_ROWS = 16
+
+
+def embed_corpus(*args, **kwargs):
+    """In this process unless a test asks for workers: spawning them costs seconds per call."""
+    kwargs.setdefault("processes", 1)
+    return embed_with_defaults(*args, **kwargs)
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -221,14 +227,15 @@ def test_csv_and_parquet_errors(bert_case, tmp_path):
     ("garbage.parquet", b"not parquet at all", r"Cannot read .*garbage.parquet as Parquet"),
     ("table.xlsx", b"x", r"Cannot tell the format .* --input-format"),
 ])
-def test_unreadable_or_empty_inputs_are_one_cli_error(name, content, message, bert_case, tmp_path):
+def test_unreadable_or_empty_inputs_are_one_cli_error(name, content, message, bert_case, tmp_path, capsys):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(InputError, match=message):
         embed_corpus(bert_case.export, tmp_path / name, tmp_path / "out.npy")
-    result = run_cli(str(bert_case.export), str(tmp_path / name), "-o", str(tmp_path / "out.npy"))
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("peft-export: error: ")
-    assert "Traceback" not in result.stderr
+    assert main(["embed", str(bert_case.export), str(tmp_path / name), "-o", str(tmp_path / "out.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("peft-export: error: ")
+    assert re.search(message, err)
+    assert not (tmp_path / "out.npy.parts").exists()
 
 
 def test_missing_input_and_unknown_adapter_or_prompt(inputs, bert_case, tmp_path):
@@ -263,6 +270,8 @@ def test_existing_output_is_refused_unless_force_or_same_job(inputs, bert_case, 
     with pytest.raises(OutputExistsError, match=r"not embed output; not deleting it even with --force"):
         embed_corpus(bert_case.export, inputs["text"], tmp_path / "notes", force=True)
     assert (tmp_path / "notes" / "keep.txt").is_file()
+    with pytest.raises(OutputExistsError, match=r"keep.txt is a file; name a folder"):
+        embed_corpus(bert_case.export, inputs["text"], tmp_path / "notes" / "keep.txt", force=True)
 
 
 def test_changed_input_file_is_not_resumed(inputs, bert_case, tmp_path):
@@ -270,11 +279,12 @@ def test_changed_input_file_is_not_resumed(inputs, bert_case, tmp_path):
     source.write_text(inputs["text"].read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "out"
     result = run_cli(str(bert_case.export), str(source), "-o", str(out), "--part-rows", str(PART_ROWS),
-                     env={KILL_ENV: "1"})
+                     "--processes", "1", env={KILL_ENV: "1"})
     assert result.returncode == -9
     with open(source, "a", encoding="utf-8") as f:
         f.write("one more line\n")
-    result = run_cli(str(bert_case.export), str(source), "-o", str(out), "--part-rows", str(PART_ROWS))
+    result = run_cli(str(bert_case.export), str(source), "-o", str(out), "--part-rows", str(PART_ROWS),
+                     "--processes", "1")
     assert result.returncode == 2
     assert "holds parts of another embed job" in result.stderr and "input.size" in result.stderr
 
@@ -284,7 +294,9 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(output, kill_at, inputs
     """kill -9 right after part 2 is written (after, or before, its state file): the re-run redoes at most that
     part, and the result is bit-for-bit the uninterrupted one."""
     ids = [] if output.endswith(".npy") else ["--id-column", "id"]
-    common = [str(bert_case.export), str(inputs["jsonl"]), *ids, "--part-rows", str(PART_ROWS)]
+    # The folder output runs with the default parallelism (2 worker processes here), killed with its workers alive.
+    workers = [] if output == "out" else ["--processes", "1"]
+    common = [str(bert_case.export), str(inputs["jsonl"]), *ids, *workers, "--part-rows", str(PART_ROWS)]
     killed = run_cli(*common, "-o", str(tmp_path / output), env={KILL_ENV: kill_at})
     assert killed.returncode == -9, killed.stderr
     work = tmp_path / output if output == "out" else tmp_path / (output + ".parts")
@@ -312,10 +324,19 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(output, kill_at, inputs
 
 
 # ----- parallelism, adapters, Ray, light import -----
-@pytest.mark.slow
-def test_two_worker_processes_give_the_same_parts(inputs, bert_case, expected, tmp_path):
-    result = embed_corpus(bert_case.export, inputs["parquet"], tmp_path / "out", id_column="id",
-                          part_rows=PART_ROWS, processes=2, progress=False)
+def test_default_parallelism_rule(bert_case):
+    from peft_export.corpus import default_parallelism
+
+    plenty = 64 * 2**30
+    assert default_parallelism(bert_case.export, parts=5, cores=2, available_bytes=plenty) == (2, 1)
+    assert default_parallelism(bert_case.export, parts=1, cores=2, available_bytes=plenty) == (1, 2)
+    assert default_parallelism(bert_case.export, parts=100, cores=16, available_bytes=plenty) == (8, 2)
+    assert default_parallelism(bert_case.export, parts=100, cores=4, available_bytes=1) == (1, 4)
+
+
+def test_default_parallelism_uses_worker_processes_with_the_same_parts(inputs, bert_case, expected, tmp_path):
+    result = embed_with_defaults(bert_case.export, inputs["parquet"], tmp_path / "out", id_column="id",
+                                 part_rows=PART_ROWS, progress=False)
     assert result.parts == 5
     table, vectors = read_parquet(tmp_path / "out")
     assert table.column("id").to_pylist() == list(range(len(expected)))

@@ -75,6 +75,8 @@ class OutputTarget:
         """Delete a previous result and its parts (``--force``)."""
         if self.kind != "parquet-folder" and self.path.is_dir():
             raise OutputExistsError(f"Output {self.path} is a folder; a {self.kind} output must be a file")
+        if self.kind == "parquet-folder" and self.path.exists() and not self.path.is_dir():
+            raise OutputExistsError(f"Output {self.path} is a file; name a folder (or FILE.parquet, FILE.npy)")
         if not self.looks_like_ours():
             raise OutputExistsError(f"{self.work_dir} holds files that are not embed output; not deleting it even "
                                     f"with --force. Choose another output path")
