@@ -19,6 +19,12 @@ prefixed with "Note:", ...), see `variants`.
 
     python benchmarks/bench_embed.py --export all-MiniLM-L6-v2-demo-onnx   # `peft-export merge-onnx` makes it
     python benchmarks/bench_embed.py --export DIR --texts 5000 --small 1000 --parallel-texts 500   # smoke run
+
+On a machine too busy for 100k texts through MiniLM, the pipeline's own memory and overhead at 100k can be measured
+with the tests' tiny BERT (hidden 32, 2 layers; needs torch to build once):
+
+    python benchmarks/bench_embed.py --build-tiny-export /tmp/tiny-onnx
+    python benchmarks/bench_embed.py --export /tmp/tiny-onnx --parallel 2x1 --work /tmp/bench-embed-tiny
 """
 
 from __future__ import annotations
@@ -80,6 +86,21 @@ def write_corpus(path: Path, n: int) -> None:
         for i in range(n):
             text, source, query = pool[i % len(pool)]
             f.write(json.dumps({"id": f"doc-{i:07d}", "text": variants(i // len(pool), text, source, query)}) + "\n")
+
+
+def build_tiny_export(out: Path) -> None:
+    """The tests' tiny BERT Sentence Transformer (tests/fixtures/tiny_models.py), exported to ONNX at ``out``."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from fixtures import text, tiny_models
+
+    from peft_export import export_onnx_model
+
+    root = Path(tempfile.mkdtemp(prefix="bench-embed-tiny-"))
+    texts = text.FALLBACK_SENTENCES + text.real_sentences(400, seed=1)
+    st = tiny_models.build_st_model(tiny_models.build_hf_encoder("bert", root / "hf", texts), root / "st")
+    print(export_onnx_model(str(st), out, log=lambda m: None).path)
 
 
 # ----- children -----
@@ -149,9 +170,12 @@ def steady_rate(result: dict, rows: int) -> float:
     return rows / (float(found.group(1)) - float(found.group(2))) if found else float("nan")
 
 
+PART_ROWS: list[str] = []  # ["--part-rows", N] when given
+
+
 def embed_command(export: str, source: Path, output: Path, processes: int, threads: int) -> list[str]:
     return [sys.executable, "-m", "peft_export.cli", "embed", export, str(source), "-o", str(output), "--id-column",
-            "id", "--processes", str(processes), "--threads", str(threads), "--quiet"]
+            "id", "--processes", str(processes), "--threads", str(threads), "--quiet", *PART_ROWS]
 
 
 def encode_command(export: str, source: Path, output: Path) -> list[str]:
@@ -199,16 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=10_000, help="the smaller run for the RSS comparison")
     parser.add_argument("--parallel-texts", type=int, default=5_000, help="texts per processes x threads run")
     parser.add_argument("--parallel", metavar="PxT", help="skip the processes x threads runs and use this (e.g. 1x2)")
+    parser.add_argument("--part-rows", type=int, help="embed's --part-rows (default: embed's own, 4096)")
     parser.add_argument("--work", default="/tmp/bench-embed", help="corpus, outputs and results.json")
     parser.add_argument("--out", default=None, help="folder for bench_embed.md (default: benchmarks/results/"
                                                     "<date>-xeon-2core)")
+    parser.add_argument("--build-tiny-export", metavar="DIR", help="build the tests' tiny BERT export in DIR, exit")
     parser.add_argument("--child-encode", nargs=3, metavar=("EXPORT", "INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_encode:
         child_encode(*args.child_encode)
         return 0
+    if args.build_tiny_export:
+        build_tiny_export(Path(args.build_tiny_export))
+        return 0
     if not args.export:
         parser.error("--export is required")
+    if args.part_rows:
+        PART_ROWS[:] = ["--part-rows", str(args.part_rows)]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     stages = Stages(work / "results.json")
@@ -224,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?"),
         "cores": os.cpu_count(), "python": platform.python_version(), "export": export,
         "model": json.loads((Path(export) / "peft_export.json").read_text())["base"]["id"],
+        "part_rows": args.part_rows or 4096,
         "onnxruntime": __import__("onnxruntime").__version__, "pyarrow": __import__("pyarrow").__version__,
         "distinct_texts": len({json.loads(line)["text"] for line in open(corpus[n], encoding="utf-8")}),
         "pool": len(base_pool()),
@@ -359,7 +391,8 @@ def report(data: dict, n: int, small: int, parallel_texts: int, rate: dict, best
         f"{killed['rows_in_state_at_kill']:,} rows recorded in the state file; the same command then ran "
         f"{resumed['wall_s']:.1f} s. Killed + resumed = "
         f"{killed['wall_s'] + resumed['wall_s']:.1f} s vs {full['wall_s']:.1f} s uninterrupted: {lost:.1f} s lost "
-        f"(a second model load and input check, plus the rows after the last finished part, redone; "
+        f"(a second model load and input check, plus the rows after the last finished part, redone: parts of "
+        f"{data['machine'].get('part_rows', 4096):,} rows, up to one per worker in flight; "
         f"and the load moved between runs). Resumed output bit-identical to the uninterrupted one: "
         f"{check['resumed_bit_identical']}; ids equal: {check['resumed_ids_equal']}.",
         "",
@@ -367,7 +400,7 @@ def report(data: dict, n: int, small: int, parallel_texts: int, rate: dict, best
         "",
         f"ids in input order: {check['ids_in_order']}; embed vs encode max abs diff "
         f"{check['max_abs_diff_embed_vs_encode']:.1e} ({check['rows_bit_identical_to_encode']:.1%} of rows "
-        "bit-identical: embed encodes each 4,096-row part on its own, so some batches differ from one encode() of "
+        "bit-identical: embed encodes each part on its own, so some batches differ from one encode() of "
         "everything; each part is bit-identical to encode() of its rows, tests/test_embed.py).",
         "",
         "Reproduce: `peft-export merge-onnx -o minilm-demo-onnx && python benchmarks/bench_embed.py --export "
