@@ -245,6 +245,10 @@ def test_missing_input_and_unknown_adapter_or_prompt(inputs, bert_case, tmp_path
         embed_corpus(bert_case.export, inputs["text"], tmp_path / "o", prompt_name="nope")
     with pytest.raises(ValueError, match=r"adapter"):
         embed_corpus(bert_case.export, inputs["text"], tmp_path / "o2", adapter="nope")
+    # In worker processes the check runs in a worker; its error comes back as the same one-line error.
+    with pytest.raises(ValueError, match=r"Prompt name 'nope' not found"):
+        embed_corpus(bert_case.export, inputs["text"], tmp_path / "o3", prompt_name="nope", processes=2)
+    assert not (tmp_path / "o3").exists()
 
 
 # ----- existing output, resume -----

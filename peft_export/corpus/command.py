@@ -45,8 +45,8 @@ def add_embed_parser(sub) -> None:
                                                             "a terminal)")
     embed.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                        help="run on Ray Data instead: a local Ray instance, or the cluster at ADDRESS (needs "
-                            "peft_export[ray]); writes a folder of Parquet files, not resumable. Put it after the positional "
-                            "arguments, or write --ray=ADDRESS")
+                            "peft_export[ray]); writes a folder of Parquet files, not resumable. Put it after the "
+                            "positional arguments, or write --ray=ADDRESS")
     embed.set_defaults(handler=run_embed)
 
 

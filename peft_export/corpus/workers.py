@@ -95,14 +95,20 @@ def _exit_with_parent(parent: int) -> None:
 def _start_worker(settings: EncodeSettings, parent: int) -> None:
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     _worker["settings"] = settings
-    _worker["model"] = settings.open_model()
+    try:
+        _worker["model"] = settings.open_model()
+    except PeftExportError as err:  # raised by the first task, so the caller sees it, not a broken pool
+        _worker["error"] = err
 
 
 def _encode_in_worker(texts: list[str]) -> np.ndarray:
     return _worker["settings"].encode(_worker["model"], texts)
 
 
-def _dimension_in_worker() -> int:
+def _check_in_worker() -> int:
+    if "error" in _worker:
+        raise _worker["error"]
+    check_settings(_worker["model"], _worker["settings"])
     return _worker["model"].get_sentence_embedding_dimension()
 
 
@@ -116,11 +122,9 @@ class ProcessPoolEncoder:
         self.processes = processes
         self.pool = ProcessPoolExecutor(processes, multiprocessing.get_context("spawn"), initializer=_start_worker,
                                         initargs=(settings, os.getpid()))
-        # Open the model in this process once, only to check the adapter and prompt before any worker is busy.
-        probe = settings.open_model()
-        check_settings(probe, settings)
-        self.dimension = probe.get_sentence_embedding_dimension()
-        del probe
+        # A worker checks the adapter and prompt before any part is sent (its ConfigError comes back pickled), so
+        # this process never holds a model of its own.
+        self.dimension = self.pool.submit(_check_in_worker).result()
 
     def submit(self, texts: list[str]) -> Future:
         return self.pool.submit(_encode_in_worker, texts)
