@@ -133,6 +133,13 @@ def test_npy_output_and_one_parquet_file(inputs, bert_case, expected, tmp_path):
     assert not (tmp_path / "one.parquet.parts").exists()
 
 
+def test_bad_numbers_are_refused(inputs, bert_case, tmp_path):
+    with pytest.raises(InputError, match=r"threads must be a positive integer, found -1"):
+        embed_corpus(bert_case.export, inputs["text"], tmp_path / "v.npy", threads=-1)
+    with pytest.raises(InputError, match=r"part_rows must be a positive integer, found 0"):
+        embed_corpus(bert_case.export, inputs["text"], tmp_path / "v.npy", part_rows=0)
+
+
 def test_npy_refuses_ids(inputs, bert_case, tmp_path):
     with pytest.raises(InputError, match=r"\.npy output holds only the vectors.*need a Parquet output"):
         embed_corpus(bert_case.export, inputs["jsonl"], tmp_path / "v.npy", id_column="id")

@@ -100,7 +100,8 @@ def embed_corpus(
     :func:`default_parallelism`). ``progress``: a bar on stderr (None: when stderr is a terminal).
     """
     started = time.perf_counter()
-    for name, value in (("batch_size", batch_size), ("part_rows", part_rows)):
+    for name, value in (("batch_size", batch_size), ("part_rows", part_rows), ("processes", processes or 1),
+                        ("threads", threads or 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(f"{name} must be a positive integer, found {value!r}")
     target = OutputTarget.for_path(output)
