@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         for processes, threads in ((1, 2), (2, 1)):
             name = f"parallel_{processes}x{threads}_run{rep}"
             stages.run(name, lambda p=processes, t=threads: must_succeed(run_child(embed_command(
-                export, corpus[args.parallel_texts], work / "par-out", p, t) + ["--force"]), "embed"))
+                export, corpus[args.parallel_texts], work / "par-out", p, t)
+                + ["--force", "--part-rows", str(max(1, args.parallel_texts // 8))]), "embed"))  # parts >= workers
     # Decided on the rate once the model is loaded: a corpus worth a job runs long after startup.
     rate = {} if args.parallel else {
         pt: float(np.median([steady_rate(stages.data[f"parallel_{pt}_run{r}"], args.parallel_texts) for r in (1, 2)]))
