@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from .errors import (
     AdapterNotFoundError,
     ConfigError,
+    InputError,
     InvalidInputError,
     MissingDependencyError,
     ModelNotFoundError,
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "InvalidInputError",
     "EmbeddingModel",
+    "InputError",
     "MissingDependencyError",
     "ModelNotFoundError",
     "NonFiniteEmbeddingError",
@@ -39,11 +41,13 @@ __all__ = [
     "UnsafeModelError",
     "ValidationError",
     "__version__",
+    "embed_corpus",
     "export_onnx_model",
     "export_openvino_model",
 ]
 
 if TYPE_CHECKING:
+    from .corpus import embed_corpus
     from .export.pipeline import export_onnx_model, export_openvino_model
     from .runtime.model import EmbeddingModel
     from .runtime.onnxruntime_backend import SessionSettings
@@ -63,6 +67,10 @@ def __getattr__(name: str):
         from .runtime.openvino_backend import OpenVinoSettings
 
         return OpenVinoSettings
+    if name == "embed_corpus":
+        from .corpus import embed_corpus
+
+        return embed_corpus
     if name == "export_onnx_model":
         from .export.pipeline import export_onnx_model
 

@@ -376,6 +376,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_cmd_bench)
 
     _add_serve_parser(sub)
+    from .corpus.command import add_embed_parser  # light: argparse only
+
+    add_embed_parser(sub)
+
     from .ray.cli import add_serve_ray_parser  # light: Ray is imported when the command runs
 
     add_serve_ray_parser(sub)

@@ -51,6 +51,10 @@ class NonFiniteEmbeddingError(PeftExportError, FloatingPointError):
     as an embedding."""
 
 
+class InputError(PeftExportError, ValueError):
+    """A corpus to embed is missing, unreadable, empty, or has a missing column or a value that is not text."""
+
+
 class ToolError(PeftExportError, RuntimeError):
     """A library that peft_export drives (a quantizer, for one) failed on this model."""
 
