@@ -122,3 +122,15 @@ def test_validation_runs_full_length_at_batch_one_only(bert_case, tmp_path, monk
 def test_validation_shape_rule_defaults():
     assert validate.token_limit(["one"]) == validate.LONG_MAX_TOKENS == 2048
     assert validate.token_limit(["one", "two"]) == validate.BATCHED_MAX_TOKENS == 256
+
+
+def test_fusion_of_external_data_over_the_memory_limit_is_skipped_with_the_reason(bert_case, tmp_path, monkeypatch,
+                                                                                  quiet_log):
+    monkeypatch.setattr(onnx_format, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(onnx_format, "FUSION_WEIGHT_LIMIT", 10_000)
+    out = tmp_path / "unfused"
+    export_onnx_model(str(bert_case.adapter), out, log=quiet_log)
+    fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
+    assert fusion["applied"] is False and fusion["external_data"] is True
+    assert "optimizer would hold several copies" in fusion["reason"]
+    assert "Attention" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]

@@ -20,6 +20,10 @@ EXTERNAL_DATA_FILE = "model.onnx_data"
 OUTPUT_NAMES = ["sentence_embedding", "token_embeddings"]
 # Weights at least this large go to one external data file (protobuf caps a file at 2 GiB); tests lower it.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+# ONNX Runtime's optimizer holds several copies of the weights (its shape inference serializes the model, and one
+# protobuf caps at 2 GiB): 16 GB resident for a 2.4 GB Qwen3-0.6B-sized graph when it was stopped. Larger external-
+# data graphs keep the traced attention; smaller ones (and tests, which lower EXTERNAL_DATA_THRESHOLD) are fused.
+FUSION_WEIGHT_LIMIT = 2 * 1024**3
 _TRACE_FOLDER = ".torch-onnx"  # where torch.onnx writes a large graph's per-tensor files, removed after packing
 STATIC_KEEPS_TRACED = ("int8-static: ONNX Runtime's static (QDQ) quantizer has no form of the fused Attention "
                        "operator, so the traced query/key/value MatMuls are quantized instead")
@@ -179,6 +183,11 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
         return {"applied": False, "reason": "the encoder config has no num_attention_heads / hidden_size"}
     folder = model_path.parent
     external = (folder / EXTERNAL_DATA_FILE).exists()
+    if external and (folder / EXTERNAL_DATA_FILE).stat().st_size > FUSION_WEIGHT_LIMIT:
+        reason = (f"weights over {FUSION_WEIGHT_LIMIT / 1024**3:g} GiB: ONNX Runtime's optimizer would hold several "
+                  "copies of them (16 GB resident measured for 2.4 GB of weights); the traced graph is kept")
+        log(f"Attention fusion: {reason}")
+        return {"applied": False, "reason": reason, "external_data": True}
     try:
         # The graph was loaded for this call alone, so the optimizer may rewrite it in place (no second copy).
         fused, counts = fuse_attention(onnx.load(str(model_path)), shape, keep_input=False)
