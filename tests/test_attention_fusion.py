@@ -49,8 +49,8 @@ def test_no_fuse_attention_keeps_the_traced_graph_with_the_same_embeddings(bert_
 def test_a_fused_graph_that_fails_validation_is_not_kept(bert_case, tmp_path, monkeypatch, quiet_log, real_texts):
     real_fuse = ort_fusion.fuse_attention
 
-    def broken_fuse(model, shape):
-        fused, counts = real_fuse(model, shape)
+    def broken_fuse(model, shape, **kwargs):
+        fused, counts = real_fuse(model, shape, **kwargs)
         for tensor in fused.graph.initializer:
             if tensor.name.endswith("_qkv_weight"):  # a fusion that got the weights wrong
                 weights = onnx.numpy_helper.to_array(tensor) * 1.5
@@ -140,23 +140,23 @@ def test_fusion_leaves_no_optimizer_objects_behind(bert_case, zoo):
     assert left == 1  # the fused graph it returned; no copies held by the optimizer's objects
 
 
-def test_graphs_with_external_weights_keep_the_traced_graph(bert_case, tmp_path, monkeypatch, quiet_log, real_texts):
-    """Over 2 GiB of weights go to model.onnx_data; the fusion would have to rewrite them, so it is skipped and the
-    manifest says why (the threshold is lowered here to exercise the path on a tiny model)."""
+def test_graphs_with_external_weights_are_fused_too(bert_case, tmp_path, monkeypatch, quiet_log, real_texts):
+    """Over 2 GiB of weights go to model.onnx_data; the fused graph is written back the same way (the threshold is
+    lowered here to exercise the path on a tiny model)."""
     from peft_export.export import onnx as onnx_format
 
-    monkeypatch.setattr(onnx_format, "_TWO_GIB", 1024)
+    monkeypatch.setattr(onnx_format, "EXTERNAL_DATA_THRESHOLD", 1024)
     out = tmp_path / "external"
     export_onnx_model(str(bert_case.adapter), out, log=quiet_log)
     assert (out / "model.onnx_data").stat().st_size > 10_000
     fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
-    assert fusion == {"applied": False, "reason": "weights in external data (over 2 GiB) are not rewritten"}
-    assert "Attention" not in _ops(out)
+    assert fusion["applied"] is True and fusion["external_data"] is True
+    assert _ops(out).count("Attention") == LAYERS
     assert_same_embeddings(EmbeddingModel(out).encode(real_texts[:20]), bert_case.reference().encode(real_texts[:20]))
 
 
 def test_an_optimizer_crash_keeps_the_traced_graph(bert_case, tmp_path, monkeypatch, quiet_log):
-    def crash(model, shape):
+    def crash(model, shape, **kwargs):
         raise RuntimeError("symbolic shape inference failed on node X")
 
     monkeypatch.setattr(ort_fusion, "fuse_attention", crash)

@@ -239,7 +239,7 @@ def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Pa
         yield tmp
         if not (tmp / MANIFEST_FILE).is_file():
             raise PeftExportError("internal error: the export finished without writing its manifest")
-        os.chmod(tmp, 0o755)
+        _make_readable(tmp)
         crash_point("export-before-switch")
         check_output_target(target, force)
         _switch_into_place(tmp, target, parent)
@@ -251,6 +251,19 @@ def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Pa
         raise
     finally:
         _release(parent, stem, fd)
+
+
+def _make_readable(folder: Path) -> None:
+    """Give every file and folder of the export the modes the user's umask gives new files (usually 0644 and
+    0755): mkdtemp and tools that write through temporary files (ONNX's external data writer) create them 0600 or
+    0700, which a server running as another user could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for path in folder.rglob("*"):
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .families import family_of, tracing_step
+from .families import family_for, tracing_step
 from .fp16 import DTYPES
 from .graph import EmbeddingPipeline
 
@@ -18,8 +19,14 @@ DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
 OUTPUT_NAMES = ["sentence_embedding", "token_embeddings"]
-_TWO_GIB = 2 * 1024**3
 TRACE_ONNX = "Tracing to ONNX (torch.onnx.export)"
+# Weights at least this large go to one external data file (protobuf caps a file at 2 GiB); tests lower it.
+EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
+# ONNX Runtime's optimizer holds several copies of the weights (its shape inference serializes the model, and one
+# protobuf caps at 2 GiB): 16 GB resident for a 2.4 GB Qwen3-0.6B-sized graph when it was stopped. Larger external-
+# data graphs keep the traced attention; smaller ones (and tests, which lower EXTERNAL_DATA_THRESHOLD) are fused.
+FUSION_WEIGHT_LIMIT = 2 * 1024**3
+_TRACE_FOLDER = ".torch-onnx"  # where torch.onnx writes a large graph's per-tensor files, removed after packing
 STATIC_KEEPS_TRACED = ("int8-static: ONNX Runtime's static (QDQ) quantizer has no form of the fused Attention "
                        "operator, so the traced query/key/value MatMuls are quantized instead")
 
@@ -44,10 +51,29 @@ def dummy_inputs(pipeline: EmbeddingPipeline, batch: int = 2, seq: int = 16) -> 
 
 
 def export_onnx(pipeline: EmbeddingPipeline, folder: Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Write ``folder/model.onnx`` (plus ``model.onnx_data`` when the weights exceed protobuf's 2 GiB)."""
-    import onnx
+    """Write ``folder/model.onnx``, plus ``model.onnx_data`` when the weights reach EXTERNAL_DATA_THRESHOLD.
 
+    A large graph is traced into a scratch folder (torch.onnx writes one file per tensor there) and packed
+    into the two files by streaming (export/external_data.py); the scratch folder is then removed, so the export
+    folder holds only the files its graph references."""
     path = folder / MODEL_FILE
+    size = sum(p.numel() * p.element_size() for p in pipeline.parameters())
+    if size < EXTERNAL_DATA_THRESHOLD:
+        _trace(pipeline, path, opset)
+        return path
+    from .external_data import pack_external_data
+
+    scratch = folder / _TRACE_FOLDER
+    scratch.mkdir()
+    try:
+        _trace(pipeline, scratch / MODEL_FILE, opset)
+        pack_external_data(scratch / MODEL_FILE, path, EXTERNAL_DATA_FILE)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path
+
+
+def _trace(pipeline: EmbeddingPipeline, path: Path, opset: int) -> None:
     names = input_names(pipeline)
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["sentence_embedding"] = {0: "batch"}
@@ -67,13 +93,6 @@ def export_onnx(pipeline: EmbeddingPipeline, folder: Path, opset: int = DEFAULT_
             do_constant_folding=True,
             dynamo=False,
         )
-    size = sum(p.numel() * p.element_size() for p in pipeline.parameters())
-    if size >= _TWO_GIB:
-        # Large models: move weights to one external file with a fixed relative name, so the folder can move.
-        model = onnx.load(str(path))
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=EXTERNAL_DATA_FILE, size_threshold=1024)
-    return path
 
 
 class OnnxFormat:
@@ -98,6 +117,7 @@ class OnnxFormat:
             self.gate_pairs = load_pairs_file(options.gate_data)
 
     def write(self, merged, folder: Path, log) -> Path:
+        self.folder = folder
         return export_onnx(merged.pipeline, folder, opset=self.options.opset)
 
     def validate(self, merged, model_path: Path, config, log) -> dict:
@@ -105,8 +125,8 @@ class OnnxFormat:
         from ..runtime.tokenizer import TextTokenizer
         from .validate import compare_with_reference
 
-        backend = OnnxRuntimeBackend(model_path)
-        report = compare_with_reference(merged.references, backend.run, "The exported ONNX graph")
+        report = compare_with_reference(merged.references, OnnxRuntimeBackend(model_path).run,
+                                        "The exported ONNX graph")
         log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
             f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
         checks = {"onnx_vs_reference": report.to_dict()}
@@ -117,8 +137,10 @@ class OnnxFormat:
                 checks["attention_fusion"] = {"applied": False, "reason": STATIC_KEEPS_TRACED}
             else:
                 checks["attention_fusion"] = _fusion_step(merged, model_path, log)
-                if checks["attention_fusion"]["applied"]:
-                    backend = OnnxRuntimeBackend(model_path)
+        if not (self.options.quantize or self.options.dtype == "fp16"):
+            return checks
+        # One session at a time: a large model's weights are in memory once per session.
+        backend = OnnxRuntimeBackend(model_path)
         if self.options.quantize:
             tokenizer = TextTokenizer(model_path.parent, config)
             checks["quantization"] = _quantize_step(self.options, self.gate_pairs, self.calibration,
@@ -140,14 +162,17 @@ class OnnxFormat:
         return _adopt_graph(fp32_path, fp16_path, config, result, self.options)
 
     def manifest_entry(self, config) -> dict:
+        from .external_data import external_files
+
         dtype = self.options.quantize or ("float16" if self.options.dtype == "fp16" else "float32")
         return {"format": "onnx", "opset": self.options.opset, "dtype": dtype,
-                "files": [config.model_file]}
+                "files": [config.model_file, *external_files(self.folder / config.model_file)]}
 
 
 def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
     """Replace the validated graph by its attention-fused version (export/ort_fusion.py) when the optimizer fuses
-    something and the result still matches the PyTorch reference; otherwise keep it and say why."""
+    something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
+    external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``."""
     import onnx
 
     from ..errors import ValidationError
@@ -155,16 +180,22 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
     from .ort_fusion import AttentionShape, fuse_attention
     from .validate import compare_with_reference
 
-    skip = family_of(merged.pipeline.encoder).fusion_skip_reason()
+    skip = family_for(getattr(merged.encoder_config, "model_type", None)).fusion_skip_reason()
     if skip:
         return {"applied": False, "reason": skip}
-    shape = AttentionShape.of(getattr(merged.pipeline.encoder, "config", None))
+    shape = AttentionShape.of(merged.encoder_config)
     if shape is None:
         return {"applied": False, "reason": "the encoder config has no num_attention_heads / hidden_size"}
-    if (model_path.parent / EXTERNAL_DATA_FILE).exists():
-        return {"applied": False, "reason": "weights in external data (over 2 GiB) are not rewritten"}
+    folder = model_path.parent
+    external = (folder / EXTERNAL_DATA_FILE).exists()
+    if external and (folder / EXTERNAL_DATA_FILE).stat().st_size > FUSION_WEIGHT_LIMIT:
+        reason = (f"weights over {FUSION_WEIGHT_LIMIT / 1024**3:g} GiB: ONNX Runtime's optimizer would hold several "
+                  "copies of them (16 GB resident measured for 2.4 GB of weights); the traced graph is kept")
+        log(f"Attention fusion: {reason}")
+        return {"applied": False, "reason": reason, "external_data": True}
     try:
-        fused, counts = fuse_attention(onnx.load(str(model_path)), shape)
+        # The graph was loaded for this call alone, so the optimizer may rewrite it in place (no second copy).
+        fused, counts = fuse_attention(onnx.load(str(model_path)), shape, keep_input=False)
     except Exception as err:  # a third-party optimizer; the traced graph is valid without it
         reason = f"ONNX Runtime's optimizer failed: {type(err).__name__}: {err}"
         log(f"Attention fusion: {reason}; the traced graph is kept")
@@ -172,20 +203,30 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
     if not counts["Attention"]:
         log("Attention fusion: ONNX Runtime's optimizer matched no attention block; the traced graph is kept")
         return {"applied": False, "reason": "no attention block matched ONNX Runtime's fusion patterns"}
-    candidate = model_path.with_name("model_fused.onnx")
-    onnx.save(fused, str(candidate))
+    scratch = folder / ".fused"
+    scratch.mkdir()
     try:
-        report = compare_with_reference(merged.references, OnnxRuntimeBackend(candidate).run,
-                                        "The attention-fused ONNX graph")
-    except ValidationError as err:
-        candidate.unlink()
-        log(f"Attention fusion: not kept, {err}")
-        return {"applied": False, "reason": str(err)}
-    os.replace(candidate, model_path)
+        candidate = scratch / MODEL_FILE
+        if external:
+            onnx.save_model(fused, str(candidate), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=EXTERNAL_DATA_FILE, size_threshold=1024)
+        else:
+            onnx.save(fused, str(candidate))
+        del fused
+        try:
+            report = compare_with_reference(merged.references, OnnxRuntimeBackend(candidate).run,
+                                            "The attention-fused ONNX graph")
+        except ValidationError as err:
+            log(f"Attention fusion: not kept, {err}")
+            return {"applied": False, "reason": str(err)}
+        for name in [MODEL_FILE] + ([EXTERNAL_DATA_FILE] if external else []):
+            os.replace(scratch / name, folder / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     log(f"Attention fusion: {counts['Attention']} attention blocks fused (ONNX Runtime transformer optimizer); "
         f"== PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}")
     return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "fused_operators": counts,
-            **shape.to_dict(), "fused_vs_reference": report.to_dict()}
+            **shape.to_dict(), "fused_vs_reference": report.to_dict(), "external_data": external}
 
 
 def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | None]:
@@ -227,6 +268,10 @@ def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] 
 def _adopt_graph(fp32_path: Path, lossy_path: Path, config, result: dict[str, Any], options) -> dict[str, Any]:
     """Make the gated lossy graph the folder's model: drop the fp32 file, point the runtime config at the new one,
     and note where the gate's pairs came from."""
+    from .external_data import external_files
+
+    for name in external_files(fp32_path):
+        (fp32_path.parent / name).unlink()
     fp32_path.unlink()
     config.model_file = lossy_path.name
     config.save(fp32_path.parent)

@@ -51,8 +51,9 @@ class AttentionShape:
         return {"num_heads": self.num_heads, "hidden_size": self.hidden_size}
 
 
-def fuse_attention(model, shape: AttentionShape):
-    """``(fused ModelProto, {operator: count})`` for an ONNX ModelProto; the input model is left unchanged.
+def fuse_attention(model, shape: AttentionShape, keep_input: bool = True):
+    """``(fused ModelProto, {operator: count})`` for an ONNX ModelProto; the input model is left unchanged
+    unless ``keep_input`` is False (then it is rewritten in place, which saves a copy of a large model's weights).
     The count of ``Attention`` is 0 when the optimizer found no attention block it could fuse."""
     import copy
 
@@ -65,7 +66,8 @@ def fuse_attention(model, shape: AttentionShape):
     options.enable_embed_layer_norm = False
     options.enable_gelu_approximation = False
     options.attention_mask_format = AttentionMaskFormat.AttentionMask
-    optimizer = optimize_model(copy.deepcopy(model), model_type="bert", num_heads=shape.num_heads,
+    source = copy.deepcopy(model) if keep_input else model
+    optimizer = optimize_model(source, model_type="bert", num_heads=shape.num_heads,
                                hidden_size=shape.hidden_size, optimization_options=options, opt_level=0)
     stats = optimizer.get_fused_operator_statistics()
     counts = {op: int(stats.get(op, 0)) for op in FUSED_OPERATORS}
@@ -75,6 +77,6 @@ def fuse_attention(model, shape: AttentionShape):
         fused.opset_import.add(domain="com.microsoft", version=1)
     # The optimizer's fusion objects reference each other, so the graph copies they hold (a model's size each)
     # outlive this call until a garbage collection: measured +230 MB per merge_adapter call without this.
-    del optimizer
+    del optimizer, source
     gc.collect()
     return fused, counts

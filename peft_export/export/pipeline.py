@@ -72,6 +72,15 @@ class MergedModel:
     validation: dict[str, Any]  # measured parity so far; the format adds its own entries
     started: float
     max_positions: int | None = None  # the encoder's positions: max_seq_length's limit, recorded for the runtime
+    encoder_config: Any = None  # the transformers config (attention shape for fusion), kept after release()
+
+    def release(self) -> None:
+        """Drop the torch pipeline once its graph is written: the stages after it compare with the stored
+        references, and a large model's weights would otherwise stay in memory beside the runtime's copy."""
+        import gc
+
+        self.pipeline = None
+        gc.collect()
 
 
 class GraphFormat(Protocol):
@@ -149,9 +158,10 @@ def _load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool):
     return tokenizer
 
 
-def _reference_tokenize(tokenizer, input_names: list[str], max_len: int) -> Callable[[list[str]], dict]:
-    def tokenize(texts: list[str]) -> dict[str, np.ndarray]:
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="np")
+def _reference_tokenize(tokenizer, input_names: list[str], max_len: int) -> Callable[..., dict]:
+    def tokenize(texts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+        limit = min(max_length or max_len, max_len)
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="np")
         return {name: enc[name].astype(np.int64) for name in input_names}
 
     return tokenize
@@ -220,7 +230,7 @@ def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[
     """The stages every format shares around the one step that differs: write the graph and validate it."""
     check_output_target(options.output, options.force)  # fail before minutes of merging, not after
     merged = merge_and_reference(options, log)
-    return write_export(merged, options, graph_format, log)
+    return write_export(merged, options, graph_format, log, release=True)
 
 
 @dataclass
@@ -323,18 +333,22 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     return MergedModel(resolved=resolved, pipeline=final, tokenizer=tokenizer, input_names=names,
                        reference_tokenize=ref_tokenize,
                        references=references, max_seq_length=max_len, dense_layers=len(dense), validation=parity,
-                       started=started, max_positions=position_limit(encoder))
+                       started=started, max_positions=position_limit(encoder),
+                       encoder_config=getattr(final.encoder, "config", None))
 
 
 def write_export(merged: MergedModel, options: ExportOptions, graph_format: GraphFormat,
-                 log: Callable[[str], None] = logger.info) -> ExportResult:
+                 log: Callable[[str], None] = logger.info, release: bool = False) -> ExportResult:
     """Write graph, tokenizer and runtime config into a temporary folder, validate, write the manifest, rename.
 
-    ``merged`` is not modified, so one merge can be written in several formats.
+    ``merged`` is not modified, so one merge can be written in several formats, unless ``release``: then its
+    torch pipeline is dropped as soon as the graph is written (see MergedModel.release).
     """
     resolved = merged.resolved
     with atomic_output_folder(options.output, force=options.force) as tmp:
         model_path = graph_format.write(merged, tmp, log)
+        if release:
+            merged.release()
         save_tokenizer(merged.tokenizer, tmp)
         sentence_dim = int(merged.references[0].sentence_embedding.shape[-1])
         config = runtime_config(resolved, merged.tokenizer, merged.input_names, merged.max_seq_length,

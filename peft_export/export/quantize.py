@@ -73,7 +73,7 @@ class _CalibrationReader:
 
 
 def _quantize(fp32: Path, out: Path, mode: str, exclude: list[str],
-              tokenize: Callable | None, calibration_texts: list[str] | None) -> None:
+              tokenize: Callable | None, calibration_texts: list[str] | None, external: bool = False) -> None:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -84,7 +84,7 @@ def _quantize(fp32: Path, out: Path, mode: str, exclude: list[str],
         with tool_step("ONNX Runtime's dynamic quantizer (quantize_dynamic)"):
             quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True,
                              op_types_to_quantize=list(QUANTIZED_OPS[mode]), nodes_to_exclude=exclude,
-                             extra_options=extra)
+                             extra_options=extra, use_external_data_format=external)
         return
     if not calibration_texts or tokenize is None:
         raise ConfigError("int8-static needs calibration texts")
@@ -92,7 +92,8 @@ def _quantize(fp32: Path, out: Path, mode: str, exclude: list[str],
         quantize_static(str(fp32), str(out), _CalibrationReader(tokenize, calibration_texts),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
                         weight_type=QuantType.QInt8, op_types_to_quantize=list(QUANTIZED_OPS[mode]),
-                        nodes_to_exclude=exclude, extra_options={"ActivationSymmetric": True, **extra})
+                        nodes_to_exclude=exclude, extra_options={"ActivationSymmetric": True, **extra},
+                        use_external_data_format=external)
 
 
 def quantize_with_gate(
@@ -109,13 +110,19 @@ def quantize_with_gate(
     """Quantize ``fp32_path`` into ``out_path`` with the first rung that passes ``gate``; report every attempt."""
     if mode not in QUANTIZE_MODES:
         raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, found {mode!r}")
+    from .external_data import pack_external_data, uses_external_data
+
     matmuls = _weight_matmuls(fp32_path, mode)
+    # A graph over 2 GiB keeps its weights in external data; the quantized one may still be too large for one
+    # file, so the quantizer writes external data too, and the chosen candidate is packed into
+    # ``<name>_data`` beside ``out_path`` (one data file with a fixed name, as for fp32).
+    external = uses_external_data(fp32_path)
     attempts = []
     for rung in LADDER:
         excluded = [n for n in matmuls if rung.exclude(n)]
         with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
             candidate_path = Path(scratch) / out_path.name
-            _quantize(fp32_path, candidate_path, mode, excluded, tokenize, calibration_texts)
+            _quantize(fp32_path, candidate_path, mode, excluded, tokenize, calibration_texts, external)
             quality = measure_quality(reference, make_candidate(candidate_path), pairs)
             attempt = {"strategy": rung.name, "excluded_nodes": len(excluded), "quantized_nodes":
                        len(matmuls) - len(excluded), **quality, "failures": gate.failures(quality)}
@@ -123,8 +130,11 @@ def quantize_with_gate(
             logger.info("int8 %s: mean cos %.5f, worst %.5f, NDCG@10 retention %.4f", rung.name,
                         quality["mean_cosine"], quality["worst_cosine"], quality["ndcg10_retention"])
             if not attempt["failures"]:
-                os.replace(candidate_path, out_path)
-                return {"mode": mode, "chosen": rung.name, "attempts": attempts}
+                if uses_external_data(candidate_path):
+                    pack_external_data(candidate_path, out_path, out_path.name + "_data")
+                else:
+                    os.replace(candidate_path, out_path)
+                return {"mode": mode, "chosen": rung.name, "attempts": attempts, "external_data": external}
     summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
     other = (" Dynamic --quantize int8, or `peft-export merge-openvino --quantize int8-static` (NNCF, with "
              "SmoothQuant), usually keep more quality than ONNX Runtime's static quantizer."

@@ -78,4 +78,4 @@ def open_backend(
         settings.performance_hint = performance_hint
     if intra_op_threads is not None:
         settings.num_threads = intra_op_threads
-    return OpenVinoBackend(model_path, device, settings)
+    return OpenVinoBackend(model_path, device, settings, padding=(config.pad_token_id, config.max_seq_length))

@@ -30,6 +30,7 @@ import numpy as np
 from ..errors import ConfigError, require
 from . import openvino_adapters as adapters
 from .lora_layout import LORA_A, LORA_B
+from .shape_buckets import pad_to_buckets
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class OpenVinoSettings:
     num_requests: batches run at once by one encode() call; None takes OpenVINO's optimum for the hint.
     dynamic_quantization: CPU dynamic quantization of activations for int8-weight models. None: off under f32
         (exact arithmetic), OpenVINO's default otherwise.
+    shape_buckets: pad each batch's sequence length up to a bucket (16, 24, 32, 48, 64, 96, ..., at most
+        max_seq_length) and its batch size up to a power of two, so OpenVINO compiles kernels for a few shapes
+        instead of one per length (see runtime/shape_buckets.py); results are unchanged (padding is masked and
+        cropped). Applies when the backend knows the pad token (models loaded from an export folder).
     """
 
     precision: str = "f32"
@@ -59,6 +64,7 @@ class OpenVinoSettings:
     num_threads: int | None = None
     num_requests: int | None = None
     dynamic_quantization: bool | None = None
+    shape_buckets: bool = True
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -163,7 +169,9 @@ class OpenVinoBackend:
     name = "openvino"
     adapter_suffix = adapters.ADAPTER_SUFFIX
 
-    def __init__(self, model: Path | Any, device: str = "CPU", settings: OpenVinoSettings | None = None):
+    def __init__(self, model: Path | Any, device: str = "CPU", settings: OpenVinoSettings | None = None,
+                 padding: tuple[int, int | None] | None = None):
+        """``padding``: (pad token id, max_seq_length) of the model, which shape buckets need."""
         ov = require("openvino", "openvino")
         self.settings = settings or OpenVinoSettings()
         self.settings.check()
@@ -186,6 +194,14 @@ class OpenVinoBackend:
             self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         )
         self._local = threading.local()
+        self._padding = padding if self.settings.shape_buckets else None
+
+    def _bucketed(self, feeds: dict[str, np.ndarray]):
+        """``feeds`` padded to shape buckets, and what undoes it on the outputs (None: buckets are off)."""
+        if self._padding is None:
+            return feeds, None
+        pad_token_id, max_length = self._padding
+        return pad_to_buckets({name: feeds[name] for name in self.input_names}, pad_token_id, max_length)
 
     @staticmethod
     def _read(core, path: Path):
@@ -300,8 +316,10 @@ class OpenVinoBackend:
             self._select_adapter(request, adapter)
         elif adapter is not None:
             raise ConfigError("This OpenVINO model has no LoRA inputs; it cannot run with an adapter")
+        feeds, padding = self._bucketed(feeds)
         results = request.infer({name: feeds[name] for name in self.input_names})  # outputs are copied out
-        return {name: results[name] for name in names}
+        results = {name: results[name] for name in names}
+        return padding.crop(results) if padding is not None else results
 
     def run_batches(self, batches: list[dict[str, np.ndarray]], outputs: list[str] | None = None,
                     adapter: adapters.OvAdapter | None = None) -> list[dict[str, np.ndarray]]:
@@ -312,13 +330,16 @@ class OpenVinoBackend:
 
         names = outputs or self.output_names
         results: list[dict[str, np.ndarray] | None] = [None] * len(batches)
+        bucketed = [self._bucketed(feeds) for feeds in batches]
 
         def collect(request, index: int) -> None:
-            results[index] = {name: request.get_tensor(name).data.copy() for name in names}
+            values = {name: request.get_tensor(name).data.copy() for name in names}
+            padding = bucketed[index][1]
+            results[index] = padding.crop(values) if padding is not None else values
 
         queue = AsyncInferQueue(self.compiled, min(self.parallel_requests, len(batches)))
         queue.set_callback(collect)
-        for index, feeds in enumerate(batches):
+        for index, (feeds, _) in enumerate(bucketed):
             queue.start_async(self._inputs(feeds, adapter), userdata=index)
         queue.wait_all()
         missing = [i for i, r in enumerate(results) if r is None]
@@ -364,7 +385,8 @@ class OpenVinoBackend:
         """What was asked for and what OpenVINO compiled (devices, precision, streams, threads)."""
         info: dict[str, Any] = {"backend": self.name, "device": self.device, "execution_devices": self.providers,
                                 "performance_hint": str(self.settings.performance_hint).upper(),
-                                "parallel_requests": self.parallel_requests}
+                                "parallel_requests": self.parallel_requests,
+                                "shape_buckets": self._padding is not None}
         for key, prop in (("inference_precision", "INFERENCE_PRECISION_HINT"), ("num_streams", "NUM_STREAMS"),
                           ("num_threads", "INFERENCE_NUM_THREADS")):
             try:

@@ -1,0 +1,104 @@
+"""Build a Qwen3-Embedding-0.6B-sized Sentence Transformers model with random weights, plus a LoRA adapter, offline.
+
+The layout is Qwen3-Embedding's: Qwen3Model -> last-token Pooling -> Normalize, left padding, the tokenizer's
+post-processor appending ``<|endoftext|>``, a ``query`` instruction prompt. The dimensions are the published ones
+(hidden 1024, 28 layers, 16 heads, 8 key/value heads, head dim 128, FFN 3072, vocab 151,669); the weights are
+random, which is enough for speed and memory measurements (not for quality). The tokenizer is a byte-level BPE
+trained here on the demo corpus (vocabulary 8,000, so English texts split into about as many tokens as with
+Qwen's tokenizer); the embedding matrix still has Qwen3's 151,669 rows.
+
+The adapter is LoRA r=16, alpha 32 on q/k/v/o/gate/up/down_proj, B initialised non-zero.
+
+    python benchmarks/build_decoder_model.py --out /tmp/qwen3-0.6b          # ~2.4 GB, about a minute
+    python benchmarks/build_decoder_model.py --out /tmp/qwen3-tiny --layers 2 --hidden 64 --vocab 9000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
+
+
+def corpus_texts() -> list[str]:
+    from peft_export.demo import __file__ as demo_init
+
+    rows = [json.loads(line) for line in (Path(demo_init).parent / "corpus.jsonl").read_text().splitlines() if line]
+    return [t for row in rows for t in (row["query"], row["passage"])]
+
+
+def build_tokenizer(texts: list[str], vocab: int, max_len: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    eos = tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1",
+                                                       special_tokens=[("<|endoftext|>", eos)])
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   padding_side="left", model_max_length=max_len)
+
+
+def build(out: Path, *, layers: int = 28, hidden: int = 1024, heads: int = 16, kv_heads: int = 8,
+          head_dim: int = 128, ffn: int = 3072, vocab: int = 151_669, max_len: int = 8192, rank: int = 16,
+          tok_vocab: int = 8000, seed: int = 0) -> tuple[Path, Path]:
+    """``(sentence-transformers folder, adapter folder)`` under ``out``."""
+    import torch
+    from peft import LoraConfig
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import AutoModel, Qwen3Config
+
+    hf, st, adapter = out / "hf", out / "st", out / "adapter"
+    tokenizer = build_tokenizer(corpus_texts(), tok_vocab, max_len)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, head_dim=head_dim, intermediate_size=ffn,
+                         max_position_embeddings=max(max_len, 32768), tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config)
+    model.save_pretrained(str(hf))
+    tokenizer.save_pretrained(str(hf))
+    del model
+    transformer = Transformer(str(hf), max_seq_length=max_len)
+    modules = [transformer, Pooling(hidden, pooling_mode="lasttoken", include_prompt=True), Normalize()]
+    st_model = SentenceTransformer(modules=modules, device="cpu", prompts={"query": QUERY_PROMPT, "document": ""})
+    st_model.save(str(st))
+    torch.manual_seed(seed + 1)
+    st_model.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
+                                    init_lora_weights=False))
+    with torch.no_grad():  # keep the update small, as a trained adapter's is, so the model stays well-conditioned
+        for name, param in st_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.05)
+    st_model.save_pretrained(str(adapter))
+    return st, adapter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--layers", type=int, default=28)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--ffn", type=int, default=3072)
+    parser.add_argument("--vocab", type=int, default=151_669)
+    parser.add_argument("--max-seq-length", type=int, default=8192)
+    args = parser.parse_args()
+    st, adapter = build(args.out, layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                        head_dim=args.head_dim, ffn=args.ffn, vocab=args.vocab, max_len=args.max_seq_length)
+    print(f"model: {st}\nadapter: {adapter}")
+
+
+if __name__ == "__main__":
+    main()
