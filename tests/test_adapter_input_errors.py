@@ -5,6 +5,7 @@ the CLI, nothing written."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -87,12 +88,17 @@ def _huge_header(path: Path) -> None:
     path.write_bytes(struct.pack("<Q", 10**12) + data[8:])  # header length field: 1 TB
 
 
-@pytest.mark.parametrize("damage", [_truncate, _huge_header], ids=["truncated", "huge-header"])
-def test_unreadable_adapter_safetensors_is_one_error_naming_the_file(bert_case, tmp_path, capsys, damage):
+@pytest.mark.parametrize("damage, detail", [
+    (_truncate, r"tensor '[^']+' lies outside the file's \d+ data bytes \(truncated\?\)"),
+    (_huge_header, r"its header claims 1000000000000 bytes but the file has \d+"),
+], ids=["truncated", "huge-header"])
+def test_unreadable_adapter_safetensors_is_one_error_naming_the_file(bert_case, tmp_path, capsys, damage, detail):
     adapter = _adapter_copy(bert_case.adapter, tmp_path)
     damage(adapter / "adapter_model.safetensors")
     err = _cli_export(capsys, adapter, tmp_path / "out")
-    assert f"{adapter / 'adapter_model.safetensors'} is not a readable safetensors file" in err
+    assert err.startswith(f"peft-export: error: {adapter / 'adapter_model.safetensors'}")
+    assert re.search(detail, err), err
+    assert "Re-download or re-save it with safetensors" in err
 
 
 BAD_CONFIGS = [
