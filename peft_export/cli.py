@@ -261,7 +261,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve_parser(sub) -> None:
-    from .serve.settings import LIMIT_FLAGS, ServeSettings  # light: no Starlette, no uvicorn
+    from .serve.settings import add_limit_arguments  # light: no Starlette, no uvicorn
 
     serve = sub.add_parser("serve", help="serve an export folder over HTTP (OpenAI and TEI routes)",
                            description="Serve an export folder over HTTP with dynamic batching: POST /v1/embeddings "
@@ -283,13 +283,7 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     serve.add_argument("--intra-op-threads", type=int, help="ONNX Runtime threads (default: all physical cores)")
 
-    limits = serve.add_argument_group("limits and batching")
-    for field, kind, text in LIMIT_FLAGS:
-        default = getattr(ServeSettings, field)
-        limits.add_argument("--" + field.replace("_", "-"), type=kind, default=default,
-                            help=f"{text} (default: {default})")
-    limits.add_argument("--auto-truncate", action="store_true",
-                        help="truncate inputs over max_seq_length when the request does not say (default: 422)")
+    add_limit_arguments(serve, "limits and batching")
     serve.add_argument("--graceful-timeout", type=float, default=30.0,
                        help="seconds in-flight requests get to finish after SIGTERM (default: 30)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -43,7 +43,7 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
 
 
 def add_serve_ray_parser(sub) -> None:
-    from ..serve.settings import LIMIT_FLAGS, ServeSettings
+    from ..serve.settings import add_limit_arguments
 
     serve = sub.add_parser(
         "serve-ray", help="serve an export on Ray Serve replicas (same routes as serve)",
@@ -62,11 +62,5 @@ def add_serve_ray_parser(sub) -> None:
                        help="adapters each replica keeps merged, least recently used evicted (default: 0)")
     serve.add_argument("--served-model-name", help="name of the base model in `model` (default: the folder's name)")
     serve.add_argument("--default-adapter", metavar="NAME", help="adapter the TEI routes use when `model` is absent")
-    limits = serve.add_argument_group("limits and batching (per replica)")
-    for field, kind, text in LIMIT_FLAGS:
-        default = getattr(ServeSettings, field)
-        limits.add_argument("--" + field.replace("_", "-"), type=kind, default=default,
-                            help=f"{text} (default: {default})")
-    limits.add_argument("--auto-truncate", action="store_true",
-                        help="truncate inputs over max_seq_length when the request does not say (default: 422)")
+    add_limit_arguments(serve, "limits and batching (per replica)")
     serve.set_defaults(handler=cmd_serve_ray)

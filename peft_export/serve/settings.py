@@ -95,3 +95,15 @@ LIMIT_FLAGS = (
     ("max_connections", int, "open connections; at the cap the longest-waiting idle one is closed"),
     ("max_header_bytes", int, "bytes of request line and headers; more is a 431"),
 )
+
+
+def add_limit_arguments(parser, title: str) -> None:
+    """The ``--max-*`` limit flags of LIMIT_FLAGS and ``--auto-truncate`` as one argparse group, for every command
+    that serves (``serve``, ``serve-ray``)."""
+    limits = parser.add_argument_group(title)
+    for field, kind, text in LIMIT_FLAGS:
+        default = getattr(ServeSettings, field)
+        limits.add_argument("--" + field.replace("_", "-"), type=kind, default=default,
+                            help=f"{text} (default: {default})")
+    limits.add_argument("--auto-truncate", action="store_true",
+                        help="truncate inputs over max_seq_length when the request does not say (default: 422)")

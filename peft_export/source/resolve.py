@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, UnsafeModelError
+from ..runtime.export_files import sha256_of
 from .safetensors_file import check_safetensors_file
 from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
 from .hub import PASS_ADAPTER_LOCALLY, PASS_BASE_LOCALLY, local_folder
@@ -91,11 +91,7 @@ def snapshot_revision(folder: Path) -> str | None:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_of(path)
 
 
 def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
