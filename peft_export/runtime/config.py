@@ -77,12 +77,7 @@ class RuntimeConfig:
             )
         if not (folder / MANIFEST_FILE).is_file():
             raise ConfigError(f"{folder} has no {MANIFEST_FILE}: the export did not finish; export it again")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
+        data = read_json_object(path)
         if data.get("version") != CONFIG_VERSION:
             raise ConfigError(f"{path} has config version {data.get('version')!r}; this runtime reads {CONFIG_VERSION}")
         known = set(cls.__dataclass_fields__)
@@ -155,10 +150,15 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} has no {MANIFEST_FILE}; is it a peft_export export folder?")
+    return read_json_object(path)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a ConfigError naming the file."""
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
+    if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object")
-    return manifest
+    return data
