@@ -3,10 +3,9 @@
 
     python benchmarks/bench_ray.py --workdir /tmp/bench-ray --out benchmarks/results/DATE-xeon-2core
     python benchmarks/bench_ray.py ... --only data        # or serve, adapters
-    python benchmarks/bench_ray.py ... --embed-pythonpath /work/wt-embed   # also time `peft-export embed`
 
 * data: N real texts in a Parquet file, embedded (1) in process: pyarrow batches -> ``encode`` -> Parquet parts,
-  (2) with ``peft-export embed`` (when its code is on --embed-pythonpath), (3) on a local Ray instance
+  (2) with ``peft-export embed`` (defaults), both in their own processes, (3) on a local Ray instance
   (``ray.init(num_cpus=2)``): ``read_parquet -> embed_dataset -> write_parquet``, with 2 actors x 1 thread (the
   default) and 1 actor x 2 threads. Contenders alternate for ``--rounds`` rounds; medians are reported. Every
   output is checked against in-process ``encode`` (1e-5) before its time is reported.
@@ -18,7 +17,7 @@
   and ``--merged-adapter-budget`` 2, 4, 8.
 
 Everything listens on 127.0.0.1; every load level is bounded in requests and seconds. The load generator shares the
-machine's 2 cores with what it measures, and other processes may be running: ``uptime`` is recorded per section.
+machine's 2 cores with what it measures; ``uptime`` is recorded per section, to show whether anything else ran.
 """
 
 from __future__ import annotations
@@ -158,21 +157,28 @@ def bench_data(args, exports: dict[str, Path], work: Path) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
     DataContext.get_current().enable_progress_bars = False
-    contenders = {"in-process encode loop -> Parquet": lambda out: in_process_job(export, corpus, out),
+    def in_process(out: Path) -> None:  # its own process: Ray's driver state is not in its way
+        subprocess.run([sys.executable, __file__, "--child-in-process", str(export), str(corpus), str(out)],
+                       check=True)
+
+    def cli(out: Path) -> None:
+        env = dict(os.environ)
+        if args.embed_pythonpath:
+            env["PYTHONPATH"] = args.embed_pythonpath
+        subprocess.run([sys.executable, "-m", "peft_export.cli", "embed", str(export), str(corpus), "-o", str(out),
+                        "--id-column", "id", "--quiet"], check=True, env=env,
+                       cwd=args.embed_pythonpath or None)  # python -m puts the working directory first on sys.path
+
+    contenders = {"in-process encode loop -> Parquet": in_process,
+                  "peft-export embed, defaults": cli,
                   "Ray Data, 2 actors x 1 thread (default)": lambda out: ray_job(export, corpus, out, 2, 1),
                   "Ray Data, 1 actor x 2 threads": lambda out: ray_job(export, corpus, out, 1, 2)}
-    if args.embed_pythonpath:
-        def cli(out: Path) -> None:
-            env = dict(os.environ, PYTHONPATH=args.embed_pythonpath)
-            subprocess.run([sys.executable, "-m", "peft_export.cli", "embed", str(export), str(corpus), "-o",
-                            str(out), "--id-column", "id", "--quiet"], check=True, env=env,
-                           cwd=args.embed_pythonpath)  # python -m puts the working directory first on sys.path
-        contenders["peft-export embed (embed branch), defaults"] = cli
     times: dict[str, list[float]] = {name: [] for name in contenders}
     checks: dict[str, float] = {}
     loads = [uptime()]
     for r in range(args.rounds):
-        for name, run in contenders.items():
+        order = list(contenders.items())
+        for name, run in order if r % 2 == 0 else order[::-1]:  # the order reversed every other round
             out = work / "data-out"
             shutil.rmtree(out, ignore_errors=True)
             t0 = time.perf_counter()
@@ -188,9 +194,10 @@ def bench_data(args, exports: dict[str, Path], work: Path) -> dict:
     ray.shutdown()
     rows = [{"contender": name, "seconds": float(np.median(t)), "texts_per_s": args.texts / float(np.median(t)),
              "all_seconds": t, "max_diff": checks[name]} for name, t in times.items()]
-    base = rows[0]["texts_per_s"]
+    base, embed = rows[0]["texts_per_s"], rows[1]["texts_per_s"]
     for row in rows:
         row["vs_in_process"] = row["texts_per_s"] / base
+        row["vs_embed"] = row["texts_per_s"] / embed
     return {"texts": args.texts, "ray_init_s": ray_start, "rows": rows, "uptime": loads}
 
 
@@ -382,16 +389,16 @@ def markdown(report: dict) -> str:
              f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores; Python {m.get('python')}; "
              + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()), "",
              f"Command: `{report['command']}`", "",
-             "The machine was shared with other jobs while this ran (load averages below, from `uptime`); figures "
-             "are from one run and move with that load.", ""]
+             "Load averages below, from `uptime`, show what else ran; figures are from one run.", ""]
     if "data" in report:
         d = report["data"]
         lines += [f"### Corpus embedding: {d['texts']:,} real texts (Parquet in, Parquet out)", "",
-                  "| contender | median s | texts/s | vs in-process | runs (s) | max diff |",
-                  "|---|---|---|---|---|---|"]
+                  "| contender | median s | texts/s | vs in-process | vs embed | runs (s) | max diff |",
+                  "|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
             lines.append(f"| {r['contender']} | {r['seconds']:.1f} | {r['texts_per_s']:.1f} | "
-                         f"{r['vs_in_process']:.2f} | {', '.join(f'{t:.1f}' for t in r['all_seconds'])} | "
+                         f"{r['vs_in_process']:.2f} | {r.get('vs_embed', float('nan')):.2f} | "
+                         f"{', '.join(f'{t:.1f}' for t in r['all_seconds'])} | "
                          f"{r['max_diff']:.1e} |")
         lines += ["", f"Ray start-up (`ray.init(num_cpus=2)`, not in the times above): {d['ray_init_s']:.1f} s. "
                   "Ray times include actor start and model load; the in-process time includes model load.", "",
@@ -431,8 +438,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter-warmup", type=float, default=5.0, help="least seconds of traffic before measuring")
     parser.add_argument("--adapter-settle", type=float, default=120.0,
                         help="most seconds of warm-up traffic waiting for the budget to fill")
-    parser.add_argument("--embed-pythonpath", help="PYTHONPATH with `peft-export embed` (e.g. its worktree)")
+    parser.add_argument("--embed-pythonpath", help="PYTHONPATH for `peft-export embed` (default: the installed one)")
+    parser.add_argument("--child-in-process", nargs=3, metavar=("EXPORT", "CORPUS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child_in_process:
+        in_process_job(*(Path(a) for a in args.child_in_process))
+        return 0
     work, out = Path(args.workdir), Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)

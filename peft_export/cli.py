@@ -311,8 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "must pass the quality gate against the fp32 model.",
     )
     _add_export_arguments(merge_ov, OPENVINO_OUTPUT_SUFFIX)
-    merge_ov.add_argument("--weight-format", choices=["fp32", "fp16", "int8"], default="fp32",
-                          help="weight storage: fp32 (default, exact), fp16 (half size), int8 (NNCF, quarter size)")
+    merge_ov.add_argument("--weight-format", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                          help="weight storage: fp32 (default, exact), fp16 (half size), int8 (NNCF, quarter size), "
+                               "int4 (NNCF, groups of input channels; for decoder-size models). Lossy formats must "
+                               "pass the quality gate")
     merge_ov.set_defaults(handler=_cmd_merge_openvino)
 
     enc = sub.add_parser("encode", help="embed sentences with an export folder (no torch)")

@@ -354,6 +354,22 @@ def test_default_parallelism_uses_worker_processes_with_the_same_parts(inputs, b
     np.testing.assert_array_equal(vectors, expected)
 
 
+def test_parts_are_encoded_in_slices_the_same_by_any_number_of_processes(inputs, bert_case, bert_model, texts,
+                                                                        tmp_path, monkeypatch):
+    """Workers take slices of WORK_ROWS rows (so the last part is shared); a part is encode() of its slices,
+    bit for bit, whether one process or two ran them."""
+    from peft_export.corpus import job
+
+    monkeypatch.setattr(job, "WORK_ROWS", 5)
+    want = np.concatenate([bert_model.encode(texts[p + i:p + min(i + 5, PART_ROWS)])
+                           for p in range(0, len(texts), PART_ROWS) for i in range(0, PART_ROWS, 5)
+                           if p + i < len(texts)])
+    for processes in (1, 2):
+        embed_corpus(bert_case.export, inputs["text"], tmp_path / f"p{processes}.npy", part_rows=PART_ROWS,
+                     processes=processes, progress=False)
+        np.testing.assert_array_equal(np.load(tmp_path / f"p{processes}.npy"), want)
+
+
 def test_adapter_of_a_switchable_export(tmp_path, texts):
     from switchable_fixtures import switchable_export
 

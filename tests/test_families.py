@@ -110,6 +110,36 @@ def test_registry_entries():
     assert len(types) == len(set(types))  # each model type has exactly one entry
 
 
+def test_ffn_part_names_the_feed_forward_projections():
+    bert, qwen3, modernbert = family_for("bert"), family_for("qwen3"), family_for("modernbert")
+    assert bert.ffn_part("/encoder/encoder/layer.3/output/dense/MatMul") == "output"
+    assert bert.ffn_part("/encoder/encoder/layer.3/intermediate/dense/MatMul") == "input"
+    assert bert.ffn_part("/encoder/encoder/layer.3/attention/output/dense/MatMul") is None
+    assert bert.ffn_part("__module.encoder.encoder.layer.3.output.dense/aten::linear/MatMul") == "output"
+    assert qwen3.ffn_part("/encoder/layers.0/mlp/down_proj/MatMul") == "output"
+    assert qwen3.ffn_part("__module.encoder.layers.0.mlp.up_proj/aten::linear/MatMul") == "input"
+    assert qwen3.ffn_part("/encoder/layers.0/self_attn/o_proj/MatMul") is None
+    assert modernbert.ffn_part("/encoder/layers.1/mlp/Wo/MatMul") == "output"
+    assert modernbert.ffn_part("/encoder/layers.1/attn/Wo/MatMul") is None
+
+
+def test_ffn_projections_are_found_in_exported_graphs(qwen3_family, gemma3_family):
+    """The int8 ladders keep FFN projections in float by these names: they must match the graphs as written."""
+    import onnx
+    import openvino as ov
+
+    from peft_export.export.openvino import _weight_matmuls
+
+    ir = ov.Core().read_model(str(qwen3_family.export("merged-openvino") / "openvino_model.xml"))
+    graph = onnx.load(str(gemma3_family.export("merged-onnx") / "model.onnx"), load_external_data=False)
+    onnx_matmuls = [node.name for node in graph.graph.node if node.op_type == "MatMul"]
+    for case, names in ((qwen3_family, _weight_matmuls(ir)), (gemma3_family, onnx_matmuls)):
+        config = json.loads((case.base / "config.json").read_text())
+        parts = [family_for(config["model_type"]).ffn_part(name) for name in names]
+        layers = config["num_hidden_layers"]
+        assert (parts.count("output"), parts.count("input")) == (layers, 2 * layers), names
+
+
 def test_fixture_layouts_match_the_registry(qwen3_family, gemma3_family, mistral_family):
     for case in (qwen3_family, gemma3_family, mistral_family):
         config = json.loads((case.base / "config.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,51 @@ def test_int8_manifest_names_nncf(tiny_exports):
     assert entry["tool"] == "nncf" and entry["mode"] == "int8_asym" and entry["nncf_version"]
 
 
+def _constant_types(xml: Path) -> set[str]:
+    import xml.etree.ElementTree as ElementTree
+
+    return {layer.find("data").get("element_type") for layer in ElementTree.parse(xml).getroot().iter("layer")
+            if layer.get("type") == "Const"}
+
+
+@requires_nncf
+def test_int4_weights_are_grouped_int4_and_record_the_rung(tiny_model, tiny_merged, tiny_exports, tmp_path):
+    from peft_export.export.openvino import INT4_LADDER, OpenVinoFormat
+    from peft_export.export.pipeline import ExportOptions, write_export
+    from peft_export.export.quality import QualityGate
+
+    lenient = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
+    options = ExportOptions(model_id=str(tiny_model["adapter"]), output=tmp_path / "int4",
+                            base=str(tiny_model["base"]), gate=lenient)
+    folder = write_export(tiny_merged, options, OpenVinoFormat("int4", options), log=lambda msg: None).path
+    manifest = _manifest(folder)
+    entry = manifest["export"]["weight_compression"]
+    assert manifest["export"]["weight_format"] == "int4"
+    assert entry["mode"] == "int4_asym" and entry["group_size"] == INT4_LADDER[0].group_size and entry["ratio"] == 1
+    quality = manifest["validation"]["weight_compression"]
+    assert quality["chosen"] == INT4_LADDER[0].strategy and quality["mean_cosine"] >= 0.9
+    assert {"u4", "u8"} <= _constant_types(folder / "openvino_model.xml")  # int4 layers, int8 embeddings
+    int8_bytes = (tiny_exports["openvino-int8"] / "openvino_model.bin").stat().st_size
+    assert (folder / "openvino_model.bin").stat().st_size < int8_bytes
+    text = ["How do I reset my password?"]
+    got, reference = EmbeddingModel(folder).encode(text), EmbeddingModel(tiny_exports["openvino-fp32"]).encode(text)
+    assert 0 < np.abs(got - reference).max() and float((got * reference).sum()) >= 0.9
+
+
+@requires_nncf
+def test_int4_that_no_rung_passes_is_refused_and_nothing_written(tiny_model, tiny_merged, tmp_path):
+    from peft_export.export.openvino import INT4_LADDER, OpenVinoFormat
+    from peft_export.export.pipeline import ExportOptions, write_export
+    from peft_export.export.quality import QualityGate
+
+    options = ExportOptions(model_id=str(tiny_model["adapter"]), output=tmp_path / "int4",
+                            base=str(tiny_model["base"]), gate=QualityGate(min_mean_cosine=0.999999999))
+    with pytest.raises(ValidationError, match="No int4-weight OpenVINO model passes the quality gate") as info:
+        write_export(tiny_merged, options, OpenVinoFormat("int4", options), log=lambda msg: None)
+    assert all(rung.strategy in str(info.value) for rung in INT4_LADDER)
+    assert not (tmp_path / "int4").exists()
+
+
 @requires_nncf
 def test_int8_static_quantizes_activations_and_passes_its_gate(tiny_exports):
     folder = tiny_exports["openvino-int8-static"]
@@ -140,7 +186,8 @@ def test_int8_static_quantizes_activations_and_passes_its_gate(tiny_exports):
 @requires_nncf
 def test_int8_static_leaves_the_ignored_layers_in_float(tiny_exports):
     """The ladder's later rungs keep FFN projections in float: their inputs must not be quantized."""
-    from peft_export.export.openvino import _ffn_output, quantize_int8_static
+    from peft_export.export.families import family_for
+    from peft_export.export.openvino import quantize_int8_static
     from peft_export.runtime.config import RuntimeConfig
     from peft_export.runtime.tokenizer import TextTokenizer
 
@@ -148,7 +195,7 @@ def test_int8_static_leaves_the_ignored_layers_in_float(tiny_exports):
     tokenizer = TextTokenizer(folder, RuntimeConfig.load(folder))
     calibration = [feeds for _, feeds in tokenizer.batches(["a short one", "Some sentence about passwords."] * 4, 1)]
     model = _read_ir(folder)
-    ignored = [name for name in _weight_matmuls_by_input(model) if _ffn_output(name)]
+    ignored = [name for name in _weight_matmuls_by_input(model) if family_for("bert").ffn_part(name) == "output"]
     assert len(ignored) == 2  # one per layer
     quantized = _weight_matmuls_by_input(quantize_int8_static(model, calibration, ignored))
     assert {name for name, q in quantized.items() if not q} == set(ignored)
@@ -262,8 +309,8 @@ def test_bad_gate_data_and_onnx_only_options_fail_fast(tiny_model, tmp_path):
 def test_unknown_weight_format_is_refused_before_loading(tiny_model):
     from peft_export.export.pipeline import export_openvino_model
 
-    with pytest.raises(ConfigError, match=r"--weight-format must be one of fp32, fp16, int8, found 'int4'"):
-        export_openvino_model(str(tiny_model["adapter"]), tiny_model["root"] / "x", weight_format="int4",
+    with pytest.raises(ConfigError, match=r"--weight-format must be one of fp32, fp16, int8, int4, found 'int2'"):
+        export_openvino_model(str(tiny_model["adapter"]), tiny_model["root"] / "x", weight_format="int2",
                               base=str(tiny_model["base"]))
 
 
@@ -289,9 +336,9 @@ def test_cli_rejects_an_unknown_weight_format(capsys):
     from peft_export.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["merge-openvino", "some-model", "--weight-format", "int4"])
+        main(["merge-openvino", "some-model", "--weight-format", "int2"])
     assert exit_info.value.code == 2
-    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    assert "invalid choice: 'int2'" in capsys.readouterr().err
 
 
 def test_cli_merge_openvino_exports_and_refuses_to_overwrite(tiny_model, tmp_path, capsys):

@@ -2,8 +2,11 @@
 
 A reader thread fills a bounded queue with chunks (so reading and parsing overlap with the model, and memory stays
 at a few chunks whatever the input size); the model runs in this process or in worker processes; parts are written
-in input order, each followed by the state file. A re-run of the same job skips the parts already written, and as
-each part is ``encode`` of the same rows, the result equals an uninterrupted run bit for bit.
+in input order, each followed by the state file. The model's unit of work is a slice of at most ``WORK_ROWS`` rows
+of a part (so with several worker processes the last part is shared too, not left to one worker while the others
+idle); a part is the concatenation of ``encode`` of its slices whichever process ran them. A re-run of the same job
+skips the parts already written, and as each part is ``encode`` of the same slices, the result equals an
+uninterrupted run bit for bit, with any number of processes.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 from ..errors import InputError, OutputExistsError, PeftExportError
 from .readers import Chunk, CorpusReader
 from .state import JobState, check_same_job, describe_job, load_state, save_state
@@ -28,6 +33,7 @@ from .writers import EMBEDDING_COLUMN, OutputTarget, assemble, finish, remove_pa
 DEFAULT_PART_ROWS = 4096
 MAX_DEFAULT_PROCESSES = 8
 QUEUE_CHUNKS = 2  # chunks read ahead of the model
+WORK_ROWS = 512  # rows per encode() call: the unit a worker takes
 # Tests only: kill this process (SIGKILL, as kill -9) right after part N is written, before ("N:before-state") or
 # after ("N") its state file.
 KILL_ENV = "PEFT_EXPORT_EMBED_KILL_AFTER_PART"
@@ -50,9 +56,10 @@ class EmbedResult:
 def default_parallelism(export: Path, parts: int, cores: int | None = None,
                         available_bytes: int | None = None) -> tuple[int, int]:
     """``(processes, threads per process)`` when not given: one single-threaded worker process per core, as 2 x 1
-    measured faster than 1 x 2 on 2 cores (docs/scaling.md, "One machine"); but no more processes than parts,
-    than :data:`MAX_DEFAULT_PROCESSES`, or than a third of the available memory holds at three times the
-    export's size each (a session, its arena and the read-ahead); one process gets every core as threads."""
+    measured faster than 1 x 2 on 2 cores (docs/scaling.md, "One machine"); but no more processes than ``parts``
+    (the slices of work left), than :data:`MAX_DEFAULT_PROCESSES`, or than a third of the available memory holds
+    at three times the export's size each (a session, its arena and the read-ahead); one process gets every core
+    as threads."""
     cores = cores or os.cpu_count() or 1
     available = available_bytes if available_bytes is not None else _available_memory()
     model_bytes = sum(p.stat().st_size for p in export.glob("*") if p.is_file()) or 1
@@ -118,7 +125,7 @@ def embed_corpus(
     reader = CorpusReader(input, column, id_column, keep_columns, input_format)
     options = {"format": reader.format, "column": column, "id_column": id_column, "keep_columns": list(keep_columns),
                "adapter": adapter, "prompt_name": prompt_name, "batch_size": batch_size, "part_rows": part_rows,
-               "output_kind": target.kind}
+               "work_rows": WORK_ROWS, "output_kind": target.kind}
     job = describe_job(reader.path, export_path, options)
     state = _prepare_output(target, job, force)
     if state is not None and state.complete:
@@ -132,7 +139,7 @@ def embed_corpus(
         processes = processes or 1
     elif not processes:
         remaining = total - (state.rows_done if state is not None else 0)
-        processes, default_threads = default_parallelism(export_path, -(-remaining // part_rows))
+        processes, default_threads = default_parallelism(export_path, -(-remaining // min(part_rows, WORK_ROWS)))
         threads = threads or default_threads
     threads = threads or max(1, (os.cpu_count() or 1) // processes)
     settings = EncodeSettings(str(export_path), adapter, prompt_name, batch_size, threads)
@@ -219,7 +226,8 @@ def _run(reader: CorpusReader, encoder: Any, target: OutputTarget, state: JobSta
     chunks = _read_ahead(reader, part_rows, state.rows_done)
     try:
         for chunk in chunks:
-            in_flight.append((chunk, encoder.submit(chunk.texts)))
+            slices = [encoder.submit(chunk.texts[i:i + WORK_ROWS]) for i in range(0, len(chunk.texts), WORK_ROWS)]
+            in_flight.append((chunk, slices))
             if len(in_flight) >= window or encoder.processes == 1:
                 _write_next(in_flight, target, state, reader, progress, kill_after)
         while in_flight:
@@ -231,8 +239,8 @@ def _run(reader: CorpusReader, encoder: Any, target: OutputTarget, state: JobSta
 
 def _write_next(in_flight: deque, target: OutputTarget, state: JobState, reader: CorpusReader,
                 progress: Callable[[int], None], kill_after: tuple[int, bool] | None) -> None:
-    chunk, future = in_flight.popleft()
-    embeddings = future.result()  # (rows, dimension)
+    chunk, slices = in_flight.popleft()
+    embeddings = np.concatenate([future.result() for future in slices])  # (rows, dimension)
     if chunk.first_row != state.rows_done:
         raise PeftExportError(f"internal error: chunk at row {chunk.first_row}, expected {state.rows_done}")
     write_part(target, state.parts_done, embeddings, chunk.columns, reader.kinds)

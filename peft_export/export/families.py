@@ -33,6 +33,10 @@ class ModelFamily:
     bert_attention_fusion: bool = True  # whether ONNX Runtime's BERT attention fusion patterns can match
     decoder: bool = False  # a decoder-only model: loaded with its key/value cache off
     load_options: dict[str, Any] = field(default_factory=lambda: {"attn_implementation": "eager"})
+    # Module paths (within one layer) of the feed-forward block's projections: the int8 ladders keep the output
+    # projection, then the whole block, in float when quantizing everything loses too much.
+    ffn_output: tuple[str, ...] = ("output.dense",)
+    ffn_input: tuple[str, ...] = ("intermediate.dense",)
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``AutoModel.from_pretrained`` when loading this family for export."""
@@ -46,6 +50,19 @@ class ModelFamily:
     def tracing(self, encoder) -> Iterator[None]:
         """Patches the encoder needs while a tracer (torch.onnx, OpenVINO's frontend) records it; none by default."""
         yield
+
+    def ffn_part(self, node: str) -> str | None:
+        """"output" or "input" when the graph node ``node`` (an ONNX node name such as
+        ``/encoder/layer.0/output/dense/MatMul`` or an OpenVINO friendly name such as
+        ``__module.encoder.layers.0.mlp.down_proj/aten::linear/MatMul``) belongs to a feed-forward projection."""
+        path = "." + node.replace("/", ".") + "."
+        if ".attention." in path:  # BERT's attention.output.dense is not the FFN's
+            return None
+        if any(f".{module}." in path for module in self.ffn_output):
+            return "output"
+        if any(f".{module}." in path for module in self.ffn_input):
+            return "input"
+        return None
 
     def fusion_skip_reason(self) -> str | None:
         """Why ONNX Runtime's BERT attention fusion is not tried for this family, or None to try it."""
@@ -84,24 +101,26 @@ class BidirectionalGemma3(ModelFamily):
 
 
 _DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_GATED_MLP = dict(ffn_output=("mlp.down_proj",), ffn_input=("mlp.gate_proj", "mlp.up_proj"))
 _ROTARY_DECODER = dict(lora_targets=_DECODER_TARGETS, pooling="lasttoken", padding_side="left",
-                       bert_attention_fusion=False, decoder=True)
+                       bert_attention_fusion=False, decoder=True, **_GATED_MLP)
 
 DEFAULT_FAMILY = ModelFamily("bert-like", ("bert",), "BertModel")
 
 FAMILIES: tuple[ModelFamily, ...] = (
     DEFAULT_FAMILY,
     ModelFamily("distilbert", ("distilbert",), "DistilBertModel",
-                lora_targets=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2")),
+                lora_targets=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"), ffn_output=("ffn.lin2",),
+                ffn_input=("ffn.lin1",)),
     ModelFamily("roberta", ("roberta", "xlm-roberta", "camembert", "longformer"), "RobertaModel / XLMRobertaModel",
                 pooling="cls", position_offset=2),
     ModelFamily("mpnet", ("mpnet",), "MPNetModel", lora_targets=("q", "k", "v", "o"), position_offset=2),
     ModelFamily("modernbert", ("modernbert",), "ModernBertModel", lora_targets=("Wqkv", "Wo", "Wi"),
-                bert_attention_fusion=False),
+                bert_attention_fusion=False, ffn_output=("mlp.Wo",), ffn_input=("mlp.Wi",)),
     ModelFamily("qwen3", ("qwen3",), "Qwen3Model", **_ROTARY_DECODER),
     ModelFamily("llama", ("llama", "mistral"), "MistralModel", **_ROTARY_DECODER),
     BidirectionalGemma3("gemma3", ("gemma3_text",), "Gemma3TextModel", lora_targets=_DECODER_TARGETS,  # mean pooling
-                        bert_attention_fusion=False, decoder=True),
+                        bert_attention_fusion=False, decoder=True, **_GATED_MLP),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 

@@ -143,8 +143,9 @@ class OnnxFormat:
         backend = OnnxRuntimeBackend(model_path)
         if self.options.quantize:
             tokenizer = TextTokenizer(model_path.parent, config)
+            family = family_for(getattr(merged.encoder_config, "model_type", None))
             checks["quantization"] = _quantize_step(self.options, self.gate_pairs, self.calibration,
-                                                    model_path.parent, config, tokenizer, backend, log)
+                                                    model_path.parent, config, tokenizer, backend, log, family)
         if self.options.dtype == "fp16":
             checks["fp16"] = self._fp16_step(model_path, config, backend, log)
         return checks
@@ -244,7 +245,7 @@ def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | 
 
 
 def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] | None, folder: Path, config,
-                   tokenizer, fp32_backend, log) -> dict[str, Any]:
+                   tokenizer, fp32_backend, log, family) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
     from .quality import backend_embedder, gate_dict
@@ -256,7 +257,7 @@ def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] 
         fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend),
         lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
         mode=options.quantize, tokenize=tokenizer.encode,
-        calibration_texts=calibration if options.quantize == "int8-static" else None,
+        calibration_texts=calibration if options.quantize == "int8-static" else None, family=family,
     )
     chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
     log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "

@@ -2,8 +2,10 @@
 
 Conversion uses OpenVINO's PyTorch frontend on the merged pipeline (encoder + pooling + Dense + Normalize), so
 the IR holds the whole embedding computation with dynamic batch and sequence dimensions. Weights are stored in
-fp32, fp16 (``save_model(compress_to_fp16=True)``) or int8 (NNCF weight-only compression, asymmetric, one scale
-per output channel, climbing the same ladder as ONNX int8 until the quality gate passes). ``--quantize
+fp32, fp16 (``save_model(compress_to_fp16=True)``), int8 (NNCF weight-only compression, asymmetric, one scale
+per output channel, climbing the same ladder as ONNX int8 until the quality gate passes) or int4 (NNCF, asymmetric,
+one scale per group of input channels; the embedding matrix and the last linear layer in int8; the ladder trades
+smaller groups and fewer int4 layers for quality). ``--quantize
 int8-static`` quantizes activations too (``nncf.quantize`` calibrated on real text, transformer model type), so
 the matrix products run in int8 (VNNI / AMX on CPUs that have them); it climbs the same ladder. Every check runs
 the IR with the f32 inference precision hint, so it measures the export, not OpenVINO's default bf16 arithmetic on
@@ -18,22 +20,23 @@ import logging
 import os
 import tempfile
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from ..errors import ConfigError, ValidationError, require, tool_step
-from .families import tracing_step
+from .families import DEFAULT_FAMILY, family_for, tracing_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from .quality import (
-    QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate, gate_dict, load_pairs_file,
-    measure_quality,
+    INT8_LADDER, QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate, gate_dict,
+    kept_in_float, load_pairs_file, measure_quality,
 )
 from .validate import compare_with_reference
 
 MODEL_XML = "openvino_model.xml"
-WEIGHT_FORMATS = ("fp32", "fp16", "int8")
+WEIGHT_FORMATS = ("fp32", "fp16", "int8", "int4")
 CONVERT_OPENVINO = "Converting to OpenVINO (openvino.convert_model)"
 QUANTIZE_MODES = ("int8-static",)  # ONNX's dynamic "int8" has no OpenVINO counterpart at export time
 
@@ -90,20 +93,22 @@ def gate_pairs(gate_data: str | None) -> tuple[list[dict[str, str]], str]:
         return docstring_pairs(500), "standard-library docstring pairs"
 
 
-def _ffn_output(name: str) -> bool:
-    return ".output.dense" in name and ".attention." not in name
+@dataclass(frozen=True)
+class Int4Rung:
+    """One int4 candidate: NNCF's data-free int4 compression with ``group_size`` input channels per scale on the
+    ``ratio`` share of linear layers it finds easiest to quantize (the rest, the embedding matrix and the last
+    linear layer stay int8, asymmetric, per channel)."""
+
+    group_size: int
+    ratio: float
+
+    @property
+    def strategy(self) -> str:
+        share = "every linear layer" if self.ratio == 1 else f"{self.ratio:.0%} of linear layers, the rest int8"
+        return f"int4 asymmetric, groups of {self.group_size}, {share}"
 
 
-def _ffn_any(name: str) -> bool:
-    return _ffn_output(name) or ".intermediate.dense" in name
-
-
-# Tried in order for int8 weights; the first that passes the gate is kept (the same ladder as ONNX int8).
-INT8_LADDER = [
-    ("per-channel, all linear layers", lambda name: False),
-    ("per-channel, FFN output projections kept in fp32", _ffn_output),
-    ("per-channel, whole FFN kept in fp32", _ffn_any),
-]
+INT4_LADDER = (Int4Rung(128, 1.0), Int4Rung(64, 1.0), Int4Rung(64, 0.8), Int4Rung(32, 0.6))
 
 
 def _weight_matmuls(model) -> list[str]:
@@ -141,6 +146,19 @@ def compress_weights_int8(model, ignored: list[str] | None = None):
         return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=scope)
 
 
+def compress_weights_int4(model, rung: Int4Rung):
+    """NNCF weight-only int4 compression, data-free (no calibration set: the gate judges the result). A layer whose
+    input channels are not a multiple of the group size gets the largest power-of-two group (at least 32) that
+    divides them, or int8 weights if none does."""
+    nncf = require("nncf", "openvino")
+    from nncf.quantization.advanced_parameters import AdvancedCompressionParameters, GroupSizeFallbackMode
+
+    advanced = AdvancedCompressionParameters(group_size_fallback_mode=GroupSizeFallbackMode.ADJUST)
+    with _quiet_nncf(), tool_step("NNCF int4 weight compression (nncf.compress_weights)"):
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=rung.group_size,
+                                     ratio=rung.ratio, advanced_parameters=advanced)
+
+
 def quantize_int8_static(model, calibration: list[dict[str, Any]], ignored: list[str] | None = None):
     """NNCF post-training quantization of weights and activations, calibrated on ``calibration`` (one feed dict per
     text, unpadded). The transformer model type keeps LayerNorm, Softmax and GELU in float and applies SmoothQuant
@@ -176,6 +194,8 @@ class OpenVinoFormat:
                               f"fp32 (found {weight_format})")
         self.weight_format = "int8" if quantize else weight_format
         self.quantize = quantize
+        self.family = DEFAULT_FAMILY
+        self.chosen_int4: Int4Rung | None = None
         self.gate = gate_for(weight_format, getattr(options, "gate", None) or QualityGate())
         self.pairs: list[dict[str, str]] = []
         self.pairs_source = ""
@@ -207,6 +227,7 @@ class OpenVinoFormat:
         checks: dict[str, Any] = {"openvino_vs_reference": report.to_dict()}
         if self.weight_format == "fp32":
             return checks
+        self.family = family_for(getattr(merged.encoder_config, "model_type", None))
         tokenizer = TextTokenizer(model_path.parent, config)
         texts = [p["query"] for p in self.pairs] + [p["passage"] for p in self.pairs]
         reference = backend_embedder(tokenizer, backend)(texts)  # fp32, computed once for every candidate
@@ -221,12 +242,22 @@ class OpenVinoFormat:
         return checks
 
     def _candidates(self, model, calibration: list[dict[str, Any]]):
-        matmuls = _weight_matmuls(model)
+        """(strategy, candidate model, excluded nodes) in the order the gate tries them; the int4 rung is kept on
+        ``self.chosen_int4`` for the manifest."""
         if self.weight_format == "fp16":
             yield "all weights stored as fp16", model, []
             return
-        for strategy, keep in INT8_LADDER:
-            excluded = [name for name in matmuls if keep(name)]
+        if self.weight_format == "int4":
+            for rung in INT4_LADDER:
+                self.chosen_int4 = rung
+                yield rung.strategy, compress_weights_int4(model.clone(), rung), []
+            return
+        matmuls, tried = _weight_matmuls(model), set()
+        for strategy, parts in INT8_LADDER:
+            excluded = kept_in_float(matmuls, self.family, parts)
+            if tuple(excluded) in tried:  # the family has no such projections: the same candidate again
+                continue
+            tried.add(tuple(excluded))
             if self.quantize:
                 yield strategy, quantize_int8_static(model.clone(), calibration, excluded), excluded
             else:
@@ -282,4 +313,8 @@ class OpenVinoFormat:
         elif self.weight_format == "int8":
             entry["weight_compression"] = {"tool": "nncf", "nncf_version": version("nncf"), "mode": "int8_asym",
                                            "granularity": "per_channel"}
+        elif self.weight_format == "int4" and self.chosen_int4:
+            entry["weight_compression"] = {"tool": "nncf", "nncf_version": version("nncf"), "mode": "int4_asym",
+                                           "granularity": "per_group", **asdict(self.chosen_int4),
+                                           "backup_mode": "int8_asym", "data_free": True}
         return entry

@@ -200,7 +200,7 @@ def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.
 
 def export_openvino_model(model_id: str, output: str | Path, weight_format: str = "fp32",
                           log: Callable[[str], None] = logger.info, **options: Any) -> ExportResult:
-    """Like :func:`export_onnx_model`, writing OpenVINO IR with ``weight_format`` fp32, fp16 or int8 weights;
+    """Like :func:`export_onnx_model`, writing OpenVINO IR with ``weight_format`` fp32, fp16, int8 or int4 weights;
     ``quantize="int8-static"`` (with fp32 ``weight_format``) quantizes weights and activations with NNCF."""
     return run_openvino_export(ExportOptions(model_id=model_id, output=output, **options), weight_format, log)
 
@@ -220,7 +220,7 @@ def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
         return run_switchable_export(options, log, backend="openvino")
     graph_format = OpenVinoFormat(weight_format, options)  # checks its options before the slow stages
     require("openvino", "openvino")
-    if graph_format.weight_format == "int8":
+    if graph_format.weight_format in ("int8", "int4"):
         require("nncf", "openvino")
     return run_export(options, graph_format, log)
 

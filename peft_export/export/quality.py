@@ -39,6 +39,21 @@ class QualityGate:
 FP16_MIN_MEAN_COSINE = 0.999
 
 
+# The int8 ladder both formats climb, from fastest to safest: which feed-forward projections stay in float (the
+# family's names, peft_export/export/families.py). The FFN output projections, whose inputs have the widest ranges
+# after the activation, are the layers that hurt most.
+INT8_LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("per-channel, all linear layers", ()),
+    ("per-channel, FFN output projections kept in fp32", ("output",)),
+    ("per-channel, whole FFN kept in fp32", ("output", "input")),
+)
+
+
+def kept_in_float(nodes: list[str], family, parts: tuple[str, ...]) -> list[str]:
+    """The nodes of ``nodes`` that a ladder rung keeping ``parts`` of the feed-forward blocks excludes."""
+    return [node for node in nodes if family.ffn_part(node) in parts] if parts else []
+
+
 def fp16_gate(gate: QualityGate) -> QualityGate:
     """The gate for fp16 candidates: the user's, with the mean cosine raised to at least 0.999."""
     return replace(gate, min_mean_cosine=max(gate.min_mean_cosine, FP16_MIN_MEAN_COSINE))

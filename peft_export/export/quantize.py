@@ -14,14 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import ConfigError, ValidationError, tool_step
-from .quality import Embed, QualityGate, measure_quality
+from .families import DEFAULT_FAMILY, ModelFamily
+from .quality import INT8_LADDER, Embed, QualityGate, kept_in_float, measure_quality
 
 logger = logging.getLogger(__name__)
 
@@ -29,27 +29,6 @@ QUANTIZE_MODES = ("int8", "int8-static")
 # Operators each mode quantizes. Dynamic int8 turns a fused Attention into QAttention; the static (QDQ) quantizer
 # has no form of Attention, so static graphs are quantized unfused (see OnnxFormat.validate).
 QUANTIZED_OPS = {"int8": ("MatMul", "Attention"), "int8-static": ("MatMul",)}
-
-
-@dataclass
-class Rung:
-    name: str
-    exclude: Callable[[str], bool] = field(default=lambda node: False)
-
-
-def _ffn_output(node: str) -> bool:
-    return "/output/dense/" in node and "/attention/" not in node
-
-
-def _ffn_any(node: str) -> bool:
-    return _ffn_output(node) or "/intermediate/dense/" in node
-
-
-LADDER = [
-    Rung("per-channel, all linear layers"),
-    Rung("per-channel, FFN output projections kept in fp32", _ffn_output),
-    Rung("per-channel, whole FFN kept in fp32", _ffn_any),
-]
 
 
 def _weight_matmuls(model_path: Path, mode: str) -> list[str]:
@@ -106,6 +85,7 @@ def quantize_with_gate(
     mode: str = "int8",
     tokenize: Callable | None = None,
     calibration_texts: list[str] | None = None,
+    family: ModelFamily = DEFAULT_FAMILY,
 ) -> dict:
     """Quantize ``fp32_path`` into ``out_path`` with the first rung that passes ``gate``; report every attempt."""
     if mode not in QUANTIZE_MODES:
@@ -118,23 +98,27 @@ def quantize_with_gate(
     # ``<name>_data`` beside ``out_path`` (one data file with a fixed name, as for fp32).
     external = uses_external_data(fp32_path)
     attempts = []
-    for rung in LADDER:
-        excluded = [n for n in matmuls if rung.exclude(n)]
+    tried: set[tuple[str, ...]] = set()
+    for strategy, parts in INT8_LADDER:
+        excluded = kept_in_float(matmuls, family, parts)
+        if tuple(excluded) in tried:  # the family has no such projections: the same candidate again
+            continue
+        tried.add(tuple(excluded))
         with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
             candidate_path = Path(scratch) / out_path.name
             _quantize(fp32_path, candidate_path, mode, excluded, tokenize, calibration_texts, external)
             quality = measure_quality(reference, make_candidate(candidate_path), pairs)
-            attempt = {"strategy": rung.name, "excluded_nodes": len(excluded), "quantized_nodes":
+            attempt = {"strategy": strategy, "excluded_nodes": len(excluded), "quantized_nodes":
                        len(matmuls) - len(excluded), **quality, "failures": gate.failures(quality)}
             attempts.append(attempt)
-            logger.info("int8 %s: mean cos %.5f, worst %.5f, NDCG@10 retention %.4f", rung.name,
+            logger.info("int8 %s: mean cos %.5f, worst %.5f, NDCG@10 retention %.4f", strategy,
                         quality["mean_cosine"], quality["worst_cosine"], quality["ndcg10_retention"])
             if not attempt["failures"]:
                 if uses_external_data(candidate_path):
                     pack_external_data(candidate_path, out_path, out_path.name + "_data")
                 else:
                     os.replace(candidate_path, out_path)
-                return {"mode": mode, "chosen": rung.name, "attempts": attempts, "external_data": external}
+                return {"mode": mode, "chosen": strategy, "attempts": attempts, "external_data": external}
     summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
     other = (" Dynamic --quantize int8, or `peft-export merge-openvino --quantize int8-static` (NNCF, with "
              "SmoothQuant), usually keep more quality than ONNX Runtime's static quantizer."
