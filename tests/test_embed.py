@@ -356,14 +356,20 @@ def test_default_parallelism_uses_worker_processes_with_the_same_parts(inputs, b
 
 def test_parts_are_encoded_in_slices_the_same_by_any_number_of_processes(inputs, bert_case, bert_model, texts,
                                                                         tmp_path, monkeypatch):
-    """Workers take slices of WORK_ROWS rows (so the last part is shared); a part is encode() of its slices,
-    bit for bit, whether one process or two ran them."""
+    """Workers take slices of at most WORK_ROWS rows of similar lengths (so the last part is shared); a part is
+    encode() of its slices in input order, bit for bit, whether one process or two ran them."""
     from peft_export.corpus import job
 
     monkeypatch.setattr(job, "WORK_ROWS", 5)
-    want = np.concatenate([bert_model.encode(texts[p + i:p + min(i + 5, PART_ROWS)])
-                           for p in range(0, len(texts), PART_ROWS) for i in range(0, PART_ROWS, 5)
-                           if p + i < len(texts)])
+    slices = job.work_slices(texts[:PART_ROWS])
+    assert sorted(np.concatenate(slices)) == list(range(PART_ROWS)) and max(len(s) for s in slices) == 5
+    lengths = [len(texts[i]) for i in np.concatenate(slices)]
+    assert lengths == sorted(lengths, reverse=True)  # longest first: similar lengths share a slice
+    want = np.empty((len(texts), bert_model.get_sentence_embedding_dimension()), np.float32)
+    for start in range(0, len(texts), PART_ROWS):
+        part = texts[start:start + PART_ROWS]
+        for rows in job.work_slices(part):
+            want[start + rows] = bert_model.encode([part[i] for i in rows])
     for processes in (1, 2):
         embed_corpus(bert_case.export, inputs["text"], tmp_path / f"p{processes}.npy", part_rows=PART_ROWS,
                      processes=processes, progress=False)

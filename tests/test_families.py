@@ -222,6 +222,22 @@ def test_export_equals_sentence_transformers_with_adapter(family, mode, request,
     assert family_models.max_unit_diff(adapted, case.reference(with_adapter=False).encode(parity_texts[:4])) > 1e-3
 
 
+def test_merge_adapter_on_a_switchable_decoder_equals_sentence_transformers(mistral_family, parity_texts):
+    """merge_adapter builds a merged session of the decoder's base graph (rotary attention, last-token pooling,
+    grouped-query heads): still sentence-transformers with the adapter, and unmerging gives the branches back."""
+    model = EmbeddingModel(mistral_family.export("switchable-onnx"))
+    branches = model.encode(parity_texts, batch_size=8)
+    model.merge_adapter(family_models.ADAPTER_NAME)
+    assert model.merged_adapters() == [family_models.ADAPTER_NAME]
+    merged = model.encode(parity_texts, batch_size=8)
+    assert family_models.max_unit_diff(merged, branches) < 1e-6
+    prompts = [None, *family_models.FAMILIES["mistral"].prompts]
+    assert max(family_models.parity(mistral_family.reference(), model, parity_texts, prompts).values()) < SENTENCE_ATOL
+    model.unmerge_adapter()
+    assert model.merged_adapters() == []
+    assert family_models.max_unit_diff(model.encode(parity_texts, batch_size=8), branches) < 1e-6
+
+
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
 def test_runtime_reproduces_eos_and_truncation(family, request):
     """The tokenizer's post-processor appends EOS; the runtime's tokenization (right padded) holds the same ids as

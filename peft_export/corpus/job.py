@@ -4,7 +4,9 @@ A reader thread fills a bounded queue with chunks (so reading and parsing overla
 at a few chunks whatever the input size); the model runs in this process or in worker processes; parts are written
 in input order, each followed by the state file. The model's unit of work is a slice of at most ``WORK_ROWS`` rows
 of a part (so with several worker processes the last part is shared too, not left to one worker while the others
-idle); a part is the concatenation of ``encode`` of its slices whichever process ran them. A re-run of the same job
+idle); a longer part is cut into slices of similar lengths (its rows ordered by length, longest first, as
+``encode`` orders a batch), so that slicing adds little padding. A part is ``encode`` of its slices, put back in
+input order, whichever process ran them. A re-run of the same job
 skips the parts already written, and as each part is ``encode`` of the same slices, the result equals an
 uninterrupted run bit for bit, with any number of processes.
 """
@@ -226,7 +228,7 @@ def _run(reader: CorpusReader, encoder: Any, target: OutputTarget, state: JobSta
     chunks = _read_ahead(reader, part_rows, state.rows_done)
     try:
         for chunk in chunks:
-            slices = [encoder.submit(chunk.texts[i:i + WORK_ROWS]) for i in range(0, len(chunk.texts), WORK_ROWS)]
+            slices = [(rows, encoder.submit([chunk.texts[i] for i in rows])) for rows in work_slices(chunk.texts)]
             in_flight.append((chunk, slices))
             if len(in_flight) >= window or encoder.processes == 1:
                 _write_next(in_flight, target, state, reader, progress, kill_after)
@@ -237,10 +239,22 @@ def _run(reader: CorpusReader, encoder: Any, target: OutputTarget, state: JobSta
         progress(-1)
 
 
+def work_slices(texts: list[str]) -> list[np.ndarray]:
+    """Row indices of ``texts`` in slices of at most WORK_ROWS: the rows in order when they fit in one, otherwise
+    ordered by length (characters, longest first, ties in input order) so each slice holds similar lengths."""
+    if len(texts) <= WORK_ROWS:
+        return [np.arange(len(texts))]
+    order = np.argsort([-len(text) for text in texts], kind="stable")
+    return [order[i:i + WORK_ROWS] for i in range(0, len(order), WORK_ROWS)]
+
+
 def _write_next(in_flight: deque, target: OutputTarget, state: JobState, reader: CorpusReader,
                 progress: Callable[[int], None], kill_after: tuple[int, bool] | None) -> None:
     chunk, slices = in_flight.popleft()
-    embeddings = np.concatenate([future.result() for future in slices])  # (rows, dimension)
+    results = [(rows, future.result()) for rows, future in slices]
+    embeddings = np.empty((len(chunk.texts), results[0][1].shape[1]), np.float32)  # (rows, dimension)
+    for rows, vectors in results:
+        embeddings[rows] = vectors
     if chunk.first_row != state.rows_done:
         raise PeftExportError(f"internal error: chunk at row {chunk.first_row}, expected {state.rows_done}")
     write_part(target, state.parts_done, embeddings, chunk.columns, reader.kinds)
