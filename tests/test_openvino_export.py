@@ -158,6 +158,7 @@ def test_int4_that_no_rung_passes_is_refused_and_nothing_written(tiny_model, tin
     with pytest.raises(ValidationError, match="No int4-weight OpenVINO model passes the quality gate") as info:
         write_export(tiny_merged, options, OpenVinoFormat("int4", options), log=lambda msg: None)
     assert all(rung.strategy in str(info.value) for rung in INT4_LADDER)
+    assert "--weight-format int8 (or fp32)" in str(info.value)
     assert not (tmp_path / "int4").exists()
 
 

@@ -288,7 +288,8 @@ class OpenVinoFormat:
                         os.replace(path.with_suffix(suffix), model_path.with_suffix(suffix))
                     return {"weight_format": self.weight_format, "chosen": strategy, **quality, "attempts": attempts}
         summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
-        fallback = "without --quantize" if self.quantize else "with --weight-format fp32"
+        fallback = ("without --quantize" if self.quantize else "with --weight-format int8 (or fp32)"
+                    if self.weight_format == "int4" else "with --weight-format fp32")
         raise ValidationError(
             f"No {self.lossy_kind} OpenVINO model passes the quality gate ({summary}). Nothing was "
             "written. Lower the gate explicitly (--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) "

@@ -29,6 +29,9 @@ from typing import Any
 from ..errors import ConfigError, require
 
 EMBEDDING_COLUMN = "embedding"
+# Largest block an actor takes whole: small enough that every actor has work on a one-file dataset and the last
+# block does not leave the others idle for long, large enough to sort each call's texts into well-filled batches.
+BLOCK_ROWS = 1024
 
 
 class BatchEmbedder:
@@ -113,10 +116,10 @@ def plan_actors(num_actors: int | None, threads_per_actor: int | None,
 
 
 def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | None = None,
-                  prompt_name: str | None = None, batch_size: int = 64, id_column: str | None = None,
+                  prompt_name: str | None = None, batch_size: int = 256, id_column: str | None = None,
                   num_actors: int | None = None, threads_per_actor: int | None = None, backend: str | None = None,
                   *, num_cpus_per_actor: float | None = None, output_column: str = EMBEDDING_COLUMN,
-                  keep_columns: bool = True, encode_batch_size: int = 32,
+                  keep_columns: bool = True, encode_batch_size: int = 32, block_rows: int | None = BLOCK_ROWS,
                   embedder: type[BatchEmbedder] = BatchEmbedder, model_options: dict[str, Any] | None = None,
                   **ray_remote_args):
     """``ds`` with an ``embedding`` column: the export's sentence embedding of ``column`` (float32, fixed size).
@@ -128,9 +131,10 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     rule). Extra keyword
     arguments go to ``map_batches`` (e.g. ``resources``, ``memory``).
 
-    Each actor takes whole blocks: a dataset of one block (one small file) keeps one actor busy and the rest idle,
-    so give it at least as many blocks as actors (several input files, ``override_num_blocks=`` on read, or
-    ``ds.repartition(n)``). Ray Data may emit blocks out of order; set
+    Each actor takes whole blocks, so blocks larger than ``block_rows`` rows are first split, streaming
+    (``ds.repartition(target_num_rows_per_block=block_rows)``, no shuffle, no barrier): otherwise a dataset of one
+    block (one file read as one block) keeps one actor busy and the rest idle. ``block_rows=None`` keeps the
+    blocks as they come. Ray Data may emit blocks out of order; set
     ``DataContext.get_current().execution_options.preserve_order = True`` (or sort by the id column) when order
     matters. Each row's embedding always stays with its row.
     """
@@ -139,8 +143,9 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     export = Path(export).expanduser().resolve()
     if not export.is_dir():
         raise ConfigError(f"Export folder not found: {export}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, found {batch_size!r}")
+    for name, value in (("batch_size", batch_size), ("block_rows", 1 if block_rows is None else block_rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, found {value!r}")
     schema = ds.schema()
     names = list(schema.names) if schema is not None else []
     for field, name in (("column", column), ("id_column", id_column)):
@@ -153,6 +158,8 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     actors, threads, reserved = plan_actors(num_actors, threads_per_actor, num_cpus_per_actor)
     from ray.data import ActorPoolStrategy
 
+    if block_rows is not None:
+        ds = ds.repartition(target_num_rows_per_block=block_rows)
     out = ds.map_batches(
         embedder, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
         fn_constructor_kwargs=dict(export=str(export), column=column, adapter=adapter, prompt_name=prompt_name,
