@@ -171,8 +171,8 @@ def bench_data(args, exports: dict[str, Path], work: Path) -> dict:
 
     contenders = {"in-process encode loop -> Parquet": in_process,
                   "peft-export embed, defaults": cli,
-                  "Ray Data, 2 actors x 1 thread (default)": lambda out: ray_job(export, corpus, out, 2, 1),
-                  "Ray Data, 1 actor x 2 threads": lambda out: ray_job(export, corpus, out, 1, 2)}
+                  "Ray Data, 2 actors x 1 thread": lambda out: ray_job(export, corpus, out, 2, 1),
+                  "Ray Data, 1 actor x 2 threads (default)": lambda out: ray_job(export, corpus, out, 1, 2)}
     times: dict[str, list[float]] = {name: [] for name in contenders}
     checks: dict[str, float] = {}
     loads = [uptime()]

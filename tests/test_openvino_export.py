@@ -375,7 +375,7 @@ def test_cli_merge_openvino_offers_only_its_own_options(capsys):
     with pytest.raises(SystemExit):
         main(["merge-openvino", "--help"])
     usage = capsys.readouterr().out
-    assert "--weight-format {fp32,fp16,int8}" in usage and "--min-mean-cosine" in usage
+    assert "--weight-format {fp32,fp16,int8,int4}" in usage and "--min-mean-cosine" in usage
     assert "--quantize {int8-static}" in usage and "--calibration-data" in usage
     assert "--opset" not in usage and "--dtype" not in usage and "--no-fuse-attention" not in usage
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import pooling_case
+from openvino_fixtures import *  # noqa: F401,F403  (tiny_exports)
 
 from peft_export import EmbeddingModel
 from peft_export.runtime.shape_buckets import batch_bucket, length_bucket, pad_to_buckets
@@ -41,8 +42,8 @@ def test_bucketed_results_equal_unbucketed(bert_case, real_texts, tmp_path):
     from peft_export.runtime.openvino_backend import OpenVinoSettings
 
     folder = export_openvino_model(str(bert_case.adapter), tmp_path / "ov", log=lambda msg: None).path
-    plain = EmbeddingModel(folder, openvino_settings=OpenVinoSettings(shape_buckets=False))
-    bucketed = EmbeddingModel(folder)
+    plain = EmbeddingModel(folder)  # fp32 IR: no buckets by default
+    bucketed = EmbeddingModel(folder, openvino_settings=OpenVinoSettings(shape_buckets=True))
     assert bucketed.backend.describe()["shape_buckets"] and not plain.backend.describe()["shape_buckets"]
     texts = real_texts[:23]  # batch sizes 7 and 23 are not powers of two; lengths vary
     for batch_size in (1, 7, 32):
@@ -66,9 +67,18 @@ def test_last_token_pooling_with_right_padding_is_unchanged_by_buckets(zoo, real
     tokenizer = TextTokenizer(case.export, config)
     path = case.export / config.model_file
     plain = OpenVinoBackend(path, settings=OpenVinoSettings(shape_buckets=False))
-    bucketed = OpenVinoBackend(path, padding=(config.pad_token_id, config.max_seq_length))
+    bucketed = OpenVinoBackend(path, settings=OpenVinoSettings(shape_buckets=True),
+                               padding=(config.pad_token_id, config.max_seq_length))
     for texts in (real_texts[:1], real_texts[:5], real_texts[10:21]):
         feeds = tokenizer.encode(texts)
         want, got = plain.run(feeds), bucketed.run(feeds)
         for name in want:
             assert got[name].shape == want[name].shape and np.abs(got[name] - want[name]).max() <= 1e-6
+
+
+def test_buckets_are_on_by_default_only_for_static_int8(tiny_exports):
+    """Measured: padding to buckets pays only where kernels are slow to compile per shape (static int8)."""
+    static = EmbeddingModel(tiny_exports["openvino-int8-static"])
+    assert static.backend.describe()["shape_buckets"]
+    for kind in ("openvino-fp32", "openvino-int8"):
+        assert not EmbeddingModel(tiny_exports[kind]).backend.describe()["shape_buckets"], kind

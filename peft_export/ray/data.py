@@ -5,14 +5,16 @@ batches it is given (``map_batches`` with the callable class :class:`BatchEmbedd
 column (a fixed-size list of float32) to every row; every other column, the id included, stays as it was.
 
 Cores, not oversubscribed: an actor runs ONNX Runtime (or OpenVINO) with ``threads_per_actor`` intra-op threads
-(default 1), and its tokenizer's thread pool is capped the same way. The default pool is ``num_actors = cluster
-CPUs // threads_per_actor``, so actors x threads = cores: every core runs one inference thread, none two. Each
-actor reserves ``threads_per_actor x (CPUs - 1) / CPUs`` of Ray's CPUs (``num_cpus_per_actor`` overrides it),
-which keeps one CPU's worth of Ray's scheduling room free on the cluster: Ray Data's read, repartition and write
-tasks need a CPU slot to start, and a pool that reserved every CPU would wait forever for its own input (seen on
-a 2-CPU machine). Those tasks are brief and I/O-bound, so they share the cores without slowing inference much.
-Two single-threaded actors beat one actor with two threads on the 2-core test machine (43.8 vs 34.3 texts/s,
-measured under load; docs/scaling.md).
+(default 2, or 1 on a one-CPU cluster), and its tokenizer's thread pool is capped the same way. The default pool is
+``num_actors = cluster CPUs // threads_per_actor``, so actors x threads = cores: every core runs one inference
+thread, none two. Each actor reserves ``threads_per_actor x (CPUs - 1) / CPUs`` of Ray's CPUs
+(``num_cpus_per_actor`` overrides it), which keeps one CPU's worth of Ray's scheduling room free on the cluster: Ray
+Data's read, repartition and write tasks need a CPU slot to start, and a pool that reserved every CPU would wait
+forever for its own input (seen on a 2-CPU machine). Those tasks are brief and I/O-bound, so they share the cores
+without slowing inference much. One actor with two threads beat two single-threaded actors on the idle 2-core test
+machine (143.5 vs 127.6 texts/s, 5,000 texts, medians of two alternating rounds; docs/scaling.md), where the pool's
+fixed costs (a model load and a Ray worker per actor) weigh; on the same machine under heavy load it was the other
+way round.
 
 Faults: Ray Data creates pool actors with ``max_restarts=-1`` and ``max_task_retries=-1`` (its defaults; pass
 other values as keyword arguments to change them): an actor that dies (killed, OOM, node lost) is restarted and
@@ -32,6 +34,7 @@ EMBEDDING_COLUMN = "embedding"
 # Largest block an actor takes whole: small enough that every actor has work on a one-file dataset and the last
 # block does not leave the others idle for long, large enough to sort each call's texts into well-filled batches.
 BLOCK_ROWS = 1024
+DEFAULT_THREADS_PER_ACTOR = 2  # measured: 1 actor x 2 threads beat 2 x 1 on an idle 2-core machine (docs/scaling.md)
 
 
 class BatchEmbedder:
@@ -97,10 +100,10 @@ def plan_actors(num_actors: int | None, threads_per_actor: int | None,
                 num_cpus_per_actor: float | None = None) -> tuple[int, int, float]:
     """(actors, threads per actor, Ray CPUs reserved per actor) for this Ray cluster (see the module doc)."""
     ray = require("ray", "ray")
-    threads = 1 if threads_per_actor is None else threads_per_actor
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = min(DEFAULT_THREADS_PER_ACTOR, cpus) if threads_per_actor is None else threads_per_actor
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ConfigError(f"threads_per_actor must be a positive integer, found {threads_per_actor!r}")
-    cpus = int(ray.cluster_resources().get("CPU", 1))
     if threads > cpus:
         raise ConfigError(f"threads_per_actor={threads} is more than the {cpus} CPUs of this Ray cluster; an "
                           "actor asking for it could never start")

@@ -134,13 +134,15 @@ class MergedSessions:
                         self._arrays[tensor.name] = array
                         self._shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array)
             merged = {}
+            small = {t.name: t for t in model.graph.initializer if t.name not in self._arrays}  # not shared
             for slot in self.slots:
                 if slot.input_a not in factors or factors[slot.input_a].shape[1] == 0:
                     continue  # the adapter leaves this slot alone
                 name = weights[slot.module]
                 delta = factors[slot.input_a].astype(np.float64) @ factors[slot.input_b].astype(np.float64)
                 with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-                    merged[name] = (self._arrays[name] + delta).astype(np.float32)
+                    base = self._arrays[name] if name in self._arrays else numpy_helper.to_array(small[name])
+                    merged[name] = (base + delta).astype(np.float32)
                 if not np.isfinite(merged[name]).all():
                     raise ConfigError(f"Merging the adapter into {slot.module!r} gives non-finite weights; refused")
             for tensor in model.graph.initializer:

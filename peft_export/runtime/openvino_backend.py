@@ -56,7 +56,9 @@ class OpenVinoSettings:
     shape_buckets: pad each batch's sequence length up to a bucket (16, 24, 32, 48, 64, 96, ..., at most
         max_seq_length) and its batch size up to a power of two, so OpenVINO compiles kernels for a few shapes
         instead of one per length (see runtime/shape_buckets.py); results are unchanged (padding is masked and
-        cropped). Applies when the backend knows the pad token (models loaded from an export folder).
+        cropped). Applies when the backend knows the pad token (models loaded from an export folder). None (the
+        default): on for statically quantized IRs (``--quantize int8-static``), whose kernels are slow to compile
+        per shape, off otherwise, where the padding costs more than compiling (measured in docs/openvino.md).
     """
 
     precision: str = "f32"
@@ -64,7 +66,7 @@ class OpenVinoSettings:
     num_threads: int | None = None
     num_requests: int | None = None
     dynamic_quantization: bool | None = None
-    shape_buckets: bool = True
+    shape_buckets: bool | None = None
 
     def check(self) -> None:
         if self.precision not in PRECISIONS:
@@ -179,6 +181,9 @@ class OpenVinoBackend:
         core = _core()
         if not isinstance(model, ov.Model):
             model = self._read(core, Path(model))
+        buckets = self.settings.shape_buckets
+        if buckets is None:  # int8-static IRs carry FakeQuantize operations
+            buckets = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
         self._check_precision_supported(core)
         self.compiled = core.compile_model(model, self.device, self.settings.compile_properties(self.device))
         names = [port.get_any_name() for port in self.compiled.inputs]
@@ -194,7 +199,7 @@ class OpenVinoBackend:
             self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
         )
         self._local = threading.local()
-        self._padding = padding if self.settings.shape_buckets else None
+        self._padding = padding if buckets else None
 
     def _bucketed(self, feeds: dict[str, np.ndarray]):
         """``feeds`` padded to shape buckets, and what undoes it on the outputs (None: buckets are off)."""
