@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_diff": float(max(np.abs(r["embeddings"] - reference).max() for r in runs)),
             "load": " ".join(r["load"] for r in runs)})
     report.notes.append(f"{args.rounds} rounds, each setting in a fresh process, order alternated; medians per pass; "
-                        "load avg = 1-minute load when each run started (other jobs shared the machine)")
+                        "load avg = 1-minute load when each run started (it shows whether anything else ran)")
     md = report.write(Path(args.out), "bench_openvino_buckets", COLUMNS)
     print(md.read_text())
     return 0 if report.rows[0]["max_diff"] <= 1e-5 else 1
