@@ -379,20 +379,18 @@ def report(data: dict, n: int, small: int, parallel_texts: int, rate: dict, best
               "| contender | texts | wall s | texts/s end to end | vs encode | texts/s model loaded | vs encode | "
               "peak RSS MB (tree) | load (1 min) |",
               "|---|---|---|---|---|---|---|---|---|"]
-    for size in (small, n):
-        enc, emb = data[f"encode_{size}"], data[f"embed_{size}"]
-        for name, result in (("encode (one call)", enc), ("peft-export embed", emb)):
+    rounds = [(size, data[f"encode_{size}"], [("encode (one call)", data[f"encode_{size}"]),
+                                             ("peft-export embed", data[f"embed_{size}"])]) for size in (small, n)]
+    if f"embed_{n}_r2" in data:
+        enc2, emb2 = data[f"encode_{n}_r2"], data[f"embed_{n}_r2"]
+        rounds.append((n, enc2, [("peft-export embed (round 2, first)", emb2), ("encode (round 2, second)", enc2)]))
+    for size, enc, rows in rounds:
+        for name, result in rows:
             steady = steady_rate(result, size)
             lines.append(f"| {name} | {size:,} | {result['wall_s']:.1f} | {size / result['wall_s']:.1f} | "
                          f"{enc['wall_s'] / result['wall_s']:.1%} | {steady:.1f} | "
                          f"{steady / steady_rate(enc, size):.1%} | {result['peak_rss_mb']:.0f} | {load(result)} |")
     if f"embed_{n}_r2" in data:
-        enc2, emb2 = data[f"encode_{n}_r2"], data[f"embed_{n}_r2"]
-        for name, result in (("peft-export embed (round 2, first)", emb2), ("encode (round 2, second)", enc2)):
-            steady = steady_rate(result, n)
-            lines.append(f"| {name} | {n:,} | {result['wall_s']:.1f} | {n / result['wall_s']:.1f} | "
-                         f"{enc2['wall_s'] / result['wall_s']:.1%} | {steady:.1f} | "
-                         f"{steady / steady_rate(enc2, n):.1%} | {result['peak_rss_mb']:.0f} | {load(result)} |")
         ends = [data[f"encode_{n}"]["wall_s"] / data[f"embed_{n}"]["wall_s"], enc2["wall_s"] / emb2["wall_s"]]
         lines += ["", f"{n:,} texts, end to end, embed vs encode: round 1 {ends[0]:.1%}, round 2 {ends[1]:.1%}, "
                   f"median {float(np.median(ends)):.1%}."]
