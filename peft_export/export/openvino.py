@@ -30,8 +30,8 @@ from ..errors import ConfigError, ValidationError, require, tool_step
 from .families import DEFAULT_FAMILY, family_for, tracing_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from .quality import (
-    INT8_LADDER, QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate, gate_dict,
-    kept_in_float, load_pairs_file, measure_quality,
+    QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate, gate_dict, int8_rungs,
+    load_pairs_file, measure_quality,
 )
 from .validate import compare_with_reference
 
@@ -252,12 +252,7 @@ class OpenVinoFormat:
                 self.chosen_int4 = rung
                 yield rung.strategy, compress_weights_int4(model.clone(), rung), []
             return
-        matmuls, tried = _weight_matmuls(model), set()
-        for strategy, parts in INT8_LADDER:
-            excluded = kept_in_float(matmuls, self.family, parts)
-            if tuple(excluded) in tried:  # the family has no such projections: the same candidate again
-                continue
-            tried.add(tuple(excluded))
+        for strategy, excluded in int8_rungs(_weight_matmuls(model), self.family):
             if self.quantize:
                 yield strategy, quantize_int8_static(model.clone(), calibration, excluded), excluded
             else:

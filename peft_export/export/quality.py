@@ -14,7 +14,7 @@ import re
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -49,9 +49,16 @@ INT8_LADDER: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def kept_in_float(nodes: list[str], family, parts: tuple[str, ...]) -> list[str]:
-    """The nodes of ``nodes`` that a ladder rung keeping ``parts`` of the feed-forward blocks excludes."""
-    return [node for node in nodes if family.ffn_part(node) in parts] if parts else []
+def int8_rungs(nodes: list[str], family) -> Iterator[tuple[str, list[str]]]:
+    """(strategy, nodes kept in float) for each rung of :data:`INT8_LADDER` over the weight nodes ``nodes``, by the
+    family's feed-forward names; a rung that would keep the same nodes as an earlier one (a family without such
+    projections) is skipped, as it would only be the same candidate again."""
+    tried: set[tuple[str, ...]] = set()
+    for strategy, parts in INT8_LADDER:
+        excluded = [node for node in nodes if family.ffn_part(node) in parts] if parts else []
+        if tuple(excluded) not in tried:
+            tried.add(tuple(excluded))
+            yield strategy, excluded
 
 
 def fp16_gate(gate: QualityGate) -> QualityGate:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError, ValidationError, tool_step
 from .families import DEFAULT_FAMILY, ModelFamily
-from .quality import INT8_LADDER, Embed, QualityGate, kept_in_float, measure_quality
+from .quality import Embed, QualityGate, int8_rungs, measure_quality
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +98,7 @@ def quantize_with_gate(
     # ``<name>_data`` beside ``out_path`` (one data file with a fixed name, as for fp32).
     external = uses_external_data(fp32_path)
     attempts = []
-    tried: set[tuple[str, ...]] = set()
-    for strategy, parts in INT8_LADDER:
-        excluded = kept_in_float(matmuls, family, parts)
-        if tuple(excluded) in tried:  # the family has no such projections: the same candidate again
-            continue
-        tried.add(tuple(excluded))
+    for strategy, excluded in int8_rungs(matmuls, family):
         with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
             candidate_path = Path(scratch) / out_path.name
             _quantize(fp32_path, candidate_path, mode, excluded, tokenize, calibration_texts, external)
