@@ -212,3 +212,9 @@ def wait_ready(url: str, timeout: float = 30.0) -> None:
 
     wait_until(lambda: httpx.get(url + "/health", timeout=2).status_code == 200, timeout=timeout,
                what="/health 200")
+
+
+def embeddings_of(response) -> np.ndarray:
+    """The vectors of a 200 OpenAI embeddings response (any other status fails with the body)."""
+    assert response.status_code == 200, response.text
+    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)

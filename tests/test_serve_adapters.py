@@ -19,7 +19,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from serve_support import AdapterModel, serving, wait_ready, wait_until  # noqa: E402
+from serve_support import AdapterModel, embeddings_of, serving, wait_ready, wait_until  # noqa: E402
 
 from peft_export import EmbeddingModel  # noqa: E402
 
@@ -28,11 +28,6 @@ from peft_export import EmbeddingModel  # noqa: E402
 def reference(tiny):
     """An independent adapter model: what each request should get, computed in-process one request at a time."""
     return AdapterModel(EmbeddingModel(tiny["export"]))
-
-
-def embeddings_of(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
 
 
 def test_models_lists_the_base_and_every_adapter(tiny):

@@ -17,7 +17,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
 
-from serve_support import AdapterModel, serving, wait_until  # noqa: E402
+from serve_support import AdapterModel, embeddings_of, serving, wait_until  # noqa: E402
 
 from peft_export import EmbeddingModel  # noqa: E402
 
@@ -28,11 +28,6 @@ REAL = ("Sentence embeddings map text to dense vectors so that similar meanings 
 @pytest.fixture(scope="module")
 def reference(tiny):
     return AdapterModel(EmbeddingModel(tiny["export"]))
-
-
-def embeddings_of(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    return np.array([d["embedding"] for d in response.json()["data"]], dtype=np.float32)
 
 
 def test_long_truncated_inputs_equal_the_whole_text_and_are_not_tokenized_whole(tiny, reference):
