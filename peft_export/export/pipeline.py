@@ -19,7 +19,7 @@ from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import ResolvedModel, recorded_base, recorded_source, resolve_model
 from ..source.st_config import POOLING_MODES
-from . import validate
+from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
 from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_graph_hashes,
                        save_tokenizer, write_json)
 from .families import family_of

@@ -45,12 +45,18 @@ def open_backend(
                          "performance_hint": performance_hint}
         given = sorted(name for name, value in openvino_only.items() if value is not None)
         if given:
-            raise ConfigError(f"{', '.join(given)} apply to backend='openvino' only; this model runs on onnxruntime")
-        if model_path.suffix == ".xml":
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            verb = "apply" if len(given) > 1 else "applies"
             raise ConfigError(
-                f"{folder} holds an OpenVINO model ({config.model_file}), which ONNX Runtime cannot run; "
-                "load it with backend='openvino' (or leave backend unset), or export with `peft-export merge-onnx`."
-            )
+                f"{', '.join(given)} {verb} to backend='openvino' only; this model runs on onnxruntime"
+            ).in_cli_words(f"{flags} {verb} to OpenVINO only (--backend openvino); this model runs on onnxruntime")
+        if model_path.suffix == ".xml":
+            what = f"{folder} holds an OpenVINO model ({config.model_file}), which ONNX Runtime cannot run"
+            raise ConfigError(
+                f"{what}; load it with backend='openvino' (or leave backend unset), or export with "
+                "`peft-export merge-onnx`."
+            ).in_cli_words(f"{what}; drop --backend onnxruntime (or pass --backend openvino), or export it with "
+                           "`peft-export merge-onnx`.")
         from .onnxruntime_backend import OnnxRuntimeBackend, SessionSettings
 
         settings = session_settings or SessionSettings()
