@@ -210,6 +210,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"export:      {path.absolute()} ({manifest.get('size_bytes', 0) / 1e6:.1f} MB, "
           f"{export['format']} {detail})")
     print(f"base:        {manifest['base']['id']} ({_base_origin(manifest['base'])})")
+    if not manifest.get("adapters"):
+        print("adapter:     none (the base model as it is; no adapter was applied)")
     for adapter in manifest.get("adapters", []):
         digest = next(iter(adapter["sha256"].values()))[:12]
         print(f"adapter:     {adapter['name']} <- {adapter['source']} r={adapter['r']} "

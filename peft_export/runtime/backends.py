@@ -70,11 +70,11 @@ def open_backend(
     if (config.adapters or config.lora_slots) and model_path.suffix != ".xml":
         # The ONNX graph's LoRA inputs carry rank-0 initializers, which OpenVINO's ONNX reader turns into
         # constants it cannot multiply; the OpenVINO export strips them (export/switchable_graph.py).
-        raise ConfigError(
-            f"{folder} is a switchable-adapter ONNX export ({', '.join(sorted(config.adapters))}), which OpenVINO "
-            "cannot read. Load it with backend='onnxruntime', or export it for OpenVINO with "
-            "`peft-export merge-openvino BASE --switchable --adapter NAME=PATH ...`."
-        )
+        what = (f"{folder} is a switchable-adapter ONNX export ({', '.join(sorted(config.adapters))}), which "
+                "OpenVINO cannot read")
+        export = "export it for OpenVINO with `peft-export merge-openvino BASE --switchable --adapter NAME=PATH ...`"
+        raise ConfigError(f"{what}. Load it with backend='onnxruntime', or {export}.").in_cli_words(
+            f"{what}. Drop --backend openvino, or {export}.")
     from .openvino_backend import OpenVinoBackend, OpenVinoSettings
 
     settings = replace(openvino_settings) if openvino_settings is not None else OpenVinoSettings()
