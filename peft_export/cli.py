@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,25 @@ from .errors import PeftExportError
 
 DEFAULT_OUTPUT_SUFFIX = "-onnx"
 OPENVINO_OUTPUT_SUFFIX = "-openvino"
+EXIT_ERROR = 2  # every error of ours and every usage error (argparse's own code)
+EXIT_OUTPUT_CLOSED = 1  # stdout closed early (`| head`): what Python's docs recommend for BrokenPipeError
+EXIT_INTERRUPTED = 130
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser that takes options anywhere, also after positional texts (`encode EXPORT "a" --json`):
+    argparse's intermixed parsing, which cannot run on the top-level parser itself because it has subcommands."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
 
 
 def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = DEFAULT_OUTPUT_SUFFIX) -> None:
@@ -190,6 +210,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print(f"export:      {path.absolute()} ({manifest.get('size_bytes', 0) / 1e6:.1f} MB, "
           f"{export['format']} {detail})")
     print(f"base:        {manifest['base']['id']} ({_base_origin(manifest['base'])})")
+    if not manifest.get("adapters"):
+        print("adapter:     none (the base model as it is; no adapter was applied)")
     for adapter in manifest.get("adapters", []):
         digest = next(iter(adapter["sha256"].values()))[:12]
         print(f"adapter:     {adapter['name']} <- {adapter['source']} r={adapter['r']} "
@@ -240,6 +262,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from .runtime.model import EmbeddingModel
     from .serve import ServeSettings, create_app, run_server
+    from .serve.server import listening_socket
     from .serve.settings import LIMIT_FLAGS
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -255,13 +278,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         model.merge_adapter(names)
         print(f"merged into their own sessions: {', '.join(model.merged_adapters())}", flush=True)
     app = create_app(model, settings)
-    print(f"serving {', '.join(app.state.server.served.names)} on http://{args.host}:{args.port}", flush=True)
-    run_server(app, args.host, args.port, graceful_timeout_s=args.graceful_timeout, log_level=args.log_level)
+    sock = listening_socket(args.host, args.port)  # --port 0: the port the system picked is announced
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {', '.join(app.state.server.served.names)} on http://{host}:{sock.getsockname()[1]}",
+          flush=True)
+    run_server(app, args.host, args.port, graceful_timeout_s=args.graceful_timeout, log_level=args.log_level,
+               sock=sock)
     return 0
 
 
 def _add_serve_parser(sub) -> None:
-    from .serve.settings import add_limit_arguments  # light: no Starlette, no uvicorn
+    from .serve.settings import add_limit_arguments, port_number  # light: no Starlette, no uvicorn
 
     serve = sub.add_parser("serve", help="serve an export folder over HTTP (OpenAI and TEI routes)",
                            description="Serve an export folder over HTTP with dynamic batching: POST /v1/embeddings "
@@ -269,7 +296,8 @@ def _add_serve_parser(sub) -> None:
                                        "GET /v1/models, /health, /live, /metrics. Needs peft_export[serve].")
     serve.add_argument("path", help="export folder")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    serve.add_argument("--port", type=port_number, default=8080,
+                       help="port, 0-65535 (default: 8080; 0: any free port, the one chosen is printed)")
     serve.add_argument("--served-model-name", help="name of the base model in `model` (default: the folder's name)")
     serve.add_argument("--default-adapter", metavar="NAME", help="adapter the TEI routes use when `model` is absent")
     serve.add_argument("--merge-adapter", action="append", metavar="NAME",
@@ -295,7 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="peft-export",
         description="Export LoRA-adapted sentence-embedding models to ONNX or OpenVINO and run them without torch.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     merge = sub.add_parser("merge-onnx", help="merge a LoRA adapter into its base and export one ONNX graph",
                            description="Resolve MODEL_ID, merge the LoRA adapter with PEFT, export encoder + pooling "
@@ -383,15 +414,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status: 0, 2 for any error (one line on stderr), 1 when stdout was
+    closed before the output was written (`| head`), 130 on Ctrl+C."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # a reader that went away shows here, inside the try, not at interpreter exit
+        return code
     except PeftExportError as err:
-        print(f"peft-export: error: {err}", file=sys.stderr)
-        return 2
+        print(f"peft-export: error: {err.for_cli()}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        _discard_stdout()
+        return EXIT_OUTPUT_CLOSED
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def _discard_stdout() -> None:
+    """The reader of stdout went away: point stdout at /dev/null so that Python's final flush at exit does not
+    raise again (the recipe of Python's docs, "Note on SIGPIPE")."""
+    try:
+        fileno = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's StringIO): nothing to flush later
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fileno)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,22 @@ from typing import Iterator
 
 
 class PeftExportError(Exception):
-    """Base class of every error raised on purpose by peft_export."""
+    """Base class of every error raised on purpose by peft_export.
+
+    The message speaks to a library caller (keyword arguments, method names). Where the ``peft-export`` command
+    reaches the same error through one of its flags, :meth:`in_cli_words` gives the message it prints instead, so
+    command-line users read ``--force`` and library users ``force=True``, never both mixed.
+    """
+
+    cli_message: str | None = None
+
+    def in_cli_words(self, message: str) -> "PeftExportError":
+        """Set what ``peft-export`` prints for this error (its flags instead of keyword arguments); returns self."""
+        self.cli_message = message
+        return self
+
+    def for_cli(self) -> str:
+        return self.cli_message or str(self)
 
 
 class ConfigError(PeftExportError, ValueError):
@@ -53,6 +68,11 @@ class NonFiniteEmbeddingError(PeftExportError, FloatingPointError):
 
 class InputError(PeftExportError, ValueError):
     """A corpus to embed is missing, unreadable, empty, or has a missing column or a value that is not text."""
+
+
+class ListenError(PeftExportError, OSError):
+    """The server cannot listen where it was asked to: the port is in use, the address is not this machine's, or
+    the port needs privileges."""
 
 
 class ToolError(PeftExportError, RuntimeError):

@@ -52,7 +52,7 @@ def existing_output(tmp_path) -> Path:
 
 def test_existing_output_is_refused_and_left_untouched(bert_case, existing_output):
     before = _snapshot(existing_output)
-    with pytest.raises(OutputExistsError, match=r"already exists; pass --force"):
+    with pytest.raises(OutputExistsError, match=r"already exists; pass force=True"):
         export_onnx_model(str(bert_case.adapter), existing_output, log=_quiet)
     assert _snapshot(existing_output) == before
     assert _leftovers(existing_output.parent) == []

@@ -321,7 +321,7 @@ def test_existing_output_is_refused_without_force(tiny_model, tiny_merged, tiny_
 
     out = tiny_exports["openvino-fp32"]
     options = ExportOptions(model_id=str(tiny_model["adapter"]), output=out, base=str(tiny_model["base"]))
-    with pytest.raises(OutputExistsError, match="already exists; pass --force"):
+    with pytest.raises(OutputExistsError, match="already exists; pass force=True"):
         write_export(tiny_merged, options, OpenVinoFormat("fp32"), log=lambda msg: None)
 
 

@@ -122,6 +122,8 @@ def runtime_contender(path: str | Path, name: str | None = None, **model_kwargs)
 
 def eager_contender(base: str, adapter: str | None, merged: bool = False, device: str = "cpu") -> Contender:
     """sentence-transformers with the PEFT adapter loaded (unmerged), or merged into the weights with PEFT."""
+    from ..export import dependencies  # noqa: F401 (torch, transformers, peft: an error naming the extra)
+
     import torch
     from sentence_transformers import SentenceTransformer
 

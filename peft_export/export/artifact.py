@@ -154,7 +154,8 @@ def check_output_target(target: str | Path, force: bool = False) -> Path:
     """Refuse an existing output unless ``force``; called before the slow stages and again when writing."""
     target = Path(target).expanduser().absolute()
     if target.exists() and not force:
-        raise OutputExistsError(f"Output folder {target} already exists; pass --force (force=True) to overwrite it")
+        raise OutputExistsError(f"Output folder {target} already exists; pass force=True to overwrite it").in_cli_words(
+            f"Output folder {target} already exists; pass --force to overwrite it")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"Output path {target} exists and is not a folder")
     return target

@@ -17,9 +17,9 @@ import numpy as np
 from ..errors import ConfigError, require
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import ResolvedModel, recorded_base, recorded_source, resolve_model
+from ..source.resolve import ResolvedModel, describe_base, recorded_base, recorded_source, resolve_model
 from ..source.st_config import POOLING_MODES
-from . import validate
+from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
 from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_graph_hashes,
                        save_tokenizer, write_json)
 from .families import family_of
@@ -298,10 +298,12 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
             f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass --switchable to "
             "keep them as switchable adapters over one base graph"
         )
-    log(f"base: {recorded_source(resolved.base_id)} ({resolved.encoder_folder})")
+    log(describe_base(resolved))
     for adapter in resolved.adapters:
         log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
             f"alpha={adapter.config.lora_alpha} targets={adapter.config.target_modules}")
+    if not resolved.adapters:
+        log("adapter: none; the base model is exported as it is (no LoRA adapter was given or found in the model)")
 
     prepared = prepare_export(options, resolved)
     encoder, make_pipeline, ref_tokenize = prepared.encoder, prepared.make_pipeline, prepared.ref_tokenize

@@ -22,9 +22,8 @@ from ..runtime.backends import detect_backend
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.lora_layout import Slot, pack_factors
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import (AdapterSource, recorded_source,
-                              resolve_model, sha256_file)
-from . import validate
+from ..source.resolve import AdapterSource, describe_base, recorded_source, resolve_model, sha256_file
+from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
 from .artifact import (atomic_output_folder, check_output_target, folder_size, record_graph_hashes,
                        save_tokenizer, write_json)
 from .families import family_of
@@ -175,7 +174,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         raise ConfigError(f"--default-adapter {options.default_adapter!r} is not one of the adapters {names}")
     for adapter in resolved.adapters:
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
-    log(f"base: {recorded_source(resolved.base_id)} ({resolved.encoder_folder})")
+    log(describe_base(resolved))
     for adapter in resolved.adapters:
         log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
             f"alpha={adapter.config.lora_alpha} targets={adapter.config.target_modules}")

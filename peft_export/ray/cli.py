@@ -43,7 +43,7 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
 
 
 def add_serve_ray_parser(sub) -> None:
-    from ..serve.settings import add_limit_arguments
+    from ..serve.settings import add_limit_arguments, port_number
 
     serve = sub.add_parser(
         "serve-ray", help="serve an export on Ray Serve replicas (same routes as serve)",
@@ -54,7 +54,8 @@ def add_serve_ray_parser(sub) -> None:
     serve.add_argument("path", help="export folder (the same path on every node)")
     serve.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance)")
     serve.add_argument("--host", default="127.0.0.1", help="address of Ray's HTTP proxy (default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=lambda text: port_number(text, lowest=1), default=8000,
+                       help="port, 1-65535 (default: 8000)")
     serve.add_argument("--replicas", type=int, default=1, help="replicas (default: 1)")
     serve.add_argument("--threads-per-replica", type=int, default=1,
                        help="CPUs each replica reserves and ONNX Runtime threads it runs (default: 1)")

@@ -78,14 +78,17 @@ class AdapterMethods:
         """True for exports made with ``--switchable`` (one base graph, adapters chosen per call)."""
         return bool(self._slots)
 
-    def _require_switchable(self, method: str) -> None:
+    def _require_switchable(self, method: str, flag: str | None = None) -> None:
+        """Refuse ``method`` (a method name, or a call such as ``encode(adapter=...)``) on a merged export; ``flag``
+        is the ``peft-export`` option that reaches it, named instead in the command's message."""
         if not self._slots:
             merged = [a.get("name") for a in self.manifest.get("adapters", [])]
             what = f"adapter {', '.join(map(repr, merged))} merged into its weights" if merged else "no adapters"
-            raise ConfigError(
-                f"{method}() needs a switchable export, but {self.path} is a merged export ({what}). Export with "
-                "`peft-export merge-onnx BASE --adapter NAME=PATH ... --switchable` to switch adapters per call."
-            )
+            detail = (f"needs a switchable export, but {self.path} is a merged export ({what}). Export with "
+                      "`peft-export merge-onnx BASE --adapter NAME=PATH ... --switchable` to switch adapters per call.")
+            call = method if method.endswith(")") else f"{method}()"
+            error = ConfigError(f"{call} {detail}")
+            raise error.in_cli_words(f"{flag} {detail}") if flag else error
 
     def _load_checked(self, path: Path):
         arrays = self.backend.read_adapter(path)
@@ -108,7 +111,7 @@ class AdapterMethods:
         a name = that adapter for this call, False = the base for this call."""
         if adapter is None and not self._slots:
             return None
-        self._require_switchable("encode(adapter=...)" if adapter is not None else "encode")
+        self._require_switchable("encode(adapter=...)" if adapter is not None else "encode", "--adapter")
         with self._adapter_lock:
             if adapter is None:
                 if not self._adapters_enabled or self._active_adapter is None:
@@ -218,11 +221,12 @@ class AdapterMethods:
         adapter has weights of its own, batch-1 calls that rotate between merged adapters miss the CPU caches
         (measured +37 to +53% on MiniLM with the default settings). ONNX Runtime backend only; needs the ``onnx``
         package (the export extra). ``unmerge_adapter`` frees it again."""
-        self._require_switchable("merge_adapter")
+        self._require_switchable("merge_adapter", "--merge-adapter")
         merge = getattr(self.backend, "merge_adapter", None)
         if merge is None:
-            raise ConfigError(f"merge_adapter() needs the ONNX Runtime backend; this model runs on "
-                              f"{self.backend.name}, where adapters always run on the switchable graph")
+            detail = (f"needs the ONNX Runtime backend; this model runs on {self.backend.name}, where adapters "
+                      "always run on the switchable graph")
+            raise ConfigError(f"merge_adapter() {detail}").in_cli_words(f"--merge-adapter {detail}")
         with self._adapter_lock:
             names = self._names_or_active(adapter_names, "merge_adapter")
             todo = {n: self._adapters[n].adapter for n in names

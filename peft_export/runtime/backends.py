@@ -45,12 +45,18 @@ def open_backend(
                          "performance_hint": performance_hint}
         given = sorted(name for name, value in openvino_only.items() if value is not None)
         if given:
-            raise ConfigError(f"{', '.join(given)} apply to backend='openvino' only; this model runs on onnxruntime")
-        if model_path.suffix == ".xml":
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            verb = "apply" if len(given) > 1 else "applies"
             raise ConfigError(
-                f"{folder} holds an OpenVINO model ({config.model_file}), which ONNX Runtime cannot run; "
-                "load it with backend='openvino' (or leave backend unset), or export with `peft-export merge-onnx`."
-            )
+                f"{', '.join(given)} {verb} to backend='openvino' only; this model runs on onnxruntime"
+            ).in_cli_words(f"{flags} {verb} to OpenVINO only (--backend openvino); this model runs on onnxruntime")
+        if model_path.suffix == ".xml":
+            what = f"{folder} holds an OpenVINO model ({config.model_file}), which ONNX Runtime cannot run"
+            raise ConfigError(
+                f"{what}; load it with backend='openvino' (or leave backend unset), or export with "
+                "`peft-export merge-onnx`."
+            ).in_cli_words(f"{what}; drop --backend onnxruntime (or pass --backend openvino), or export it with "
+                           "`peft-export merge-onnx`.")
         from .onnxruntime_backend import OnnxRuntimeBackend, SessionSettings
 
         settings = session_settings or SessionSettings()
@@ -64,11 +70,11 @@ def open_backend(
     if (config.adapters or config.lora_slots) and model_path.suffix != ".xml":
         # The ONNX graph's LoRA inputs carry rank-0 initializers, which OpenVINO's ONNX reader turns into
         # constants it cannot multiply; the OpenVINO export strips them (export/switchable_graph.py).
-        raise ConfigError(
-            f"{folder} is a switchable-adapter ONNX export ({', '.join(sorted(config.adapters))}), which OpenVINO "
-            "cannot read. Load it with backend='onnxruntime', or export it for OpenVINO with "
-            "`peft-export merge-openvino BASE --switchable --adapter NAME=PATH ...`."
-        )
+        what = (f"{folder} is a switchable-adapter ONNX export ({', '.join(sorted(config.adapters))}), which "
+                "OpenVINO cannot read")
+        export = "export it for OpenVINO with `peft-export merge-openvino BASE --switchable --adapter NAME=PATH ...`"
+        raise ConfigError(f"{what}. Load it with backend='onnxruntime', or {export}.").in_cli_words(
+            f"{what}. Drop --backend openvino, or {export}.")
     from .openvino_backend import OpenVinoBackend, OpenVinoSettings
 
     settings = replace(openvino_settings) if openvino_settings is not None else OpenVinoSettings()

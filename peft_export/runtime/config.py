@@ -20,6 +20,9 @@ CONFIG_VERSION = 1
 ST_DEFAULT_PROMPTS = {"query": "", "document": ""}
 
 
+GRAPH_SUFFIXES = (".onnx", ".xml")  # what model_file may name: the graph ONNX Runtime or OpenVINO reads
+
+
 @dataclass
 class RuntimeConfig:
     """What the runtime needs to reproduce sentence-transformers' encode() around the graph."""
@@ -84,6 +87,11 @@ class RuntimeConfig:
         config = cls(**{k: v for k, v in data.items() if k in known})
         check_values(config, path)
         confined(folder, config.model_file, f"{RUNTIME_CONFIG_FILE}'s model_file")
+        if Path(config.model_file).suffix.lower() not in GRAPH_SUFFIXES:
+            raise ConfigError(
+                f"{path}: model_file {config.model_file!r} is not a graph: expected an ONNX model (.onnx) or OpenVINO "
+                "IR (.xml) in the export folder. The config was edited or corrupted; export the folder again."
+            )
         manifest = read_manifest(folder)
         if config.lora_slots or manifest.get("merge_mode") == "switchable":
             config.adapters, config.default_adapter = adapter_table(folder, data, manifest, prefer_manifest)

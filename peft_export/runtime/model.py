@@ -174,9 +174,14 @@ class EmbeddingModel(AdapterMethods):
         if name is None:
             return ""
         if name not in self.config.prompts:
-            raise ValueError(
-                f"Prompt name {name!r} not found; the model has prompts {sorted(self.config.prompts)}"
-            )
+            names = sorted(self.config.prompts)
+            known = f"the model has prompts {names}" if names else "the model has no prompts"
+            where = "prompt_name" if prompt_name is not None else "default_prompt_name in embedding_config.json"
+            error = ConfigError(f"Prompt name {name!r} not found; {known} (passed as {where})")
+            if prompt_name is not None:
+                error.in_cli_words(f"--prompt-name {name!r} is not a prompt of {self.path}: "
+                                   + (f"choose one of {', '.join(names)}" if names else "this export has no prompts"))
+            raise error
         return self.config.prompts[name]
 
     def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:

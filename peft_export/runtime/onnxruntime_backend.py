@@ -109,11 +109,10 @@ def resolve_providers(device: str, providers: list | None, available: list[str])
             raise ConfigError(f"device must be one of {', '.join(_DEVICE_PROVIDERS)}, found {device!r}")
         providers = list(_DEVICE_PROVIDERS[device])
         if device == "cuda" and "CUDAExecutionProvider" not in available:
-            raise ConfigError(
-                "device='cuda' needs the CUDA execution provider, which this onnxruntime build lacks "
-                f"(available: {', '.join(available)}). Install it with: pip install 'peft_export[gpu]' "
-                "(onnxruntime-gpu, instead of onnxruntime)."
-            )
+            detail = (f"needs the CUDA execution provider, which this onnxruntime build lacks (available: "
+                      f"{', '.join(available)}). Install it with: pip install 'peft_export[gpu]' (onnxruntime-gpu, "
+                      "instead of onnxruntime).")
+            raise ConfigError(f"device='cuda' {detail}").in_cli_words(f"--device cuda {detail}")
     for provider in providers:
         name = provider_name(provider)
         if name not in available:

@@ -114,7 +114,8 @@ def resolve_device(device: str) -> str:
     """Map a device name to OpenVINO's spelling and refuse devices this machine does not have."""
     name = str(device).strip().upper()
     if name == "CUDA":
-        raise ConfigError("device='cuda' is an ONNX Runtime device; OpenVINO devices are CPU, GPU and AUTO")
+        detail = "is an ONNX Runtime device; OpenVINO devices are CPU, GPU and AUTO"
+        raise ConfigError(f"device='cuda' {detail}").in_cli_words(f"--device cuda {detail}")
     available = available_devices()
     if name.startswith("AUTO") or name in available or any(d.split(".")[0] == name for d in available):
         return name
@@ -233,10 +234,10 @@ class OpenVinoBackend:
         capabilities = core.get_property(self.device, "OPTIMIZATION_CAPABILITIES")
         wanted = _CAPABILITY_OF_PRECISION[self.settings.precision]
         if wanted not in capabilities:
+            lacks = f"needs {wanted} support, which {self.device} lacks (it has {', '.join(capabilities)})"
             raise ConfigError(
-                f"precision={self.settings.precision!r} needs {wanted} support, which {self.device} lacks "
-                f"(it has {', '.join(capabilities)}); use precision='f32'"
-            )
+                f"precision={self.settings.precision!r} {lacks}; use precision='f32'"
+            ).in_cli_words(f"--inference-precision {self.settings.precision} {lacks}; use --inference-precision f32")
 
     def _rank_zero_defaults(self) -> dict[str, np.ndarray]:
         """Rank-0 factors for every LoRA input: (in, 0) for ``lora_A``; for ``lora_B`` (0, 1), a column of zeros

@@ -97,6 +97,20 @@ LIMIT_FLAGS = (
 )
 
 
+def port_number(text: str, lowest: int = 0) -> int:
+    """argparse type of ``--port``: an integer in ``lowest``..65535 (0 asks the system for any free port)."""
+    import argparse
+
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number ({lowest}-65535)") from None
+    if not lowest <= port <= 65535:
+        what = "0-65535 (0: any free port)" if lowest == 0 else f"{lowest}-65535"
+        raise argparse.ArgumentTypeError(f"{port} is not a port number; expected {what}")
+    return port
+
+
 def add_limit_arguments(parser, title: str) -> None:
     """The ``--max-*`` limit flags of LIMIT_FLAGS and ``--auto-truncate`` as one argparse group, for every command
     that serves (``serve``, ``serve-ray``)."""

