@@ -185,11 +185,11 @@ def test_a_killed_worker_process_is_one_line_and_resumable(inputs, bert_case, ex
     job = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "embed", *common], stderr=subprocess.PIPE,
                            text=True, env=full_env)
     deadline = time.monotonic() + 120
-    workers: list[int] = []
     while time.monotonic() < deadline and not (out / "part-000000.parquet").exists():
         time.sleep(0.2)
-    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
-                                              text=True).stdout.split()]
+    children = [int(p) for p in subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True,
+                                               text=True).stdout.split()]
+    workers = [pid for pid in children if b"spawn_main" in open(f"/proc/{pid}/cmdline", "rb").read()]
     assert workers, "no worker processes found"
     os.kill(workers[0], 9)
     _, err = job.communicate(timeout=120)
