@@ -139,22 +139,24 @@ def test_output_under_a_file_or_in_proc_is_one_line(inputs, bert_case, tmp_path,
         assert err.count("\n") == 1 and err.startswith("peft-export: error: Cannot write")
 
 
-def test_a_full_disk_is_one_line_and_resumable(inputs, bert_case, expected, tmp_path, monkeypatch):
-    """ENOSPC while writing the third part: one line that says to free space and run again; the re-run resumes."""
-    import errno
-
+@pytest.mark.parametrize("code, message", [
+    (28, r"part-000002.parquet: No space left on device; free some space .*resume"),  # ENOSPC
+    (30, r"part-000002.parquet: Read-only file system; the file system is read-only; choose another"),  # EROFS
+])
+def test_a_full_disk_is_one_line_and_resumable(code, message, inputs, bert_case, expected, tmp_path, monkeypatch):
+    """ENOSPC / EROFS while writing the third part: one line with the path and the fix; the re-run resumes."""
     from peft_export.corpus import job as job_module
 
     real = job_module.write_part
 
     def write_part(target, index, *args):
         if index == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(target.part_path(index)))
+            raise OSError(code, os.strerror(code), str(target.part_path(index)))
         return real(target, index, *args)
 
     monkeypatch.setattr(job_module, "write_part", write_part)
     out = tmp_path / "out"
-    with pytest.raises(OutputError, match=r"part-000002.parquet: No space left on device; free some space .*resume"):
+    with pytest.raises(OutputError, match=message):
         embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS, progress=False)
     monkeypatch.setattr(job_module, "write_part", real)
     result = embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS, progress=False)
