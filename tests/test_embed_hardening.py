@@ -63,6 +63,32 @@ def test_a_second_job_on_an_output_in_use_is_refused(inputs, bert_case, tmp_path
     assert embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS, progress=False).rows == 70
 
 
+@pytest.mark.slow
+def test_two_real_jobs_on_one_output_the_second_is_refused(inputs, bert_case, tmp_path):
+    """Two `embed` runs with different inputs on one output: the second exits 2 while the first runs (they used to
+    both exit 0 with a mix of their rows); after the first is killed, its job resumes."""
+    source = write(tmp_path / "big.txt", "".join(f"text number {i} " * 40 + "\n" for i in range(3000)))
+    out = tmp_path / "out"
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "embed", str(bert_case.export), str(source),
+                              "-o", str(out), "--part-rows", "256", "--processes", "1"], env=full_env,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (out / "part-000000.parquet").exists():
+            time.sleep(0.1)
+        second = run_cli(str(bert_case.export), str(inputs["text"]), "-o", str(out), "--processes", "1")
+        assert first.poll() is None, "the first job ended before the second started; make its input longer"
+        assert second.returncode == 2
+        assert f"is in use by another embed job (process {first.pid})" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    resumed = run_cli(str(bert_case.export), str(source), "-o", str(out), "--part-rows", "256", "--processes", "1")
+    assert resumed.returncode == 0 and "resuming:" in resumed.stderr, resumed.stderr
+    assert pq.read_table(out).num_rows == 3000
+
+
 # ----- 3. --force deletes only what embed wrote -----
 @pytest.mark.parametrize("force", [False, True])
 def test_output_that_is_or_holds_the_input_is_refused_before_anything_is_touched(force, bert_case, tmp_path):
