@@ -182,7 +182,7 @@ def test_progress_bar_shows_rate_and_eta_only_when_asked(inputs, bert_case, tmp_
     assert main(["embed", str(bert_case.export), str(inputs["text"]), "-o", str(tmp_path / "b.npy")]) == 0
     err = capsys.readouterr().err
     assert "texts/s]" not in err  # stderr is not a terminal: no bar, one summary line
-    assert err.startswith("embedded 70 texts into")
+    assert err.startswith("embedded 70 texts (3 of them empty) into")
 
 
 # ----- errors -----
