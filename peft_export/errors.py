@@ -57,6 +57,10 @@ class OutputExistsError(PeftExportError, FileExistsError):
     """The output folder exists and overwriting was not requested."""
 
 
+class OutputError(PeftExportError, OSError):
+    """An output cannot be written (no space, read-only, not a folder, no permission); names the path and the fix."""
+
+
 class InvalidInputError(PeftExportError, ValueError):
     """A text passed to encode() that cannot be tokenized (e.g. a lone UTF-16 surrogate); names its index."""
 

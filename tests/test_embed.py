@@ -123,14 +123,16 @@ def test_npy_output_and_one_parquet_file(inputs, bert_case, expected, tmp_path):
     vectors = np.load(tmp_path / "v.npy")
     assert vectors.dtype == np.float32
     np.testing.assert_array_equal(vectors, expected)
-    assert not (tmp_path / "v.npy.parts").exists()  # parts removed once the file is whole
+    # Parts removed once the file is whole; the state (embed's marker, with the file's hash) and the lock stay.
+    assert sorted(p.name for p in (tmp_path / "v.npy.parts").iterdir()) == ["_embed.lock", "_embed_state.json"]
+    assert not list(tmp_path.glob(".*.tmp"))
 
     embed_corpus(bert_case.export, inputs["csv"], tmp_path / "one.parquet", id_column="id", part_rows=PART_ROWS,
                  progress=False)
     assert pq.ParquetFile(tmp_path / "one.parquet").metadata.num_rows == len(expected)
     _, one = read_parquet(tmp_path / "one.parquet")
     np.testing.assert_array_equal(one, expected)
-    assert not (tmp_path / "one.parquet.parts").exists()
+    assert not list((tmp_path / "one.parquet.parts").glob("part-*"))
 
 
 def test_bad_numbers_are_refused(inputs, bert_case, tmp_path):
@@ -180,7 +182,7 @@ def test_progress_bar_shows_rate_and_eta_only_when_asked(inputs, bert_case, tmp_
     assert main(["embed", str(bert_case.export), str(inputs["text"]), "-o", str(tmp_path / "b.npy")]) == 0
     err = capsys.readouterr().err
     assert "texts/s]" not in err  # stderr is not a terminal: no bar, one summary line
-    assert err.startswith("embedded 70 texts into")
+    assert err.startswith("embedded 70 texts (3 of them empty) into")
 
 
 # ----- errors -----
@@ -212,7 +214,7 @@ def test_csv_and_parquet_errors(bert_case, tmp_path):
     with pytest.raises(InputError, match=r"has no column 'text'; its columns are 'id', 'body'. Pick the text with"):
         embed_corpus(bert_case.export, source, tmp_path / "o1")
     source = write(tmp_path / "ragged.csv", "id,text\n1,a\n2,b,c\n")
-    with pytest.raises(InputError, match=r"row 2 has 3 fields, the header has 2"):
+    with pytest.raises(InputError, match=r"row 2 \(line 3\) has 3 fields, the header has 2"):
         embed_corpus(bert_case.export, source, tmp_path / "o2")
     pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "nulls.parquet")
     with pytest.raises(InputError, match=r"row 2: 'text' is null, expected a string"):
@@ -272,32 +274,40 @@ def test_existing_output_is_refused_unless_force_or_same_job(inputs, bert_case, 
     assert (redone.parts, pq.read_table(out).column_names) == (9, ["embedding"])
 
     (tmp_path / "v.npy").write_bytes(b"mine")
-    with pytest.raises(OutputExistsError, match=r"v.npy already exists; pass --force"):
+    with pytest.raises(OutputExistsError, match=r"v.npy already exists and was not written by embed"):
         embed_corpus(bert_case.export, inputs["text"], tmp_path / "v.npy")
+    with pytest.raises(OutputExistsError, match=r"not replacing it even with --force"):
+        embed_corpus(bert_case.export, inputs["text"], tmp_path / "v.npy", force=True)
+    assert (tmp_path / "v.npy").read_bytes() == b"mine" and not (tmp_path / "v.npy.parts").exists()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("a user's file")
     with pytest.raises(OutputExistsError, match=r"not an embed job's folder"):
         embed_corpus(bert_case.export, inputs["text"], tmp_path / "notes")
-    with pytest.raises(OutputExistsError, match=r"not embed output; not deleting it even with --force"):
+    with pytest.raises(OutputExistsError, match=r"not embed output \(keep.txt\); not deleting it even with --force"):
         embed_corpus(bert_case.export, inputs["text"], tmp_path / "notes", force=True)
     assert (tmp_path / "notes" / "keep.txt").is_file()
-    with pytest.raises(OutputExistsError, match=r"keep.txt is a file; name a folder"):
-        embed_corpus(bert_case.export, inputs["text"], tmp_path / "notes" / "keep.txt", force=True)
+    (tmp_path / "notes" / "README").write_text("a user's file")
+    with pytest.raises(OutputExistsError, match=r"README is a file; name a folder"):
+        embed_corpus(bert_case.export, inputs["text"], tmp_path / "notes" / "README", force=True)
 
 
-def test_changed_input_file_is_not_resumed(inputs, bert_case, tmp_path):
-    source = tmp_path / "c.txt"
-    source.write_text(inputs["text"].read_text(encoding="utf-8"), encoding="utf-8")
+def test_a_line_fixed_in_place_keeps_the_parts_before_it(inputs, bert_case, bert_model, tmp_path):
+    """The input's identity for resume is its content: a line edited in place (new size and mtime) after the job was
+    killed keeps the parts before it and redoes the rest; the result equals a clean run on the edited file."""
+    lines = inputs["text"].read_text(encoding="utf-8").splitlines(keepends=True)
+    source = write(tmp_path / "c.txt", "".join(lines))
     out = tmp_path / "out"
-    result = run_cli(str(bert_case.export), str(source), "-o", str(out), "--part-rows", str(PART_ROWS),
-                     "--processes", "1", env={KILL_ENV: "1"})
-    assert result.returncode == -9
-    with open(source, "a", encoding="utf-8") as f:
-        f.write("one more line\n")
-    result = run_cli(str(bert_case.export), str(source), "-o", str(out), "--part-rows", str(PART_ROWS),
-                     "--processes", "1")
-    assert result.returncode == 2
-    assert "holds parts of another embed job" in result.stderr and "input.size" in result.stderr
+    common = [str(bert_case.export), str(source), "-o", str(out), "--part-rows", str(PART_ROWS), "--processes", "1"]
+    assert run_cli(*common, env={KILL_ENV: "2"}).returncode == -9  # parts 0-2 done
+    lines[40] = "a fixed line, longer than the one it replaces\n"  # row 40: part 2
+    write(source, "".join(lines))
+    result = run_cli(*common)
+    assert result.returncode == 0, result.stderr
+    assert "the input rows of part-000002.parquet changed since it was written" in result.stderr
+    assert "resuming: 32 of 70 rows done in 2 parts" in result.stderr
+    want = np.concatenate([bert_model.encode([t.rstrip("\n") for t in lines[i:i + PART_ROWS]])
+                           for i in range(0, len(lines), PART_ROWS)])
+    np.testing.assert_array_equal(read_parquet(out)[1], want)
 
 
 @pytest.mark.parametrize("output, kill_at", [("out", "2"), ("out.parquet", "2:before-state"), ("out.npy", "2")])

@@ -32,8 +32,9 @@ def add_embed_parser(sub) -> None:
     embed.add_argument("--batch-size", type=int, default=32, help="texts per model run (default: 32)")
     embed.add_argument("--part-rows", type=int, default=None,
                        help="rows per output part, the unit of resumption (default: 4096)")
-    embed.add_argument("--processes", type=int, help="worker processes, one model each (default: 1; see "
-                                                     "docs/scaling.md for the measured rule)")
+    embed.add_argument("--processes", type=int,
+                       help="worker processes, one model each (default: one per core, at most 8, fewer when "
+                            "memory or the work is short; 1 on one core; see docs/scaling.md)")
     embed.add_argument("--threads", type=int,
                        help="ONNX Runtime / OpenVINO threads per process (default: all cores with one process, "
                             "1 with several)")
@@ -74,6 +75,8 @@ def run_embed(args: argparse.Namespace) -> int:
         print(f"{result.output} is already complete ({result.rows:,} texts); nothing to do", file=sys.stderr)
         return 0
     resumed = f", {result.resumed_rows:,} of them from an earlier run" if result.resumed_rows else ""
+    if result.empty_rows:
+        resumed += f" ({result.empty_rows:,} of them empty)"
     print(f"embedded {result.rows:,} texts{resumed} into {result.output} in {result.seconds:.1f} s "
           f"({result.texts_per_second:.1f} texts/s; {result.startup_seconds:.1f} s of it checking the input and "
           f"loading the model)", file=sys.stderr)

@@ -13,6 +13,7 @@ uninterrupted run bit for bit, with any number of processes.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import signal
@@ -20,25 +21,30 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from ..errors import InputError, OutputExistsError, PeftExportError
+from ..errors import InputError, OutputError, OutputExistsError, PeftExportError
 from .readers import Chunk, CorpusReader
-from .state import JobState, check_same_job, describe_job, load_state, save_state
+from .state import (JobState, OutputLock, check_same_job, describe_job, first_changed_part, load_state,
+                    save_state)
 from .workers import EncodeSettings, InProcessEncoder, ProcessPoolEncoder
-from .writers import EMBEDDING_COLUMN, OutputTarget, assemble, finish, remove_parts_from, write_part
+from .writers import (EMBEDDING_COLUMN, LOCK_FILE, OutputTarget, assemble, file_sha256, finish, remove_parts_from,
+                      write_part)
 
 DEFAULT_PART_ROWS = 4096
 MAX_DEFAULT_PROCESSES = 8
 QUEUE_CHUNKS = 2  # chunks read ahead of the model
 WORK_ROWS = 512  # rows per encode() call: the unit a worker takes
 # Tests only: kill this process (SIGKILL, as kill -9) right after part N is written, before ("N:before-state") or
-# after ("N") its state file.
+# after ("N") its state file; after the last part ("last"), during assembly ("assembly": one part into the final
+# file, or before the complete state of a folder) or after the complete state, before the parts go ("complete").
 KILL_ENV = "PEFT_EXPORT_EMBED_KILL_AFTER_PART"
+KILL_PHASES = ("last", "assembly", "complete")
 
 
 @dataclass
@@ -49,6 +55,7 @@ class EmbedResult:
     resumed_rows: int  # rows found done by an earlier run
     seconds: float
     startup_seconds: float = 0.0  # of ``seconds``: checking the input and opening the model (or its workers)
+    empty_rows: int = 0  # texts that were "" (embedded like any other text)
 
     @property
     def texts_per_second(self) -> float:
@@ -125,67 +132,177 @@ def embed_corpus(
     if model is None and not export_path.is_dir():
         raise PeftExportError(f"Export folder not found: {export_path}")
     reader = CorpusReader(input, column, id_column, keep_columns, input_format)
+    check_output_outside_input(reader.path, target)
     options = {"format": reader.format, "column": column, "id_column": id_column, "keep_columns": list(keep_columns),
                "adapter": adapter, "prompt_name": prompt_name, "batch_size": batch_size, "part_rows": part_rows,
                "work_rows": WORK_ROWS, "output_kind": target.kind}
     job = describe_job(reader.path, export_path, options)
-    state = _prepare_output(target, job, force)
-    if state is not None and state.complete:
-        if target.kind != "parquet-folder" and not target.path.exists():
-            assemble(target, state.parts_done, state.rows_done, state.dimension, job)
-        finish(target)
-        return EmbedResult(target.path, state.total_rows, state.parts_done, state.total_rows, 0.0)
-    total = reader.scan()  # every row checked before anything is embedded
-
-    if model is not None:
-        processes = processes or 1
-    elif not processes:
-        remaining = total - (state.rows_done if state is not None else 0)
-        processes, default_threads = default_parallelism(export_path, -(-remaining // min(part_rows, WORK_ROWS)))
-        threads = threads or default_threads
-    threads = threads or max(1, (os.cpu_count() or 1) // processes)
     settings = EncodeSettings(str(export_path), adapter, prompt_name, batch_size, threads)
-    if model is not None and processes != 1:
-        raise InputError("An open EmbeddingModel runs in this process: processes must be 1")
-    encoder = (ProcessPoolEncoder(settings, processes) if processes > 1
-               else InProcessEncoder(settings, model))
+    check_existing_output(target, force)
+    reader.scan(part_rows)  # every row checked (and each part's rows hashed) before anything is written
     try:
-        if state is None:
-            state = JobState(job=job, total_rows=total, dimension=encoder.dimension)
-            target.work_dir.mkdir(parents=True, exist_ok=True)
-            save_state(target.work_dir, state)
-        remove_parts_from(target, state.parts_done)
-        ready = time.perf_counter()
-        resumed = state.rows_done
-        if log and resumed:
-            log(f"resuming: {resumed:,} of {total:,} rows done in {state.parts_done} parts")
-        _run(reader, encoder, target, state, part_rows, _progress_bar(progress, total, resumed))
-    finally:
-        encoder.close()
-    assemble(target, state.parts_done, state.rows_done, state.dimension, job)
-    state.complete = True
-    save_state(target.work_dir, state)
-    finish(target)
-    return EmbedResult(target.path, state.rows_done, state.parts_done, resumed, time.perf_counter() - started,
-                       ready - started)
+        created = not target.work_dir.exists()
+        target.work_dir.mkdir(parents=True, exist_ok=True)
+        lock = OutputLock(target.work_dir)
+        try:
+            return _embed_locked(reader, model, settings, target, job, part_rows, processes, force, progress,
+                                 log or (lambda msg: None), started)
+        finally:
+            if created and [p.name for p in target.work_dir.iterdir()] == [LOCK_FILE]:
+                lock.path.unlink()  # a job refused before its first write leaves nothing behind
+                target.work_dir.rmdir()
+            lock.release()
+    except PeftExportError:
+        raise
+    except OSError as err:
+        raise output_error(err, target) from err
+    except BrokenProcessPool as err:
+        raise PeftExportError("A worker process died (killed, or out of memory); the parts written so far are "
+                              "kept: run the same command again to resume, with fewer --processes if memory is "
+                              "short") from err
 
 
-def _prepare_output(target: OutputTarget, job: dict, force: bool) -> JobState | None:
-    """The state to resume from, or None to start afresh; refuses output that is not a run of this job."""
+def _embed_locked(reader: CorpusReader, model: Any, settings: EncodeSettings, target: OutputTarget, job: dict,
+                  part_rows: int, processes: int | None, force: bool, progress: bool | None,
+                  log: Callable[[str], None], started: float) -> EmbedResult:
+    """The job, with the output locked: check what is there, embed what is missing, assemble, mark complete."""
     if force:
-        target.remove()
-        return None
+        target.clear()
+    for path in target.temporary_files():  # left by a run killed while writing
+        path.unlink(missing_ok=True)
     state = load_state(target.work_dir)
     if state is not None:
         check_same_job(state, job, target.work_dir)
-        return state
+    total = reader.total_rows
+    if state is not None:
+        state.total_rows = total
+        why = _check_done(target, state, reader.part_sha256, part_rows)
+        if why:
+            log(why)
+        if state.complete:
+            finish(target)
+            return EmbedResult(target.path, total, state.parts_done, total, 0.0, empty_rows=reader.empty_rows)
+    kill = _kill_point()
+    resumed = state.rows_done if state is not None else 0
+    ready = time.perf_counter()
+    if resumed < total:
+        processes, threads = _parallelism(model, settings, processes, total - resumed, part_rows)
+        settings = replace(settings, threads=threads)
+        encoder = (ProcessPoolEncoder(settings, processes) if processes > 1
+                   else InProcessEncoder(settings, model))
+        try:
+            if state is None:
+                state = JobState(job=job, total_rows=total, dimension=encoder.dimension)
+                save_state(target.work_dir, state)
+            remove_parts_from(target, state.parts_done)
+            ready = time.perf_counter()
+            if resumed:
+                log(f"resuming: {resumed:,} of {total:,} rows done in {state.parts_done} parts")
+            _run(reader, encoder, target, state, part_rows, _progress_bar(progress, total, resumed), kill)
+        finally:
+            encoder.close()
+    remove_parts_from(target, state.parts_done)
+    _maybe_kill(kill, "last")
+
+    def after_part(i: int) -> None:
+        if i == 0:
+            _maybe_kill(kill, "assembly")
+    assemble(target, state.parts_done, state.rows_done, state.dimension, job, after_part)
     if target.kind == "parquet-folder":
-        if target.path.exists() and (not target.path.is_dir() or any(target.path.iterdir())):
-            raise OutputExistsError(f"Output {target.path} exists and is not an embed job's folder; pass --force "
-                                    f"to replace it or choose another path")
-    elif target.path.exists():
-        raise OutputExistsError(f"Output {target.path} already exists; pass --force to replace it")
-    return None
+        _maybe_kill(kill, "assembly")
+    state.complete = True
+    state.output_sha256 = file_sha256(target.path) if target.kind != "parquet-folder" else None
+    save_state(target.work_dir, state)
+    _maybe_kill(kill, "complete")
+    finish(target)
+    return EmbedResult(target.path, state.rows_done, state.parts_done, resumed, time.perf_counter() - started,
+                       ready - started, reader.empty_rows)
+
+
+def _parallelism(model: Any, settings: EncodeSettings, processes: int | None, remaining: int,
+                 part_rows: int) -> tuple[int, int | None]:
+    threads = settings.threads
+    if model is not None:
+        if processes not in (None, 1):
+            raise InputError("An open EmbeddingModel runs in this process: processes must be 1")
+        return 1, threads
+    if not processes:
+        processes, default_threads = default_parallelism(Path(settings.export),
+                                                         -(-remaining // min(part_rows, WORK_ROWS)))
+        threads = threads or default_threads
+    return processes, threads or max(1, (os.cpu_count() or 1) // processes)
+
+
+def _check_done(target: OutputTarget, state: JobState, input_sha256: list[str], part_rows: int) -> str | None:
+    """Check the finished parts (or the final file) against their hashes and the input's rows; forget those that
+    do not match, from the first one on, and say why (None when everything matches)."""
+    if state.complete and target.kind != "parquet-folder":
+        if state.input_sha256 != input_sha256:
+            why = "the input changed since the job finished"
+        elif not target.path.is_file():
+            why = f"{target.path.name} is missing"
+        elif file_sha256(target.path) != state.output_sha256:
+            why = f"{target.path.name} does not match the hash recorded when it was written"
+        else:
+            return None
+        state.keep_parts(0, part_rows)
+        return f"{why}: embedding the input again"
+    changed = first_changed_part(target, state, input_sha256)
+    if changed is None:
+        if len(input_sha256) != state.parts_done:  # rows added after the last full part
+            state.complete = False
+        return None
+    index, why = changed
+    state.keep_parts(index, part_rows)
+    return f"{why}: redoing the job from part {index} (row {state.rows_done:,})"
+
+
+def check_output_outside_input(input_path: Path, target: OutputTarget) -> None:
+    """Refuse an output that is the input or a folder holding it, before anything is written or deleted."""
+    source = input_path.resolve()
+    for path in dict.fromkeys((target.path, target.work_dir)):
+        resolved = path.resolve()
+        if resolved == source or resolved in source.parents:
+            raise InputError(f"Output {path} is or holds the input {input_path}; embed would overwrite or delete "
+                             f"it. Choose an output path outside the input")
+
+
+def check_existing_output(target: OutputTarget, force: bool) -> None:
+    """Refuse, before touching anything, an output that embed did not write (recognised by its state file): a
+    user's folder, dotfiles or other files beside the parts, a file of the same name. ``force`` does not change
+    that; it only lets embed discard its own earlier output."""
+    if target.kind != "parquet-folder" and target.path.is_dir():
+        raise OutputExistsError(f"Output {target.path} is a folder; a {target.kind} output must be a file")
+    if target.kind == "parquet-folder" and target.path.exists() and not target.path.is_dir():
+        raise OutputExistsError(f"Output {target.path} is a file; name a folder (or FILE.parquet, FILE.npy)")
+    foreign = target.foreign_entries()
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        if force:
+            raise OutputExistsError(f"{target.work_dir} holds files that are not embed output ({shown}); not "
+                                    f"deleting it even with --force. Choose another output path")
+        raise OutputExistsError(f"Output {target.work_dir} exists and is not an embed job's folder (it holds "
+                                f"{shown}); choose another output path")
+    if target.kind != "parquet-folder" and target.path.exists() and not target.state_path().is_file():
+        raise OutputExistsError(f"Output {target.path} already exists and was not written by embed (there is no "
+                                f"{target.state_path()}); not replacing it{' even with --force' if force else ''}. "
+                                f"Delete it yourself or choose another output path")
+
+
+def output_error(err: OSError, target: OutputTarget) -> OutputError:
+    """One line for an OS error while writing: the path, what happened, how to go on."""
+    fixes = {errno.ENOSPC: "free some space (or choose another output path) and run the same command again to "
+                           "resume",
+             errno.EDQUOT: "free some space (or choose another output path) and run the same command again to "
+                           "resume",
+             errno.EROFS: "the file system is read-only; choose another output path",
+             errno.EACCES: "no permission to write there; choose another output path",
+             errno.EPERM: "no permission to write there; choose another output path",
+             errno.ENOTDIR: "part of the path is a file, not a folder; choose another output path",
+             errno.ENOENT: "a folder on the path cannot be created there; choose another output path"}
+    fix = fixes.get(err.errno, "fix the cause and run the same command again to resume")
+    where = err.filename or target.path
+    return OutputError(f"Cannot write {where}: {err.strerror or err}; {fix}")
 
 
 def _read_ahead(reader: CorpusReader, part_rows: int, start_row: int) -> Iterator[Chunk]:
@@ -221,10 +338,9 @@ def _read_ahead(reader: CorpusReader, part_rows: int, start_row: int) -> Iterato
 
 
 def _run(reader: CorpusReader, encoder: Any, target: OutputTarget, state: JobState, part_rows: int,
-         progress: Callable[[int], None]) -> None:
+         progress: Callable[[int], None], kill_after: tuple[int, bool] | str | None) -> None:
     in_flight: deque = deque()
     window = encoder.processes + 1  # chunks at the workers: each busy, and one waiting
-    kill_after = _kill_point()
     chunks = _read_ahead(reader, part_rows, state.rows_done)
     try:
         for chunk in chunks:
@@ -249,7 +365,7 @@ def work_slices(texts: list[str]) -> list[np.ndarray]:
 
 
 def _write_next(in_flight: deque, target: OutputTarget, state: JobState, reader: CorpusReader,
-                progress: Callable[[int], None], kill_after: tuple[int, bool] | None) -> None:
+                progress: Callable[[int], None], kill_after: tuple[int, bool] | str | None) -> None:
     chunk, slices = in_flight.popleft()
     results = [(rows, future.result()) for rows, future in slices]
     embeddings = np.empty((len(chunk.texts), results[0][1].shape[1]), np.float32)  # (rows, dimension)
@@ -260,6 +376,8 @@ def _write_next(in_flight: deque, target: OutputTarget, state: JobState, reader:
     write_part(target, state.parts_done, embeddings, chunk.columns, reader.kinds)
     if kill_after == (state.parts_done, True):
         os.kill(os.getpid(), signal.SIGKILL)
+    state.part_sha256.append(file_sha256(target.part_path(state.parts_done)))
+    state.input_sha256.append(reader.part_sha256[state.parts_done])
     state.parts_done += 1
     state.rows_done += len(chunk.texts)
     save_state(target.work_dir, state)
@@ -268,12 +386,19 @@ def _write_next(in_flight: deque, target: OutputTarget, state: JobState, reader:
     progress(len(chunk.texts))
 
 
-def _kill_point() -> tuple[int, bool] | None:
+def _kill_point() -> tuple[int, bool] | str | None:
     value = os.environ.get(KILL_ENV)
     if not value:
         return None
+    if value in KILL_PHASES:
+        return value
     part, _, when = value.partition(":")
     return int(part), when == "before-state"
+
+
+def _maybe_kill(point: tuple[int, bool] | str | None, phase: str) -> None:
+    if point == phase:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _progress_bar(show: bool | None, total: int, done: int) -> Callable[[int], None]:

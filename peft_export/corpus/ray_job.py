@@ -1,15 +1,24 @@
 """``peft-export embed --ray``: Ray Data reads the input, :func:`peft_export.ray.embed_dataset` embeds it, Ray
 writes Parquet. Thin on purpose: sizing the actor pool and keeping workers torch-free is ``peft_export.ray``'s job.
-Not resumable (Ray retries failed tasks itself); the output is a folder of Parquet files in input order."""
+Not resumable (Ray retries failed tasks itself); the output is a folder of Parquet files in input order, marked as
+embed's by ``_embed_ray.json`` so that ``--force`` deletes only such a folder.
+
+What can be checked here is checked before Ray starts: the output is not the input and holds nothing else, every
+input row is read and checked (named by line, as without Ray), and the adapter and prompt exist in the export."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
-from ..errors import InputError, OutputExistsError, require
-from .readers import input_format as detect_format
-from .writers import EMBEDDING_COLUMN
+from ..errors import InputError, OutputExistsError, PeftExportError, require
+from .job import check_output_outside_input
+from .readers import CorpusReader
+from .workers import EncodeSettings, check_settings
+from .writers import EMBEDDING_COLUMN, OutputTarget
+
+RAY_MARKER = "_embed_ray.json"
 
 
 def _read(ray_data, path: Path, fmt: str):
@@ -23,14 +32,21 @@ def _read(ray_data, path: Path, fmt: str):
 
 
 def _clear(output: Path, force: bool) -> None:
+    """Delete an earlier ``--ray`` output (``force``): only a folder marked as embed's that holds nothing but its
+    Parquet files and the marker (no dotfiles, no folders)."""
     if not output.exists():
         return
     if not force:
         raise OutputExistsError(f"Output {output} already exists; pass --force to replace it")
-    if not output.is_dir() or any(p.is_dir() or not (p.suffix == ".parquet" or p.name.startswith("."))
-                                  for p in output.iterdir()):
-        raise OutputExistsError(f"{output} holds files that are not Parquet output; not deleting it even with "
-                                f"--force. Choose another output path")
+    foreign = [output.name]
+    if output.is_dir():
+        marked = (output / RAY_MARKER).is_file()
+        foreign = [p.name for p in sorted(output.iterdir())
+                   if not (marked and p.is_file() and not p.is_symlink()
+                           and (p.name == RAY_MARKER or (p.suffix == ".parquet" and not p.name.startswith("."))))]
+    if foreign:
+        raise OutputExistsError(f"{output} holds files that embed --ray did not write ({', '.join(foreign[:5])}); "
+                                f"not deleting it even with --force. Choose another output path")
     shutil.rmtree(output)
 
 
@@ -40,18 +56,21 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
                    input_format: str | None = None, force: bool = False) -> int:
     """Embed ``input`` on Ray into the folder ``output``; returns the number of rows written. ``address``: "local"
     starts a Ray instance on this machine (or joins the one RAY_ADDRESS names), else a cluster's address."""
-    source = Path(input)
-    if not source.is_file():
-        raise InputError(f"Input file not found: {source}")
-    fmt = detect_format(source, input_format)
-    target = Path(output).expanduser().absolute()
-    if target.suffix.lower() in (".npy", ".parquet", ".pq"):
-        raise InputError(f"--ray writes a folder of Parquet files; name a folder, not {target.name}")
-    if fmt == "text" and (id_column or keep_columns):
-        raise InputError("A plain text input has no columns to carry; --id-column and --keep-columns need JSONL, "
-                         "CSV or Parquet")
+    output_target = OutputTarget.for_path(output)
+    if output_target.kind != "parquet-folder":
+        raise InputError(f"--ray writes a folder of Parquet files; name a folder, not {output_target.path.name}")
     if EMBEDDING_COLUMN in (id_column, *keep_columns):
         raise InputError("'embedding' is the name of the output's vector column; it cannot be kept or be the id")
+    if not Path(export).is_dir():
+        raise PeftExportError(f"Export folder not found: {export}")
+    reader = CorpusReader(input, column, id_column, tuple(keep_columns), input_format)
+    source, fmt, target = reader.path, reader.format, output_target.path
+    check_output_outside_input(source, output_target)
+    if target.exists() and not force:
+        raise OutputExistsError(f"Output {target} already exists; pass --force to replace it")
+    reader.scan()  # a bad row is named by its line here, not in Ray tracebacks from a worker
+    settings = EncodeSettings(str(export), adapter, prompt_name, batch_size, threads=1)
+    check_settings(settings.open_model(), settings)  # an adapter name on a merged export, an unknown prompt
     try:
         from peft_export.ray import embed_dataset
     except ImportError as err:
@@ -67,6 +86,13 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
                        id_column=id_column)
     keep = [name for name in dict.fromkeys(([id_column] if id_column else []) + list(keep_columns))]
     ds = ds.select_columns([*keep, EMBEDDING_COLUMN])
-    ds.write_parquet(str(target))
+    try:
+        ds.write_parquet(str(target))
+    except Exception as err:  # a RayTaskError wraps the worker's error: its last line, not Ray's traceback
+        cause = getattr(err, "cause", None) or err
+        last = (str(cause).strip().splitlines() or [""])[-1]
+        raise PeftExportError(f"the Ray job failed: {type(cause).__name__}: {last}") from err
+    (target / RAY_MARKER).write_text(json.dumps({"input": str(source.absolute()), "export": str(export)}) + "\n",
+                                     encoding="utf-8")
     pq = require("pyarrow.parquet", "corpus")
     return sum(pq.ParquetFile(p).metadata.num_rows for p in target.glob("*.parquet"))

@@ -10,7 +10,9 @@ JSONL, CSV and text need only the standard library; Parquet needs pyarrow (the `
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +23,7 @@ FORMATS = ("jsonl", "csv", "parquet", "text")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet",
                   ".txt": "text", ".text": "text"}
 BLOCK_ROWS = 8192  # rows per block read from JSONL, CSV and text files
+INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
 @dataclass
@@ -80,25 +83,64 @@ class CorpusReader:
                              f"--id-column and --keep-columns need JSONL, CSV or Parquet (got {self.extra_columns})")
         self.total_rows: int | None = None
         self.kinds: dict[str, str] = {}  # column -> "string", "int64", ... (JSONL and CSV; Parquet keeps its own)
+        self.empty_rows = 0  # texts that are "" (embedded like any other; counted for the summary)
+        self.part_sha256: list[str] = []  # per part of scan()'s part_rows: SHA-256 of its rows (texts and columns)
 
     # ----- public -----
-    def scan(self) -> int:
-        """Read every row once, check it, and return the number of rows (InputError for an empty input)."""
-        seen: dict[str, set[type]] = {name: set() for name in self.extra_columns}
-        rows = 0
-        for texts, columns in self._blocks(scanning=True):
+    def scan(self, part_rows: int | None = None) -> int:
+        """Read every row once, check it, and return the number of rows (InputError for an empty input). With
+        ``part_rows``, also hash the rows of each part (``part_sha256``): a resumed job keeps a part only when its
+        input rows are the same."""
+        seen: dict[str, dict[type, int]] = {name: {} for name in self.extra_columns}  # type -> first line
+        too_big: dict[str, int] = {}  # column -> first line with an integer outside int64
+        rows = self.empty_rows = 0
+        digest, in_part = hashlib.sha256(), 0
+        self.part_sha256 = []
+        for texts, columns, lines in self._blocks():
+            if part_rows:
+                values = [_plain(columns[name]) for name in self.extra_columns]
+                for i, text in enumerate(texts):
+                    digest.update(json.dumps([text, *(v[i] for v in values)], ensure_ascii=False,
+                                             default=str).encode("utf-8", "surrogatepass"))
+                    digest.update(b"\n")
+                    in_part += 1
+                    if in_part == part_rows:
+                        self.part_sha256.append(digest.hexdigest())
+                        digest, in_part = hashlib.sha256(), 0
             rows += len(texts)
+            self.empty_rows += sum(1 for t in texts if not t)
             if self.format == "jsonl":
                 for name, values in columns.items():
-                    seen[name].update(type(v) for v in values if v is not None)
+                    kinds = seen[name]
+                    for value, line in zip(values, lines):
+                        if value is None:
+                            continue
+                        kinds.setdefault(type(value), line)
+                        if type(value) is int and not INT64[0] <= value <= INT64[1] and name not in too_big:
+                            too_big[name] = line
+        if part_rows and in_part:
+            self.part_sha256.append(digest.hexdigest())
         if rows == 0:
             raise InputError(f"Input {self.path} has no rows to embed (empty {self.format} file)")
         if self.format == "jsonl":
-            self.kinds = {name: _json_kind(kinds) for name, kinds in seen.items()}
+            self.kinds = {name: _json_kind(set(kinds)) for name, kinds in seen.items()}
+            self._check_json_kinds(seen, too_big)
         elif self.format == "csv":
             self.kinds = {name: "string" for name in self.extra_columns}
         self.total_rows = rows
         return rows
+
+    def _check_json_kinds(self, seen: dict[str, dict[type, int]], too_big: dict[str, int]) -> None:
+        """Refuse, naming the line, what would fail or change when written: integers beyond 64 bits in a number
+        column, and an id column that is not all integers or all strings (1.5 among integer ids)."""
+        for name, kind in self.kinds.items():
+            if name in too_big and kind in ("int64", "float64"):
+                raise InputError(f"{self.path} line {too_big[name]}: {name!r} holds an integer that does not fit in "
+                                 f"64 bits; write it as a string (\"...\") to keep it exactly")
+            if name == self.id_column and kind not in ("int64", "string"):
+                found = ", ".join(f"{t.__name__} (first at line {line})" for t, line in seen[name].items())
+                raise InputError(f"{self.path}: the id column {name!r} (--id-column) must hold all integers or all "
+                                 f"strings, found {found}; make the ids one type or pick another --id-column")
 
     def chunks(self, rows: int, start_row: int = 0) -> Iterator[Chunk]:
         """Chunks of ``rows`` rows from row ``start_row`` (a multiple of ``rows``) to the end."""
@@ -126,35 +168,38 @@ class CorpusReader:
             yield from self._parquet_blocks(start_row)
             return
         row = 0
-        for texts, columns in self._blocks():
+        for texts, columns, _ in self._blocks():
             if row + len(texts) > start_row:
                 yield texts, columns, row
             row += len(texts)
 
-    def _blocks(self, scanning: bool = False) -> Iterator[tuple[list[str], dict[str, Any]]]:
+    def _blocks(self) -> Iterator[tuple[list[str], dict[str, Any], list[int]]]:
+        """Blocks of ``(texts, columns, line or row number of each)``."""
         try:
             if self.format == "parquet":
-                for texts, columns, _ in self._parquet_blocks(0, text_only=scanning):
-                    yield texts, columns
+                for texts, columns, first in self._parquet_blocks(0):
+                    yield texts, columns, range(first + 1, first + 1 + len(texts))
             else:
                 yield from {"jsonl": self._jsonl_blocks, "csv": self._csv_blocks, "text": self._text_blocks}[
                     self.format]()
         except OSError as err:
             raise InputError(f"Cannot read {self.path}: {err.strerror or err}") from err
 
-    def _text_blocks(self) -> Iterator[tuple[list[str], dict]]:
+    def _text_blocks(self) -> Iterator[tuple[list[str], dict, list[int]]]:
         texts: list[str] = []
+        first = 1
         with open(self.path, "rb") as f:
             for line_number, raw in enumerate(f, 1):
                 texts.append(_decode(raw, self.path, f"line {line_number}").rstrip("\r\n"))
                 if len(texts) == BLOCK_ROWS:
-                    yield texts, {}
-                    texts = []
+                    yield texts, {}, range(first, line_number + 1)
+                    texts, first = [], line_number + 1
         if texts:
-            yield texts, {}
+            yield texts, {}, range(first, first + len(texts))
 
-    def _jsonl_blocks(self) -> Iterator[tuple[list[str], dict]]:
+    def _jsonl_blocks(self) -> Iterator[tuple[list[str], dict, list[int]]]:
         texts: list[str] = []
+        lines: list[int] = []
         columns: dict[str, list] = {name: [] for name in self.extra_columns}
         with open(self.path, "rb") as f:
             for line_number, raw in enumerate(f, 1):
@@ -170,23 +215,34 @@ class CorpusReader:
                     raise InputError(f"{where} is a JSON {type(record).__name__}, expected an object with a "
                                      f"{self.column!r} field")
                 texts.append(_text_value(record, self.column, where, "field"))
+                lines.append(line_number)
                 for name in self.extra_columns:
                     if name == self.id_column and name not in record:
                         raise InputError(f"{where} has no id field {name!r}; its fields are "
-                                         f"{', '.join(map(repr, record)) or 'none'}")
-                    columns[name].append(record.get(name))
+                                         f"{', '.join(map(repr, record)) or 'none'}. Name the id field with "
+                                         f"--id-column")
+                    value = record.get(name)
+                    if isinstance(value, (dict, list, str)):
+                        _check_unicode(value, where, name)
+                    columns[name].append(value)
                 if len(texts) == BLOCK_ROWS:
-                    yield texts, columns
-                    texts, columns = [], {name: [] for name in self.extra_columns}
+                    yield texts, columns, lines
+                    texts, lines, columns = [], [], {name: [] for name in self.extra_columns}
         if texts:
-            yield texts, columns
+            yield texts, columns, lines
 
-    def _csv_blocks(self) -> Iterator[tuple[list[str], dict]]:
+    def _csv_blocks(self) -> Iterator[tuple[list[str], dict, list[int]]]:
         texts: list[str] = []
+        lines: list[int] = []
         columns: dict[str, list] = {name: [] for name in self.extra_columns}
+        # Fields of any size (the csv module refuses those over 128 KiB by default; encode caps long texts).
+        csv.field_size_limit(max(csv.field_size_limit(), min(sys.maxsize, 2 ** 31 - 1)))
+        line = 1
         try:
-            with open(self.path, encoding="utf-8", newline="") as f:
-                reader = csv.reader(f)
+            # utf-8-sig: a byte order mark (as Excel writes) is not part of the first column's name. strict: a quote
+            # left open is an error, not a field that swallows every row after it.
+            with open(self.path, encoding="utf-8-sig", newline="") as f:
+                reader = csv.reader(f, strict=True)
                 header = next(reader, None)
                 if header is None:
                     return
@@ -196,24 +252,31 @@ class CorpusReader:
                         raise InputError(f"{self.path} has no column {name!r}; its columns are "
                                          f"{', '.join(map(repr, header))}. Pick the text with --column")
                 text_at = positions[self.column]
+                line = reader.line_num + 1  # where the next record starts
                 for row_number, row in enumerate(reader, 1):
                     if not row:
+                        line = reader.line_num + 1
                         continue  # csv gives [] for a blank line
                     if len(row) != len(header):
-                        raise InputError(f"{self.path} row {row_number} has {len(row)} fields, the header has "
-                                         f"{len(header)}")
+                        raise InputError(f"{self.path} row {row_number} (line {line}) has {len(row)} fields, the "
+                                         f"header has {len(header)}")
                     texts.append(row[text_at])
+                    lines.append(line)
+                    line = reader.line_num + 1
                     for name in self.extra_columns:
                         columns[name].append(row[positions[name]])
                     if len(texts) == BLOCK_ROWS:
-                        yield texts, columns
-                        texts, columns = [], {name: [] for name in self.extra_columns}
+                        yield texts, columns, lines
+                        texts, lines, columns = [], [], {name: [] for name in self.extra_columns}
         except UnicodeDecodeError as err:
             raise InputError(f"{self.path} is not UTF-8 text ({err.reason} at byte {err.start} of a block)") from err
         except csv.Error as err:
-            raise InputError(f"{self.path} is not valid CSV: {err}") from err
+            open_quote = "unexpected end of data" in str(err)
+            raise InputError(f"{self.path} is not valid CSV: {err} at line {reader.line_num}"
+                             + (f" (a quoted field opened at line {line} is never closed; close the quote or "
+                                f"double a quote inside the field as \"\")" if open_quote else "")) from err
         if texts:
-            yield texts, columns
+            yield texts, columns, lines
 
     def _parquet_file(self):
         pq = require("pyarrow.parquet", "corpus")
@@ -222,12 +285,14 @@ class CorpusReader:
         except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for a file that is not Parquet
             raise InputError(f"Cannot read {self.path} as Parquet: {err}") from err
 
-    def _parquet_blocks(self, start_row: int, text_only: bool = False
-                        ) -> Iterator[tuple[list[str], dict[str, Any], int]]:
+    def _parquet_blocks(self, start_row: int) -> Iterator[tuple[list[str], dict[str, Any], int]]:
         pa = require("pyarrow", "corpus")
         pf = self._parquet_file()
         names = pf.schema_arrow.names
         for name in (self.column, *self.extra_columns):
+            if names.count(name) > 1:
+                raise InputError(f"{self.path} has {names.count(name)} columns named {name!r}, so it is ambiguous "
+                                 f"which to read; rename them in the file")
             if name not in names:
                 raise InputError(f"{self.path} has no column {name!r}; its columns are "
                                  f"{', '.join(map(repr, names))}. Pick the text with --column")
@@ -244,7 +309,7 @@ class CorpusReader:
                 groups.append(i)
             else:
                 first += size
-        wanted = [self.column] if text_only else [self.column, *self.extra_columns]
+        wanted = [self.column, *self.extra_columns]
         row = first
         try:
             for batch in pf.iter_batches(batch_size=BLOCK_ROWS, row_groups=groups, columns=wanted):
@@ -252,7 +317,7 @@ class CorpusReader:
                 if text.null_count:
                     bad = next(i for i, valid in enumerate(text.is_valid().to_pylist()) if not valid)
                     raise InputError(f"{self.path} row {row + bad + 1}: {self.column!r} is null, expected a string")
-                columns = {} if text_only else {name: batch.column(name) for name in self.extra_columns}
+                columns = {name: batch.column(name) for name in self.extra_columns}
                 yield text.to_pylist(), columns, row
                 row += batch.num_rows
         except InputError:
@@ -285,7 +350,24 @@ def _text_value(record: dict, column: str, where: str, noun: str) -> str:
     if not isinstance(value, str):
         shown = "null" if value is None else type(value).__name__
         raise InputError(f"{where}: {column!r} is {shown}, expected a string")
+    _check_unicode(value, where, column)
     return value
+
+
+def _check_unicode(value: Any, where: str, name: str) -> None:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer or Parquet file takes: refuse them here,
+    with the line, not after hours of work as an index inside a batch."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(f"{where}: {name!r} holds {err.object[err.start:err.end]!r} at character {err.start}, a lone "
+                         f"surrogate that is not valid Unicode; fix or remove it in the file") from err
+
+
+def _plain(values: Any) -> list:
+    """A column's values as Python values (pyarrow arrays from Parquet are converted)."""
+    return values if isinstance(values, list) else values.to_pylist()
 
 
 def _take(parts: list, start: int, stop: int | None) -> Any:

@@ -1,10 +1,14 @@
-"""The state file of an embed job: which job it is and how many parts are done, written after each part.
+"""The state file of an embed job (which job, which parts are done and their hashes) and the lock on its output.
 
-The job is identified by the input (absolute path, size, modification time), the export (path and the SHA-256 of
-its manifest) and every option that changes the vectors or the layout (column, ids, kept columns, adapter, prompt,
+The job is identified by the input (its absolute path and format), the export (path and the SHA-256 of its
+manifest) and every option that changes the vectors or the layout (column, ids, kept columns, adapter, prompt,
 batch size, rows per part, output kind). Batch size and rows per part are in it because they decide which texts
 share a padded batch, which moves the last bits of a vector; the thread and process counts are not (measured:
 the same vectors with 1 and 2 ONNX Runtime threads), so a job may resume with other parallelism.
+
+The input's *content* decides what can be kept: each finished part records the SHA-256 of the input rows it holds
+and of its own file. A re-run keeps the parts up to the first one whose input rows or file changed (fixing a bad
+line in place keeps the parts before it) and redoes the rest; nothing on disk is trusted without its hash.
 
 The file is replaced atomically after each part is on disk: a kill between the two leaves a part that the next
 run rewrites, never a state that counts a part that is not there.
@@ -12,18 +16,21 @@ run rewrites, never a state that counts a part that is not there.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import OutputExistsError
 from ..runtime.atomic_file import write_atomically
 from ..runtime.config import MANIFEST_FILE
-from .writers import STATE_FILE
+from .writers import LOCK_FILE, STATE_FILE, OutputTarget, file_sha256
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -34,16 +41,27 @@ class JobState:
     parts_done: int = 0
     rows_done: int = 0
     complete: bool = False
+    part_sha256: list[str] = field(default_factory=list)  # of each finished part's file
+    input_sha256: list[str] = field(default_factory=list)  # of the input rows each finished part holds
+    output_sha256: str | None = None  # of the final file of a one-file output, once complete
     version: int = STATE_VERSION
+
+    def keep_parts(self, parts: int, part_rows: int) -> None:
+        """Forget every part from ``parts`` on (they are redone)."""
+        self.parts_done = parts
+        self.rows_done = min(parts * part_rows, self.total_rows)
+        del self.part_sha256[parts:]
+        del self.input_sha256[parts:]
+        self.complete = False
+        self.output_sha256 = None
 
 
 def describe_job(input_path: Path, export_path: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """What a resumed run must share with the run that wrote the parts."""
-    stat = input_path.stat()
+    """What a resumed run must share with the run that wrote the parts (the input's content is checked per part)."""
     manifest = export_path / MANIFEST_FILE
     digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
     return {
-        "input": {"path": str(input_path.absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        "input": {"path": str(input_path.absolute())},
         "export": {"path": str(export_path.absolute()), "manifest_sha256": digest},
         "options": options,
     }
@@ -67,6 +85,20 @@ def save_state(work_dir: Path, state: JobState) -> None:
     write_atomically(work_dir / STATE_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def first_changed_part(target: OutputTarget, state: JobState, input_sha256: list[str]) -> tuple[int, str] | None:
+    """``(index, why)`` of the first finished part that is missing, changed on disk or made from input rows that
+    have changed since; None when every finished part checks out."""
+    for i in range(state.parts_done):
+        path = target.part_path(i)
+        if i >= len(input_sha256) or state.input_sha256[i] != input_sha256[i]:
+            return i, f"the input rows of {path.name} changed since it was written"
+        if not path.is_file():
+            return i, f"{path.name} is missing"
+        if file_sha256(path) != state.part_sha256[i]:
+            return i, f"{path.name} does not match the hash recorded when it was written"
+    return None
+
+
 def job_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """``what: was -> now`` for each field that differs between two job descriptions."""
     found = []
@@ -87,3 +119,29 @@ def check_same_job(saved: JobState, job: dict[str, Any], work_dir: Path) -> None
             + "; ".join(differences)
             + ". Pass --force to discard them and start again, or choose another output path"
         )
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``work_dir/_embed.lock`` for the job's life: a second job on the same output is
+    refused while this one runs, and the kernel releases the lock when this process dies (kill -9 included)."""
+
+    def __init__(self, work_dir: Path):
+        self.path = work_dir / LOCK_FILE
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip()
+            os.close(self._fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                raise OutputExistsError(
+                    f"{work_dir} is in use by another embed job (process {holder or 'unknown'}); wait for it to "
+                    f"finish or choose another output path") from err
+            raise
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = -1

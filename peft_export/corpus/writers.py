@@ -5,8 +5,13 @@ Three output kinds, chosen by the output path:
 * ``DIR`` (no ``.parquet`` / ``.npy`` suffix): a folder of ``part-000000.parquet``, ... plus the job's state file;
   the parts are the result (readable by pyarrow, pandas, Spark, Ray Data, DuckDB as one dataset).
 * ``FILE.parquet``: parts go to ``FILE.parquet.parts/``, then are copied into one file, part by part.
-* ``FILE.npy``: one ``(rows, dimension)`` float32 array in input order, assembled through a memory map; parts in
-  ``FILE.npy.parts/``. Vectors only: ids and kept columns need Parquet.
+* ``FILE.npy``: one ``(rows, dimension)`` float32 array in input order, written part by part (plain writes, so a
+  full disk is an error, never a SIGBUS from a memory map); parts in ``FILE.npy.parts/``. Vectors only: ids and
+  kept columns need Parquet.
+
+The final file of a one-file output appears by one rename. Its ``.parts`` folder then keeps only the state file
+(embed's marker, with the file's hash) and the lock file, so a re-run says "already complete" and ``--force``
+knows the file is embed's.
 
 Parquet rows hold the id column under its input name, then the kept columns, then ``embedding`` as a fixed-size
 list of float32.
@@ -14,22 +19,29 @@ list of float32.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError, OutputExistsError, PeftExportError, require
+from ..errors import InputError, PeftExportError, require
 from ..runtime.atomic_file import write_atomically
 
 EMBEDDING_COLUMN = "embedding"
 PARTS_SUFFIX = ".parts"
-STATE_FILE = "_embed_state.json"
+STATE_FILE = "_embed_state.json"  # embed's marker: a folder without it is not embed's
+LOCK_FILE = "_embed.lock"
 KINDS = ("parquet-folder", "parquet-file", "npy")
+# Suffixes of files that are not an output embed writes: "-o v2.csv" is refused, not made a folder of Parquet.
+FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".txt", ".text", ".npz", ".pkl", ".pickle",
+                 ".arrow", ".feather", ".h5", ".hdf5", ".pt", ".safetensors", ".gz", ".zip", ".xlsx", ".avro",
+                 ".orc")
+_PART_NAME = re.compile(r"part-\d{6}\.(parquet|npy)")
 
 
 @dataclass(frozen=True)
@@ -43,6 +55,9 @@ class OutputTarget:
     def for_path(cls, path: str | Path) -> OutputTarget:
         path = Path(path).expanduser().absolute()
         suffix = path.suffix.lower()
+        if suffix in FILE_SUFFIXES:
+            raise InputError(f"Output {path.name}: embed writes a folder of Parquet parts (no suffix), FILE.parquet "
+                             f"or FILE.npy, not {suffix}; name the output accordingly")
         kind = "npy" if suffix == ".npy" else "parquet-file" if suffix in (".parquet", ".pq") else "parquet-folder"
         return cls(path, kind)
 
@@ -60,29 +75,56 @@ class OutputTarget:
     def part_paths(self) -> list[Path]:
         return sorted(self.work_dir.glob(f"part-*{self.part_suffix}")) if self.work_dir.is_dir() else []
 
-    def looks_like_ours(self) -> bool:
-        """True when ``work_dir`` holds nothing but parts, a state file and temporary files of this writer, so
-        --force may delete it without taking a user's other files with it."""
-        if not self.work_dir.is_dir():
-            return True
-        for entry in self.work_dir.iterdir():
-            name = entry.name
-            if entry.is_dir() or not (name == STATE_FILE or name.startswith("part-") or name.startswith(".")):
-                return False
-        return True
+    def state_path(self) -> Path:
+        return self.work_dir / STATE_FILE
 
-    def remove(self) -> None:
-        """Delete a previous result and its parts (``--force``)."""
-        if self.kind != "parquet-folder" and self.path.is_dir():
-            raise OutputExistsError(f"Output {self.path} is a folder; a {self.kind} output must be a file")
-        if self.kind == "parquet-folder" and self.path.exists() and not self.path.is_dir():
-            raise OutputExistsError(f"Output {self.path} is a file; name a folder (or FILE.parquet, FILE.npy)")
-        if not self.looks_like_ours():
-            raise OutputExistsError(f"{self.work_dir} holds files that are not embed output; not deleting it even "
-                                    f"with --force. Choose another output path")
+    def temporary_files(self) -> list[Path]:
+        """Temporary files a killed run of this writer can leave (write_atomically's ``.NAME.XXXX.tmp``)."""
+        found = list(self.work_dir.glob(".*.tmp")) if self.work_dir.is_dir() else []
+        if self.kind != "parquet-folder" and self.path.parent.is_dir():
+            found += self.path.parent.glob(f".{glob_escape(self.path.name)}.*.tmp")
+        return found
+
+    def foreign_entries(self) -> list[str]:
+        """Names in ``work_dir`` that embed did not write: anything but its parts, state, lock and temporary files,
+        dotfiles and folders included. Everything counts as foreign in a folder without embed's state file."""
+        if not self.work_dir.is_dir():
+            return []
+        ours = {STATE_FILE, LOCK_FILE}
+        marked = self.state_path().is_file()
+        foreign = []
+        for entry in sorted(self.work_dir.iterdir()):
+            name = entry.name
+            mine = (name in ours or _PART_NAME.fullmatch(name)
+                    or (name.startswith(("._embed_state.json.", ".part-")) and name.endswith(".tmp")))
+            if not (marked and mine and entry.is_file() and not entry.is_symlink()):
+                if name != LOCK_FILE:  # a lock file alone is left by a job refused before it wrote anything
+                    foreign.append(name)
+        return foreign
+
+    def clear(self) -> None:
+        """Delete a previous result, its parts and state (``--force``), keeping the lock file this job holds. The
+        caller has checked that everything here is embed's (:meth:`foreign_entries`)."""
         if self.kind != "parquet-folder":
             self.path.unlink(missing_ok=True)
-        shutil.rmtree(self.work_dir, ignore_errors=True)
+        for path in self.temporary_files():
+            path.unlink(missing_ok=True)
+        if self.work_dir.is_dir():
+            for entry in self.work_dir.iterdir():
+                if entry.name != LOCK_FILE:
+                    entry.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def arrow_type(pa: Any, kind: str) -> Any:
@@ -124,25 +166,28 @@ def embeddings_table(embeddings: np.ndarray, columns: dict[str, Any], kinds: dic
     return pa.Table.from_arrays(arrays, names=names)
 
 
-def assemble(target: OutputTarget, parts: int, rows: int, dimension: int, job: dict) -> None:
-    """Turn the parts into the final output (nothing to do for a folder of parts); atomic, so a kill leaves the
-    parts and the state to finish from."""
+def assemble(target: OutputTarget, parts: int, rows: int, dimension: int, job: dict,
+             after_part: Callable[[int], None] | None = None) -> None:
+    """Turn the parts into the final output (nothing to do for a folder of parts): written to a temporary file
+    and renamed once, so a kill leaves the parts and the state to finish from. ``after_part(i)``: called after
+    part ``i`` is copied (tests kill the process there)."""
     paths = [target.part_path(i) for i in range(parts)]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise PeftExportError(f"{target.work_dir} lacks {', '.join(missing[:3])}; run again with --force")
+        raise PeftExportError(f"{target.work_dir} lacks {', '.join(missing[:3])}; run the same command again to "
+                              f"redo them")
     if target.kind == "parquet-folder":
         return
+    step = after_part or (lambda i: None)
     if target.kind == "npy":
         def write_npy(tmp: str) -> None:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(rows, dimension))
-            at = 0
-            for path in paths:
-                part = np.load(path, mmap_mode="r")
-                out[at:at + len(part)] = part
-                at += len(part)
-            out.flush()
-            del out
+            with open(tmp, "wb") as out:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                          "shape": (rows, dimension)}
+                np.lib.format.write_array_header_1_0(out, header)
+                for i, path in enumerate(paths):
+                    out.write(np.ascontiguousarray(np.load(path), dtype=np.float32).tobytes())
+                    step(i)
         write_atomically(target.path, write_npy)
         return
     pq = require("pyarrow.parquet", "corpus")
@@ -150,17 +195,17 @@ def assemble(target: OutputTarget, parts: int, rows: int, dimension: int, job: d
     def write_parquet(tmp: str) -> None:
         schema = pq.read_schema(paths[0]).with_metadata({b"peft_export.embed": json.dumps(job).encode()})
         with pq.ParquetWriter(tmp, schema) as writer:
-            for path in paths:
+            for i, path in enumerate(paths):
                 writer.write_table(pq.read_table(path).replace_schema_metadata(schema.metadata))
+                step(i)
     write_atomically(target.path, write_parquet)
 
 
 def finish(target: OutputTarget) -> None:
-    """After :func:`assemble`: drop the parts folder of a one-file output."""
+    """After :func:`assemble` and the final state: drop the parts of a one-file output (its state stays)."""
     if target.kind != "parquet-folder":
-        shutil.rmtree(target.work_dir, ignore_errors=True)
-
-
+        for path in target.part_paths():
+            path.unlink()
 def remove_parts_from(target: OutputTarget, first: int) -> None:
     """Delete parts numbered ``first`` and above: written after the last saved state, redone on resume."""
     for path in target.part_paths():

@@ -10,6 +10,14 @@ import numpy as np
 from ..errors import ConfigError, InvalidInputError
 from .batches import plan_batches
 from .config import TOKENIZER_FILE, RuntimeConfig
+from .token_prefix import TokenCounter, truncation_prefix
+
+# Characters of one text ever tokenized: a longer text is tokenized as a prefix that keeps the same tokens under
+# truncation (token_prefix), found within this many characters, so one input of any size has bounded cost (a 50 MB
+# text tokenized whole took 6.9 GB). At least 32 characters per kept token: only an unbroken run of that many
+# characters without a word boundary (no real text) can lose tokens to the cap.
+MIN_MAX_TEXT_CHARS = 100_000
+CAP_CHARS_PER_TOKEN = 32
 
 
 class TextTokenizer:
@@ -31,9 +39,24 @@ class TextTokenizer:
         self.tokenizer.no_padding()  # padded in numpy: one pass, exact dtype
         self.pad_token_id = config.pad_token_id
         self.input_names = config.input_names
+        self.max_text_chars = max(MIN_MAX_TEXT_CHARS, CAP_CHARS_PER_TOKEN * config.max_seq_length)
+        self._prefixes: TokenCounter | None = None  # made on the first long text
+
+    def truncation_prefixes(self, texts: list[str]) -> list[str]:
+        """``texts`` with each long one replaced by the prefix of it that truncation keeps the same tokens of."""
+        if all(len(t) <= MIN_MAX_TEXT_CHARS // 8 for t in texts):
+            return texts
+        if self._prefixes is None:
+            self._prefixes = TokenCounter(self.tokenizer, self.max_seq_length, self.do_lower_case)
+        return [truncation_prefix(self._prefixes, t, self.max_text_chars) for t in texts]
 
     def tokenize(self, texts: list[str]) -> list:
-        """``tokenizers.Encoding`` per text (truncated, unpadded): tokenize once, then batch with ``pad``."""
+        """``tokenizers.Encoding`` per text (truncated, unpadded): tokenize once, then batch with ``pad``. A long
+        text is tokenized as its truncation prefix (same tokens, bounded cost)."""
+        try:
+            texts = self.truncation_prefixes(texts)
+        except TypeError as err:  # a lone surrogate in a long text
+            raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
         if self.do_lower_case:
             texts = [t.lower() for t in texts]
         try:
