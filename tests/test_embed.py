@@ -123,8 +123,8 @@ def test_npy_output_and_one_parquet_file(inputs, bert_case, expected, tmp_path):
     vectors = np.load(tmp_path / "v.npy")
     assert vectors.dtype == np.float32
     np.testing.assert_array_equal(vectors, expected)
-    # Parts removed once the file is whole; the state (embed's marker, with the file's hash) and the lock stay.
-    assert sorted(p.name for p in (tmp_path / "v.npy.parts").iterdir()) == ["_embed.lock", "_embed_state.json"]
+    # Parts removed once the file is whole; the state (embed's marker, with the file's hash) stays.
+    assert sorted(p.name for p in (tmp_path / "v.npy.parts").iterdir()) == ["_embed_state.json"]
     assert not list(tmp_path.glob(".*.tmp"))
 
     embed_corpus(bert_case.export, inputs["csv"], tmp_path / "one.parquet", id_column="id", part_rows=PART_ROWS,

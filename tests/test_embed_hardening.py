@@ -46,9 +46,9 @@ def test_killed_after_the_last_part_or_in_assembly_resumes_to_the_whole_output(o
 # ----- 2. one job per output -----
 def test_a_second_job_on_an_output_in_use_is_refused(inputs, bert_case, tmp_path):
     out = tmp_path / "out"
-    script = ("import sys, time\nfrom peft_export.corpus.state import OutputLock\nfrom pathlib import Path\n"
-              "Path(sys.argv[1]).mkdir()\nOutputLock(Path(sys.argv[1]))\nprint('locked', flush=True)\n"
-              "time.sleep(60)\n")
+    script = ("import sys, time\nfrom peft_export.corpus.state import OutputLock\n"
+              "from peft_export.corpus.writers import OutputTarget\n"
+              "OutputLock(OutputTarget.for_path(sys.argv[1]))\nprint('locked', flush=True)\ntime.sleep(60)\n")
     holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:

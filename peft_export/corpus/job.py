@@ -33,8 +33,8 @@ from .readers import Chunk, CorpusReader
 from .state import (JobState, OutputLock, check_same_job, describe_job, first_changed_part, load_state,
                     save_state)
 from .workers import EncodeSettings, InProcessEncoder, ProcessPoolEncoder
-from .writers import (EMBEDDING_COLUMN, LOCK_FILE, OutputTarget, assemble, file_sha256, finish, remove_parts_from,
-                      write_part)
+from .writers import (EMBEDDING_COLUMN, RAY_MARKER, OutputTarget, assemble, file_sha256, finish, remove_leftovers,
+                      remove_parts_from, write_part)
 
 DEFAULT_PART_ROWS = 4096
 MAX_DEFAULT_PROCESSES = 8
@@ -43,8 +43,10 @@ WORK_ROWS = 512  # rows per encode() call: the unit a worker takes
 # Tests only: kill this process (SIGKILL, as kill -9) right after part N is written, before ("N:before-state") or
 # after ("N") its state file; after the last part ("last"), during assembly ("assembly": one part into the final
 # file, or before the complete state of a folder) or after the complete state, before the parts go ("complete").
+# embed --ray: after Ray wrote its files, before the rename ("ray-written"); with --force, between putting the new
+# output in place and deleting the old one ("ray-swapped").
 KILL_ENV = "PEFT_EXPORT_EMBED_KILL_AFTER_PART"
-KILL_PHASES = ("last", "assembly", "complete")
+KILL_PHASES = ("last", "assembly", "complete", "ray-written", "ray-swapped")
 
 
 @dataclass
@@ -141,16 +143,20 @@ def embed_corpus(
     check_existing_output(target, force)
     reader.scan(part_rows)  # every row checked (and each part's rows hashed) before anything is written
     try:
-        created = not target.work_dir.exists()
-        target.work_dir.mkdir(parents=True, exist_ok=True)
-        lock = OutputLock(target.work_dir)
+        target.make_parent()
+        lock = OutputLock(target)
         try:
-            return _embed_locked(reader, model, settings, target, job, part_rows, processes, force, progress,
-                                 log or (lambda msg: None), started)
+            remove_leftovers(target)  # of a killed --ray run on this output
+            check_existing_output(target, force)  # again, locked: a --ray job may have finished meanwhile
+            created = not target.work_dir.exists()
+            target.work_dir.mkdir(exist_ok=True)
+            try:
+                return _embed_locked(reader, model, settings, target, job, part_rows, processes, force, progress,
+                                     log or (lambda msg: None), started)
+            finally:
+                if created and not any(target.work_dir.iterdir()):
+                    target.work_dir.rmdir()  # a job refused before its first write leaves nothing behind
         finally:
-            if created and [p.name for p in target.work_dir.iterdir()] == [LOCK_FILE]:
-                lock.path.unlink()  # a job refused before its first write leaves nothing behind
-                target.work_dir.rmdir()
             lock.release()
     except PeftExportError:
         raise
@@ -268,13 +274,16 @@ def check_output_outside_input(input_path: Path, target: OutputTarget) -> None:
 
 
 def check_existing_output(target: OutputTarget, force: bool) -> None:
-    """Refuse, before touching anything, an output that embed did not write (recognised by its state file): a
-    user's folder, dotfiles or other files beside the parts, a file of the same name. ``force`` does not change
-    that; it only lets embed discard its own earlier output."""
+    """Refuse, before touching anything, an output that embed did not write (recognised by its state file or the
+    marker of ``--ray``): a user's folder, dotfiles or other files beside the parts, a file of the same name.
+    ``force`` does not change that; it only lets embed discard its own earlier output (a --ray output included)."""
     if target.kind != "parquet-folder" and target.path.is_dir():
         raise OutputExistsError(f"Output {target.path} is a folder; a {target.kind} output must be a file")
     if target.kind == "parquet-folder" and target.path.exists() and not target.path.is_dir():
         raise OutputExistsError(f"Output {target.path} is a file; name a folder (or FILE.parquet, FILE.npy)")
+    if target.kind == "parquet-folder" and target.marker() == RAY_MARKER and not force:
+        raise OutputExistsError(f"Output {target.path} holds the output of embed --ray, which a job without --ray "
+                                f"does not continue; pass --force to replace it, or choose another output path")
     foreign = target.foreign_entries()
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -399,6 +408,11 @@ def _kill_point() -> tuple[int, bool] | str | None:
 def _maybe_kill(point: tuple[int, bool] | str | None, phase: str) -> None:
     if point == phase:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def kill_if_asked(phase: str) -> None:
+    """Tests only: kill this process (SIGKILL) when KILL_ENV names ``phase``, one of KILL_PHASES."""
+    _maybe_kill(_kill_point(), phase)
 
 
 def _progress_bar(show: bool | None, total: int, done: int) -> Callable[[int], None]:

@@ -1,7 +1,13 @@
 """``peft-export embed --ray``: Ray Data reads the input, :func:`peft_export.ray.embed_dataset` embeds it, Ray
 writes Parquet. Thin on purpose: sizing the actor pool and keeping workers torch-free is ``peft_export.ray``'s job.
-Not resumable (Ray retries failed tasks itself); the output is a folder of Parquet files in input order, marked as
-embed's by ``_embed_ray.json`` so that ``--force`` deletes only such a folder.
+
+The output keeps the promises of the local job. It is locked for the job's life (the same lock, so a local job
+and a ``--ray`` job on one output refuse each other). Ray writes into a temporary folder beside the output that
+carries embed's marker (``_embed_ray.json``) from the start and becomes the output by one rename once Ray has
+finished: at every instant the output is absent, the old one, or complete. A run killed before that leaves only the
+temporary folder, which the next run of either kind recognises by its name and marker and deletes. Not resumable:
+a re-run starts from scratch (Ray retries failed tasks itself). ``--force`` replaces only an output embed wrote,
+and only once the new one is complete.
 
 What can be checked here is checked before Ray starts: the output is not the input and holds nothing else, every
 input row is read and checked (named by line, as without Ray), and the adapter and prompt exist in the export."""
@@ -9,16 +15,18 @@ input row is read and checked (named by line, as without Ray), and the adapter a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 from ..errors import InputError, OutputExistsError, PeftExportError, require
-from .job import check_output_outside_input
+from ..runtime.atomic_file import exchange_folders, rename_no_replace
+from .job import check_existing_output, check_output_outside_input, kill_if_asked, output_error
 from .readers import CorpusReader
+from .state import OutputLock, describe_job
 from .workers import EncodeSettings, check_settings
-from .writers import EMBEDDING_COLUMN, OutputTarget
-
-RAY_MARKER = "_embed_ray.json"
+from .writers import EMBEDDING_COLUMN, RAY_MARKER, OutputTarget, remove_leftovers
 
 
 def _read(ray_data, path: Path, fmt: str):
@@ -31,23 +39,13 @@ def _read(ray_data, path: Path, fmt: str):
     return ray_data.read_text(str(path))  # one row per line, in a column named "text"
 
 
-def _clear(output: Path, force: bool) -> None:
-    """Delete an earlier ``--ray`` output (``force``): only a folder marked as embed's that holds nothing but its
-    Parquet files and the marker (no dotfiles, no folders)."""
-    if not output.exists():
-        return
-    if not force:
-        raise OutputExistsError(f"Output {output} already exists; pass --force to replace it")
-    foreign = [output.name]
-    if output.is_dir():
-        marked = (output / RAY_MARKER).is_file()
-        foreign = [p.name for p in sorted(output.iterdir())
-                   if not (marked and p.is_file() and not p.is_symlink()
-                           and (p.name == RAY_MARKER or (p.suffix == ".parquet" and not p.name.startswith("."))))]
-    if foreign:
-        raise OutputExistsError(f"{output} holds files that embed --ray did not write ({', '.join(foreign[:5])}); "
-                                f"not deleting it even with --force. Choose another output path")
-    shutil.rmtree(output)
+def _check_target(target: OutputTarget, force: bool) -> None:
+    """Refuse what the local job refuses (a file, a folder embed did not write, even with ``force``), and any
+    existing output without ``force``: a --ray job does not continue an earlier one."""
+    if not force and target.path.is_dir() and not target.foreign_entries():
+        raise OutputExistsError(f"Output {target.path} already exists; pass --force to replace it (embed --ray "
+                                f"starts from scratch, it does not resume)")
+    check_existing_output(target, force)
 
 
 def embed_with_ray(export: str, input: str, output: str, *, address: str = "local", column: str = "text",
@@ -56,18 +54,17 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
                    input_format: str | None = None, force: bool = False) -> int:
     """Embed ``input`` on Ray into the folder ``output``; returns the number of rows written. ``address``: "local"
     starts a Ray instance on this machine (or joins the one RAY_ADDRESS names), else a cluster's address."""
-    output_target = OutputTarget.for_path(output)
-    if output_target.kind != "parquet-folder":
-        raise InputError(f"--ray writes a folder of Parquet files; name a folder, not {output_target.path.name}")
+    target = OutputTarget.for_path(output)
+    if target.kind != "parquet-folder":
+        raise InputError(f"--ray writes a folder of Parquet files; name a folder, not {target.path.name}")
     if EMBEDDING_COLUMN in (id_column, *keep_columns):
         raise InputError("'embedding' is the name of the output's vector column; it cannot be kept or be the id")
     if not Path(export).is_dir():
         raise PeftExportError(f"Export folder not found: {export}")
     reader = CorpusReader(input, column, id_column, tuple(keep_columns), input_format)
-    source, fmt, target = reader.path, reader.format, output_target.path
-    check_output_outside_input(source, output_target)
-    if target.exists() and not force:
-        raise OutputExistsError(f"Output {target} already exists; pass --force to replace it")
+    source, fmt = reader.path, reader.format
+    check_output_outside_input(source, target)
+    _check_target(target, force)
     reader.scan()  # a bad row is named by its line here, not in Ray tracebacks from a worker
     settings = EncodeSettings(str(export), adapter, prompt_name, batch_size, threads=1)
     check_settings(settings.open_model(), settings)  # an adapter name on a merged export, an unknown prompt
@@ -77,22 +74,82 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
         raise InputError("--ray needs peft_export.ray and Ray Data: pip install 'peft_export[ray]'") from err
     ray = require("ray", "ray")
     ray_data = require("ray.data", "ray")
-    _clear(target, force)
-    if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, include_dashboard=False, configure_logging=False)
-    ray_data.DataContext.get_current().execution_options.preserve_order = True  # rows come out in input order
-    ds = _read(ray_data, source, fmt)
-    ds = embed_dataset(ds, export, column=column, adapter=adapter, prompt_name=prompt_name, batch_size=batch_size,
-                       id_column=id_column)
-    keep = [name for name in dict.fromkeys(([id_column] if id_column else []) + list(keep_columns))]
-    ds = ds.select_columns([*keep, EMBEDDING_COLUMN])
+    options = {"format": fmt, "column": column, "id_column": id_column, "keep_columns": list(keep_columns),
+               "adapter": adapter, "prompt_name": prompt_name, "batch_size": batch_size, "output_kind": "ray"}
+    marker = {"job": describe_job(source, Path(export), options)}
+
+    def write(folder: Path) -> None:
+        """Start Ray (or join it) and write the embedded dataset into ``folder``."""
+        if not ray.is_initialized():
+            ray.init(address=None if address == "local" else address, include_dashboard=False,
+                     configure_logging=False)
+        ray_data.DataContext.get_current().execution_options.preserve_order = True  # rows come out in input order
+        ds = _read(ray_data, source, fmt)
+        ds = embed_dataset(ds, export, column=column, adapter=adapter, prompt_name=prompt_name,
+                           batch_size=batch_size, id_column=id_column)
+        keep = [name for name in dict.fromkeys(([id_column] if id_column else []) + list(keep_columns))]
+        ds = ds.select_columns([*keep, EMBEDDING_COLUMN])
+        try:
+            ds.write_parquet(str(folder))  # into a folder that exists: Ray's default mode adds its files
+        except Exception as err:  # a RayTaskError wraps the worker's error: its last line, not Ray's traceback
+            cause = getattr(err, "cause", None) or err
+            last = (str(cause).strip().splitlines() or [""])[-1]
+            raise PeftExportError(f"the Ray job failed: {type(cause).__name__}: {last}") from err
+
     try:
-        ds.write_parquet(str(target))
-    except Exception as err:  # a RayTaskError wraps the worker's error: its last line, not Ray's traceback
-        cause = getattr(err, "cause", None) or err
-        last = (str(cause).strip().splitlines() or [""])[-1]
-        raise PeftExportError(f"the Ray job failed: {type(cause).__name__}: {last}") from err
-    (target / RAY_MARKER).write_text(json.dumps({"input": str(source.absolute()), "export": str(export)}) + "\n",
-                                     encoding="utf-8")
-    pq = require("pyarrow.parquet", "corpus")
-    return sum(pq.ParquetFile(p).metadata.num_rows for p in target.glob("*.parquet"))
+        target.make_parent()
+        lock = OutputLock(target)
+        try:
+            remove_leftovers(target)  # of a killed --ray run: no live job owns them while we hold the lock
+            _check_target(target, force)  # again, locked: another job may have finished meanwhile
+            return _build_and_put_in_place(target, marker, write)
+        finally:
+            lock.release()
+    except PeftExportError:
+        raise
+    except OSError as err:
+        raise output_error(err, target) from err
+
+
+def _build_and_put_in_place(target: OutputTarget, marker: dict, write: Callable[[Path], None]) -> int:
+    """``write`` the output into a temporary folder beside it, marked as embed's before anything else is in it,
+    then put it in place; the number of rows written."""
+    building = target.new_leftover_path()
+    building.mkdir()
+    try:
+        (building / RAY_MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        write(building)
+        kill_if_asked("ray-written")
+        pq = require("pyarrow.parquet", "corpus")
+        rows = sum(pq.ParquetFile(p).metadata.num_rows for p in building.glob("*.parquet"))
+        _put_in_place(building, target)
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)  # what a kill leaves goes at the next run
+        raise
+    return rows
+
+
+def _put_in_place(building: Path, target: OutputTarget) -> None:
+    """Make the finished folder ``building`` the output in one step. An old output (checked to be embed's, and
+    locked) is exchanged with it in one step where the system can, else renamed aside first (the output is absent
+    for that moment, never partial); either way the old one ends in a temporary folder and is deleted from there."""
+    path = target.path
+    if not (path.exists() or path.is_symlink()):
+        if not rename_no_replace(building, path):
+            os.rename(building, path)
+        return
+    if exchange_folders(building, path):  # path: the new output; building: the old one
+        old = building
+    else:
+        old = target.new_leftover_path()
+        os.rename(path, old)
+        try:
+            os.rename(building, path)
+        except OSError:
+            os.rename(old, path)  # the old output back where it was
+            raise
+    kill_if_asked("ray-swapped")
+    if old.is_symlink():  # the output was a link to a folder: the link goes, never what it points to
+        old.unlink()
+    else:
+        shutil.rmtree(old)

@@ -28,7 +28,7 @@ from typing import Any
 from ..errors import OutputExistsError
 from ..runtime.atomic_file import write_atomically
 from ..runtime.config import MANIFEST_FILE
-from .writers import LOCK_FILE, STATE_FILE, OutputTarget, file_sha256
+from .writers import STATE_FILE, OutputTarget, file_sha256
 
 STATE_VERSION = 2
 
@@ -122,26 +122,49 @@ def check_same_job(saved: JobState, job: dict[str, Any], work_dir: Path) -> None
 
 
 class OutputLock:
-    """An exclusive ``flock`` on ``work_dir/_embed.lock`` for the job's life: a second job on the same output is
-    refused while this one runs, and the kernel releases the lock when this process dies (kill -9 included)."""
+    """An exclusive ``flock`` on the output's lock file (``.NAME.embed.lock`` beside it) for the job's life, taken
+    by a local job and by ``--ray`` alike: a second job of either kind on the same output is refused while this one
+    runs, and the kernel releases the lock when this process dies (kill -9 included). The file is removed on
+    release; one left by a killed job is simply locked again by the next."""
 
-    def __init__(self, work_dir: Path):
-        self.path = work_dir / LOCK_FILE
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip()
-            os.close(self._fd)
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise OutputExistsError(
-                    f"{work_dir} is in use by another embed job (process {holder or 'unknown'}); wait for it to "
-                    f"finish or choose another output path") from err
-            raise
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+    def __init__(self, target: OutputTarget):
+        self.path = target.lock_path
+        for _ in range(100):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as err:  # named by the output, which the user chose, not by our lock file's name
+                raise OSError(err.errno, err.strerror, str(target.path)) from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    raise OutputExistsError(
+                        f"{target.path} is in use by another embed job (process {holder or 'unknown'}); wait for "
+                        f"it to finish or choose another output path") from err
+                raise
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # its holder removed it on release after we opened it: lock the file now at the path
+        else:
+            raise OutputExistsError(f"Cannot lock {self.path}: it is replaced as fast as it is locked; is another "
+                                    f"program deleting it?")
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd >= 0:
+            self.path.unlink(missing_ok=True)  # while still locked: a job that opened it meanwhile sees it gone
             os.close(self._fd)  # closing drops the flock
             self._fd = -1
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (at_path.st_dev, at_path.st_ino) == (held.st_dev, held.st_ino)

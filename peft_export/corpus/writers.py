@@ -10,8 +10,13 @@ Three output kinds, chosen by the output path:
   kept columns need Parquet.
 
 The final file of a one-file output appears by one rename. Its ``.parts`` folder then keeps only the state file
-(embed's marker, with the file's hash) and the lock file, so a re-run says "already complete" and ``--force``
-knows the file is embed's.
+(embed's marker, with the file's hash), so a re-run says "already complete" and ``--force`` knows the file is
+embed's.
+
+``embed --ray`` writes a folder of Ray's Parquet files marked by ``_embed_ray.json``; it builds it in a temporary
+folder beside the output (``.NAME.embed-tmp-XXXXXXXX``, marked from the start) that becomes the output by one
+rename. Either kind of job locks the output through ``.NAME.embed.lock`` beside it (see ``state.OutputLock``) and
+removes the temporary folders a killed ``--ray`` run left (:func:`remove_leftovers`).
 
 Parquet rows hold the id column under its input name, then the kept columns, then ``embedding`` as a fixed-size
 list of float32.
@@ -19,23 +24,28 @@ list of float32.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import InputError, PeftExportError, require
+from ..errors import InputError, OutputExistsError, PeftExportError, require
 from ..runtime.atomic_file import write_atomically
 
 EMBEDDING_COLUMN = "embedding"
 PARTS_SUFFIX = ".parts"
-STATE_FILE = "_embed_state.json"  # embed's marker: a folder without it is not embed's
-LOCK_FILE = "_embed.lock"
+STATE_FILE = "_embed_state.json"  # embed's marker: a folder without it (or RAY_MARKER) is not embed's
+RAY_MARKER = "_embed_ray.json"  # the marker of an ``embed --ray`` output: its Parquet files are Ray's
+LOCK_FILE = "_embed.lock"  # where earlier versions locked the output (inside it); still recognised as embed's
+LEFTOVER_INFIX = ".embed-tmp-"  # ``.NAME.embed-tmp-XXXXXXXX``: a --ray output being built, or an old one going
 KINDS = ("parquet-folder", "parquet-file", "npy")
 # Suffixes of files that are not an output embed writes: "-o v2.csv" is refused, not made a folder of Parquet.
 FILE_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".txt", ".text", ".npz", ".pkl", ".pickle",
@@ -85,34 +95,79 @@ class OutputTarget:
             found += self.path.parent.glob(f".{glob_escape(self.path.name)}.*.tmp")
         return found
 
+    def make_parent(self) -> None:
+        """Create the folder the output goes in (and its lock file); part of the path being a file is ENOTDIR."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError as err:  # mkdir says EEXIST when the path is a file
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(self.path.parent)) from err
+
+    @property
+    def lock_path(self) -> Path:
+        """The lock file of this output, beside it (a --ray output is replaced by a rename, so not inside it)."""
+        return self.path.with_name(f".{self.path.name}.embed.lock")
+
+    def marker(self) -> str | None:
+        """Which embed wrote ``work_dir``: STATE_FILE (a local job), RAY_MARKER (``--ray``), or None (not embed)."""
+        for name in (STATE_FILE, RAY_MARKER):
+            if (self.work_dir / name).is_file():
+                return name
+        return None
+
     def foreign_entries(self) -> list[str]:
-        """Names in ``work_dir`` that embed did not write: anything but its parts, state, lock and temporary files,
-        dotfiles and folders included. Everything counts as foreign in a folder without embed's state file."""
+        """Names in ``work_dir`` that embed did not write: anything but its parts, state, lock and temporary files
+        (a local job) or Ray's Parquet files and the marker (``--ray``), dotfiles and folders included. Everything
+        counts as foreign in a folder without one of embed's markers."""
         if not self.work_dir.is_dir():
             return []
-        ours = {STATE_FILE, LOCK_FILE}
-        marked = self.state_path().is_file()
+        marker = self.marker()
         foreign = []
         for entry in sorted(self.work_dir.iterdir()):
             name = entry.name
-            mine = (name in ours or _PART_NAME.fullmatch(name)
-                    or (name.startswith(("._embed_state.json.", ".part-")) and name.endswith(".tmp")))
-            if not (marked and mine and entry.is_file() and not entry.is_symlink()):
-                if name != LOCK_FILE:  # a lock file alone is left by a job refused before it wrote anything
+            if marker == RAY_MARKER:
+                mine = name == RAY_MARKER or (name.endswith(".parquet") and not name.startswith("."))
+            else:
+                mine = (name in (STATE_FILE, LOCK_FILE) or _PART_NAME.fullmatch(name)
+                        or (name.startswith(("._embed_state.json.", ".part-")) and name.endswith(".tmp")))
+            if not (marker and mine and entry.is_file() and not entry.is_symlink()):
+                if name != LOCK_FILE:  # a lock file alone: left by an earlier version's job refused at the start
                     foreign.append(name)
         return foreign
 
     def clear(self) -> None:
-        """Delete a previous result, its parts and state (``--force``), keeping the lock file this job holds. The
-        caller has checked that everything here is embed's (:meth:`foreign_entries`)."""
+        """Delete a previous result, its parts and state (``--force``), or a ``--ray`` output's files. The caller has
+        checked that everything here is embed's (:meth:`foreign_entries`)."""
         if self.kind != "parquet-folder":
             self.path.unlink(missing_ok=True)
         for path in self.temporary_files():
             path.unlink(missing_ok=True)
         if self.work_dir.is_dir():
             for entry in self.work_dir.iterdir():
-                if entry.name != LOCK_FILE:
-                    entry.unlink()
+                entry.unlink()
+
+    def new_leftover_path(self) -> Path:
+        """A fresh ``.NAME.embed-tmp-XXXXXXXX`` beside the output (see :func:`remove_leftovers`)."""
+        return self.path.with_name(f".{self.path.name}{LEFTOVER_INFIX}{secrets.token_hex(4)}")
+
+
+def remove_leftovers(target: OutputTarget) -> None:
+    """Delete the temporary folders that a killed ``embed --ray`` run left beside ``target``: one being built
+    (marked by RAY_MARKER from the start), an old output moved aside to be replaced, or an empty one (killed before
+    its marker was written). Call it with the output locked, so that no live job owns them. A folder of that name
+    holding anything embed did not write is not deleted: the error names it."""
+    parent = target.path.parent
+    if not parent.is_dir():
+        return
+    for folder in sorted(parent.glob(f".{glob_escape(target.path.name)}{LEFTOVER_INFIX}*")):
+        if folder.is_symlink() or not folder.is_dir():  # an old output that was a link to a folder, moved aside
+            folder.unlink()
+            continue
+        foreign = OutputTarget(folder, "parquet-folder").foreign_entries()
+        if foreign:
+            raise OutputExistsError(f"{folder} is named like a temporary folder of embed --ray but holds files "
+                                    f"embed did not write ({', '.join(foreign[:5])}); move it away or delete it, "
+                                    f"then run again")
+        shutil.rmtree(folder)
 
 
 def glob_escape(name: str) -> str:

@@ -16,13 +16,11 @@ process at a named moment (``PEFT_EXPORT_CRASH_AT=NAME``) to check exactly that.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import secrets
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -30,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import OutputExistsError, PeftExportError
-from ..runtime.atomic_file import write_atomically
+from ..runtime.atomic_file import exchange_folders, rename_no_replace, write_atomically
 from ..runtime.config import MANIFEST_FILE
 
 _TMP_PREFIX = ".peft-export-tmp-"
@@ -161,38 +159,10 @@ def check_output_target(target: str | Path, force: bool = False) -> Path:
     return target
 
 
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-
-
-def _renameat2(source: Path, destination: Path, flags: int) -> bool:
-    """Linux ``renameat2``; False where the system or the file system does not offer it (the caller falls back)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.renameat2
-    except (OSError, AttributeError):  # glibc < 2.28, musl: no wrapper
-        return False
-    at_fdcwd = -100
-    if call(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(destination), flags) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(code, os.strerror(code), str(destination))
-
-
-def exchange_folders(a: Path, b: Path) -> bool:
-    """Swap two folders in one atomic step; False when this system cannot (nothing was changed then)."""
-    return _renameat2(a, b, _RENAME_EXCHANGE)
-
-
 def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
     """Make the finished ``tmp`` the export at ``target``; the old export (if any) is deleted afterwards."""
     if not target.exists():
-        if not _renameat2(tmp, target, _RENAME_NOREPLACE):
+        if not rename_no_replace(tmp, target):
             os.rename(tmp, target)
         return
     if exchange_folders(tmp, target):  # target: the new export; tmp: the old one

@@ -1,8 +1,11 @@
-"""Write a file so that a reader never sees half of it: a temporary file in the same folder, then a rename."""
+"""Write a file so that a reader never sees half of it: a temporary file in the same folder, then a rename; and
+the renames that put a finished folder in place in one step (export folders, ``embed --ray`` outputs)."""
 
 from __future__ import annotations
 
+import errno
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -26,3 +29,37 @@ def write_atomically(path: Path, write: Callable[[str], None]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(source: Path, destination: Path, flags: int) -> bool:
+    """Linux ``renameat2``; False where the system or the file system does not offer it (the caller falls back)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl: no wrapper
+        return False
+    at_fdcwd = -100
+    if call(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(destination), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(destination))
+
+
+def rename_no_replace(source: Path, destination: Path) -> bool:
+    """Rename ``source`` to ``destination``, failing (``FileExistsError``) if something is there, even an empty
+    folder (which ``os.rename`` would replace); False when this system cannot (nothing was changed then)."""
+    return _renameat2(source, destination, _RENAME_NOREPLACE)
+
+
+def exchange_folders(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step; False when this system cannot (nothing was changed then)."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
