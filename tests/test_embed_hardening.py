@@ -324,3 +324,150 @@ def test_ray_refuses_bad_input_and_input_in_output_before_ray_starts(bert_case, 
     with pytest.raises(PeftExportError, match=r"adapter"):
         embed_with_ray(str(bert_case.export), str(write(tmp_path / "ok.txt", "a\n")), str(tmp_path / "o"),
                        adapter="nope")
+
+
+# ----- --ray keeps the same promises: one lock for both kinds, output by one rename, leftovers cleaned -----
+RAY_DRIVER = ("import sys, ray\n"
+              "ray.init(address='local', _node_ip_address='127.0.0.1', num_cpus=2, include_dashboard=False, "
+              "configure_logging=False)\n"
+              "from peft_export.cli import main\n"
+              "sys.exit(main(['embed', *sys.argv[1:], '--ray']))\n")
+
+
+def ray_cli(*args: str, env: dict | None = None, wait: bool = True):
+    """`embed ... --ray` in a process that started its Ray instance on loopback (embed joins it)."""
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                **(env or {})}
+    full_env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen([sys.executable, "-c", RAY_DRIVER, *args], env=full_env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return process
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def fake_ray_output(folder, *extra: str):
+    """A folder as embed --ray leaves it: its marker and Ray's Parquet files (plus ``extra`` files)."""
+    folder.mkdir()
+    (folder / "_embed_ray.json").write_text("{}\n")
+    pq.write_table(pa_table(), folder / "3f2a_000000_000000-0.parquet")
+    for name in extra:
+        (folder / name).write_text("mine")
+    return folder
+
+
+def pa_table():
+    import pyarrow as pa
+
+    return pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array([0.5, 0.5], pa.float32()), 2)})
+
+
+def test_a_ray_job_is_refused_while_another_job_holds_the_output(bert_case, inputs, tmp_path):
+    pytest.importorskip("ray")
+    from peft_export.corpus.ray_job import embed_with_ray
+
+    out = tmp_path / "out"
+    script = ("import sys, time\nfrom peft_export.corpus.state import OutputLock\n"
+              "from peft_export.corpus.writers import OutputTarget\n"
+              "OutputLock(OutputTarget.for_path(sys.argv[1]))\nprint('locked', flush=True)\ntime.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for force in (False, True):  # refused before Ray starts, and nothing is written
+            with pytest.raises(OutputExistsError, match=rf"out is in use by another embed job \(process {holder.pid}"):
+                embed_with_ray(str(bert_case.export), str(inputs["text"]), str(out), force=force)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".out.embed.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_ray_outputs_and_leftovers_are_embeds_own_and_nothing_else(bert_case, inputs, expected, tmp_path):
+    pytest.importorskip("ray")
+    from peft_export.corpus.ray_job import embed_with_ray
+
+    # A finished --ray output: a local job does not mix its parts into it; with --force it replaces it.
+    out = fake_ray_output(tmp_path / "out")
+    with pytest.raises(OutputExistsError, match=r"out holds the output of embed --ray, .* pass --force to replace"):
+        embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS)
+    with pytest.raises(OutputExistsError, match=r"Output .*out already exists; pass --force to replace it \(embed "
+                                                r"--ray starts from scratch, it does not resume\)"):
+        embed_with_ray(str(bert_case.export), str(inputs["text"]), str(out))
+    # ... but not when it holds a file embed did not write, with either kind of job.
+    (out / ".env").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"not embed output \(.env\); not deleting it even with --force"):
+        embed_with_ray(str(bert_case.export), str(inputs["text"]), str(out), force=True)
+    with pytest.raises(OutputExistsError, match=r"not embed output \(.env\); not deleting it even with --force"):
+        embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS, force=True)
+    assert (out / ".env").read_text() == "mine"
+    (out / ".env").unlink()
+    # The leftovers of a killed --ray run (being built; an old output moved aside; killed before the marker) are
+    # recognised and removed by the next run, a local one here.
+    built = fake_ray_output(tmp_path / ".out.embed-tmp-0a1b2c3d")
+    aside = fake_ray_output(tmp_path / ".out.embed-tmp-4e5f6a7b")
+    (tmp_path / ".out.embed-tmp-8c9d0e1f").mkdir()
+    embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS, force=True, progress=False)
+    np.testing.assert_array_equal(read_parquet(out)[1], expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not built.exists() and not aside.exists()
+    # A folder of that name holding a file embed did not write is not deleted; the error names it.
+    fake_ray_output(tmp_path / ".out.embed-tmp-0a1b2c3d", "notes.md")
+    with pytest.raises(OutputExistsError, match=r"\.out\.embed-tmp-0a1b2c3d is named like a temporary folder of "
+                                                r"embed --ray but holds files embed did not write \(notes.md\)"):
+        embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS)
+    assert (tmp_path / ".out.embed-tmp-0a1b2c3d" / "notes.md").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_a_killed_ray_job_leaves_no_output_and_blocks_no_one(bert_case, inputs, expected, tmp_path):
+    """kill -9 of a running `embed --ray` (after Ray wrote its files, before they became the output): while it ran,
+    a second job of either kind was refused; after it, no output is visible and a plain re-run completes (it used to
+    leave a partial folder without a marker that even --force refused). A finished output is then refused without
+    --force and replaced with it, also when that run is killed between the swap and deleting the old output."""
+    pytest.importorskip("ray")
+    pytest.importorskip("peft_export.ray", reason="peft_export.ray (the Ray Data helper) is not in this branch")
+    out = tmp_path / "out"
+    common = (str(bert_case.export), str(inputs["parquet"]), "-o", str(out))
+    first = ray_cli(*common, env={KILL_ENV: "ray-written"}, wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not list(tmp_path.glob(".out.embed-tmp-*/_embed_ray.json")):
+            time.sleep(0.05)
+        local = run_cli(*common, "--processes", "1")
+        ray_second = run_cli(*common, "--ray", "--force")  # refused before it starts Ray
+        assert first.poll() is None, "the --ray job ended before the others started"
+        for second in (local, ray_second):
+            assert second.returncode == 2
+            assert second.stderr.strip().endswith(f"out is in use by another embed job (process {first.pid}); wait "
+                                                  f"for it to finish or choose another output path"), second.stderr
+        assert first.wait(timeout=300) == -9, first.stderr.read()
+    finally:
+        first.kill()
+        first.wait()
+        first.stderr.close()
+        first.stdout.close()
+    assert not out.exists()  # never a partial output
+    [leftover] = tmp_path.glob(".out.embed-tmp-*")
+    assert (leftover / "_embed_ray.json").is_file() and list(leftover.glob("*.parquet"))
+
+    rerun = ray_cli(*common)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "embedded 70 texts with Ray" in rerun.stderr
+    np.testing.assert_allclose(read_parquet(out)[1], expected, atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+
+    refused = run_cli(*common, "--ray")
+    assert refused.returncode == 2
+    assert "already exists; pass --force to replace it (embed --ray starts from scratch" in refused.stderr
+    before = sorted(p.name for p in out.iterdir())
+    replaced = ray_cli(*common, "--force", env={KILL_ENV: "ray-swapped"})
+    assert replaced.returncode == -9
+    after = sorted(p.name for p in out.iterdir())
+    assert after != before and "_embed_ray.json" in after  # the new output, whole, is in place
+    np.testing.assert_allclose(read_parquet(out)[1], expected, atol=1e-6)
+    # The old one, left aside by the kill, goes with the next run (a local one, replacing Ray's output).
+    assert len(list(tmp_path.glob(".out.embed-tmp-*"))) == 1
+    assert run_cli(*common, "--processes", "1", "--part-rows", str(PART_ROWS), "--force").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+    np.testing.assert_array_equal(read_parquet(out)[1], expected)
