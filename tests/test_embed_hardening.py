@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -471,3 +472,30 @@ def test_a_killed_ray_job_leaves_no_output_and_blocks_no_one(bert_case, inputs, 
     assert run_cli(*common, "--processes", "1", "--part-rows", str(PART_ROWS), "--force").returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
     np.testing.assert_array_equal(read_parquet(out)[1], expected)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_finished_ray_folder_replaces_the_old_output_whole(exchange, tmp_path, monkeypatch):
+    """With the one-step exchange and without it (another OS or file system: the old output is renamed aside
+    first), the new folder ends at the output and nothing else is left; a link to a folder is replaced, never
+    followed."""
+    from peft_export.corpus import ray_job
+    from peft_export.corpus.writers import OutputTarget
+
+    if not exchange:
+        monkeypatch.setattr(ray_job, "exchange_folders", lambda a, b: False)
+    target = OutputTarget.for_path(tmp_path / "out")
+    for old in ("folder", "link"):
+        linked = fake_ray_output(tmp_path / "linked") if old == "link" else None
+        if linked:
+            target.path.symlink_to(linked)
+        else:
+            fake_ray_output(target.path, "old.parquet")
+        new = fake_ray_output(target.new_leftover_path(), "new.parquet")
+        ray_job._put_in_place(new, target)
+        assert not target.path.is_symlink() and (target.path / "new.parquet").is_file()
+        assert not (target.path / "old.parquet").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == (["linked", "out"] if linked else ["out"])
+        if linked:
+            assert sorted(p.name for p in linked.iterdir()) == ["3f2a_000000_000000-0.parquet", "_embed_ray.json"]
+        shutil.rmtree(target.path)
