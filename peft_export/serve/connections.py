@@ -11,7 +11,8 @@ protocol that
 * caps open connections at ``max_connections``: at the cap a new connection closes the one that has waited
   longest for a request (idle keep-alive or partial request) so new clients are served throughout; when every
   open connection is running a request, the new one gets 503 + Retry-After;
-* refuses headers over ``max_header_bytes`` with 431, and answers every parser error (conflicting
+* refuses headers over ``max_header_bytes`` with 431 (counted between reads and as the parser hands them over,
+  so a header block that arrives in one read is held to it too), and answers every parser error (conflicting
   Content-Length, Content-Length together with Transfer-Encoding, a bad chunk size) with a JSON 400 instead of
   uvicorn's text/plain "Invalid HTTP request received.".
 
