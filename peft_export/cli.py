@@ -203,7 +203,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    config = RuntimeConfig.load(path)
+    config = RuntimeConfig.load(path, manifest)
     export = manifest["export"]
     detail = (f"opset {export.get('opset')}" if export["format"] == "onnx"
               else f"{export.get('weight_format')} weights")

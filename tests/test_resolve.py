@@ -55,9 +55,18 @@ def test_full_model_with_named_adapter(bert_case):
     assert [a.name for a in resolved.adapters] == ["mine"]
 
 
-def test_bad_adapter_name_is_refused(bert_case):
-    with pytest.raises(ConfigError, match=r"Adapter name 'bad name!' must use letters, digits"):
-        resolve_model(str(bert_case.base), adapters=[f"bad name!={bert_case.adapter}"])
+@pytest.mark.parametrize("name, shown", [("bad name!", "'bad name!'"), ("a" * 300, r"'a{40}'\.\.\. \(300 characters\)"),
+                                         ("caf\u00e9", "'caf\u00e9'"), ("a" * 65, "'a{65}'")])
+def test_bad_adapter_name_is_refused(bert_case, name, shown):
+    # The name of `--adapter NAME=PATH` (merge-onnx, switchable exports): one clear error, whatever its length.
+    with pytest.raises(ConfigError, match=rf"Adapter name {shown} must be 1 to 64 characters of ASCII letters, "
+                                          r"digits, '-', '_' or '\.' \(not first\)"):
+        resolve_model(str(bert_case.base), adapters=[f"{name}={bert_case.adapter}"])
+
+
+def test_adapter_name_of_the_longest_allowed_length_is_accepted(bert_case):
+    resolved = resolve_model(str(bert_case.base), adapters=[f"{'a' * 64}={bert_case.adapter}"])
+    assert [a.name for a in resolved.adapters] == ["a" * 64]
 
 
 def test_adapter_targeting_dense_also_holds_the_unused_pooler(bert_case):

@@ -20,7 +20,7 @@ from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import ResolvedModel, describe_base, recorded_base, recorded_source, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
-from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_graph_hashes,
+from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_file_hashes,
                        save_tokenizer, write_json)
 from .families import family_of
 from .quality import QualityGate
@@ -362,7 +362,7 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
         validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
         manifest = _manifest(resolved, graph_format.manifest_entry(config), config, validation,
                              time.perf_counter() - merged.started)
-        record_graph_hashes(manifest, tmp)
+        record_file_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")

@@ -24,7 +24,7 @@ from ..runtime.lora_layout import Slot, pack_factors
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import AdapterSource, describe_base, recorded_source, resolve_model, sha256_file
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
-from .artifact import (atomic_output_folder, check_output_target, folder_size, record_graph_hashes,
+from .artifact import (atomic_output_folder, check_output_target, folder_size, record_file_hashes,
                        save_tokenizer, write_json)
 from .families import family_of
 from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, _check_runtime_tokenizer,
@@ -221,7 +221,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n], suffix)
                                 for n in names]
         manifest["validation"] = {k: v for k, v in validation.items() if k != "adapters"}
-        record_graph_hashes(manifest, tmp)
+        record_file_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")

@@ -10,7 +10,6 @@ anything is written; a full or read-only disk is one error and leaves the folder
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
@@ -19,7 +18,7 @@ from typing import Any, Callable
 
 from ..errors import AdapterNotFoundError, ConfigError, PeftExportError, ValidationError
 from ..runtime.backends import detect_backend
-from ..runtime.config import MANIFEST_FILE, RUNTIME_CONFIG_FILE, RuntimeConfig, read_manifest
+from ..runtime.config import MANIFEST_FILE, RuntimeConfig, read_manifest
 from ..runtime.export_files import confined, verify_sha256
 from ..runtime.lora_layout import Slot
 from ..source.resolve import load_adapter_source, parse_adapter_spec, resolve_model, sha256_file
@@ -51,8 +50,8 @@ def _locked(folder: Path):
 def _load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
     if not folder.is_dir():
         raise ConfigError(f"Export folder not found: {folder}")
-    config = RuntimeConfig.load(folder, prefer_manifest=True)  # the manifest says which adapters the export holds
     manifest = read_manifest(folder)
+    config = RuntimeConfig.load(folder, manifest)  # the manifest says which adapters the export holds
     if manifest.get("merge_mode") != MERGE_MODE or not config.lora_slots:
         raise ConfigError(
             f"{folder} is a {manifest.get('merge_mode', 'merged')!r} export; adapters can only be added to or "
@@ -67,11 +66,6 @@ def _check_writable(folder: Path) -> None:
         if place.is_dir() and not os.access(place, os.W_OK):
             raise PeftExportError(f"{place} is not writable (read-only file system or permissions); the export "
                                   "was not changed")
-
-
-def _lists_adapters_in_config(folder: Path) -> bool:
-    """Exports made before the manifest alone listed the adapters also list them in embedding_config.json."""
-    return "adapters" in json.loads((folder / RUNTIME_CONFIG_FILE).read_text(encoding="utf-8"))
 
 
 def _alive(pid: int) -> bool:
@@ -111,13 +105,9 @@ def _fresh_adapter_file(folder: Path, name: str, suffix: str) -> str:
     return relative
 
 
-def _commit(folder: Path, config: RuntimeConfig, manifest: dict[str, Any], step: str) -> None:
-    """The one switch of an add/remove-adapter: rename the new manifest into place. Older exports also list
-    adapters in embedding_config.json; that copy is dropped first (the manifest it leaves in charge still
-    describes the old state, so a kill in between leaves the old export)."""
-    if _lists_adapters_in_config(folder):
-        config.save(folder)  # switchable configs are saved without the adapter table
-        crash_point(f"{step}-config-migrated")
+def _commit(folder: Path, manifest: dict[str, Any], step: str) -> None:
+    """The one switch of an add/remove-adapter: rename the new manifest into place. It keeps the export's file
+    hashes (``export.sha256``: no other file changes) and records the adapter files' own."""
     write_json(folder / MANIFEST_FILE, manifest)
     crash_point(f"{step}-committed")
 
@@ -221,7 +211,7 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
             manifest["validation"].setdefault("adapter_pair_max_abs_diff", {}).update(
                 validation["adapter_pair_max_abs_diff"])
             manifest["size_bytes"] = folder_size(folder) - (_size(folder / replaced) if replaced else 0)
-            _commit(folder, config, manifest, "add-adapter")
+            _commit(folder, manifest, "add-adapter")
             committed = True
         except OSError as err:
             raise PeftExportError(f"Adding adapter {name!r} to {folder} failed: {err.strerror or err}; the export "
@@ -268,7 +258,7 @@ def remove_adapter(output: str | Path, name: str, log: Callable[[str], None] = l
             del pairs[key]
         manifest["size_bytes"] = folder_size(folder) - _size(folder / removed)
         try:
-            _commit(folder, config, manifest, "remove-adapter")
+            _commit(folder, manifest, "remove-adapter")
         except OSError as err:
             raise PeftExportError(f"Removing adapter {name!r} from {folder} failed: {err.strerror or err}; the "
                                   "export was not changed") from err
