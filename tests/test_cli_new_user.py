@@ -95,6 +95,26 @@ def test_export_verbs_without_torch_name_the_extra(argv, bert_case, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_remove_adapter_without_torch_rewrites_the_export(tmp_path):
+    """remove-adapter only rewrites the adapter list, the manifest and its file list: no torch needed."""
+    from switchable_fixtures import copy_export, switchable_export
+
+    from peft_export import EmbeddingModel
+
+    export = copy_export(switchable_export(), tmp_path / "export")
+    assert_one_line_error(cli("remove-adapter", str(export), "nope", code=WITHOUT_TORCH),
+                          r"has no adapter named 'nope'; it has \['attn', 'ffn', 'mixed'\]$")
+    result = cli("remove-adapter", str(export), "ffn", code=WITHOUT_TORCH)
+    assert result.returncode == 0, result.stderr
+    assert "removed adapter 'ffn'" in result.stdout
+    manifest = json.loads((export / "peft_export.json").read_text())
+    assert [a["name"] for a in manifest["adapters"]] == ["attn", "mixed"]
+    assert not any("ffn" in name for name in manifest["export"]["files"])
+    assert not list((export / "adapters").glob("ffn*"))
+    model = EmbeddingModel(export)  # verifies the hashes of every file the manifest lists
+    assert sorted(model.list_adapters()) == ["attn", "mixed"]
+
+
 def test_library_export_without_torch_is_a_chained_import_error():
     code = ("import sys; sys.modules['torch'] = None\n"
             "import peft_export\n"

@@ -29,13 +29,12 @@ from .artifact import (atomic_output_folder, check_output_target, folder_size, r
 from .families import family_of
 from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, _check_runtime_tokenizer,
                        _manifest, prepare_export)
+from .switchable_folder import ADAPTERS_DIR, MERGE_MODE, _adapter_file, _graph_files  # noqa: F401
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
                                   max_output_difference, peft_lora_factors, validate_adapter_run)
 
 logger = logging.getLogger(__name__)
 
-MERGE_MODE = "switchable"
-ADAPTERS_DIR = "adapters"
 BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, normalised sentence embeddings
 _RUNTIME_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks")
 
@@ -47,17 +46,6 @@ def _adapter_writer(backend: str) -> tuple[str, Callable[[Path, dict], None]]:
     else:
         from ..runtime.onnxruntime_adapters import ADAPTER_SUFFIX, write_adapter_file
     return ADAPTER_SUFFIX, write_adapter_file
-
-
-def _adapter_file(name: str, suffix: str) -> str:
-    return f"{ADAPTERS_DIR}/{name}{suffix}"
-
-
-def _graph_files(config: RuntimeConfig) -> list[str]:
-    """The graph's files: ``model.onnx``, or an OpenVINO IR's ``.xml`` and ``.bin``."""
-    if Path(config.model_file).suffix == ".xml":
-        return [config.model_file, str(Path(config.model_file).with_suffix(".bin"))]
-    return [config.model_file]
 
 
 def _open_graph(folder: Path, config: RuntimeConfig):
