@@ -142,6 +142,14 @@ def test_serve_on_a_busy_port_is_one_line_naming_it(tiny, busy_port):
                           r"there or pass another --port \(0: any free port\)$")
 
 
+def test_serve_ray_on_a_busy_port_is_one_line_naming_it(tiny, busy_port):
+    """Checked before Ray starts (so this is quick): without it, Ray's HTTP proxy failed to bind deep in its logs."""
+    pytest.importorskip("ray.serve", reason="serve-ray needs peft_export[ray]")
+    assert_one_line_error(cli("serve-ray", str(tiny["export"]), "--port", str(busy_port), timeout=180),
+                          rf"Cannot listen on 127\.0\.0\.1:{busy_port}: the port is already in use; stop what listens "
+                          r"there or pass another --port \(0: any free port\)$")
+
+
 def test_library_run_server_on_a_busy_port_speaks_keywords(busy_port):
     from peft_export.errors import ListenError
     from peft_export.serve.server import listening_socket

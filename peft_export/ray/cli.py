@@ -13,10 +13,13 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     import threading
 
     from ..serve import ServeSettings
+    from ..serve.server import listening_socket
     from ..serve.settings import LIMIT_FLAGS
 
     ray = require("ray", "ray")
     serve = require("ray.serve", "ray")
+    if args.address is None:  # the local Ray instance's HTTP proxy will listen here: a busy port is one line now,
+        listening_socket(args.host, args.port).close()  # not a proxy failure deep in Ray's logs after its start
     from .serve import serve_app
 
     settings = ServeSettings(
