@@ -62,10 +62,10 @@ def _prepare_base(manifest: dict[str, Any], folder: Path, base: str | None, toke
     fresh = prepared.runtime_config(config.model_file, config.dimension).to_dict()
     for key in ("input_names", "max_seq_length", "pooling_modes", "normalize", "has_dense", "do_lower_case"):
         if fresh[key] != getattr(config, key):
-            raise ConfigError(
-                f"The base model {resolved.base_id!r} does not match this export: {key} is {fresh[key]!r} there and "
-                f"{getattr(config, key)!r} in the export. Pass --base with the model the export was made from."
-            )
+            found = (f"The base model {resolved.base_id!r} does not match this export: {key} is {fresh[key]!r} there "
+                     f"and {getattr(config, key)!r} in the export. Pass")
+            raise ConfigError(f"{found} the model the export was made from as base=...").in_cli_words(
+                f"{found} --base with the model the export was made from.")
     return prepared
 
 
@@ -88,8 +88,10 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
     with _locked(folder):
         config, manifest = _load_switchable(folder)
         if name in config.adapters and not force:
-            raise ConfigError(f"{folder} already has an adapter named {name!r}; pass --force to replace it, or "
-                              "remove it first with `peft-export remove-adapter`")
+            taken = f"{folder} already has an adapter named {name!r}; pass"
+            raise ConfigError(f"{taken} force=True to replace it, or remove it first with remove_adapter()"
+                              ).in_cli_words(f"{taken} --force to replace it, or remove it first with "
+                                             "`peft-export remove-adapter`")
         adapter = load_adapter_source(target, name=name, token=token)
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
         slots = [Slot.from_dict(s) for s in config.lora_slots]
@@ -125,10 +127,9 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
                                                        existing, allow_noop_adapter)
             except ValidationError as err:
                 if "without an adapter" in str(err):
-                    raise ValidationError(
-                        f"{err}. The base model used for validation is not the one this export was made from; pass "
-                        "--base with that model."
-                    ) from err
+                    wrong = "The base model used for validation is not the one this export was made from; pass"
+                    raise ValidationError(f"{err}. {wrong} that model as base=...").in_cli_words(
+                        f"{err.for_cli()}. {wrong} --base with that model.") from err
                 raise
             os.replace(candidate, final)  # a new name, listed nowhere yet: the export is still the old one
             crash_point("add-adapter-file-written")

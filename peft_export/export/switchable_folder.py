@@ -63,10 +63,10 @@ def _load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
     config = RuntimeConfig.load(folder, prefer_manifest=True)  # the manifest says which adapters the export holds
     manifest = read_manifest(folder)
     if manifest.get("merge_mode") != MERGE_MODE or not config.lora_slots:
-        raise ConfigError(
-            f"{folder} is a {manifest.get('merge_mode', 'merged')!r} export; adapters can only be added to or "
-            "removed from a switchable export (peft-export merge-onnx BASE --adapter NAME=PATH --switchable)"
-        )
+        found = (f"{folder} is a {manifest.get('merge_mode', 'merged')!r} export; adapters can only be added to or "
+                 "removed from a switchable export")
+        raise ConfigError(f'{found} (export_onnx_model(BASE, OUTPUT, adapters=["NAME=PATH"], switchable=True))'
+                          ).in_cli_words(f"{found} (peft-export merge-onnx BASE --adapter NAME=PATH --switchable)")
     return config, manifest
 
 
