@@ -18,8 +18,6 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
 
     ray = require("ray", "ray")
     serve = require("ray.serve", "ray")
-    if args.address is None:  # the local Ray instance's HTTP proxy will listen here: a busy port is one line now,
-        listening_socket(args.host, args.port).close()  # not a proxy failure deep in Ray's logs after its start
     from .serve import serve_app
 
     settings = ServeSettings(
@@ -29,6 +27,8 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     )
     app = serve_app(args.path, replicas=args.replicas, threads_per_replica=args.threads_per_replica,
                     merged_adapter_budget=args.merged_adapter_budget, settings=settings)
+    if args.address is None:  # the local Ray instance's HTTP proxy will listen here: a busy port is one line now,
+        listening_socket(args.host, args.port).close()  # not a proxy failure deep in Ray's logs after its start
     ray.init(address=args.address, include_dashboard=False, configure_logging=False)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
