@@ -41,12 +41,12 @@ def test_adapter_without_base_needs_the_base_option(bert_case, tmp_path):
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = None
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"has no base_model_name_or_path; pass the base model with --base"):
+    with pytest.raises(ConfigError, match=r"has no base_model_name_or_path; pass the base model as base=\.\.\.$"):
         resolve_model(str(adapter))
 
 
 def test_base_option_with_a_full_model_is_refused(bert_case):
-    with pytest.raises(ConfigError, match=r"--base is only used with an adapter-only MODEL_ID"):
+    with pytest.raises(ConfigError, match=r"^base is only used with an adapter-only model_id"):
         resolve_model(str(bert_case.base), base=str(bert_case.base))
 
 
@@ -137,7 +137,8 @@ def test_offline_hub_base_of_an_adapter_folder_points_to_the_base_option(bert_ca
     _edit_json(adapter / "adapter_config.json",
                lambda c: c.update(base_model_name_or_path="peft-export-tests/no-such-base"))
     _offline(monkeypatch, tmp_path)
-    with pytest.raises(ModelNotFoundError, match=r"'peft-export-tests/no-such-base'.*`--base \./local-base`") as err:
+    in_words = r"'peft-export-tests/no-such-base'.*base='\./local-base'.*token=\.\.\."
+    with pytest.raises(ModelNotFoundError, match=in_words) as err:
         resolve_model(str(adapter))
     assert "merge-onnx ./my-model" not in str(err.value)
     assert "HF_TOKEN" in str(err.value)  # a private or gated base: how to authenticate

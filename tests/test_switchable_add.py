@@ -95,7 +95,7 @@ def test_adapter_for_a_different_base_is_refused(export):
 def test_same_shapes_but_another_base_fails_the_base_check(export):
     twin = base_model("twin", seed=7)  # same architecture, other weights: the export's base is not this one
     _refused(export, f"late={make_adapter('late', **LATE)}", ValidationError,
-             "without an adapter.*pass --base with that model", base=str(twin))
+             "without an adapter.*pass that model as base=", base=str(twin))
 
 
 def test_target_without_a_branch_says_to_reexport(attn_only):

@@ -266,7 +266,7 @@ def test_export_refuses_compressed_weights_with_switchable(tmp_path):
     from peft_export import export_openvino_model
 
     for weight_format in ("fp16", "int8"):
-        with pytest.raises(ConfigError, match=f"--weight-format {weight_format} is not supported with --switchable"):
+        with pytest.raises(ConfigError, match=f"weight_format='{weight_format}' is not supported with switchable=True"):
             export_openvino_model(str(base_model()), tmp_path / "out", weight_format=weight_format,
                                   adapters=[f"attn={make_adapter('attn')}"], switchable=True, log=quiet)
     assert not (tmp_path / "out").exists()

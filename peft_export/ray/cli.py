@@ -13,6 +13,7 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     import threading
 
     from ..serve import ServeSettings
+    from ..serve.server import listening_socket
     from ..serve.settings import LIMIT_FLAGS
     from .local import init_ray
 
@@ -27,6 +28,8 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     )
     app = serve_app(args.path, replicas=args.replicas, threads_per_replica=args.threads_per_replica,
                     merged_adapter_budget=args.merged_adapter_budget, settings=settings)
+    if args.address is None:  # the local Ray instance's HTTP proxy will listen here: a busy port is one line now,
+        listening_socket(args.host, args.port).close()  # not a proxy failure deep in Ray's logs after its start
     init_ray(args.address, serve_proxy=True)  # a local instance: loopback only
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

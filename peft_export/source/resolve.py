@@ -185,9 +185,8 @@ def resolve_model(
         resolved_adapters.append(adapter)
         base_id = base or adapter.config.base_model_name_or_path
         if not base_id:
-            raise ConfigError(
-                f"{folder}/adapter_config.json has no base_model_name_or_path; pass the base model with --base"
-            )
+            lacks = f"{folder}/adapter_config.json has no base_model_name_or_path; pass the base model"
+            raise ConfigError(f"{lacks} as base=...").in_cli_words(f"{lacks} with --base")
         # The base named by adapter_config.json is usually a hub id: offline, --base is the way to a local copy.
         base_folder = local_folder(base_id, revision=base_revision, token=token, instead=PASS_BASE_LOCALLY)
         if (folder / "modules.json").is_file():
@@ -195,7 +194,9 @@ def resolve_model(
         base_rev = base_revision
     else:
         if base:
-            raise ConfigError(f"--base is only used with an adapter-only MODEL_ID; {model_id!r} is a full model")
+            raise ConfigError(f"base is only used with an adapter-only model_id; {model_id!r} is a full model"
+                              ).in_cli_words(f"--base is only used with an adapter-only MODEL_ID; {model_id!r} is a "
+                                             "full model")
         base_id, base_folder, base_rev = model_id, folder, revision
     base_rev = snapshot_revision(base_folder) or base_rev  # a hub download: the commit actually used
 
