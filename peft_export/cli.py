@@ -167,7 +167,7 @@ def _cmd_add_adapter(args: argparse.Namespace) -> int:
 
 
 def _cmd_remove_adapter(args: argparse.Namespace) -> int:
-    from .export.switchable_changes import remove_adapter
+    from .export.switchable_folder import remove_adapter  # torch-free: no graph is touched
 
     remove_adapter(args.path, args.name, log=lambda msg: print(msg, flush=True))
     return 0
@@ -203,7 +203,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    config = RuntimeConfig.load(path)
+    config = RuntimeConfig.load(path, manifest)
     export = manifest["export"]
     detail = (f"opset {export.get('opset')}" if export["format"] == "onnx"
               else f"{export.get('weight_format')} weights")

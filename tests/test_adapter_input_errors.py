@@ -206,3 +206,47 @@ def test_adapter_whose_targets_match_nothing_names_both_sets(zoo, tmp_path):
                                           r"q_proj, up_proj, v_proj"):
         export_onnx_model(str(adapter), tmp_path / "out", base=str(base), log=_quiet)
     assert not (tmp_path / "out").exists()
+
+
+# ----- issue 22 item 12: adapter names are validated wherever they enter -----
+LONG_NAME = "x" * 300
+
+
+def test_add_adapter_with_a_300_character_name_is_one_line_exit_2(tmp_path, capsys):
+    # It failed with an OSError traceback (File name too long) from checking whether NAME=PATH was a path.
+    from switchable_fixtures import copy_export, make_adapter, snapshot, switchable_export
+
+    export = copy_export(switchable_export(), tmp_path / "export")
+    before, adapter = snapshot(export), make_adapter("attn")
+    capsys.readouterr()  # what building the fixtures printed
+    assert cli_main(["add-adapter", str(export), f"{LONG_NAME}={adapter}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "(300 characters) must be 1 to 64 characters of ASCII letters, digits, '-', '_' or '.'" in err
+    assert snapshot(export) == before
+
+
+@pytest.mark.parametrize("name", [LONG_NAME, "../x", "a b", ".hidden"])
+def test_load_adapter_refuses_bad_names(name):
+    from switchable_fixtures import make_adapter, switchable_export
+
+    model = EmbeddingModel(switchable_export())
+    with pytest.raises(ConfigError, match=r"must be 1 to 64 characters of ASCII letters, digits"):
+        model.load_adapter(str(make_adapter("attn")), adapter_name=name)
+    assert LONG_NAME not in model.list_adapters()
+
+
+def test_server_answers_a_300_character_or_path_shaped_model_name_with_404_json():
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+    from switchable_fixtures import switchable_export
+
+    from peft_export.serve import create_app
+
+    with TestClient(create_app(EmbeddingModel(switchable_export()))) as client:
+        for name in (LONG_NAME, "../../etc/passwd", "attn/../ffn"):
+            response = client.post("/v1/embeddings", json={"input": ["a"], "model": name})
+            assert response.status_code == 404, response.text
+            assert response.headers["content-type"] == "application/json"
+            assert response.json()["error"]["code"] == "model_not_found"
+            assert len(response.text) < 1000

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from peft_export.cli import main
-from peft_export.errors import ConfigError, OutputExistsError
+from peft_export.errors import ConfigError, OutputExistsError, PeftExportError
 from serve_support import REPO_ROOT, wait_until
 
 ENV = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -82,8 +82,7 @@ def test_output_closed_by_its_reader_ends_quietly(bert_case, argv):
     ["merge-onnx", "{adapter}", "-o", "{tmp}/out"],
     ["merge-openvino", "{adapter}", "-o", "{tmp}/out"],
     ["merge-onnx"],  # the quick start's command
-    ["add-adapter", "{export}", "extra={adapter}"],
-    ["remove-adapter", "{export}", "extra"],
+    ["add-adapter", "{export}", "extra={adapter}"],  # remove-adapter needs no torch: see the next test
     ["bench", "{export}", "--quick", "--eager", "{base}", "--out", "{tmp}/bench"],
 ])
 def test_export_verbs_without_torch_name_the_extra(argv, bert_case, tmp_path):
@@ -93,6 +92,26 @@ def test_export_verbs_without_torch_name_the_extra(argv, bert_case, tmp_path):
                           r"'torch' is required .* not installed\. Install it with: pip install "
                           r"'peft_export\[export\]'")
     assert not (tmp_path / "out").exists()
+
+
+def test_remove_adapter_without_torch_rewrites_the_export(tmp_path):
+    """remove-adapter only rewrites the adapter list, the manifest and its file list: no torch needed."""
+    from switchable_fixtures import copy_export, switchable_export
+
+    from peft_export import EmbeddingModel
+
+    export = copy_export(switchable_export(), tmp_path / "export")
+    assert_one_line_error(cli("remove-adapter", str(export), "nope", code=WITHOUT_TORCH),
+                          r"has no adapter named 'nope'; it has \['attn', 'ffn', 'mixed'\]$")
+    result = cli("remove-adapter", str(export), "ffn", code=WITHOUT_TORCH)
+    assert result.returncode == 0, result.stderr
+    assert "removed adapter 'ffn'" in result.stdout
+    manifest = json.loads((export / "peft_export.json").read_text())
+    assert [a["name"] for a in manifest["adapters"]] == ["attn", "mixed"]
+    assert not any("ffn" in name for name in manifest["export"]["files"])
+    assert not list((export / "adapters").glob("ffn*"))
+    model = EmbeddingModel(export)  # verifies the hashes of every file the manifest lists
+    assert sorted(model.list_adapters()) == ["attn", "mixed"]
 
 
 def test_library_export_without_torch_is_a_chained_import_error():
@@ -118,6 +137,14 @@ def busy_port():
 
 def test_serve_on_a_busy_port_is_one_line_naming_it(tiny, busy_port):
     assert_one_line_error(cli("serve", str(tiny["export"]), "--port", str(busy_port)),
+                          rf"Cannot listen on 127\.0\.0\.1:{busy_port}: the port is already in use; stop what listens "
+                          r"there or pass another --port \(0: any free port\)$")
+
+
+def test_serve_ray_on_a_busy_port_is_one_line_naming_it(tiny, busy_port):
+    """Checked before Ray starts (so this is quick): without it, Ray's HTTP proxy failed to bind deep in its logs."""
+    pytest.importorskip("ray.serve", reason="serve-ray needs peft_export[ray]")
+    assert_one_line_error(cli("serve-ray", str(tiny["export"]), "--port", str(busy_port), timeout=180),
                           rf"Cannot listen on 127\.0\.0\.1:{busy_port}: the port is already in use; stop what listens "
                           r"there or pass another --port \(0: any free port\)$")
 
@@ -364,6 +391,136 @@ def test_cli_messages_name_flags_and_library_messages_keywords(existing_output, 
 
     with pytest.raises(OutputExistsError, match=r"already exists; pass force=True to overwrite it$"):
         export_onnx_model(str(bert_case.adapter), existing_output, log=lambda msg: None)
+
+
+# Export errors a library caller and a peft-export user both meet: (argv, library call, CLI message, library message).
+# {a} the tiny adapter, {b} its base, {e} its merged export, {sw} a switchable export, {nobase} / {bias} edited copies
+# of the adapter, {out} a fresh output. Each fails before a model is loaded, except max_seq_length (the tiny one).
+BOTH_WORDINGS = {
+    "pooling": (["merge-onnx", "{a}", "-o", "{out}", "--pooling", "median"],
+                lambda p: p.onnx(p.a, pooling="median"),
+                r"^--pooling 'median' is not one of cls, max, mean", r"^pooling='median' is not one of cls, max, mean"),
+    "max_seq_length": (["merge-onnx", "{a}", "-o", "{out}", "--max-seq-length", "4096"],
+                       lambda p: p.onnx(p.a, max_seq_length=4096),
+                       r"^--max-seq-length 4096 exceeds the model's", r"^max_seq_length=4096 exceeds the model's"),
+    "default_adapter_merged": (["merge-onnx", "{a}", "-o", "{out}", "--default-adapter", "x"],
+                               lambda p: p.onnx(p.a, default_adapter="x"),
+                               r"^--default-adapter only applies to switchable exports \(--switchable\)$",
+                               r"^default_adapter only applies to switchable exports \(switchable=True\)$"),
+    "two_adapters_merged": (["merge-onnx", "{b}", "-o", "{out}", "--adapter", "x={a}", "--adapter", "y={a}"],
+                            lambda p: p.onnx(p.b, adapters=[f"x={p.a}", f"y={p.a}"]),
+                            r"export each separately, or pass --switchable to keep them",
+                            r"export each separately, or pass switchable=True to keep them"),
+    "switchable_without_adapters": (["merge-onnx", "{b}", "-o", "{out}", "--switchable"],
+                                    lambda p: p.onnx(p.b, switchable=True),
+                                    r"^--switchable needs at least one adapter: --adapter NAME=PATH \(repeat for "
+                                    r"more\)$",
+                                    r'^switchable=True needs at least one adapter: adapters=\["NAME=PATH", \.\.\.\]$'),
+    "default_adapter_unknown": (["merge-onnx", "{b}", "-o", "{out}", "--switchable", "--adapter", "x={a}",
+                                 "--default-adapter", "nope"],
+                                lambda p: p.onnx(p.b, adapters=[f"x={p.a}"], switchable=True, default_adapter="nope"),
+                                r"^--default-adapter 'nope' is not one of the adapters \['x'\]$",
+                                r"^default_adapter='nope' is not one of the adapters \['x'\]$"),
+    "quantize_switchable": (["merge-onnx", "{b}", "-o", "{out}", "--switchable", "--adapter", "x={a}", "--quantize",
+                             "int8"], lambda p: p.onnx(p.b, adapters=[f"x={p.a}"], switchable=True, quantize="int8"),
+                            r"^--quantize is not supported with --switchable",
+                            r"^quantize='int8' is not supported with switchable=True"),
+    "fp16_switchable": (["merge-onnx", "{b}", "-o", "{out}", "--switchable", "--adapter", "x={a}", "--dtype", "fp16"],
+                        lambda p: p.onnx(p.b, adapters=[f"x={p.a}"], switchable=True, dtype="fp16"),
+                        r"^--dtype fp16 is not supported with --switchable",
+                        r"^dtype='fp16' is not supported with switchable=True"),
+    "fp16_and_quantize": (["merge-onnx", "{a}", "-o", "{out}", "--dtype", "fp16", "--quantize", "int8"],
+                          lambda p: p.onnx(p.a, dtype="fp16", quantize="int8"),
+                          r"^--dtype fp16 and --quantize are alternatives",
+                          r"^dtype='fp16' and quantize are alternatives"),
+    "weight_format_switchable": (["merge-openvino", "{b}", "-o", "{out}", "--switchable", "--adapter", "x={a}",
+                                  "--weight-format", "int8"],
+                                 lambda p: p.openvino(p.b, weight_format="int8", adapters=[f"x={p.a}"],
+                                                      switchable=True),
+                                 r"^--weight-format int8 is not supported with --switchable: .*; export with "
+                                 r"--weight-format fp32$",
+                                 r"^weight_format='int8' is not supported with switchable=True: .*; export with "
+                                 r"weight_format='fp32'$"),
+    "quantize_compressed_openvino": (["merge-openvino", "{a}", "-o", "{out}", "--quantize", "int8-static",
+                                      "--weight-format", "fp16"],
+                                     lambda p: p.openvino(p.a, weight_format="fp16", quantize="int8-static"),
+                                     r"^--quantize int8-static quantizes the fp32 weights itself; leave "
+                                     r"--weight-format at fp32 \(found fp16\)$",
+                                     r"^quantize='int8-static' quantizes the fp32 weights itself; leave weight_format "
+                                     r"at 'fp32' \(found 'fp16'\)$"),
+    "gate_data_missing": (["merge-onnx", "{a}", "-o", "{out}", "--quantize", "int8", "--gate-data", "{out}.jsonl"],
+                          lambda p: p.onnx(p.a, quantize="int8", gate_data=f"{p.out}.jsonl"),
+                          r"^cannot read --gate-data .*\.jsonl: No such file",
+                          r"^cannot read gate_data .*\.jsonl: No such file"),
+    "base_of_a_full_model": (["merge-onnx", "{b}", "-o", "{out}", "--base", "{b}"],
+                             lambda p: p.onnx(p.b, base=p.b),
+                             r"^--base is only used with an adapter-only MODEL_ID; .* is a full model$",
+                             r"^base is only used with an adapter-only model_id; .* is a full model$"),
+    "adapter_without_base": (["merge-onnx", "{nobase}", "-o", "{out}"], lambda p: p.onnx(p.nobase),
+                             r"has no base_model_name_or_path; pass the base model with --base$",
+                             r"has no base_model_name_or_path; pass the base model as base=\.\.\.$"),
+    "switchable_bias": (["merge-onnx", "{b}", "-o", "{out}", "--switchable", "--adapter", "x={bias}"],
+                        lambda p: p.onnx(p.b, adapters=[f"x={p.bias}"], switchable=True),
+                        r"'bias' is 'all'.*Export it merged instead \(merge-onnx without --switchable\)\.$",
+                        r"'bias' is 'all'.*Export it merged instead \(export_onnx_model without switchable=True\)\.$"),
+    "add_to_a_merged_export": (["add-adapter", "{e}", "x={a}"], lambda p: p.add(p.e, f"x={p.a}"),
+                               r"only be added to or removed from a switchable export \(peft-export merge-onnx BASE "
+                               r"--adapter NAME=PATH --switchable\)$",
+                               r"only be added to or removed from a switchable export \(export_onnx_model\(BASE, "
+                               r"OUTPUT, adapters=\[\"NAME=PATH\"\], switchable=True\)\)$"),
+    "add_a_taken_name": (["add-adapter", "{sw}", "attn={a}"], lambda p: p.add(p.sw, f"attn={p.a}"),
+                         r"already has an adapter named 'attn'; pass --force to replace it, or remove it first with "
+                         r"`peft-export remove-adapter`$",
+                         r"already has an adapter named 'attn'; pass force=True to replace it, or remove it first "
+                         r"with remove_adapter\(\)$"),
+}
+
+
+class _Paths:
+    """The places BOTH_WORDINGS names, and the library calls it makes (quiet, into a fresh output)."""
+
+    def __init__(self, case, tmp_path: Path, needs_switchable: bool):
+        from switchable_fixtures import edit_adapter_config, switchable_export
+
+        self.a, self.b, self.e, self.out = str(case.adapter), str(case.base), str(case.export), str(tmp_path / "out")
+        self.nobase = str(edit_adapter_config(case.adapter, tmp_path / "nobase", base_model_name_or_path=None))
+        self.bias = str(edit_adapter_config(case.adapter, tmp_path / "bias", bias="all"))
+        self.sw = str(switchable_export()) if needs_switchable else ""
+
+    def onnx(self, model: str, **options):
+        from peft_export import export_onnx_model
+
+        return export_onnx_model(model, self.out, log=lambda msg: None, **options)
+
+    def openvino(self, model: str, weight_format: str = "fp32", **options):
+        from peft_export import export_openvino_model
+
+        return export_openvino_model(model, self.out, weight_format, log=lambda msg: None, **options)
+
+    def add(self, export: str, spec: str):
+        from peft_export.export.switchable_changes import add_adapter
+
+        return add_adapter(export, spec, log=lambda msg: None)
+
+
+@pytest.mark.parametrize("case", list(BOTH_WORDINGS))
+def test_export_errors_name_flags_on_the_cli_and_keywords_in_the_library(case, bert_case, tmp_path, capsys):
+    argv, call, cli_message, library_message = BOTH_WORDINGS[case]
+    paths = _Paths(bert_case, tmp_path, needs_switchable="{sw}" in argv)
+    capsys.readouterr()  # what building the switchable export printed
+    if "merge-openvino" in argv:
+        pytest.importorskip("openvino", reason="merge-openvino needs peft_export[openvino]")
+    assert main([arg.format(**vars(paths)) for arg in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("peft-export: error: "), err
+    line = err.removeprefix("peft-export: error: ")
+    assert re.search(cli_message, line), line
+    assert not re.search(library_message, line) and "=True" not in line and "_model(" not in line, line
+    with pytest.raises(PeftExportError) as info:
+        call(paths)
+    assert re.search(library_message, str(info.value)), str(info.value)
+    assert " --" not in str(info.value) and "`peft-export" not in str(info.value), str(info.value)
+    assert not Path(paths.out).exists()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from fixtures.export_edits import write_runtime_config
 from conftest import POOLING_MODES, SENTENCE_ATOL, assert_same_embeddings, max_unit_diff, pooling_case
 
 PROMPTS = {"query": "query: ", "document": "a passage of text: "}
@@ -96,7 +97,7 @@ def test_prompt_excluded_from_every_pooling_mode(zoo, tmp_path, real_texts, mode
     config_path = folder / "embedding_config.json"
     config = json.loads(config_path.read_text())
     config["include_prompt"] = False
-    config_path.write_text(json.dumps(config))
+    write_runtime_config(folder, config)
     reference = case.reference()
     reference[1].include_prompt = False
     model = EmbeddingModel(folder)

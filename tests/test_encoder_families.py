@@ -16,6 +16,7 @@ import pytest
 from conftest import SENTENCE_ATOL, max_unit_diff
 from fixtures import text
 from fixtures.encoder_families import FAMILIES, MODERNBERT_LOCAL_WINDOW, build_adapter, build_hf, build_st
+from fixtures.export_edits import write_runtime_config
 
 BASE_ATOL = 1e-6
 ADAPTER = "tuned"
@@ -225,7 +226,7 @@ def test_query_and_document_prompt_names_work_without_saved_prompts(promptless_m
     assert json.loads((out / "embedding_config.json").read_text())["prompts"] == {"query": "", "document": ""}
     old = shutil.copytree(out, tmp_path / "old-export")  # as exports made before: no prompts recorded
     config = json.loads((old / "embedding_config.json").read_text())
-    (old / "embedding_config.json").write_text(json.dumps({**config, "prompts": {}}))
+    write_runtime_config(old, {**config, "prompts": {}})
     mode = "switchable-onnx" if switchable else "merged-onnx"
     expected = reference.encode(family_texts, prompt_name="query")
     np.testing.assert_array_equal(expected, reference.encode(family_texts))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.export_edits import rehash, uncovered, write_runtime_config
 from switchable_fixtures import (TEXTS, base_model, copy_export, make_adapter, max_unit_diff, quiet, snapshot,
                                  switchable_export)
 
@@ -85,22 +86,9 @@ def test_graph_file_that_does_not_match_its_hash_is_refused(export):
     tensor = next(t for t in graph.graph.initializer if t.name.endswith("LayerNorm.weight"))
     tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 2, tensor.name))
     onnx.save(graph, str(export / "model.onnx"))
-    with pytest.raises(ConfigError, match="model.onnx does not hold what peft_export.json records for graph file"):
+    with pytest.raises(ConfigError, match="model.onnx does not hold what peft_export.json records for "
+                                          "model.onnx"):
         EmbeddingModel(export)
-
-
-def test_runtime_config_and_manifest_that_disagree_are_refused(export):
-    # An export written before the manifest alone listed the adapters, killed between its two writes.
-    _legacy(export)
-    config = _json(export / "embedding_config.json")
-    del config["adapters"]["mixed"]
-    _write_json(export / "embedding_config.json", config)
-    with pytest.raises(ConfigError, match=r"embedding_config.json lists adapters \['attn', 'ffn'\] .* but "
-                                          r"peft_export.json lists \['attn', 'ffn', 'mixed'\].*was interrupted"):
-        EmbeddingModel(export)
-    remove_adapter(export, "mixed", log=quiet)  # repairs: the manifest decides, both are rewritten
-    assert "adapters" not in _json(export / "embedding_config.json")
-    assert EmbeddingModel(export).list_adapters() == ["attn", "ffn"]
 
 
 def _new_adapter_embeddings(export: Path, late: Path) -> np.ndarray:
@@ -130,31 +118,14 @@ def test_kill_during_add_adapter_force_leaves_the_old_or_the_new_adapter(export,
     assert sorted(p.name for p in (export / "adapters").iterdir()) == [n for n in listed if not n.startswith("ffn")]
 
 
-def _legacy(export: Path) -> None:
-    """The layout of exports made before the manifest alone listed the adapters: the config lists them too."""
-    manifest = _json(export / "peft_export.json")
-    config = _json(export / "embedding_config.json")
-    config["adapters"] = {e["name"]: {"file": e["file"], "r": e["r"]} for e in manifest["adapters"]}
-    config["default_adapter"] = None
-    _write_json(export / "embedding_config.json", config)
-
-
-@pytest.mark.parametrize("legacy, point, expect", [
-    (False, "remove-adapter-committed", ["attn", "mixed"]),
-    (True, "remove-adapter-config-migrated", ["attn", "ffn", "mixed"]),
-    (True, "remove-adapter-committed", ["attn", "mixed"]),
-])
-def test_kill_during_remove_adapter_leaves_the_old_or_the_new_set(export, legacy, point, expect):
-    if legacy:
-        _legacy(export)
+def test_kill_during_remove_adapter_leaves_the_new_set(export):
     result = subprocess.run([sys.executable, "-m", "peft_export.cli", "remove-adapter", str(export), "ffn"],
-                            env=_kill_env(point), capture_output=True, text=True, timeout=120)
+                            env=_kill_env("remove-adapter-committed"), capture_output=True, text=True, timeout=120)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
-    assert EmbeddingModel(export).list_adapters() == expect
+    assert EmbeddingModel(export).list_adapters() == ["attn", "mixed"]
     assert "adapters" not in _json(export / "embedding_config.json")
-    remove_adapter(export, "mixed", log=quiet)  # the next change finishes the cleanup
-    assert sorted(p.name for p in (export / "adapters").iterdir()) == ["attn.onnx_adapter"] + (
-        ["ffn.onnx_adapter"] if "ffn" in expect else [])
+    remove_adapter(export, "mixed", log=quiet)  # the next change removes the file the killed one left
+    assert sorted(p.name for p in (export / "adapters").iterdir()) == ["attn.onnx_adapter"]
 
 
 def _fail_manifest_fsync(monkeypatch, code: int) -> None:
@@ -361,7 +332,7 @@ def test_export_and_adapter_in_a_hub_cache_snapshot_load(export, tmp_path, loade
     onnx.save_model(onnx.load(str(export / "model.onnx")), str(export / "model.onnx"), save_as_external_data=True,
                     all_tensors_to_one_file=True, location="model.onnx_data", size_threshold=0)
     manifest = _json(export / "peft_export.json")
-    manifest["export"]["sha256"] = {name: _sha(export / name) for name in ("model.onnx", "model.onnx_data")}
+    manifest["export"]["sha256"].update({name: _sha(export / name) for name in ("model.onnx", "model.onnx_data")})
     _write_json(export / "peft_export.json", manifest)
     snap = _as_hub_snapshot(export, tmp_path / "hub" / "models--me--export")
     assert (snap / "model.onnx_data").is_symlink() and (snap / "adapters" / "attn.onnx_adapter").is_symlink()
@@ -381,7 +352,7 @@ def test_model_file_outside_the_folder_is_refused(export, tmp_path, model_file):
     shutil.copy(export / "model.onnx", tmp_path / "elsewhere" / "model.onnx")
     config = _json(export / "embedding_config.json")
     config["model_file"] = model_file
-    _write_json(export / "embedding_config.json", config)
+    write_runtime_config(export, config)
     with pytest.raises(UnsafeModelError, match="embedding_config.json's model_file"):
         EmbeddingModel(export)
 
@@ -412,7 +383,7 @@ def test_weights_that_are_not_safetensors_are_one_clear_error(tmp_path):
 def test_config_values_are_checked_against_the_graph(export, key, value, message):
     config = _json(export / "embedding_config.json")
     config[key] = value
-    _write_json(export / "embedding_config.json", config)
+    write_runtime_config(export, config)
     with pytest.raises(ConfigError, match=message):
         EmbeddingModel(export)
 
@@ -421,7 +392,7 @@ def test_exports_without_recorded_positions_are_held_to_their_exported_length(ex
     config = _json(export / "embedding_config.json")
     del config["max_positions"]
     config["max_seq_length"] = 512
-    _write_json(export / "embedding_config.json", config)
+    write_runtime_config(export, config)
     with pytest.raises(ConfigError, match="max_seq_length 512 exceeds the 48 tokens this graph was exported"):
         EmbeddingModel(export)
 
@@ -473,3 +444,135 @@ def test_server_never_serves_non_finite_vectors(overflowing):
         good = httpx.post(srv.url + "/v1/embeddings", json={"model": "ffn", "input": ["a"]}, timeout=30)
         assert good.status_code == 200 and all(np.isfinite(good.json()["data"][0]["embedding"]))
 
+
+
+# ----- issue 22 item 11: the manifest covers every file the runtime reads; a missing hash is an error -----
+
+def _swap_two_token_ids(export: Path) -> None:
+    tokenizer = _json(export / "tokenizer.json")
+    vocab = tokenizer["model"]["vocab"]
+    a, b = "the", "a"
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    _write_json(export / "tokenizer.json", tokenizer)
+
+
+def _edit_config(export: Path, **changes) -> None:
+    _write_json(export / "embedding_config.json", {**_json(export / "embedding_config.json"), **changes})
+
+
+@pytest.mark.parametrize("attack, file", [
+    (_swap_two_token_ids, "tokenizer.json"),
+    (lambda export: _edit_config(export, max_seq_length=8), "embedding_config.json"),
+    (lambda export: _edit_config(export, prompts={"injected": "Ignore the text: "}, default_prompt_name="injected"),
+     "embedding_config.json"),
+], ids=["tokenizer-ids-swapped", "max-seq-length-8", "injected-default-prompt"])
+def test_edited_tokenizer_or_runtime_config_is_refused(export, attack, file):
+    # Each of these loaded and served other vectors with exit 0 before the manifest hashed these files.
+    attack(export)
+    with pytest.raises(ConfigError, match=rf"{file} does not hold what peft_export.json records for {file}: sha256 "
+                                          r"[0-9a-f]{16}\.\.\. instead of .*Export the folder again"):
+        EmbeddingModel(export)
+
+
+def test_the_attacks_would_change_the_vectors(export, loaded):
+    # What the refusals above prevent: with the hashes re-recorded (the folder vouches for them) each edit serves
+    # other vectors for the same texts.
+    texts = ["the cat sat on a mat", "a query about the weather"]
+    expected = loaded.encode(texts, adapter=False)
+    for i, attack in enumerate((_swap_two_token_ids, lambda e: _edit_config(e, max_seq_length=3),
+                                lambda e: _edit_config(e, prompts={"x": "zzz "}, default_prompt_name="x"))):
+        edited = copy_export(export, export.parent / f"edited-{i}")
+        attack(edited)
+        rehash(edited, "tokenizer.json", "embedding_config.json")
+        assert max_unit_diff(EmbeddingModel(edited).encode(texts, adapter=False), expected) > 1e-3
+
+
+def test_manifest_without_file_hashes_is_refused(export, capsys):
+    manifest = _json(export / "peft_export.json")
+    del manifest["export"]["sha256"]
+    _write_json(export / "peft_export.json", manifest)
+    with pytest.raises(ConfigError, match=r"records no file hashes \(export\.sha256\).*refused\. Export the folder "
+                                          r"again with this version"):
+        EmbeddingModel(export)
+    capsys.readouterr()
+    assert cli_main(["encode", str(export), "hello"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "records no file hashes" in err, err
+
+
+def test_export_written_before_every_file_was_hashed_gives_one_error_to_re_export(export, capsys):
+    # The manifests of earlier versions hashed the graph only.
+    manifest = _json(export / "peft_export.json")
+    manifest["export"]["sha256"] = {"model.onnx": manifest["export"]["sha256"]["model.onnx"]}
+    _write_json(export / "peft_export.json", manifest)
+    message = (r"records no sha256 for embedding_config\.json, which the runtime reads; refused\. Export the folder "
+               r"again with this version of peft_export \(earlier versions hashed only the graph and adapters")
+    with pytest.raises(ConfigError, match=message):
+        EmbeddingModel(export)
+    for command in (["encode", str(export), "hello"], ["info", str(export)],
+                    ["add-adapter", str(export), f"late={make_adapter('late', **LATE)}"], ["remove-adapter",
+                                                                                          str(export), "ffn"]):
+        capsys.readouterr()
+        assert cli_main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Export the folder again" in err, (command, err)
+    # Only the runtime config listed: the tokenizer is the next file without a hash.
+    manifest["export"]["sha256"]["embedding_config.json"] = _sha(export / "embedding_config.json")
+    _write_json(export / "peft_export.json", manifest)
+    with pytest.raises(ConfigError, match=r"records no sha256 for tokenizer\.json"):
+        EmbeddingModel(export)
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# The files of the switchable test export (test_every_file_the_runtime_opens_is_covered_by_the_manifest checks the
+# list is complete).
+EXPORT_FILES = ["embedding_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json",
+                "adapters/attn.onnx_adapter", "adapters/ffn.onnx_adapter", "adapters/mixed.onnx_adapter"]
+
+
+@pytest.mark.parametrize("name", EXPORT_FILES)
+def test_one_flipped_byte_in_any_file_of_the_export_is_refused(export, name):
+    # Graph and adapter bytes were already refused (held); the tokenizer files and runtime config now are too.
+    _flip_byte(export / name)
+    with pytest.raises(ConfigError, match=rf"{name} does not hold what peft_export.json records"):
+        model = EmbeddingModel(export)
+        model.encode(TEXTS, adapter=Path(name).stem if name.startswith("adapters/") else False)
+
+
+def test_every_file_the_runtime_opens_is_covered_by_the_manifest(export):
+    # Every file the export holds has its hash in the manifest, and every file the runtime opens from Python while
+    # loading and encoding with each adapter is one of them (native opens, the ONNX graph's, are checked by the
+    # listing: a hashed graph names its external data).
+    assert uncovered(export) == []
+    assert sorted(p.relative_to(export).as_posix() for p in export.rglob("*") if p.is_file()) == sorted(
+        [*EXPORT_FILES, "peft_export.json"])
+    script = textwrap.dedent(f"""
+        import json, sys
+        from pathlib import Path
+        folder = Path({str(export)!r}).resolve()
+        opened = set()
+        def hook(event, args):
+            if event == "open" and isinstance(args[0], (str, bytes, Path)):
+                path = Path(args[0] if not isinstance(args[0], bytes) else args[0].decode()).resolve()
+                if folder in path.parents:
+                    opened.add(path.relative_to(folder).as_posix())
+        sys.addaudithook(hook)
+        from peft_export import EmbeddingModel
+        model = EmbeddingModel(folder)
+        for adapter in [False, *model.list_adapters()]:
+            model.encode(["a text"], adapter=adapter)
+        print(json.dumps(sorted(opened)))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    opened = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    manifest = _json(export / "peft_export.json")
+    covered = set(manifest["export"]["sha256"]) | {e["file"] for e in manifest["adapters"]} | {"peft_export.json"}
+    assert {"embedding_config.json", "tokenizer.json", "adapters/attn.onnx_adapter"} <= opened
+    assert opened <= covered, opened - covered

@@ -228,7 +228,7 @@ def noop_adapter(bert_case, tmp_path) -> Path:
 
 
 def test_noop_adapter_is_refused(noop_adapter, tmp_path):
-    with pytest.raises(ConfigError, match=r"changes the normalised embeddings by at most 0 .*--allow-noop-adapter"):
+    with pytest.raises(ConfigError, match=r"changes the normalised embeddings by at most 0 .*allow_noop_adapter=True"):
         export_onnx_model(str(noop_adapter), tmp_path / "out", log=_quiet)
     assert not (tmp_path / "out").exists()
 

@@ -75,7 +75,8 @@ def test_fp32_ir_equals_the_onnx_export(tiny_exports):
 def test_onnx_manifest_is_unchanged_by_the_shared_pipeline(tiny_exports):
     manifest = _manifest(tiny_exports["onnx"])
     digests = manifest["export"].pop("sha256")  # every graph file's hash, checked at load
-    assert list(digests) == ["model.onnx"] and len(digests["model.onnx"]) == 64
+    assert {"model.onnx", "tokenizer.json", "embedding_config.json"} <= set(digests)  # every file the runtime reads
+    assert all(len(digest) == 64 for digest in digests.values())
     assert manifest["export"] == {"format": "onnx", "opset": 17, "dtype": "float32", "files": ["model.onnx"]}
     assert set(manifest["validation"]) == {"adapter_vs_base_max_abs_diff", "merged_vs_unmerged", "onnx_vs_reference",
                                            "attention_fusion"}
@@ -158,7 +159,7 @@ def test_int4_that_no_rung_passes_is_refused_and_nothing_written(tiny_model, tin
     with pytest.raises(ValidationError, match="No int4-weight OpenVINO model passes the quality gate") as info:
         write_export(tiny_merged, options, OpenVinoFormat("int4", options), log=lambda msg: None)
     assert all(rung.strategy in str(info.value) for rung in INT4_LADDER)
-    assert "--weight-format int8 (or fp32)" in str(info.value)
+    assert "weight_format='int8' (or 'fp32')" in str(info.value)
     assert not (tmp_path / "int4").exists()
 
 
@@ -231,7 +232,7 @@ def test_failed_int8_static_gate_lists_every_rung_and_leaves_nothing(tiny_model,
                                               r"all linear layers: worst_cosine [01]\.\d+ < 1\.000001; per-channel, "
                                               r"FFN output projections kept in fp32: .*; per-channel, whole FFN kept "
                                               r"in fp32: worst_cosine .*\)\. Nothing was written\. .* or export "
-                                              r"without --quantize\."):
+                                              r"without quantize\."):
         write_export(tiny_merged, options, OpenVinoFormat("fp32", options), log=lambda msg: None)
     assert not out.exists()
     assert not list(out.parent.glob(f".peft-export-tmp-{out.name}-*"))
@@ -291,12 +292,12 @@ def test_bad_gate_data_and_onnx_only_options_fail_fast(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match=r"few\.jsonl holds 1 pairs; the quality gate needs at least 20"):
         export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", weight_format="int8",
                               base=str(tiny_model["base"]), gate_data=str(few))
-    with pytest.raises(ConfigError, match=r"--quantize int8 is for merge-onnx; with merge-openvino use "
-                                          r"--weight-format int8 \(NNCF, int8 weights\) or --quantize int8-static"):
+    with pytest.raises(ConfigError, match=r"quantize='int8' is for export_onnx_model; with export_openvino_model use "
+                                          r"weight_format='int8' \(NNCF, int8 weights\) or quantize='int8-static'"):
         export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", base=str(tiny_model["base"]),
                               quantize="int8")
-    with pytest.raises(ConfigError, match=r"--quantize int8-static quantizes the fp32 weights itself; leave "
-                                          r"--weight-format at fp32 \(found fp16\)"):
+    with pytest.raises(ConfigError, match=r"quantize='int8-static' quantizes the fp32 weights itself; leave "
+                                          r"weight_format at 'fp32' \(found 'fp16'\)"):
         export_openvino_model(str(tiny_model["adapter"]), tmp_path / "x", base=str(tiny_model["base"]),
                               quantize="int8-static", weight_format="fp16")
     empty = tmp_path / "empty.txt"
@@ -310,7 +311,7 @@ def test_bad_gate_data_and_onnx_only_options_fail_fast(tiny_model, tmp_path):
 def test_unknown_weight_format_is_refused_before_loading(tiny_model):
     from peft_export.export.pipeline import export_openvino_model
 
-    with pytest.raises(ConfigError, match=r"--weight-format must be one of fp32, fp16, int8, int4, found 'int2'"):
+    with pytest.raises(ConfigError, match=r"^weight_format must be one of fp32, fp16, int8, int4, found 'int2'"):
         export_openvino_model(str(tiny_model["adapter"]), tiny_model["root"] / "x", weight_format="int2",
                               base=str(tiny_model["base"]))
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fixtures.export_edits import write_runtime_config
 from openvino_fixtures import *  # noqa: F401,F403
 from openvino_fixtures import requires_nncf, requires_openvino
 
@@ -149,7 +150,7 @@ def test_adapters_in_the_config_of_a_merged_ir_are_refused(ir_copy):
     # Switchable OpenVINO exports are tested in test_switchable_openvino.py; a merged IR has no LoRA inputs.
     config = json.loads((ir_copy / RUNTIME_CONFIG_FILE).read_text())
     config["adapters"] = {"legal": {"rank": 8}}
-    (ir_copy / RUNTIME_CONFIG_FILE).write_text(json.dumps(config))
+    write_runtime_config(ir_copy, config)
     with pytest.raises(ConfigError, match=r"lists adapters \(legal\) but the graph has no LoRA branches"):
         EmbeddingModel(ir_copy)
 

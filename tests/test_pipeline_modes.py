@@ -145,7 +145,7 @@ def test_unknown_pooling_override_is_refused(plain_adapter, tmp_path):
     from peft_export import ConfigError, export_onnx_model
 
     _, adapter = plain_adapter
-    with pytest.raises(ConfigError, match=r"--pooling 'median' is not one of cls, max, mean"):
+    with pytest.raises(ConfigError, match=r"^pooling='median' is not one of cls, max, mean"):
         export_onnx_model(str(adapter), tmp_path / "out", pooling="median", log=lambda m: None)
     assert not (tmp_path / "out").exists()
 
@@ -167,7 +167,7 @@ def test_max_seq_length_override(zoo, bert_case, real_texts):
 def test_max_seq_length_beyond_the_position_table_is_refused(bert_case, tmp_path):
     from peft_export import ConfigError, export_onnx_model
 
-    with pytest.raises(ConfigError, match=r"--max-seq-length 4096 exceeds the model's 128 positions"):
+    with pytest.raises(ConfigError, match=r"^max_seq_length=4096 exceeds the model's 128 positions"):
         export_onnx_model(str(bert_case.adapter), tmp_path / "out", max_seq_length=4096, log=lambda m: None)
 
 

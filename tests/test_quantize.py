@@ -111,10 +111,9 @@ def test_unreadable_gate_or_calibration_files_are_config_errors(bert_case, tmp_p
 
     binary = tmp_path / "weights.bin"
     binary.write_bytes(b"\x00\xd0\x01\xff" * 16)
-    flag = "--" + option.replace("_", "-")
-    cases = [(binary, rf"weights\.bin is not UTF-8 text \(.* at byte 1\); {flag} must be a text file"),
-             (tmp_path / "missing.jsonl", rf"cannot read {flag} .*missing\.jsonl: No such file or directory"),
-             (tmp_path, rf"cannot read {flag} .*: Is a directory")]
+    cases = [(binary, rf"weights\.bin is not UTF-8 text \(.* at byte 1\); {option} must be a text file"),
+             (tmp_path / "missing.jsonl", rf"cannot read {option} .*missing\.jsonl: No such file or directory"),
+             (tmp_path, rf"cannot read {option} .*: Is a directory")]
     for path, message in cases:
         with pytest.raises(ConfigError, match=message):
             export_onnx_model(str(bert_case.adapter), tmp_path / "o", quantize="int8-static", log=quiet_log,

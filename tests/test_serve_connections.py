@@ -285,6 +285,35 @@ def test_huge_headers_are_431_json(server):
     sock.close()
 
 
+def _whole_request(extra_headers: bytes) -> bytes:
+    return b"GET /health HTTP/1.1\r\nHost: x\r\n" + extra_headers + b"Connection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize("extra", [
+    pytest.param(b"X-Big: " + b"a" * 100_000 + b"\r\n", id="one-100kB-header"),
+    pytest.param(b"".join(b"X-%d: v\r\n" % i for i in range(10_000)), id="10000-small-headers"),
+])
+def test_header_block_over_the_limit_sent_at_once_is_431_json(server, extra):
+    # The whole request in one send: the parser reaches the end of the headers within one read, so the limit must
+    # be counted as it parses, not only between reads.
+    sock = connect(server.port)
+    try:
+        sock.sendall(_whole_request(extra))
+    except OSError:
+        pass
+    message = json_error(read_response(sock), 431, "headers_too_large")
+    assert "65536 bytes" in message
+    sock.close()
+
+
+def test_header_block_under_the_limit_sent_at_once_is_served(server):
+    sock = connect(server.port)
+    sock.sendall(_whole_request(b"X-Big: " + b"a" * 60_000 + b"\r\n"))
+    status, _, body = read_response(sock)
+    assert status == 200, body
+    sock.close()
+
+
 def test_unknown_routes_and_methods_are_counted_in_metrics(server):
     for i in range(5):
         assert httpx.get(f"{server.url}/no/such/route/{i}", timeout=5).status_code == 404

@@ -8,6 +8,7 @@ import json
 import shutil
 
 import pytest
+from fixtures.export_edits import uncovered
 from switchable_fixtures import (TEXTS, base_model, copy_export, edit_adapter_config, make_adapter, max_unit_diff,
                                  merged_export, quiet, snapshot, switchable_export)
 
@@ -53,6 +54,7 @@ def test_add_then_remove_keeps_the_graph_untouched(export, capsys):
     assert entry["sha256"]["adapter_model.safetensors"] == hashlib.sha256(
         (late / "adapter_model.safetensors").read_bytes()).hexdigest()
     assert any("late" in pair for pair in manifest["validation"]["adapter_pair_max_abs_diff"])
+    assert uncovered(export) == []  # the new adapter file is hashed; nothing else changed
 
     assert cli_main(["remove-adapter", str(export), "ffn"]) == 0
     assert not (export / "adapters" / "ffn.onnx_adapter").exists()
@@ -60,6 +62,7 @@ def test_add_then_remove_keeps_the_graph_untouched(export, capsys):
     assert [a["name"] for a in json.loads((export / "peft_export.json").read_text())["adapters"]] == [
         "attn", "mixed", "late"]
     assert hashlib.sha256((export / "model.onnx").read_bytes()).hexdigest() == graph_before
+    assert uncovered(export) == []
     with pytest.raises(AdapterNotFoundError, match="has no adapter named 'ffn'"):
         remove_adapter(export, "ffn", log=quiet)
 
@@ -92,7 +95,7 @@ def test_adapter_for_a_different_base_is_refused(export):
 def test_same_shapes_but_another_base_fails_the_base_check(export):
     twin = base_model("twin", seed=7)  # same architecture, other weights: the export's base is not this one
     _refused(export, f"late={make_adapter('late', **LATE)}", ValidationError,
-             "without an adapter.*pass --base with that model", base=str(twin))
+             "without an adapter.*pass that model as base=", base=str(twin))
 
 
 def test_target_without_a_branch_says_to_reexport(attn_only):

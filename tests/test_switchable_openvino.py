@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures.export_edits import rehash, write_runtime_config
 from switchable_fixtures import (ADAPTERS, QUERY_B, TAMPERED_ADAPTERS, TEXTS, base_model, check_switch_order,
                                  concurrent_adapter_errors, copy_export, make_adapter, max_unit_diff, merged_export,
                                  openvino_switchable_export, quiet, snapshot, st_references, switchable_export)
@@ -98,9 +99,7 @@ def test_rank_zero_b_is_a_broadcast_column_and_older_irs_keep_full_width(model, 
     ir.reshape({p: ov.PartialShape([-1, slot["out_features"]]) for slot in slots for p in ir.inputs
                 if p.get_any_name() == f"{slot['module']}.lora_B"})
     ov.save_model(ir, str(old / "openvino_model.xml"), compress_to_fp16=False)
-    manifest = json.loads((old / "peft_export.json").read_text())
-    del manifest["export"]["sha256"]  # older exports recorded no graph hashes
-    (old / "peft_export.json").write_text(json.dumps(manifest))
+    rehash(old, "openvino_model.xml", "openvino_model.bin")
     older = EmbeddingModel(old)
     for slot in slots:
         assert older.backend._lora_defaults[f"{slot['module']}.lora_B"].shape == (0, slot["out_features"])
@@ -254,11 +253,11 @@ def test_onnx_switchable_folder_and_inconsistent_configs_are_refused(tmp_path):
     stripped = copy_export(openvino_switchable_export(), tmp_path / "stripped")
     config = json.loads((stripped / "embedding_config.json").read_text())
     config["lora_slots"] = config["lora_slots"][1:]
-    (stripped / "embedding_config.json").write_text(json.dumps(config))
+    write_runtime_config(stripped, config)
     with pytest.raises(ConfigError, match="LoRA inputs do not match embedding_config.json"):
         EmbeddingModel(stripped)
     config["lora_slots"] = []
-    (stripped / "embedding_config.json").write_text(json.dumps(config))
+    write_runtime_config(stripped, config)
     with pytest.raises(ConfigError, match="lists adapters \\(attn, ffn, mixed\\) but the graph has no LoRA branches"):
         EmbeddingModel(stripped)
 
@@ -267,7 +266,7 @@ def test_export_refuses_compressed_weights_with_switchable(tmp_path):
     from peft_export import export_openvino_model
 
     for weight_format in ("fp16", "int8"):
-        with pytest.raises(ConfigError, match=f"--weight-format {weight_format} is not supported with --switchable"):
+        with pytest.raises(ConfigError, match=f"weight_format='{weight_format}' is not supported with switchable=True"):
             export_openvino_model(str(base_model()), tmp_path / "out", weight_format=weight_format,
                                   adapters=[f"attn={make_adapter('attn')}"], switchable=True, log=quiet)
     assert not (tmp_path / "out").exists()

@@ -152,7 +152,7 @@ def test_remote_code_in_config_is_not_run(zoo, tmp_path):
     # ... an unknown one is refused, saying how to opt in.
     config["model_type"] = "evil-bert"
     (hf / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match=r"needs custom code \(trust_remote_code\).*--trust-remote-code"):
+    with pytest.raises(ConfigError, match=r"needs custom code \(trust_remote_code\).*pass trust_remote_code=True only"):
         _export(hf, tmp_path / "out2")
     assert not marker.exists()
 

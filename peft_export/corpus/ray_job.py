@@ -81,8 +81,9 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
     def write(folder: Path) -> None:
         """Start Ray (or join it) and write the embedded dataset into ``folder``."""
         if not ray.is_initialized():
-            ray.init(address=None if address == "local" else address, include_dashboard=False,
-                     configure_logging=False)
+            from peft_export.ray.local import init_ray
+
+            init_ray(None if address == "local" else address)  # a local instance listens on loopback only
         ray_data.DataContext.get_current().execution_options.preserve_order = True  # rows come out in input order
         ds = _read(ray_data, source, fmt)
         ds = embed_dataset(ds, export, column=column, adapter=adapter, prompt_name=prompt_name,

@@ -244,15 +244,15 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def record_graph_hashes(manifest: dict[str, Any], folder: Path) -> None:
-    """``manifest["export"]["sha256"]``: the sha256 of every graph file (the model, its external data, an IR's
-    .bin), which the runtime checks at load (adapter files have their own entries)."""
+def record_file_hashes(manifest: dict[str, Any], folder: Path) -> None:
+    """``manifest["export"]["sha256"]``: the sha256 of every file of the finished export folder (graph, external
+    data, tokenizer files, runtime config with its prompts) but the manifest itself and the adapter files, which
+    have their own entries. The runtime checks them at load and refuses a file the manifest does not cover."""
     from ..runtime.export_files import sha256_of
 
-    export = manifest["export"]
-    files = [f for f in export.get("files", []) if not f.startswith("adapters/")]
-    files += [p.name for p in sorted(folder.glob("*.onnx_data")) if p.name not in files]
-    export["sha256"] = {name: sha256_of(folder / name) for name in files}
+    names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                   if path.is_file() and path.name != MANIFEST_FILE and path.relative_to(folder).parts[0] != "adapters")
+    manifest["export"]["sha256"] = {name: sha256_of(folder / name) for name in names}
 
 
 # Keys of tokenizer_config.json that make transformers import code named by the file (remote code), dropped from

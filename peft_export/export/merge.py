@@ -50,10 +50,9 @@ def load_base_encoder(folder: Path, trust_remote_code: bool = False) -> nn.Modul
         )
     except ValueError as err:
         if "trust_remote_code" in str(err):
-            raise ConfigError(
-                f"{folder} needs custom code (trust_remote_code). It is off by default; pass --trust-remote-code "
-                "only if you trust this repository."
-            ) from err
+            needs = f"{folder} needs custom code (trust_remote_code). It is off by default; pass"
+            raise ConfigError(f"{needs} trust_remote_code=True only if you trust this repository.").in_cli_words(
+                f"{needs} --trust-remote-code only if you trust this repository.") from err
         raise
     return model.eval()
 

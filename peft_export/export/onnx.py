@@ -110,8 +110,9 @@ class OnnxFormat:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, found {options.dtype!r}")
         if options.dtype == "fp16":
             if options.quantize:
-                raise ConfigError("--dtype fp16 and --quantize are alternatives (fp16 for GPUs, int8 for CPUs); "
-                                  "pick one")
+                why = "(fp16 for GPUs, int8 for CPUs); pick one"
+                raise ConfigError(f"dtype='fp16' and quantize are alternatives {why}").in_cli_words(
+                    f"--dtype fp16 and --quantize are alternatives {why}")
             from .quality import load_pairs_file
 
             self.gate_pairs = load_pairs_file(options.gate_data)

@@ -30,8 +30,8 @@ from ..errors import ConfigError, ValidationError, require, tool_step
 from .families import DEFAULT_FAMILY, family_for, tracing_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from .quality import (
-    QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate, gate_dict, int8_rungs,
-    load_pairs_file, measure_quality,
+    LOWER_GATE, LOWER_GATE_CLI, QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate,
+    gate_dict, int8_rungs, load_pairs_file, measure_quality,
 )
 from .validate import compare_with_reference
 
@@ -184,14 +184,21 @@ class OpenVinoFormat:
 
     def __init__(self, weight_format: str = "fp32", options=None):
         if weight_format not in WEIGHT_FORMATS:
-            raise ConfigError(f"--weight-format must be one of {', '.join(WEIGHT_FORMATS)}, found {weight_format!r}")
+            detail = f"must be one of {', '.join(WEIGHT_FORMATS)}, found {weight_format!r}"
+            raise ConfigError(f"weight_format {detail}").in_cli_words(f"--weight-format {detail}")
         quantize = getattr(options, "quantize", None)
         if quantize and quantize not in QUANTIZE_MODES:
-            raise ConfigError(f"--quantize {quantize} is for merge-onnx; with merge-openvino use --weight-format int8 "
-                              "(NNCF, int8 weights) or --quantize int8-static (NNCF, int8 weights and activations)")
+            nncf = "(NNCF, int8 weights)", "(NNCF, int8 weights and activations)"
+            raise ConfigError(
+                f"quantize={quantize!r} is for export_onnx_model; with export_openvino_model use weight_format='int8' "
+                f"{nncf[0]} or quantize='int8-static' {nncf[1]}"
+            ).in_cli_words(f"--quantize {quantize} is for merge-onnx; with merge-openvino use --weight-format int8 "
+                           f"{nncf[0]} or --quantize int8-static {nncf[1]}")
         if quantize and weight_format != "fp32":
-            raise ConfigError(f"--quantize {quantize} quantizes the fp32 weights itself; leave --weight-format at "
-                              f"fp32 (found {weight_format})")
+            raise ConfigError(f"quantize={quantize!r} quantizes the fp32 weights itself; leave weight_format at "
+                              f"'fp32' (found {weight_format!r})").in_cli_words(
+                f"--quantize {quantize} quantizes the fp32 weights itself; leave --weight-format at fp32 (found "
+                f"{weight_format})")
         self.weight_format = "int8" if quantize else weight_format
         self.quantize = quantize
         self.family = DEFAULT_FAMILY
@@ -283,13 +290,15 @@ class OpenVinoFormat:
                         os.replace(path.with_suffix(suffix), model_path.with_suffix(suffix))
                     return {"weight_format": self.weight_format, "chosen": strategy, **quality, "attempts": attempts}
         summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
-        fallback = ("without --quantize" if self.quantize else "with --weight-format int8 (or fp32)"
-                    if self.weight_format == "int4" else "with --weight-format fp32")
-        raise ValidationError(
-            f"No {self.lossy_kind} OpenVINO model passes the quality gate ({summary}). Nothing was "
-            "written. Lower the gate explicitly (--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) "
-            f"or export {fallback}."
-        )
+        def say(lower: str, fallbacks: tuple[str, str, str]) -> str:
+            also = fallbacks[0] if self.quantize else fallbacks[1] if self.weight_format == "int4" else fallbacks[2]
+            return (f"No {self.lossy_kind} OpenVINO model passes the quality gate ({summary}). Nothing was "
+                    f"written. Lower the gate explicitly ({lower}) or export {also}.")
+
+        raise ValidationError(say(LOWER_GATE, ("without quantize", "with weight_format='int8' (or 'fp32')",
+                                               "with weight_format='fp32'"))).in_cli_words(
+            say(LOWER_GATE_CLI, ("without --quantize", "with --weight-format int8 (or fp32)",
+                                 "with --weight-format fp32")))
 
     def manifest_entry(self, config) -> dict[str, Any]:
         from importlib.metadata import version

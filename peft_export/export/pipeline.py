@@ -20,7 +20,7 @@ from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import ResolvedModel, describe_base, recorded_base, recorded_source, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
-from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_graph_hashes,
+from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_file_hashes,
                        save_tokenizer, write_json)
 from .families import family_of
 from .quality import QualityGate
@@ -109,6 +109,14 @@ class ExportResult:
     resolved: ResolvedModel
 
 
+def noop_adapter_error(name: str, effect: float) -> ConfigError:
+    """An adapter that leaves the embeddings as the base makes them: refused unless allow_noop_adapter."""
+    found = (f"Adapter {name!r} changes the normalised embeddings by at most {effect:.2g} (< "
+             f"{NOOP_ADAPTER_THRESHOLD:g}): it does nothing (LoRA B still zero?). Pass")
+    return ConfigError(f"{found} allow_noop_adapter=True to export it anyway.").in_cli_words(
+        f"{found} --allow-noop-adapter to export it anyway.")
+
+
 def position_limit(encoder) -> int:
     """Tokens the encoder has positions for (RoBERTa-like models lose two to the padding index's offset)."""
     cfg = encoder.config
@@ -126,7 +134,8 @@ def _max_seq_length(options: ExportOptions, resolved: ResolvedModel, encoder, to
     if requested < 1:
         raise ConfigError(f"max_seq_length must be positive, found {requested}")
     if options.max_seq_length and options.max_seq_length > limit:
-        raise ConfigError(f"--max-seq-length {options.max_seq_length} exceeds the model's {limit} positions")
+        detail = f"{options.max_seq_length} exceeds the model's {limit} positions"
+        raise ConfigError(f"max_seq_length={detail}").in_cli_words(f"--max-seq-length {detail}")
     return min(int(requested), limit)
 
 
@@ -136,7 +145,9 @@ def _apply_overrides(options: ExportOptions, resolved: ResolvedModel) -> None:
         modes = options.pooling.split(",")
         for mode in modes:
             if mode not in POOLING_MODES:
-                raise ConfigError(f"--pooling {mode!r} is not one of {', '.join(POOLING_MODES)}")
+                detail = f"{mode!r} is not one of {', '.join(POOLING_MODES)}"
+                raise ConfigError(f"pooling={detail} (several: comma-separated)").in_cli_words(
+                    f"--pooling {detail}")
         pipeline.pooling.modes = modes
     if options.normalize is not None:
         pipeline.normalize = options.normalize
@@ -211,9 +222,12 @@ def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
 
     if options.switchable:
         if weight_format != "fp32":
-            raise ConfigError(f"--weight-format {weight_format} is not supported with --switchable: the base graph "
-                              "and the adapters are exported in fp32 (a compressed base would no longer be the "
-                              "model the adapters were validated against); export with --weight-format fp32")
+            why = ("the base graph and the adapters are exported in fp32 (a compressed base would no longer be the "
+                   "model the adapters were validated against)")
+            raise ConfigError(f"weight_format={weight_format!r} is not supported with switchable=True: {why}; "
+                              "export with weight_format='fp32'").in_cli_words(
+                f"--weight-format {weight_format} is not supported with --switchable: {why}; export with "
+                "--weight-format fp32")
         require("openvino", "openvino")
         from .switchable import run_switchable_export
 
@@ -291,13 +305,13 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
     if options.default_adapter is not None:
-        raise ConfigError("--default-adapter only applies to switchable exports (--switchable)")
+        raise ConfigError("default_adapter only applies to switchable exports (switchable=True)").in_cli_words(
+            "--default-adapter only applies to switchable exports (--switchable)")
     if len(resolved.adapters) > 1:
-        raise ConfigError(
-            f"A merged export takes one adapter, {len(resolved.adapters)} were given "
-            f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass --switchable to "
-            "keep them as switchable adapters over one base graph"
-        )
+        given = (f"A merged export takes one adapter, {len(resolved.adapters)} were given "
+                 f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass")
+        keep = "to keep them as switchable adapters over one base graph"
+        raise ConfigError(f"{given} switchable=True {keep}").in_cli_words(f"{given} --switchable {keep}")
     log(describe_base(resolved))
     for adapter in resolved.adapters:
         log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
@@ -318,11 +332,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
             effect = validate.max_sentence_difference(references, validate.torch_runner(make_pipeline(peft_model)))
         parity["adapter_vs_base_max_abs_diff"] = effect
         if effect < NOOP_ADAPTER_THRESHOLD and not options.allow_noop_adapter:
-            raise ConfigError(
-                f"Adapter {adapter.name!r} changes the normalised embeddings by at most {effect:.2g} (< "
-                f"{NOOP_ADAPTER_THRESHOLD:g}): it does nothing (LoRA B still zero?). Pass --allow-noop-adapter to "
-                "export it anyway."
-            )
+            raise noop_adapter_error(adapter.name, effect)
         merged = merge_adapter(peft_model, adapter.name)
         final = make_pipeline(merged)
         merge_report = validate.compare_with_reference(references, validate.torch_runner(final), "The merged model")
@@ -362,7 +372,7 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
         validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
         manifest = _manifest(resolved, graph_format.manifest_entry(config), config, validation,
                              time.perf_counter() - merged.started)
-        record_graph_hashes(manifest, tmp)
+        record_file_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")

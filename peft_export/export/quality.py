@@ -35,6 +35,10 @@ class QualityGate:
         return [f"{key} {quality[key]:.5f} < {limit}" for key, limit in checks if not quality[key] >= limit]
 
 
+# How to lower the gate: the keyword of export_onnx_model / export_openvino_model, and peft-export's flags.
+LOWER_GATE = "gate=QualityGate(min_mean_cosine=..., min_worst_cosine=..., min_ndcg_retention=...)"
+LOWER_GATE_CLI = "--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention"
+
 # fp16 weights lose almost nothing; their gate is never looser than this, whatever --min-mean-cosine says.
 FP16_MIN_MEAN_COSINE = 0.999
 
@@ -66,15 +70,20 @@ def fp16_gate(gate: QualityGate) -> QualityGate:
     return replace(gate, min_mean_cosine=max(gate.min_mean_cosine, FP16_MIN_MEAN_COSINE))
 
 
-def _read_lines(path: str | Path, what: str) -> list[str]:
-    """The lines of a user's UTF-8 text file, or a ConfigError that names the file and what it was for."""
+def _read_lines(path: str | Path, keyword: str) -> list[str]:
+    """The lines of a user's UTF-8 text file, or a ConfigError that names the file and the option that gave it
+    (``keyword`` for a library caller, its flag for peft-export)."""
+    flag = "--" + keyword.replace("_", "-")
     try:
         return Path(path).read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); {what} must be a text "
-                          "file") from err
+        found = f"{path} is not UTF-8 text ({err.reason} at byte {err.start});"
+        raise ConfigError(f"{found} {keyword} must be a text file").in_cli_words(
+            f"{found} {flag} must be a text file") from err
     except OSError as err:
-        raise ConfigError(f"cannot read {what} {path}: {err.strerror or err}") from err
+        reason = err.strerror or err
+        raise ConfigError(f"cannot read {keyword} {path}: {reason}").in_cli_words(
+            f"cannot read {flag} {path}: {reason}") from err
 
 
 def load_pairs_file(path: str | Path | None) -> list[dict[str, str]]:
@@ -84,7 +93,7 @@ def load_pairs_file(path: str | Path | None) -> list[dict[str, str]]:
 
         return load_pairs("eval")
     pairs = []
-    for number, line in enumerate(_read_lines(path, "--gate-data"), 1):
+    for number, line in enumerate(_read_lines(path, "gate_data"), 1):
         if not line.strip():
             continue
         try:
@@ -109,7 +118,7 @@ def calibration_texts(path: str | Path | None) -> list[str]:
     from the demo corpus' training pairs, disjoint from the gate's held-out pairs (standard-library docstring pairs
     past the gate's 500 where the demo corpus is not installed)."""
     if path:
-        texts = [line.strip() for line in _read_lines(path, "--calibration-data") if line.strip()]
+        texts = [line.strip() for line in _read_lines(path, "calibration_data") if line.strip()]
         if not texts:
             raise ConfigError(f"{path} holds no calibration sentences")
         return texts[:CALIBRATION_TEXTS_MAX]
@@ -156,10 +165,11 @@ def measure_quality(reference: Embed, candidate: Embed, pairs: list[dict[str, st
 def enforce(gate: QualityGate, quality: dict[str, float], what: str) -> None:
     failures = gate.failures(quality)
     if failures:
-        raise ValidationError(
-            f"{what} fails the quality gate ({'; '.join(failures)}). Nothing was written. Lower the gate explicitly "
-            "(--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) if this loss is acceptable."
-        )
+        def say(lower: str) -> str:
+            return (f"{what} fails the quality gate ({'; '.join(failures)}). Nothing was written. Lower the gate "
+                    f"explicitly ({lower}) if this loss is acceptable.")
+
+        raise ValidationError(say(LOWER_GATE)).in_cli_words(say(LOWER_GATE_CLI))
 
 
 def gate_dict(gate: QualityGate) -> dict[str, float]:

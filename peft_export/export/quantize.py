@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ConfigError, ValidationError, tool_step
 from .families import DEFAULT_FAMILY, ModelFamily
-from .quality import Embed, QualityGate, int8_rungs, measure_quality
+from .quality import LOWER_GATE, LOWER_GATE_CLI, Embed, QualityGate, int8_rungs, measure_quality
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def quantize_with_gate(
 ) -> dict:
     """Quantize ``fp32_path`` into ``out_path`` with the first rung that passes ``gate``; report every attempt."""
     if mode not in QUANTIZE_MODES:
-        raise ConfigError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, found {mode!r}")
+        raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, found {mode!r}")
     from .external_data import pack_external_data, uses_external_data
 
     matmuls = _weight_matmuls(fp32_path, mode)
@@ -115,10 +115,12 @@ def quantize_with_gate(
                     os.replace(candidate_path, out_path)
                 return {"mode": mode, "chosen": strategy, "attempts": attempts, "external_data": external}
     summary = "; ".join(f"{a['strategy']}: {', '.join(a['failures'])}" for a in attempts)
-    other = (" Dynamic --quantize int8, or `peft-export merge-openvino --quantize int8-static` (NNCF, with "
-             "SmoothQuant), usually keep more quality than ONNX Runtime's static quantizer."
-             if mode == "int8-static" else "")
-    raise ValidationError(
-        f"No int8 variant passes the quality gate ({summary}). Nothing was written. Lower the gate explicitly "
-        f"(--min-mean-cosine / --min-worst-cosine / --min-ndcg-retention) or export fp32.{other}"
-    )
+    def say(lower: str, dynamic: str, openvino: str) -> str:
+        other = (f" {dynamic}, or {openvino} (NNCF, with SmoothQuant), usually keep more quality than ONNX "
+                 "Runtime's static quantizer." if mode == "int8-static" else "")
+        return (f"No int8 variant passes the quality gate ({summary}). Nothing was written. Lower the gate "
+                f"explicitly ({lower}) or export fp32.{other}")
+
+    raise ValidationError(say(LOWER_GATE, "Dynamic quantize='int8'", "export_openvino_model(quantize='int8-static')")
+                          ).in_cli_words(say(LOWER_GATE_CLI, "Dynamic --quantize int8",
+                                             "`peft-export merge-openvino --quantize int8-static`"))

@@ -24,18 +24,17 @@ from ..runtime.lora_layout import Slot, pack_factors
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import AdapterSource, describe_base, recorded_source, resolve_model, sha256_file
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
-from .artifact import (atomic_output_folder, check_output_target, folder_size, record_graph_hashes,
+from .artifact import (atomic_output_folder, check_output_target, folder_size, record_file_hashes,
                        save_tokenizer, write_json)
 from .families import family_of
 from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, _check_runtime_tokenizer,
-                       _manifest, prepare_export)
+                       _manifest, noop_adapter_error, prepare_export)
+from .switchable_folder import ADAPTERS_DIR, MERGE_MODE, _adapter_file, _graph_files  # noqa: F401
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
                                   max_output_difference, peft_lora_factors, validate_adapter_run)
 
 logger = logging.getLogger(__name__)
 
-MERGE_MODE = "switchable"
-ADAPTERS_DIR = "adapters"
 BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, normalised sentence embeddings
 _RUNTIME_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks")
 
@@ -47,17 +46,6 @@ def _adapter_writer(backend: str) -> tuple[str, Callable[[Path, dict], None]]:
     else:
         from ..runtime.onnxruntime_adapters import ADAPTER_SUFFIX, write_adapter_file
     return ADAPTER_SUFFIX, write_adapter_file
-
-
-def _adapter_file(name: str, suffix: str) -> str:
-    return f"{ADAPTERS_DIR}/{name}{suffix}"
-
-
-def _graph_files(config: RuntimeConfig) -> list[str]:
-    """The graph's files: ``model.onnx``, or an OpenVINO IR's ``.xml`` and ``.bin``."""
-    if Path(config.model_file).suffix == ".xml":
-        return [config.model_file, str(Path(config.model_file).with_suffix(".bin"))]
-    return [config.model_file]
 
 
 def _open_graph(folder: Path, config: RuntimeConfig):
@@ -78,11 +66,7 @@ def _base_references(peft_model, prepared: PreparedExport) -> list[validate.Refe
 
 def _check_effect(refs: AdapterReferences, allow_noop: bool) -> None:
     if refs.effect < NOOP_ADAPTER_THRESHOLD and not allow_noop:
-        raise ConfigError(
-            f"Adapter {refs.name!r} changes the normalised embeddings by at most {refs.effect:.2g} (< "
-            f"{NOOP_ADAPTER_THRESHOLD:g}): it does nothing (LoRA B still zero?). Pass --allow-noop-adapter to "
-            "export it anyway."
-        )
+        raise noop_adapter_error(refs.name, refs.effect)
 
 
 def _convert(peft_model, adapter: AdapterSource, slots: list[Slot]) -> tuple[dict, dict[str, Any]]:
@@ -117,10 +101,10 @@ def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[va
             diff = max_output_difference(outputs[a], outputs[b])
             pairs[f"{a} vs {b}"] = diff
             if diff < NOOP_ADAPTER_THRESHOLD and not allow_duplicates:
-                raise ValidationError(
-                    f"Adapters {a!r} and {b!r} give the same embeddings (max difference {diff:.2g} < "
-                    f"{NOOP_ADAPTER_THRESHOLD:g}); is one a copy of the other? Pass --allow-noop-adapter to keep both."
-                )
+                same = (f"Adapters {a!r} and {b!r} give the same embeddings (max difference {diff:.2g} < "
+                        f"{NOOP_ADAPTER_THRESHOLD:g}); is one a copy of the other? Pass")
+                raise ValidationError(f"{same} allow_noop_adapter=True to keep both.").in_cli_words(
+                    f"{same} --allow-noop-adapter to keep both.")
     return {"no_adapter_vs_base": report.to_dict(), "adapters": per_adapter, "adapter_pair_max_abs_diff": pairs}
 
 
@@ -159,9 +143,13 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
 
     started = time.perf_counter()
     if options.quantize:
-        raise ConfigError("--quantize is not supported with --switchable: export the adapters in float32")
+        raise ConfigError(f"quantize={options.quantize!r} is not supported with switchable=True: export the adapters "
+                          "in float32").in_cli_words(
+            "--quantize is not supported with --switchable: export the adapters in float32")
     if options.dtype != "fp32":
-        raise ConfigError("--dtype fp16 is not supported with --switchable: export the adapters in float32")
+        raise ConfigError(f"dtype={options.dtype!r} is not supported with switchable=True: export the adapters in "
+                          "float32").in_cli_words(
+            f"--dtype {options.dtype} is not supported with --switchable: export the adapters in float32")
     suffix, write_adapter_file = _adapter_writer(backend)
     export_graph = export_switchable_openvino if backend == "openvino" else export_switchable_onnx
     check_output_target(options.output, options.force)  # fail before minutes of validation, not after
@@ -169,9 +157,11 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
                              base_revision=options.base_revision, token=options.token)
     names = [a.name for a in resolved.adapters]
     if not names:
-        raise ConfigError("--switchable needs at least one adapter: --adapter NAME=PATH (repeat for more)")
+        raise ConfigError('switchable=True needs at least one adapter: adapters=["NAME=PATH", ...]').in_cli_words(
+            "--switchable needs at least one adapter: --adapter NAME=PATH (repeat for more)")
     if options.default_adapter is not None and options.default_adapter not in names:
-        raise ConfigError(f"--default-adapter {options.default_adapter!r} is not one of the adapters {names}")
+        detail = f"{options.default_adapter!r} is not one of the adapters {names}"
+        raise ConfigError(f"default_adapter={detail}").in_cli_words(f"--default-adapter {detail}")
     for adapter in resolved.adapters:
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
     log(describe_base(resolved))
@@ -221,7 +211,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n], suffix)
                                 for n in names]
         manifest["validation"] = {k: v for k, v in validation.items() if k != "adapters"}
-        record_graph_hashes(manifest, tmp)
+        record_file_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export
     log(f"wrote {options.output} ({manifest['size_bytes'] / 1e6:.1f} MB) in {manifest['export_seconds']:.1f} s")

@@ -33,21 +33,23 @@ _REFUSED = {
 }
 
 
+# How to export an adapter merged instead: (to a library caller, on the command line).
+EXPORT_MERGED = "(export_onnx_model without switchable=True)", "(merge-onnx without --switchable)"
+
+
 def check_switchable_config(config: AdapterConfig, where: str) -> None:
     """Refuse adapter configs whose effect a switchable graph cannot reproduce exactly, naming the key."""
     raw = config.raw
     for key, why in _REFUSED.items():
         if raw.get(key):
-            raise ConfigError(
-                f"{where}: {key!r} is set ({raw[key]!r}); a switchable export cannot reproduce it exactly ({why}). "
-                "Export this adapter merged instead (merge-onnx without --switchable)."
-            )
+            found = (f"{where}: {key!r} is set ({raw[key]!r}); a switchable export cannot reproduce it exactly "
+                     f"({why}). Export this adapter merged instead")
+            raise ConfigError(f"{found} {EXPORT_MERGED[0]}.").in_cli_words(f"{found} {EXPORT_MERGED[1]}.")
     bias = raw.get("bias", "none")
     if bias not in (None, "none"):
-        raise ConfigError(
-            f"{where}: 'bias' is {bias!r}: the adapter trains the base layers' biases, which a switchable export "
-            "shares between adapters. Export it merged instead (merge-onnx without --switchable)."
-        )
+        found = (f"{where}: 'bias' is {bias!r}: the adapter trains the base layers' biases, which a switchable "
+                 "export shares between adapters. Export it merged instead")
+        raise ConfigError(f"{found} {EXPORT_MERGED[0]}.").in_cli_words(f"{found} {EXPORT_MERGED[1]}.")
 
 
 def peft_lora_factors(model: nn.Module, adapter_name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -104,12 +106,13 @@ def check_targets_in_graph(adapter: AdapterSource, slots: list[Slot]) -> None:
     missing = sorted(adapter_modules(adapter) - {slot.module for slot in slots})
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ConfigError(
-            f"Adapter {adapter.name!r} targets {missing[0]!r}{more}, which has no LoRA branch in this switchable "
-            "graph (the graph has branches only where the exported adapters had them). Re-export with this "
-            "adapter among the --adapter options: `peft-export merge-onnx BASE --switchable --adapter ... "
-            f"--adapter {adapter.name}={adapter.source}`."
-        )
+        found = (f"Adapter {adapter.name!r} targets {missing[0]!r}{more}, which has no LoRA branch in this "
+                 "switchable graph (the graph has branches only where the exported adapters had them). Re-export "
+                 "with this adapter among the")
+        spec = f"{adapter.name}={adapter.source}"
+        raise ConfigError(f"{found} adapters: export_onnx_model(BASE, OUTPUT, switchable=True, adapters=[..., "
+                          f"{spec!r}])").in_cli_words(
+            f"{found} --adapter options: `peft-export merge-onnx BASE --switchable --adapter ... --adapter {spec}`.")
 
 
 def _skeleton(slots: list[Slot]) -> nn.Module:

@@ -10,96 +10,28 @@ anything is written; a full or read-only disk is one error and leaves the folder
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import secrets
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import AdapterNotFoundError, ConfigError, PeftExportError, ValidationError
+from ..errors import ConfigError, PeftExportError, ValidationError
 from ..runtime.backends import detect_backend
-from ..runtime.config import MANIFEST_FILE, RUNTIME_CONFIG_FILE, RuntimeConfig, read_manifest
+from ..runtime.config import RuntimeConfig
 from ..runtime.export_files import confined, verify_sha256
 from ..runtime.lora_layout import Slot
 from ..source.resolve import load_adapter_source, parse_adapter_spec, resolve_model, sha256_file
-from .artifact import crash_point, folder_size, write_json
+from .artifact import crash_point, folder_size
 from .pipeline import ExportOptions, PreparedExport, prepare_export
-from .switchable import (ADAPTERS_DIR, MERGE_MODE, _adapter_file, _adapter_writer, _base_references, _check_effect,
-                         _convert, _graph_files, _manifest_entry, validate_switchable_graph)
+from .switchable import (_adapter_writer, _base_references, _check_effect, _convert, _manifest_entry,
+                         validate_switchable_graph)
+from .switchable_folder import (ADAPTERS_DIR, _adapter_file, _check_writable, _clean_leftovers, _commit, _graph_files,
+                                _load_switchable, _locked, _size)
+from .switchable_folder import remove_adapter  # noqa: F401 (its home before it moved to the torch-free module)
 from .switchable_adapters import adapter_references, check_switchable_config, check_targets_in_graph
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _locked(folder: Path):
-    """One add/remove at a time per export folder (an flock on the folder itself, so no file is created)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; callers must not run two changes at once
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
-    if not folder.is_dir():
-        raise ConfigError(f"Export folder not found: {folder}")
-    config = RuntimeConfig.load(folder, prefer_manifest=True)  # the manifest says which adapters the export holds
-    manifest = read_manifest(folder)
-    if manifest.get("merge_mode") != MERGE_MODE or not config.lora_slots:
-        raise ConfigError(
-            f"{folder} is a {manifest.get('merge_mode', 'merged')!r} export; adapters can only be added to or "
-            "removed from a switchable export (peft-export merge-onnx BASE --adapter NAME=PATH --switchable)"
-        )
-    return config, manifest
-
-
-def _check_writable(folder: Path) -> None:
-    """Refuse a read-only export before minutes of validation, with one line instead of an OSError traceback."""
-    for place in (folder, folder / ADAPTERS_DIR):
-        if place.is_dir() and not os.access(place, os.W_OK):
-            raise PeftExportError(f"{place} is not writable (read-only file system or permissions); the export "
-                                  "was not changed")
-
-
-def _lists_adapters_in_config(folder: Path) -> bool:
-    """Exports made before the manifest alone listed the adapters also list them in embedding_config.json."""
-    return "adapters" in json.loads((folder / RUNTIME_CONFIG_FILE).read_text(encoding="utf-8"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _clean_leftovers(folder: Path, config: RuntimeConfig, suffix: str) -> None:
-    """Called under the folder lock, which every add/remove-adapter holds while it writes: remove what a killed
-    one left behind. Candidate files of dead processes, adapter files that the manifest does not list (written,
-    never committed; or replaced, never deleted) and temporary files of interrupted writes. Best effort: a
-    read-only folder keeps them."""
-    listed = {entry["file"] for entry in config.adapters.values()}
-    adapters_dir = folder / ADAPTERS_DIR
-    doomed = [p for p in adapters_dir.glob(".*.candidate")
-              if not (p.name.split(".")[-2].isdigit() and _alive(int(p.name.split(".")[-2])))]
-    doomed += [p for p in adapters_dir.glob(f"*{suffix}") if f"{ADAPTERS_DIR}/{p.name}" not in listed]
-    doomed += [*adapters_dir.glob(".*.tmp"), *folder.glob(".*.tmp"), *folder.glob("*.json.tmp")]
-    for path in doomed:
-        try:
-            path.unlink()
-        except OSError:
-            continue
 
 
 def _fresh_adapter_file(folder: Path, name: str, suffix: str) -> str:
@@ -109,17 +41,6 @@ def _fresh_adapter_file(folder: Path, name: str, suffix: str) -> str:
     while (folder / relative).exists():
         relative = f"{ADAPTERS_DIR}/{name}.{secrets.token_hex(4)}{suffix}"
     return relative
-
-
-def _commit(folder: Path, config: RuntimeConfig, manifest: dict[str, Any], step: str) -> None:
-    """The one switch of an add/remove-adapter: rename the new manifest into place. Older exports also list
-    adapters in embedding_config.json; that copy is dropped first (the manifest it leaves in charge still
-    describes the old state, so a kill in between leaves the old export)."""
-    if _lists_adapters_in_config(folder):
-        config.save(folder)  # switchable configs are saved without the adapter table
-        crash_point(f"{step}-config-migrated")
-    write_json(folder / MANIFEST_FILE, manifest)
-    crash_point(f"{step}-committed")
 
 
 def _prepare_base(manifest: dict[str, Any], folder: Path, base: str | None, token, trust_remote_code: bool,
@@ -141,10 +62,10 @@ def _prepare_base(manifest: dict[str, Any], folder: Path, base: str | None, toke
     fresh = prepared.runtime_config(config.model_file, config.dimension).to_dict()
     for key in ("input_names", "max_seq_length", "pooling_modes", "normalize", "has_dense", "do_lower_case"):
         if fresh[key] != getattr(config, key):
-            raise ConfigError(
-                f"The base model {resolved.base_id!r} does not match this export: {key} is {fresh[key]!r} there and "
-                f"{getattr(config, key)!r} in the export. Pass --base with the model the export was made from."
-            )
+            found = (f"The base model {resolved.base_id!r} does not match this export: {key} is {fresh[key]!r} there "
+                     f"and {getattr(config, key)!r} in the export. Pass")
+            raise ConfigError(f"{found} the model the export was made from as base=...").in_cli_words(
+                f"{found} --base with the model the export was made from.")
     return prepared
 
 
@@ -167,8 +88,10 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
     with _locked(folder):
         config, manifest = _load_switchable(folder)
         if name in config.adapters and not force:
-            raise ConfigError(f"{folder} already has an adapter named {name!r}; pass --force to replace it, or "
-                              "remove it first with `peft-export remove-adapter`")
+            taken = f"{folder} already has an adapter named {name!r}; pass"
+            raise ConfigError(f"{taken} force=True to replace it, or remove it first with remove_adapter()"
+                              ).in_cli_words(f"{taken} --force to replace it, or remove it first with "
+                                             "`peft-export remove-adapter`")
         adapter = load_adapter_source(target, name=name, token=token)
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
         slots = [Slot.from_dict(s) for s in config.lora_slots]
@@ -204,10 +127,9 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
                                                        existing, allow_noop_adapter)
             except ValidationError as err:
                 if "without an adapter" in str(err):
-                    raise ValidationError(
-                        f"{err}. The base model used for validation is not the one this export was made from; pass "
-                        "--base with that model."
-                    ) from err
+                    wrong = "The base model used for validation is not the one this export was made from; pass"
+                    raise ValidationError(f"{err}. {wrong} that model as base=...").in_cli_words(
+                        f"{err.for_cli()}. {wrong} --base with that model.") from err
                 raise
             os.replace(candidate, final)  # a new name, listed nowhere yet: the export is still the old one
             crash_point("add-adapter-file-written")
@@ -221,7 +143,7 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
             manifest["validation"].setdefault("adapter_pair_max_abs_diff", {}).update(
                 validation["adapter_pair_max_abs_diff"])
             manifest["size_bytes"] = folder_size(folder) - (_size(folder / replaced) if replaced else 0)
-            _commit(folder, config, manifest, "add-adapter")
+            _commit(folder, manifest, "add-adapter")
             committed = True
         except OSError as err:
             raise PeftExportError(f"Adding adapter {name!r} to {folder} failed: {err.strerror or err}; the export "
@@ -236,42 +158,3 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
     log(f"added adapter {name!r} to {folder} ({final.stat().st_size / 1e6:.2f} MB): == eager PEFT within "
         f"{validation['adapters'][name]['vs_eager_peft']['max_abs_diff']['sentence_embedding']:.1e}")
     return entry
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def remove_adapter(output: str | Path, name: str, log: Callable[[str], None] = logger.info) -> None:
-    """Remove an adapter's entry (one rename of the manifest), then its weight file; the graph is never modified."""
-    folder = Path(output)
-    _load_switchable(folder)
-    _check_writable(folder)
-    with _locked(folder):
-        config, manifest = _load_switchable(folder)
-        suffix, _ = _adapter_writer(detect_backend(config))
-        _clean_leftovers(folder, config, suffix)
-        if name not in config.adapters:
-            raise AdapterNotFoundError(f"{folder} has no adapter named {name!r}; it has {sorted(config.adapters)}")
-        removed = config.adapters.pop(name)["file"]
-        if config.default_adapter == name:
-            config.default_adapter = None
-            log(f"{name!r} was the default adapter; the export now loads with no adapter active")
-        manifest["adapters"] = [a for a in manifest.get("adapters", []) if a["name"] != name]
-        manifest["default_adapter"] = config.default_adapter
-        manifest["export"]["files"] = _graph_files(config) + [e["file"] for e in config.adapters.values()]
-        pairs = manifest.get("validation", {}).get("adapter_pair_max_abs_diff", {})
-        for key in [k for k in pairs if name in k.split(" vs ")]:
-            del pairs[key]
-        manifest["size_bytes"] = folder_size(folder) - _size(folder / removed)
-        try:
-            _commit(folder, config, manifest, "remove-adapter")
-        except OSError as err:
-            raise PeftExportError(f"Removing adapter {name!r} from {folder} failed: {err.strerror or err}; the "
-                                  "export was not changed") from err
-        with contextlib.suppress(OSError):  # a leftover file is removed by the next change
-            confined(folder, removed, f"adapter {name!r}'s file").unlink()
-    log(f"removed adapter {name!r} from {folder}")

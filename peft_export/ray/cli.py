@@ -13,7 +13,9 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     import threading
 
     from ..serve import ServeSettings
+    from ..serve.server import listening_socket
     from ..serve.settings import LIMIT_FLAGS
+    from .local import init_ray
 
     ray = require("ray", "ray")
     serve = require("ray.serve", "ray")
@@ -26,7 +28,9 @@ def cmd_serve_ray(args: argparse.Namespace) -> int:
     )
     app = serve_app(args.path, replicas=args.replicas, threads_per_replica=args.threads_per_replica,
                     merged_adapter_budget=args.merged_adapter_budget, settings=settings)
-    ray.init(address=args.address, include_dashboard=False, configure_logging=False)
+    if args.address is None:  # the local Ray instance's HTTP proxy will listen here: a busy port is one line now,
+        listening_socket(args.host, args.port).close()  # not a proxy failure deep in Ray's logs after its start
+    init_ray(args.address, serve_proxy=True)  # a local instance: loopback only
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
@@ -52,7 +56,8 @@ def add_serve_ray_parser(sub) -> None:
                     "to replicas with that adapter merged (at most --merged-adapter-budget per replica, LRU). "
                     "Needs peft_export[ray,serve].")
     serve.add_argument("path", help="export folder (the same path on every node)")
-    serve.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance)")
+    serve.add_argument("--address", help="Ray cluster to join (default: start a local Ray instance, which listens on "
+                                         "127.0.0.1 only)")
     serve.add_argument("--host", default="127.0.0.1", help="address of Ray's HTTP proxy (default: 127.0.0.1)")
     serve.add_argument("--port", type=lambda text: port_number(text, lowest=1), default=8000,
                        help="port, 1-65535 (default: 8000)")

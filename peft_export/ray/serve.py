@@ -37,6 +37,7 @@ from typing import Any
 
 from ..errors import ConfigError, require
 from ..serve.settings import ServeSettings
+from .local import keep_replica_grpc_on_loopback
 
 logger = logging.getLogger("peft_export.ray.serve")
 
@@ -90,6 +91,7 @@ class _AdapterAffinity:
 
 def _open_replica(export: str, backend: str | None, threads: int, settings: ServeSettings, mark_hot) -> Any:
     os.environ["RAYON_NUM_THREADS"] = str(threads)  # the tokenizer's pool: as many threads as this replica's CPUs
+    keep_replica_grpc_on_loopback()
     from ..runtime.model import EmbeddingModel
     from ..serve.app import create_app
 

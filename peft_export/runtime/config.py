@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .atomic_file import write_atomically
-from .export_files import confined
+from .export_files import confined, verified_bytes
 
 RUNTIME_CONFIG_FILE = "embedding_config.json"
 MANIFEST_FILE = "peft_export.json"
@@ -45,7 +45,8 @@ class RuntimeConfig:
     # Switchable exports: adapter name -> {"file": relative path, "file_sha256", r, lora_alpha, modules, ...}, the
     # adapter active when the model loads (None: the base), and the graph's LoRA slots (lora_layout.Slot dicts).
     # The adapter table and default adapter are the manifest's (peft_export.json), the one file that says which
-    # adapters an export holds: add/remove-adapter change it with one rename. They are filled in at load.
+    # adapters an export holds: add/remove-adapter change it with one rename. They are filled in at load (exports
+    # that also listed them here were written before every file was hashed, and are refused).
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_adapter: str | None = None
     lora_slots: list[dict[str, Any]] = field(default_factory=list)
@@ -71,16 +72,14 @@ class RuntimeConfig:
         write_atomically(folder / RUNTIME_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
-    def load(cls, folder: Path, prefer_manifest: bool = False) -> RuntimeConfig:
+    def load(cls, folder: Path, manifest: dict[str, Any] | None = None) -> RuntimeConfig:
+        """The runtime config of the export at ``folder``, checked against the hash its manifest records (read
+        here unless given: pass the one the caller goes on using, so both describe the same export)."""
         path = folder / RUNTIME_CONFIG_FILE
-        if not path.is_file():
-            raise ConfigError(
-                f"{folder} is not a peft_export export folder: {RUNTIME_CONFIG_FILE} is missing. "
-                "Create one with `peft-export merge-onnx MODEL_ID -o FOLDER`."
-            )
-        if not (folder / MANIFEST_FILE).is_file():
-            raise ConfigError(f"{folder} has no {MANIFEST_FILE}: the export did not finish; export it again")
-        data = read_json_object(path)
+        check_export_folder(folder)
+        if manifest is None:
+            manifest = read_manifest(folder)
+        data = parse_json_object(verified_bytes(folder, manifest, RUNTIME_CONFIG_FILE), path)
         if data.get("version") != CONFIG_VERSION:
             raise ConfigError(f"{path} has config version {data.get('version')!r}; this runtime reads {CONFIG_VERSION}")
         known = set(cls.__dataclass_fields__)
@@ -92,10 +91,20 @@ class RuntimeConfig:
                 f"{path}: model_file {config.model_file!r} is not a graph: expected an ONNX model (.onnx) or OpenVINO "
                 "IR (.xml) in the export folder. The config was edited or corrupted; export the folder again."
             )
-        manifest = read_manifest(folder)
         if config.lora_slots or manifest.get("merge_mode") == "switchable":
-            config.adapters, config.default_adapter = adapter_table(folder, data, manifest, prefer_manifest)
+            config.adapters, config.default_adapter = adapter_table(folder, manifest)
         return config
+
+
+def check_export_folder(folder: Path) -> None:
+    """Refuse a folder that is not an export, or whose export did not finish, before reading anything in it."""
+    if not (folder / RUNTIME_CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"{folder} is not a peft_export export folder: {RUNTIME_CONFIG_FILE} is missing. "
+            "Create one with `peft-export merge-onnx MODEL_ID -o FOLDER`."
+        )
+    if not (folder / MANIFEST_FILE).is_file():
+        raise ConfigError(f"{folder} has no {MANIFEST_FILE}: the export did not finish; export it again")
 
 
 def _is_int(value: Any) -> bool:
@@ -125,28 +134,15 @@ def check_values(config: RuntimeConfig, path: Path) -> None:
             raise ConfigError(f"{path}: {key} must be an object, found {getattr(config, key)!r}")
 
 
-def adapter_table(folder: Path, data: dict[str, Any], manifest: dict[str, Any], prefer_manifest: bool = False
-                  ) -> tuple[dict[str, dict[str, Any]], str | None]:
+def adapter_table(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], str | None]:
     """A switchable export's adapters (name -> runtime entry with ``file`` and ``file_sha256``) and default adapter,
-    from the manifest. Exports made before the manifest held them alone list them in embedding_config.json too; both
-    lists must then agree (they disagree after an add/remove-adapter interrupted between its two writes), unless
-    ``prefer_manifest`` (add/remove-adapter, which repair the folder by rewriting both)."""
+    from the manifest, the one file that lists them."""
     entries = manifest.get("adapters") or []
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                 for e in entries):
         raise ConfigError(f"{folder}: {MANIFEST_FILE}'s adapters must be a list of objects with a name")
     table = {e["name"]: {k: v for k, v in e.items() if k not in ("name", "validation", "source")} for e in entries}
     default = manifest.get("default_adapter")
-    legacy = data.get("adapters")
-    if legacy and not prefer_manifest:
-        mine = {name: (entry or {}).get("file") for name, entry in legacy.items()}
-        theirs = {name: entry.get("file") for name, entry in table.items()}
-        if mine != theirs or data.get("default_adapter") != default:
-            raise ConfigError(
-                f"{folder}: {RUNTIME_CONFIG_FILE} lists adapters {sorted(mine)} (default "
-                f"{data.get('default_adapter')!r}) but {MANIFEST_FILE} lists {sorted(theirs)} (default {default!r}): "
-                "an add-adapter or remove-adapter was interrupted. Run it again (add with --force), or export again."
-            )
     if default is not None and default not in table:
         raise ConfigError(f"{folder}: default_adapter {default!r} is not among the adapters {sorted(table)}")
     return table, default
@@ -163,8 +159,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file that must hold an object; anything else is a ConfigError naming the file."""
+    return parse_json_object(path.read_bytes(), path)
+
+
+def parse_json_object(raw: bytes, path: Path) -> dict[str, Any]:
+    """``raw`` (the bytes of ``path``) as a JSON object; anything else is a ConfigError naming the file."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from err
     if not isinstance(data, dict):

@@ -55,12 +55,78 @@ def verify_sha256(path: Path, expected: object, what: str) -> None:
         )
 
 
-def verify_graph_files(folder: Path, manifest: dict) -> None:
-    """Check every graph file the manifest records a hash for (``export.sha256``: model.onnx and its external data,
-    or an OpenVINO IR's .xml and .bin). Exports made before hashes were recorded have none to check."""
-    recorded = ((manifest.get("export") or {}).get("sha256")) or {}
+# Exports written before every file was hashed (only the graph and adapters were) get this advice.
+REEXPORT = ("Export the folder again with this version of peft_export (earlier versions hashed only the graph and "
+            "adapters, so their tokenizer and runtime config cannot be checked)")
+
+
+def recorded_hashes(folder: Path, manifest: dict) -> dict[str, str]:
+    """``export.sha256``: relative path -> sha256 of every file of the export but the manifest and the adapter files
+    (which have their own ``file_sha256``). A manifest without it cannot vouch for anything: refused."""
+    export = manifest.get("export")
+    recorded = export.get("sha256") if isinstance(export, dict) else None
+    if recorded is None:
+        raise ConfigError(f"{folder}: peft_export.json records no file hashes (export.sha256), so nothing the "
+                          f"runtime would read can be checked; refused. {REEXPORT}.")
     if not isinstance(recorded, dict):
-        raise ConfigError(f"{folder}: peft_export.json's export.sha256 must map file names to hashes")
+        raise ConfigError(f"{folder}: peft_export.json's export.sha256 must map file names to hashes, found "
+                          f"{type(recorded).__name__}. {REEXPORT}.")
+    return recorded
+
+
+def expected_sha256(folder: Path, manifest: dict, relative: str) -> str:
+    """The hash the manifest records for ``relative``; a file the runtime reads without one is refused."""
+    recorded = recorded_hashes(folder, manifest)
+    if relative not in recorded:
+        raise ConfigError(f"{folder}: peft_export.json records no sha256 for {relative}, which the runtime reads; "
+                          f"refused. {REEXPORT}.")
+    return recorded[relative]
+
+
+def verified_bytes(folder: Path, manifest: dict, relative: str) -> bytes:
+    """The bytes of ``folder / relative``, read once and checked against the manifest: what is parsed is what
+    was hashed."""
+    expected = expected_sha256(folder, manifest, relative)
+    path = confined(folder, relative, "a file in peft_export.json")
+    data = _read(path, Path.read_bytes)
+    _compare(path, hashlib.sha256(data).hexdigest(), expected, relative)
+    return data
+
+
+def _read(path: Path, read):
+    try:
+        return read(path)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path} not found: peft_export.json lists it as part of the export; export the folder "
+                          "again") from err
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read: {err.strerror or err}") from err
+
+
+def _compare(path: Path, found: str, expected: object, relative: str) -> None:
+    if not isinstance(expected, str) or len(expected) != 64:
+        raise ConfigError(f"{path}: peft_export.json records no valid sha256 for {relative} ({expected!r}); the "
+                          f"manifest was modified. {REEXPORT}.")
+    if found != expected:
+        raise ConfigError(f"{path} does not hold what peft_export.json records for {relative}: sha256 {found[:16]}... "
+                          f"instead of {expected[:16]}... The file was modified, corrupted or replaced; refused. "
+                          f"{REEXPORT}.")
+
+
+def graph_files(model_file: str) -> list[str]:
+    """The files of a graph: ``model.onnx`` (its external data is listed beside it in the manifest), or an OpenVINO
+    IR's ``.xml`` and ``.bin``."""
+    if PurePosixPath(model_file).suffix == ".xml":
+        return [model_file, str(PurePosixPath(model_file).with_suffix(".bin"))]
+    return [model_file]
+
+
+def verify_export_files(folder: Path, manifest: dict, required: list[str]) -> None:
+    """Check every file ``export.sha256`` lists (graph, external data, tokenizer, runtime config, tokenizer
+    configs); each of ``required`` (what the runtime reads) must be listed."""
+    recorded = recorded_hashes(folder, manifest)
+    for relative in required:
+        expected_sha256(folder, manifest, relative)
     for relative, expected in sorted(recorded.items()):
-        path = confined(folder, relative, "a graph file in peft_export.json")
-        verify_sha256(path, expected, f"graph file {relative!r}")
+        path = confined(folder, relative, "a file in peft_export.json")
+        _compare(path, _read(path, sha256_of), expected, relative)

@@ -11,8 +11,8 @@ import numpy as np
 from ..errors import ConfigError, NonFiniteEmbeddingError
 from .adapters import AdapterMethods
 from .backends import open_backend
-from .config import RUNTIME_CONFIG_FILE, RuntimeConfig, read_manifest
-from .export_files import verify_graph_files
+from .config import RUNTIME_CONFIG_FILE, TOKENIZER_FILE, RuntimeConfig, check_export_folder, read_manifest
+from .export_files import graph_files, verify_export_files
 from .onnxruntime_backend import SessionSettings
 from .precision import PRECISIONS, quantize_embeddings
 from .similarity import similarity, similarity_pairwise
@@ -79,8 +79,9 @@ class EmbeddingModel(AdapterMethods):
         self.path = Path(path)
         if not self.path.is_dir():
             raise ConfigError(f"Export folder not found: {self.path}")
-        self.config = RuntimeConfig.load(self.path)
+        check_export_folder(self.path)
         self.manifest = read_manifest(self.path)
+        self.config = RuntimeConfig.load(self.path, self.manifest)
         self._check_sequence_limit()
         self.device = device
         self.backend = open_backend(
@@ -88,10 +89,11 @@ class EmbeddingModel(AdapterMethods):
             session_settings=session_settings, openvino_settings=openvino_settings,
             inference_precision=inference_precision, performance_hint=performance_hint,
         )
-        # The graph is the one the manifest recorded (checked after the backend's own checks, whose errors say more
-        # about a missing or truncated file).
-        verify_graph_files(self.path, self.manifest)
-        self._tokenizer = TextTokenizer(self.path, self.config)
+        # Every file is the one the manifest recorded (checked after the backend's own checks, whose errors say more
+        # about a missing or truncated graph file).
+        verify_export_files(self.path, self.manifest,
+                            [RUNTIME_CONFIG_FILE, TOKENIZER_FILE, *graph_files(self.config.model_file)])
+        self._tokenizer = TextTokenizer(self.path, self.config, self.manifest)
         # Graph inputs are what the tokenizer feeds; anything else means the folder was tampered with.
         missing = set(self.backend.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
         if missing:

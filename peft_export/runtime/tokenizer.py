@@ -10,6 +10,7 @@ import numpy as np
 from ..errors import ConfigError, InvalidInputError
 from .batches import plan_batches
 from .config import TOKENIZER_FILE, RuntimeConfig
+from .export_files import verified_bytes
 from .token_prefix import TokenCounter, truncation_prefix
 
 # Characters of one text ever tokenized: a longer text is tokenized as a prefix that keeps the same tokens under
@@ -23,14 +24,17 @@ CAP_CHARS_PER_TOKEN = 32
 class TextTokenizer:
     """Batch tokenizer: truncates to max_seq_length and pads to the longest sequence of each batch (right side)."""
 
-    def __init__(self, folder: Path, config: RuntimeConfig):
+    def __init__(self, folder: Path, config: RuntimeConfig, manifest: dict | None = None):
+        """``manifest``: the export's, whose hash of tokenizer.json the bytes read must match (None while an
+        export is being written, before its manifest exists)."""
         from tokenizers import Tokenizer
 
         path = folder / TOKENIZER_FILE
         if not path.is_file():
             raise ConfigError(f"{path} not found: the export folder lacks its tokenizer; export the folder again")
+        raw = verified_bytes(folder, manifest, TOKENIZER_FILE) if manifest is not None else path.read_bytes()
         try:
-            self.tokenizer = Tokenizer.from_file(str(path))
+            self.tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as err:  # the tokenizers library raises plain Exception for unreadable files
             raise ConfigError(f"{path} is not a readable tokenizers file: {err}") from err
         self.max_seq_length = config.max_seq_length

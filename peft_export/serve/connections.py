@@ -11,7 +11,8 @@ protocol that
 * caps open connections at ``max_connections``: at the cap a new connection closes the one that has waited
   longest for a request (idle keep-alive or partial request) so new clients are served throughout; when every
   open connection is running a request, the new one gets 503 + Retry-After;
-* refuses headers over ``max_header_bytes`` with 431, and answers every parser error (conflicting
+* refuses headers over ``max_header_bytes`` with 431 (counted between reads and as the parser hands them over,
+  so a header block that arrives in one read is held to it too), and answers every parser error (conflicting
   Content-Length, Content-Length together with Transfer-Encoding, a bad chunk size) with a JSON 400 instead of
   uvicorn's text/plain "Invalid HTTP request received.".
 
@@ -103,7 +104,8 @@ def guarded_protocol_class(limits: ConnectionLimits, observer: ProtocolObserver 
             self._registry = registry
             self._timer: asyncio.TimerHandle | None = None
             self._phase = "idle"  # idle -> headers -> body -> busy -> (response) idle
-            self._header_bytes = 0
+            self._header_bytes = 0  # bytes received while the headers are incomplete
+            self._parsed_header_bytes = 0  # request line and headers as the parser hands them over
             self._refusal: tuple[int, str, str] | None = None
 
         # ----- connection lifecycle -----
@@ -214,6 +216,24 @@ def guarded_protocol_class(limits: ConnectionLimits, observer: ProtocolObserver 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._phase = "headers"
+            self._parsed_header_bytes = 0
+
+        # A whole header block can arrive in one read and be parsed (up to the end of the request) within one
+        # feed_data, before data_received can count it: the parser's callbacks count it as it is parsed.
+        def on_url(self, url: bytes) -> None:
+            self._count_header_bytes(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_header_bytes(len(name) + len(value) + 4)  # ": " and CRLF
+            super().on_header(name, value)
+
+        def _count_header_bytes(self, size: int) -> None:
+            self._parsed_header_bytes += size
+            if self._parsed_header_bytes > limits.max_header_bytes:
+                self._refusal = (431, "headers_too_large",
+                                 f"Request headers exceed the limit of {limits.max_header_bytes} bytes")
+                raise ValueError("headers too large")  # parsing stops; send_400_response answers the 431
 
         def on_headers_complete(self) -> None:
             names = {name for name, _ in self.headers}

@@ -14,14 +14,17 @@ def is_local(model_id: str) -> bool:
     return Path(model_id).expanduser().is_dir()
 
 
-# How to hand over a local copy instead of a hub id, for each place a hub id can come from.
-PASS_MODEL_LOCALLY = "pass the local folder instead, e.g. `peft-export merge-onnx ./my-model`"
-PASS_BASE_LOCALLY = "pass a local copy of the base with `--base ./local-base`"
-PASS_ADAPTER_LOCALLY = "pass the adapter's local folder instead, as NAME=./my-adapter"
+# How to hand over a local copy instead of a hub id, for each place a hub id can come from: (to a library caller,
+# on the command line).
+PASS_MODEL_LOCALLY = ("pass the local folder instead, e.g. export_onnx_model('./my-model', ...)",
+                      "pass the local folder instead, e.g. `peft-export merge-onnx ./my-model`")
+PASS_BASE_LOCALLY = ("pass a local copy of the base as base='./local-base'",
+                     "pass a local copy of the base with `--base ./local-base`")
+PASS_ADAPTER_LOCALLY = ("pass the adapter's local folder instead, as NAME=./my-adapter",) * 2
 
 
 def local_folder(model_id: str, revision: str | None = None, token: str | bool | None = None,
-                 instead: str = PASS_MODEL_LOCALLY) -> Path:
+                 instead: tuple[str, str] = PASS_MODEL_LOCALLY) -> Path:
     """A local folder for ``model_id``: the folder itself, or a Hub snapshot (cached, then downloaded).
 
     ``instead`` says how the user hands over a local copy when the hub cannot be reached (it depends on whether
@@ -45,11 +48,12 @@ def local_folder(model_id: str, revision: str | None = None, token: str | bool |
         if bundled is not None:
             return bundled
         reason = f"{type(err).__name__}: {err}".splitlines()[0]
-        raise ModelNotFoundError(
-            f"Could not get {model_id!r}{f' at revision {revision!r}' if revision else ''} from the Hugging Face Hub "
-            f"({reason}). Offline: download it on a connected machine and {instead}. Private or gated repo: log "
-            "in with `hf auth login`, or set HF_TOKEN (or pass --token)."
-        ) from err
+        def say(local: str, token_option: str) -> str:
+            return (f"Could not get {model_id!r}{f' at revision {revision!r}' if revision else ''} from the Hugging "
+                    f"Face Hub ({reason}). Offline: download it on a connected machine and {local}. Private or gated "
+                    f"repo: log in with `hf auth login`, or set HF_TOKEN (or pass {token_option}).")
+
+        raise ModelNotFoundError(say(instead[0], "token=...")).in_cli_words(say(instead[1], "--token")) from err
 
 
 def bundled_copy(model_id: str, revision: str | None) -> Path | None:

@@ -109,17 +109,34 @@ def sha256_file(path: Path) -> str:
 def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
     """``NAME=PATH_OR_ID`` or ``PATH_OR_ID`` -> (name or None, path_or_id)."""
     name, sep, target = spec.partition("=")
-    if sep and name and "/" not in name and not Path(spec).exists():
+    if sep and name and "/" not in name and not _is_existing_path(spec):
         check_adapter_name(name)
         return name, target
     return None, spec
 
 
+def _is_existing_path(spec: str) -> bool:
+    """Whether ``spec`` names something on disk; a string the OS cannot take as a path (too long) names nothing."""
+    try:
+        return Path(spec).exists()
+    except (OSError, ValueError):
+        return False
+
+
+ADAPTER_NAME_MAX_LENGTH = 64
+_ADAPTER_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+
+
 def check_adapter_name(name: str) -> None:
-    """Adapter names become file names: letters, digits, '-', '_' and '.', never a path."""
-    if (not isinstance(name, str) or not name or name.startswith(".")
-            or not all(c.isalnum() or c in "-_." for c in name)):
-        raise ConfigError(f"Adapter name {name!r} must use letters, digits, '-', '_' or '.' only")
+    """Adapter names become file names, URL path parts and HTTP header values: ASCII letters, digits, '-', '_' and
+    '.' (not first), at most ADAPTER_NAME_MAX_LENGTH characters, never a path."""
+    if (not isinstance(name, str) or not name or name.startswith(".") or len(name) > ADAPTER_NAME_MAX_LENGTH
+            or not set(name) <= _ADAPTER_NAME_CHARACTERS):
+        shown = repr(name)
+        if isinstance(name, str) and len(name) > 80:
+            shown = f"{name[:40]!r}... ({len(name)} characters)"
+        raise ConfigError(f"Adapter name {shown} must be 1 to {ADAPTER_NAME_MAX_LENGTH} characters of ASCII letters, "
+                          "digits, '-', '_' or '.' (not first); rename it, e.g. NAME=PATH")
 
 
 def load_adapter_source(
@@ -168,9 +185,8 @@ def resolve_model(
         resolved_adapters.append(adapter)
         base_id = base or adapter.config.base_model_name_or_path
         if not base_id:
-            raise ConfigError(
-                f"{folder}/adapter_config.json has no base_model_name_or_path; pass the base model with --base"
-            )
+            lacks = f"{folder}/adapter_config.json has no base_model_name_or_path; pass the base model"
+            raise ConfigError(f"{lacks} as base=...").in_cli_words(f"{lacks} with --base")
         # The base named by adapter_config.json is usually a hub id: offline, --base is the way to a local copy.
         base_folder = local_folder(base_id, revision=base_revision, token=token, instead=PASS_BASE_LOCALLY)
         if (folder / "modules.json").is_file():
@@ -178,7 +194,9 @@ def resolve_model(
         base_rev = base_revision
     else:
         if base:
-            raise ConfigError(f"--base is only used with an adapter-only MODEL_ID; {model_id!r} is a full model")
+            raise ConfigError(f"base is only used with an adapter-only model_id; {model_id!r} is a full model"
+                              ).in_cli_words(f"--base is only used with an adapter-only MODEL_ID; {model_id!r} is a "
+                                             "full model")
         base_id, base_folder, base_rev = model_id, folder, revision
     base_rev = snapshot_revision(base_folder) or base_rev  # a hub download: the commit actually used
 
