@@ -17,10 +17,11 @@ LENIENT = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retent
 def _outlier_encoder(zoo, name: str):
     """A tiny BERT whose fp32 output is ordinary but whose int8 version is garbage.
 
-    In every layer one value channel is dead (zero weights and bias) and one FFN unit is pinned at GELU(-1e4) = 0;
-    the projections reading them get a huge weight in that input column for every output row. fp32 multiplies
-    those weights by zero, but per-channel int8 sizes each row's scale to the outlier, rounding every real weight
-    of the attention output and FFN output projections to zero, whichever rung of the ladder is tried.
+    In every layer one channel of each linear layer's input is dead (LayerNorm channel 0 zeroed, one value channel
+    with zero weights and bias, one FFN unit pinned at GELU(-1e4) = 0); every projection gets a huge weight in
+    that input column for every output row. fp32 multiplies those weights by zero, but per-channel int8 sizes each
+    row's scale to the outlier, rounding every real weight to zero: no rung of the ladder, which keeps at most a
+    third of the nodes in fp32, can pass.
     """
     import torch
     from transformers import AutoModel
@@ -39,6 +40,11 @@ def _outlier_encoder(zoo, name: str):
             layer.attention.output.dense.weight[:, 0] = 1e4
             layer.intermediate.dense.bias[0] = -1e4
             layer.output.dense.weight[:, 0] = 1e4
+            for norm in (layer.attention.output.LayerNorm, layer.output.LayerNorm):
+                norm.weight[0] = norm.bias[0] = 0.0
+            for linear in (layer.attention.self.query, layer.attention.self.key, value, layer.intermediate.dense):
+                linear.weight[:, 0] = 1e4
+        model.embeddings.LayerNorm.weight[0] = model.embeddings.LayerNorm.bias[0] = 0.0
     model.save_pretrained(str(folder))
     for f in source.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "vocab")):

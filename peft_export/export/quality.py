@@ -136,12 +136,14 @@ def ndcg_at_10(queries: np.ndarray, passages: np.ndarray) -> float:
 
 
 def measure_quality(reference: Embed, candidate: Embed, pairs: list[dict[str, str]]) -> dict[str, float]:
-    queries = [p["query"] for p in pairs]
-    passages = [p["passage"] for p in pairs]
-    ref = reference(queries + passages)
-    got = candidate(queries + passages)
+    texts = [p["query"] for p in pairs] + [p["passage"] for p in pairs]
+    return quality_against(reference(texts), candidate(texts))
+
+
+def quality_against(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Gate figures of embeddings ``got`` against ``ref``, both of the gate's texts (queries, then passages)."""
     cosine = (_unit(ref) * _unit(got)).sum(axis=1)
-    n = len(queries)
+    n = len(ref) // 2
     ndcg_ref, ndcg_got = ndcg_at_10(ref[:n], ref[n:]), ndcg_at_10(got[:n], got[n:])
     return {
         "mean_cosine": float(cosine.mean()),
