@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, ValidationError, tool_step
 from .families import DEFAULT_FAMILY, ModelFamily
-from .quality import Embed, QualityGate, quality_against
+from .quality import Embed, QualityGate, cosines, quality_against, screen_failures, screen_rows
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def quantize_with_gate(
     clock = time.perf_counter()
     reference_embeddings = reference(texts)  # fp32, once for every rung
     reference_seconds = time.perf_counter() - clock
-    screen_rows = _screen_rows(len(pairs))
+    rows = screen_rows(len(pairs))
     texts_for_probe = (probe_texts or calibration_texts or texts)[:PROBE_TEXTS]
     if tokenize is None:
         raise ConfigError("int8 quantization needs the export's tokenizer to probe the graph")
@@ -139,7 +139,7 @@ def quantize_with_gate(
         for strategy, excluded in sensitivity_rungs(order):
             attempt, passed = _try_rung(source, out_path, Path(scratch), mode, excluded + side, tokenize,
                                         calibration_texts, external, make_candidate, texts, reference_embeddings,
-                                        screen_rows, gate)
+                                        rows, gate)
             attempt = {"strategy": strategy, "excluded_nodes": len(excluded), "quantized_nodes":
                        len(nodes) - len(excluded), "fp32_nodes": excluded, **attempt}
             attempts.append(attempt)
@@ -163,30 +163,9 @@ def quantize_with_gate(
     )
 
 
-SCREEN_PAIRS = 24  # pairs (48 texts) a rung is screened on before the full gate
-SCREEN_MEAN_MARGIN = 0.002  # the screen rejects on the mean only when it is this far under the gate
-
-
-def _screen_rows(n_pairs: int) -> np.ndarray:
-    """Rows of the gate's texts (queries, then passages) the screen embeds: the first pairs, both sides."""
-    k = min(SCREEN_PAIRS, n_pairs)
-    return np.concatenate([np.arange(k), n_pairs + np.arange(k)])
-
-
-def screen_failures(cosines: np.ndarray, gate: QualityGate) -> list[str]:
-    """Why a screen's cosines already rule a candidate out: a worst cosine under the gate's is under it on the full
-    set too; a mean is only an estimate, so it rejects with a margin."""
-    failures = []
-    if cosines.min() < gate.min_worst_cosine:
-        failures.append(f"screen worst_cosine {cosines.min():.5f} < {gate.min_worst_cosine}")
-    if cosines.mean() < gate.min_mean_cosine - SCREEN_MEAN_MARGIN:
-        failures.append(f"screen mean_cosine {cosines.mean():.5f} < {gate.min_mean_cosine} - {SCREEN_MEAN_MARGIN}")
-    return failures
-
-
 def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: list[str], tokenize,
               calibration_texts, external: bool, make_candidate, texts: list[str], reference: np.ndarray,
-              screen_rows: np.ndarray, gate: QualityGate) -> tuple[dict, Path | None]:
+              rows: np.ndarray, gate: QualityGate) -> tuple[dict, Path | None]:
     """Quantize one rung, screen it, then gate it; (figures and seconds, path of the candidate if it passed)."""
     candidate_path = scratch / f"candidate_{len(exclude)}_{out_path.name}"
     seconds = {}
@@ -195,9 +174,9 @@ def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: l
     seconds["quantize"] = round(time.perf_counter() - clock, 1)
     embed = make_candidate(candidate_path)
     clock = time.perf_counter()
-    screen = _cosines(reference[screen_rows], embed([texts[i] for i in screen_rows]))
+    screen = cosines(reference[rows], embed([texts[i] for i in rows]))
     seconds["screen"] = round(time.perf_counter() - clock, 1)
-    attempt: dict = {"screen": {"texts": len(screen_rows), "mean_cosine": float(screen.mean()),
+    attempt: dict = {"screen": {"texts": len(rows), "mean_cosine": float(screen.mean()),
                                 "worst_cosine": float(screen.min())}}
     rejected = screen_failures(screen, gate)
     if rejected:
@@ -207,10 +186,6 @@ def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: l
     seconds["gate"] = round(time.perf_counter() - clock, 1)
     failures = gate.failures(quality)
     return {**attempt, **quality, "failures": failures, "seconds": seconds}, None if failures else candidate_path
-
-
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 def _describe(attempt: dict) -> str:
