@@ -124,10 +124,11 @@ def test_ladder_reuses_the_reference_screens_first_stops_at_the_first_pass_and_t
 
     def fake_quantize(source, out, mode, exclude, *args):
         calls["quantized"].append(list(exclude))
+        calls.setdefault("sources", []).append(source.name)
         shutil.copy(source, out)
 
     def make_candidate(path):
-        # rung 0: far off; rung 1 (one node kept fp32, beside the outlier split's side product): exact
+        # plain and split rungs: far off; the next (one node kept fp32, beside the split's side product): exact
         kept = [n for n in calls["quantized"][-1] if not n.endswith("/outliers_fp32")]
 
         def embed(texts):
@@ -142,22 +143,24 @@ def test_ladder_reuses_the_reference_screens_first_stops_at_the_first_pass_and_t
     result = quantize_with_gate(fp32, tmp_path / "int8.onnx", reference, make_candidate, PAIRS, QualityGate(),
                                 tokenize=_tokenize, probe_texts=TEXTS, log=logs.append)
     assert calls["reference"] == 1
-    assert calls["candidate_texts"] == [48, 48, 80]  # rung 0 stopped at the screen; rung 1 screened, then gated
-    assert [e[0] for e in calls["quantized"][1:]] == ["spiky"]  # the most sensitive node is the first kept fp32
-    first, second = result["attempts"]
-    assert "mean_cosine" not in first and first["failures"][0].startswith("screen worst_cosine")
-    assert set(first["seconds"]) == {"quantize", "screen"} and set(second["seconds"]) == {"quantize", "screen", "gate"}
-    assert second["failures"] == [] and result["chosen"] == second["strategy"] == "1 most sensitive of 2 weight " \
-                                                                                      "nodes kept in fp32"
+    assert calls["candidate_texts"] == [48, 48, 48, 80]  # two rungs stopped at the screen; the third gated
+    assert calls["sources"] == ["m.onnx", "split_m.onnx", "split_m.onnx"]  # plain graph first, then the split one
+    assert calls["quantized"] == [[], ["smooth/outliers_fp32"], ["spiky", "smooth/outliers_fp32"]]  # most sensitive
+    plain, split, third = result["attempts"]
+    assert plain["strategy"] == "all weight nodes int8" and split["strategy"].startswith("all weight nodes int8; out")
+    assert "mean_cosine" not in split and split["failures"][0].startswith("screen worst_cosine")
+    assert set(split["seconds"]) == {"quantize", "screen"} and set(third["seconds"]) == {"quantize", "screen", "gate"}
+    assert third["failures"] == [] and result["chosen"] == third["strategy"]
+    assert third["strategy"].startswith("1 most sensitive of 2 weight nodes kept in fp32; outlier input channels")
     assert result["probe"]["outlier_split_nodes"] == 1 and result["probe"]["outlier_channels"] == [OUTLIER]
-    assert (tmp_path / "int8.onnx").is_file() and len(logs) == 3 and "screen" in logs[1] and "passes" in logs[2]
+    assert (tmp_path / "int8.onnx").is_file() and len(logs) == 4 and "screen" in logs[2] and "passes" in logs[3]
 
 
 def test_ladder_with_real_quantization_on_the_tiny_graph(tmp_path):
     fp32 = _tiny_graph(tmp_path / "m.onnx")
     result = quantize_with_gate(fp32, tmp_path / "int8.onnx", _embedder(fp32), _embedder, PAIRS, QualityGate(),
                                 tokenize=_tokenize, probe_texts=TEXTS, log=lambda _: None)
-    assert result["chosen"] == "1 most sensitive of 2 weight nodes kept in fp32"  # 'spiky' cannot be int8
+    assert result["chosen"].startswith("1 most sensitive of 2 weight nodes kept in fp32")  # 'spiky' cannot be int8
     assert result["attempts"][-1]["mean_cosine"] > 0.999
     with pytest.raises(ValidationError, match=r"No int8 variant passes the quality gate \(all weight nodes int8: "
                                               r"screen worst_cosine"):

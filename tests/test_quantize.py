@@ -80,6 +80,18 @@ def test_int8_export_records_gate_figures_that_match_a_recomputation(bert_case, 
     assert (out / "model_int8.onnx").stat().st_size < (bert_case.export / "model.onnx").stat().st_size
 
 
+def test_info_prints_the_int8_gate_figures(bert_case, tmp_path, quiet_log, capsys):
+    """`peft-export info` on an ONNX int8 export read figures the manifest did not hold (KeyError)."""
+    from peft_export.cli import main
+
+    out = tmp_path / "int8"
+    export_onnx_model(str(bert_case.adapter), out, quantize="int8", gate=LENIENT, log=quiet_log)
+    quant = json.loads((out / "peft_export.json").read_text())["validation"]["quantization"]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert f"quality:     int8 weights vs fp32: mean cosine {quant['mean_cosine']:.5f}" in capsys.readouterr().out
+
+
 def test_gate_thresholds_are_enforced_in_order():
     gate = QualityGate()
     good = {"mean_cosine": 0.995, "worst_cosine": 0.98, "ndcg10_retention": 0.999}

@@ -263,6 +263,11 @@ def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] 
     log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "
         f"NDCG@10 retention {chosen['ndcg10_retention']:.4f} on {chosen['texts']} texts")
     result["gate"] = gate_dict(options.gate)
+    # The chosen rung's figures at the top, as the OpenVINO gates record them (`peft-export info` reads them there).
+    result.update({"weight_format": "int8", **{key: chosen[key] for key in (
+        "mean_cosine", "worst_cosine", "ndcg10_reference", "ndcg10", "ndcg10_retention", "texts")}})
+    if options.quantize == "int8-static":
+        result["activations"] = "int8"
     return _adopt_graph(fp32_path, int8_path, config, result, options)
 
 

@@ -68,7 +68,9 @@ def _quantize(fp32: Path, out: Path, mode: str, exclude: list[str],
                         use_external_data_format=external)
 
 
-# The ladder: every node int8, then the most sensitive (probe's simulated int8 error) kept in fp32, growing.
+# The ladder: the plain graph with every weight node int8 (fastest: nothing added), then the same with the outlier
+# channels split off, then also the most sensitive nodes (probe's simulated int8 error) kept in fp32, growing.
+PLAIN_RUNG = "all weight nodes int8"
 FP32_SHARES = (0.0, 0.05, 0.15, 0.3)
 PROBE_TEXTS = 32  # calibration texts the probe runs the fp32 graph on (two batches)
 
@@ -131,12 +133,17 @@ def quantize_with_gate(
         + ", ".join(f"{p.name} ({p.relative_error:.3f})" for p in sorted(nodes, key=lambda p: -p.relative_error)[:3]))
     attempts = []
     with tempfile.TemporaryDirectory(dir=out_path.parent) as scratch:
-        source = fp32_path
-        side: list[str] = []
+        rungs = [(PLAIN_RUNG, [], fp32_path, [])]  # the fastest graph: nothing added, nothing kept in fp32
         if split:
-            source = Path(scratch) / ("split_" + fp32_path.name)
-            side = split_outliers(fp32_path, source, nodes, external)
-        for strategy, excluded in sensitivity_rungs(order):
+            split_path = Path(scratch) / ("split_" + fp32_path.name)
+            side = split_outliers(fp32_path, split_path, nodes, external)
+            channels = sum(len(p.outlier_channels) for p in split)
+            rungs = rungs[:1] + [(f"{strategy}; outlier input channels of {len(split)} nodes ({channels} channels) "
+                                  "in fp32", excluded, split_path, side) for strategy, excluded in
+                                 sensitivity_rungs(order)]
+        else:
+            rungs += [(strategy, excluded, fp32_path, []) for strategy, excluded in sensitivity_rungs(order)][1:]
+        for strategy, excluded, source, side in rungs:
             attempt, passed = _try_rung(source, out_path, Path(scratch), mode, excluded + side, tokenize,
                                         calibration_texts, external, make_candidate, texts, reference_embeddings,
                                         rows, gate)
