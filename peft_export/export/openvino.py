@@ -233,10 +233,14 @@ class OpenVinoFormat:
         self.family = family_for(getattr(merged.encoder_config, "model_type", None))
         tokenizer = TextTokenizer(model_path.parent, config)
         texts = [p["query"] for p in self.pairs] + [p["passage"] for p in self.pairs]
+        started = time.perf_counter()
         reference = backend_embedder(tokenizer, backend)(texts)  # fp32, computed once for every candidate
+        reference_seconds = time.perf_counter() - started
         del backend
         calibration = [feeds for _, feeds in tokenizer.batches(self.calibration, 1)] if self.quantize else []
         result = self._compress_with_gate(model_path, reference, texts, tokenizer, calibration, log)
+        result["seconds"] = {"reference": round(reference_seconds, 1),
+                             "total": round(time.perf_counter() - started, 1)}
         result.update({"reference": "this IR with fp32 weights (validated above)", "inference_precision": "f32",
                        "gate": gate_dict(self.gate), "gate_data": self.pairs_source})
         if self.quantize:
