@@ -17,10 +17,11 @@ LENIENT = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retent
 def _outlier_encoder(zoo, name: str):
     """A tiny BERT whose fp32 output is ordinary but whose int8 version is garbage.
 
-    In every layer one value channel is dead (zero weights and bias) and one FFN unit is pinned at GELU(-1e4) = 0;
-    the projections reading them get a huge weight in that input column for every output row. fp32 multiplies
-    those weights by zero, but per-channel int8 sizes each row's scale to the outlier, rounding every real weight
-    of the attention output and FFN output projections to zero, whichever rung of the ladder is tried.
+    In every layer one channel of each linear layer's input is dead (LayerNorm channel 0 zeroed, one value channel
+    with zero weights and bias, one FFN unit pinned at GELU(-1e4) = 0); every projection gets a huge weight in
+    that input column for every output row. fp32 multiplies those weights by zero, but per-channel int8 sizes each
+    row's scale to the outlier, rounding every real weight to zero: no rung of the ladder, which keeps at most a
+    third of the nodes in fp32, can pass.
     """
     import torch
     from transformers import AutoModel
@@ -39,6 +40,11 @@ def _outlier_encoder(zoo, name: str):
             layer.attention.output.dense.weight[:, 0] = 1e4
             layer.intermediate.dense.bias[0] = -1e4
             layer.output.dense.weight[:, 0] = 1e4
+            for norm in (layer.attention.output.LayerNorm, layer.output.LayerNorm):
+                norm.weight[0] = norm.bias[0] = 0.0
+            for linear in (layer.attention.self.query, layer.attention.self.key, value, layer.intermediate.dense):
+                linear.weight[:, 0] = 1e4
+        model.embeddings.LayerNorm.weight[0] = model.embeddings.LayerNorm.bias[0] = 0.0
     model.save_pretrained(str(folder))
     for f in source.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
@@ -72,6 +78,18 @@ def test_int8_export_records_gate_figures_that_match_a_recomputation(bert_case, 
     assert again["worst_cosine"] == pytest.approx(chosen["worst_cosine"], abs=1e-6)
     assert again["mean_cosine"] < 1.0  # int8 really is a different graph
     assert (out / "model_int8.onnx").stat().st_size < (bert_case.export / "model.onnx").stat().st_size
+
+
+def test_info_prints_the_int8_gate_figures(bert_case, tmp_path, quiet_log, capsys):
+    """`peft-export info` on an ONNX int8 export read figures the manifest did not hold (KeyError)."""
+    from peft_export.cli import main
+
+    out = tmp_path / "int8"
+    export_onnx_model(str(bert_case.adapter), out, quantize="int8", gate=LENIENT, log=quiet_log)
+    quant = json.loads((out / "peft_export.json").read_text())["validation"]["quantization"]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert f"quality:     int8 weights vs fp32: mean cosine {quant['mean_cosine']:.5f}" in capsys.readouterr().out
 
 
 def test_gate_thresholds_are_enforced_in_order():

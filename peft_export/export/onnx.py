@@ -239,9 +239,8 @@ def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | 
 
     if options.quantize not in QUANTIZE_MODES:
         raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, found {options.quantize!r}")
-    calibration = None
-    if options.calibration_data or options.quantize == "int8-static":
-        calibration = calibration_texts(options.calibration_data)
+    # Both modes read calibration text: static int8 calibrates on it, and the int8 probe measures on it.
+    calibration = calibration_texts(options.calibration_data)
     return load_pairs_file(options.gate_data), calibration
 
 
@@ -259,11 +258,17 @@ def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] 
         lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
         mode=options.quantize, tokenize=tokenizer.encode,
         calibration_texts=calibration if options.quantize == "int8-static" else None, family=family,
+        probe_texts=calibration, log=log,
     )
     chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
     log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "
         f"NDCG@10 retention {chosen['ndcg10_retention']:.4f} on {chosen['texts']} texts")
     result["gate"] = gate_dict(options.gate)
+    # The chosen rung's figures at the top, as the OpenVINO gates record them (`peft-export info` reads them there).
+    result.update({"weight_format": "int8", **{key: chosen[key] for key in (
+        "mean_cosine", "worst_cosine", "ndcg10_reference", "ndcg10", "ndcg10_retention", "texts")}})
+    if options.quantize == "int8-static":
+        result["activations"] = "int8"
     return _adopt_graph(fp32_path, int8_path, config, result, options)
 
 

@@ -19,10 +19,13 @@ import io
 import logging
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 import torch
 
@@ -30,8 +33,8 @@ from ..errors import ConfigError, ValidationError, require, tool_step
 from .families import DEFAULT_FAMILY, family_for, tracing_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from .quality import (
-    LOWER_GATE, LOWER_GATE_CLI, QualityGate, backend_embedder, calibration_texts, docstring_pairs, fp16_gate,
-    gate_dict, int8_rungs, load_pairs_file, measure_quality,
+    LOWER_GATE, LOWER_GATE_CLI, QualityGate, backend_embedder, calibration_texts, cosines, docstring_pairs, fp16_gate,
+    gate_dict, int8_rungs, load_pairs_file, quality_against, screen_failures, screen_rows,
 )
 from .validate import compare_with_reference
 
@@ -237,10 +240,14 @@ class OpenVinoFormat:
         self.family = family_for(getattr(merged.encoder_config, "model_type", None))
         tokenizer = TextTokenizer(model_path.parent, config)
         texts = [p["query"] for p in self.pairs] + [p["passage"] for p in self.pairs]
+        started = time.perf_counter()
         reference = backend_embedder(tokenizer, backend)(texts)  # fp32, computed once for every candidate
+        reference_seconds = time.perf_counter() - started
         del backend
         calibration = [feeds for _, feeds in tokenizer.batches(self.calibration, 1)] if self.quantize else []
-        result = self._compress_with_gate(model_path, lambda t: reference, tokenizer, calibration, log)
+        result = self._compress_with_gate(model_path, reference, texts, tokenizer, calibration, log)
+        result["seconds"] = {"reference": round(reference_seconds, 1),
+                             "total": round(time.perf_counter() - started, 1)}
         result.update({"reference": "this IR with fp32 weights (validated above)", "inference_precision": "f32",
                        "gate": gate_dict(self.gate), "gate_data": self.pairs_source})
         if self.quantize:
@@ -265,26 +272,50 @@ class OpenVinoFormat:
             else:
                 yield strategy, compress_weights_int8(model.clone(), excluded), excluded
 
-    def _compress_with_gate(self, model_path: Path, reference, tokenizer, calibration: list[dict[str, Any]],
-                            log) -> dict[str, Any]:
-        """Write each candidate beside the fp32 IR, gate it as loaded from disk; the first that passes replaces it."""
+    def _compress_with_gate(self, model_path: Path, reference: np.ndarray, texts: list[str], tokenizer,
+                            calibration: list[dict[str, Any]], log) -> dict[str, Any]:
+        """Write each candidate beside the fp32 IR, screen it on a few pairs, then gate it as loaded from disk
+        against ``reference`` (the fp32 embeddings of ``texts``, computed once); the first that passes replaces the
+        fp32 IR. Each attempt records what it measured and how long each step took."""
         ov = require("openvino", "openvino")
         model = ov.Core().read_model(str(model_path))
         attempts = []
         matmuls = len(_weight_matmuls(model))
-        for strategy, candidate, excluded in self._candidates(model, calibration):
+        rows = screen_rows(len(self.pairs))
+        candidates = self._candidates(model, calibration)
+        while True:
+            clock = time.perf_counter()
+            step = next(candidates, None)  # NNCF runs here
+            if step is None:
+                break
+            strategy, candidate, excluded = step
+            seconds = {"quantize": round(time.perf_counter() - clock, 1)}
             with tempfile.TemporaryDirectory(dir=model_path.parent) as scratch:
                 path = Path(scratch) / MODEL_XML
                 ov.save_model(candidate, str(path), compress_to_fp16=self.weight_format == "fp16")
-                quality = measure_quality(reference, backend_embedder(tokenizer, compile_f32(path)),
-                                          self.pairs)
+                embed = backend_embedder(tokenizer, compile_f32(path))
+                clock = time.perf_counter()
+                screen = cosines(reference[rows], embed([texts[i] for i in rows]))
+                seconds["screen"] = round(time.perf_counter() - clock, 1)
                 attempt = {"strategy": strategy, "excluded_nodes": len(excluded),
-                           "quantized_nodes": matmuls - len(excluded), **quality,
-                           "failures": self.gate.failures(quality)}
+                           "quantized_nodes": matmuls - len(excluded), "seconds": seconds,
+                           "screen": {"texts": len(rows), "mean_cosine": float(screen.mean()),
+                                      "worst_cosine": float(screen.min())},
+                           "failures": screen_failures(screen, self.gate)}
                 attempts.append(attempt)
+                if attempt["failures"]:
+                    log(f"{self.lossy_kind} ({strategy}): screen mean cosine {screen.mean():.5f}, worst "
+                        f"{screen.min():.5f} on {len(rows)} texts; fails ({'; '.join(attempt['failures'])}) "
+                        f"[quantize {seconds['quantize']:.0f}s, screen {seconds['screen']:.0f}s]")
+                    continue
+                clock = time.perf_counter()
+                quality = quality_against(reference, embed(texts))
+                seconds["gate"] = round(time.perf_counter() - clock, 1)
+                attempt.update({**quality, "failures": self.gate.failures(quality)})
                 log(f"{self.lossy_kind} ({strategy}): mean cosine {quality['mean_cosine']:.5f}, worst "
                     f"{quality['worst_cosine']:.5f}, NDCG@10 retention {quality['ndcg10_retention']:.4f} on "
-                    f"{quality['texts']} texts")
+                    f"{quality['texts']} texts [quantize {seconds['quantize']:.0f}s, screen {seconds['screen']:.0f}s, "
+                    f"gate {seconds['gate']:.0f}s]")
                 if not attempt["failures"]:
                     for suffix in (".xml", ".bin"):
                         os.replace(path.with_suffix(suffix), model_path.with_suffix(suffix))

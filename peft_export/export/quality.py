@@ -145,12 +145,14 @@ def ndcg_at_10(queries: np.ndarray, passages: np.ndarray) -> float:
 
 
 def measure_quality(reference: Embed, candidate: Embed, pairs: list[dict[str, str]]) -> dict[str, float]:
-    queries = [p["query"] for p in pairs]
-    passages = [p["passage"] for p in pairs]
-    ref = reference(queries + passages)
-    got = candidate(queries + passages)
+    texts = [p["query"] for p in pairs] + [p["passage"] for p in pairs]
+    return quality_against(reference(texts), candidate(texts))
+
+
+def quality_against(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Gate figures of embeddings ``got`` against ``ref``, both of the gate's texts (queries, then passages)."""
     cosine = (_unit(ref) * _unit(got)).sum(axis=1)
-    n = len(queries)
+    n = len(ref) // 2
     ndcg_ref, ndcg_got = ndcg_at_10(ref[:n], ref[n:]), ndcg_at_10(got[:n], got[n:])
     return {
         "mean_cosine": float(cosine.mean()),
@@ -160,6 +162,32 @@ def measure_quality(reference: Embed, candidate: Embed, pairs: list[dict[str, st
         "ndcg10_retention": ndcg_got / ndcg_ref if ndcg_ref > 0 else 0.0,
         "texts": len(ref),
     }
+
+
+SCREEN_PAIRS = 24  # pairs (48 texts) a rung is screened on before the full gate
+SCREEN_MEAN_MARGIN = 0.002  # the screen rejects on the mean only when it is this far under the gate
+
+
+def screen_rows(n_pairs: int) -> np.ndarray:
+    """Rows of the gate's texts (queries, then passages) the screen embeds: the first pairs, both sides."""
+    k = min(SCREEN_PAIRS, n_pairs)
+    return np.concatenate([np.arange(k), n_pairs + np.arange(k)])
+
+
+def screen_failures(cosines: np.ndarray, gate: QualityGate) -> list[str]:
+    """Why a screen's cosines already rule a candidate out: a worst cosine under the gate's is under it on the full
+    set too; a mean is only an estimate, so it rejects with a margin."""
+    failures = []
+    if cosines.min() < gate.min_worst_cosine:
+        failures.append(f"screen worst_cosine {cosines.min():.5f} < {gate.min_worst_cosine}")
+    if cosines.mean() < gate.min_mean_cosine - SCREEN_MEAN_MARGIN:
+        failures.append(f"screen mean_cosine {cosines.mean():.5f} < {gate.min_mean_cosine} - {SCREEN_MEAN_MARGIN}")
+    return failures
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two embedding matrices."""
+    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 def enforce(gate: QualityGate, quality: dict[str, float], what: str) -> None:
