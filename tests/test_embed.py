@@ -437,3 +437,42 @@ def test_embed_stays_torch_free(inputs, bert_case, tmp_path):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    pytest.importorskip("ray")
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _tricky_inputs(folder: Path) -> dict[str, Path]:
+    """Rows Ray's own readers took differently from the local job: blank and whitespace lines, a Unicode line
+    separator inside a line, CRLF, a byte order mark, ids with leading zeros, a newline inside a quoted CSV field."""
+    lines = ["first", "", "   ", "two\u2028parts", "crlf\r", "last"]
+    paths = {"text": folder / "tricky.txt", "csv": folder / "tricky.csv", "jsonl": folder / "tricky.jsonl"}
+    paths["text"].write_bytes("\ufeff".encode() + "\n".join(lines).encode() + b"\n")
+    with open(paths["csv"], "w", encoding="utf-8-sig", newline="") as f:
+        csv.writer(f).writerows([["id", "text"], ["007", "a quoted\nnewline"], ["010", ""], ["3", "plain"]])
+    paths["jsonl"].write_text('{"id": "007", "text": "x"}\n\n{"id": "8", "text": ""}\n', encoding="utf-8")
+    return paths
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["text", "csv", "jsonl"])
+def test_ray_reads_the_rows_the_local_job_reads(fmt, local_ray, bert_case, tmp_path):
+    from peft_export.corpus.ray_job import embed_with_ray
+
+    source = _tricky_inputs(tmp_path)[fmt]
+    id_column = None if fmt == "text" else "id"
+    rows = embed_with_ray(str(bert_case.export), str(source), str(tmp_path / "ray"), id_column=id_column)
+    embed_corpus(bert_case.export, source, tmp_path / "local", id_column=id_column, progress=False)
+    table, vectors = read_parquet(tmp_path / "ray")
+    local_table, local = read_parquet(tmp_path / "local")
+    assert rows == local_table.num_rows == {"text": 6, "csv": 3, "jsonl": 2}[fmt]
+    if id_column:
+        assert table.column("id").to_pylist() == local_table.column("id").to_pylist()
+    np.testing.assert_allclose(vectors, local, atol=1e-6)

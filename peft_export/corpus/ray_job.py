@@ -26,17 +26,27 @@ from .job import check_existing_output, check_output_outside_input, kill_if_aske
 from .readers import CorpusReader
 from .state import OutputLock, describe_job
 from .workers import EncodeSettings, check_settings
-from .writers import EMBEDDING_COLUMN, RAY_MARKER, OutputTarget, remove_leftovers
+from .writers import (EMBEDDING_COLUMN, LEFTOVER_INFIX, RAY_MARKER, OutputTarget, columns_table,
+                      remove_leftovers)
 
 
-def _read(ray_data, path: Path, fmt: str):
-    if fmt == "parquet":
-        return ray_data.read_parquet(str(path))
-    if fmt == "csv":
-        return ray_data.read_csv(str(path))
-    if fmt == "jsonl":
-        return ray_data.read_json(str(path), lines=True)
-    return ray_data.read_text(str(path))  # one row per line, in a column named "text"
+STAGE_ROWS = 65536  # rows per staged Parquet file
+
+
+def _stage_as_parquet(reader: CorpusReader, target: OutputTarget) -> Path:
+    """A JSONL, CSV or text input rewritten as Parquet files by the local job's own reader, so that Ray reads the
+    rows, texts, ids and column types the local job reads (Ray's own readers differ: its text reader drops blank
+    lines and splits at every Unicode line break, its JSON and CSV readers turned the id "007" into 7 and stopped at
+    a newline inside a quoted CSV field). One streaming pass; the folder is named like the job's other temporary
+    folders and carries embed's marker first, so a killed run's copy is removed by the next (remove_leftovers)."""
+    pq = require("pyarrow.parquet", "corpus")
+    stage = target.path.parent / f".{target.path.name}{LEFTOVER_INFIX}input"
+    stage.mkdir()
+    (stage / RAY_MARKER).write_text("{}\n", encoding="utf-8")
+    for index, chunk in enumerate(reader.chunks(STAGE_ROWS)):
+        table = columns_table({**chunk.columns, reader.column: chunk.texts}, {**reader.kinds, reader.column: "string"})
+        pq.write_table(table, stage / f"input-{index:06d}.parquet")
+    return stage
 
 
 def _check_target(target: OutputTarget, force: bool) -> None:
@@ -85,7 +95,7 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
 
             init_ray(None if address == "local" else address)  # a local instance listens on loopback only
         ray_data.DataContext.get_current().execution_options.preserve_order = True  # rows come out in input order
-        ds = _read(ray_data, source, fmt)
+        ds = ray_data.read_parquet(str(staged or source))
         ds = embed_dataset(ds, export, column=column, adapter=adapter, prompt_name=prompt_name,
                            batch_size=batch_size, id_column=id_column)
         keep = [name for name in dict.fromkeys(([id_column] if id_column else []) + list(keep_columns))]
@@ -103,7 +113,12 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
         try:
             remove_leftovers(target)  # of a killed --ray run: no live job owns them while we hold the lock
             _check_target(target, force)  # again, locked: another job may have finished meanwhile
-            return _build_and_put_in_place(target, marker, write)
+            staged = _stage_as_parquet(reader, target) if fmt != "parquet" else None
+            try:
+                return _build_and_put_in_place(target, marker, write)
+            finally:
+                if staged:
+                    shutil.rmtree(staged, ignore_errors=True)
         finally:
             lock.release()
     except PeftExportError:

@@ -206,7 +206,14 @@ def embeddings_table(embeddings: np.ndarray, columns: dict[str, Any], kinds: dic
     """A pyarrow table: the given columns (lists typed by ``kinds``, or pyarrow arrays), then ``embedding``."""
     pa = require("pyarrow", "corpus")
     rows, dim = embeddings.shape  # (rows, dimension)
-    arrays, names = [], []
+    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
+    return columns_table({**columns, EMBEDDING_COLUMN: pa.FixedSizeListArray.from_arrays(flat, dim)}, kinds)
+
+
+def columns_table(columns: dict[str, Any], kinds: dict[str, str]):
+    """A pyarrow table of ``columns`` (lists typed by ``kinds``, or pyarrow arrays), as every output writes them."""
+    pa = require("pyarrow", "corpus")
+    arrays = []
     for name, values in columns.items():
         if isinstance(values, list):
             try:
@@ -214,11 +221,7 @@ def embeddings_table(embeddings: np.ndarray, columns: dict[str, Any], kinds: dic
             except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as err:
                 raise InputError(f"Column {name!r} cannot be written to Parquet: {err}") from err
         arrays.append(values)
-        names.append(name)
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1), type=pa.float32())
-    arrays.append(pa.FixedSizeListArray.from_arrays(flat, dim))
-    names.append(EMBEDDING_COLUMN)
-    return pa.Table.from_arrays(arrays, names=names)
+    return pa.Table.from_arrays(arrays, names=list(columns))
 
 
 def assemble(target: OutputTarget, parts: int, rows: int, dimension: int, job: dict,
