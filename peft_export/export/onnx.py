@@ -178,12 +178,10 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
 
     from ..errors import ValidationError
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .ort_fusion import AttentionShape, fuse_attention
+    from .ort_fusion import AttentionShape, fuse_attention, fused_blocks
     from .validate import compare_with_reference
 
-    skip = family_for(getattr(merged.encoder_config, "model_type", None)).fusion_skip_reason()
-    if skip:
-        return {"applied": False, "reason": skip}
+    family = family_for(getattr(merged.encoder_config, "model_type", None))
     shape = AttentionShape.of(merged.encoder_config)
     if shape is None:
         return {"applied": False, "reason": "the encoder config has no num_attention_heads / hidden_size"}
@@ -196,14 +194,16 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
         return {"applied": False, "reason": reason, "external_data": True}
     try:
         # The graph was loaded for this call alone, so the optimizer may rewrite it in place (no second copy).
-        fused, counts = fuse_attention(onnx.load(str(model_path)), shape, keep_input=False)
+        fused, counts = fuse_attention(onnx.load(str(model_path)), shape, keep_input=False,
+                                       bert_optimizer=family.bert_optimizer)
     except Exception as err:  # a third-party optimizer; the traced graph is valid without it
         reason = f"ONNX Runtime's optimizer failed: {type(err).__name__}: {err}"
         log(f"Attention fusion: {reason}; the traced graph is kept")
         return {"applied": False, "reason": reason}
-    if not counts["Attention"]:
-        log("Attention fusion: ONNX Runtime's optimizer matched no attention block; the traced graph is kept")
-        return {"applied": False, "reason": "no attention block matched ONNX Runtime's fusion patterns"}
+    if not fused_blocks(counts):
+        log("Attention fusion: no attention block matched the fusion patterns; the traced graph is kept")
+        return {"applied": False, "reason": "no attention block matched ONNX Runtime's fusion patterns nor "
+                                            "peft_export's attention rewrite"}
     scratch = folder / ".fused"
     scratch.mkdir()
     try:
@@ -224,9 +224,12 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
             os.replace(scratch / name, folder / name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    log(f"Attention fusion: {counts['Attention']} attention blocks fused (ONNX Runtime transformer optimizer); "
+    forms = ", ".join(f"{counts[op]} {op}" for op in ("Attention", "MultiHeadAttention") if counts[op])
+    log(f"Attention fusion: {fused_blocks(counts)} attention blocks fused ({forms}); "
         f"== PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}")
-    return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "fused_operators": counts,
+    optimizer = ["onnxruntime.transformers.optimizer"] if family.bert_optimizer else []
+    return {"applied": True, "optimizer": " + ".join([*optimizer, "peft_export.export.attention_rewrite"]),
+            "fused_operators": counts,
             **shape.to_dict(), "fused_vs_reference": report.to_dict(), "external_data": external}
 
 

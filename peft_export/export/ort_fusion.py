@@ -31,7 +31,7 @@ import gc
 from dataclasses import dataclass
 from typing import Any
 
-FUSED_OPERATORS = ("Attention", "BiasGelu", "LayerNormalization")
+FUSED_OPERATORS = ("Attention", "MultiHeadAttention", "BiasGelu", "LayerNormalization")
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,34 @@ class AttentionShape:
         return {"num_heads": self.num_heads, "hidden_size": self.hidden_size}
 
 
-def fuse_attention(model, shape: AttentionShape, keep_input: bool = True):
+def fuse_attention(model, shape: AttentionShape, keep_input: bool = True, bert_optimizer: bool = True):
     """``(fused ModelProto, {operator: count})`` for an ONNX ModelProto; the input model is left unchanged
     unless ``keep_input`` is False (then it is rewritten in place, which saves a copy of a large model's weights).
-    The count of ``Attention`` is 0 when the optimizer found no attention block it could fuse."""
+
+    With ``bert_optimizer`` ONNX Runtime's optimizer runs first (BERT, RoBERTa, DistilBERT blocks become
+    ``Attention``); the blocks it leaves (MPNet's position bias, rotary and grouped-query attention, local windows)
+    are then fused by export/attention_rewrite.py. ``fused_blocks(counts)`` is 0 when nothing was fused."""
     import copy
 
+    from .attention_rewrite import fuse_remaining_attention
+
+    source = copy.deepcopy(model) if keep_input else model
+    if not bert_optimizer:
+        counts = {op: 0 for op in FUSED_OPERATORS}
+        counts.update(fuse_remaining_attention(source, shape.num_heads))
+        return source, counts
+    fused, counts = _ort_optimizer(source, shape)
+    for op, count in fuse_remaining_attention(fused, shape.num_heads).items():
+        counts[op] += count
+    return fused, counts
+
+
+def fused_blocks(counts: dict[str, int]) -> int:
+    """Attention blocks fused, of either form."""
+    return counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+
+
+def _ort_optimizer(source, shape: AttentionShape):
     from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -66,7 +88,6 @@ def fuse_attention(model, shape: AttentionShape, keep_input: bool = True):
     options.enable_embed_layer_norm = False
     options.enable_gelu_approximation = False
     options.attention_mask_format = AttentionMaskFormat.AttentionMask
-    source = copy.deepcopy(model) if keep_input else model
     optimizer = optimize_model(source, model_type="bert", num_heads=shape.num_heads,
                                hidden_size=shape.hidden_size, optimization_options=options, opt_level=0)
     stats = optimizer.get_fused_operator_statistics()
@@ -77,6 +98,6 @@ def fuse_attention(model, shape: AttentionShape, keep_input: bool = True):
         fused.opset_import.add(domain="com.microsoft", version=1)
     # The optimizer's fusion objects reference each other, so the graph copies they hold (a model's size each)
     # outlive this call until a garbage collection: measured +230 MB per merge_adapter call without this.
-    del optimizer, source
+    del optimizer
     gc.collect()
     return fused, counts
