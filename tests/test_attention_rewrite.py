@@ -215,3 +215,35 @@ def test_a_bias_added_before_the_scale_is_left_unfused():
     before = model.SerializeToString()
     assert fuse_remaining_attention(model, HEADS) == {"Attention": 0, "MultiHeadAttention": 0}
     assert model.SerializeToString() == before
+
+
+def test_graphs_for_int8_keep_biased_projections_unpacked():
+    """ONNX Runtime's dynamic quantizer turns Attention into QAttention and drops input 5 (attention_bias): a packed
+    MPNet block would lose its position bias and mask. For int8, such blocks become MultiHeadAttention and their
+    projections stay MatMuls, which the quantizer handles one by one."""
+    model = _attention_graph()
+    want = _run(model)
+    assert fuse_remaining_attention(model, HEADS, pack_with_bias=False) == {"Attention": 0, "MultiHeadAttention": 1}
+    assert [n.op_type for n in model.graph.node].count("MatMul") == 3
+    np.testing.assert_allclose(_run(model), want, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_int8_mpnet_quantizes_the_projections_and_keeps_the_position_bias(tmp_path, quiet_log):
+    from peft_export.export.quality import QualityGate
+
+    texts = text.FALLBACK_SENTENCES + text.real_sentences(200, seed=1)
+    family = encoder_families.FAMILIES["mpnet"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        base = encoder_families.build_st(family, encoder_families.build_hf(family, tmp_path / "hf", texts),
+                                         tmp_path / "st")
+        adapter = encoder_families.build_adapter(family, base, tmp_path / "adapter")
+        out = tmp_path / "int8"
+        export_onnx_model(str(adapter), out, base=str(base), quantize="int8", log=quiet_log,
+                          gate=QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5))
+    validation = json.loads((out / "peft_export.json").read_text())["validation"]
+    assert validation["attention_fusion"]["fused_operators"]["MultiHeadAttention"] == 2
+    ops = collections.Counter(n.op_type for n in onnx.load(str(out / "model_int8.onnx")).graph.node)
+    assert ops["MultiHeadAttention"] == 2 and ops["QAttention"] == 0 and ops["Softmax"] == 0
+    assert validation["quantization"]["attempts"][0]["quantized_nodes"] == 6 * 2  # q, k, v, o, FFN in/out

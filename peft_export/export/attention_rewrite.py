@@ -18,7 +18,10 @@ and replaces it by
 
 * ``Attention`` (query/key/value projections packed into one weight) where Q, K and V are each
   ``Transpose(Reshape(x @ W + b))`` of the same ``x`` (MPNet), or
-* ``MultiHeadAttention`` on the Q, K, V the graph already computes (after rotary and head repetition) otherwise.
+* ``MultiHeadAttention`` on the Q, K, V the graph already computes (after rotary and head repetition) otherwise,
+  and for blocks with a bias when ``pack_with_bias`` is False: ONNX Runtime's dynamic int8 quantizer turns
+  ``Attention`` into ``QAttention``, which has no ``attention_bias`` input and would drop the bias, so graphs meant
+  for it keep the projections as MatMuls (quantized one by one) and fuse the rest.
 
 The additive terms are summed once per distinct set (MPNet's position bias and mask are shared by every layer; a
 ModernBERT has one sum for its global layers and one for its local ones). Nodes that only fed the replaced blocks
@@ -191,8 +194,9 @@ def _projection(g: _Graph, name: str, key_perm: bool = False) -> tuple[str, np.n
 
 
 class _Rewriter:
-    def __init__(self, model, num_heads: int):
+    def __init__(self, model, num_heads: int, pack_with_bias: bool = True):
         self.model, self.graph, self.num_heads = model, model.graph, num_heads
+        self.pack_with_bias = pack_with_bias
         self.new_nodes: list = []
         self.new_initializers: list = []
         self.bias_sums: dict[tuple[str, ...], str] = {}
@@ -243,7 +247,7 @@ class _Rewriter:
         bias = self.bias_input(block.terms)
         q, k, v = (_projection(g, block.query), _projection(g, block.key_t, key_perm=True),
                    _projection(g, block.value))
-        packed = q and k and v and q[0] == k[0] == v[0]
+        packed = q and k and v and q[0] == k[0] == v[0] and (self.pack_with_bias or not bias)
         weights = [p[1] for p in (q, k, v)] if packed else []
         if packed and all(w.shape == weights[0].shape for w in weights):
             biases = [p[2] if p[2] is not None else np.zeros(p[1].shape[1], p[1].dtype) for p in (q, k, v)]
@@ -287,11 +291,11 @@ class _Rewriter:
         return counts
 
 
-def fuse_remaining_attention(model, num_heads: int) -> dict[str, int]:
+def fuse_remaining_attention(model, num_heads: int, pack_with_bias: bool = True) -> dict[str, int]:
     """Rewrite ``model`` (a ModelProto) in place: every attention block of the shape in the module docstring becomes
     one fused operator. Returns ``{"Attention": n, "MultiHeadAttention": m}`` (both 0: nothing matched, and the
     graph is unchanged)."""
-    return _Rewriter(model, num_heads).run()
+    return _Rewriter(model, num_heads, pack_with_bias).run()
 
 
 def _remove_dead_code(graph) -> None:

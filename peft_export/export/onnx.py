@@ -136,7 +136,9 @@ class OnnxFormat:
             if self.options.quantize and "Attention" not in QUANTIZED_OPS[self.options.quantize]:
                 checks["attention_fusion"] = {"applied": False, "reason": STATIC_KEEPS_TRACED}
             else:
-                checks["attention_fusion"] = _fusion_step(merged, model_path, log)
+                # int8 turns Attention into QAttention, which has no attention_bias input: keep those unpacked.
+                checks["attention_fusion"] = _fusion_step(merged, model_path, log,
+                                                          pack_with_bias=not self.options.quantize)
         if not (self.options.quantize or self.options.dtype == "fp16"):
             return checks
         # One session at a time: a large model's weights are in memory once per session.
@@ -170,7 +172,7 @@ class OnnxFormat:
                 "files": [config.model_file, *external_files(self.folder / config.model_file)]}
 
 
-def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
+def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> dict[str, Any]:
     """Replace the validated graph by its attention-fused version (export/ort_fusion.py) when the optimizer fuses
     something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
     external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``."""
@@ -195,7 +197,7 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
     try:
         # The graph was loaded for this call alone, so the optimizer may rewrite it in place (no second copy).
         fused, counts = fuse_attention(onnx.load(str(model_path)), shape, keep_input=False,
-                                       bert_optimizer=family.bert_optimizer)
+                                       bert_optimizer=family.bert_optimizer, pack_with_bias=pack_with_bias)
     except Exception as err:  # a third-party optimizer; the traced graph is valid without it
         reason = f"ONNX Runtime's optimizer failed: {type(err).__name__}: {err}"
         log(f"Attention fusion: {reason}; the traced graph is kept")

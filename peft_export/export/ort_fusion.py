@@ -51,13 +51,15 @@ class AttentionShape:
         return {"num_heads": self.num_heads, "hidden_size": self.hidden_size}
 
 
-def fuse_attention(model, shape: AttentionShape, keep_input: bool = True, bert_optimizer: bool = True):
+def fuse_attention(model, shape: AttentionShape, keep_input: bool = True, bert_optimizer: bool = True,
+                   pack_with_bias: bool = True):
     """``(fused ModelProto, {operator: count})`` for an ONNX ModelProto; the input model is left unchanged
     unless ``keep_input`` is False (then it is rewritten in place, which saves a copy of a large model's weights).
 
     With ``bert_optimizer`` ONNX Runtime's optimizer runs first (BERT, RoBERTa, DistilBERT blocks become
     ``Attention``); the blocks it leaves (MPNet's position bias, rotary and grouped-query attention, local windows)
-    are then fused by export/attention_rewrite.py. ``fused_blocks(counts)`` is 0 when nothing was fused."""
+    are then fused by export/attention_rewrite.py (``pack_with_bias=False`` for graphs that int8 quantization
+    follows: see there). ``fused_blocks(counts)`` is 0 when nothing was fused."""
     import copy
 
     from .attention_rewrite import fuse_remaining_attention
@@ -65,10 +67,10 @@ def fuse_attention(model, shape: AttentionShape, keep_input: bool = True, bert_o
     source = copy.deepcopy(model) if keep_input else model
     if not bert_optimizer:
         counts = {op: 0 for op in FUSED_OPERATORS}
-        counts.update(fuse_remaining_attention(source, shape.num_heads))
+        counts.update(fuse_remaining_attention(source, shape.num_heads, pack_with_bias))
         return source, counts
     fused, counts = _ort_optimizer(source, shape)
-    for op, count in fuse_remaining_attention(fused, shape.num_heads).items():
+    for op, count in fuse_remaining_attention(fused, shape.num_heads, pack_with_bias).items():
         counts[op] += count
     return fused, counts
 
