@@ -21,8 +21,13 @@ Options chosen, and why:
   hardware-specific optimizations at load time, as for any graph.
 * GELU stays exact (no tanh approximation).
 
-The fused graph uses ``com.microsoft`` operators that ONNX Runtime (CPU and CUDA) and OpenVINO's ONNX reader run.
-Callers validate it against the PyTorch reference before keeping it.
+The optimizer fuses BERT, RoBERTa and DistilBERT blocks only; the blocks it leaves (MPNet's relative position bias,
+XLM-R's transformers-5 mask, rotary and grouped-query attention) are fused afterwards by export/attention_rewrite.py
+into ``Attention`` or ``MultiHeadAttention`` with an ``attention_bias`` input; families whose registry entry says
+``attention_fusion="rewrite"`` (rotary models) skip the optimizer and get the rewrite alone.
+
+The fused graph uses ``com.microsoft`` operators that ONNX Runtime (CPU and CUDA) runs. Callers validate it against
+the PyTorch reference before keeping it.
 """
 
 from __future__ import annotations
