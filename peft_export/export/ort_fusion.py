@@ -26,8 +26,9 @@ XLM-R's transformers-5 mask, rotary and grouped-query attention) are fused after
 into ``Attention`` or ``MultiHeadAttention`` with an ``attention_bias`` input; families whose registry entry says
 ``attention_fusion="rewrite"`` (rotary models) skip the optimizer and get the rewrite alone.
 
-The fused graph uses ``com.microsoft`` operators that ONNX Runtime (CPU and CUDA) runs. Callers validate it against
-the PyTorch reference before keeping it.
+The fused graph uses ``com.microsoft`` operators that ONNX Runtime (CPU and CUDA) and OpenVINO's ONNX reader run (the
+rewrite's forms checked on the tiny MPNet and Qwen3 graphs). Callers validate it against the PyTorch reference
+before keeping it.
 """
 
 from __future__ import annotations
