@@ -166,3 +166,23 @@ def test_an_optimizer_crash_keeps_the_traced_graph(bert_case, tmp_path, monkeypa
     assert fusion == {"applied": False, "reason": "ONNX Runtime's optimizer failed: RuntimeError: symbolic shape "
                                                   "inference failed on node X"}
     assert "Attention" not in _ops(out) and "Softmax" in _ops(out)
+
+
+@pytest.mark.slow
+def test_real_mpnet_merged_export_runs_fused_attention_within_1e5_of_eager_peft(real_mpnet, tmp_path, quiet_log,
+                                                                                real_texts):
+    """all-mpnet-base-v2 (12 layers, relative position bias) with a trained LoRA adapter: every attention block is
+    one Attention node with the position bias as its attention_bias input (ONNX Runtime's optimizer alone fused
+    none), and the fused graph equals sentence-transformers + PEFT."""
+    from fixtures.tiny_models import st_reference
+
+    out = tmp_path / "mpnet"
+    export_onnx_model(str(real_mpnet.adapter), out, base=str(real_mpnet.base), log=quiet_log)
+    fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
+    assert fusion["applied"] is True and fusion["fused_operators"]["Attention"] == 12
+    assert fusion["fused_vs_reference"]["max_abs_diff"]["sentence_embedding"] <= 1e-5
+    ops = _ops(out)
+    assert ops.count("Attention") == 12 and "Softmax" not in ops
+    texts = real_texts[:48] + [" ".join(real_texts[:40])]  # and one truncated at max_seq_length
+    assert_same_embeddings(EmbeddingModel(out).encode(texts, batch_size=16),
+                           st_reference(real_mpnet.base, real_mpnet.adapter).encode(texts, batch_size=16))

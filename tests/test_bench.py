@@ -275,3 +275,26 @@ def test_bench_lora_branch_graphs_differ_only_by_their_branches():
         assert np.abs(outputs[0] - outputs[1]).max() > 1e-4  # the branches compute something
     row = bench["measure"]("small", 1, 1, rounds=1, runs=3)
     assert row["branches"] == 36 and row["with_us"] > 0 and row["without_us"] > 0
+
+
+def test_bench_attention_fusion_quick_times_a_fused_and_an_unfused_export(bert_case, zoo, tmp_path, monkeypatch):
+    unfused = zoo.export("bert-traced", bert_case.adapter, fuse_attention=False)
+    report = _run_benchmark("bench_attention_fusion", ["--quick", "--pair", f"bert={bert_case.export},{unfused}"],
+                            tmp_path, monkeypatch)
+    (row,) = report["rows"]
+    assert row["fused_ops"] == "2 Attention" and row["max_diff"] <= 1e-5
+    fused_nodes, unfused_nodes = map(int, row["nodes"].split(" / "))
+    assert fused_nodes < unfused_nodes
+    for key in ("b1_fused_ms", "b1_unfused_ms", "b32_fused", "b32_unfused", "b1_gain", "b32_gain"):
+        assert row[key] > 0, key
+
+
+def test_bench_attention_fusion_refuses_a_pair_that_computes_different_embeddings(bert_case, roberta_case, tmp_path,
+                                                                                  monkeypatch):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention_fusion.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    bench = runpy.run_path(str(script))
+    pair = f"bert={bert_case.export},{roberta_case.export}"  # another model: not the same graph unfused
+    with pytest.raises(SystemExit, match=r"bert: fused and unfused embeddings differ by .* \(> 1e-05\); not timed"):
+        bench["main"](["--quick", "--pair", pair, "--out", str(tmp_path)])
+    assert not (tmp_path / "bench_attention_fusion.json").exists()

@@ -7,6 +7,7 @@ no adapter equals the base within 1e-6."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -103,6 +104,10 @@ def family_texts(real_texts) -> list[str]:
     return real_texts[:26] + EXTRA_TEXTS
 
 
+# MPNet (relative position bias) and XLM-R: packed Attention; ModernBERT (rotary, local window): MultiHeadAttention.
+FUSED_ATTENTION = {"xlm-roberta": ("Attention", 2), "mpnet": ("Attention", 2), "modernbert": ("MultiHeadAttention", 3)}
+
+
 def _prompt_names(case: FamilyCase) -> list[str | None]:
     return [None, *case.family.prompts]
 
@@ -136,6 +141,11 @@ def test_each_mode_equals_sentence_transformers_with_the_adapter(family_case, mo
     # The adapter matters: the export is not simply the base.
     base = family_case.reference(with_adapter=False).encode(family_texts[:8])
     assert max_unit_diff(_encode(family_case.model(mode), family_texts[:8], mode), base) > 1e-3
+    if mode == "merged-onnx":  # this parity is the fused graph's: one fused operator per layer
+        fusion = json.loads((family_case.export(mode) / "peft_export.json").read_text())["validation"][
+            "attention_fusion"]
+        op, layers = FUSED_ATTENTION[family_case.family.name]
+        assert fusion["applied"] is True and fusion["fused_operators"][op] == layers
 
 
 @pytest.mark.parametrize("mode", ["switchable-onnx", pytest.param("switchable-openvino", marks=pytest.mark.slow)])

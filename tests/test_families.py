@@ -104,7 +104,7 @@ def test_registry_entries():
     decoder = family_for("qwen3")
     assert decoder.load_kwargs() == {"attn_implementation": "eager", "use_cache": False}
     assert decoder.padding_side == "left" and decoder.pooling == "lasttoken"
-    assert "rotary" in decoder.fusion_skip_reason() and family_for("bert").fusion_skip_reason() is None
+    assert not decoder.bert_optimizer and family_for("bert").bert_optimizer  # rotary models: the rewrite alone
     assert family_for("bert").load_kwargs() == {"attn_implementation": "eager"}
     types = [t for family in FAMILIES for t in family.model_types]
     assert len(types) == len(set(types))  # each model type has exactly one entry
@@ -205,9 +205,10 @@ def test_export_equals_sentence_transformers_with_adapter(family, mode, request,
     diffs = family_models.parity(case.reference(), model, parity_texts, prompts)
     assert max(diffs.values()) < SENTENCE_ATOL, diffs
     manifest = json.loads((case.export(mode) / "peft_export.json").read_text())
-    if mode == "merged-onnx":  # the registry says BERT attention fusion cannot match: not tried, and the reason given
+    if mode == "merged-onnx":  # rotary, grouped-query attention: one MultiHeadAttention per layer
         fusion = manifest["validation"]["attention_fusion"]
-        assert fusion["applied"] is False and "rotary" in fusion["reason"]
+        assert fusion["applied"] is True and fusion["fused_operators"]["MultiHeadAttention"] == 2
+        assert fusion["optimizer"] == "peft_export.export.attention_rewrite"
     if mode.startswith("switchable"):
         assert manifest["validation"]["no_adapter_vs_base"]["max_abs_diff"]["sentence_embedding"] <= BASE_ATOL
         base = case.reference(with_adapter=False)

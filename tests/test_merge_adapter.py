@@ -210,13 +210,13 @@ def test_merged_sessions_fuse_attention_as_the_merged_export_does(model, monkeyp
     from peft_export.export import ort_fusion
 
     attention = model.manifest["export"]["attention"]
-    assert attention == {"num_heads": 2, "hidden_size": 32}  # tests/fixtures/tiny_models.py
+    assert attention == {"num_heads": 2, "hidden_size": 32, "bert_optimizer": True}  # tests/fixtures/tiny_models.py
     counts = []
     real = ort_fusion.fuse_attention
 
-    def recording(graph, shape):
-        fused, found = real(graph, shape)
-        counts.append((shape.to_dict(), found["Attention"]))
+    def recording(graph, shape, **kwargs):
+        fused, found = real(graph, shape, **kwargs)
+        counts.append(({**shape.to_dict(), **kwargs}, found["Attention"]))
         return fused, found
 
     monkeypatch.setattr(ort_fusion, "fuse_attention", recording)
@@ -231,7 +231,7 @@ def test_merged_sessions_fuse_attention_as_the_merged_export_does(model, monkeyp
 def test_merge_adapter_runs_unfused_when_the_optimizer_fails(model, monkeypatch, caplog):
     from peft_export.export import ort_fusion
 
-    def crash(graph, shape):
+    def crash(graph, shape, **kwargs):
         raise RuntimeError("optimizer bug")
 
     monkeypatch.setattr(ort_fusion, "fuse_attention", crash)

@@ -2,7 +2,7 @@
 
 An entry says how the encoder is loaded for export (eager attention, the key/value cache off for decoders), what
 has to be patched while tracing (a mask transformers builds in a way tracers cannot follow), where positions start,
-whether ONNX Runtime's BERT attention fusion can apply, and the family's usual LoRA targets, pooling and padding
+how its attention blocks are fused for ONNX Runtime, and the family's usual LoRA targets, pooling and padding
 side (documentation and test fixtures read these; the pipeline reads pooling and padding from the model's own
 Sentence Transformers files). The export stages ask :func:`family_of` and never branch on a model type.
 
@@ -21,7 +21,8 @@ from ..errors import PeftExportError, ToolError
 @dataclass(frozen=True)
 class ModelFamily:
     """The default entry suits BERT-like encoders: eager attention, positions from 0, ONNX Runtime's BERT
-    attention fusion tried (and kept only if the fused graph still matches the reference)."""
+    optimizer then export/attention_rewrite.py for the attention blocks it leaves (the fused graph is kept only if
+    it still matches the reference)."""
 
     name: str
     model_types: tuple[str, ...] = ()
@@ -30,7 +31,9 @@ class ModelFamily:
     pooling: str = "mean"
     padding_side: str = "right"
     position_offset: int = 0  # positions used before the first token (RoBERTa-likes start after the padding index)
-    bert_attention_fusion: bool = True  # whether ONNX Runtime's BERT attention fusion patterns can match
+    # "bert": ONNX Runtime's BERT optimizer, then export/attention_rewrite.py for what it leaves; "rewrite": the
+    # rewrite alone (the optimizer's other BERT patterns are not meant for rotary / RMSNorm models).
+    attention_fusion: str = "bert"
     decoder: bool = False  # a decoder-only model: loaded with its key/value cache off
     load_options: dict[str, Any] = field(default_factory=lambda: {"attn_implementation": "eager"})
     # Module paths (within one layer) of the feed-forward block's projections: the int8 ladders keep the output
@@ -64,12 +67,10 @@ class ModelFamily:
             return "input"
         return None
 
-    def fusion_skip_reason(self) -> str | None:
-        """Why ONNX Runtime's BERT attention fusion is not tried for this family, or None to try it."""
-        if self.bert_attention_fusion:
-            return None
-        return (f"{self.name}: rotary positions and grouped-query attention do not match ONNX Runtime's BERT "
-                "attention fusion patterns")
+    @property
+    def bert_optimizer(self) -> bool:
+        """Whether ONNX Runtime's BERT optimizer runs before the attention rewrite."""
+        return self.attention_fusion == "bert"
 
 
 class BidirectionalGemma3(ModelFamily):
@@ -103,7 +104,7 @@ class BidirectionalGemma3(ModelFamily):
 _DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _GATED_MLP = dict(ffn_output=("mlp.down_proj",), ffn_input=("mlp.gate_proj", "mlp.up_proj"))
 _ROTARY_DECODER = dict(lora_targets=_DECODER_TARGETS, pooling="lasttoken", padding_side="left",
-                       bert_attention_fusion=False, decoder=True, **_GATED_MLP)
+                       attention_fusion="rewrite", decoder=True, **_GATED_MLP)
 
 DEFAULT_FAMILY = ModelFamily("bert-like", ("bert",), "BertModel")
 
@@ -116,11 +117,11 @@ FAMILIES: tuple[ModelFamily, ...] = (
                 pooling="cls", position_offset=2),
     ModelFamily("mpnet", ("mpnet",), "MPNetModel", lora_targets=("q", "k", "v", "o"), position_offset=2),
     ModelFamily("modernbert", ("modernbert",), "ModernBertModel", lora_targets=("Wqkv", "Wo", "Wi"),
-                bert_attention_fusion=False, ffn_output=("mlp.Wo",), ffn_input=("mlp.Wi",)),
+                attention_fusion="rewrite", ffn_output=("mlp.Wo",), ffn_input=("mlp.Wi",)),
     ModelFamily("qwen3", ("qwen3",), "Qwen3Model", **_ROTARY_DECODER),
     ModelFamily("llama", ("llama", "mistral"), "MistralModel", **_ROTARY_DECODER),
     BidirectionalGemma3("gemma3", ("gemma3_text",), "Gemma3TextModel", lora_targets=_DECODER_TARGETS,  # mean pooling
-                        bert_attention_fusion=False, decoder=True, **_GATED_MLP),
+                        attention_fusion="rewrite", decoder=True, **_GATED_MLP),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 

@@ -137,7 +137,9 @@ class OnnxFormat:
             if self.options.quantize and "Attention" not in QUANTIZED_OPS[self.options.quantize]:
                 checks["attention_fusion"] = {"applied": False, "reason": STATIC_KEEPS_TRACED}
             else:
-                checks["attention_fusion"] = _fusion_step(merged, model_path, log)
+                # int8 turns Attention into QAttention, which has no attention_bias input: keep those unpacked.
+                checks["attention_fusion"] = _fusion_step(merged, model_path, log,
+                                                          pack_with_bias=not self.options.quantize)
         if not (self.options.quantize or self.options.dtype == "fp16"):
             return checks
         # One session at a time: a large model's weights are in memory once per session.
@@ -171,7 +173,7 @@ class OnnxFormat:
                 "files": [config.model_file, *external_files(self.folder / config.model_file)]}
 
 
-def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
+def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> dict[str, Any]:
     """Replace the validated graph by its attention-fused version (export/ort_fusion.py) when the optimizer fuses
     something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
     external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``."""
@@ -179,12 +181,10 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
 
     from ..errors import ValidationError
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .ort_fusion import AttentionShape, fuse_attention
+    from .ort_fusion import AttentionShape, fuse_attention, fused_blocks
     from .validate import compare_with_reference
 
-    skip = family_for(getattr(merged.encoder_config, "model_type", None)).fusion_skip_reason()
-    if skip:
-        return {"applied": False, "reason": skip}
+    family = family_for(getattr(merged.encoder_config, "model_type", None))
     shape = AttentionShape.of(merged.encoder_config)
     if shape is None:
         return {"applied": False, "reason": "the encoder config has no num_attention_heads / hidden_size"}
@@ -197,14 +197,16 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
         return {"applied": False, "reason": reason, "external_data": True}
     try:
         # The graph was loaded for this call alone, so the optimizer may rewrite it in place (no second copy).
-        fused, counts = fuse_attention(onnx.load(str(model_path)), shape, keep_input=False)
+        fused, counts = fuse_attention(onnx.load(str(model_path)), shape, keep_input=False,
+                                       bert_optimizer=family.bert_optimizer, pack_with_bias=pack_with_bias)
     except Exception as err:  # a third-party optimizer; the traced graph is valid without it
         reason = f"ONNX Runtime's optimizer failed: {type(err).__name__}: {err}"
         log(f"Attention fusion: {reason}; the traced graph is kept")
         return {"applied": False, "reason": reason}
-    if not counts["Attention"]:
-        log("Attention fusion: ONNX Runtime's optimizer matched no attention block; the traced graph is kept")
-        return {"applied": False, "reason": "no attention block matched ONNX Runtime's fusion patterns"}
+    if not fused_blocks(counts):
+        log("Attention fusion: no attention block matched the fusion patterns; the traced graph is kept")
+        return {"applied": False, "reason": "no attention block matched ONNX Runtime's fusion patterns nor "
+                                            "peft_export's attention rewrite"}
     scratch = folder / ".fused"
     scratch.mkdir()
     try:
@@ -225,9 +227,12 @@ def _fusion_step(merged, model_path: Path, log) -> dict[str, Any]:
             os.replace(scratch / name, folder / name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    log(f"Attention fusion: {counts['Attention']} attention blocks fused (ONNX Runtime transformer optimizer); "
+    forms = ", ".join(f"{counts[op]} {op}" for op in ("Attention", "MultiHeadAttention") if counts[op])
+    log(f"Attention fusion: {fused_blocks(counts)} attention blocks fused ({forms}); "
         f"== PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}")
-    return {"applied": True, "optimizer": "onnxruntime.transformers.optimizer", "fused_operators": counts,
+    optimizer = ["onnxruntime.transformers.optimizer"] if family.bert_optimizer else []
+    return {"applied": True, "optimizer": " + ".join([*optimizer, "peft_export.export.attention_rewrite"]),
+            "fused_operators": counts,
             **shape.to_dict(), "fused_vs_reference": report.to_dict(), "external_data": external}
 
 

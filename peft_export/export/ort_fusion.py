@@ -21,8 +21,14 @@ Options chosen, and why:
   hardware-specific optimizations at load time, as for any graph.
 * GELU stays exact (no tanh approximation).
 
-The fused graph uses ``com.microsoft`` operators that ONNX Runtime (CPU and CUDA) and OpenVINO's ONNX reader run.
-Callers validate it against the PyTorch reference before keeping it.
+The optimizer fuses BERT, RoBERTa and DistilBERT blocks only; the blocks it leaves (MPNet's relative position bias,
+XLM-R's transformers-5 mask, rotary and grouped-query attention) are fused afterwards by export/attention_rewrite.py
+into ``Attention`` or ``MultiHeadAttention`` with an ``attention_bias`` input; families whose registry entry says
+``attention_fusion="rewrite"`` (rotary models) skip the optimizer and get the rewrite alone.
+
+The fused graph uses ``com.microsoft`` operators that ONNX Runtime (CPU and CUDA) and OpenVINO's ONNX reader run (the
+rewrite's forms checked on the tiny MPNet and Qwen3 graphs). Callers validate it against the PyTorch reference
+before keeping it.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import gc
 from dataclasses import dataclass
 from typing import Any
 
-FUSED_OPERATORS = ("Attention", "BiasGelu", "LayerNormalization")
+FUSED_OPERATORS = ("Attention", "MultiHeadAttention", "BiasGelu", "LayerNormalization")
 
 
 @dataclass(frozen=True)
@@ -51,12 +57,36 @@ class AttentionShape:
         return {"num_heads": self.num_heads, "hidden_size": self.hidden_size}
 
 
-def fuse_attention(model, shape: AttentionShape, keep_input: bool = True):
+def fuse_attention(model, shape: AttentionShape, keep_input: bool = True, bert_optimizer: bool = True,
+                   pack_with_bias: bool = True):
     """``(fused ModelProto, {operator: count})`` for an ONNX ModelProto; the input model is left unchanged
     unless ``keep_input`` is False (then it is rewritten in place, which saves a copy of a large model's weights).
-    The count of ``Attention`` is 0 when the optimizer found no attention block it could fuse."""
+
+    With ``bert_optimizer`` ONNX Runtime's optimizer runs first (BERT, RoBERTa, DistilBERT blocks become
+    ``Attention``); the blocks it leaves (MPNet's position bias, rotary and grouped-query attention, local windows)
+    are then fused by export/attention_rewrite.py (``pack_with_bias=False`` for graphs that int8 quantization
+    follows: see there). ``fused_blocks(counts)`` is 0 when nothing was fused."""
     import copy
 
+    from .attention_rewrite import fuse_remaining_attention
+
+    source = copy.deepcopy(model) if keep_input else model
+    if not bert_optimizer:
+        counts = {op: 0 for op in FUSED_OPERATORS}
+        counts.update(fuse_remaining_attention(source, shape.num_heads, pack_with_bias))
+        return source, counts
+    fused, counts = _ort_optimizer(source, shape)
+    for op, count in fuse_remaining_attention(fused, shape.num_heads, pack_with_bias).items():
+        counts[op] += count
+    return fused, counts
+
+
+def fused_blocks(counts: dict[str, int]) -> int:
+    """Attention blocks fused, of either form."""
+    return counts.get("Attention", 0) + counts.get("MultiHeadAttention", 0)
+
+
+def _ort_optimizer(source, shape: AttentionShape):
     from onnxruntime.transformers.fusion_options import AttentionMaskFormat, FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -66,7 +96,6 @@ def fuse_attention(model, shape: AttentionShape, keep_input: bool = True):
     options.enable_embed_layer_norm = False
     options.enable_gelu_approximation = False
     options.attention_mask_format = AttentionMaskFormat.AttentionMask
-    source = copy.deepcopy(model) if keep_input else model
     optimizer = optimize_model(source, model_type="bert", num_heads=shape.num_heads,
                                hidden_size=shape.hidden_size, optimization_options=options, opt_level=0)
     stats = optimizer.get_fused_operator_statistics()
@@ -77,6 +106,6 @@ def fuse_attention(model, shape: AttentionShape, keep_input: bool = True):
         fused.opset_import.add(domain="com.microsoft", version=1)
     # The optimizer's fusion objects reference each other, so the graph copies they hold (a model's size each)
     # outlive this call until a garbage collection: measured +230 MB per merge_adapter call without this.
-    del optimizer, source
+    del optimizer
     gc.collect()
     return fused, counts

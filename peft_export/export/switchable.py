@@ -204,8 +204,9 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
             "PEFT and == merged model within 1e-5")
         export_entry = _export_entry(backend, options, config, names, suffix)
         attention = AttentionShape.of(getattr(graph_encoder, "config", None))
-        if backend != "openvino" and attention is not None and family_of(graph_encoder).bert_attention_fusion:
-            export_entry["attention"] = attention.to_dict()  # for merge_adapter's attention fusion
+        if backend != "openvino" and attention is not None:  # for merge_adapter's attention fusion
+            export_entry["attention"] = {**attention.to_dict(),
+                                         "bert_optimizer": family_of(graph_encoder).bert_optimizer}
         manifest = _manifest(resolved, export_entry, config, {}, time.perf_counter() - started)
         manifest.update(_switchable_fields(options, resolved.base_id))
         manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n], suffix)

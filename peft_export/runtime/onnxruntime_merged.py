@@ -177,16 +177,17 @@ class MergedSessions:
 def _fuse_attention(model, attention: dict[str, int]):
     """The merged graph with attention fused as in a merged export, or as it was if nothing fused or the optimizer
     failed (the unfused graph computes the same, a little slower)."""
-    from ..export.ort_fusion import AttentionShape, fuse_attention
+    from ..export.ort_fusion import AttentionShape, fuse_attention, fused_blocks
 
     try:
         shape = AttentionShape(int(attention["num_heads"]), int(attention["hidden_size"]))
-        fused, counts = fuse_attention(model, shape)
+        # Exports made before the rewrite recorded the shape only for families the BERT optimizer fuses.
+        fused, counts = fuse_attention(model, shape, bert_optimizer=bool(attention.get("bert_optimizer", True)))
     except Exception as err:  # a third-party optimizer; the unfused graph is valid without it
         logger.warning("merge_adapter: attention fusion failed (%s: %s); the merged graph runs unfused",
                        type(err).__name__, err)
         return model
-    return fused if counts["Attention"] else model
+    return fused if fused_blocks(counts) else model
 
 
 def release_free_memory() -> None:
