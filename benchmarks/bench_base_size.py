@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -114,13 +115,22 @@ SentenceTransformer(merged, backend="openvino", device="cpu").save_pretrained(ou
 
 
 def hand_merge(model: Path, out: Path) -> None:
-    """What a user does today before sentence-transformers' ONNX / OpenVINO backends: merge with PEFT, save."""
+    """What a user does today before sentence-transformers' ONNX / OpenVINO backends: merge with PEFT and save the
+    weights, here into a copy of the base folder, so that it keeps the base's own (hub) format, which every
+    sentence-transformers version reads (6.x writes module paths and configs that 5.x cannot read)."""
     from peft import PeftModel
+    from safetensors.torch import load_file, save_file
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(model / "base"), device="cpu")
-    st[0].auto_model = PeftModel.from_pretrained(st[0].auto_model, str(model / "adapter")).merge_and_unload()
-    st.save_pretrained(str(out))
+    merged = PeftModel.from_pretrained(st[0].auto_model, str(model / "adapter")).merge_and_unload()
+    weights = {k: v.contiguous() for k, v in merged.state_dict().items()}
+    base = load_file(str(model / "base" / "model.safetensors"))
+    weights.update({k: base[k] for k in base.keys() - weights.keys() if k.endswith("position_ids")})  # buffers
+    if weights.keys() != base.keys():  # the copy must load exactly like the base
+        raise SystemExit(f"merged weights do not match the base's names: {sorted(weights.keys() ^ base.keys())[:5]}")
+    shutil.copytree(model / "base", out)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def prepare(args) -> None:
