@@ -3,6 +3,7 @@ output, `--force` on what embed did not write, tampered parts, OS errors, bad ro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -45,8 +46,10 @@ def test_killed_after_the_last_part_or_in_assembly_resumes_to_the_whole_output(o
 
 
 # ----- 2. one job per output -----
-def test_a_second_job_on_an_output_in_use_is_refused(inputs, bert_case, tmp_path):
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def output_locked_by_another_process(out):
+    """A separate process holding embed's lock on ``out`` (as a running job does); yields it, then kill -9s it,
+    so the kernel releases the lock."""
     script = ("import sys, time\nfrom peft_export.corpus.state import OutputLock\n"
               "from peft_export.corpus.writers import OutputTarget\n"
               "OutputLock(OutputTarget.for_path(sys.argv[1]))\nprint('locked', flush=True)\ntime.sleep(60)\n")
@@ -54,13 +57,19 @@ def test_a_second_job_on_an_output_in_use_is_refused(inputs, bert_case, tmp_path
                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_job_on_an_output_in_use_is_refused(inputs, bert_case, tmp_path):
+    out = tmp_path / "out"
+    with output_locked_by_another_process(out) as holder:
         with pytest.raises(OutputExistsError, match=rf"out is in use by another embed job \(process {holder.pid}\)"):
             embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS)
         with pytest.raises(OutputExistsError, match=r"in use by another embed job"):
             embed_corpus(bert_case.export, inputs["csv"], out, part_rows=PART_ROWS, force=True)
-    finally:
-        holder.kill()  # kill -9: the kernel releases the lock
-        holder.wait()
     assert embed_corpus(bert_case.export, inputs["text"], out, part_rows=PART_ROWS, progress=False).rows == 70
 
 
@@ -369,20 +378,11 @@ def test_a_ray_job_is_refused_while_another_job_holds_the_output(bert_case, inpu
     from peft_export.corpus.ray_job import embed_with_ray
 
     out = tmp_path / "out"
-    script = ("import sys, time\nfrom peft_export.corpus.state import OutputLock\n"
-              "from peft_export.corpus.writers import OutputTarget\n"
-              "OutputLock(OutputTarget.for_path(sys.argv[1]))\nprint('locked', flush=True)\ntime.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with output_locked_by_another_process(out) as holder:
         for force in (False, True):  # refused before Ray starts, and nothing is written
             with pytest.raises(OutputExistsError, match=rf"out is in use by another embed job \(process {holder.pid}"):
                 embed_with_ray(str(bert_case.export), str(inputs["text"]), str(out), force=force)
         assert sorted(p.name for p in tmp_path.iterdir()) == [".out.embed.lock"]
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_ray_outputs_and_leftovers_are_embeds_own_and_nothing_else(bert_case, inputs, expected, tmp_path):
