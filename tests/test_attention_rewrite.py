@@ -96,17 +96,23 @@ def _hf_config(root: Path) -> dict:
     raise FileNotFoundError(f"no config.json under {root}")
 
 
-@pytest.mark.slow
-def test_switchable_graphs_fuse_with_their_lora_branches_in_place(tmp_path):
-    """Branches on query/key/value stop the packed Attention form (the projection is no longer x @ W + b), not the
-    MultiHeadAttention form: the fused switchable graph computes the same with an adapter fed at run time."""
+def _tiny_mpnet(root: Path) -> tuple[Path, Path]:
+    """The tiny MPNet (position bias) Sentence Transformers base and a LoRA adapter on it, under ``root``."""
     texts = text.FALLBACK_SENTENCES + text.real_sentences(200, seed=1)
     family = encoder_families.FAMILIES["mpnet"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = encoder_families.build_st(family, encoder_families.build_hf(family, tmp_path / "hf", texts),
-                                         tmp_path / "st")
-        adapter = encoder_families.build_adapter(family, base, tmp_path / "adapter")
+        base = encoder_families.build_st(family, encoder_families.build_hf(family, root / "hf", texts), root / "st")
+        return base, encoder_families.build_adapter(family, base, root / "adapter")
+
+
+@pytest.mark.slow
+def test_switchable_graphs_fuse_with_their_lora_branches_in_place(tmp_path):
+    """Branches on query/key/value stop the packed Attention form (the projection is no longer x @ W + b), not the
+    MultiHeadAttention form: the fused switchable graph computes the same with an adapter fed at run time."""
+    base, adapter = _tiny_mpnet(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         out = tmp_path / "switchable"
         export_onnx_model(str(base), out, adapters=[f"a={adapter}"], switchable=True, log=lambda msg: None)
     traced = onnx.load(str(out / "model.onnx"))
@@ -232,13 +238,9 @@ def test_graphs_for_int8_keep_biased_projections_unpacked():
 def test_int8_mpnet_quantizes_the_projections_and_keeps_the_position_bias(tmp_path, quiet_log):
     from peft_export.export.quality import QualityGate
 
-    texts = text.FALLBACK_SENTENCES + text.real_sentences(200, seed=1)
-    family = encoder_families.FAMILIES["mpnet"]
+    base, adapter = _tiny_mpnet(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        base = encoder_families.build_st(family, encoder_families.build_hf(family, tmp_path / "hf", texts),
-                                         tmp_path / "st")
-        adapter = encoder_families.build_adapter(family, base, tmp_path / "adapter")
         out = tmp_path / "int8"
         export_onnx_model(str(adapter), out, base=str(base), quantize="int8", log=quiet_log,
                           gate=QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5))
