@@ -27,15 +27,14 @@ def test_serve_ray_refuses_a_missing_folder_in_one_line():
     assert result.stderr.strip() == "peft-export: error: Export folder not found: /nonexistent/export"
 
 
-@pytest.mark.slow
-def test_serve_ray_serves_and_stops_on_sigterm(tmp_path):
-    export = switchable_export()
+def _start_serve_ray(tmp_path, *extra: str):
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)
     log = open(tmp_path / "serve-ray.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "serve-ray", str(export), "--port", str(port),
-                                "--replicas", "1", "--merged-adapter-budget", "1", "--served-model-name", "base"],
-                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    process = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "serve-ray", str(switchable_export()),
+                                "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT, env=env,
+                               cwd=REPO_ROOT)
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
@@ -47,6 +46,20 @@ def test_serve_ray_serves_and_stops_on_sigterm(tmp_path):
 
     try:
         wait_until(ready, timeout=240, interval=1, what="serve-ray /health 200")
+    except BaseException:
+        process.kill()
+        process.wait()
+        log.close()
+        raise
+    return process, log, url
+
+
+@pytest.mark.slow
+def test_serve_ray_serves_and_stops_on_sigterm(tmp_path):
+    export = switchable_export()
+    process, log, url = _start_serve_ray(tmp_path, "--replicas", "1", "--merged-adapter-budget", "1",
+                                         "--served-model-name", "base")
+    try:
         texts = ["How do I reset my password?", "LoRA adds B @ A."]
         body = {"model": "mixed", "input": texts}
         response = httpx.post(url + "/v1/embeddings", json=body, headers={"serve_multiplexed_model_id": "mixed"},
@@ -83,27 +96,6 @@ def _listening(root_pid: int) -> list[tuple[int, str, str, int]]:
         except psutil.Error:
             continue
     return found
-
-
-def _start_serve_ray(tmp_path, *extra: str):
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env.pop("RAY_ADDRESS", None)
-    log = open(tmp_path / "serve-ray.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "serve-ray", str(switchable_export()),
-                                "--port", str(port), *extra], stdout=log, stderr=subprocess.STDOUT, env=env,
-                               cwd=REPO_ROOT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        assert process.poll() is None, (tmp_path / "serve-ray.log").read_text()
-        try:
-            return httpx.get(url + "/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, timeout=240, interval=1, what="serve-ray /health 200")
-    return process, log, url
 
 
 def _stop(process, log) -> int:
