@@ -9,7 +9,7 @@ import pytest
 
 from peft_export import EmbeddingModel, ValidationError, export_onnx_model
 from peft_export.demo import load_pairs
-from peft_export.export.quality import QualityGate, measure_quality, ndcg_at_10
+from peft_export.export.gate import QualityGate, measure_quality, ndcg_at_10
 
 LENIENT = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
 
@@ -141,7 +141,7 @@ def test_unreadable_gate_or_calibration_files_are_config_errors(bert_case, tmp_p
 
 def test_gate_pairs_may_hold_unicode_line_separators(tmp_path):
     """JSON allows U+2028 unescaped inside strings; only newlines end a JSON line."""
-    from peft_export.export.quality import load_pairs_file
+    from peft_export.export.gate_data import load_pairs_file
 
     path = tmp_path / "pairs.jsonl"
     rows = [{"query": f"question {i}\u2028part two", "passage": f"answer {i}"} for i in range(20)]
@@ -152,7 +152,7 @@ def test_gate_pairs_may_hold_unicode_line_separators(tmp_path):
 def test_calibration_texts_default_to_training_pairs_and_avoid_the_gate_pairs(monkeypatch):
     import sys
 
-    from peft_export.export.quality import calibration_texts, docstring_pairs
+    from peft_export.export.gate_data import calibration_texts, docstring_pairs
 
     gate = {p["query"] for p in load_pairs("eval")} | {p["passage"] for p in load_pairs("eval")}
     texts = calibration_texts(None)

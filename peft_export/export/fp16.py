@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .quality import QualityGate, backend_embedder, enforce, fp16_gate, gate_dict, measure_quality
+from .gate import QualityGate, backend_embedder, enforce, fp16_gate, gate_dict, measure_quality
 
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceSum", "ReduceMean", "ReduceL2", "Div", "Clip", "Sqrt", "Pow",
             "Erf"]

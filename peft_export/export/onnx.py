@@ -113,7 +113,7 @@ class OnnxFormat:
                 why = "(fp16 for GPUs, int8 for CPUs); pick one"
                 raise ConfigError(f"dtype='fp16' and quantize are alternatives {why}").in_cli_words(
                     f"--dtype fp16 and --quantize are alternatives {why}")
-            from .quality import load_pairs_file
+            from .gate_data import load_pairs_file
 
             self.gate_pairs = load_pairs_file(options.gate_data)
 
@@ -174,14 +174,15 @@ class OnnxFormat:
 
 
 def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> dict[str, Any]:
-    """Replace the validated graph by its attention-fused version (export/ort_fusion.py) when the optimizer fuses
+    """Replace the validated graph by its attention-fused version (runtime/onnxruntime_fusion.py) when the optimizer
+    fuses
     something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
     external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``."""
     import onnx
 
     from ..errors import ValidationError
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .ort_fusion import AttentionShape, fuse_attention, fused_blocks
+    from ..runtime.onnxruntime_fusion import AttentionShape, fuse_attention, fused_blocks
     from .validate import compare_with_reference
 
     family = family_for(getattr(merged.encoder_config, "model_type", None))
@@ -239,7 +240,7 @@ def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> 
 def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | None]:
     """Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data; the gate
     pairs, and the calibration texts when a file is given or the mode calibrates (read once, here)."""
-    from .quality import calibration_texts, load_pairs_file
+    from .gate_data import calibration_texts, load_pairs_file
     from .quantize import QUANTIZE_MODES
 
     if options.quantize not in QUANTIZE_MODES:
@@ -253,7 +254,7 @@ def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] 
                    tokenizer, fp32_backend, log, family) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .quality import backend_embedder, gate_dict
+    from .gate import backend_embedder, gate_dict
     from .quantize import quantize_with_gate
 
     fp32_path = folder / config.model_file

@@ -14,16 +14,18 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError
+from ..runtime.atomic_file import write_json
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import ResolvedModel, describe_base, recorded_base, recorded_source, resolve_model
+from ..source.resolve import ResolvedModel, describe_base, recorded_source, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
-from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_file_hashes,
-                       save_tokenizer, write_json)
+from .manifest import export_manifest, record_file_hashes
+from .output_folder import atomic_output_folder, check_output_target, folder_size
+from .tokenizer_files import check_runtime_tokenizer, save_tokenizer
 from .families import family_of
-from .quality import QualityGate
+from .gate import QualityGate
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ class ExportOptions:
     allow_noop_adapter: bool = False
     quantize: str | None = None  # "int8" (dynamic) or "int8-static"; see export/quantize.py
     dtype: str = "fp32"  # "fp16": an fp16 graph for GPUs, gated against fp32; see export/fp16.py
-    fuse_attention: bool = True  # ONNX fp32/int8: ONNX Runtime's attention fusion, validated; see export/ort_fusion.py
+    fuse_attention: bool = True  # ONNX fp32/int8: ORT's attention fusion, validated; see runtime/onnxruntime_fusion.py
     gate: QualityGate = field(default_factory=QualityGate)
     gate_data: str | None = None  # JSON lines of {"query", "passage"}; default: the demo held-out pairs
     calibration_data: str | None = None  # text file, one sentence per line; default: demo training text
@@ -176,67 +178,6 @@ def _reference_tokenize(tokenizer, input_names: list[str], max_len: int) -> Call
         return {name: enc[name].astype(np.int64) for name in input_names}
 
     return tokenize
-
-
-def _check_runtime_tokenizer(runtime_tok: TextTokenizer, reference_tok, texts: list[str]) -> None:
-    """The runtime's tokenizer (tokenizers library) must give exactly the reference ids, truncation included."""
-    for text in texts:
-        got = runtime_tok.encode([text])["input_ids"][0]
-        want = reference_tok([text])["input_ids"][0]
-        if got.shape != want.shape or not np.array_equal(got, want):
-            raise ConfigError(
-                f"The exported tokenizer does not reproduce the reference tokenization of {text[:40]!r}: "
-                f"{got[:12].tolist()}... vs {want[:12].tolist()}..."
-            )
-
-
-def export_onnx_model(model_id: str, output: str | Path, log: Callable[[str], None] = logger.info,
-                      **options: Any) -> ExportResult:
-    """Merge (at most one) adapter into ``model_id`` and write a validated ONNX export folder at ``output``.
-
-    Keyword options are the fields of :class:`ExportOptions` (adapters, base, revision, force, opset, ...).
-    """
-    return run_onnx_export(ExportOptions(model_id=model_id, output=output, **options), log)
-
-
-def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
-    if options.switchable:
-        from .switchable import run_switchable_export
-
-        return run_switchable_export(options, log)
-    from .onnx import OnnxFormat
-
-    return run_export(options, OnnxFormat(options), log)  # checks --quantize options before the slow stages
-
-
-def export_openvino_model(model_id: str, output: str | Path, weight_format: str = "fp32",
-                          log: Callable[[str], None] = logger.info, **options: Any) -> ExportResult:
-    """Like :func:`export_onnx_model`, writing OpenVINO IR with ``weight_format`` fp32, fp16, int8 or int4 weights;
-    ``quantize="int8-static"`` (with fp32 ``weight_format``) quantizes weights and activations with NNCF."""
-    return run_openvino_export(ExportOptions(model_id=model_id, output=output, **options), weight_format, log)
-
-
-def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
-                        log: Callable[[str], None] = logger.info) -> ExportResult:
-    from .openvino import OpenVinoFormat
-
-    if options.switchable:
-        if weight_format != "fp32":
-            why = ("the base graph and the adapters are exported in fp32 (a compressed base would no longer be the "
-                   "model the adapters were validated against)")
-            raise ConfigError(f"weight_format={weight_format!r} is not supported with switchable=True: {why}; "
-                              "export with weight_format='fp32'").in_cli_words(
-                f"--weight-format {weight_format} is not supported with --switchable: {why}; export with "
-                "--weight-format fp32")
-        require("openvino", "openvino")
-        from .switchable import run_switchable_export
-
-        return run_switchable_export(options, log, backend="openvino")
-    graph_format = OpenVinoFormat(weight_format, options)  # checks its options before the slow stages
-    require("openvino", "openvino")
-    if graph_format.weight_format in ("int8", "int4"):
-        require("nncf", "openvino")
-    return run_export(options, graph_format, log)
 
 
 def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[[str], None] = logger.info
@@ -367,9 +308,9 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
                                 max_positions=merged.max_positions)
         config.save(tmp)
         runtime_tok = TextTokenizer(tmp, config)
-        _check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, validate.VALIDATION_TEXTS)
+        check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, validate.VALIDATION_TEXTS)
         validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
-        manifest = _manifest(resolved, graph_format.manifest_entry(config), config, validation,
+        manifest = export_manifest(resolved, graph_format.manifest_entry(config), config, validation,
                              time.perf_counter() - merged.started)
         record_file_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
@@ -400,27 +341,3 @@ def runtime_config(resolved: ResolvedModel, tokenizer, input_names: list[str], m
         similarity_fn_name=pipeline.similarity_fn_name,
         max_positions=max_positions,
     )
-
-
-def _manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: RuntimeConfig, parity: dict,
-              seconds: float) -> dict[str, Any]:
-    return {
-        "format": "peft_export",
-        "format_version": 1,
-        "created_unix": int(time.time()),
-        "base": recorded_base(resolved),
-        "adapters": [
-            {"name": a.name, "source": recorded_source(a.source), "sha256": {a.weights.name: a.sha256},
-             **a.config.summary()}
-            for a in resolved.adapters
-        ],
-        "merge_mode": "merged" if resolved.adapters else "none",
-        "export": export_entry,
-        "pipeline": {
-            "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
-            "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,
-        },
-        "validation": parity,
-        "library_versions": library_versions(),
-        "export_seconds": round(seconds, 2),
-    }

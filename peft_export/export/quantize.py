@@ -7,7 +7,7 @@ computed in fp32 beside the int8 product, and every weight node's int8 error is 
 with every weight node int8 (per-channel weights) and keeps the most sensitive nodes in fp32, growing, until a rung
 passes. The fp32 reference is embedded once; each rung is screened on a few pairs before the full gate.
 
-On an attention-fused graph (export/ort_fusion.py) dynamic quantization also turns each ``Attention`` into
+On an attention-fused graph (runtime/onnxruntime_fusion.py) dynamic quantization also turns each ``Attention`` into
 ``QAttention`` (query/key/value weights int8, per channel); static quantization leaves it in fp32.
 """
 
@@ -24,8 +24,9 @@ import numpy as np
 
 from ..errors import ConfigError, ValidationError, tool_step
 from .families import DEFAULT_FAMILY, ModelFamily
-from .quality import (LOWER_GATE, LOWER_GATE_CLI, Embed, QualityGate, cosines, quality_against, screen_failures,
-                      screen_rows)
+from ..runtime.similarity import cosine_rows
+from .gate import (LOWER_GATE, LOWER_GATE_CLI, Embed, QualityGate, quality_against, screen_failures,
+                   screen_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: l
     seconds["quantize"] = round(time.perf_counter() - clock, 1)
     embed = make_candidate(candidate_path)
     clock = time.perf_counter()
-    screen = cosines(reference[rows], embed([texts[i] for i in rows]))
+    screen = cosine_rows(reference[rows], embed([texts[i] for i in rows]))
     seconds["screen"] = round(time.perf_counter() - clock, 1)
     attempt: dict = {"screen": {"texts": len(rows), "mean_cosine": float(screen.mean()),
                                 "worst_cosine": float(screen.min())}}

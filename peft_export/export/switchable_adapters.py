@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..methods import AdapterConfig, PeftMethod, is_unused_head, method_for
 from ..runtime.lora_layout import Slot, pack_factors
+from ..runtime.similarity import normalize
 from ..source.resolve import AdapterSource, load_adapter_source, recorded_source
 from . import validate
 from .merge import check_adapter_tensors, merge_adapter
@@ -192,7 +193,5 @@ def replay_outputs(outputs: list[dict[str, np.ndarray]]):
 
 def max_output_difference(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> float:
     """Largest difference of normalised sentence embeddings between two runs over the same batches."""
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    return max(float(np.abs(unit(x["sentence_embedding"]) - unit(y["sentence_embedding"])).max()) for x, y in zip(a, b))
+    return max(float(np.abs(normalize(x["sentence_embedding"]) - normalize(y["sentence_embedding"])).max())
+               for x, y in zip(a, b))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ValidationError
+from ..runtime.similarity import normalize
 
 SENTENCE_TOLERANCE = 1e-5  # on L2-normalised sentence embeddings
 TOKEN_TOLERANCE = 1e-4
@@ -47,10 +48,6 @@ class ValidationReport:
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_diff, "tolerances": self.tolerances, "shapes_checked": self.shapes}
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def token_limit(batch: list[str]) -> int:
@@ -121,7 +118,8 @@ def compare_with_reference(
         got = run_graph(ref.feeds)
         mask = ref.feeds["attention_mask"].astype(bool)
         diffs = {
-            "sentence_embedding": np.abs(_unit(got["sentence_embedding"]) - _unit(ref.sentence_embedding)).max(),
+            "sentence_embedding": np.abs(normalize(got["sentence_embedding"])
+                                         - normalize(ref.sentence_embedding)).max(),
             "token_embeddings": np.abs(got["token_embeddings"][mask] - ref.token_embeddings[mask]).max(),
         }
         for name in worst:
@@ -144,7 +142,7 @@ def max_sentence_difference(references: list[ReferenceBatch], run_graph) -> floa
     worst = 0.0
     for ref in references:
         got = run_graph(ref.feeds)["sentence_embedding"]
-        value = float(np.abs(_unit(got) - _unit(ref.sentence_embedding)).max())
+        value = float(np.abs(normalize(got) - normalize(ref.sentence_embedding)).max())
         worst = max(worst, value if np.isfinite(value) else float("inf"))
     return worst
 

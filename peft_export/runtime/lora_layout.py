@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
-from ..methods import MAX_RANK  # as for adapter configs: a sanity bound against absurd files
+from ..methods.base import MAX_RANK  # as for adapter configs (base: torch-free, unlike the methods' PEFT hooks)
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
