@@ -357,3 +357,18 @@ def test_method_constants_are_defined_once(name):
     pattern = re.compile(rf"^{name}\s*[:=]", re.MULTILINE)
     defined = [str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if pattern.search(p.read_text())]
     assert len(defined) <= 1 and all(d.startswith("methods/") for d in defined), defined
+
+
+@pytest.mark.parametrize("module", ["export/merge.py", "export/switchable_adapters.py", "export/switchable.py",
+                                    "export/pipeline.py", "source/adapter_config.py"])
+def test_code_outside_the_method_modules_names_no_lora_internals(module):
+    """PEFT's LoRA classes, LoRA's config fields and tensor names belong to methods/lora.py (docstrings aside)."""
+    tree = ast.parse((PACKAGE / module).read_text())
+    names = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+    names |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    names |= {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+              for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    lora = {"LoraConfig", "LoraLayer", "peft.tuners.lora", "lora_A", "lora_B", "lora_alpha", "r", "use_dora",
+            "use_rslora", "scaling", "_LORA_KEY"}
+    assert names & lora == set()
