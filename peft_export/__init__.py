@@ -48,7 +48,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .corpus import embed_corpus
-    from .export.pipeline import export_onnx_model, export_openvino_model
+    from .export.api import export_onnx_model, export_openvino_model
     from .runtime.model import EmbeddingModel
     from .runtime.onnxruntime_backend import SessionSettings
     from .runtime.openvino_backend import OpenVinoSettings
@@ -72,11 +72,11 @@ def __getattr__(name: str):
 
         return embed_corpus
     if name == "export_onnx_model":
-        from .export.pipeline import export_onnx_model
+        from .export.api import export_onnx_model
 
         return export_onnx_model
     if name == "export_openvino_model":
-        from .export.pipeline import export_openvino_model
+        from .export.api import export_openvino_model
 
         return export_openvino_model
     raise AttributeError(f"module 'peft_export' has no attribute {name!r}")

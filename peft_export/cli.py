@@ -106,7 +106,7 @@ def _default_model(args: argparse.Namespace) -> None:
 
 def _export_options(args: argparse.Namespace, output_suffix: str):
     from .export.pipeline import ExportOptions
-    from .export.quality import QualityGate
+    from .export.gate import QualityGate
 
     if args.model_id is None:
         named_output = args.output
@@ -133,7 +133,7 @@ def _print_done(result) -> None:
 
 
 def _cmd_merge_onnx(args: argparse.Namespace) -> int:
-    from .export.pipeline import run_onnx_export
+    from .export.api import run_onnx_export
     from .export.quiet import third_party_quiet
 
     options = _export_options(args, DEFAULT_OUTPUT_SUFFIX)
@@ -144,7 +144,7 @@ def _cmd_merge_onnx(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge_openvino(args: argparse.Namespace) -> int:
-    from .export.pipeline import run_openvino_export
+    from .export.api import run_openvino_export
     from .export.quiet import third_party_quiet
 
     options = _export_options(args, OPENVINO_OUTPUT_SUFFIX)
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_cmd_bench)
 
     _add_serve_parser(sub)
-    from .corpus.command import add_embed_parser  # light: argparse only
+    from .cli_embed import add_embed_parser  # light: argparse only
 
     add_embed_parser(sub)
 

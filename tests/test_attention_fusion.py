@@ -12,7 +12,7 @@ from conftest import assert_same_embeddings
 
 from peft_export import EmbeddingModel, export_onnx_model
 from peft_export.cli import main
-from peft_export.export import ort_fusion
+from peft_export.runtime import onnxruntime_fusion
 
 LAYERS = 2  # tests/fixtures/tiny_models.py
 
@@ -47,7 +47,7 @@ def test_no_fuse_attention_keeps_the_traced_graph_with_the_same_embeddings(bert_
 
 
 def test_a_fused_graph_that_fails_validation_is_not_kept(bert_case, tmp_path, monkeypatch, quiet_log, real_texts):
-    real_fuse = ort_fusion.fuse_attention
+    real_fuse = onnxruntime_fusion.fuse_attention
 
     def broken_fuse(model, shape, **kwargs):
         fused, counts = real_fuse(model, shape, **kwargs)
@@ -57,7 +57,7 @@ def test_a_fused_graph_that_fails_validation_is_not_kept(bert_case, tmp_path, mo
                 tensor.CopyFrom(onnx.numpy_helper.from_array(weights, tensor.name))
         return fused, counts
 
-    monkeypatch.setattr(ort_fusion, "fuse_attention", broken_fuse)
+    monkeypatch.setattr(onnxruntime_fusion, "fuse_attention", broken_fuse)
     out = tmp_path / "kept-traced"
     export_onnx_model(str(bert_case.adapter), out, log=quiet_log)
     fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
@@ -68,7 +68,7 @@ def test_a_fused_graph_that_fails_validation_is_not_kept(bert_case, tmp_path, mo
 
 
 def test_int8_quantizes_the_fused_attention(bert_case, tmp_path, quiet_log):
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     out = tmp_path / "int8"
     export_onnx_model(str(bert_case.adapter), out, quantize="int8", log=quiet_log,
@@ -85,7 +85,7 @@ def test_int8_static_quantizes_the_traced_graph(bert_case, tmp_path, quiet_log):
     projection gets int8 inputs and weights."""
     import onnx
 
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     out = tmp_path / "int8-static"
     export_onnx_model(str(bert_case.adapter), out, quantize="int8-static", log=quiet_log,
@@ -111,10 +111,10 @@ def test_attention_shape_comes_from_the_config():
     class Config:
         num_attention_heads, hidden_size = 12, 384
 
-    assert ort_fusion.AttentionShape.of(Config()).to_dict() == {"num_heads": 12, "hidden_size": 384}
+    assert onnxruntime_fusion.AttentionShape.of(Config()).to_dict() == {"num_heads": 12, "hidden_size": 384}
     Config.hidden_size = 385
-    assert ort_fusion.AttentionShape.of(Config()) is None
-    assert ort_fusion.AttentionShape.of(object()) is None
+    assert onnxruntime_fusion.AttentionShape.of(Config()) is None
+    assert onnxruntime_fusion.AttentionShape.of(object()) is None
 
 
 def test_fusion_leaves_no_optimizer_objects_behind(bert_case, zoo):
@@ -131,7 +131,7 @@ def test_fusion_leaves_no_optimizer_objects_behind(bert_case, zoo):
     gc.disable()  # only the collection inside fuse_attention may free them
     try:
         before = graphs_alive()
-        fused, counts = ort_fusion.fuse_attention(model, ort_fusion.AttentionShape(2, 32))
+        fused, counts = onnxruntime_fusion.fuse_attention(model, onnxruntime_fusion.AttentionShape(2, 32))
         left = graphs_alive() - before
     finally:
         gc.enable()
@@ -159,7 +159,7 @@ def test_an_optimizer_crash_keeps_the_traced_graph(bert_case, tmp_path, monkeypa
     def crash(model, shape, **kwargs):
         raise RuntimeError("symbolic shape inference failed on node X")
 
-    monkeypatch.setattr(ort_fusion, "fuse_attention", crash)
+    monkeypatch.setattr(onnxruntime_fusion, "fuse_attention", crash)
     out = tmp_path / "crashed"
     export_onnx_model(str(bert_case.adapter), out, log=quiet_log)
     fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]

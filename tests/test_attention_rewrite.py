@@ -1,9 +1,9 @@
-"""Attention fusion for the families ONNX Runtime's BERT optimizer leaves unfused (export/attention_rewrite.py):
-MPNet's relative position bias, XLM-R, ModernBERT's local window with rotary positions, and the rotary,
-grouped-query decoders. Each tiny family model (tests/fixtures) is exported unfused once, fused in memory, and the
-two graphs must agree within 1e-5 on shapes other than the traced one; the merged-ONNX parity against
-sentence-transformers + PEFT of the fused exports is in tests/test_encoder_families.py and tests/test_families.py.
-Synthetic graphs pin the matcher's rules (what it must fuse, what it must leave alone)."""
+"""Attention fusion for the families ONNX Runtime's BERT optimizer leaves unfused
+(runtime/onnxruntime_attention_rewrite.py): MPNet's relative position bias, XLM-R, ModernBERT's local window with rotary
+positions, and the rotary, grouped-query decoders. Each tiny family model (tests/fixtures) is exported unfused once,
+fused in memory, and the two graphs must agree within 1e-5 on shapes other than the traced one; the merged-ONNX parity
+against sentence-transformers + PEFT of the fused exports is in tests/test_encoder_families.py and
+tests/test_families.py. Synthetic graphs pin the matcher's rules (what it must fuse, what it must leave alone)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fixtures import encoder_families, family_models, text
 from peft_export import export_onnx_model
-from peft_export.export.attention_rewrite import fuse_remaining_attention
+from peft_export.runtime.onnxruntime_attention_rewrite import fuse_remaining_attention
 from peft_export.export.families import family_for
-from peft_export.export.ort_fusion import AttentionShape, fuse_attention
+from peft_export.runtime.onnxruntime_fusion import AttentionShape, fuse_attention
 
 ATOL = 1e-5
 # family -> (fused operator, blocks, model_type); the counts are what the fused graph holds (per layer, one block).
@@ -236,7 +236,7 @@ def test_graphs_for_int8_keep_biased_projections_unpacked():
 
 @pytest.mark.slow
 def test_int8_mpnet_quantizes_the_projections_and_keeps_the_position_bias(tmp_path, quiet_log):
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     base, adapter = _tiny_mpnet(tmp_path)
     with warnings.catch_warnings():

@@ -231,7 +231,7 @@ def test_bench_serve_holds_exact_exports_to_1e5_and_int8_ones_to_a_cosine(bert_c
     stays above."""
     from peft_export import EmbeddingModel
     from peft_export.demo import load_sentences
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     from peft_export.bench.http_load import LOSSY_MIN_COSINE, is_lossy
 

@@ -407,7 +407,7 @@ def test_ray_path_equals_the_single_process_run(inputs, bert_case, tmp_path):
     pytest.importorskip("peft_export.ray", reason="peft_export.ray (the Ray Data helper) is not in this branch")
     import ray
 
-    from peft_export.corpus.ray_job import embed_with_ray
+    from peft_export.ray.embed_job import embed_with_ray
 
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     try:
@@ -464,7 +464,7 @@ def _tricky_inputs(folder: Path) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["text", "csv", "jsonl"])
 def test_ray_reads_the_rows_the_local_job_reads(fmt, local_ray, bert_case, tmp_path):
-    from peft_export.corpus.ray_job import embed_with_ray
+    from peft_export.ray.embed_job import embed_with_ray
 
     source = _tricky_inputs(tmp_path)[fmt]
     id_column = None if fmt == "text" else "id"

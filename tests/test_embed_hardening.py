@@ -322,7 +322,7 @@ def test_unsupported_suffix_empty_count_and_help(inputs, bert_case, tmp_path, ca
 
 
 def test_ray_refuses_bad_input_and_input_in_output_before_ray_starts(bert_case, tmp_path):
-    from peft_export.corpus.ray_job import embed_with_ray
+    from peft_export.ray.embed_job import embed_with_ray
 
     lines = [json.dumps({"text": f"row {i}"}) for i in range(5)] + ['{"text": 7}']
     source = write(tmp_path / "in.jsonl", "\n".join(lines) + "\n")
@@ -375,7 +375,7 @@ def pa_table():
 
 def test_a_ray_job_is_refused_while_another_job_holds_the_output(bert_case, inputs, tmp_path):
     pytest.importorskip("ray")
-    from peft_export.corpus.ray_job import embed_with_ray
+    from peft_export.ray.embed_job import embed_with_ray
 
     out = tmp_path / "out"
     with output_locked_by_another_process(out) as holder:
@@ -387,7 +387,7 @@ def test_a_ray_job_is_refused_while_another_job_holds_the_output(bert_case, inpu
 
 def test_ray_outputs_and_leftovers_are_embeds_own_and_nothing_else(bert_case, inputs, expected, tmp_path):
     pytest.importorskip("ray")
-    from peft_export.corpus.ray_job import embed_with_ray
+    from peft_export.ray.embed_job import embed_with_ray
 
     # A finished --ray output: a local job does not mix its parts into it; with --force it replaces it.
     out = fake_ray_output(tmp_path / "out")
@@ -479,7 +479,7 @@ def test_a_finished_ray_folder_replaces_the_old_output_whole(exchange, tmp_path,
     """With the one-step exchange and without it (another OS or file system: the old output is renamed aside
     first), the new folder ends at the output and nothing else is left; a link to a folder is replaced, never
     followed."""
-    from peft_export.corpus import ray_job
+    from peft_export.ray import embed_job as ray_job
     from peft_export.corpus.writers import OutputTarget
 
     if not exchange:

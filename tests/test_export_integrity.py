@@ -25,8 +25,9 @@ from switchable_fixtures import (TEXTS, base_model, copy_export, make_adapter, m
 
 from peft_export import ConfigError, EmbeddingModel, NonFiniteEmbeddingError, PeftExportError, UnsafeModelError
 from peft_export.cli import main as cli_main
-from peft_export.export.artifact import clean_dead_temporaries, save_tokenizer
-from peft_export.export.switchable_changes import remove_adapter
+from peft_export.export.output_folder import clean_dead_temporaries
+from peft_export.export.tokenizer_files import save_tokenizer
+from peft_export.export.switchable_folder import remove_adapter
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_PREFIX = ".peft-export-tmp-"
@@ -181,7 +182,7 @@ def test_read_only_export_gives_one_error_for_add_and_remove(export, monkeypatch
 _EXPORT_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from peft_export.export import artifact
+    from peft_export.export import output_folder as artifact
     target, mode = Path(sys.argv[1]), sys.argv[2]
     if mode == "no-exchange":
         artifact.exchange_folders = lambda a, b: False

@@ -9,7 +9,7 @@ import pytest
 
 from peft_export import ConfigError, EmbeddingModel, export_onnx_model
 from peft_export.export.fp16 import FP32_OPS
-from peft_export.export.quality import QualityGate
+from peft_export.export.gate import QualityGate
 
 
 def test_fp16_export_replaces_the_graph_records_the_gate_and_stays_close(bert_case, tmp_path, quiet_log,

@@ -12,7 +12,7 @@ import pytest
 from peft_export import ValidationError
 from peft_export.export import quantize as quantize_module
 from peft_export.export.int8_probe import probe, sensitivity_order, split_outliers
-from peft_export.export.quality import QualityGate, screen_failures
+from peft_export.export.gate import QualityGate, screen_failures
 from peft_export.export.quantize import quantize_with_gate, sensitivity_rungs
 
 VOCAB, WIDTH, OUTLIER = 40, 32, 3

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from peft_export import export_onnx_model, export_openvino_model
-from peft_export.export.quality import QualityGate
+from peft_export.export.gate import QualityGate
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from peft_export import EmbeddingModel, export_onnx_model
 from peft_export.export import onnx as onnx_format
 from peft_export.export import validate
 from peft_export.export.external_data import external_files, graph_tensors, pack_external_data
-from peft_export.export.quality import QualityGate
+from peft_export.export.gate import QualityGate
 
 LOOSE_GATE = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
 

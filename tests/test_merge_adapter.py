@@ -10,7 +10,7 @@ from switchable_fixtures import (ADAPTERS, TEXTS, concurrent_adapter_errors, max
                                  st_references, switchable_export)
 
 from peft_export import AdapterNotFoundError, ConfigError, EmbeddingModel
-from peft_export.runtime.onnxruntime_merged import MergedAdapter, cut_branches
+from peft_export.runtime.onnxruntime_merge_adapter import MergedAdapter, cut_branches
 
 SENTENCE_ATOL = 1e-5
 
@@ -207,19 +207,19 @@ def test_merged_sessions_fuse_attention_as_the_merged_export_does(model, monkeyp
     """The switchable export records its attention shape; a merged adapter's graph is fused like a merged export's
     (same graph, same speed). The "ffn" adapter leaves query/key/value alone, "attn" merges into them before the
     query/key/value weights are packed."""
-    from peft_export.export import ort_fusion
+    from peft_export.runtime import onnxruntime_fusion
 
     attention = model.manifest["export"]["attention"]
     assert attention == {"num_heads": 2, "hidden_size": 32, "bert_optimizer": True}  # tests/fixtures/tiny_models.py
     counts = []
-    real = ort_fusion.fuse_attention
+    real = onnxruntime_fusion.fuse_attention
 
     def recording(graph, shape, **kwargs):
         fused, found = real(graph, shape, **kwargs)
         counts.append(({**shape.to_dict(), **kwargs}, found["Attention"]))
         return fused, found
 
-    monkeypatch.setattr(ort_fusion, "fuse_attention", recording)
+    monkeypatch.setattr(onnxruntime_fusion, "fuse_attention", recording)
     model.merge_adapter(["ffn", "attn"])
     assert counts == [(attention, 2), (attention, 2)]  # every layer of both merged graphs
     for name in ("ffn", "attn"):
@@ -229,12 +229,12 @@ def test_merged_sessions_fuse_attention_as_the_merged_export_does(model, monkeyp
 
 
 def test_merge_adapter_runs_unfused_when_the_optimizer_fails(model, monkeypatch, caplog):
-    from peft_export.export import ort_fusion
+    from peft_export.runtime import onnxruntime_fusion
 
     def crash(graph, shape, **kwargs):
         raise RuntimeError("optimizer bug")
 
-    monkeypatch.setattr(ort_fusion, "fuse_attention", crash)
+    monkeypatch.setattr(onnxruntime_fusion, "fuse_attention", crash)
     with caplog.at_level("WARNING"):
         model.merge_adapter("mixed")
     assert "attention fusion failed (RuntimeError: optimizer bug); the merged graph runs unfused" in caplog.text

@@ -11,7 +11,7 @@ import pytest
 from switchable_fixtures import TEXTS, switchable_export
 
 from peft_export import ConfigError, EmbeddingModel
-from peft_export.runtime.merged_budget import MergedAdapterBudget
+from peft_export.serve.merged_budget import MergedAdapterBudget
 from peft_export.serve import ServeSettings
 
 HOT_COLD_ATOL = 1e-6

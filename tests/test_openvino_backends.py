@@ -155,7 +155,7 @@ def test_real_minilm_with_adapter_parity(backend, minilm_adapter, tmp_path):
     """all-MiniLM-L6-v2 + a LoRA adapter, exported with each backend's format, against sentence-transformers."""
     from sentence_transformers import SentenceTransformer
 
-    from peft_export.export.pipeline import export_onnx_model, export_openvino_model
+    from peft_export.export.api import export_onnx_model, export_openvino_model
 
     export = export_onnx_model if backend == "onnxruntime" else export_openvino_model
     out = export(str(minilm_adapter["adapter"]), tmp_path / "out", base=str(minilm_adapter["base"]))

@@ -128,7 +128,7 @@ def _constant_types(xml: Path) -> set[str]:
 def test_int4_weights_are_grouped_int4_and_record_the_rung(tiny_model, tiny_merged, tiny_exports, tmp_path):
     from peft_export.export.openvino import INT4_LADDER, OpenVinoFormat
     from peft_export.export.pipeline import ExportOptions, write_export
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     lenient = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
     options = ExportOptions(model_id=str(tiny_model["adapter"]), output=tmp_path / "int4",
@@ -152,7 +152,7 @@ def test_int4_weights_are_grouped_int4_and_record_the_rung(tiny_model, tiny_merg
 def test_int4_that_no_rung_passes_is_refused_and_nothing_written(tiny_model, tiny_merged, tmp_path):
     from peft_export.export.openvino import INT4_LADDER, OpenVinoFormat
     from peft_export.export.pipeline import ExportOptions, write_export
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     options = ExportOptions(model_id=str(tiny_model["adapter"]), output=tmp_path / "int4",
                             base=str(tiny_model["base"]), gate=QualityGate(min_mean_cosine=0.999999999))
@@ -206,7 +206,7 @@ def test_int8_static_leaves_the_ignored_layers_in_float(tiny_exports):
 def test_failed_quality_gate_fails_the_export_and_leaves_nothing(tiny_model, tiny_merged):
     from peft_export.export.openvino import OpenVinoFormat
     from peft_export.export.pipeline import ExportOptions, write_export
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     out = tiny_model["root"] / "gate-fails"
     options = ExportOptions(model_id=str(tiny_model["adapter"]), output=out, base=str(tiny_model["base"]),
@@ -223,7 +223,7 @@ def test_failed_quality_gate_fails_the_export_and_leaves_nothing(tiny_model, tin
 def test_failed_int8_static_gate_lists_every_rung_and_leaves_nothing(tiny_model, tiny_merged):
     from peft_export.export.openvino import OpenVinoFormat
     from peft_export.export.pipeline import ExportOptions, write_export
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     out = tiny_model["root"] / "static-gate-fails"
     options = ExportOptions(model_id=str(tiny_model["adapter"]), output=out, base=str(tiny_model["base"]),
@@ -246,7 +246,7 @@ def test_int8_climbs_the_ladder_when_ffn_outputs_do_not_survive_int8(tiny_model,
     import torch
     from transformers import BertModel
 
-    from peft_export.export.pipeline import export_openvino_model
+    from peft_export.export.api import export_openvino_model
 
     folder = tmp_path / "outliers"
     shutil.copytree(tiny_model["base"], folder)
@@ -268,7 +268,7 @@ def test_int8_climbs_the_ladder_when_ffn_outputs_do_not_survive_int8(tiny_model,
 
 def test_fp16_gate_is_never_looser_than_0_999():
     from peft_export.export.openvino import gate_for
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     lenient = QualityGate(min_mean_cosine=0.5, min_worst_cosine=0.5, min_ndcg_retention=0.5)
     assert gate_for("fp16", lenient).min_mean_cosine == 0.999
@@ -286,7 +286,7 @@ def test_gate_pairs_fall_back_to_stdlib_docstrings_without_the_demo(monkeypatch)
 
 
 def test_bad_gate_data_and_onnx_only_options_fail_fast(tiny_model, tmp_path):
-    from peft_export.export.pipeline import export_openvino_model
+    from peft_export.export.api import export_openvino_model
 
     few = tmp_path / "few.jsonl"
     few.write_text(json.dumps({"query": "q", "passage": "p"}) + "\n")
@@ -310,7 +310,7 @@ def test_bad_gate_data_and_onnx_only_options_fail_fast(tiny_model, tmp_path):
 
 
 def test_unknown_weight_format_is_refused_before_loading(tiny_model):
-    from peft_export.export.pipeline import export_openvino_model
+    from peft_export.export.api import export_openvino_model
 
     with pytest.raises(ConfigError, match=r"^weight_format must be one of fp32, fp16, int8, int4, found 'int2'"):
         export_openvino_model(str(tiny_model["adapter"]), tiny_model["root"] / "x", weight_format="int2",
@@ -328,7 +328,7 @@ def test_existing_output_is_refused_without_force(tiny_model, tiny_merged, tiny_
 
 
 def test_missing_openvino_names_the_extra(tiny_model, monkeypatch):
-    from peft_export.export.pipeline import export_openvino_model
+    from peft_export.export.api import export_openvino_model
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now raises ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'peft_export\[openvino\]'"):
@@ -388,7 +388,7 @@ def test_cli_merge_openvino_offers_only_its_own_options(capsys):
 def test_real_minilm_compressed_weights_pass_the_gate(minilm_adapter, tmp_path, weight_format):
     from sentence_transformers import SentenceTransformer
 
-    from peft_export.export.pipeline import export_openvino_model
+    from peft_export.export.api import export_openvino_model
 
     static = weight_format == "int8-static"
     result = export_openvino_model(str(minilm_adapter["adapter"]), tmp_path / weight_format,

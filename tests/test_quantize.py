@@ -9,7 +9,8 @@ import pytest
 
 from peft_export import EmbeddingModel, ValidationError, export_onnx_model
 from peft_export.demo import load_pairs
-from peft_export.export.quality import QualityGate, measure_quality, ndcg_at_10
+from peft_export.export.gate import QualityGate, measure_quality
+from peft_export.tasks.embedding import EMBEDDING, ndcg_at_10
 
 LENIENT = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
 
@@ -73,7 +74,7 @@ def test_int8_export_records_gate_figures_that_match_a_recomputation(bert_case, 
 
     fp32, int8 = bert_case.embedding_model(), EmbeddingModel(out)
     pairs = load_pairs("eval")
-    again = measure_quality(lambda t: fp32.encode(t), lambda t: int8.encode(t), pairs)
+    again = measure_quality(lambda t: fp32.encode(t), lambda t: int8.encode(t), pairs, EMBEDDING)
     assert again["mean_cosine"] == pytest.approx(chosen["mean_cosine"], abs=1e-6)
     assert again["worst_cosine"] == pytest.approx(chosen["worst_cosine"], abs=1e-6)
     assert again["mean_cosine"] < 1.0  # int8 really is a different graph
@@ -141,7 +142,7 @@ def test_unreadable_gate_or_calibration_files_are_config_errors(bert_case, tmp_p
 
 def test_gate_pairs_may_hold_unicode_line_separators(tmp_path):
     """JSON allows U+2028 unescaped inside strings; only newlines end a JSON line."""
-    from peft_export.export.quality import load_pairs_file
+    from peft_export.export.gate_data import load_pairs_file
 
     path = tmp_path / "pairs.jsonl"
     rows = [{"query": f"question {i}\u2028part two", "passage": f"answer {i}"} for i in range(20)]
@@ -152,7 +153,7 @@ def test_gate_pairs_may_hold_unicode_line_separators(tmp_path):
 def test_calibration_texts_default_to_training_pairs_and_avoid_the_gate_pairs(monkeypatch):
     import sys
 
-    from peft_export.export.quality import calibration_texts, docstring_pairs
+    from peft_export.export.gate_data import calibration_texts, docstring_pairs
 
     gate = {p["query"] for p in load_pairs("eval")} | {p["passage"] for p in load_pairs("eval")}
     texts = calibration_texts(None)

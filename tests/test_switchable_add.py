@@ -14,7 +14,8 @@ from switchable_fixtures import (TEXTS, base_model, copy_export, edit_adapter_co
 
 from peft_export import AdapterNotFoundError, ConfigError, EmbeddingModel, UnsafeModelError, ValidationError
 from peft_export.cli import main as cli_main
-from peft_export.export.switchable import add_adapter, remove_adapter
+from peft_export.export.switchable_changes import add_adapter
+from peft_export.export.switchable_folder import remove_adapter
 
 SENTENCE_ATOL = 1e-5
 LATE = dict(r=3, lora_alpha=6, target_modules=["query", "dense"])

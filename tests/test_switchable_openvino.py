@@ -282,7 +282,7 @@ def _st_with(adapter_folder):
 
 
 def test_add_and_remove_adapter_on_an_openvino_folder(tmp_path, capsys):
-    from peft_export.export.switchable import add_adapter
+    from peft_export.export.switchable_changes import add_adapter
 
     folder = copy_export(openvino_switchable_export(), tmp_path / "export")
     graph = {name: _sha(folder / name) for name in ("openvino_model.xml", "openvino_model.bin")}

@@ -117,7 +117,7 @@ def test_load_adapter_refuses_adapters_the_graph_cannot_run(tmp_path):
     assert attn_only.list_adapters() == ["attn"]
 
 
-def _adapter_file(path, arrays):
+def adapter_file(path, arrays):
     import onnxruntime as ort
 
     adapter = ort.AdapterFormat()
@@ -131,7 +131,7 @@ def test_adapter_files_are_checked_against_the_graph(model, tmp_path, mutate, me
     arrays = model.backend.read_adapter(switchable_export() / "adapters" / "attn.onnx_adapter")
     mutate(arrays)
     with pytest.raises(ConfigError, match=message):
-        model.load_adapter(_adapter_file(tmp_path / "bad.onnx_adapter", arrays), adapter_name="bad")
+        model.load_adapter(adapter_file(tmp_path / "bad.onnx_adapter", arrays), adapter_name="bad")
     assert "bad" not in model.list_adapters()
 
 

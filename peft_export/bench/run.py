@@ -15,7 +15,7 @@ QUICK_PAIRS = 100
 
 def load_workload(args: argparse.Namespace) -> Workload:
     from ..demo import load_pairs, load_sentences
-    from ..export.quality import load_pairs_file
+    from ..export.gate_data import load_pairs_file
 
     if args.texts:
         with open(args.texts, encoding="utf-8") as fh:

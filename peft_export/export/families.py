@@ -21,8 +21,8 @@ from ..errors import PeftExportError, ToolError
 @dataclass(frozen=True)
 class ModelFamily:
     """The default entry suits BERT-like encoders: eager attention, positions from 0, ONNX Runtime's BERT
-    optimizer then export/attention_rewrite.py for the attention blocks it leaves (the fused graph is kept only if
-    it still matches the reference)."""
+    optimizer then runtime/onnxruntime_attention_rewrite.py for the attention blocks it leaves (the fused graph is
+    kept only if it still matches the reference)."""
 
     name: str
     model_types: tuple[str, ...] = ()
@@ -31,8 +31,8 @@ class ModelFamily:
     pooling: str = "mean"
     padding_side: str = "right"
     position_offset: int = 0  # positions used before the first token (RoBERTa-likes start after the padding index)
-    # "bert": ONNX Runtime's BERT optimizer, then export/attention_rewrite.py for what it leaves; "rewrite": the
-    # rewrite alone (the optimizer's other BERT patterns are not meant for rotary / RMSNorm models).
+    # "bert": ONNX Runtime's BERT optimizer, then runtime/onnxruntime_attention_rewrite.py for what it leaves;
+    # "rewrite": the rewrite alone (the optimizer's other BERT patterns are not meant for rotary / RMSNorm models).
     attention_fusion: str = "bert"
     decoder: bool = False  # a decoder-only model: loaded with its key/value cache off
     load_options: dict[str, Any] = field(default_factory=lambda: {"attn_implementation": "eager"})

@@ -13,7 +13,7 @@ import torch
 from ..errors import ConfigError
 from .families import family_for, tracing_step
 from .fp16 import DTYPES
-from .graph import EmbeddingPipeline
+from .embedding_module import EmbeddingPipeline
 
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -113,7 +113,7 @@ class OnnxFormat:
                 why = "(fp16 for GPUs, int8 for CPUs); pick one"
                 raise ConfigError(f"dtype='fp16' and quantize are alternatives {why}").in_cli_words(
                     f"--dtype fp16 and --quantize are alternatives {why}")
-            from .quality import load_pairs_file
+            from .gate_data import load_pairs_file
 
             self.gate_pairs = load_pairs_file(options.gate_data)
 
@@ -146,21 +146,22 @@ class OnnxFormat:
         backend = OnnxRuntimeBackend(model_path)
         if self.options.quantize:
             tokenizer = TextTokenizer(model_path.parent, config)
-            family = family_for(getattr(merged.encoder_config, "model_type", None))
             checks["quantization"] = _quantize_step(self.options, self.gate_pairs, self.calibration,
-                                                    model_path.parent, config, tokenizer, backend, log, family)
+                                                    model_path.parent, config, tokenizer, backend, log,
+                                                    merged.resolved.task)
         if self.options.dtype == "fp16":
-            checks["fp16"] = self._fp16_step(model_path, config, backend, log)
+            checks["fp16"] = self._fp16_step(model_path, config, backend, log, merged.resolved.task)
         return checks
 
-    def _fp16_step(self, fp32_path: Path, config, fp32_backend, log) -> dict:
+    def _fp16_step(self, fp32_path: Path, config, fp32_backend, log, task) -> dict:
         """Replace the validated fp32 graph by its fp16 version once that passes the quality gate against it."""
         from ..runtime.tokenizer import TextTokenizer
         from .fp16 import fp16_with_gate
 
         fp16_path = fp32_path.with_name("model_fp16.onnx")
         tokenizer = TextTokenizer(fp32_path.parent, config)
-        result = fp16_with_gate(fp32_path, fp16_path, tokenizer, fp32_backend, self.gate_pairs, self.options.gate)
+        result = fp16_with_gate(fp32_path, fp16_path, tokenizer, fp32_backend, self.gate_pairs, self.options.gate,
+                                task)
         log(f"fp16: mean cosine {result['mean_cosine']:.6f}, worst {result['worst_cosine']:.6f}, NDCG@10 "
             f"retention {result['ndcg10_retention']:.4f} vs fp32 (LayerNorm, Softmax, pooling kept fp32)")
         return _adopt_graph(fp32_path, fp16_path, config, result, self.options)
@@ -174,14 +175,15 @@ class OnnxFormat:
 
 
 def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> dict[str, Any]:
-    """Replace the validated graph by its attention-fused version (export/ort_fusion.py) when the optimizer fuses
+    """Replace the validated graph by its attention-fused version (runtime/onnxruntime_fusion.py) when the optimizer
+    fuses
     something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
     external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``."""
     import onnx
 
     from ..errors import ValidationError
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .ort_fusion import AttentionShape, fuse_attention, fused_blocks
+    from ..runtime.onnxruntime_fusion import AttentionShape, fuse_attention, fused_blocks
     from .validate import compare_with_reference
 
     family = family_for(getattr(merged.encoder_config, "model_type", None))
@@ -239,7 +241,7 @@ def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> 
 def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | None]:
     """Fail fast, before the slow stages, on a bad --quantize mode or unreadable gate/calibration data; the gate
     pairs, and the calibration texts when a file is given or the mode calibrates (read once, here)."""
-    from .quality import calibration_texts, load_pairs_file
+    from .gate_data import calibration_texts, load_pairs_file
     from .quantize import QUANTIZE_MODES
 
     if options.quantize not in QUANTIZE_MODES:
@@ -250,10 +252,10 @@ def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | 
 
 
 def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] | None, folder: Path, config,
-                   tokenizer, fp32_backend, log, family) -> dict[str, Any]:
+                   tokenizer, fp32_backend, log, task) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .quality import backend_embedder, gate_dict
+    from .gate import backend_embedder, gate_dict
     from .quantize import quantize_with_gate
 
     fp32_path = folder / config.model_file
@@ -262,7 +264,7 @@ def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] 
         fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend),
         lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
         mode=options.quantize, tokenize=tokenizer.encode,
-        calibration_texts=calibration if options.quantize == "int8-static" else None, family=family,
+        calibration_texts=calibration if options.quantize == "int8-static" else None, task=task,
         probe_texts=calibration, log=log,
     )
     chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])

@@ -32,10 +32,11 @@ import torch
 from ..errors import ConfigError, ValidationError, require, tool_step
 from .families import DEFAULT_FAMILY, family_for, tracing_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
-from .quality import (
-    LOWER_GATE, LOWER_GATE_CLI, QualityGate, backend_embedder, calibration_texts, cosines, docstring_pairs, fp16_gate,
-    gate_dict, int8_rungs, load_pairs_file, quality_against, screen_failures, screen_rows,
-)
+from ..runtime.similarity import cosine_rows
+from .gate import (LOWER_GATE, LOWER_GATE_CLI, QualityGate, backend_embedder, fp16_gate, gate_dict, gate_texts,
+                   screen_failures, screen_rows)
+from .gate_data import calibration_texts, docstring_pairs, load_pairs_file
+from .int8_ladder import int8_rungs
 from .validate import compare_with_reference
 
 MODEL_XML = "openvino_model.xml"
@@ -238,8 +239,9 @@ class OpenVinoFormat:
         if self.weight_format == "fp32":
             return checks
         self.family = family_for(getattr(merged.encoder_config, "model_type", None))
+        self.task = merged.resolved.task  # whose figures the gate compares
         tokenizer = TextTokenizer(model_path.parent, config)
-        texts = [p["query"] for p in self.pairs] + [p["passage"] for p in self.pairs]
+        texts = gate_texts(self.pairs)
         started = time.perf_counter()
         reference = backend_embedder(tokenizer, backend)(texts)  # fp32, computed once for every candidate
         reference_seconds = time.perf_counter() - started
@@ -295,7 +297,7 @@ class OpenVinoFormat:
                 ov.save_model(candidate, str(path), compress_to_fp16=self.weight_format == "fp16")
                 embed = backend_embedder(tokenizer, compile_f32(path))
                 clock = time.perf_counter()
-                screen = cosines(reference[rows], embed([texts[i] for i in rows]))
+                screen = cosine_rows(reference[rows], embed([texts[i] for i in rows]))
                 seconds["screen"] = round(time.perf_counter() - clock, 1)
                 attempt = {"strategy": strategy, "excluded_nodes": len(excluded),
                            "quantized_nodes": matmuls - len(excluded), "seconds": seconds,
@@ -309,7 +311,7 @@ class OpenVinoFormat:
                         f"[quantize {seconds['quantize']:.0f}s, screen {seconds['screen']:.0f}s]")
                     continue
                 clock = time.perf_counter()
-                quality = quality_against(reference, embed(texts))
+                quality = self.task.quality(reference, embed(texts))
                 seconds["gate"] = round(time.perf_counter() - clock, 1)
                 attempt.update({**quality, "failures": self.gate.failures(quality)})
                 log(f"{self.lossy_kind} ({strategy}): mean cosine {quality['mean_cosine']:.5f}, worst "

@@ -14,16 +14,19 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError
+from ..runtime.atomic_file import write_json
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.tokenizer import TextTokenizer
-from ..source.resolve import ResolvedModel, describe_base, recorded_base, recorded_source, resolve_model
+from ..source.resolve import ResolvedModel, describe_base, recorded_source, resolve_model
 from ..source.st_config import POOLING_MODES
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
-from .artifact import (atomic_output_folder, check_output_target, folder_size, library_versions, record_file_hashes,
-                       save_tokenizer, write_json)
+from .manifest import export_manifest, record_file_hashes
+from .output_folder import atomic_output_folder, check_output_target, folder_size
+from .tokenizer_files import check_runtime_tokenizer, save_tokenizer
 from .families import family_of
-from .quality import QualityGate
+from .gate import QualityGate
+from ..tasks import Task, load_reference
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,7 @@ class ExportOptions:
     allow_noop_adapter: bool = False
     quantize: str | None = None  # "int8" (dynamic) or "int8-static"; see export/quantize.py
     dtype: str = "fp32"  # "fp16": an fp16 graph for GPUs, gated against fp32; see export/fp16.py
-    fuse_attention: bool = True  # ONNX fp32/int8: ONNX Runtime's attention fusion, validated; see export/ort_fusion.py
+    fuse_attention: bool = True  # ONNX fp32/int8: ORT's attention fusion, validated; see runtime/onnxruntime_fusion.py
     gate: QualityGate = field(default_factory=QualityGate)
     gate_data: str | None = None  # JSON lines of {"query", "passage"}; default: the demo held-out pairs
     calibration_data: str | None = None  # text file, one sentence per line; default: demo training text
@@ -62,7 +65,7 @@ class MergedModel:
     """What the shared stages hand to a graph format: the merged fp32 pipeline and its reference outputs."""
 
     resolved: ResolvedModel
-    pipeline: Any  # EmbeddingPipeline (torch), adapter merged, eval mode
+    pipeline: Any  # the task's torch module (EmbeddingPipeline), adapter merged, eval mode
     tokenizer: Any  # transformers fast tokenizer, model_max_length set to max_seq_length
     input_names: list[str]
     reference_tokenize: Callable[[list[str]], dict[str, np.ndarray]]
@@ -178,67 +181,6 @@ def _reference_tokenize(tokenizer, input_names: list[str], max_len: int) -> Call
     return tokenize
 
 
-def _check_runtime_tokenizer(runtime_tok: TextTokenizer, reference_tok, texts: list[str]) -> None:
-    """The runtime's tokenizer (tokenizers library) must give exactly the reference ids, truncation included."""
-    for text in texts:
-        got = runtime_tok.encode([text])["input_ids"][0]
-        want = reference_tok([text])["input_ids"][0]
-        if got.shape != want.shape or not np.array_equal(got, want):
-            raise ConfigError(
-                f"The exported tokenizer does not reproduce the reference tokenization of {text[:40]!r}: "
-                f"{got[:12].tolist()}... vs {want[:12].tolist()}..."
-            )
-
-
-def export_onnx_model(model_id: str, output: str | Path, log: Callable[[str], None] = logger.info,
-                      **options: Any) -> ExportResult:
-    """Merge (at most one) adapter into ``model_id`` and write a validated ONNX export folder at ``output``.
-
-    Keyword options are the fields of :class:`ExportOptions` (adapters, base, revision, force, opset, ...).
-    """
-    return run_onnx_export(ExportOptions(model_id=model_id, output=output, **options), log)
-
-
-def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
-    if options.switchable:
-        from .switchable import run_switchable_export
-
-        return run_switchable_export(options, log)
-    from .onnx import OnnxFormat
-
-    return run_export(options, OnnxFormat(options), log)  # checks --quantize options before the slow stages
-
-
-def export_openvino_model(model_id: str, output: str | Path, weight_format: str = "fp32",
-                          log: Callable[[str], None] = logger.info, **options: Any) -> ExportResult:
-    """Like :func:`export_onnx_model`, writing OpenVINO IR with ``weight_format`` fp32, fp16, int8 or int4 weights;
-    ``quantize="int8-static"`` (with fp32 ``weight_format``) quantizes weights and activations with NNCF."""
-    return run_openvino_export(ExportOptions(model_id=model_id, output=output, **options), weight_format, log)
-
-
-def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
-                        log: Callable[[str], None] = logger.info) -> ExportResult:
-    from .openvino import OpenVinoFormat
-
-    if options.switchable:
-        if weight_format != "fp32":
-            why = ("the base graph and the adapters are exported in fp32 (a compressed base would no longer be the "
-                   "model the adapters were validated against)")
-            raise ConfigError(f"weight_format={weight_format!r} is not supported with switchable=True: {why}; "
-                              "export with weight_format='fp32'").in_cli_words(
-                f"--weight-format {weight_format} is not supported with --switchable: {why}; export with "
-                "--weight-format fp32")
-        require("openvino", "openvino")
-        from .switchable import run_switchable_export
-
-        return run_switchable_export(options, log, backend="openvino")
-    graph_format = OpenVinoFormat(weight_format, options)  # checks its options before the slow stages
-    require("openvino", "openvino")
-    if graph_format.weight_format in ("int8", "int4"):
-        require("nncf", "openvino")
-    return run_export(options, graph_format, log)
-
-
 def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[[str], None] = logger.info
                ) -> ExportResult:
     """The stages every format shares around the one step that differs: write the graph and validate it."""
@@ -261,16 +203,19 @@ class PreparedExport:
     input_names: list[str]
     ref_tokenize: Callable[[list[str]], dict[str, np.ndarray]]
 
-    def make_pipeline(self, module):
-        from .graph import EmbeddingPipeline
+    @property
+    def task(self) -> Task:
+        return self.resolved.task
 
-        return EmbeddingPipeline(module, self.resolved.pipeline, self.dense, self.uses_token_type_ids).eval()
+    def make_pipeline(self, module):
+        """The task's torch module around the encoder ``module`` (a PEFT model or a plain encoder), eval mode."""
+        return load_reference(self.task.torch_module)(module, self)
 
     def load_encoder(self, trust_remote_code: bool = False):
         """Another fresh copy of the base encoder."""
         from .merge import load_base_encoder
 
-        return load_base_encoder(self.resolved.encoder_folder, trust_remote_code)
+        return load_base_encoder(self.resolved.encoder_folder, trust_remote_code, self.task)
 
     def runtime_config(self, model_file: str, sentence_dim: int, backend: str = "onnxruntime") -> RuntimeConfig:
         return runtime_config(self.resolved, self.tokenizer, self.input_names, self.max_len, len(self.dense),
@@ -281,13 +226,13 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
     """Load tokenizer, encoder (fp32) and Dense modules for ``resolved``, with ``options``' overrides applied."""
     import torch
 
-    from .graph import load_dense
+    from .embedding_module import load_dense
     from .merge import load_base_encoder, uses_token_type_ids
 
     _apply_overrides(options, resolved)
     torch.manual_seed(0)
     tokenizer = _load_tokenizer(resolved, options.trust_remote_code)
-    encoder = load_base_encoder(resolved.encoder_folder, options.trust_remote_code)
+    encoder = load_base_encoder(resolved.encoder_folder, options.trust_remote_code, resolved.task)
     max_len = _max_seq_length(options, resolved, encoder, tokenizer)
     tokenizer.model_max_length = max_len
     with_type_ids = uses_token_type_ids(encoder, tokenizer)
@@ -322,26 +267,29 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     prepared = prepare_export(options, resolved)
     encoder, make_pipeline, ref_tokenize = prepared.encoder, prepared.make_pipeline, prepared.ref_tokenize
     tokenizer, names, max_len, dense = prepared.tokenizer, prepared.input_names, prepared.max_len, prepared.dense
+    task = prepared.task
     parity: dict[str, Any] = {}
     if resolved.adapters:
         adapter = resolved.adapters[0]
         peft_model = attach_adapters(encoder, resolved.adapters)
-        references = validate.reference_outputs(make_pipeline(peft_model), ref_tokenize)
+        references = validate.reference_outputs(make_pipeline(peft_model), ref_tokenize, task=task)
         validate.check_finite_outputs(references, f"Adapter {adapter.name!r}", nonfinite_hint(adapter))
         with peft_model.disable_adapter():
-            effect = validate.max_sentence_difference(references, validate.torch_runner(make_pipeline(peft_model)))
+            effect = validate.max_main_difference(references, validate.torch_runner(make_pipeline(peft_model), task),
+                                                  task)
         parity["adapter_vs_base_max_abs_diff"] = effect
         if effect < NOOP_ADAPTER_THRESHOLD and not options.allow_noop_adapter:
             raise noop_adapter_error(adapter.name, effect)
         merged = merge_adapter(peft_model, adapter.name)
         final = make_pipeline(merged)
-        merge_report = validate.compare_with_reference(references, validate.torch_runner(final), "The merged model")
+        merge_report = validate.compare_with_reference(references, validate.torch_runner(final, task),
+                                                       "The merged model", task=task)
         parity["merged_vs_unmerged"] = merge_report.max_diff
         log(f"merged == unmerged PEFT: max diff {merge_report.max_diff['sentence_embedding']:.2e}; "
             f"adapter changes embeddings by up to {effect:.3f}")
     else:
         final = make_pipeline(encoder)
-        references = validate.reference_outputs(final, ref_tokenize)
+        references = validate.reference_outputs(final, ref_tokenize, task=task)
     return MergedModel(resolved=resolved, pipeline=final, tokenizer=tokenizer, input_names=names,
                        reference_tokenize=ref_tokenize,
                        references=references, max_seq_length=max_len, dense_layers=len(dense), validation=parity,
@@ -362,15 +310,15 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
         if release:
             merged.release()
         save_tokenizer(merged.tokenizer, tmp)
-        sentence_dim = int(merged.references[0].sentence_embedding.shape[-1])
+        sentence_dim = int(merged.references[0].outputs["sentence_embedding"].shape[-1])
         config = runtime_config(resolved, merged.tokenizer, merged.input_names, merged.max_seq_length,
                                 merged.dense_layers, sentence_dim, model_path.name, graph_format.backend,
                                 max_positions=merged.max_positions)
         config.save(tmp)
         runtime_tok = TextTokenizer(tmp, config)
-        _check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, validate.VALIDATION_TEXTS)
+        check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, merged.resolved.task.validation_texts)
         validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
-        manifest = _manifest(resolved, graph_format.manifest_entry(config), config, validation,
+        manifest = export_manifest(resolved, graph_format.manifest_entry(config), config, validation,
                              time.perf_counter() - merged.started)
         record_file_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
@@ -401,27 +349,3 @@ def runtime_config(resolved: ResolvedModel, tokenizer, input_names: list[str], m
         similarity_fn_name=pipeline.similarity_fn_name,
         max_positions=max_positions,
     )
-
-
-def _manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: RuntimeConfig, parity: dict,
-              seconds: float) -> dict[str, Any]:
-    return {
-        "format": "peft_export",
-        "format_version": 1,
-        "created_unix": int(time.time()),
-        "base": recorded_base(resolved),
-        "adapters": [
-            {"name": a.name, "source": recorded_source(a.source), "sha256": {a.weights.name: a.sha256},
-             **a.config.summary()}
-            for a in resolved.adapters
-        ],
-        "merge_mode": "merged" if resolved.adapters else "none",
-        "export": export_entry,
-        "pipeline": {
-            "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
-            "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,
-        },
-        "validation": parity,
-        "library_versions": library_versions(),
-        "export_seconds": round(seconds, 2),
-    }

@@ -7,7 +7,7 @@ computed in fp32 beside the int8 product, and every weight node's int8 error is 
 with every weight node int8 (per-channel weights) and keeps the most sensitive nodes in fp32, growing, until a rung
 passes. The fp32 reference is embedded once; each rung is screened on a few pairs before the full gate.
 
-On an attention-fused graph (export/ort_fusion.py) dynamic quantization also turns each ``Attention`` into
+On an attention-fused graph (runtime/onnxruntime_fusion.py) dynamic quantization also turns each ``Attention`` into
 ``QAttention`` (query/key/value weights int8, per channel); static quantization leaves it in fp32.
 """
 
@@ -23,9 +23,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import ConfigError, ValidationError, tool_step
-from .families import DEFAULT_FAMILY, ModelFamily
-from .quality import (LOWER_GATE, LOWER_GATE_CLI, Embed, QualityGate, cosines, quality_against, screen_failures,
-                      screen_rows)
+from ..tasks import EMBEDDING, Task
+from ..runtime.similarity import cosine_rows
+from .gate import (LOWER_GATE, LOWER_GATE_CLI, Embed, QualityGate, gate_texts, screen_failures,
+                   screen_rows)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def quantize_with_gate(
     mode: str = "int8",
     tokenize: Callable | None = None,
     calibration_texts: list[str] | None = None,
-    family: ModelFamily = DEFAULT_FAMILY,
+    task: Task = EMBEDDING,
     probe_texts: list[str] | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> dict:
@@ -117,7 +118,7 @@ def quantize_with_gate(
 
     started = time.perf_counter()
     external = uses_external_data(fp32_path)
-    texts = [p["query"] for p in pairs] + [p["passage"] for p in pairs]
+    texts = gate_texts(pairs)
     clock = time.perf_counter()
     reference_embeddings = reference(texts)  # fp32, once for every rung
     reference_seconds = time.perf_counter() - clock
@@ -147,7 +148,7 @@ def quantize_with_gate(
         for strategy, excluded, source, side in rungs:
             attempt, passed = _try_rung(source, out_path, Path(scratch), mode, excluded + side, tokenize,
                                         calibration_texts, external, make_candidate, texts, reference_embeddings,
-                                        rows, gate)
+                                        rows, gate, task)
             attempt = {"strategy": strategy, "excluded_nodes": len(excluded), "quantized_nodes":
                        len(nodes) - len(excluded), "fp32_nodes": excluded, **attempt}
             attempts.append(attempt)
@@ -176,7 +177,7 @@ def quantize_with_gate(
 
 def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: list[str], tokenize,
               calibration_texts, external: bool, make_candidate, texts: list[str], reference: np.ndarray,
-              rows: np.ndarray, gate: QualityGate) -> tuple[dict, Path | None]:
+              rows: np.ndarray, gate: QualityGate, task: Task) -> tuple[dict, Path | None]:
     """Quantize one rung, screen it, then gate it; (figures and seconds, path of the candidate if it passed)."""
     candidate_path = scratch / f"candidate_{len(exclude)}_{out_path.name}"
     seconds = {}
@@ -185,7 +186,7 @@ def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: l
     seconds["quantize"] = round(time.perf_counter() - clock, 1)
     embed = make_candidate(candidate_path)
     clock = time.perf_counter()
-    screen = cosines(reference[rows], embed([texts[i] for i in rows]))
+    screen = cosine_rows(reference[rows], embed([texts[i] for i in rows]))
     seconds["screen"] = round(time.perf_counter() - clock, 1)
     attempt: dict = {"screen": {"texts": len(rows), "mean_cosine": float(screen.mean()),
                                 "worst_cosine": float(screen.min())}}
@@ -193,7 +194,7 @@ def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: l
     if rejected:
         return {**attempt, "failures": rejected, "seconds": seconds}, None
     clock = time.perf_counter()
-    quality = quality_against(reference, embed(texts))
+    quality = task.quality(reference, embed(texts))
     seconds["gate"] = round(time.perf_counter() - clock, 1)
     failures = gate.failures(quality)
     return {**attempt, **quality, "failures": failures, "seconds": seconds}, None if failures else candidate_path

@@ -18,18 +18,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, ValidationError
+from ..runtime.atomic_file import write_json
 from ..runtime.backends import detect_backend
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.lora_layout import Slot, pack_factors
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import AdapterSource, describe_base, recorded_source, resolve_model, sha256_file
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
-from .artifact import (atomic_output_folder, check_output_target, folder_size, record_file_hashes,
-                       save_tokenizer, write_json)
+from .manifest import export_manifest, record_file_hashes
+from .output_folder import atomic_output_folder, check_output_target, folder_size
+from .tokenizer_files import check_runtime_tokenizer, save_tokenizer
 from .families import family_of
-from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, _check_runtime_tokenizer,
-                       _manifest, noop_adapter_error, prepare_export)
-from .switchable_folder import ADAPTERS_DIR, MERGE_MODE, _adapter_file, _graph_files  # noqa: F401
+from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, PreparedExport, noop_adapter_error,
+                       prepare_export)
+from .switchable_folder import MERGE_MODE, adapter_file, graph_files
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
                                   max_output_difference, peft_lora_factors, validate_adapter_run)
 
@@ -39,7 +41,7 @@ BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, normalised sentence emb
 _RUNTIME_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks")
 
 
-def _adapter_writer(backend: str) -> tuple[str, Callable[[Path, dict], None]]:
+def adapter_writer(backend: str) -> tuple[str, Callable[[Path, dict], None]]:
     """(file suffix, writer) of the adapter files the runtime ``backend`` reads."""
     if backend == "openvino":
         from ..runtime.openvino_adapters import ADAPTER_SUFFIX, write_adapter_file
@@ -59,17 +61,18 @@ def _open_graph(folder: Path, config: RuntimeConfig):
     return OnnxRuntimeBackend(folder / config.model_file, lora_inputs=True)
 
 
-def _base_references(peft_model, prepared: PreparedExport) -> list[validate.ReferenceBatch]:
+def base_references(peft_model, prepared: PreparedExport) -> list[validate.ReferenceBatch]:
     with peft_model.disable_adapter():
-        return validate.reference_outputs(prepared.make_pipeline(peft_model), prepared.ref_tokenize)
+        return validate.reference_outputs(prepared.make_pipeline(peft_model), prepared.ref_tokenize,
+                                          task=prepared.task)
 
 
-def _check_effect(refs: AdapterReferences, allow_noop: bool) -> None:
+def check_effect(refs: AdapterReferences, allow_noop: bool) -> None:
     if refs.effect < NOOP_ADAPTER_THRESHOLD and not allow_noop:
         raise noop_adapter_error(refs.name, refs.effect)
 
 
-def _convert(peft_model, adapter: AdapterSource, slots: list[Slot]) -> tuple[dict, dict[str, Any]]:
+def convert_adapter(peft_model, adapter: AdapterSource, slots: list[Slot]) -> tuple[dict, dict[str, Any]]:
     factors = peft_lora_factors(peft_model, adapter.name)
     return pack_factors(slots, factors), adapter_summary(adapter, factors)
 
@@ -82,7 +85,7 @@ def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[va
     backend = _open_graph(folder, config)
     report = validate.compare_with_reference(
         base, backend.run, "The switchable graph without an adapter (vs the base model)",
-        tolerances={"sentence_embedding": BASE_TOLERANCE, "token_embeddings": validate.TOKEN_TOLERANCE},
+        tolerances={"sentence_embedding": BASE_TOLERANCE},
     )
     outputs: dict[str, list] = {}
     per_adapter: dict[str, Any] = {}
@@ -109,19 +112,19 @@ def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[va
 
 
 def _runtime_entry(name: str, summary: dict[str, Any], suffix: str) -> dict[str, Any]:
-    return {"file": _adapter_file(name, suffix), **{k: summary[k] for k in _RUNTIME_KEYS if k in summary}}
+    return {"file": adapter_file(name, suffix), **{k: summary[k] for k in _RUNTIME_KEYS if k in summary}}
 
 
-def _manifest_entry(name: str, folder: Path, summary: dict[str, Any], validation: dict[str, Any],
+def adapter_manifest_entry(name: str, folder: Path, summary: dict[str, Any], validation: dict[str, Any],
                     suffix: str) -> dict[str, Any]:
-    file = _adapter_file(name, suffix)
+    file = adapter_file(name, suffix)
     return {"name": name, "file": file, "file_sha256": sha256_file(folder / file), **summary,
             "validation": validation}
 
 
 def _export_entry(backend: str, options: ExportOptions, config: RuntimeConfig, names: list[str],
                   suffix: str) -> dict[str, Any]:
-    files = _graph_files(config) + [_adapter_file(n, suffix) for n in names]
+    files = graph_files(config) + [adapter_file(n, suffix) for n in names]
     if backend != "openvino":
         return {"format": "onnx", "opset": options.opset, "dtype": "float32", "files": files}
     from importlib.metadata import version
@@ -138,7 +141,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     from peft.tuners.lora import LoraLayer
 
     from .merge import attach_adapters
-    from .ort_fusion import AttentionShape
+    from ..runtime.onnxruntime_fusion import AttentionShape
     from .switchable_graph import export_switchable_onnx, export_switchable_openvino, find_slots
 
     started = time.perf_counter()
@@ -150,7 +153,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         raise ConfigError(f"dtype={options.dtype!r} is not supported with switchable=True: export the adapters in "
                           "float32").in_cli_words(
             f"--dtype {options.dtype} is not supported with --switchable: export the adapters in float32")
-    suffix, write_adapter_file = _adapter_writer(backend)
+    suffix, write_adapter_file = adapter_writer(backend)
     export_graph = export_switchable_openvino if backend == "openvino" else export_switchable_onnx
     check_output_target(options.output, options.force)  # fail before minutes of validation, not after
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
@@ -175,28 +178,28 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     graph_encoder = prepared.load_encoder(options.trust_remote_code)
     slots = find_slots(graph_encoder, targeted)
     log(f"switchable graph: LoRA branches at {len(slots)} layers")
-    base = _base_references(peft_model, prepared)
+    base = base_references(peft_model, prepared)
     refs, converted = {}, {}
     for adapter in resolved.adapters:
         refs[adapter.name] = adapter_references(peft_model, adapter.name, prepared.make_pipeline,
                                                 prepared.ref_tokenize, base)
-        _check_effect(refs[adapter.name], options.allow_noop_adapter)
-        converted[adapter.name] = _convert(peft_model, adapter, slots)
+        check_effect(refs[adapter.name], options.allow_noop_adapter)
+        converted[adapter.name] = convert_adapter(peft_model, adapter, slots)
         log(f"adapter {adapter.name!r}: merged == eager PEFT within {refs[adapter.name].merged_vs_eager:.1e}; "
             f"changes embeddings by up to {refs[adapter.name].effect:.3f}")
 
     with atomic_output_folder(options.output, force=options.force) as tmp:
         model_path = export_graph(prepared.make_pipeline(graph_encoder), slots, tmp, options.opset)
         save_tokenizer(prepared.tokenizer, tmp)
-        config = prepared.runtime_config(model_path.name, int(base[0].sentence_embedding.shape[-1]), backend)
+        config = prepared.runtime_config(model_path.name, int(base[0].outputs["sentence_embedding"].shape[-1]), backend)
         config.lora_slots = [slot.to_dict() for slot in slots]
         config.default_adapter = options.default_adapter
         for name, (arrays, summary) in converted.items():
-            write_adapter_file(tmp / _adapter_file(name, suffix), arrays)
+            write_adapter_file(tmp / adapter_file(name, suffix), arrays)
             config.adapters[name] = _runtime_entry(name, summary, suffix)
         config.save(tmp)
-        _check_runtime_tokenizer(TextTokenizer(tmp, config), prepared.ref_tokenize, validate.VALIDATION_TEXTS)
-        candidates = {name: (tmp / _adapter_file(name, suffix), refs[name]) for name in names}
+        check_runtime_tokenizer(TextTokenizer(tmp, config), prepared.ref_tokenize, prepared.task.validation_texts)
+        candidates = {name: (tmp / adapter_file(name, suffix), refs[name]) for name in names}
         validation = validate_switchable_graph(tmp, config, base, candidates, {}, options.allow_noop_adapter)
         graph = "OpenVINO (f32 precision hint)" if backend == "openvino" else "ONNX Runtime"
         log(f"switchable graph on {graph} == base without adapter: "
@@ -207,9 +210,9 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         if backend != "openvino" and attention is not None:  # for merge_adapter's attention fusion
             export_entry["attention"] = {**attention.to_dict(),
                                          "bert_optimizer": family_of(graph_encoder).bert_optimizer}
-        manifest = _manifest(resolved, export_entry, config, {}, time.perf_counter() - started)
+        manifest = export_manifest(resolved, export_entry, config, {}, time.perf_counter() - started)
         manifest.update(_switchable_fields(options, resolved.base_id))
-        manifest["adapters"] = [_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n], suffix)
+        manifest["adapters"] = [adapter_manifest_entry(n, tmp, converted[n][1], validation["adapters"][n], suffix)
                                 for n in names]
         manifest["validation"] = {k: v for k, v in validation.items() if k != "adapters"}
         record_file_hashes(manifest, tmp)
@@ -241,12 +244,3 @@ def _switchable_fields(options: ExportOptions, base_id: str) -> dict[str, Any]:
         "export_options": {"opset": options.opset, "max_seq_length": options.max_seq_length,
                            "pooling": options.pooling, "normalize": options.normalize},
     }
-
-
-def __getattr__(name: str):
-    """add_adapter / remove_adapter live in switchable_changes.py (which imports this module); found here too."""
-    if name in ("add_adapter", "remove_adapter"):
-        from . import switchable_changes
-
-        return getattr(switchable_changes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..runtime.lora_layout import Slot, pack_factors
+from ..runtime.similarity import normalize
 from ..source.adapter_config import AdapterConfig
 from ..source.resolve import AdapterSource, load_adapter_source, recorded_source
 from . import validate
@@ -178,7 +179,7 @@ def replay(batches: list[validate.ReferenceBatch]) -> Callable[[dict[str, np.nda
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = next(stored)
-        return {"sentence_embedding": batch.sentence_embedding, "token_embeddings": batch.token_embeddings}
+        return dict(batch.outputs)
 
     return run
 
@@ -189,7 +190,7 @@ def adapter_references(peft_model, name: str, make_pipeline: Callable[[nn.Module
     peft_model.set_adapter(name)
     eager = validate.reference_outputs(make_pipeline(peft_model), tokenize)
     validate.check_finite_outputs(eager, f"Adapter {name!r}")
-    effect = validate.max_sentence_difference(base, replay(eager))
+    effect = validate.max_main_difference(base, replay(eager))
     merged_model = merge_adapter(copy.deepcopy(peft_model), name)
     merged = validate.reference_outputs(make_pipeline(merged_model), tokenize)
     del merged_model
@@ -226,7 +227,5 @@ def replay_outputs(outputs: list[dict[str, np.ndarray]]):
 
 def max_output_difference(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> float:
     """Largest difference of normalised sentence embeddings between two runs over the same batches."""
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-    return max(float(np.abs(unit(x["sentence_embedding"]) - unit(y["sentence_embedding"])).max()) for x, y in zip(a, b))
+    return max(float(np.abs(normalize(x["sentence_embedding"]) - normalize(y["sentence_embedding"])).max())
+               for x, y in zip(a, b))

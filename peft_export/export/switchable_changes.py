@@ -22,13 +22,12 @@ from ..runtime.config import RuntimeConfig
 from ..runtime.export_files import confined, verify_sha256
 from ..runtime.lora_layout import Slot
 from ..source.resolve import load_adapter_source, parse_adapter_spec, resolve_model, sha256_file
-from .artifact import crash_point, folder_size
+from .output_folder import crash_point, folder_size
 from .pipeline import ExportOptions, PreparedExport, prepare_export
-from .switchable import (_adapter_writer, _base_references, _check_effect, _convert, _manifest_entry,
+from .switchable import (adapter_manifest_entry, adapter_writer, base_references, check_effect, convert_adapter,
                          validate_switchable_graph)
-from .switchable_folder import (ADAPTERS_DIR, _adapter_file, _check_writable, _clean_leftovers, _commit, _graph_files,
-                                _load_switchable, _locked, _size)
-from .switchable_folder import remove_adapter  # noqa: F401 (its home before it moved to the torch-free module)
+from .switchable_folder import (ADAPTERS_DIR, adapter_file, check_writable, clean_leftovers, commit_manifest, file_size,
+                                graph_files, load_switchable, locked)
 from .switchable_adapters import adapter_references, check_switchable_config, check_targets_in_graph
 
 logger = logging.getLogger(__name__)
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 def _fresh_adapter_file(folder: Path, name: str, suffix: str) -> str:
     """A file name for a new adapter that no entry uses: ``adapters/NAME<suffix>``, or with a random part when
     that name is taken (``--force`` writes the replacement beside the file it replaces)."""
-    relative = _adapter_file(name, suffix)
+    relative = adapter_file(name, suffix)
     while (folder / relative).exists():
         relative = f"{ADAPTERS_DIR}/{name}.{secrets.token_hex(4)}{suffix}"
     return relative
@@ -83,10 +82,10 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
     name, target = parse_adapter_spec(spec)
     if name is None:
         raise ConfigError(f"Name the adapter: NAME={spec}")
-    _load_switchable(folder)
-    _check_writable(folder)
-    with _locked(folder):
-        config, manifest = _load_switchable(folder)
+    load_switchable(folder)
+    check_writable(folder)
+    with locked(folder):
+        config, manifest = load_switchable(folder)
         if name in config.adapters and not force:
             taken = f"{folder} already has an adapter named {name!r}; pass"
             raise ConfigError(f"{taken} force=True to replace it, or remove it first with remove_adapter()"
@@ -96,8 +95,8 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
         slots = [Slot.from_dict(s) for s in config.lora_slots]
         check_targets_in_graph(adapter, slots)
-        suffix, write_adapter_file = _adapter_writer(detect_backend(config))
-        _clean_leftovers(folder, config, suffix)
+        suffix, write_adapter_file = adapter_writer(detect_backend(config))
+        clean_leftovers(folder, config, suffix)
         recorded = manifest["base"]["id"]
         if adapter.config.base_model_name_or_path and Path(adapter.config.base_model_name_or_path).name != \
                 Path(str(recorded)).name:
@@ -105,10 +104,10 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
                 f"is {recorded!r}. Outputs are checked against the export's base below.")
         prepared = _prepare_base(manifest, folder, base, token, trust_remote_code, config)
         peft_model = attach_adapters(prepared.encoder, [adapter])
-        base_refs = _base_references(peft_model, prepared)
+        base_refs = base_references(peft_model, prepared)
         refs = adapter_references(peft_model, name, prepared.make_pipeline, prepared.ref_tokenize, base_refs)
-        _check_effect(refs, allow_noop_adapter)
-        arrays, summary = _convert(peft_model, adapter, slots)
+        check_effect(refs, allow_noop_adapter)
+        arrays, summary = convert_adapter(peft_model, adapter, slots)
 
         relative = _fresh_adapter_file(folder, name, suffix)
         final = folder / relative
@@ -133,17 +132,17 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
                 raise
             os.replace(candidate, final)  # a new name, listed nowhere yet: the export is still the old one
             crash_point("add-adapter-file-written")
-            entry = _manifest_entry(name, folder, summary, validation["adapters"][name], suffix)
+            entry = adapter_manifest_entry(name, folder, summary, validation["adapters"][name], suffix)
             entry["file"], entry["file_sha256"] = relative, sha256_file(final)
             entries = manifest.get("adapters", [])  # a replaced adapter keeps its place
             manifest["adapters"] = ([entry if a["name"] == name else a for a in entries] if replaced
                                     else [*entries, entry])
             files = {**{n: e["file"] for n, e in config.adapters.items()}, name: relative}
-            manifest["export"]["files"] = _graph_files(config) + list(files.values())
+            manifest["export"]["files"] = graph_files(config) + list(files.values())
             manifest["validation"].setdefault("adapter_pair_max_abs_diff", {}).update(
                 validation["adapter_pair_max_abs_diff"])
-            manifest["size_bytes"] = folder_size(folder) - (_size(folder / replaced) if replaced else 0)
-            _commit(folder, manifest, "add-adapter")
+            manifest["size_bytes"] = folder_size(folder) - (file_size(folder / replaced) if replaced else 0)
+            commit_manifest(folder, manifest, "add-adapter")
             committed = True
         except OSError as err:
             raise PeftExportError(f"Adding adapter {name!r} to {folder} failed: {err.strerror or err}; the export "

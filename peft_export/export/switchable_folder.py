@@ -15,7 +15,8 @@ from ..errors import AdapterNotFoundError, ConfigError, PeftExportError
 from ..runtime.backends import detect_backend
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig, read_manifest
 from ..runtime.export_files import confined
-from .artifact import crash_point, folder_size, write_json
+from ..runtime.atomic_file import write_json
+from .output_folder import crash_point, folder_size
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +30,11 @@ def adapter_suffix(backend: str) -> str:
     return (openvino_adapters if backend == "openvino" else onnxruntime_adapters).ADAPTER_SUFFIX
 
 
-def _adapter_file(name: str, suffix: str) -> str:
+def adapter_file(name: str, suffix: str) -> str:
     return f"{ADAPTERS_DIR}/{name}{suffix}"
 
 
-def _graph_files(config: RuntimeConfig) -> list[str]:
+def graph_files(config: RuntimeConfig) -> list[str]:
     """The graph's files: ``model.onnx``, or an OpenVINO IR's ``.xml`` and ``.bin``."""
     if Path(config.model_file).suffix == ".xml":
         return [config.model_file, str(Path(config.model_file).with_suffix(".bin"))]
@@ -41,7 +42,7 @@ def _graph_files(config: RuntimeConfig) -> list[str]:
 
 
 @contextlib.contextmanager
-def _locked(folder: Path):
+def locked(folder: Path):
     """One add/remove at a time per export folder (an flock on the folder itself, so no file is created)."""
     try:
         import fcntl
@@ -56,7 +57,7 @@ def _locked(folder: Path):
         os.close(fd)
 
 
-def _load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
+def load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
     if not folder.is_dir():
         raise ConfigError(f"Export folder not found: {folder}")
     manifest = read_manifest(folder)
@@ -69,7 +70,7 @@ def _load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
     return config, manifest
 
 
-def _check_writable(folder: Path) -> None:
+def check_writable(folder: Path) -> None:
     """Refuse a read-only export before minutes of validation, with one line instead of an OSError traceback."""
     for place in (folder, folder / ADAPTERS_DIR):
         if place.is_dir() and not os.access(place, os.W_OK):
@@ -87,7 +88,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _clean_leftovers(folder: Path, config: RuntimeConfig, suffix: str) -> None:
+def clean_leftovers(folder: Path, config: RuntimeConfig, suffix: str) -> None:
     """Called under the folder lock, which every add/remove-adapter holds while it writes: remove what a killed
     one left behind. Candidate files of dead processes, adapter files that the manifest does not list (written,
     never committed; or replaced, never deleted) and temporary files of interrupted writes. Best effort: a
@@ -105,14 +106,14 @@ def _clean_leftovers(folder: Path, config: RuntimeConfig, suffix: str) -> None:
             continue
 
 
-def _commit(folder: Path, manifest: dict[str, Any], step: str) -> None:
+def commit_manifest(folder: Path, manifest: dict[str, Any], step: str) -> None:
     """The one switch of an add/remove-adapter: rename the new manifest into place. It keeps the export's file
     hashes (``export.sha256``: no other file changes) and records the adapter files' own."""
     write_json(folder / MANIFEST_FILE, manifest)
     crash_point(f"{step}-committed")
 
 
-def _size(path: Path) -> int:
+def file_size(path: Path) -> int:
     try:
         return path.stat().st_size
     except OSError:
@@ -122,12 +123,12 @@ def _size(path: Path) -> int:
 def remove_adapter(output: str | Path, name: str, log: Callable[[str], None] = logger.info) -> None:
     """Remove an adapter's entry (one rename of the manifest), then its weight file; the graph is never modified."""
     folder = Path(output)
-    _load_switchable(folder)
-    _check_writable(folder)
-    with _locked(folder):
-        config, manifest = _load_switchable(folder)
+    load_switchable(folder)
+    check_writable(folder)
+    with locked(folder):
+        config, manifest = load_switchable(folder)
         suffix = adapter_suffix(detect_backend(config))
-        _clean_leftovers(folder, config, suffix)
+        clean_leftovers(folder, config, suffix)
         if name not in config.adapters:
             raise AdapterNotFoundError(f"{folder} has no adapter named {name!r}; it has {sorted(config.adapters)}")
         removed = config.adapters.pop(name)["file"]
@@ -136,13 +137,13 @@ def remove_adapter(output: str | Path, name: str, log: Callable[[str], None] = l
             log(f"{name!r} was the default adapter; the export now loads with no adapter active")
         manifest["adapters"] = [a for a in manifest.get("adapters", []) if a["name"] != name]
         manifest["default_adapter"] = config.default_adapter
-        manifest["export"]["files"] = _graph_files(config) + [e["file"] for e in config.adapters.values()]
+        manifest["export"]["files"] = graph_files(config) + [e["file"] for e in config.adapters.values()]
         pairs = manifest.get("validation", {}).get("adapter_pair_max_abs_diff", {})
         for key in [k for k in pairs if name in k.split(" vs ")]:
             del pairs[key]
-        manifest["size_bytes"] = folder_size(folder) - _size(folder / removed)
+        manifest["size_bytes"] = folder_size(folder) - file_size(folder / removed)
         try:
-            _commit(folder, manifest, "remove-adapter")
+            commit_manifest(folder, manifest, "remove-adapter")
         except OSError as err:
             raise PeftExportError(f"Removing adapter {name!r} from {folder} failed: {err.strerror or err}; the "
                                   "export was not changed") from err

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import AdapterNotFoundError, ConfigError, require
-from ..source.resolve import DEFAULT_ADAPTER_NAME, check_adapter_name
+from .adapter_names import DEFAULT_ADAPTER_NAME, check_adapter_name
 from .export_files import confined, verify_sha256
 from .lora_layout import LORA_A, LORA_B, Slot, check_factor_arrays, unpack_factors
-from .onnxruntime_merged import MergedAdapter  # numpy only; onnx and onnxruntime load when a merge runs
+from .onnxruntime_merge_adapter import MergedAdapter  # numpy only; onnx and onnxruntime load when a merge runs
 
 
 @dataclass

@@ -4,11 +4,12 @@ the renames that put a finished folder in place in one step (export folders, ``e
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def write_atomically(path: Path, write: Callable[[str], None]) -> None:
@@ -63,3 +64,10 @@ def rename_no_replace(source: Path, destination: Path) -> bool:
 def exchange_folders(a: Path, b: Path) -> bool:
     """Swap two folders in one atomic step; False when this system cannot (nothing was changed then)."""
     return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file and rename, so a reader never sees half a file (and a failed write,
+    a full disk say, leaves no temporary file behind)."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

@@ -15,7 +15,7 @@ from .config import RUNTIME_CONFIG_FILE, TOKENIZER_FILE, RuntimeConfig, check_ex
 from .export_files import graph_files, verify_export_files
 from .onnxruntime_backend import SessionSettings
 from .precision import PRECISIONS, quantize_embeddings
-from .similarity import similarity, similarity_pairwise
+from .similarity import normalize, similarity, similarity_pairwise
 from .tokenizer import TextTokenizer
 
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
@@ -209,7 +209,7 @@ class EmbeddingModel(AdapterMethods):
             pool_mask[:, :prompt_length] = 0
             emb = _pool_numpy(outputs["token_embeddings"], pool_mask, self.config.pooling_modes)
             if self.config.normalize:
-                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+                emb = normalize(emb)
             return list(emb)
         return list(outputs["sentence_embedding"])
 
@@ -287,7 +287,7 @@ class EmbeddingModel(AdapterMethods):
         if truncate_dim:
             embeddings = embeddings[:, :truncate_dim]
         if normalize_embeddings and len(embeddings):
-            embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+            embeddings = normalize(embeddings)
         if precision != "float32":
             embeddings = quantize_embeddings(embeddings, precision)
         return embeddings[0] if single else embeddings

@@ -16,7 +16,7 @@ from ..errors import ConfigError, UnsafeModelError, require
 from . import onnxruntime_adapters as adapters
 from .export_files import confined
 from .lora_layout import Slot
-from .onnxruntime_merged import MergedAdapter, MergedSessions, release_free_memory
+from .onnxruntime_merge_adapter import MergedAdapter, MergedSessions, release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ class OnnxRuntimeBackend:
     """Same verbs as every backend: ``input_names``, ``output_names``, ``run(feeds, adapter=None) -> dict``, and for
     switchable graphs ``lora_input_names``, ``read_adapter``, ``load_adapter``, ``adapter_from_arrays`` and
     ``adapter_arrays`` (ONNX Runtime's ``.onnx_adapter`` files, see :mod:`.onnxruntime_adapters`); this backend
-    alone also has ``merge_adapter`` (a session with the adapter merged in, see :mod:`.onnxruntime_merged`)."""
+    alone also has ``merge_adapter`` (a session with the adapter merged in, see :mod:`.onnxruntime_merge_adapter`)."""
 
     name = "onnxruntime"
     adapter_suffix = adapters.ADAPTER_SUFFIX

@@ -25,9 +25,15 @@ def _check_dims(a: np.ndarray, b: np.ndarray) -> None:
         raise ValueError(f"Embedding dimensions differ: a has {a.shape[1]}, b has {b.shape[1]}")
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    # A zero vector has cosine 0 with everything, as in sentence-transformers (norm clamped at 1e-12).
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def normalize(x: np.ndarray) -> np.ndarray:
+    """L2-normalise along the last axis. A zero vector stays zero (its norm is clamped at 1e-12), so it has cosine 0
+    with everything, as in sentence-transformers."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of two (n, dim) matrices."""
+    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
 
 
 def similarity(a, b, fn: str = "cosine") -> np.ndarray:
@@ -35,7 +41,7 @@ def similarity(a, b, fn: str = "cosine") -> np.ndarray:
     a, b = _as_matrix(a, "a"), _as_matrix(b, "b")
     _check_dims(a, b)
     if fn == "cosine":
-        return _unit(a) @ _unit(b).T
+        return normalize(a) @ normalize(b).T
     if fn == "dot":
         return a @ b.T
     if fn == "euclidean":
@@ -53,7 +59,7 @@ def similarity_pairwise(a, b, fn: str = "cosine") -> np.ndarray:
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"similarity_pairwise needs as many rows in a ({a.shape[0]}) as in b ({b.shape[0]})")
     if fn == "cosine":
-        return (_unit(a) * _unit(b)).sum(1)
+        return (normalize(a) * normalize(b)).sum(1)
     if fn == "dot":
         return (a * b).sum(1)
     if fn == "euclidean":

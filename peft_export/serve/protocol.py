@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import require
+from ..runtime.similarity import normalize as l2_normalize
 
 orjson = require("orjson", "serve")
 
@@ -179,7 +180,7 @@ def shorten(embeddings: np.ndarray, dimensions: int | None, normalize: bool) -> 
     if dimensions is not None:
         embeddings = embeddings[:, :dimensions]
     if normalize:
-        embeddings = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        embeddings = l2_normalize(embeddings)
     return np.ascontiguousarray(embeddings, dtype=np.float32)
 
 

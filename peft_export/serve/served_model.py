@@ -57,7 +57,7 @@ class ServedModel:
             raise ConfigError(f"--merged-adapter-budget {settings.merged_adapter_budget} needs a switchable export "
                               f"with adapters; {self.base_name} has none to merge")
         if settings.merged_adapter_budget:
-            from ..runtime.merged_budget import MergedAdapterBudget
+            from .merged_budget import MergedAdapterBudget
 
             self.merged_budget = MergedAdapterBudget(model, settings.merged_adapter_budget)
 

@@ -51,7 +51,7 @@ class ServeSettings:
     #: Bytes of request line + headers; more is a 431.
     max_header_bytes: int = 64 * 1024
     #: Switchable ONNX Runtime exports: how many adapters to keep merged into their own session (the hottest, by
-    #: recent requests; LRU eviction; see runtime/merged_budget.py). None or 0: none beyond ``--merge-adapter``.
+    #: recent requests; LRU eviction; see serve/merged_budget.py). None or 0: none beyond ``--merge-adapter``.
     merged_adapter_budget: int | None = None
 
     def __post_init__(self) -> None:

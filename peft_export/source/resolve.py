@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, UnsafeModelError
+from ..runtime.adapter_names import DEFAULT_ADAPTER_NAME, check_adapter_name
 from ..runtime.export_files import sha256_of
+from ..tasks import EMBEDDING, Task, task_named
 from .safetensors_file import check_safetensors_file
 from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
 from .hub import PASS_ADAPTER_LOCALLY, PASS_BASE_LOCALLY, local_folder
 from .st_config import PipelineConfig, read_pipeline_config
 
-DEFAULT_ADAPTER_NAME = "default"
 
 
 @dataclass
@@ -35,6 +36,7 @@ class ResolvedModel:
     pipeline_folder: Path  # where modules.json / Pooling / Dense / tokenizer are read from
     pipeline: PipelineConfig
     adapters: list[AdapterSource] = field(default_factory=list)
+    task: Task = EMBEDDING  # the model type (tasks/); only sentence embedding models are read so far
 
     @property
     def tokenizer_folder(self) -> Path:
@@ -123,22 +125,6 @@ def _is_existing_path(spec: str) -> bool:
         return False
 
 
-ADAPTER_NAME_MAX_LENGTH = 64
-_ADAPTER_NAME_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-
-
-def check_adapter_name(name: str) -> None:
-    """Adapter names become file names, URL path parts and HTTP header values: ASCII letters, digits, '-', '_' and
-    '.' (not first), at most ADAPTER_NAME_MAX_LENGTH characters, never a path."""
-    if (not isinstance(name, str) or not name or name.startswith(".") or len(name) > ADAPTER_NAME_MAX_LENGTH
-            or not set(name) <= _ADAPTER_NAME_CHARACTERS):
-        shown = repr(name)
-        if isinstance(name, str) and len(name) > 80:
-            shown = f"{name[:40]!r}... ({len(name)} characters)"
-        raise ConfigError(f"Adapter name {shown} must be 1 to {ADAPTER_NAME_MAX_LENGTH} characters of ASCII letters, "
-                          "digits, '-', '_' or '.' (not first); rename it, e.g. NAME=PATH")
-
-
 def load_adapter_source(
     spec: str, name: str | None = None, revision: str | None = None, token: str | bool | None = None
 ) -> AdapterSource:
@@ -224,4 +210,5 @@ def resolve_model(
         pipeline_folder=pipeline_folder,
         pipeline=pipeline,
         adapters=resolved_adapters,
+        task=task_named(EMBEDDING.name),  # looked up now: the registry is the one place a task is defined
     )

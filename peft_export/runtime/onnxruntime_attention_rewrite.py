@@ -2,7 +2,8 @@
 block, with everything added to the scores before the softmax (relative position bias, padding mask, causal or
 sliding-window mask) fed as its ``attention_bias`` input.
 
-The optimizer's BERT patterns (export/ort_fusion.py) need the scores to be ``QK' * scale + mask`` with the mask built
+The optimizer's BERT patterns (runtime/onnxruntime_fusion.py) need the scores to be ``QK' * scale + mask`` with the
+mask built
 one of a few known ways. MPNet adds its relative position bias before the mask; rotary models (ModernBERT, Qwen3,
 Gemma3, Llama/Mistral) rotate query and key between the projections and the product; grouped-query decoders repeat
 key/value heads. None of these match, so the traced graph ran ~30 small operators per block. This module matches

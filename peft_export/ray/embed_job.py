@@ -22,11 +22,11 @@ from typing import Callable
 
 from ..errors import InputError, OutputExistsError, PeftExportError, require
 from ..runtime.atomic_file import exchange_folders, rename_no_replace
-from .job import check_existing_output, check_output_outside_input, kill_if_asked, output_error
-from .readers import CorpusReader
-from .state import OutputLock, describe_job
-from .workers import EncodeSettings, check_settings
-from .writers import (EMBEDDING_COLUMN, LEFTOVER_INFIX, RAY_MARKER, OutputTarget, columns_table,
+from ..corpus.job import check_existing_output, check_output_outside_input, kill_if_asked, output_error
+from ..corpus.readers import CorpusReader
+from ..corpus.state import OutputLock, describe_job
+from ..corpus.workers import EncodeSettings, check_settings
+from ..corpus.writers import (EMBEDDING_COLUMN, LEFTOVER_INFIX, RAY_MARKER, OutputTarget, columns_table,
                       remove_leftovers)
 
 
@@ -79,7 +79,7 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
     settings = EncodeSettings(str(export), adapter, prompt_name, batch_size, threads=1)
     check_settings(settings.open_model(), settings)  # an adapter name on a merged export, an unknown prompt
     try:
-        from peft_export.ray import embed_dataset
+        from . import embed_dataset
     except ImportError as err:
         raise InputError("--ray needs peft_export.ray and Ray Data: pip install 'peft_export[ray]'") from err
     ray = require("ray", "ray")
@@ -91,7 +91,7 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
     def write(folder: Path) -> None:
         """Start Ray (or join it) and write the embedded dataset into ``folder``."""
         if not ray.is_initialized():
-            from peft_export.ray.local import init_ray
+            from .local import init_ray
 
             init_ray(None if address == "local" else address)  # a local instance listens on loopback only
         ray_data.DataContext.get_current().execution_options.preserve_order = True  # rows come out in input order

@@ -16,7 +16,6 @@ process at a named moment (``PEFT_EXPORT_CRASH_AT=NAME``) to check exactly that.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -25,10 +24,10 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from ..errors import OutputExistsError, PeftExportError
-from ..runtime.atomic_file import exchange_folders, rename_no_replace, write_atomically
+from ..runtime.atomic_file import exchange_folders, rename_no_replace
 from ..runtime.config import MANIFEST_FILE
 
 _TMP_PREFIX = ".peft-export-tmp-"
@@ -235,53 +234,6 @@ def _make_readable(folder: Path) -> None:
         if path.is_symlink():
             continue
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temporary file and rename, so a reader never sees half a file (and a failed write,
-    a full disk say, leaves no temporary file behind)."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    write_atomically(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def record_file_hashes(manifest: dict[str, Any], folder: Path) -> None:
-    """``manifest["export"]["sha256"]``: the sha256 of every file of the finished export folder (graph, external
-    data, tokenizer files, runtime config with its prompts) but the manifest itself and the adapter files, which
-    have their own entries. The runtime checks them at load and refuses a file the manifest does not cover."""
-    from ..runtime.export_files import sha256_of
-
-    names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
-                   if path.is_file() and path.name != MANIFEST_FILE and path.relative_to(folder).parts[0] != "adapters")
-    manifest["export"]["sha256"] = {name: sha256_of(folder / name) for name in names}
-
-
-# Keys of tokenizer_config.json that make transformers import code named by the file (remote code), dropped from
-# exports: the runtime never needs them, and a user loading the folder with transformers should not run them.
-_REMOTE_CODE_KEYS = ("auto_map",)
-
-
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """``tokenizer.save_pretrained(folder)`` without remote-code pointers (``auto_map``) in tokenizer_config.json."""
-    tokenizer.save_pretrained(str(folder))
-    path = folder / "tokenizer_config.json"
-    if not path.is_file():
-        return
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(data, dict) and any(key in data for key in _REMOTE_CODE_KEYS):
-        write_json(path, {k: v for k, v in data.items() if k not in _REMOTE_CODE_KEYS})
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("peft_export", "torch", "transformers", "peft", "onnx", "onnxruntime", "onnxruntime-gpu",
-                 "tokenizers", "safetensors", "openvino", "sentence-transformers"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            continue
-    return versions
 
 
 def folder_size(folder: Path) -> int:

@@ -112,7 +112,8 @@ class MergedSessions:
         merged: ``W + A @ B`` at every slot the adapter targets (products in float64, rounded once).
 
         ``attention`` (``{"num_heads", "hidden_size"}``, recorded by the export) fuses each attention block as
-        merge-onnx does for a merged export (``export/ort_fusion.py``), so the merged adapter runs the same graph
+        merge-onnx does for a merged export (``runtime/onnxruntime_fusion.py``), so the merged adapter runs the same
+        graph
         as the merged export of that adapter; without it the graph stays as traced."""
         onnx = require("onnx", "export")  # the onnx package; the export extra has it
         from onnx import numpy_helper
@@ -177,7 +178,7 @@ class MergedSessions:
 def _fuse_attention(model, attention: dict[str, int]):
     """The merged graph with attention fused as in a merged export, or as it was if nothing fused or the optimizer
     failed (the unfused graph computes the same, a little slower)."""
-    from ..export.ort_fusion import AttentionShape, fuse_attention, fused_blocks
+    from .onnxruntime_fusion import AttentionShape, fuse_attention, fused_blocks
 
     try:
         shape = AttentionShape(int(attention["num_heads"]), int(attention["hidden_size"]))

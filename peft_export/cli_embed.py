@@ -53,7 +53,7 @@ def add_embed_parser(sub) -> None:
 
 def run_embed(args: argparse.Namespace) -> int:
     if args.ray is not None:
-        from .ray_job import embed_with_ray
+        from .ray.embed_job import embed_with_ray
 
         rows = embed_with_ray(args.export, args.input, args.output, address=args.ray, column=args.column,
                               id_column=args.id_column, keep_columns=args.keep_columns, adapter=args.adapter,
@@ -62,7 +62,7 @@ def run_embed(args: argparse.Namespace) -> int:
         print(f"embedded {rows:,} texts with Ray into {args.output}", file=sys.stderr)
         return 0
 
-    from .job import DEFAULT_PART_ROWS, embed_corpus
+    from .corpus.job import DEFAULT_PART_ROWS, embed_corpus
 
     result = embed_corpus(
         args.export, args.input, args.output, column=args.column, id_column=args.id_column,

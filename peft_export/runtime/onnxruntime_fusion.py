@@ -22,9 +22,10 @@ Options chosen, and why:
 * GELU stays exact (no tanh approximation).
 
 The optimizer fuses BERT, RoBERTa and DistilBERT blocks only; the blocks it leaves (MPNet's relative position bias,
-XLM-R's transformers-5 mask, rotary and grouped-query attention) are fused afterwards by export/attention_rewrite.py
-into ``Attention`` or ``MultiHeadAttention`` with an ``attention_bias`` input; families whose registry entry says
-``attention_fusion="rewrite"`` (rotary models) skip the optimizer and get the rewrite alone.
+XLM-R's transformers-5 mask, rotary and grouped-query attention) are fused afterwards by
+runtime/onnxruntime_attention_rewrite.py into ``Attention`` or ``MultiHeadAttention`` with an ``attention_bias`` input;
+families whose registry entry says ``attention_fusion="rewrite"`` (rotary models) skip the optimizer and get the rewrite
+alone.
 
 The fused graph uses ``com.microsoft`` operators that ONNX Runtime (CPU and CUDA) and OpenVINO's ONNX reader run (the
 rewrite's forms checked on the tiny MPNet and Qwen3 graphs). Callers validate it against the PyTorch reference
@@ -64,11 +65,11 @@ def fuse_attention(model, shape: AttentionShape, keep_input: bool = True, bert_o
 
     With ``bert_optimizer`` ONNX Runtime's optimizer runs first (BERT, RoBERTa, DistilBERT blocks become
     ``Attention``); the blocks it leaves (MPNet's position bias, rotary and grouped-query attention, local windows)
-    are then fused by export/attention_rewrite.py (``pack_with_bias=False`` for graphs that int8 quantization
-    follows: see there). ``fused_blocks(counts)`` is 0 when nothing was fused."""
+    are then fused by runtime/onnxruntime_attention_rewrite.py (``pack_with_bias=False`` for graphs that int8
+    quantization follows: see there). ``fused_blocks(counts)`` is 0 when nothing was fused."""
     import copy
 
-    from .attention_rewrite import fuse_remaining_attention
+    from .onnxruntime_attention_rewrite import fuse_remaining_attention
 
     source = copy.deepcopy(model) if keep_input else model
     if not bert_optimizer:

@@ -1,0 +1,76 @@
+"""What a model type (task) is to the package: the one seam that a second type (a reranker next to the embedder)
+is added through, without a copy of the embedding path.
+
+A :class:`Task` is torch-free and imports nothing of the package above ``runtime``: the layers above read from it
+what differs per task. Its parts that need those layers (the torch module wrapped around the encoder, the runtime
+class, the server's routes) live in the layer that runs them and are named here as ``"module:attribute"``
+references, which only that layer resolves (:func:`load_reference`), so the direction of dependencies stays
+``errors <- runtime <- tasks <- source <- export / serve``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import ConfigError
+
+# (reference run, candidate run, attention mask) -> the largest difference of one graph output.
+Difference = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
+
+
+@dataclass(frozen=True)
+class GraphOutput:
+    """One output of the exported graph, with the tolerance its validation against eager PEFT holds it to."""
+
+    name: str
+    tolerance: float
+    difference: Difference  # how a run is compared with the reference (e.g. on normalised vectors, masked tokens)
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything that differs between model types. See docs/layout.md, "Adding a model type"."""
+
+    name: str  # as recorded in the manifest and shown by ``peft-export info``
+    # sentence-transformers' class for this type: config_sentence_transformers.json's "model_type" when it is saved
+    sentence_transformers_class: str
+    transformers_auto_class: str  # the transformers auto class the base model is loaded with (export)
+    outputs: tuple[GraphOutput, ...]  # the graph's outputs, in the order the torch module returns them
+    text_pairs: bool  # True: inputs are (query, passage) pairs tokenized together (a reranker)
+    validation_texts: tuple[str, ...]  # real inputs of very different lengths the export is validated on
+    runtime_config_file: str  # the runtime's config section of the export folder
+    torch_module: str  # "module:function" building the torch module the graph is traced from (export layer)
+    runtime_class: str  # "module:Class" the runtime opens the export with
+    routes: str  # "module:function" returning the server's routes for a served model of this task
+    # (reference vectors, candidate vectors) of the gate's texts -> the gate's figures (lossy exports)
+    quality: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [output.name for output in self.outputs]
+
+    @property
+    def tolerances(self) -> dict[str, float]:
+        return {output.name: output.tolerance for output in self.outputs}
+
+    def differences(self, reference: dict[str, np.ndarray], got: dict[str, np.ndarray], mask: np.ndarray
+                    ) -> dict[str, float]:
+        """The largest difference of each output of a run ``got`` from ``reference`` (inf where not finite)."""
+        diffs = {}
+        for output in self.outputs:
+            value = float(output.difference(reference[output.name], got[output.name], mask))
+            diffs[output.name] = value if np.isfinite(value) else float("inf")
+        return diffs
+
+
+def load_reference(reference: str) -> Any:
+    """The object a ``"module:attribute"`` reference of a :class:`Task` names, imported now."""
+    module, _, attribute = reference.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"The task reference {reference!r} cannot be loaded: {err}") from err

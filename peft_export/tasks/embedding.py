@@ -1,0 +1,78 @@
+"""The embedding task: a SentenceTransformer (encoder -> pooling -> Dense* -> Normalize) exported as one graph
+with ``sentence_embedding`` and ``token_embeddings`` outputs, run by ``EmbeddingModel`` and served on the OpenAI
+and TEI embedding routes. Its gate compares embeddings by cosine and by retrieval (NDCG@10) retention."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime.config import RUNTIME_CONFIG_FILE
+from ..runtime.similarity import normalize
+from .base import GraphOutput, Task
+
+
+def _normalised_difference(reference: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
+    """Sentence embeddings are compared after L2 normalisation (what similarity search sees)."""
+    return float(np.abs(normalize(got) - normalize(reference)).max())
+
+
+def _token_difference(reference: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
+    """Token embeddings are compared on real tokens only: padded positions hold whatever the encoder left there."""
+    keep = mask.astype(bool)
+    return float(np.abs(got[keep] - reference[keep]).max())
+
+
+SENTENCE_TOLERANCE = 1e-5  # on L2-normalised sentence embeddings
+TOKEN_TOLERANCE = 1e-4
+
+# Real sentences of very different lengths; the last one is made longer than any max_seq_length.
+VALIDATION_TEXTS = (
+    "Hi",
+    "How do I reset my password?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Return a new array of given shape and type, filled with zeros.",
+    "A context manager that temporarily changes the working directory and restores it on exit.",
+    "Sentence embeddings map text to dense vectors so that similar meanings land close together.",
+    "Fine-tuning with LoRA adds a low-rank update B @ A to selected weight matrices of the network.",
+    "Émigré café naïve résumé — 東京 — مرحبا — 👍",
+    # About 10,000 tokens: longer than any max_seq_length up to 8192.
+    " ".join(["Long inputs are truncated to the model's maximum sequence length before encoding."] * 700),
+)
+
+
+def ndcg_at_10(queries: np.ndarray, passages: np.ndarray) -> float:
+    """One relevant passage per query (same row index); cosine ranking."""
+    scores = normalize(queries) @ normalize(passages).T  # (n_queries, n_passages)
+    rank = (scores > scores.diagonal()[:, None]).sum(axis=1)  # 0 = first
+    return float(np.where(rank < 10, 1.0 / np.log2(rank + 2), 0.0).mean())
+
+
+def quality_against(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Gate figures of embeddings ``got`` against ``ref``, both of the gate's texts (queries, then passages)."""
+    cosine = (normalize(ref) * normalize(got)).sum(axis=1)
+    n = len(ref) // 2
+    ndcg_ref, ndcg_got = ndcg_at_10(ref[:n], ref[n:]), ndcg_at_10(got[:n], got[n:])
+    return {
+        "mean_cosine": float(cosine.mean()),
+        "worst_cosine": float(cosine.min()),
+        "ndcg10_reference": ndcg_ref,
+        "ndcg10": ndcg_got,
+        "ndcg10_retention": ndcg_got / ndcg_ref if ndcg_ref > 0 else 0.0,
+        "texts": len(ref),
+    }
+
+
+EMBEDDING = Task(
+    name="embedding",
+    sentence_transformers_class="SentenceTransformer",
+    transformers_auto_class="AutoModel",
+    outputs=(GraphOutput("sentence_embedding", SENTENCE_TOLERANCE, _normalised_difference),
+             GraphOutput("token_embeddings", TOKEN_TOLERANCE, _token_difference)),
+    text_pairs=False,
+    validation_texts=VALIDATION_TEXTS,
+    runtime_config_file=RUNTIME_CONFIG_FILE,
+    torch_module="peft_export.export.embedding_module:build_embedding_module",
+    runtime_class="peft_export.runtime.model:EmbeddingModel",
+    routes="peft_export.serve.embedding_routes:embedding_routes",
+    quality=quality_against,
+)
