@@ -101,7 +101,7 @@ def kernel_times(quick: bool) -> list[dict]:
 
 
 def build_exports(folder: Path, base: str, adapter: str, quick: bool) -> dict[str, Path]:
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     exports = {}
     for fused in (False, True):

@@ -54,7 +54,8 @@ def merged_variants(base: str, adapter: str, folder: Path, names: list[str] | tu
 def onnx_export(adapter: str, out: Path, base: str | None = None, **options) -> tuple[Path, dict]:
     """`merge-onnx` of ``adapter`` (onto ``base``) at ``out`` unless there already; its folder and manifest (with
     ``bench_export_wall_s`` when it was exported now)."""
-    from ..export.pipeline import ExportOptions, run_onnx_export
+    from ..export.api import run_onnx_export
+    from ..export.pipeline import ExportOptions
     from ..runtime.config import read_manifest
 
     out = Path(out)
