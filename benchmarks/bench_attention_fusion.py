@@ -19,14 +19,17 @@ import argparse
 import collections
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from peft_export.benchmark.harness import Report, alternating_rounds
+from peft_export.bench.builders import onnx_export
+from peft_export.bench.child import run_child
+from peft_export.bench.report import Report
+from peft_export.bench.rounds import alternating_rounds
+from peft_export.bench.texts import demo_queries_and_sentences
 
 ATOL = 1e-5
 COLUMNS = [
@@ -47,7 +50,7 @@ _WORKER = """
 import json, sys
 import numpy as np
 from peft_export import EmbeddingModel
-from peft_export.benchmark.harness import time_single_queries, time_throughput
+from peft_export.bench.timing import time_single_queries, time_throughput
 folder, texts_file, out_file = sys.argv[1:4]
 texts = json.loads(open(texts_file).read())
 model = EmbeddingModel(folder)
@@ -60,10 +63,8 @@ print(json.dumps({"b1_p50_ms": b1["p50_ms"], "b32_per_s": b32["sentences_per_s"]
 
 def export_pair(name: str, adapter: str, base: str | None, workdir: Path) -> tuple[Path, Path]:
     fused, unfused = workdir / f"{name}-fused", workdir / f"{name}-unfused"
-    for out, extra in ((fused, []), (unfused, ["--no-fuse-attention"])):
-        if not (out / "peft_export.json").exists():
-            command = [sys.executable, "-m", "peft_export.cli", "merge-onnx", adapter, "-o", str(out), *extra]
-            subprocess.run(command + (["--base", base] if base else []), check=True)
+    for out, fuse in ((fused, True), (unfused, False)):
+        onnx_export(adapter, out, base=base, fuse_attention=fuse)
     return fused, unfused
 
 
@@ -78,11 +79,10 @@ def graph_summary(folder: Path) -> tuple[int, str]:
 
 
 def measure(folder: Path, texts_file: Path, out_file: Path) -> dict:
-    done = subprocess.run([sys.executable, "-c", _WORKER, str(folder), str(texts_file), str(out_file)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        raise RuntimeError(f"timing {folder} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    done = run_child([sys.executable, "-c", _WORKER, str(folder), str(texts_file), str(out_file)])
+    if done["rc"]:
+        raise RuntimeError(f"timing {folder} failed:\n{done['stderr']}")
+    return json.loads(done["stdout"].strip().splitlines()[-1])
 
 
 def bench_pair(name: str, fused: Path, unfused: Path, texts_file: Path, rounds: int, scratch: Path) -> dict:
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         parser.error("give at least one --pair or --export")
 
-    from bench_encode import load_texts  # the same real texts as the other benchmarks
-
-    queries, sentences = load_texts(args.queries, args.sentences)
+    queries, sentences = demo_queries_and_sentences(args.queries, args.sentences)
     report = Report("Attention fusion: fused vs unfused merged ONNX exports (one process per measurement)")
     with tempfile.TemporaryDirectory() as scratch:
         texts_file = Path(scratch) / "texts.json"

@@ -27,15 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from peft_export.bench.child import must_succeed, run_child
 # (name, quality class, runner, spec): runner "main" is this interpreter, "onnx"/"openvino" the peers'.
 CONTENDERS = [
     ("eager sentence-transformers + PEFT", "reference", "main", "eager"),
@@ -88,7 +85,7 @@ def child(spec: str, model: Path, work: Path, texts_file: Path, out: Path) -> No
         def encode(batch: list[str], size: int):
             return em.encode(batch, batch_size=size)
 
-    from peft_export.benchmark.harness import time_single_queries, time_throughput
+    from peft_export.bench.timing import time_single_queries, time_throughput
 
     # Warm-up inside each timer: first-call allocations, OpenVINO's first compilation of a shape.
     b1 = time_single_queries(lambda text: encode([text], 1), queries, warmup=10)
@@ -143,10 +140,9 @@ def prepare(args) -> None:
             print(f"{name}: already there")
             return
         print(f"{name}: {' '.join(command)}", flush=True)
-        start = time.perf_counter()
-        done = subprocess.run(command)
-        timings[name] = round(time.perf_counter() - start, 1)
-        print(f"{name}: exit {done.returncode} in {timings[name]} s", flush=True)
+        done = run_child(command, capture=False)
+        timings[name] = round(done["wall_s"], 1)
+        print(f"{name}: exit {done['rc']} in {timings[name]} s", flush=True)
 
     if not (work / "merged-st").exists():
         hand_merge(args.model, work / "merged-st")
@@ -170,15 +166,17 @@ def prepare(args) -> None:
 def run(args) -> None:
     import numpy as np
 
-    from peft_export.benchmark.harness import Report, alternating_rounds, cosine_rows
-    from peft_export.demo import load_pairs, load_sentences
+    from peft_export.bench.report import Report
+    from peft_export.bench.rounds import alternating_rounds
+    from peft_export.bench.stats import cosine_rows
+    from peft_export.bench.texts import demo_queries_and_sentences
 
     work: Path = args.work
     scratch = work / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     texts_file = scratch / "texts.json"
-    texts_file.write_text(json.dumps({"queries": [p["query"] for p in load_pairs("eval")][: args.queries],
-                                      "sentences": load_sentences(args.texts)}))
+    queries, sentences = demo_queries_and_sentences(args.queries, args.texts)
+    texts_file.write_text(json.dumps({"queries": queries, "sentences": sentences}))
     pythons = {"main": sys.executable, "onnx": str(args.peer_onnx_python), "openvino": str(args.peer_openvino_python)}
     contenders = {name: (cls, runner, spec) for name, cls, runner, spec in CONTENDERS
                   if not args.only or any(o in name for o in args.only)}
@@ -192,9 +190,9 @@ def run(args) -> None:
         cls, runner, spec = contenders[name]
         out = scratch / f"run-{len(list(scratch.glob('run-*.npy')))}"
         load = Path("/proc/loadavg").read_text().split()[0]
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)} if runner != "main" else None
-        subprocess.run([pythons[runner], __file__, "child", "--model", str(args.model), "--work", str(work),
-                        "--spec", spec, "--texts-file", str(texts_file), "--result", str(out)], check=True, env=env)
+        must_succeed(run_child([pythons[runner], __file__, "child", "--model", str(args.model), "--work", str(work),
+                                "--spec", spec, "--texts-file", str(texts_file), "--result", str(out)],
+                               capture=False), name)
         return {**json.loads(out.read_text()), "embeddings": np.load(str(out) + ".npy"), "load": load}
 
     results = alternating_rounds(list(contenders), args.rounds, measure)

@@ -11,10 +11,10 @@ projections): ``python benchmarks/build_decoder_model.py --out /tmp/q06``; expor
         --contender "OpenVINO int8 weights=/tmp/q06-ov-int8"
 
 Every contender runs in its own process (batch-1 latency over the first --queries texts, then throughput at
-batch 32 over all --texts real texts from the demo corpus, then peak RSS from VmHWM), the order reversed every other
-round; the table gives medians over rounds, ratios to eager, folder size, and the cosine of each contender's
-embeddings to the first export contender's (the fp32 reference). The 1-minute load average is recorded with every
-run: other jobs may share the machine.
+batch 32 over all --texts real texts from the demo corpus; peak RSS from peft_export.bench.child), the order
+reversed every other round; the table gives medians over rounds, ratios to eager, folder size, and the cosine of
+each contender's embeddings to the first export contender's (the fp32 reference). The 1-minute load average is
+recorded with every run: other jobs may share the machine.
 """
 
 from __future__ import annotations
@@ -22,14 +22,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from peft_export.benchmark.harness import Report, alternating_rounds, cosine_rows
+from peft_export.bench.child import must_succeed, run_child
+from peft_export.bench.report import Report
+from peft_export.bench.rounds import alternating_rounds
+from peft_export.bench.stats import cosine_rows
+from peft_export.bench.texts import corpus_texts
+from peft_export.bench.timing import time_single_queries
 
 COLUMNS = [("contender", "contender", ""), ("b1_ms", "batch 1 p50 ms", ".1f"), ("b1_speedup", "b1 x eager", ".2f"),
            ("b32_per_s", "batch 32 texts/s", ".2f"), ("b32_speedup", "b32 x eager", ".2f"),
@@ -38,16 +42,9 @@ COLUMNS = [("contender", "contender", ""), ("b1_ms", "batch 1 p50 ms", ".1f"), (
            ("worst_cosine", "worst cos", ".6f"), ("load", "load avg per round", "")]
 
 
-def corpus(count: int) -> list[str]:
-    from peft_export.demo import __file__ as demo_init
-
-    rows = [json.loads(line) for line in (Path(demo_init).parent / "corpus.jsonl").read_text().splitlines() if line]
-    return [t for row in rows for t in (row["passage"], row["query"])][:count]
-
-
 def child(spec: str, model_dir: str, texts: int, queries: int, out: str) -> None:
     """Load one contender, time it, save embeddings and figures to ``out``."""
-    sentences = corpus(texts)
+    sentences = corpus_texts(texts, passage_first=True)
     if spec == "eager":
         import torch
         from sentence_transformers import SentenceTransformer
@@ -68,18 +65,12 @@ def child(spec: str, model_dir: str, texts: int, queries: int, out: str) -> None
             return model.encode(batch, batch_size=size)
 
     encode(sentences[:2], 2)  # warm-up
-    latencies = []
-    for text in sentences[:queries]:
-        start = time.perf_counter()
-        encode([text], 1)
-        latencies.append(time.perf_counter() - start)
+    b1 = time_single_queries(lambda text: encode([text], 1), sentences[:queries], warmup=0)
     start = time.perf_counter()
     embeddings = encode(sentences, 32)
     rate = len(sentences) / (time.perf_counter() - start)
-    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     np.save(out + ".npy", embeddings)
-    Path(out).write_text(json.dumps({"b1_ms": 1000 * statistics.median(latencies), "b32_per_s": rate,
-                                     "peak_rss_mb": peak / 1024}))
+    Path(out).write_text(json.dumps({"b1_ms": b1["p50_ms"], "b32_per_s": rate}))
 
 
 def folder_mb(spec: str) -> float | None:
@@ -111,9 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     def measure(name: str) -> dict:
         out = str(scratch / f"{len(list(scratch.iterdir()))}")
         load = Path("/proc/loadavg").read_text().split()[0]
-        subprocess.run([sys.executable, __file__, "--model", args.model, "--texts", str(args.texts), "--queries",
-                        str(args.queries), "--child", specs[name], out], check=True)
-        return {**json.loads(Path(out).read_text()), "embeddings": np.load(out + ".npy"), "load": load}
+        command = [sys.executable, __file__, "--model", args.model, "--texts", str(args.texts), "--queries",
+                   str(args.queries), "--child", specs[name], out]
+        done = must_succeed(run_child(command, capture=False), name)
+        return {**json.loads(Path(out).read_text()), "peak_rss_mb": done["peak_rss_mb"],
+                "embeddings": np.load(out + ".npy"), "load": load}
 
     results = alternating_rounds(list(specs), args.rounds, measure)
     report = Report(f"Qwen3-Embedding-0.6B-sized model + LoRA r=16 (7 projections), {args.texts} real texts")

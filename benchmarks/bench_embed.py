@@ -21,7 +21,7 @@ prefixed with "Note:", ...), see `variants`.
     python benchmarks/bench_embed.py --export DIR --texts 5000 --small 1000 --parallel-texts 500   # smoke run
 
 On a machine too busy for 100k texts through MiniLM, the pipeline's own memory and overhead at 100k can be measured
-with the tests' tiny BERT (hidden 32, 2 layers; needs torch to build once):
+with the tests' tiny BERT (peft_export.bench.tiny_models: hidden 32, 2 layers; needs torch to build once):
 
     python benchmarks/bench_embed.py --build-tiny-export /tmp/tiny-onnx
     python benchmarks/bench_embed.py --export /tmp/tiny-onnx --parallel 2x1 --work /tmp/bench-embed-tiny
@@ -34,74 +34,17 @@ import json
 import os
 import platform
 import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z`'\"(])")
-
-
-# ----- corpus -----
-def base_pool() -> list[tuple[str, str, str]]:
-    """(text, source, query): every query, and runs of 1-2 consecutive sentences of every passage."""
-    from peft_export.demo import load_pairs
-
-    pool, seen = [], set()
-    for pair in load_pairs():
-        sentences = [s.strip() for s in SENTENCE_END.split(pair["passage"]) if len(s.split()) >= 3]
-        candidates = [pair["query"]] + [" ".join(sentences[i:i + n]) for n in (1, 2)
-                                        for i in range(len(sentences) - n + 1)]
-        for text in candidates:
-            if text not in seen:
-                seen.add(text)
-                pool.append((text, pair["source"], pair["query"]))
-    return pool
-
-
-def variants(cycle: int, text: str, source: str, query: str) -> str:
-    """Cycle 0 is the text itself; later cycles change it so that every text of the corpus is distinct."""
-    forms = [
-        lambda: text,
-        lambda: f"{source}: {text}",
-        lambda: f"{text} {query}" if query != text else f"About {source}: {text}",
-        lambda: f"Note: {text}",
-        lambda: f"In {source.split('.')[0]}, {text[0].lower() + text[1:]}",
-        lambda: f"{query} See {source}." if query != text else f"See {source}: {text}",
-        lambda: f"{text} (from {source})",
-        lambda: f"Question: {query} Answer: {text}",
-    ]
-    form = forms[cycle % len(forms)]()
-    return form if cycle < len(forms) else f"[{cycle}] {form}"
-
-
-def write_corpus(path: Path, n: int) -> None:
-    pool = base_pool()
-    with open(path, "w", encoding="utf-8") as f:
-        for i in range(n):
-            text, source, query = pool[i % len(pool)]
-            f.write(json.dumps({"id": f"doc-{i:07d}", "text": variants(i // len(pool), text, source, query)}) + "\n")
-
-
-def build_tiny_export(out: Path) -> None:
-    """The tests' tiny BERT Sentence Transformer (tests/fixtures/tiny_models.py), exported to ONNX at ``out``."""
-    import tempfile
-
-    sys.path.insert(0, str(ROOT / "tests"))
-    from fixtures import text, tiny_models
-
-    from peft_export import export_onnx_model
-
-    root = Path(tempfile.mkdtemp(prefix="bench-embed-tiny-"))
-    texts = text.FALLBACK_SENTENCES + text.real_sentences(400, seed=1)
-    st = tiny_models.build_st_model(tiny_models.build_hf_encoder("bert", root / "hf", texts), root / "st")
-    print(export_onnx_model(str(st), out, log=lambda m: None).path)
-
+from peft_export.bench.builders import tiny_bert_export
+from peft_export.bench.child import REPO_ROOT, must_succeed, run_child
+from peft_export.bench.machine import uptime
+from peft_export.bench.machine import cpu_model
+from peft_export.bench.texts import distinct_pool, write_jsonl_corpus
 
 # ----- children -----
 def child_encode(export: str, source: str, output: str) -> None:
@@ -117,49 +60,6 @@ def child_encode(export: str, source: str, output: str) -> None:
     encoded = time.perf_counter()
     np.save(output, vectors)
     print(json.dumps({"load_s": loaded - start, "encode_s": encoded - loaded, "rows": len(texts)}))
-
-
-def tree_rss(pid: int) -> int:
-    """Resident bytes of ``pid`` and its descendants (0 when it is gone)."""
-    total, stack = 0, [pid]
-    while stack:
-        current = stack.pop()
-        try:
-            with open(f"/proc/{current}/statm") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            with open(f"/proc/{current}/task/{current}/children") as f:
-                stack.extend(int(c) for c in f.read().split())
-        except (OSError, ValueError):
-            continue
-    return total
-
-
-def run_child(command: list[str], kill_when=None) -> dict:
-    """Run ``command``; wall seconds, peak RSS (tree, sampled; and the kernel's for the main process), exit code.
-    ``kill_when()`` returning True sends SIGKILL."""
-    load_before = os.getloadavg()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak = [0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], tree_rss(proc.pid))
-            if kill_when is not None and kill_when():
-                os.kill(proc.pid, signal.SIGKILL)
-                return
-            time.sleep(0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = proc.communicate()
-    wall = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return {"wall_s": wall, "peak_rss_mb": peak[0] / 2**20, "rc": proc.returncode, "stdout": stdout,
-            "stderr": stderr[-2000:], "load_before": load_before, "load_after": os.getloadavg()}
 
 
 def steady_rate(result: dict, rows: int) -> float:
@@ -210,12 +110,6 @@ class Stages:
         return self.data[name]
 
 
-def must_succeed(result: dict, what: str) -> dict:
-    if result["rc"] != 0:
-        raise SystemExit(f"{what} failed (exit {result['rc']}): {result['stderr']}")
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", help="export folder (required; the demo: `peft-export merge-onnx`)")
@@ -227,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/bench-embed", help="corpus, outputs and results.json")
     parser.add_argument("--out", default=None, help="folder for bench_embed.md (default: benchmarks/results/"
                                                     "<date>-xeon-2core)")
-    parser.add_argument("--build-tiny-export", metavar="DIR", help="build the tests' tiny BERT export in DIR, exit")
+    parser.add_argument("--build-tiny-export", metavar="DIR", help="build the tiny BERT export in DIR, exit")
     parser.add_argument("--child-encode", nargs=3, metavar=("EXPORT", "INPUT", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_encode:
         child_encode(*args.child_encode)
         return 0
     if args.build_tiny_export:
-        build_tiny_export(Path(args.build_tiny_export))
+        print(tiny_bert_export(Path(args.build_tiny_export)))
         return 0
     if not args.export:
         parser.error("--export is required")
@@ -248,17 +142,16 @@ def main(argv: list[str] | None = None) -> int:
     corpus = {size: work / f"corpus-{size}.jsonl" for size in {n, small, args.parallel_texts}}
     for size, path in corpus.items():
         if not path.is_file():
-            write_corpus(path, size)
+            write_jsonl_corpus(path, size)
 
     stages.run("machine", lambda: {
-        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-        "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?"),
+        "uptime": uptime(), "cpu": cpu_model(),
         "cores": os.cpu_count(), "python": platform.python_version(), "export": export,
         "model": json.loads((Path(export) / "peft_export.json").read_text())["base"]["id"],
         "part_rows": args.part_rows or 4096,
         "onnxruntime": __import__("onnxruntime").__version__, "pyarrow": __import__("pyarrow").__version__,
         "distinct_texts": len({json.loads(line)["text"] for line in open(corpus[n], encoding="utf-8")}),
-        "pool": len(base_pool()),
+        "pool": len(distinct_pool()),
     })
     # 1. processes x threads, alternating.
     for rep in (1, 2) if not args.parallel else ():
@@ -321,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                 "rows_bit_identical_to_encode": float((embed_vectors == encoded).all(1).mean())}
 
     stages.run("check", check)
-    stages.run("machine_after", lambda: {"uptime": subprocess.run(["uptime"], capture_output=True,
-                                                                  text=True).stdout.strip()})
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{time.strftime('%Y-%m-%d')}-xeon-2core"
+    stages.run("machine_after", lambda: {"uptime": uptime()})
+    results = REPO_ROOT / "benchmarks" / "results"
+    out = Path(args.out) if args.out else results / f"{time.strftime('%Y-%m-%d')}-xeon-2core"
     out.mkdir(parents=True, exist_ok=True)
     text = report(stages.data, n, small, args.parallel_texts, rate, best)
     (out / "bench_embed.md").write_text(text, encoding="utf-8")

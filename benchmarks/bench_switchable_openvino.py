@@ -4,7 +4,7 @@ Exports one switchable IR holding the three adapters (r=8 on query/key/value/all
 rsLoRA on the feed-forward layers), one merged IR per adapter and the base IR (f32 weights; the runtime's default
 f32 precision hint), checks that each adapter through the switchable IR equals its merged IR within 1e-5 (no
 adapter: the base IR), then measures batch-1 latency (p50 over short real queries) and batch-32 throughput in
-alternating blocks (``bench_switchable.compare``), wall clock and process CPU time.
+alternating blocks (``peft_export.bench.switchable.compare``), wall clock and process CPU time.
 
     python benchmarks/bench_switchable_openvino.py [--workdir DIR] [--rounds 3] [--threads N]
 """
@@ -12,15 +12,16 @@ alternating blocks (``bench_switchable.compare``), wall clock and process CPU ti
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from bench_switchable import ADAPTERS, compare, load_texts, make_adapters
 
-from peft_export.benchmark.harness import machine_info
+from peft_export.bench.machine import machine_info
+from peft_export.bench.report import write_report
+from peft_export.bench.switchable import ADAPTERS, compare, make_adapters
+from peft_export.bench.texts import demo_queries_and_sentences
 
 BASE = "no adapter"
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=320)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="OpenVINO inference threads (default: all)")
-    parser.add_argument("--out", default="bench-results", help="folder for the JSON report")
+    parser.add_argument("--out", default="bench-results", help="folder for the JSON and Markdown reports")
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-switchable-openvino-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft_export import EmbeddingModel
 
     paths = build(workdir, print)
-    queries, sentences = load_texts(args.queries, args.sentences)
+    queries, sentences = demo_queries_and_sentences(args.queries, args.sentences, cycle=True)
     switchable = EmbeddingModel(paths["switchable"], intra_op_threads=args.threads)
     names = [BASE, *ADAPTERS]
     merged = {name: EmbeddingModel(paths[name], intra_op_threads=args.threads) for name in names}
@@ -87,17 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     report = {"title": "Switchable OpenVINO IR vs merged OpenVINO IRs (all-MiniLM-L6-v2)", "machine": machine_info(),
               "settings": vars(args) | {"workdir": str(workdir)}, "max_abs_diff": diffs,
               "runtime": switchable.backend.describe(), "results": result, "overhead": rows}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_switchable_openvino.json").write_text(json.dumps(report, indent=2))
-    print("| adapter | merged IR b1 p50 | switchable b1 p50 | b1 overhead | merged IR b32 | switchable b32 | "
-          "b32 lower by | max diff |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = ["| adapter | merged IR b1 p50 | switchable b1 p50 | b1 overhead | merged IR b32 | switchable b32 | "
+             "b32 lower by | max diff |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         ours, theirs = result[f"switchable {name}"], result[f"merged {name}"]
-        print(f"| {name} | {theirs['b1_wall']['p50_ms']:.2f} ms | {ours['b1_wall']['p50_ms']:.2f} ms | "
-              f"{rows[name]['b1_overhead_pct']:+.1f}% | {theirs['b32_per_s']:.0f} /s | {ours['b32_per_s']:.0f} /s | "
-              f"{rows[name]['b32_lower_pct']:.1f}% | {diffs[name]:.1e} |")
+        lines.append(f"| {name} | {theirs['b1_wall']['p50_ms']:.2f} ms | {ours['b1_wall']['p50_ms']:.2f} ms | "
+                     f"{rows[name]['b1_overhead_pct']:+.1f}% | {theirs['b32_per_s']:.0f} /s | "
+                     f"{ours['b32_per_s']:.0f} /s | {rows[name]['b32_lower_pct']:.1f}% | {diffs[name]:.1e} |")
+    print(write_report(Path(args.out), "bench_switchable_openvino", report, "\n".join(lines) + "\n").read_text())
     return 0
 
 

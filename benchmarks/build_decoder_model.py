@@ -16,18 +16,12 @@ The adapter is LoRA r=16, alpha 32 on q/k/v/o/gate/up/down_proj, B initialised n
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from peft_export.bench.texts import corpus_texts
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery:"
-
-
-def corpus_texts() -> list[str]:
-    from peft_export.demo import __file__ as demo_init
-
-    rows = [json.loads(line) for line in (Path(demo_init).parent / "corpus.jsonl").read_text().splitlines() if line]
-    return [t for row in rows for t in (row["query"], row["passage"])]
 
 
 def build_tokenizer(texts: list[str], vocab: int, max_len: int):
@@ -83,7 +77,7 @@ def build(out: Path, *, layers: int = 28, hidden: int = 1024, heads: int = 16, k
     return st, adapter
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--layers", type=int, default=28)
@@ -94,11 +88,12 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=3072)
     parser.add_argument("--vocab", type=int, default=151_669)
     parser.add_argument("--max-seq-length", type=int, default=8192)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     st, adapter = build(args.out, layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
                         head_dim=args.head_dim, ffn=args.ffn, vocab=args.vocab, max_len=args.max_seq_length)
     print(f"model: {st}\nadapter: {adapter}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -251,7 +251,7 @@ def _base_origin(base: dict) -> str:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from .benchmark.run import run_bench_command
+    from .bench.run import run_bench_command
     from .export.quiet import third_party_quiet
 
     with third_party_quiet() if args.eager else nullcontext():  # --eager loads models with transformers

@@ -61,14 +61,14 @@ def result_of(output: Path) -> tuple[np.ndarray, list | None]:
     return vectors.reshape(table.num_rows, -1), table.column("id").to_pylist()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export", type=Path)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--part-rows", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     work = Path(tempfile.mkdtemp(prefix="embed-kill-"))

@@ -1,4 +1,4 @@
-"""The family x export-mode parity table: each decoder family's tiny hub-layout model (tests/fixtures/family_models.py)
+"""The family x export-mode parity table: each decoder family's tiny hub-layout model (peft_export.bench.family_models)
 with a LoRA on q/k/v/o/gate/up/down_proj, exported in the four modes and compared with sentence-transformers + PEFT.
 
 Each cell is the max difference of normalised sentence embeddings over real texts (one over max_seq_length tokens),
@@ -20,20 +20,18 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from peft_export.bench import family_models, texts, tiny_models
 
-from fixtures import family_models, text, tiny_models  # noqa: E402
-
-LONG_TEXT = " ".join(text.FALLBACK_SENTENCES[:12])
+LONG_TEXT = " ".join(texts.FALLBACK_SENTENCES[:12])
 
 
 def measure(family: str, root: Path) -> dict[str, dict]:
     from peft_export import EmbeddingModel
 
-    tokenizer_texts = text.FALLBACK_SENTENCES + text.real_sentences(200, seed=1)
+    tokenizer_texts = texts.FALLBACK_SENTENCES + texts.real_sentences(200, seed=1)
     base = family_models.build_family_model(family, root / "base", tokenizer_texts)
     adapter = family_models.add_family_adapter(base, root / "adapter", family)
-    texts = text.real_sentences(14, seed=0) + [LONG_TEXT, "ok"]
+    sample = texts.real_sentences(14, seed=0) + [LONG_TEXT, "ok"]
     prompts = [None, *family_models.FAMILIES[family].prompts]
     reference, base_reference = tiny_models.st_reference(base, adapter), tiny_models.st_reference(base)
     rows = {}
@@ -42,21 +40,21 @@ def measure(family: str, root: Path) -> dict[str, dict]:
         out = family_models.export_family(mode, base, adapter, root / mode)
         seconds = time.perf_counter() - started
         model = EmbeddingModel(out)
-        row = {"vs_st_peft": max(family_models.parity(reference, model, texts, prompts).values()),
+        row = {"vs_st_peft": max(family_models.parity(reference, model, sample, prompts).values()),
                "export_seconds": round(seconds, 1)}
         if mode.startswith("switchable"):
             row["no_adapter_vs_base"] = max(family_models.max_unit_diff(model.encode([t], adapter=False),
-                                                                        base_reference.encode([t])) for t in texts)
+                                                                        base_reference.encode([t])) for t in sample)
         rows[mode] = row
         print(f"{family:8s} {mode:20s} {row}", flush=True)
     return rows
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(family_models.FAMILIES))
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)
     results = {}

@@ -19,6 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from peft_export.bench.child import child_env
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_ID = "sentence-transformers/all-mpnet-base-v2"
 TRAIN_ARGS = ["--rank", "16", "--alpha", "32", "--targets", "q,k,v,o,intermediate.dense,output.dense",
@@ -47,7 +49,7 @@ def prepare(dest: Path, fetch_script: Path) -> tuple[Path, Path]:
     if not (adapter / "adapter_model.safetensors").is_file():
         subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "train_demo_adapter.py"),
                         "--base-model", str(base), "--base-id", BASE_ID, *TRAIN_ARGS, "-o", str(adapter)],
-                       check=True)
+                       check=True, env=child_env())  # this checkout's peft_export
     return base, adapter
 
 

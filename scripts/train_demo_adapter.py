@@ -32,14 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from peft_export import demo  # noqa: E402
+from peft_export import demo
+from peft_export.bench.child import REPO_ROOT
 
 SEED = 42
 LORA_KWARGS = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "key", "value", "dense"])

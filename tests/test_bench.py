@@ -69,7 +69,7 @@ def test_bench_without_matplotlib_says_which_extra_draws_the_plot(bert_case, tmp
 
 
 def _synthetic_report():
-    from peft_export.benchmark.harness import Report
+    from peft_export.bench.report import Report
 
     report = Report("peft-export bench")
     for name, p50, rate, worst, ndcg in (("eager sentence-transformers + PEFT adapter (unmerged)", 9.55, 98, 1, 1),
@@ -84,7 +84,7 @@ def test_bench_plot_keeps_value_labels_inside_each_panel_and_shows_quality():
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    from peft_export.benchmark.suite import QUALITY_PANEL, bench_figure
+    from peft_export.bench.suite import QUALITY_PANEL, bench_figure
 
     report = _synthetic_report()
     fig = bench_figure(report)
@@ -159,10 +159,12 @@ def test_an_idle_model_takes_no_cpu_after_a_run(bert_case):
     assert min(idle_cpu) < 0.005, f"process CPU while idle after runs: {idle_cpu} s"
 
 
-def _run_benchmark(name: str, args: list[str], out: Path, monkeypatch) -> dict:
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run_benchmark(name: str, args: list[str], out: Path) -> dict:
     """Run ``benchmarks/<name>.py`` as a script with ``args`` (plus ``--out out``); its JSON report."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    monkeypatch.syspath_prepend(str(script.parent))  # as when run as a script: it imports bench_encode
+    script = BENCHMARKS / f"{name}.py"
     old_argv, sys.argv = sys.argv, [str(script), *args, "--out", str(out)]
     try:
         with pytest.raises(SystemExit) as done:
@@ -170,11 +172,11 @@ def _run_benchmark(name: str, args: list[str], out: Path, monkeypatch) -> dict:
     finally:
         sys.argv = old_argv
     assert done.value.code == 0
-    return json.loads((out / f"{name}.json").read_text())
+    return json.loads((out / f"{script.stem}.json").read_text())
 
 
-def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path, monkeypatch):
-    report = _run_benchmark("bench_spinning", ["--quick", "--export", str(bert_case.export)], tmp_path, monkeypatch)
+def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path):
+    report = _run_benchmark("investigations/bench_spinning", ["--quick", "--export", str(bert_case.export)], tmp_path)
     assert [row["settings"].split(" (")[0] for row in report["rows"]] == [
         "spinning off", "spinning, kept on after each run", "spinning during runs only"]
     for row in report["rows"]:
@@ -183,9 +185,9 @@ def test_bench_spinning_quick_compares_the_three_settings(bert_case, tmp_path, m
             assert row[key] > 0, (row["settings"], key)
 
 
-def test_bench_ort_kernels_quick_times_every_graph_and_both_kernels(bert_case, tmp_path, monkeypatch):
-    report = _run_benchmark("bench_ort_kernels", ["--quick", "--base", str(bert_case.base), "--adapter",
-                                                  str(bert_case.adapter)], tmp_path, monkeypatch)
+def test_bench_ort_kernels_quick_times_every_graph_and_both_kernels(bert_case, tmp_path):
+    report = _run_benchmark("investigations/bench_ort_kernels", ["--quick", "--base", str(bert_case.base),
+                                                                 "--adapter", str(bert_case.adapter)], tmp_path)
     assert len(report["rows"]) == 8  # traced/fused x fp32/int8 x SkipLayerNorm fusion off/on
     for row in report["rows"]:
         assert row["b1_p50_ms"] > 0 and row["b32_per_s"] > 0, row["contender"]
@@ -198,7 +200,7 @@ def test_bench_ort_kernels_quick_times_every_graph_and_both_kernels(bert_case, t
 
 
 def test_alternating_rounds_reverse_the_order_every_other_round():
-    from peft_export.benchmark.harness import alternating_rounds
+    from peft_export.bench.rounds import alternating_rounds
 
     calls = []
     results = alternating_rounds(["a", "b", "c"], 3, lambda name: calls.append(name) or f"{name}{len(calls)}")
@@ -208,7 +210,7 @@ def test_alternating_rounds_reverse_the_order_every_other_round():
 
 def test_rows_are_labelled_with_what_distinguishes_each_export():
     """Several OpenVINO or ONNX exports in one table share a model file name; the label says which is which."""
-    from peft_export.benchmark.suite import export_variant
+    from peft_export.bench.suite import export_variant
 
     def manifest(merge_mode="merged", **export):
         return {"merge_mode": merge_mode, "export": export}
@@ -223,7 +225,7 @@ def test_rows_are_labelled_with_what_distinguishes_each_export():
     assert export_variant(static, {"inference_precision": "f32"}) == "int8-static"
 
 
-def test_bench_serve_holds_exact_exports_to_1e5_and_int8_ones_to_a_cosine(bert_case, zoo, monkeypatch):
+def test_bench_serve_holds_exact_exports_to_1e5_and_int8_ones_to_a_cosine(bert_case, zoo):
     """bench_serve checks every response against in-process encode: exactly for fp32 exports; int8 results move
     with batch composition (the server makes its own batches), so they are held to a cosine that this noise
     stays above."""
@@ -231,8 +233,7 @@ def test_bench_serve_holds_exact_exports_to_1e5_and_int8_ones_to_a_cosine(bert_c
     from peft_export.demo import load_sentences
     from peft_export.export.gate import QualityGate
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from bench_serve import LOSSY_MIN_COSINE, is_lossy
+    from peft_export.bench.http_load import LOSSY_MIN_COSINE, is_lossy
 
     assert not is_lossy(EmbeddingModel(bert_case.export))
     lenient = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
@@ -251,7 +252,7 @@ def test_bench_switchable_counts_each_adapters_branch_arithmetic_from_its_shapes
 
     from peft_export import EmbeddingModel
 
-    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_switchable.py"), run_name="bench")
+    bench = runpy.run_path(str(BENCHMARKS / "bench_switchable.py"), run_name="bench")
     model = EmbeddingModel(switchable_export())
     # Tiny base: 2 layers, hidden 32, FFN 37. A multiply-add per element of A (in x r) and B (r x out) per token.
     assert bench["lora_flops_per_token"](model, "attn") == 2 * 2 * 3 * 2 * (32 + 32)  # r=2 on query/key/value
@@ -261,7 +262,7 @@ def test_bench_switchable_counts_each_adapters_branch_arithmetic_from_its_shapes
 def test_bench_lora_branch_graphs_differ_only_by_their_branches():
     import onnxruntime as ort
 
-    bench = runpy.run_path(str(Path(__file__).parents[1] / "benchmarks" / "bench_lora_branch.py"), run_name="bench")
+    bench = runpy.run_path(str(BENCHMARKS / "investigations" / "bench_lora_branch.py"), run_name="bench")
     x = {"x": np.random.default_rng(0).standard_normal((1, 7, 384)).astype(np.float32)}
     for context, branches in (("small", 36), ("large", 12)):
         plain, none = bench["_graph"](context, 2, branches=False)
@@ -277,10 +278,10 @@ def test_bench_lora_branch_graphs_differ_only_by_their_branches():
     assert row["branches"] == 36 and row["with_us"] > 0 and row["without_us"] > 0
 
 
-def test_bench_attention_fusion_quick_times_a_fused_and_an_unfused_export(bert_case, zoo, tmp_path, monkeypatch):
+def test_bench_attention_fusion_quick_times_a_fused_and_an_unfused_export(bert_case, zoo, tmp_path):
     unfused = zoo.export("bert-traced", bert_case.adapter, fuse_attention=False)
     report = _run_benchmark("bench_attention_fusion", ["--quick", "--pair", f"bert={bert_case.export},{unfused}"],
-                            tmp_path, monkeypatch)
+                            tmp_path)
     (row,) = report["rows"]
     assert row["fused_ops"] == "2 Attention" and row["max_diff"] <= 1e-5
     fused_nodes, unfused_nodes = map(int, row["nodes"].split(" / "))
@@ -289,11 +290,8 @@ def test_bench_attention_fusion_quick_times_a_fused_and_an_unfused_export(bert_c
         assert row[key] > 0, key
 
 
-def test_bench_attention_fusion_refuses_a_pair_that_computes_different_embeddings(bert_case, roberta_case, tmp_path,
-                                                                                  monkeypatch):
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention_fusion.py"
-    monkeypatch.syspath_prepend(str(script.parent))
-    bench = runpy.run_path(str(script))
+def test_bench_attention_fusion_refuses_a_pair_that_computes_different_embeddings(bert_case, roberta_case, tmp_path):
+    bench = runpy.run_path(str(BENCHMARKS / "bench_attention_fusion.py"))
     pair = f"bert={bert_case.export},{roberta_case.export}"  # another model: not the same graph unfused
     with pytest.raises(SystemExit, match=r"bert: fused and unfused embeddings differ by .* \(> 1e-05\); not timed"):
         bench["main"](["--quick", "--pair", pair, "--out", str(tmp_path)])

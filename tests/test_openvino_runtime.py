@@ -177,7 +177,7 @@ def test_runtime_import_stays_torch_free():
 
 
 def test_bench_counts_the_same_flops_per_token_in_ir_and_onnx(tiny_exports):
-    from peft_export.benchmark.suite import linear_flops_per_token
+    from peft_export.bench.suite import linear_flops_per_token
 
     onnx = linear_flops_per_token(tiny_exports["onnx"] / "model.onnx")
     assert onnx and linear_flops_per_token(tiny_exports["openvino-fp32"] / "openvino_model.xml") == onnx
@@ -187,8 +187,7 @@ def test_bench_counts_the_same_flops_per_token_in_ir_and_onnx(tiny_exports):
 def test_bench_openvino_shapes_quick_reports_every_measure(tiny_exports, tmp_path, monkeypatch):
     import runpy
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_openvino_shapes.py"
-    monkeypatch.syspath_prepend(str(script.parent))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "investigations" / "bench_openvino_shapes.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--static-int8",
                                       str(tiny_exports["openvino-int8-static"]), "--fp32",
                                       str(tiny_exports["openvino-fp32"]), "--out", str(tmp_path)])

@@ -11,8 +11,8 @@ Two parts, one process:
    over real sentences through ``EmbeddingModel.encode``, contenders in alternating order, medians over rounds.
    Embeddings are compared with the first contender of the same precision before timing.
 
-    python benchmarks/bench_ort_kernels.py            # about 4 minutes on 2 cores
-    python benchmarks/bench_ort_kernels.py --quick    # smoke run: tiny counts, one round
+    python benchmarks/investigations/bench_ort_kernels.py            # about 4 minutes on 2 cores
+    python benchmarks/investigations/bench_ort_kernels.py --quick    # smoke run: tiny counts, one round
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_encode import load_texts  # the same real texts as the other benchmarks
-
-from peft_export.benchmark.harness import (Report, alternating_rounds, cosine_rows, time_single_queries,
-                                          time_throughput)
+from peft_export.bench.builders import onnx_export
+from peft_export.bench.report import Report
+from peft_export.bench.rounds import alternating_rounds
+from peft_export.bench.stats import cosine_rows
+from peft_export.bench.texts import demo_queries_and_sentences
+from peft_export.bench.timing import time_single_queries, time_throughput
 
 WIDTH = 384
 CHAIN = 12
@@ -99,8 +101,7 @@ def kernel_times(quick: bool) -> list[dict]:
 
 
 def build_exports(folder: Path, base: str, adapter: str, quick: bool) -> dict[str, Path]:
-    from peft_export.export.pipeline import ExportOptions, run_onnx_export
-    from peft_export.export.quality import QualityGate
+    from peft_export.export.gate import QualityGate
 
     exports = {}
     for fused in (False, True):
@@ -108,9 +109,7 @@ def build_exports(folder: Path, base: str, adapter: str, quick: bool) -> dict[st
             name = f"{'fused' if fused else 'traced'} {'int8' if quantize else 'fp32'}"
             out = folder / name.replace(" ", "-")
             gate = QualityGate(0.9, 0.5, 0.5) if quick else QualityGate()  # tiny models fail the real gate
-            run_onnx_export(ExportOptions(model_id=adapter, base=base, output=out, fuse_attention=fused,
-                                          quantize=quantize, gate=gate), log=lambda m: None)
-            exports[name] = out
+            exports[name] = onnx_export(adapter, out, base=base, fuse_attention=fused, quantize=quantize, gate=gate)[0]
     return exports
 
 
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
 
     kernels = kernel_times(args.quick)
-    queries, sentences = load_texts(args.queries, args.sentences)
+    queries, sentences = demo_queries_and_sentences(args.queries, args.sentences)
     with tempfile.TemporaryDirectory(prefix="bench-kernels-") as scratch:
         exports = build_exports(Path(scratch), args.base or str(bundled_base_model_path()),
                                 args.adapter or str(DEMO_ADAPTER_DIR), args.quick)

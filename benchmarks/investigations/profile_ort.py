@@ -1,6 +1,6 @@
 """Per-operator time of an export under ONNX Runtime's profiler, to see what limits a speed target.
 
-    python benchmarks/profile_ort.py EXPORT [EXPORT ...] [--batch-size 32] [--sentences 256]
+    python benchmarks/investigations/profile_ort.py EXPORT [EXPORT ...] [--batch-size 32] [--sentences 256]
 
 Prints, per export, the share of kernel time by operator type (MatMul, Attention, LayerNorm, ...) and the
 time spent outside kernels (tokenization and Python), measured on real sentences.
@@ -16,6 +16,8 @@ import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+from peft_export.bench.texts import demo_queries_and_sentences
 
 
 def profile(path: Path, sentences: list[str], batch_size: int) -> dict:
@@ -45,8 +47,6 @@ def profile(path: Path, sentences: list[str], batch_size: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peft_export.demo import load_sentences
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("exports", nargs="+", type=Path)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -54,12 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queries", action="store_true",
                         help="profile short real queries (the batch-1 latency workload) instead of mixed sentences")
     args = parser.parse_args(argv)
+    queries, sentences = demo_queries_and_sentences(args.sentences, args.sentences)
     if args.queries:
-        from peft_export.demo import load_pairs
-
-        sentences = [p["query"] for p in load_pairs("eval")][: args.sentences]
-    else:
-        sentences = load_sentences(args.sentences)
+        sentences = queries
     for path in args.exports:
         result = profile(path, sentences, args.batch_size)
         print(f"## {path} (batch {args.batch_size}, {len(sentences)} sentences)")

@@ -13,7 +13,6 @@ reads every weight once, and a short query has too few tokens to hide that behin
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .harness import Report, cosine_rows, time_single_queries, time_throughput
+from .child import run_child
+from .report import Report
+from .stats import cosine_rows
+from .timing import time_single_queries, time_throughput
 
 Encode = Callable[[list[str], int], np.ndarray]
 
@@ -64,7 +66,7 @@ class Workload:
     cold_start: bool = True
 
 
-# A fresh interpreter: import, load, first embedding (cold start), then a full pass for peak RSS.
+# A fresh interpreter: import, load, first embedding (cold start), then a full pass (its peak RSS: run_child).
 _COLD_START = r"""
 import json, sys, time
 t0 = float(sys.argv[1])
@@ -85,9 +87,7 @@ else:
 model.encode(["cold start"])
 first = time.time() - t0
 model.encode(sentences, batch_size=32)
-# VmHWM belongs to this address space; ru_maxrss would include the parent's RSS at fork time.
-peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"cold_start_s": first, "peak_rss_mb": peak / 1024}))
+print(json.dumps({"cold_start_s": first}))
 """
 
 
@@ -146,6 +146,29 @@ def eager_contender(base: str, adapter: str | None, merged: bool = False, device
 
     cold = None if merged or device != "cpu" else ["eager", base] + ([adapter] if adapter else [])
     return Contender(label, encode, cold, {"torch_threads": torch.get_num_threads()})
+
+
+def cpu_has_bf16() -> bool:
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def openvino_contenders(exports: dict[str, Path], bf16: bool | None = None) -> list[Contender]:
+    """OpenVINO f32, int8 weights and static int8 (where ``exports`` has it), each in f32 and, where the CPU has
+    bf16, in bf16."""
+    bf16 = cpu_has_bf16() if bf16 is None else bf16
+    rows = []
+    for key, label in (("openvino-fp32", "OpenVINO"), ("openvino-int8", "OpenVINO int8 weights"),
+                       ("openvino-int8-static", "OpenVINO int8 static")):
+        if key not in exports:
+            continue
+        f32 = "OpenVINO f32" if key == "openvino-fp32" else f"{label}, f32"
+        rows.append(runtime_contender(exports[key], name=f32))
+        if bf16:
+            rows.append(runtime_contender(exports[key], name="OpenVINO bf16" if key == "openvino-fp32"
+                                          else f"{label}, bf16", inference_precision="bf16"))
+    return rows
 
 
 def fp32_matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
@@ -235,11 +258,11 @@ def _openvino_linear_flops_per_token(xml_path: Path) -> float | None:
 
 def _cold_start(contender: Contender, sentences: list[str]) -> dict:
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", _COLD_START, repr(start), *contender.cold_start],
-                          input=json.dumps(sentences), capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        return {"cold_start_error": proc.stderr.strip().splitlines()[-1:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    done = run_child([sys.executable, "-c", _COLD_START, repr(start), *contender.cold_start],
+                     input=json.dumps(sentences), timeout=900)
+    if done["rc"] != 0:
+        return {"cold_start_error": done["stderr"].strip().splitlines()[-1:]}
+    return {**json.loads(done["stdout"].strip().splitlines()[-1]), "peak_rss_mb": done["peak_rss_mb"]}
 
 
 def run_suite(contenders: list[Contender], workload: Workload, count_tokens: Callable[[list[str]], int],

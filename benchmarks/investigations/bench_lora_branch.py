@@ -10,16 +10,18 @@ those three nodes cost per branch in two small synthetic graphs at MiniLM's size
 Per branch = (time with branches - time without) / branches, medians over alternating rounds, for ranks 1, 8
 and 32 and one or two intra-op threads. If the cost does not grow with the rank, it is per-node overhead.
 
-    python benchmarks/bench_lora_branch.py [--rounds 5] [--runs 300]
+    python benchmarks/investigations/bench_lora_branch.py [--rounds 5] [--runs 300]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
+
+from peft_export.bench.rounds import alternating_rounds
+from peft_export.bench.stats import median
 
 HIDDEN, FFN, TOKENS, LAYERS, CHAIN = 384, 1536, 15, 6, 36
 
@@ -84,7 +86,7 @@ def _median_run_us(session, feeds: dict, runs: int) -> float:
         start = time.perf_counter()
         session.run(None, feeds)
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return median(times) * 1e6
 
 
 def measure(context: str, rank: int, threads: int, rounds: int, runs: int) -> dict:
@@ -94,11 +96,8 @@ def measure(context: str, rank: int, threads: int, rounds: int, runs: int) -> di
     feeds = {"x": np.random.default_rng(1).standard_normal((1, TOKENS, HIDDEN)).astype(np.float32)}
     for session in sessions.values():
         _median_run_us(session, feeds, 30)
-    times: dict[bool, list[float]] = {False: [], True: []}
-    for r in range(rounds):
-        for key in ((False, True) if r % 2 == 0 else (True, False)):
-            times[key].append(_median_run_us(sessions[key], feeds, runs))
-    without, with_ = statistics.median(times[False]), statistics.median(times[True])
+    times = alternating_rounds([False, True], rounds, lambda key: _median_run_us(sessions[key], feeds, runs))
+    without, with_ = median(times[False]), median(times[True])
     return {"context": context, "rank": rank, "threads": threads, "branches": count, "without_us": without,
             "with_us": with_, "per_branch_us": (with_ - without) / count}
 

@@ -5,8 +5,8 @@ every shape for the first time, the later ones have compiled them. Each setting 
 order alternated over rounds; the report gives medians of texts/s per pass and cold/warm (pass 1 / median of
 passes 2-3). Buckets must keep results: the largest difference from the unbucketed embeddings is checked.
 
-    python benchmarks/bench_openvino_buckets.py                       # demo MiniLM export (built into --workdir)
-    python benchmarks/bench_openvino_buckets.py --export DIR --texts 256 --precision bf16
+    python benchmarks/investigations/bench_openvino_buckets.py       # demo MiniLM export (built into --workdir)
+    python benchmarks/investigations/bench_openvino_buckets.py --export DIR --texts 256 --precision bf16
 """
 
 from __future__ import annotations
@@ -14,26 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from peft_export.benchmark.harness import Report, alternating_rounds
+from peft_export.bench.builders import merged_variants
+from peft_export.bench.child import must_succeed, run_child
+from peft_export.bench.report import Report
+from peft_export.bench.rounds import alternating_rounds
+from peft_export.bench.texts import corpus_texts
 
 COLUMNS = [("contender", "contender", ""), ("pass1", "pass 1 texts/s", ".1f"), ("pass2", "pass 2 texts/s", ".1f"),
            ("pass3", "pass 3 texts/s", ".1f"), ("cold_over_warm", "cold / warm", ".2f"),
            ("distinct_shapes", "shapes seen", "d"), ("max_diff", "max diff vs unbucketed", ".1e"),
            ("load", "load avg", "")]
-
-
-def texts(count: int) -> list[str]:
-    from peft_export.demo import __file__ as demo_init
-
-    rows = [json.loads(line) for line in (Path(demo_init).parent / "corpus.jsonl").read_text().splitlines() if line]
-    return [t for row in rows for t in (row["query"], row["passage"])][:count]
 
 
 def child(export: str, buckets: bool, count: int, precision: str, out: str) -> None:
@@ -42,7 +38,7 @@ def child(export: str, buckets: bool, count: int, precision: str, out: str) -> N
     from peft_export.runtime.shape_buckets import batch_bucket, length_bucket
 
     model = EmbeddingModel(export, openvino_settings=OpenVinoSettings(precision=precision, shape_buckets=buckets))
-    corpus = texts(count)
+    corpus = corpus_texts(count)
     rates, result = [], None
     for _ in range(3):
         start = time.perf_counter()
@@ -72,21 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child[0], args.child[1] == "1", args.texts, args.precision, args.child[2])
         return 0
     if not args.export:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_openvino import build_exports
-
         from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
 
-        args.export = str(build_exports(str(bundled_base_model_path()), str(DEMO_ADAPTER_DIR),
-                                        Path(args.workdir))["openvino-fp32"])
+        args.export = str(merged_variants(str(bundled_base_model_path()), str(DEMO_ADAPTER_DIR), Path(args.workdir),
+                                          ["openvino-fp32"])["openvino-fp32"])
     scratch = Path(args.out) / "buckets-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
 
     def measure(name: str) -> dict:
         out = scratch / name
         load = Path("/proc/loadavg").read_text().split()[0]
-        subprocess.run([sys.executable, __file__, "--texts", str(args.texts), "--precision", args.precision,
-                        "--child", args.export, "1" if name == "buckets" else "0", str(out)], check=True)
+        must_succeed(run_child([sys.executable, __file__, "--texts", str(args.texts), "--precision", args.precision,
+                                "--child", args.export, "1" if name == "buckets" else "0", str(out)], capture=False),
+                     name)
         return {**json.loads(out.read_text()), "embeddings": np.load(str(out) + ".npy"), "load": load}
 
     results = alternating_rounds(["buckets", "no buckets"], args.rounds, measure)

@@ -13,7 +13,7 @@ with a merged export both use the base. Before reporting, it checks that the pro
 embedding equal in-process ``EmbeddingModel.encode`` (the bulk input: of the *whole* text, truncated by the model)
 within 1e-5. Records the machine, its load (``os.getloadavg``) before and after, and versions.
 
-    python benchmarks/bench_serve_fairness.py EXPORT [--repo /path/to/other/checkout] [--out results.json]
+    python benchmarks/investigations/bench_serve_fairness.py EXPORT [--repo OTHER_CHECKOUT] [--out results.json]
 
 Bounded: probing stops after ``--max-seconds``; every request has a timeout.
 """
@@ -24,17 +24,17 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from peft_export.bench.child import REPO_ROOT
+from peft_export.bench.machine import machine_info
+from peft_export.bench.server import free_port, served
+from peft_export.bench.stats import percentiles
+
 PROBE = "Where is my parcel?"
 
 
@@ -52,31 +52,6 @@ def real_text(chars: int, salt: int) -> str:
     return text[:chars]
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
-
-
-def start_server(export: str, repo: Path, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(repo))
-    return subprocess.Popen([sys.executable, "-m", "peft_export.cli", "serve", export, "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning", *extra],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, cwd=repo)
-
-
-def wait_ready(http, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            if http.get("/health", timeout=2).status_code == 200:
-                return
-        except Exception:  # not listening yet
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("server not ready")
-
-
 def probe_once(http, model: str, timeout: float = 900) -> tuple[float, np.ndarray]:
     started = time.perf_counter()
     response = http.post("/v1/embeddings", json={"model": model, "input": PROBE}, timeout=timeout)
@@ -85,7 +60,7 @@ def probe_once(http, model: str, timeout: float = 900) -> tuple[float, np.ndarra
     return took, np.array(response.json()["data"][0]["embedding"], dtype=np.float32)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     import httpx
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -98,19 +73,14 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=1800, help="stop probing after this long")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--serve-arg", action="append", default=[], help="extra `peft-export serve` argument")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from peft_export import EmbeddingModel
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_fairness_{port}.log"
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_serve_fairness_{free_port()}.log"
     load_before = os.getloadavg()
-    process = start_server(args.export, args.repo, port, log, args.serve_arg)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=900) as http:
-            wait_ready(http, process)
+    with served(args.export, args.serve_arg, log, repo=args.repo, timeout=120) as server:
+        with httpx.Client(base_url=server.url, timeout=900) as http:
             names = [m["id"] for m in http.get("/v1/models").json()["data"]]
             bulk_model = names[1] if len(names) > 1 else names[0]
             probe_model = names[2] if len(names) > 2 else names[0]
@@ -155,24 +125,22 @@ def main() -> None:
                     time.sleep(0.05)
                 for future in futures:
                     future.result()
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    idle_ms, loaded_ms = percentiles(idle), percentiles(loaded)
     result = {
         "export": args.export, "repo": str(args.repo), "bulk_model": bulk_model, "probe_model": probe_model,
         "bulk": {"requests": args.bulk_requests, "inputs": args.bulk_inputs, "chars": args.bulk_chars,
                  "seconds": sorted(round(s, 2) for s in bulk_seconds)},
-        "probe_idle_ms": {"n": len(idle), "p50": percentile(idle, 50) * 1e3, "p99": percentile(idle, 99) * 1e3},
-        "probe_loaded_ms": {"n": len(loaded), "p50": percentile(loaded, 50) * 1e3,
-                            "p99": percentile(loaded, 99) * 1e3, "max": max(loaded, default=float("nan")) * 1e3},
+        "probe_idle_ms": {"n": len(idle), "p50": idle_ms["p50_ms"], "p99": idle_ms["p99_ms"]},
+        "probe_loaded_ms": {"n": len(loaded), "p50": loaded_ms["p50_ms"], "p99": loaded_ms["p99_ms"],
+                            "max": loaded_ms["max_ms"]},
         "max_abs_diff": {"probe": probe_diff, "bulk_input": bulk_diff},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
     }
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,9 +12,9 @@ f32), and the alternative measured and not adopted: one compiled model per padde
    difference from the dynamic model's embeddings (f32 must agree within 1e-5; int8 and bf16 kernels are
    chosen by shape, so those move by their own rounding noise).
 
-    python benchmarks/bench_openvino_shapes.py          # demo exports (built once into --workdir), ~2 minutes
-    python benchmarks/bench_openvino_shapes.py --quick  # smoke run
-    python benchmarks/bench_openvino_shapes.py --static-int8 DIR --fp32 DIR   # other OpenVINO export folders
+    python benchmarks/investigations/bench_openvino_shapes.py          # demo exports (built once in --workdir)
+    python benchmarks/investigations/bench_openvino_shapes.py --quick  # smoke run
+    python benchmarks/investigations/bench_openvino_shapes.py --static-int8 DIR --fp32 DIR   # other exports
 """
 
 from __future__ import annotations
@@ -27,7 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from peft_export.benchmark.harness import Report, time_single_queries
+from peft_export.bench.builders import merged_variants
+from peft_export.bench.child import resident_mb
+from peft_export.bench.report import Report
+from peft_export.bench.suite import cpu_has_bf16
+from peft_export.bench.timing import time_single_queries
 
 COLUMNS = [
     ("contender", "contender", ""),
@@ -83,7 +87,6 @@ def _passes(folder: Path, precision: str, queries: list[str], warmup: int) -> di
 
 def _shapes(folder: Path, precision: str, buckets: list[int], runs: int) -> dict[str, float]:
     import openvino as ov
-    import psutil
 
     core = ov.Core()
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
@@ -98,8 +101,7 @@ def _shapes(folder: Path, precision: str, buckets: list[int], runs: int) -> dict
               "alternating_ms": _median_ms([(dynamic, fixed), (dynamic, other)], runs)}
     reference = dynamic.infer(_feeds(names, short))["sentence_embedding"].copy()
 
-    process = psutil.Process()
-    rss, started = process.memory_info().rss, time.perf_counter()
+    rss, started = resident_mb(), time.perf_counter()
     requests = {}
     for length in buckets:
         model = base.clone()
@@ -107,7 +109,7 @@ def _shapes(folder: Path, precision: str, buckets: list[int], runs: int) -> dict
         requests[length] = core.compile_model(model, "CPU", config).create_infer_request()
         requests[length].infer(_feeds(names, 2, length))  # allocate its buffers, as serving would
     result["bucket_compile_s"] = (time.perf_counter() - started) / len(buckets)
-    result["bucket_mb"] = (process.memory_info().rss - rss) / 1e6 / len(buckets)
+    result["bucket_mb"] = (resident_mb() - rss) * 2**20 / 1e6 / len(buckets)
     padded = requests[buckets[0]].infer(_feeds(names, short, buckets[0]))["sentence_embedding"]
     result["bucket_max_diff"] = float(np.abs(padded - reference).max())
     pairs = [(requests[buckets[0]], _feeds(names, short, buckets[0])),
@@ -128,11 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if not (args.static_int8 and args.fp32):
-        from bench_openvino import build_exports
-
         from peft_export.demo import DEMO_ADAPTER_DIR, bundled_base_model_path
 
-        exports = build_exports(str(bundled_base_model_path()), str(DEMO_ADAPTER_DIR), Path(args.workdir))
+        exports = merged_variants(str(bundled_base_model_path()), str(DEMO_ADAPTER_DIR), Path(args.workdir),
+                                  ["openvino-fp32", "openvino-int8-static"])
         args.static_int8 = args.static_int8 or exports["openvino-int8-static"]
         args.fp32 = args.fp32 or exports["openvino-fp32"]
     from peft_export.demo import load_pairs
@@ -143,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     contenders = [("static int8 IR, f32 hint", Path(args.static_int8), "f32"),
                   ("fp32 IR, bf16 hint", Path(args.fp32), "bf16"),
                   ("fp32 IR, f32 hint", Path(args.fp32), "f32")]
-    import openvino
-
-    if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if not cpu_has_bf16():
         contenders = [c for c in contenders if c[2] != "bf16"]
     report = Report("OpenVINO at batch 1: first-seen lengths, length changes, static-shape buckets")
     for label, folder, precision in contenders:

@@ -14,9 +14,9 @@ after each run (ORT's own default), and threads that spin only while a run is in
 
 Settings run in alternating order over several rounds; every figure is the median over rounds.
 
-    python benchmarks/bench_spinning.py                     # exports the demo adapter on MiniLM first
-    python benchmarks/bench_spinning.py --export DIR        # an existing ONNX export
-    python benchmarks/bench_spinning.py --quick             # smoke run
+    python benchmarks/investigations/bench_spinning.py                     # exports the demo adapter on MiniLM first
+    python benchmarks/investigations/bench_spinning.py --export DIR        # an existing ONNX export
+    python benchmarks/investigations/bench_spinning.py --quick             # smoke run
 """
 
 from __future__ import annotations
@@ -24,15 +24,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench_encode import export_if_needed, load_texts  # same export and real texts as bench_encode
-
-from peft_export.benchmark.harness import Report, alternating_rounds, time_throughput
+from peft_export.bench.builders import onnx_export
+from peft_export.bench.report import Report
+from peft_export.bench.rounds import alternating_rounds
+from peft_export.bench.texts import demo_queries_and_sentences
+from peft_export.bench.timing import time_throughput
 
 SETTINGS = {
     "spinning off (SessionSettings.throughput())": dict(allow_spinning=False),
@@ -121,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args.base = args.base or str(bundled_base_model_path())
     args.adapter = args.adapter or str(DEMO_ADAPTER_DIR)
-    export = export_if_needed(args)[0]
-    queries, sentences = load_texts(args.queries, args.sentences)
+    export = args.export or onnx_export(args.adapter, Path(tempfile.mkdtemp(prefix="bench-export-")) / "model",
+                                        base=args.base)[0]
+    queries, sentences = demo_queries_and_sentences(args.queries, args.sentences)
     models = {name: [EmbeddingModel(export, session_settings=SessionSettings(**kw)) for _ in range(2)]
               for name, kw in SETTINGS.items()}
     reference = models[next(iter(models))][0].encode(sentences[:64])
