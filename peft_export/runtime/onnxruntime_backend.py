@@ -34,14 +34,14 @@ class SessionSettings:
     in progress and stop spinning when it ends (``stop_spinning_between_runs``, ORT's
     ``session.force_spinning_stop``): batch-1 latency drops by 20-30% against sleeping threads, and idle
     sessions take no CPU, so several sessions used one after another do not slow each other down (measured in
-    ``benchmarks/bench_spinning.py``). Sessions that run *at the same time* still compete for the cores while
-    they spin; for that, ``throughput()`` turns spinning off.
+    ``benchmarks/investigations/bench_spinning.py``). Sessions that run *at the same time* still compete for the cores
+    while they spin; for that, ``throughput()`` turns spinning off.
 
     ``fuse_skip_layer_norm=None`` lets ONNX Runtime fuse residual Add + LayerNormalization into its
     ``SkipLayerNormalization`` kernel only on GPU providers. On the CPU that kernel is slower than the two operators it
     replaces (ORT 1.32, AVX-512 Xeon, one of MiniLM's 384-wide rows of 15 tokens: 17.6 us against 4.8 + 1.3 us;
-    1,280 tokens: 1,095 us against 147 + 101 us; ``benchmarks/bench_ort_kernels.py``), so CPU sessions keep them
-    apart; ``True``/``False`` force it either way.
+    1,280 tokens: 1,095 us against 147 + 101 us; ``benchmarks/investigations/bench_ort_kernels.py``), so CPU sessions
+    keep them apart; ``True``/``False`` force it either way.
     """
 
     intra_op_threads: int | None = None

@@ -7,8 +7,8 @@ produces. ``onnxruntime.transformers.optimizer`` does, offline, and packs query/
 contrib operator per layer (all-MiniLM-L6-v2: 533 nodes in the file -> 100).
 
 Measured on all-MiniLM-L6-v2 + the demo adapter, 2-core AVX-512 Xeon, ONNX Runtime 1.32, one run of
-``benchmarks/bench_ort_kernels.py``: fp32 batch 1 2.03 -> 1.77 ms, batch 32 245 -> 256 sentences/s; with dynamic
-int8 (``Attention`` becomes ``QAttention``) batch 1 1.32 -> 1.10 ms, batch 32 590 -> 613 /s. fp32 results stay
+``benchmarks/investigations/bench_ort_kernels.py``: fp32 batch 1 2.03 -> 1.77 ms, batch 32 245 -> 256 sentences/s; with
+dynamic int8 (``Attention`` becomes ``QAttention``) batch 1 1.32 -> 1.10 ms, batch 32 590 -> 613 /s. fp32 results stay
 within 2e-7 of the traced graph.
 
 Options chosen, and why:
