@@ -262,6 +262,7 @@ def test_version_prints_the_package_version():
 def test_export_log_says_when_no_adapter_is_applied(bert_case, monkeypatch):
     """The log line comes right after resolution; the stages after it are cut short here (the slow test below runs
     the whole export)."""
+    import peft_export.export.api as api
     import peft_export.export.pipeline as pipeline
 
     class Stop(Exception):
@@ -273,7 +274,7 @@ def test_export_log_says_when_no_adapter_is_applied(bert_case, monkeypatch):
     monkeypatch.setattr(pipeline, "prepare_export", stop)
     lines: list[str] = []
     with pytest.raises(Stop):
-        pipeline.export_onnx_model(str(bert_case.base), bert_case.export.parent / "never-written", log=lines.append)
+        api.export_onnx_model(str(bert_case.base), bert_case.export.parent / "never-written", log=lines.append)
     assert lines[0].startswith(f"base: {bert_case.base}")
     assert lines[1] == ("adapter: none; the base model is exported as it is (no LoRA adapter was given or found in "
                         "the model)")

@@ -116,10 +116,12 @@ def test_validation_failure_with_force_keeps_the_previous_export(bert_case, exis
 
 
 def test_impossible_tolerance_fails_validation(bert_case, tmp_path, monkeypatch):
-    import peft_export.export.validate as validate
+    from dataclasses import replace
 
-    monkeypatch.setattr(validate, "SENTENCE_TOLERANCE", -1.0)
-    monkeypatch.setattr(validate, "TOKEN_TOLERANCE", -1.0)
+    from peft_export.tasks import EMBEDDING, TASKS
+
+    impossible = tuple(replace(output, tolerance=-1.0) for output in EMBEDDING.outputs)
+    monkeypatch.setitem(TASKS, "embedding", replace(EMBEDDING, outputs=impossible))
     with pytest.raises(ValidationError, match=r"sentence_embedding: max abs diff [0-9.e+-]+ > -1; "
                                               r"token_embeddings: max abs diff [0-9.e+-]+ > -1"):
         export_onnx_model(str(bert_case.adapter), tmp_path / "out", log=_quiet)

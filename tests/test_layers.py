@@ -3,7 +3,9 @@ contracts in pyproject.toml: every import counts, also those inside functions.""
 
 from __future__ import annotations
 
+import os
 import pkgutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -29,16 +31,19 @@ def _layered_names() -> set[str]:
     return {name.strip() for layer in layers for name in layer.replace(":", "|").split("|")}
 
 
-def test_the_import_contracts_hold(monkeypatch, capsys):
+def _lint_imports(folder: Path, pythonpath: Path) -> subprocess.CompletedProcess:
+    """import-linter on ``folder``'s pyproject.toml, in a child process (it configures logging for its own output)."""
     pytest.importorskip("importlinter", reason="import-linter checks the contracts (pip install import-linter)")
-    from importlinter.cli import lint_imports
+    code = ("import sys; from importlinter.cli import lint_imports; "
+            "sys.exit(lint_imports(config_filename='pyproject.toml', no_cache=True, no_logo=True))")
+    return subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(pythonpath)})
 
-    monkeypatch.chdir(ROOT)
-    monkeypatch.syspath_prepend(str(ROOT))
-    code = lint_imports(config_filename=str(PYPROJECT), no_cache=True, no_logo=True)
-    report = capsys.readouterr().out
-    assert code == 0, report
-    assert "BROKEN" not in report and report.count("KEPT") == len(_contracts()), report
+
+def test_the_import_contracts_hold():
+    result = _lint_imports(ROOT, ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "BROKEN" not in result.stdout and result.stdout.count("KEPT") == len(_contracts()), result.stdout
 
 
 def test_every_subpackage_and_top_module_has_a_layer():
@@ -49,25 +54,17 @@ def test_every_subpackage_and_top_module_has_a_layer():
     assert placed - names == set(), f"the layers contract names modules that do not exist: {sorted(placed - names)}"
 
 
-def test_a_dependency_the_wrong_way_is_caught(tmp_path, monkeypatch, capsys):
-    """The checker really sees a runtime -> export import, even one hidden inside a function."""
-    pytest.importorskip("importlinter", reason="import-linter checks the contracts (pip install import-linter)")
+def test_a_dependency_the_wrong_way_is_caught(tmp_path):
+    """The checker really sees a runtime -> export import, even one hidden inside a function (checked on a copy of
+    the package, in a child process, so this interpreter's modules stay the real ones)."""
     import shutil
-
-    from importlinter.cli import lint_imports
 
     copy = tmp_path / "peft_export"
     shutil.copytree(Path(peft_export.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__", "*.onnx",
                                                                                             "*.safetensors", "*.jsonl"))
     with open(copy / "runtime" / "similarity.py", "a", encoding="utf-8") as fh:
         fh.write("\n\ndef _wrong_way():\n    from ..export import pipeline  # noqa: F401\n")
-    config = tmp_path / "pyproject.toml"
-    config.write_text(PYPROJECT.read_text(encoding="utf-8"), encoding="utf-8")
-    monkeypatch.chdir(tmp_path)
-    for name in [m for m in sys.modules if m == "peft_export" or m.startswith("peft_export.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    code = lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
-    report = capsys.readouterr().out
-    assert code == 1
-    assert "peft_export.runtime.similarity -> peft_export.export.pipeline" in report
+    (tmp_path / "pyproject.toml").write_text(PYPROJECT.read_text(encoding="utf-8"), encoding="utf-8")
+    result = _lint_imports(tmp_path, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "peft_export.runtime.similarity -> peft_export.export.pipeline" in result.stdout

@@ -9,7 +9,8 @@ import pytest
 
 from peft_export import EmbeddingModel, ValidationError, export_onnx_model
 from peft_export.demo import load_pairs
-from peft_export.export.gate import QualityGate, measure_quality, ndcg_at_10
+from peft_export.export.gate import QualityGate, measure_quality
+from peft_export.tasks.embedding import EMBEDDING, ndcg_at_10
 
 LENIENT = QualityGate(min_mean_cosine=0.9, min_worst_cosine=0.5, min_ndcg_retention=0.5)
 
@@ -73,7 +74,7 @@ def test_int8_export_records_gate_figures_that_match_a_recomputation(bert_case, 
 
     fp32, int8 = bert_case.embedding_model(), EmbeddingModel(out)
     pairs = load_pairs("eval")
-    again = measure_quality(lambda t: fp32.encode(t), lambda t: int8.encode(t), pairs)
+    again = measure_quality(lambda t: fp32.encode(t), lambda t: int8.encode(t), pairs, EMBEDDING)
     assert again["mean_cosine"] == pytest.approx(chosen["mean_cosine"], abs=1e-6)
     assert again["worst_cosine"] == pytest.approx(chosen["worst_cosine"], abs=1e-6)
     assert again["mean_cosine"] < 1.0  # int8 really is a different graph

@@ -245,7 +245,7 @@ def _cold_start(contender: Contender, sentences: list[str]) -> dict:
 def run_suite(contenders: list[Contender], workload: Workload, count_tokens: Callable[[list[str]], int],
               flops_per_token: float | None, title: str, log: Callable[[str], None] = print) -> Report:
     """Time every contender on every workload; the first contender is the reference for ratios and quality."""
-    from ..export.gate import ndcg_at_10
+    from ..tasks.embedding import ndcg_at_10
 
     report = Report(title)
     peak = fp32_matmul_gflops()

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..tasks import Task
 from .gate import QualityGate, backend_embedder, enforce, fp16_gate, gate_dict, measure_quality
 
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceSum", "ReduceMean", "ReduceL2", "Div", "Clip", "Sqrt", "Pow",
@@ -37,7 +38,7 @@ def convert_to_fp16(fp32_path: Path, out_path: Path) -> Path:
 
 
 def fp16_with_gate(fp32_path: Path, out_path: Path, tokenizer, fp32_backend, pairs: list[dict[str, str]],
-                   gate: QualityGate) -> dict[str, Any]:
+                   gate: QualityGate, task: Task) -> dict[str, Any]:
     """Write the fp16 graph next to the fp32 one and check it against fp32 on the gate pairs (fails loudly)."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -45,7 +46,7 @@ def fp16_with_gate(fp32_path: Path, out_path: Path, tokenizer, fp32_backend, pai
     gate = fp16_gate(gate)
     try:
         quality = measure_quality(backend_embedder(tokenizer, fp32_backend),
-                                  backend_embedder(tokenizer, OnnxRuntimeBackend(out_path)), pairs)
+                                  backend_embedder(tokenizer, OnnxRuntimeBackend(out_path)), pairs, task)
         enforce(gate, quality, "The fp16 graph")
     except BaseException:
         out_path.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """The quality gate of lossy exports (int8, fp16, bf16): agreement with fp32 and retrieval retention on real text.
 
 Retrieval retention is NDCG@10 of the lossy model divided by the fp32 model's, on a query -> passage set where
-each query has exactly one relevant passage (by default the demo corpus' held-out pairs, export/gate_data.py).
+each query has exactly one relevant passage (by default the demo corpus' held-out pairs, export/gate_data.py). The
+figures themselves are the task's (tasks/embedding.py: cosine and NDCG@10 retention).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ValidationError
-from ..runtime.similarity import normalize
+from ..tasks import Task
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -42,31 +43,15 @@ def fp16_gate(gate: QualityGate) -> QualityGate:
     return replace(gate, min_mean_cosine=max(gate.min_mean_cosine, FP16_MIN_MEAN_COSINE))
 
 
-def ndcg_at_10(queries: np.ndarray, passages: np.ndarray) -> float:
-    """One relevant passage per query (same row index); cosine ranking."""
-    scores = normalize(queries) @ normalize(passages).T  # (n_queries, n_passages)
-    rank = (scores > scores.diagonal()[:, None]).sum(axis=1)  # 0 = first
-    return float(np.where(rank < 10, 1.0 / np.log2(rank + 2), 0.0).mean())
+def gate_texts(pairs: list[dict[str, str]]) -> list[str]:
+    """The texts a gate embeds: the pairs' queries, then their passages (the order the task's figures expect)."""
+    return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
 
 
-def measure_quality(reference: Embed, candidate: Embed, pairs: list[dict[str, str]]) -> dict[str, float]:
-    texts = [p["query"] for p in pairs] + [p["passage"] for p in pairs]
-    return quality_against(reference(texts), candidate(texts))
-
-
-def quality_against(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
-    """Gate figures of embeddings ``got`` against ``ref``, both of the gate's texts (queries, then passages)."""
-    cosine = (normalize(ref) * normalize(got)).sum(axis=1)
-    n = len(ref) // 2
-    ndcg_ref, ndcg_got = ndcg_at_10(ref[:n], ref[n:]), ndcg_at_10(got[:n], got[n:])
-    return {
-        "mean_cosine": float(cosine.mean()),
-        "worst_cosine": float(cosine.min()),
-        "ndcg10_reference": ndcg_ref,
-        "ndcg10": ndcg_got,
-        "ndcg10_retention": ndcg_got / ndcg_ref if ndcg_ref > 0 else 0.0,
-        "texts": len(ref),
-    }
+def measure_quality(reference: Embed, candidate: Embed, pairs: list[dict[str, str]], task: Task) -> dict[str, float]:
+    """The task's gate figures of ``candidate`` against ``reference`` on the gate pairs."""
+    texts = gate_texts(pairs)
+    return task.quality(reference(texts), candidate(texts))
 
 
 SCREEN_PAIRS = 24  # pairs (48 texts) a rung is screened on before the full gate

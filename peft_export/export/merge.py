@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..source.resolve import AdapterSource
+from ..tasks import EMBEDDING, Task
 
 # PEFT saves LoRA tensors as "<prefix>.<module path>.lora_A.weight" (no adapter name in the key).
 _LORA_KEY = re.compile(
@@ -26,10 +27,12 @@ _LORA_KEY = re.compile(
 _UNUSED_HEADS = ("pooler",)
 
 
-def load_base_encoder(folder: Path, trust_remote_code: bool = False) -> nn.Module:
-    """The transformers encoder in fp32, eval mode, from safetensors only, loaded as its family's registry entry
-    says (export/families.py: eager attention; the key/value cache off for decoders)."""
-    from transformers import AutoConfig, AutoModel
+def load_base_encoder(folder: Path, trust_remote_code: bool = False, task: Task = EMBEDDING) -> nn.Module:
+    """The transformers model in fp32, eval mode, from safetensors only, with the task's auto class (tasks/), loaded
+    as its family's registry entry says (export/families.py: eager attention; the key/value cache off for
+    decoders)."""
+    import transformers
+    from transformers import AutoConfig
 
     from .families import family_for
 
@@ -41,7 +44,7 @@ def load_base_encoder(folder: Path, trust_remote_code: bool = False) -> nn.Modul
     # modules PEFT saw at training time; the pooler output is unused and drops out of the traced graph.
     try:
         model_type = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).model_type
-        model = AutoModel.from_pretrained(
+        model = getattr(transformers, task.transformers_auto_class).from_pretrained(
             str(folder),
             dtype=torch.float32,
             use_safetensors=True,

@@ -13,7 +13,7 @@ import torch
 from ..errors import ConfigError
 from .families import family_for, tracing_step
 from .fp16 import DTYPES
-from .graph import EmbeddingPipeline
+from .embedding_module import EmbeddingPipeline
 
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
@@ -146,21 +146,22 @@ class OnnxFormat:
         backend = OnnxRuntimeBackend(model_path)
         if self.options.quantize:
             tokenizer = TextTokenizer(model_path.parent, config)
-            family = family_for(getattr(merged.encoder_config, "model_type", None))
             checks["quantization"] = _quantize_step(self.options, self.gate_pairs, self.calibration,
-                                                    model_path.parent, config, tokenizer, backend, log, family)
+                                                    model_path.parent, config, tokenizer, backend, log,
+                                                    merged.resolved.task)
         if self.options.dtype == "fp16":
-            checks["fp16"] = self._fp16_step(model_path, config, backend, log)
+            checks["fp16"] = self._fp16_step(model_path, config, backend, log, merged.resolved.task)
         return checks
 
-    def _fp16_step(self, fp32_path: Path, config, fp32_backend, log) -> dict:
+    def _fp16_step(self, fp32_path: Path, config, fp32_backend, log, task) -> dict:
         """Replace the validated fp32 graph by its fp16 version once that passes the quality gate against it."""
         from ..runtime.tokenizer import TextTokenizer
         from .fp16 import fp16_with_gate
 
         fp16_path = fp32_path.with_name("model_fp16.onnx")
         tokenizer = TextTokenizer(fp32_path.parent, config)
-        result = fp16_with_gate(fp32_path, fp16_path, tokenizer, fp32_backend, self.gate_pairs, self.options.gate)
+        result = fp16_with_gate(fp32_path, fp16_path, tokenizer, fp32_backend, self.gate_pairs, self.options.gate,
+                                task)
         log(f"fp16: mean cosine {result['mean_cosine']:.6f}, worst {result['worst_cosine']:.6f}, NDCG@10 "
             f"retention {result['ndcg10_retention']:.4f} vs fp32 (LayerNorm, Softmax, pooling kept fp32)")
         return _adopt_graph(fp32_path, fp16_path, config, result, self.options)
@@ -251,7 +252,7 @@ def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | 
 
 
 def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] | None, folder: Path, config,
-                   tokenizer, fp32_backend, log, family) -> dict[str, Any]:
+                   tokenizer, fp32_backend, log, task) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
     from .gate import backend_embedder, gate_dict
@@ -263,7 +264,7 @@ def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] 
         fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend),
         lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
         mode=options.quantize, tokenize=tokenizer.encode,
-        calibration_texts=calibration if options.quantize == "int8-static" else None, family=family,
+        calibration_texts=calibration if options.quantize == "int8-static" else None, task=task,
         probe_texts=calibration, log=log,
     )
     chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])

@@ -33,8 +33,8 @@ from ..errors import ConfigError, ValidationError, require, tool_step
 from .families import DEFAULT_FAMILY, family_for, tracing_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from ..runtime.similarity import cosine_rows
-from .gate import (LOWER_GATE, LOWER_GATE_CLI, QualityGate, backend_embedder, fp16_gate, gate_dict,
-                   quality_against, screen_failures, screen_rows)
+from .gate import (LOWER_GATE, LOWER_GATE_CLI, QualityGate, backend_embedder, fp16_gate, gate_dict, gate_texts,
+                   screen_failures, screen_rows)
 from .gate_data import calibration_texts, docstring_pairs, load_pairs_file
 from .int8_ladder import int8_rungs
 from .validate import compare_with_reference
@@ -239,8 +239,9 @@ class OpenVinoFormat:
         if self.weight_format == "fp32":
             return checks
         self.family = family_for(getattr(merged.encoder_config, "model_type", None))
+        self.task = merged.resolved.task  # whose figures the gate compares
         tokenizer = TextTokenizer(model_path.parent, config)
-        texts = [p["query"] for p in self.pairs] + [p["passage"] for p in self.pairs]
+        texts = gate_texts(self.pairs)
         started = time.perf_counter()
         reference = backend_embedder(tokenizer, backend)(texts)  # fp32, computed once for every candidate
         reference_seconds = time.perf_counter() - started
@@ -310,7 +311,7 @@ class OpenVinoFormat:
                         f"[quantize {seconds['quantize']:.0f}s, screen {seconds['screen']:.0f}s]")
                     continue
                 clock = time.perf_counter()
-                quality = quality_against(reference, embed(texts))
+                quality = self.task.quality(reference, embed(texts))
                 seconds["gate"] = round(time.perf_counter() - clock, 1)
                 attempt.update({**quality, "failures": self.gate.failures(quality)})
                 log(f"{self.lossy_kind} ({strategy}): mean cosine {quality['mean_cosine']:.5f}, worst "

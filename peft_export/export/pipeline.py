@@ -26,6 +26,7 @@ from .output_folder import atomic_output_folder, check_output_target, folder_siz
 from .tokenizer_files import check_runtime_tokenizer, save_tokenizer
 from .families import family_of
 from .gate import QualityGate
+from ..tasks import Task, load_reference
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class MergedModel:
     """What the shared stages hand to a graph format: the merged fp32 pipeline and its reference outputs."""
 
     resolved: ResolvedModel
-    pipeline: Any  # EmbeddingPipeline (torch), adapter merged, eval mode
+    pipeline: Any  # the task's torch module (EmbeddingPipeline), adapter merged, eval mode
     tokenizer: Any  # transformers fast tokenizer, model_max_length set to max_seq_length
     input_names: list[str]
     reference_tokenize: Callable[[list[str]], dict[str, np.ndarray]]
@@ -202,16 +203,19 @@ class PreparedExport:
     input_names: list[str]
     ref_tokenize: Callable[[list[str]], dict[str, np.ndarray]]
 
-    def make_pipeline(self, module):
-        from .graph import EmbeddingPipeline
+    @property
+    def task(self) -> Task:
+        return self.resolved.task
 
-        return EmbeddingPipeline(module, self.resolved.pipeline, self.dense, self.uses_token_type_ids).eval()
+    def make_pipeline(self, module):
+        """The task's torch module around the encoder ``module`` (a PEFT model or a plain encoder), eval mode."""
+        return load_reference(self.task.torch_module)(module, self)
 
     def load_encoder(self, trust_remote_code: bool = False):
         """Another fresh copy of the base encoder."""
         from .merge import load_base_encoder
 
-        return load_base_encoder(self.resolved.encoder_folder, trust_remote_code)
+        return load_base_encoder(self.resolved.encoder_folder, trust_remote_code, self.task)
 
     def runtime_config(self, model_file: str, sentence_dim: int, backend: str = "onnxruntime") -> RuntimeConfig:
         return runtime_config(self.resolved, self.tokenizer, self.input_names, self.max_len, len(self.dense),
@@ -222,13 +226,13 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
     """Load tokenizer, encoder (fp32) and Dense modules for ``resolved``, with ``options``' overrides applied."""
     import torch
 
-    from .graph import load_dense
+    from .embedding_module import load_dense
     from .merge import load_base_encoder, uses_token_type_ids
 
     _apply_overrides(options, resolved)
     torch.manual_seed(0)
     tokenizer = _load_tokenizer(resolved, options.trust_remote_code)
-    encoder = load_base_encoder(resolved.encoder_folder, options.trust_remote_code)
+    encoder = load_base_encoder(resolved.encoder_folder, options.trust_remote_code, resolved.task)
     max_len = _max_seq_length(options, resolved, encoder, tokenizer)
     tokenizer.model_max_length = max_len
     with_type_ids = uses_token_type_ids(encoder, tokenizer)
@@ -263,26 +267,29 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     prepared = prepare_export(options, resolved)
     encoder, make_pipeline, ref_tokenize = prepared.encoder, prepared.make_pipeline, prepared.ref_tokenize
     tokenizer, names, max_len, dense = prepared.tokenizer, prepared.input_names, prepared.max_len, prepared.dense
+    task = prepared.task
     parity: dict[str, Any] = {}
     if resolved.adapters:
         adapter = resolved.adapters[0]
         peft_model = attach_adapters(encoder, resolved.adapters)
-        references = validate.reference_outputs(make_pipeline(peft_model), ref_tokenize)
+        references = validate.reference_outputs(make_pipeline(peft_model), ref_tokenize, task=task)
         validate.check_finite_outputs(references, f"Adapter {adapter.name!r}", nonfinite_hint(adapter))
         with peft_model.disable_adapter():
-            effect = validate.max_sentence_difference(references, validate.torch_runner(make_pipeline(peft_model)))
+            effect = validate.max_main_difference(references, validate.torch_runner(make_pipeline(peft_model), task),
+                                                  task)
         parity["adapter_vs_base_max_abs_diff"] = effect
         if effect < NOOP_ADAPTER_THRESHOLD and not options.allow_noop_adapter:
             raise noop_adapter_error(adapter.name, effect)
         merged = merge_adapter(peft_model, adapter.name)
         final = make_pipeline(merged)
-        merge_report = validate.compare_with_reference(references, validate.torch_runner(final), "The merged model")
+        merge_report = validate.compare_with_reference(references, validate.torch_runner(final, task),
+                                                       "The merged model", task=task)
         parity["merged_vs_unmerged"] = merge_report.max_diff
         log(f"merged == unmerged PEFT: max diff {merge_report.max_diff['sentence_embedding']:.2e}; "
             f"adapter changes embeddings by up to {effect:.3f}")
     else:
         final = make_pipeline(encoder)
-        references = validate.reference_outputs(final, ref_tokenize)
+        references = validate.reference_outputs(final, ref_tokenize, task=task)
     return MergedModel(resolved=resolved, pipeline=final, tokenizer=tokenizer, input_names=names,
                        reference_tokenize=ref_tokenize,
                        references=references, max_seq_length=max_len, dense_layers=len(dense), validation=parity,
@@ -303,13 +310,13 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
         if release:
             merged.release()
         save_tokenizer(merged.tokenizer, tmp)
-        sentence_dim = int(merged.references[0].sentence_embedding.shape[-1])
+        sentence_dim = int(merged.references[0].outputs["sentence_embedding"].shape[-1])
         config = runtime_config(resolved, merged.tokenizer, merged.input_names, merged.max_seq_length,
                                 merged.dense_layers, sentence_dim, model_path.name, graph_format.backend,
                                 max_positions=merged.max_positions)
         config.save(tmp)
         runtime_tok = TextTokenizer(tmp, config)
-        check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, validate.VALIDATION_TEXTS)
+        check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, merged.resolved.task.validation_texts)
         validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
         manifest = export_manifest(resolved, graph_format.manifest_entry(config), config, validation,
                              time.perf_counter() - merged.started)

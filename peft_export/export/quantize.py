@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ..errors import ConfigError, ValidationError, tool_step
-from .families import DEFAULT_FAMILY, ModelFamily
+from ..tasks import EMBEDDING, Task
 from ..runtime.similarity import cosine_rows
-from .gate import (LOWER_GATE, LOWER_GATE_CLI, Embed, QualityGate, quality_against, screen_failures,
+from .gate import (LOWER_GATE, LOWER_GATE_CLI, Embed, QualityGate, gate_texts, screen_failures,
                    screen_rows)
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def quantize_with_gate(
     mode: str = "int8",
     tokenize: Callable | None = None,
     calibration_texts: list[str] | None = None,
-    family: ModelFamily = DEFAULT_FAMILY,
+    task: Task = EMBEDDING,
     probe_texts: list[str] | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> dict:
@@ -118,7 +118,7 @@ def quantize_with_gate(
 
     started = time.perf_counter()
     external = uses_external_data(fp32_path)
-    texts = [p["query"] for p in pairs] + [p["passage"] for p in pairs]
+    texts = gate_texts(pairs)
     clock = time.perf_counter()
     reference_embeddings = reference(texts)  # fp32, once for every rung
     reference_seconds = time.perf_counter() - clock
@@ -148,7 +148,7 @@ def quantize_with_gate(
         for strategy, excluded, source, side in rungs:
             attempt, passed = _try_rung(source, out_path, Path(scratch), mode, excluded + side, tokenize,
                                         calibration_texts, external, make_candidate, texts, reference_embeddings,
-                                        rows, gate)
+                                        rows, gate, task)
             attempt = {"strategy": strategy, "excluded_nodes": len(excluded), "quantized_nodes":
                        len(nodes) - len(excluded), "fp32_nodes": excluded, **attempt}
             attempts.append(attempt)
@@ -177,7 +177,7 @@ def quantize_with_gate(
 
 def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: list[str], tokenize,
               calibration_texts, external: bool, make_candidate, texts: list[str], reference: np.ndarray,
-              rows: np.ndarray, gate: QualityGate) -> tuple[dict, Path | None]:
+              rows: np.ndarray, gate: QualityGate, task: Task) -> tuple[dict, Path | None]:
     """Quantize one rung, screen it, then gate it; (figures and seconds, path of the candidate if it passed)."""
     candidate_path = scratch / f"candidate_{len(exclude)}_{out_path.name}"
     seconds = {}
@@ -194,7 +194,7 @@ def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: l
     if rejected:
         return {**attempt, "failures": rejected, "seconds": seconds}, None
     clock = time.perf_counter()
-    quality = quality_against(reference, embed(texts))
+    quality = task.quality(reference, embed(texts))
     seconds["gate"] = round(time.perf_counter() - clock, 1)
     failures = gate.failures(quality)
     return {**attempt, **quality, "failures": failures, "seconds": seconds}, None if failures else candidate_path

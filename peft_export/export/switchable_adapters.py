@@ -179,7 +179,7 @@ def replay(batches: list[validate.ReferenceBatch]) -> Callable[[dict[str, np.nda
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = next(stored)
-        return {"sentence_embedding": batch.sentence_embedding, "token_embeddings": batch.token_embeddings}
+        return dict(batch.outputs)
 
     return run
 
@@ -190,7 +190,7 @@ def adapter_references(peft_model, name: str, make_pipeline: Callable[[nn.Module
     peft_model.set_adapter(name)
     eager = validate.reference_outputs(make_pipeline(peft_model), tokenize)
     validate.check_finite_outputs(eager, f"Adapter {name!r}")
-    effect = validate.max_sentence_difference(base, replay(eager))
+    effect = validate.max_main_difference(base, replay(eager))
     merged_model = merge_adapter(copy.deepcopy(peft_model), name)
     merged = validate.reference_outputs(make_pipeline(merged_model), tokenize)
     del merged_model

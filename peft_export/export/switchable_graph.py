@@ -40,7 +40,7 @@ from torch import nn
 
 from ..errors import ConfigError, require
 from ..runtime.lora_layout import Slot
-from .graph import EmbeddingPipeline
+from .embedding_module import EmbeddingPipeline
 from .families import tracing_step
 from .onnx import MODEL_FILE, OUTPUT_NAMES, TRACE_ONNX, dummy_inputs, input_names
 

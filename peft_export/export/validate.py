@@ -3,7 +3,10 @@
 Shapes are bounded so that a long-context model validates in minutes on a CPU: the one long input runs at batch
 1 with up to LONG_MAX_TOKENS tokens (the full max_seq_length for every model up to that length); the rows of
 multi-row batches are truncated to BATCHED_MAX_TOKENS. Truncation at the full max_seq_length is checked on the
-tokenizer alone (pipeline._check_runtime_tokenizer), which costs no model run.
+tokenizer alone (tokenizer_files.check_runtime_tokenizer), which costs no model run.
+
+What is compared, and how closely, is the task's (tasks/): its graph outputs, their tolerances, its validation
+texts.
 """
 
 from __future__ import annotations
@@ -15,24 +18,8 @@ import numpy as np
 import torch
 
 from ..errors import ValidationError
-from ..runtime.similarity import normalize
+from ..tasks import EMBEDDING, Task
 
-SENTENCE_TOLERANCE = 1e-5  # on L2-normalised sentence embeddings
-TOKEN_TOLERANCE = 1e-4
-
-# Real sentences of very different lengths; the last one is made longer than any max_seq_length.
-VALIDATION_TEXTS = [
-    "Hi",
-    "How do I reset my password?",
-    "The quick brown fox jumps over the lazy dog.",
-    "Return a new array of given shape and type, filled with zeros.",
-    "A context manager that temporarily changes the working directory and restores it on exit.",
-    "Sentence embeddings map text to dense vectors so that similar meanings land close together.",
-    "Fine-tuning with LoRA adds a low-rank update B @ A to selected weight matrices of the network.",
-    "Émigré café naïve résumé — 東京 — مرحبا — 👍",
-    # About 10,000 tokens: longer than any max_seq_length up to 8192.
-    " ".join(["Long inputs are truncated to the model's maximum sequence length before encoding."] * 700),
-]
 BATCH_SIZES = (1, 3, 7)  # tracing used batch 2
 LONG_MAX_TOKENS = 2048  # batch 1: attention scores are heads x length^2 floats per layer; 8192 would need GBs
 BATCHED_MAX_TOKENS = 256  # each row of a batch of several
@@ -40,11 +27,9 @@ BATCHED_MAX_TOKENS = 256  # each row of a batch of several
 
 @dataclass
 class ValidationReport:
+    tolerances: dict[str, float]
     max_diff: dict[str, float] = field(default_factory=dict)
     shapes: list[list[int]] = field(default_factory=list)
-    tolerances: dict[str, float] = field(
-        default_factory=lambda: {"sentence_embedding": SENTENCE_TOLERANCE, "token_embeddings": TOKEN_TOLERANCE}
-    )
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_diff, "tolerances": self.tolerances, "shapes_checked": self.shapes}
@@ -55,8 +40,8 @@ def token_limit(batch: list[str]) -> int:
     return LONG_MAX_TOKENS if len(batch) == 1 else BATCHED_MAX_TOKENS
 
 
-def validation_batches(texts: list[str] | None = None) -> list[list[str]]:
-    texts = texts or VALIDATION_TEXTS
+def validation_batches(texts: list[str] | None = None, task: Task = EMBEDDING) -> list[list[str]]:
+    texts = list(texts or task.validation_texts)
     batches = []
     for size in BATCH_SIZES:
         # Rotate so every batch mixes short texts with the long (truncated) one.
@@ -75,31 +60,29 @@ def validation_batches(texts: list[str] | None = None) -> list[list[str]]:
 @dataclass
 class ReferenceBatch:
     feeds: dict[str, np.ndarray]
-    sentence_embedding: np.ndarray  # (batch, dim)
-    token_embeddings: np.ndarray  # (batch, seq, hidden)
+    outputs: dict[str, np.ndarray]  # the task's graph outputs, by name
 
 
-def reference_outputs(
-    reference: torch.nn.Module, tokenize: Callable[..., dict[str, np.ndarray]], texts: list[str] | None = None
-) -> list[ReferenceBatch]:
+def _run_module(module: torch.nn.Module, feeds: dict[str, np.ndarray], task: Task) -> dict[str, np.ndarray]:
+    with torch.no_grad():
+        values = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
+    return {name: value.numpy() for name, value in zip(task.output_names, values)}
+
+
+def reference_outputs(reference: torch.nn.Module, tokenize: Callable[..., dict[str, np.ndarray]],
+                      texts: list[str] | None = None, task: Task = EMBEDDING) -> list[ReferenceBatch]:
     """Run the PyTorch reference once on every validation batch; ``tokenize(texts, max_length)`` truncates to
     the smaller of ``max_length`` and the model's max_seq_length."""
     batches = []
-    for batch in validation_batches(texts):
+    for batch in validation_batches(texts, task):
         feeds = tokenize(batch, token_limit(batch))
-        with torch.no_grad():
-            sentence, tokens = reference(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-        batches.append(ReferenceBatch(feeds, sentence.numpy(), tokens.numpy()))
+        batches.append(ReferenceBatch(feeds, _run_module(reference, feeds, task)))
     return batches
 
 
-def torch_runner(module: torch.nn.Module) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            sentence, tokens = module(**{k: torch.from_numpy(v) for k, v in feeds.items()})
-        return {"sentence_embedding": sentence.numpy(), "token_embeddings": tokens.numpy()}
-
-    return run
+def torch_runner(module: torch.nn.Module, task: Task = EMBEDDING
+                 ) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    return lambda feeds: _run_module(module, feeds, task)
 
 
 def compare_with_reference(
@@ -107,24 +90,17 @@ def compare_with_reference(
     run_graph: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
     what: str = "The exported graph",
     tolerances: dict[str, float] | None = None,
+    task: Task = EMBEDDING,
 ) -> ValidationReport:
-    """Run ``run_graph`` on each reference batch; raise once, listing every output over its tolerance."""
-    report = ValidationReport()
-    if tolerances:
-        report.tolerances = dict(tolerances)
+    """Run ``run_graph`` on each reference batch; raise once, listing every output over its tolerance (the
+    task's, or ``tolerances`` where given)."""
+    report = ValidationReport(tolerances={**task.tolerances, **(tolerances or {})})
     worst = {name: 0.0 for name in report.tolerances}
     for ref in references:
         report.shapes.append(list(ref.feeds["input_ids"].shape))
-        got = run_graph(ref.feeds)
-        mask = ref.feeds["attention_mask"].astype(bool)
-        diffs = {
-            "sentence_embedding": np.abs(normalize(got["sentence_embedding"])
-                                         - normalize(ref.sentence_embedding)).max(),
-            "token_embeddings": np.abs(got["token_embeddings"][mask] - ref.token_embeddings[mask]).max(),
-        }
+        diffs = task.differences(ref.outputs, run_graph(ref.feeds), ref.feeds["attention_mask"])
         for name in worst:
-            value = float(diffs[name])
-            worst[name] = max(worst[name], value if np.isfinite(value) else float("inf"))
+            worst[name] = max(worst[name], diffs[name])
     report.max_diff = worst
     failures = [f"{name}: max abs diff {value:.3g} > {report.tolerances[name]:g}"
                 for name, value in worst.items() if not value <= report.tolerances[name]]
@@ -136,13 +112,15 @@ def compare_with_reference(
     return report
 
 
-def max_sentence_difference(references: list[ReferenceBatch], run_graph) -> float:
-    """Largest difference of normalised sentence embeddings between ``run_graph`` and the references; inf when
-    either side is not finite (a NaN difference would otherwise compare as no difference at all)."""
+def max_main_difference(references: list[ReferenceBatch], run_graph, task: Task = EMBEDDING) -> float:
+    """Largest difference of the task's main output (its first: the sentence embedding, compared normalised)
+    between ``run_graph`` and the references; inf when either side is not finite (a NaN difference would otherwise
+    compare as no difference at all)."""
+    main = task.outputs[0]
     worst = 0.0
     for ref in references:
-        got = run_graph(ref.feeds)["sentence_embedding"]
-        value = float(np.abs(normalize(got) - normalize(ref.sentence_embedding)).max())
+        value = float(main.difference(ref.outputs[main.name], run_graph(ref.feeds)[main.name],
+                                      ref.feeds["attention_mask"]))
         worst = max(worst, value if np.isfinite(value) else float("inf"))
     return worst
 
@@ -150,8 +128,8 @@ def max_sentence_difference(references: list[ReferenceBatch], run_graph) -> floa
 def check_finite_outputs(references: list[ReferenceBatch], what: str, hint: str = "") -> None:
     """Raise ValidationError naming the output and the input shape where ``references`` hold NaN or Inf."""
     for ref in references:
-        for name in ("sentence_embedding", "token_embeddings"):
-            if not np.isfinite(getattr(ref, name)).all():
+        for name, value in ref.outputs.items():
+            if not np.isfinite(value).all():
                 raise ValidationError(
                     f"{what} produces non-finite values (NaN/Inf) in {name} on input shape "
                     f"{list(ref.feeds['input_ids'].shape)}{hint}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import ConfigError, UnsafeModelError
 from ..runtime.adapter_names import DEFAULT_ADAPTER_NAME, check_adapter_name
 from ..runtime.export_files import sha256_of
+from ..tasks import EMBEDDING, Task, task_named
 from .safetensors_file import check_safetensors_file
 from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
 from .hub import PASS_ADAPTER_LOCALLY, PASS_BASE_LOCALLY, local_folder
@@ -35,6 +36,7 @@ class ResolvedModel:
     pipeline_folder: Path  # where modules.json / Pooling / Dense / tokenizer are read from
     pipeline: PipelineConfig
     adapters: list[AdapterSource] = field(default_factory=list)
+    task: Task = EMBEDDING  # the model type (tasks/); only sentence embedding models are read so far
 
     @property
     def tokenizer_folder(self) -> Path:
@@ -208,4 +210,5 @@ def resolve_model(
         pipeline_folder=pipeline_folder,
         pipeline=pipeline,
         adapters=resolved_adapters,
+        task=task_named(EMBEDDING.name),  # looked up now: the registry is the one place a task is defined
     )

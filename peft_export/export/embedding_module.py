@@ -110,3 +110,9 @@ class EmbeddingPipeline(nn.Module):
         if self.normalize:
             embedding = nn.functional.normalize(embedding, p=2, dim=-1)
         return embedding, token_embeddings
+
+
+def build_embedding_module(encoder: nn.Module, prepared) -> EmbeddingPipeline:
+    """The embedding task's torch module (tasks/embedding.py names it): ``encoder`` with the model's pooling,
+    Dense layers and normalisation, as ``prepared`` (export/pipeline.py PreparedExport) loaded them."""
+    return EmbeddingPipeline(encoder, prepared.resolved.pipeline, prepared.dense, prepared.uses_token_type_ids).eval()
