@@ -191,3 +191,20 @@ def test_encode_uses_only_the_protocols_verbs(bert_case, backend):
 def test_openvino_refuses_merge_adapter_itself():
     with pytest.raises(ConfigError, match="merge_adapter needs the ONNX Runtime backend"):
         OpenVinoBackend.merge_adapter(object.__new__(OpenVinoBackend), None, [])
+
+
+def test_pre_tokenized_inputs_are_batched_as_texts_are(bert_case):
+    """batches_of (what a pair task feeds with its own encodings) plans and pads as batches(texts) does."""
+    model = bert_case.embedding_model()
+    texts = ["a much longer sentence than the others, to be batched first", "short", "mid length text"] * 3
+    tokenizer = model._tokenizer
+    budget = model._token_budget("auto")
+    assert budget == model.max_batch_tokens
+    expected = list(tokenizer.batches(texts, 4, 40))
+    got = list(tokenizer.batches_of(tokenizer.tokenize(texts), 4, 40))
+    assert len(got) == len(expected) > 1
+    for (index, feeds), (want_index, want_feeds) in zip(got, expected):
+        np.testing.assert_array_equal(index, want_index)
+        assert feeds.keys() == want_feeds.keys()
+        for name in feeds:
+            np.testing.assert_array_equal(feeds[name], want_feeds[name])

@@ -181,10 +181,13 @@ class ExportedModel(AdapterMethods):
     def _batches(self, texts: list[str], batch_size: int, max_batch_tokens: int | None | str) -> Iterator[Batch]:
         """``texts`` tokenized once and batched longest first (by tokens, so each batch pads as little as possible),
         each batch capped at ``batch_size`` inputs and ``max_batch_tokens`` padded tokens ("auto":
-        ``self.max_batch_tokens``; None: no cap). See :func:`.batches.plan_batches`."""
-        if max_batch_tokens == "auto":
-            max_batch_tokens = self.max_batch_tokens
-        return self._tokenizer.batches(texts, batch_size, max_batch_tokens)
+        ``self.max_batch_tokens``; None: no cap). See :func:`.batches.plan_batches`; inputs tokenized otherwise
+        (text pairs) are batched the same way by ``self._tokenizer.batches_of`` with :meth:`_token_budget`."""
+        return self._tokenizer.batches(texts, batch_size, self._token_budget(max_batch_tokens))
+
+    def _token_budget(self, max_batch_tokens: int | None | str) -> int | None:
+        """The padded tokens per batch a call asked for: "auto" is ``self.max_batch_tokens``."""
+        return self.max_batch_tokens if max_batch_tokens == "auto" else max_batch_tokens
 
     def _run_planned(self, batches: Iterable[Batch], outputs: list[str], adapter: Any = None
                      ) -> Iterator[tuple[np.ndarray, Feeds, dict[str, np.ndarray]]]:
