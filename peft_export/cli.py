@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import PeftExportError
+from .methods import method_names
 
 DEFAULT_OUTPUT_SUFFIX = "-onnx"
 OPENVINO_OUTPUT_SUFFIX = "-openvino"
@@ -42,7 +43,7 @@ def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = 
              "adapter-only folder/repo. Omitted: the bundled all-MiniLM-L6-v2 with the bundled demo adapter.",
     )
     parser.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH_OR_ID",
-                        help="PEFT LoRA adapter to apply (folder or hub id)")
+                        help=f"PEFT {method_names()} adapter to apply (folder or hub id)")
     parser.add_argument("--base", help="base model for an adapter-only MODEL_ID (default: its base_model_name_or_path)")
     parser.add_argument("--revision", help="hub revision (branch, tag or commit) of MODEL_ID")
     parser.add_argument("--base-revision", help="hub revision of the base model")
@@ -321,22 +322,24 @@ def _add_serve_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-export",
-        description="Export LoRA-adapted sentence-embedding models to ONNX or OpenVINO and run them without torch.",
+        description=f"Export {method_names()}-adapted sentence-embedding models to ONNX or OpenVINO and run them "
+                    "without torch.",
     )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
-    merge = sub.add_parser("merge-onnx", help="merge a LoRA adapter into its base and export one ONNX graph",
-                           description="Resolve MODEL_ID, merge the LoRA adapter with PEFT, export encoder + pooling "
-                                       "+ Dense + Normalize as one ONNX graph, validate it numerically and write "
-                                       "a manifest.")
+    merged, switchable = method_names("merged"), method_names("switchable")  # the registry's methods, for help
+    merge = sub.add_parser("merge-onnx", help=f"merge a {merged} adapter into its base and export one ONNX graph",
+                           description=f"Resolve MODEL_ID, merge the {merged} adapter with PEFT, export encoder + "
+                                       "pooling + Dense + Normalize as one ONNX graph, validate it numerically and "
+                                       "write a manifest.")
     _add_export_arguments(merge)
     merge.set_defaults(handler=_cmd_merge_onnx)
 
     merge_ov = sub.add_parser(
-        "merge-openvino", help="merge a LoRA adapter into its base and export OpenVINO IR (.xml + .bin)",
+        "merge-openvino", help=f"merge a {merged} adapter into its base and export OpenVINO IR (.xml + .bin)",
         description="Same resolution, merge and validation as merge-onnx, writing OpenVINO IR with pooling, Dense "
                     "and Normalize folded in and dynamic batch/sequence dimensions. fp16 and int8 (NNCF) weights "
                     "must pass the quality gate against the fp32 model.",
@@ -363,9 +366,10 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--adapter", metavar="NAME", help="switchable exports: the adapter to encode with")
     enc.set_defaults(handler=_cmd_encode)
 
-    add = sub.add_parser("add-adapter", help="add a PEFT LoRA adapter to a switchable export (graph untouched)",
-                         description="Convert a PEFT LoRA adapter for an existing switchable export, validate it "
-                                     "against eager PEFT and the merged model on the export's base, and add its "
+    add = sub.add_parser("add-adapter",
+                         help=f"add a PEFT {switchable} adapter to a switchable export (graph untouched)",
+                         description=f"Convert a PEFT {switchable} adapter for an existing switchable export, validate "
+                                     "it against eager PEFT and the merged model on the export's base, and add its "
                                      "weight file. A rejected adapter leaves the folder unchanged.")
     add.add_argument("path", help="switchable export folder")
     add.add_argument("adapter", metavar="NAME=PATH_OR_ID", help="adapter name and PEFT adapter folder or hub id")

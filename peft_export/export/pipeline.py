@@ -259,8 +259,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
         raise ConfigError(f"{given} switchable=True {keep}").in_cli_words(f"{given} --switchable {keep}")
     log(describe_base(resolved))
     for adapter in resolved.adapters:
-        log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
-            f"alpha={adapter.config.lora_alpha} targets={adapter.config.target_modules}")
+        log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} {adapter.config.describe()}")
     if not resolved.adapters:
         log("adapter: none; the base model is exported as it is (no LoRA adapter was given or found in the model)")
 

@@ -33,7 +33,8 @@ from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, Prep
                        prepare_export)
 from .switchable_folder import MERGE_MODE, adapter_file, graph_files
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
-                                  max_output_difference, peft_lora_factors, validate_adapter_run)
+                                  max_output_difference, peft_branch_factors, peft_targeted_layers,
+                                  validate_adapter_run)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def check_effect(refs: AdapterReferences, allow_noop: bool) -> None:
 
 
 def convert_adapter(peft_model, adapter: AdapterSource, slots: list[Slot]) -> tuple[dict, dict[str, Any]]:
-    factors = peft_lora_factors(peft_model, adapter.name)
+    factors = peft_branch_factors(peft_model, adapter.name)
     return pack_factors(slots, factors), adapter_summary(adapter, factors)
 
 
@@ -138,8 +139,6 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
                           backend: str = "onnxruntime") -> ExportResult:
     """Export ``options.adapters`` as switchable adapters over one base graph for ``backend`` ("onnxruntime":
     model.onnx + .onnx_adapter files; "openvino": openvino_model.xml/.bin + .safetensors files)."""
-    from peft.tuners.lora import LoraLayer
-
     from .merge import attach_adapters
     from ..runtime.onnxruntime_fusion import AttentionShape
     from .switchable_graph import export_switchable_onnx, export_switchable_openvino, find_slots
@@ -169,12 +168,11 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
     log(describe_base(resolved))
     for adapter in resolved.adapters:
-        log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} r={adapter.config.r} "
-            f"alpha={adapter.config.lora_alpha} targets={adapter.config.target_modules}")
+        log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} {adapter.config.describe()}")
 
     prepared = prepare_export(options, resolved)
     peft_model = attach_adapters(prepared.encoder, resolved.adapters)
-    targeted = {n for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+    targeted = peft_targeted_layers(peft_model)
     graph_encoder = prepared.load_encoder(options.trust_remote_code)
     slots = find_slots(graph_encoder, targeted)
     log(f"switchable graph: LoRA branches at {len(slots)} layers")

@@ -1,8 +1,8 @@
-"""PEFT LoRA adapters -> the factors a switchable graph takes, and the references they are validated against.
+"""PEFT adapters -> the factors a switchable graph takes, and the references they are validated against.
 
-The factors come from PEFT's own LoRA layers (``lora_A``, ``lora_B`` and ``scaling`` per module), so per-module
-ranks and alphas (``rank_pattern``, ``alpha_pattern``) and rsLoRA's scaling are exactly what PEFT's forward
-uses. Anything a low-rank branch cannot reproduce exactly is refused, naming the config key.
+The factors are the adapter's method's (peft_export/methods/: LoRA gives PEFT's own ``lora_A``, ``lora_B`` and
+``scaling`` per module, so per-module ranks and alphas and rsLoRA's scaling are exactly what PEFT's forward uses).
+Anything the graph's low-rank branches cannot reproduce exactly is refused by the method, naming the config key.
 """
 
 from __future__ import annotations
@@ -12,79 +12,51 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..methods import AdapterConfig, PeftMethod, is_unused_head, method_for
 from ..runtime.lora_layout import Slot, pack_factors
 from ..runtime.similarity import normalize
-from ..source.adapter_config import AdapterConfig
 from ..source.resolve import AdapterSource, load_adapter_source, recorded_source
 from . import validate
-from .merge import _LORA_KEY, check_adapter_tensors, merge_adapter
-from .switchable_graph import UNUSED_HEADS
-
-# Config keys whose non-default value changes the forward beyond ``W x + scaling * B A x``.
-_REFUSED = {
-    "use_dora": "DoRA rescales every column of the updated weight by a learned magnitude",
-    "lora_bias": "it trains a bias on lora_B",
-    "kasa_config": "KaSA changes the LoRA forward",
-    "monteclora_config": "MonteCLoRA changes the LoRA forward",
-    "velora_config": "VeLoRA changes the LoRA forward",
-}
-
-
-# How to export an adapter merged instead: (to a library caller, on the command line).
-EXPORT_MERGED = "(export_onnx_model without switchable=True)", "(merge-onnx without --switchable)"
+from .merge import check_adapter_tensors, merge_adapter
 
 
 def check_switchable_config(config: AdapterConfig, where: str) -> None:
     """Refuse adapter configs whose effect a switchable graph cannot reproduce exactly, naming the key."""
-    raw = config.raw
-    for key, why in _REFUSED.items():
-        if raw.get(key):
-            found = (f"{where}: {key!r} is set ({raw[key]!r}); a switchable export cannot reproduce it exactly "
-                     f"({why}). Export this adapter merged instead")
-            raise ConfigError(f"{found} {EXPORT_MERGED[0]}.").in_cli_words(f"{found} {EXPORT_MERGED[1]}.")
-    bias = raw.get("bias", "none")
-    if bias not in (None, "none"):
-        found = (f"{where}: 'bias' is {bias!r}: the adapter trains the base layers' biases, which a switchable "
-                 "export shares between adapters. Export it merged instead")
-        raise ConfigError(f"{found} {EXPORT_MERGED[0]}.").in_cli_words(f"{found} {EXPORT_MERGED[1]}.")
+    config.method.check_switchable(config, where)
 
 
-def peft_lora_factors(model: nn.Module, adapter_name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _peft_method(model: nn.Module, adapter_name: str) -> PeftMethod:
+    peft_type = model.peft_config[adapter_name].peft_type
+    return method_for(getattr(peft_type, "value", peft_type), f"adapter {adapter_name!r}")
+
+
+def peft_branch_factors(model: nn.Module, adapter_name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{module: (A (r, in), B * scaling (out, r))} in float32 for one adapter of a PEFT-wrapped model.
 
     Module names are relative to the base model; heads the embedding never reads (BERT's pooler) are skipped.
     """
-    from peft.tuners.lora import LoraLayer
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    method = _peft_method(model, adapter_name)
     factors = {}
-    for name, module in base.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_A:
-            continue
-        if name.split(".", 1)[0] in UNUSED_HEADS:
-            continue
-        variant = getattr(module, "lora_variant", {}).get(adapter_name)
-        if variant is not None or getattr(module, "lora_bias", {}).get(adapter_name):
-            what = type(variant).__name__ if variant is not None else "lora_bias"
-            raise ConfigError(f"Adapter {adapter_name!r} uses {what} on {name!r}; a switchable export cannot "
-                              "reproduce it exactly. Export it merged instead.")
-        with torch.no_grad():
-            lora_a = module.lora_A[adapter_name].weight.detach().float()  # (r, in)
-            lora_b = module.lora_B[adapter_name].weight.detach().float() * float(module.scaling[adapter_name])
-        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
-            raise ConfigError(f"Adapter {adapter_name!r}: LoRA weights of {name!r} contain NaN or Inf after scaling")
-        factors[name] = (lora_a.numpy().copy(), lora_b.numpy().copy())
+    for name, module in method.peft_layers(model.get_base_model(), adapter_name):
+        if not is_unused_head(name):
+            factors[name] = method.branch_factors(module, adapter_name, name)
     if not factors:
-        raise ConfigError(f"Adapter {adapter_name!r} has no LoRA layer that reaches the embedding")
+        raise ConfigError(f"Adapter {adapter_name!r} has no {method.name} layer that reaches the embedding")
     return factors
 
 
+def peft_targeted_layers(model: nn.Module) -> set[str]:
+    """Names (relative to the base model) of the layers any adapter of a PEFT-wrapped model is on."""
+    base = model.get_base_model()
+    return {name for adapter_name in model.peft_config
+            for name, _ in _peft_method(model, adapter_name).peft_layers(base, adapter_name)}
+
+
 def adapter_modules(adapter: AdapterSource) -> set[str]:
-    """Modules an adapter file has LoRA tensors for (pooler heads excluded); refuses files that are not safetensors."""
+    """Modules an adapter file has tensors for (pooler heads excluded); refuses files that are not safetensors."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -92,14 +64,8 @@ def adapter_modules(adapter: AdapterSource) -> set[str]:
             keys = list(fh.keys())
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{adapter.weights} is not a readable safetensors file: {err}") from err
-    modules = set()
-    for key in keys:
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise ConfigError(f"{adapter.weights}: tensor {key!r} is not a LoRA weight (lora_A/lora_B)")
-        if match.group("module").split(".", 1)[0] not in UNUSED_HEADS:
-            modules.add(match.group("module"))
-    return modules
+    parsed = [adapter.config.method.parse_key(key, adapter.weights, explain=False) for key in keys]
+    return {key.module for key in parsed if not is_unused_head(key.module)}
 
 
 def check_targets_in_graph(adapter: AdapterSource, slots: list[Slot]) -> None:
@@ -133,7 +99,7 @@ def _skeleton(slots: list[Slot]) -> nn.Module:
 
 def convert_peft_adapter(spec: str, slots: list[Slot], name: str = "default", revision: str | None = None,
                          token: str | bool | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """A PEFT LoRA adapter (folder or hub id) -> (graph inputs for ``slots``, summary), without the base model.
+    """A PEFT adapter (folder or hub id) -> (graph inputs for ``slots``, summary), without the base model.
 
     Used by the runtime's ``load_adapter`` for adapters that were not converted at export time. Checks shapes and
     values and that every target has a branch, but cannot compare with the base model's outputs; exports and
@@ -147,7 +113,7 @@ def convert_peft_adapter(spec: str, slots: list[Slot], name: str = "default", re
     skeleton = _skeleton(slots)
     check_adapter_tensors(skeleton, adapter)
     model = PeftModel.from_pretrained(skeleton, str(adapter.folder), adapter_name=adapter.name, is_trainable=False)
-    factors = peft_lora_factors(model, adapter.name)
+    factors = peft_branch_factors(model, adapter.name)
     return pack_factors(slots, factors), adapter_summary(adapter, factors)
 
 

@@ -39,13 +39,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, require
+from ..methods import is_unused_head
 from ..runtime.lora_layout import Slot
 from .embedding_module import EmbeddingPipeline
 from .families import tracing_step
 from .onnx import MODEL_FILE, OUTPUT_NAMES, TRACE_ONNX, dummy_inputs, input_names
-
-# BERT-style pooler heads: loaded with the encoder (so adapter keys line up) but never read by the embedding.
-UNUSED_HEADS = ("pooler",)
 
 
 class LoraLinear(nn.Module):
@@ -100,7 +98,7 @@ def find_slots(encoder: nn.Module, targeted: set[str]) -> list[Slot]:
     """A slot per targeted Linear of ``encoder``, in module order; heads the embedding never reads are skipped."""
     slots = []
     for name, module in encoder.named_modules():
-        if name not in targeted or name.split(".", 1)[0] in UNUSED_HEADS:
+        if name not in targeted or is_unused_head(name):
             continue
         if not isinstance(module, nn.Linear):
             raise ConfigError(

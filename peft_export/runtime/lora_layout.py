@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
+from ..methods.base import MAX_RANK  # as for adapter configs (base: torch-free, unlike the methods' PEFT hooks)
 
 LORA_A = "lora_A"
 LORA_B = "lora_B"
-MAX_RANK = 4096  # as for adapter configs: a sanity bound against absurd files
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,288 @@
+"""What a PEFT method module declares: its config fields, its tensors and their checks, and the export modes it
+supports (merged, switchable) with the reason where it does not.
+
+Torch-free at import: the torch-side hooks (the PEFT config and layer classes, the switchable branch factors)
+import PEFT inside the function, and run only where torch is already loaded (export/).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+from ..errors import ConfigError
+
+MAX_RANK = 4096  # a sanity bound against absurd adapter configs and weight files (configs, runtime adapter files)
+
+# Heads whose output no sentence embedding reads (pooling uses last_hidden_state). An adapter on them
+# (target_modules=["dense"] also hits BERT's pooler.dense) has no effect on the embeddings, so if the base checkpoint
+# has no such head their tensors are skipped instead of being reported as modules the base lacks, and switchable
+# graphs give them no branch.
+UNUSED_HEADS = ("pooler",)
+
+# How to export an adapter merged instead: (to a library caller, on the command line).
+EXPORT_MERGED = "(export_onnx_model without switchable=True)", "(merge-onnx without --switchable)"
+
+
+def is_unused_head(module: str) -> bool:
+    return module.split(".", 1)[0] in UNUSED_HEADS
+
+
+@dataclass(frozen=True)
+class Capability:
+    """Whether a method can be exported in one mode, and why not where it cannot."""
+
+    supported: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class RefusedOption:
+    """A config key whose truthy value a method cannot export exactly: everywhere, or only in switchable exports
+    (``why`` is then part of the message). ``message``, where given, replaces the general message; it is formatted
+    with ``where``, ``value`` and ``method`` (the method's name)."""
+
+    key: str
+    why: str = ""
+    switchable_only: bool = False
+    message: str | None = None
+
+
+# PEFT-wide: trained full copies of modules, in any tuner's config.
+MODULES_TO_SAVE = RefusedOption(
+    "modules_to_save",
+    message="{where}: 'modules_to_save' is set ({value!r}): it stores full trained copies of modules, which "
+            "peft_export does not export ({method} weights only). Merge the adapter into its base with PEFT "
+            "(merge_and_unload), save that, and export the merged model instead.",
+)
+
+
+def refuse_options(raw: dict[str, Any], where: str, options: Iterable[RefusedOption], method: str,
+                   switchable: bool) -> None:
+    """The one place refused config keys are turned into errors: the options refused everywhere when
+    ``switchable`` is False (config parsing), the switchable-only ones when it is True."""
+    for option in options:
+        value = raw.get(option.key)
+        if not value or option.switchable_only != switchable:
+            continue
+        if option.message is not None:
+            raise ConfigError(option.message.format(where=where, value=value, method=method))
+        if not switchable:
+            raise ConfigError(f"{where}: {option.key!r} is set ({value!r}); peft_export cannot export it exactly")
+        found = (f"{where}: {option.key!r} is set ({value!r}); a switchable export cannot reproduce it exactly "
+                 f"({option.why}). Export this adapter merged instead")
+        raise_export_merged(found)
+
+
+def raise_export_merged(found: str) -> None:
+    """Raise ``found`` followed by how to export merged instead, in library and command-line words."""
+    raise ConfigError(f"{found} {EXPORT_MERGED[0]}.").in_cli_words(f"{found} {EXPORT_MERGED[1]}.")
+
+
+def check_target_modules(raw: dict[str, Any], where: str) -> None:
+    targets = raw.get("target_modules")
+    if not targets or not isinstance(targets, (str, list)) or (
+        isinstance(targets, list) and not all(isinstance(t, str) and t for t in targets)
+    ):
+        raise ConfigError(f"{where}: 'target_modules' must be a non-empty list of module names or a regex string")
+
+
+@dataclass
+class AdapterConfig:
+    """A checked adapter_config.json and the method that parsed it; methods subclass it for their own fields."""
+
+    raw: dict[str, Any]
+    method: PeftMethod = field(repr=False, compare=False)
+
+    @property
+    def peft_type(self) -> str:
+        return self.method.peft_type
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        return self.raw.get("base_model_name_or_path")
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        return self.raw.get("target_modules") or []
+
+    def summary(self) -> dict[str, Any]:
+        """What the manifest records about the adapter's config."""
+        return self.method.summary(self)
+
+    def describe(self) -> str:
+        """One line for the export log."""
+        return self.method.describe(self)
+
+
+@dataclass(frozen=True)
+class TensorKey:
+    """One tensor name of an adapter file, split: ``{prefix}{module}.{part}...``."""
+
+    key: str
+    module: str
+    part: str
+    prefix: str
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the checks need of one tensor, read by whichever framework opened the file."""
+
+    shape: tuple[int, ...]
+    dtype: str  # as that framework names it
+    is_float: bool
+    finite: bool  # no NaN/Inf (True for non-float tensors)
+
+
+@dataclass(frozen=True)
+class BaseLayer:
+    """What the checks need of one module of the base model."""
+
+    type_name: str
+    is_linear: bool
+    weight_shape: tuple[int, ...] | None  # (out, in) for a Linear
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_shape[0]
+
+
+class PeftMethod(ABC):
+    """One PEFT method (tuner). Subclass it in ``peft_export/methods/<method>.py`` and register an instance in
+    ``registry.py``; docs/peft-methods.md says what else to add."""
+
+    peft_type: ClassVar[str]  # PEFT's PeftType value in adapter_config.json, e.g. "LORA"
+    name: ClassVar[str]  # for messages and help, e.g. "LoRA"
+    merged: ClassVar[Capability] = Capability(True)
+    switchable: ClassVar[Capability] = Capability(False, "it has no low-rank branch a switchable graph can run")
+    refused_options: ClassVar[tuple[RefusedOption, ...]] = (MODULES_TO_SAVE,)
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    key_pattern: ClassVar[re.Pattern]  # adapter file keys; named groups "module" and "part"
+    required_parts: ClassVar[tuple[str, ...]]  # the parts every targeted module must have in the file
+    extras_refused: ClassVar[str] = ""  # appended to "is not a <name> weight" when tensors are checked
+    layer_kinds: ClassVar[str] = "Linear layers"  # what supports_layer accepts, for messages
+
+    # ---- adapter_config.json
+
+    def parse_config(self, raw: dict[str, Any], where: str) -> AdapterConfig:
+        """Check the method's fields, refuse the options it cannot export, and return its config object."""
+        self.check_config(raw, where)
+        refuse_options(raw, where, self.refused_options, self.name, switchable=False)
+        return self.config_class(raw, self)
+
+    @abstractmethod
+    def check_config(self, raw: dict[str, Any], where: str) -> None:
+        """Raise ConfigError naming the first missing or invalid field of this method."""
+
+    @abstractmethod
+    def summary(self, config: AdapterConfig) -> dict[str, Any]:
+        """The manifest's fields for this adapter's config."""
+
+    def describe(self, config: AdapterConfig) -> str:
+        return f"targets={config.target_modules}"
+
+    def nonfinite_hint(self, config: AdapterConfig, config_path: Any) -> str:
+        """Appended to "Adapter 'x' produces non-finite values": which config values may overflow."""
+        return f": check its weights and {config_path}"
+
+    # ---- export modes
+
+    def check_mergeable(self, config: AdapterConfig, where: str) -> None:
+        if not self.merged.supported:
+            raise ConfigError(f"{where}: {self.name} adapters (peft_type {self.peft_type!r}) cannot be exported "
+                              f"merged: {self.merged.reason}")
+
+    def check_switchable(self, config: AdapterConfig, where: str) -> None:
+        """Refuse what a switchable graph cannot reproduce exactly, naming the key."""
+        if not self.switchable.supported:
+            raise_export_merged(f"{where}: {self.name} adapters (peft_type {self.peft_type!r}) cannot be exported "
+                                f"switchable: {self.switchable.reason}. Export this adapter merged instead")
+        refuse_options(config.raw, where, self.refused_options, self.name, switchable=True)
+
+    # ---- adapter tensors
+
+    def parse_key(self, key: str, where: Any, explain: bool = True) -> TensorKey:
+        match = self.key_pattern.match(key)
+        if match is None:
+            found = f"{where}: tensor {key!r} is not a {self.name} weight ({'/'.join(self.required_parts)})"
+            raise ConfigError(f"{found}; {self.extras_refused}" if explain and self.extras_refused else found)
+        return TensorKey(key, match.group("module"), match.group("part"), key[: match.start("module")])
+
+    def tensor_name(self, prefix: str, module: str, part: str) -> str:
+        """The key PEFT saves ``part`` of ``module`` under."""
+        return f"{prefix}{module}.{part}.weight"
+
+    def supports_layer(self, layer: BaseLayer) -> bool:
+        return layer.is_linear
+
+    @abstractmethod
+    def check_tensor_shape(self, config: AdapterConfig, where: Any, key: TensorKey, shape: tuple[int, ...],
+                           layer: BaseLayer) -> None:
+        """Raise ConfigError if ``shape`` does not fit ``layer`` (the base module) and the config's sizes."""
+
+    def check_tensors(self, config: AdapterConfig, where: Any, keys: list[str], read: Callable[[str], TensorInfo],
+                      layers: dict[str, BaseLayer], base_name: str, targeted: Callable[[], Iterable[str]]) -> None:
+        """Refuse adapter tensors that are non-float, non-finite, mis-shaped, or aimed at modules the base lacks
+        (``layers``: every module of the base by name), and files missing a part of a module the config targets
+        (``targeted``, called once the tensors passed). ``read`` gives one tensor's facts, by key."""
+        if not keys:
+            raise ConfigError(f"{where} holds no tensors")
+        found: dict[str, set[str]] = {}
+        prefix = ""
+        for key in keys:
+            parsed = self.parse_key(key, where)
+            info = read(key)
+            if not info.is_float:
+                raise ConfigError(f"{where}: tensor {key!r} has dtype {info.dtype}, expected a float type")
+            if not info.finite:
+                raise ConfigError(f"{where}: tensor {key!r} contains NaN or Inf values")
+            layer = layers.get(parsed.module)
+            if layer is None and not is_unused_head(parsed.module):
+                raise ConfigError(
+                    f"{where}: tensor {key!r} targets module {parsed.module!r}, which the base model "
+                    f"({base_name}) does not have; was this adapter trained on another base?"
+                )
+            if layer is not None:  # None: e.g. BERT's pooler absent from this checkpoint; its output is never used
+                self.check_tensor_shape(config, where, parsed, info.shape, layer)
+            prefix = parsed.prefix
+            found.setdefault(parsed.module, set()).add(parsed.part)
+        self.check_complete(config, where, found, targeted(), prefix)
+
+    def check_complete(self, config: AdapterConfig, where: Any, found: dict[str, set[str]], targeted: Iterable[str],
+                       prefix: str) -> None:
+        """Every module the config's target_modules match must have every required part in the file."""
+        parts = "/".join(self.required_parts)
+        group = "pair" if len(self.required_parts) == 2 else "set"
+        for module in sorted(set(targeted) | set(found)):
+            if is_unused_head(module):
+                continue  # never read by a sentence embedding
+            for part in self.required_parts:
+                if part not in found.get(module, ()):
+                    raise ConfigError(
+                        f"{where}: tensor {self.tensor_name(prefix, module, part)} is missing: target_modules "
+                        f"{config.target_modules!r} put a {self.name} on {module!r}, but the file has no complete "
+                        f"{parts} {group} for it. The file is incomplete or belongs to another adapter; save the "
+                        "adapter again."
+                    )
+
+    # ---- torch side (PEFT imported inside; called only from export/)
+
+    @abstractmethod
+    def peft_config_class(self) -> type:
+        """PEFT's config class of this method (to match target_modules by PEFT's own rule)."""
+
+    @abstractmethod
+    def peft_layers(self, model: Any, adapter_name: str) -> list[tuple[str, Any]]:
+        """(name, module) of every PEFT layer of this method in ``model`` that holds ``adapter_name``."""
+
+    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> tuple[Any, Any]:
+        """Switchable methods: (A (r, in), B with the scaling folded in (out, r)) as float32 numpy arrays, exactly
+        what the PEFT layer ``module`` adds for ``adapter_name``: ``x @ A.T @ B.T``."""
+        raise NotImplementedError(f"{self.name} has no switchable branch: {self.switchable.reason}")

@@ -1,0 +1,181 @@
+"""LoRA (``peft_type: LORA``): ``W x + scaling * B A x``, merged or as a switchable low-rank branch.
+
+Plain LoRA and rsLoRA (scaling alpha / sqrt(r)), with per-module ranks and alphas (``rank_pattern``,
+``alpha_pattern``). What changes the forward beyond that (DoRA's magnitude, LoRA variants, trained biases) is
+refused by name, everywhere or in switchable exports only.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from ..errors import ConfigError
+from .base import (MAX_RANK, MODULES_TO_SAVE, AdapterConfig, BaseLayer, Capability, PeftMethod, RefusedOption,
+                   TensorKey, check_target_modules, raise_export_merged)
+
+
+class LoraAdapterConfig(AdapterConfig):
+    """The subset of a LoRA adapter_config.json that export decisions depend on."""
+
+    @property
+    def r(self) -> int:
+        return int(self.raw["r"])
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.raw.get("lora_alpha", 8))
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.raw.get("use_rslora", False))
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.raw.get("use_dora", False))
+
+    @property
+    def scaling(self) -> float:
+        """PEFT's default scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class Lora(PeftMethod):
+    peft_type = "LORA"
+    name = "LoRA"
+    merged = Capability(True)
+    switchable = Capability(True)
+    config_class = LoraAdapterConfig
+    # PEFT saves LoRA tensors as "<prefix>.<module path>.lora_A.weight" (no adapter name in the key).
+    key_pattern = re.compile(
+        r"^(?:base_model\.model\.)?(?P<module>.+)\."
+        r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$"
+    )
+    required_parts = ("lora_A", "lora_B")
+    extras_refused = "only plain LoRA adapters are exported (modules_to_save and other extras are refused)"
+    refused_options = (
+        MODULES_TO_SAVE,
+        # Everywhere: fields whose non-empty value changes the architecture or the forward in ways a merged or
+        # switchable graph cannot reproduce exactly.
+        RefusedOption("use_dora", "its lora_magnitude_vector tensors are not merged or checked here"),
+        RefusedOption("layer_replication"),
+        RefusedOption("alora_invocation_tokens"),
+        RefusedOption("arrow_config"),
+        RefusedOption("target_parameters"),
+        RefusedOption("trainable_token_indices"),
+        RefusedOption("use_qalora"),
+        RefusedOption("use_bdlora"),
+        # Switchable only: the forward is more than ``W x + scaling * B A x``; merging handles it.
+        RefusedOption("lora_bias", "it trains a bias on lora_B", switchable_only=True),
+        RefusedOption("kasa_config", "KaSA changes the LoRA forward", switchable_only=True),
+        RefusedOption("monteclora_config", "MonteCLoRA changes the LoRA forward", switchable_only=True),
+        RefusedOption("velora_config", "VeLoRA changes the LoRA forward", switchable_only=True),
+    )
+
+    # ---- adapter_config.json
+
+    def check_config(self, raw: dict[str, Any], where: str) -> None:
+        r = raw.get("r")
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0 or r > MAX_RANK:
+            raise ConfigError(f"{where}: 'r' must be an integer in 1..{MAX_RANK}, found {r!r}")
+        alpha = raw.get("lora_alpha", 8)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise ConfigError(f"{where}: 'lora_alpha' must be a finite number, found {alpha!r}")
+        for key in ("alpha_pattern", "rank_pattern"):
+            pattern = raw.get(key) or {}
+            if not isinstance(pattern, dict):
+                raise ConfigError(f"{where}: {key!r} must be a mapping, found {type(pattern).__name__}")
+            for name, value in pattern.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                        or value <= 0:
+                    raise ConfigError(f"{where}: {key}[{name!r}] must be a positive finite number, found {value!r}")
+                if key == "rank_pattern" and (int(value) != value or value > MAX_RANK):
+                    raise ConfigError(
+                        f"{where}: {key}[{name!r}] must be an integer rank <= {MAX_RANK}, found {value!r}")
+        check_target_modules(raw, where)
+
+    def summary(self, config: AdapterConfig) -> dict[str, Any]:
+        keys = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora", "bias", "modules_to_save")
+        out = {k: config.raw.get(k) for k in keys}
+        if isinstance(out["target_modules"], list):
+            out["target_modules"] = sorted(out["target_modules"])
+        return out
+
+    def describe(self, config: LoraAdapterConfig) -> str:
+        return f"r={config.r} alpha={config.lora_alpha} targets={config.target_modules}"
+
+    def nonfinite_hint(self, config: LoraAdapterConfig, config_path: Any) -> str:
+        return (f": its scaling lora_alpha / r = {config.lora_alpha:g} / {config.r} = {config.scaling:.3g} (or its "
+                f"weights) overflow float32. Check lora_alpha and r in {config_path}")
+
+    def check_switchable(self, config: AdapterConfig, where: str) -> None:
+        super().check_switchable(config, where)
+        bias = config.raw.get("bias", "none")
+        if bias not in (None, "none"):
+            raise_export_merged(f"{where}: 'bias' is {bias!r}: the adapter trains the base layers' biases, which a "
+                                "switchable export shares between adapters. Export it merged instead")
+
+    # ---- adapter tensors
+
+    def check_tensor_shape(self, config: LoraAdapterConfig, where: Any, key: TensorKey, shape: tuple[int, ...],
+                           layer: BaseLayer) -> None:
+        name, part = key.key, key.part
+        if not layer.is_linear or part not in self.required_parts:
+            raise ConfigError(f"{where}: {name!r} targets a {layer.type_name}; only Linear layers are supported")
+        rank = config.raw.get("rank_pattern") or {}
+        if len(shape) != 2:
+            raise ConfigError(f"{where}: {name!r} has shape {tuple(shape)}, expected a matrix")
+        if part == "lora_A" and shape[1] != layer.in_features:
+            raise ConfigError(
+                f"{where}: {name!r} has shape {tuple(shape)} but the base layer takes {layer.in_features} "
+                "inputs; was this adapter trained on another base?"
+            )
+        if part == "lora_B" and shape[0] != layer.out_features:
+            raise ConfigError(
+                f"{where}: {name!r} has shape {tuple(shape)} but the base layer has {layer.out_features} "
+                "outputs; was this adapter trained on another base?"
+            )
+        from peft.utils.other import get_pattern_key  # only called where torch and PEFT are loaded (export/)
+
+        pattern = get_pattern_key(list(rank), key.module)  # PEFT's rule: the first rank_pattern key matching
+        expected = rank.get(pattern, config.r)
+        if (shape[0] if part == "lora_A" else shape[1]) != expected:
+            source = f"rank_pattern[{pattern!r}]={expected}" if pattern in rank else f"r={expected}"
+            raise ConfigError(
+                f"{where}: {name!r} has shape {tuple(shape)}, but adapter_config.json gives {key.module!r} rank "
+                f"{source}; the config and the weights disagree (was the config edited?)")
+
+    # ---- torch side
+
+    def peft_config_class(self) -> type:
+        from peft import LoraConfig
+
+        return LoraConfig
+
+    def peft_layers(self, model: Any, adapter_name: str) -> list[tuple[str, Any]]:
+        from peft.tuners.lora import LoraLayer
+
+        return [(name, module) for name, module in model.named_modules()
+                if isinstance(module, LoraLayer) and adapter_name in module.lora_A]
+
+    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> tuple[Any, Any]:
+        """PEFT's own ``lora_A``, ``lora_B`` and ``scaling`` of the layer, so per-module ranks and alphas and
+        rsLoRA's scaling are exactly what PEFT's forward uses."""
+        import torch
+
+        variant = getattr(module, "lora_variant", {}).get(adapter_name)
+        if variant is not None or getattr(module, "lora_bias", {}).get(adapter_name):
+            what = type(variant).__name__ if variant is not None else "lora_bias"
+            raise ConfigError(f"Adapter {adapter_name!r} uses {what} on {layer_name!r}; a switchable export cannot "
+                              "reproduce it exactly. Export it merged instead.")
+        with torch.no_grad():
+            lora_a = module.lora_A[adapter_name].weight.detach().float()  # (r, in)
+            lora_b = module.lora_B[adapter_name].weight.detach().float() * float(module.scaling[adapter_name])
+        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
+            raise ConfigError(
+                f"Adapter {adapter_name!r}: LoRA weights of {layer_name!r} contain NaN or Inf after scaling")
+        return lora_a.numpy().copy(), lora_b.numpy().copy()
+
+
+LORA = Lora()
