@@ -44,6 +44,7 @@ __all__ = [
     "embed_corpus",
     "export_onnx_model",
     "export_openvino_model",
+    "load",
 ]
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from .runtime.model import EmbeddingModel
     from .runtime.onnxruntime_backend import SessionSettings
     from .runtime.openvino_backend import OpenVinoSettings
+    from .tasks.loading import load
 
 
 def __getattr__(name: str):
@@ -79,4 +81,8 @@ def __getattr__(name: str):
         from .export.api import export_openvino_model
 
         return export_openvino_model
+    if name == "load":
+        from .tasks.loading import load
+
+        return load
     raise AttributeError(f"module 'peft_export' has no attribute {name!r}")

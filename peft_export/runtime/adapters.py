@@ -1,11 +1,13 @@
-"""Adapter methods of :class:`EmbeddingModel` for switchable exports, with sentence-transformers' / PEFT's meaning.
+"""Adapter methods of every exported model (:class:`.exported_model.ExportedModel`) for switchable exports, with
+sentence-transformers' / PEFT's meaning.
 
 State is one active adapter name plus an enabled flag, as in PEFT: ``disable_adapters()`` runs the base until
 ``enable_adapters()``, whatever ``set_adapter()`` chose meanwhile. ``encode(..., adapter=NAME)`` picks an adapter
 for one call without touching that state. Each call resolves its adapter once, under a lock, and hands the
 backend a reference to it, so concurrent calls never see each other's adapter and an adapter deleted during a
 call stays valid until that call ends. Everything backend-specific goes through the backend's verbs
-(``lora_input_names``, ``load_adapter``, ``read_adapter``, ``adapter_from_arrays``, ``run(..., adapter=)``).
+(:class:`.backends.Backend`: ``lora_input_names``, ``load_adapter``, ``read_adapter``, ``adapter_from_arrays``,
+``merge_adapter``, ``run(..., adapter=)``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class LoadedAdapter:
 
 
 class AdapterMethods:
-    """Mixed into EmbeddingModel, which provides ``path``, ``config``, ``manifest`` and ``backend``."""
+    """Mixed into ExportedModel (every exported model class), which provides ``path``, ``config``, ``manifest`` and
+    ``backend``."""
 
     def _init_adapters(self) -> None:
         self._adapter_lock = threading.Lock()
@@ -222,8 +225,7 @@ class AdapterMethods:
         (measured +37 to +53% on MiniLM with the default settings). ONNX Runtime backend only; needs the ``onnx``
         package (the export extra). ``unmerge_adapter`` frees it again."""
         self._require_switchable("merge_adapter", "--merge-adapter")
-        merge = getattr(self.backend, "merge_adapter", None)
-        if merge is None:
+        if not self.backend.can_merge_adapters:
             detail = (f"needs the ONNX Runtime backend; this model runs on {self.backend.name}, where adapters "
                       "always run on the switchable graph")
             raise ConfigError(f"merge_adapter() {detail}").in_cli_words(f"--merge-adapter {detail}")
@@ -232,6 +234,7 @@ class AdapterMethods:
             todo = {n: self._adapters[n].adapter for n in names
                     if not isinstance(self._adapters[n].adapter, MergedAdapter)}
         attention = ((self.manifest or {}).get("export") or {}).get("attention")  # None for older exports
+        merge = self.backend.merge_adapter
         built = {name: merge(handle, self._slots, attention) for name, handle in todo.items()}  # slow: no lock
         with self._adapter_lock:
             for name, handle in built.items():

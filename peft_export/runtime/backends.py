@@ -1,15 +1,65 @@
-"""Pick and open the runtime backend for an export folder (ONNX Runtime or OpenVINO)."""
+"""The verbs every runtime backend has (:class:`Backend`), and picking and opening one for an export folder (ONNX
+Runtime or OpenVINO)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
 
 from ..errors import ConfigError
 from .config import RuntimeConfig
+from .lora_layout import Slot
 
 BACKENDS = ("onnxruntime", "openvino")
+
+Feeds = dict[str, np.ndarray]  # graph input name -> (batch, seq) array
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What an exported model asks of its backend (``OnnxRuntimeBackend``, ``OpenVinoBackend``): every backend
+    has every verb, so the model never probes for one. ``adapter`` arguments and results are the backend's own
+    handles (from ``load_adapter`` / ``adapter_from_arrays``); None runs the base graph."""
+
+    name: str  # "onnxruntime" | "openvino"
+    adapter_suffix: str  # the file suffix of the adapter files this backend writes and reads
+    providers: list  # what runs the graph: ONNX Runtime's execution providers, OpenVINO's execution devices
+    input_names: list[str]  # the graph's text inputs (input_ids, attention_mask, token_type_ids)
+    output_names: list[str]
+    lora_input_names: list[str]  # a switchable graph's LoRA factor inputs ([] for a merged graph)
+    parallel_requests: int  # batches run_batches runs at once (1: one after another)
+    can_merge_adapters: bool  # whether merge_adapter builds a merged session (ONNX Runtime only)
+
+    def run(self, feeds: Feeds, outputs: list[str] | None = None, adapter: Any = None) -> dict[str, np.ndarray]:
+        """One inference of ``outputs`` (None: all); ``adapter`` is active for this run only."""
+
+    def run_batches(self, batches: list[Feeds], outputs: list[str] | None = None, adapter: Any = None
+                    ) -> list[dict[str, np.ndarray]]:
+        """One inference per batch, in order, up to ``parallel_requests`` of them at once."""
+
+    def output_width(self, name: str) -> int | None:
+        """The last axis of output ``name`` where the graph fixes it (None when it is dynamic or absent)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What was asked for and what runs (providers or devices, threads, precision)."""
+
+    def read_adapter(self, path: Path) -> dict[str, np.ndarray]:
+        """The tensors of an adapter file, by graph input name."""
+
+    def load_adapter(self, path: Path, arrays: dict[str, np.ndarray] | None = None) -> Any:
+        """A handle for runs of the adapter file ``path`` (``arrays``: what read_adapter gave for it)."""
+
+    def adapter_from_arrays(self, arrays: dict[str, np.ndarray]) -> Any:
+        """A handle for runs of graph-layout LoRA factors."""
+
+    def adapter_arrays(self, adapter: Any) -> dict[str, np.ndarray]:
+        """The graph-layout LoRA factors of a handle (copies)."""
+
+    def merge_adapter(self, adapter: Any, slots: list[Slot], attention: dict[str, int] | None = None) -> Any:
+        """A handle whose runs have ``adapter`` merged into the weights (``can_merge_adapters`` backends)."""
 
 
 def detect_backend(config: RuntimeConfig) -> str:
@@ -33,7 +83,7 @@ def open_backend(
     openvino_settings: Any = None,
     inference_precision: str | None = None,
     performance_hint: str | None = None,
-):
+) -> Backend:
     """Open ``folder``'s model with ``backend`` (None: the one it was exported for). Options for the other
     backend are refused rather than ignored."""
     chosen = detect_backend(config) if backend is None else backend

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import ConfigError, NonFiniteEmbeddingError
-from .adapters import AdapterMethods
-from .backends import open_backend
-from .config import RUNTIME_CONFIG_FILE, TOKENIZER_FILE, RuntimeConfig, check_export_folder, read_manifest
-from .export_files import graph_files, verify_export_files
-from .onnxruntime_backend import SessionSettings
+from ..errors import ConfigError
+from .config import RUNTIME_CONFIG_FILE
+from .exported_model import CPU_MAX_BATCH_TOKENS, ExportedModel, progress_counter
 from .precision import PRECISIONS, quantize_embeddings
 from .similarity import normalize, similarity, similarity_pairwise
-from .tokenizer import TextTokenizer
+
+__all__ = ["CPU_MAX_BATCH_TOKENS", "OUTPUT_VALUES", "EmbeddingModel"]
 
 OUTPUT_VALUES = ("sentence_embedding", "token_embeddings")
-CPU_MAX_BATCH_TOKENS = 1024
 
 
 def _pool_numpy(tokens: np.ndarray, mask: np.ndarray, modes: list[str]) -> np.ndarray:
@@ -46,7 +41,7 @@ def _pool_numpy(tokens: np.ndarray, mask: np.ndarray, modes: list[str]) -> np.nd
     return np.concatenate(out, axis=-1)
 
 
-class EmbeddingModel(AdapterMethods):
+class EmbeddingModel(ExportedModel):
     """Load an export folder and embed text like ``SentenceTransformer``.
 
     ``backend`` is "onnxruntime", "openvino" or None (the one the folder was exported for). ``device`` is
@@ -61,101 +56,29 @@ class EmbeddingModel(AdapterMethods):
     adapter methods (``load_adapter``, ``set_adapter``, ``active_adapters``, ``enable_adapters``,
     ``disable_adapters``, ``delete_adapter``, ``get_adapter_state_dict``) plus ``list_adapters`` and
     ``encode(..., adapter=NAME)``.
+
+    What every exported model shares (opening and checking the folder, the backend, the tokenizer, the adapter
+    methods, token budgeting) is :class:`.exported_model.ExportedModel`'s; this class adds encode() and its
+    post-processing, similarity() and the sentence-transformers properties of an embedder.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        device: str = "cpu",
-        providers: list | None = None,
-        *,
-        backend: str | None = None,
-        intra_op_threads: int | None = None,
-        session_settings: SessionSettings | None = None,
-        openvino_settings: Any = None,
-        inference_precision: str | None = None,
-        performance_hint: str | None = None,
-    ):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise ConfigError(f"Export folder not found: {self.path}")
-        check_export_folder(self.path)
-        self.manifest = read_manifest(self.path)
-        self.config = RuntimeConfig.load(self.path, self.manifest)
-        self._check_sequence_limit()
-        self.device = device
-        self.backend = open_backend(
-            self.path, self.config, backend, device, providers=providers, intra_op_threads=intra_op_threads,
-            session_settings=session_settings, openvino_settings=openvino_settings,
-            inference_precision=inference_precision, performance_hint=performance_hint,
-        )
-        # Every file is the one the manifest recorded (checked after the backend's own checks, whose errors say more
-        # about a missing or truncated graph file).
-        verify_export_files(self.path, self.manifest,
-                            [RUNTIME_CONFIG_FILE, TOKENIZER_FILE, *graph_files(self.config.model_file)])
-        self._tokenizer = TextTokenizer(self.path, self.config, self.manifest)
-        # Graph inputs are what the tokenizer feeds; anything else means the folder was tampered with.
-        missing = set(self.backend.input_names) - {"input_ids", "attention_mask", "token_type_ids"}
-        if missing:
-            raise ConfigError(f"{self.path}: graph has inputs {sorted(missing)} that the tokenizer cannot provide")
-        absent = set(OUTPUT_VALUES) - set(self.backend.output_names)
-        if absent:
-            raise ConfigError(f"{self.path}: graph lacks outputs {sorted(absent)}; export the folder again")
-        self._tokenizer.input_names = self.backend.input_names
-        self._check_output_width()
-        # Padded tokens per run for encode(max_batch_tokens="auto"): small runs keep attention in cache on CPUs.
-        on_gpu = str(device).lower() == "cuda" or str(device).upper().startswith("GPU")
-        self.max_batch_tokens: int | None = None if on_gpu else CPU_MAX_BATCH_TOKENS
-        self._init_adapters()
+    task = "embedding"
+    runtime_config_file = RUNTIME_CONFIG_FILE
+    required_outputs = OUTPUT_VALUES
 
-    def _check_sequence_limit(self) -> None:
-        """max_seq_length within what the graph takes: its positions (recorded at export), or for exports made
-        before that was recorded, the length the export was validated with."""
-        if self.config.max_positions is not None:
-            return  # checked against max_positions when the config was read
-        exported = (self.manifest.get("pipeline") or {}).get("max_seq_length")
-        if isinstance(exported, int) and self.config.max_seq_length > exported:
-            raise ConfigError(
-                f"{self.path / RUNTIME_CONFIG_FILE}: max_seq_length {self.config.max_seq_length} exceeds the "
-                f"{exported} tokens this graph was exported and validated with; set it to at most {exported}"
-            )
-
-    def _check_output_width(self) -> None:
+    def _check_outputs(self) -> None:
         """``dimension`` must be the graph's sentence_embedding width wherever the graph declares it."""
-        width = getattr(self.backend, "output_width", lambda name: None)("sentence_embedding")
+        width = self.backend.output_width("sentence_embedding")
         if width is not None and width != self.config.dimension:
             raise ConfigError(
                 f"{self.path / RUNTIME_CONFIG_FILE}: dimension is {self.config.dimension} but the graph's "
                 f"sentence_embedding has {width} values; set dimension to {width}"
             )
 
-    def _check_finite(self, vectors: list[np.ndarray], adapter: str | bool | None) -> None:
-        """Refuse NaN/Inf instead of returning them as embeddings (corrupt weights, an overflowing adapter)."""
-        bad = [i for i, v in enumerate(vectors) if not np.isfinite(v).all()]
-        if not bad:
-            return
-        if adapter is None:
-            with self._adapter_lock:
-                adapter = self._active_adapter if self._adapters_enabled else None
-        which = "the base model" if adapter in (None, False) else f"adapter {adapter!r}"
-        raise NonFiniteEmbeddingError(
-            f"{self.path} with {which} produced NaN or Inf for {len(bad)} of {len(vectors)} inputs (first: index "
-            f"{bad[0]}); its weights may be corrupt. Nothing was returned."
-        )
-
-    # ----- properties mirroring SentenceTransformer -----
-    @property
-    def max_seq_length(self) -> int:
-        return self.config.max_seq_length
-
+    # ----- properties mirroring SentenceTransformer (max_seq_length and tokenizer: ExportedModel's) -----
     @property
     def similarity_fn_name(self) -> str:
         return self.config.similarity_fn_name
-
-    @property
-    def tokenizer(self):
-        """The underlying ``tokenizers.Tokenizer`` (truncation set to max_seq_length)."""
-        return self._tokenizer.tokenizer
 
     @property
     def prompts(self) -> dict[str, str]:
@@ -185,18 +108,6 @@ class EmbeddingModel(AdapterMethods):
                                    + (f"choose one of {', '.join(names)}" if names else "this export has no prompts"))
             raise error
         return self.config.prompts[name]
-
-    def tokenize(self, texts: list[str]) -> dict[str, np.ndarray]:
-        return self._tokenizer.encode(list(texts))
-
-    def _run_batches(self, batches: list[dict[str, np.ndarray]], outputs: list[str], adapter=None
-                     ) -> list[dict[str, np.ndarray]]:
-        """One backend run per batch; several at once where the backend runs requests in parallel (OpenVINO
-        THROUGHPUT hint)."""
-        options = {} if adapter is None else {"adapter": adapter}
-        if len(batches) > 1 and hasattr(self.backend, "run_batches"):
-            return self.backend.run_batches(batches, outputs, **options)
-        return [self.backend.run(feeds, outputs, **options) for feeds in batches]
 
     def _postprocess(self, feeds: dict[str, np.ndarray], outputs: dict[str, np.ndarray], output_value: str,
                      prompt_length: int) -> list[np.ndarray]:
@@ -264,20 +175,15 @@ class EmbeddingModel(AdapterMethods):
 
         # Tokenize once, then batch longest first (by tokens, not characters as sentence-transformers does, so
         # each batch pads as little as possible); only the output this call needs is fetched from the graph.
-        if max_batch_tokens == "auto":
-            max_batch_tokens = self.max_batch_tokens
-        batches = self._tokenizer.batches(texts, batch_size, max_batch_tokens)
+        batches = self._batches(texts, batch_size, max_batch_tokens)
         pool_outside = output_value == "sentence_embedding" and bool(prompt_length) and not self.config.include_prompt
         fetch = ["token_embeddings" if output_value == "token_embeddings" or pool_outside else "sentence_embedding"]
         results: list[Any] = [None] * len(texts)
-        progress = _progress(show_progress_bar, len(texts), batch_size)
-        at_once = max(1, int(getattr(self.backend, "parallel_requests", 1)))
-        while group := list(islice(batches, at_once)):
-            indices, feeds = zip(*group)
-            for index, batch_feeds, outputs in zip(indices, feeds, self._run_batches(list(feeds), fetch, run_adapter)):
-                for i, emb in zip(index, self._postprocess(batch_feeds, outputs, output_value, prompt_length)):
-                    results[i] = emb
-                progress(len(index))
+        progress = progress_counter(show_progress_bar, len(texts), batch_size)
+        for index, batch_feeds, outputs in self._run_planned(batches, fetch, run_adapter):
+            for i, emb in zip(index, self._postprocess(batch_feeds, outputs, output_value, prompt_length)):
+                results[i] = emb
+            progress(len(index))
 
         self._check_finite(results, adapter)
         if output_value == "token_embeddings":
@@ -298,24 +204,3 @@ class EmbeddingModel(AdapterMethods):
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> np.ndarray:
         return similarity_pairwise(embeddings1, embeddings2, self.config.similarity_fn_name)
-
-    def info(self) -> dict[str, Any]:
-        return {"path": str(self.path), "backend": self.backend.name, "providers": self.backend.providers,
-                "runtime": self.backend.describe(), "config": self.config.to_dict(), "manifest": self.manifest}
-
-
-def _progress(show: bool | None, total: int, batch_size: int):
-    if not show or total <= batch_size:
-        return lambda n: None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return lambda n: None
-    bar = tqdm(total=total, desc="Batches", unit="sentence")
-
-    def update(n: int) -> None:
-        bar.update(n)
-        if bar.n >= total:
-            bar.close()
-
-    return update

@@ -169,13 +169,14 @@ def _open_session(ort, model_path: Path, options, providers: list, settings: Ses
 
 
 class OnnxRuntimeBackend:
-    """Same verbs as every backend: ``input_names``, ``output_names``, ``run(feeds, adapter=None) -> dict``, and for
-    switchable graphs ``lora_input_names``, ``read_adapter``, ``load_adapter``, ``adapter_from_arrays`` and
-    ``adapter_arrays`` (ONNX Runtime's ``.onnx_adapter`` files, see :mod:`.onnxruntime_adapters`); this backend
-    alone also has ``merge_adapter`` (a session with the adapter merged in, see :mod:`.onnxruntime_merge_adapter`)."""
+    """The verbs of every backend (:class:`.backends.Backend`) on one InferenceSession; adapters of switchable graphs
+    are ONNX Runtime's ``.onnx_adapter`` files (:mod:`.onnxruntime_adapters`), and this backend alone can merge one
+    into a session of its own (``merge_adapter``, :mod:`.onnxruntime_merge_adapter`)."""
 
     name = "onnxruntime"
     adapter_suffix = adapters.ADAPTER_SUFFIX
+    parallel_requests = 1  # one run at a time: a session already uses every core it is given
+    can_merge_adapters = True
 
     def __init__(self, model_path: Path, device: str = "cpu", providers: list | None = None,
                  settings: SessionSettings | None = None, lora_inputs: bool = False):
@@ -229,6 +230,11 @@ class OnnxRuntimeBackend:
             return self._run_bound(session, feeds, names, options)
         values = session.run(names, {k: feeds[k] for k in self.input_names}, options)
         return dict(zip(names, values))
+
+    def run_batches(self, batches: list[dict[str, np.ndarray]], outputs: list[str] | None = None,
+                    adapter: adapters.OrtAdapter | None = None) -> list[dict[str, np.ndarray]]:
+        """One run per batch, one after another (``parallel_requests`` is 1)."""
+        return [self.run(feeds, outputs, adapter=adapter) for feeds in batches]
 
     def _run_bound(self, session, feeds: dict[str, np.ndarray], names: list[str], options) -> dict[str, np.ndarray]:
         """I/O binding: ONNX Runtime copies each input to the device once and only the requested outputs come

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError, require
 from . import openvino_adapters as adapters
-from .lora_layout import LORA_A, LORA_B
+from .lora_layout import LORA_A, LORA_B, Slot
 from .shape_buckets import pad_to_buckets
 
 logger = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class OpenVinoBackend:
 
     name = "openvino"
     adapter_suffix = adapters.ADAPTER_SUFFIX
+    can_merge_adapters = False  # adapters always run on the switchable graph
 
     def __init__(self, model: Path | Any, device: str = "CPU", settings: OpenVinoSettings | None = None,
                  padding: tuple[int, int | None] | None = None):
@@ -369,6 +370,12 @@ class OpenVinoBackend:
 
     def adapter_arrays(self, adapter: adapters.OvAdapter) -> dict[str, np.ndarray]:
         return {name: value.copy() for name, value in adapter.arrays.items()}
+
+    def merge_adapter(self, adapter: adapters.OvAdapter, slots: list[Slot],
+                      attention: dict[str, int] | None = None) -> adapters.OvAdapter:
+        """Not available: OpenVINO runs adapters on the switchable graph (``can_merge_adapters`` is False)."""
+        raise ConfigError("merge_adapter needs the ONNX Runtime backend; on OpenVINO adapters always run on the "
+                          "switchable graph. Open the export with backend='onnxruntime' to merge adapters.")
 
     def _checked(self, arrays: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
         """Frozen copies of ``arrays``, each a float32 LoRA input of this model with its layer-side size; the full

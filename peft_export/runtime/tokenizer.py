@@ -91,7 +91,11 @@ class TextTokenizer:
                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
         """Tokenize ``texts`` once and yield ``(indices, inputs)`` per batch as :func:`plan_batches` plans them
         (longest first); each batch is padded only when it is reached."""
-        encodings = self.tokenize(texts)
+        yield from self.batches_of(self.tokenize(texts), batch_size, max_batch_tokens)
+
+    def batches_of(self, encodings: list, batch_size: int, max_batch_tokens: int | None = None
+                   ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """:meth:`batches` of inputs already tokenized (``tokenizers.Encoding`` each, e.g. text pairs)."""
         for index in plan_batches([len(e.ids) for e in encodings], batch_size, max_batch_tokens):
             yield index, self.pad([encodings[i] for i in index])
 

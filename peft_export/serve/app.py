@@ -1,7 +1,10 @@
-"""``create_app``: the Starlette application serving one EmbeddingModel (and its adapters) over HTTP.
+"""``create_app``: the Starlette application serving one exported model (and its adapters) over HTTP.
 
-Routes: ``POST /v1/embeddings`` (OpenAI), ``POST /embed`` and ``POST /similarity`` (text-embeddings-inference),
-``GET /v1/models``, ``GET /health`` (readiness), ``GET /live`` (liveness), ``GET /metrics`` (Prometheus).
+What every served model has lives here: the lifespan (dynamic batcher, warm-up), limits, metrics and errors, and
+the task-independent routes ``GET /v1/models``, ``GET /health`` (readiness), ``GET /live`` (liveness) and
+``GET /metrics`` (Prometheus). The model's task adds its own routes (``Task.routes``, a function of the
+:class:`ModelServer`): for the embedding task ``POST /v1/embeddings`` (OpenAI), ``POST /embed`` and
+``POST /similarity`` (text-embeddings-inference), see :mod:`.embedding_routes`.
 """
 
 from __future__ import annotations
@@ -13,24 +16,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
-
 from ..errors import require
-from ..runtime.similarity import similarity
+from ..tasks import EMBEDDING, Task, load_reference, task_named
 from .batching import DynamicBatcher
 from .metrics import NO_MODEL, ServeMetrics
-from .protocol import (
-    ApiError,
-    dumps,
-    encode_base64,
-    parse_bool,
-    parse_dimensions,
-    parse_encoding_format,
-    parse_optional_string,
-    parse_texts,
-    read_json_body,
-    shorten,
-)
+from .protocol import ApiError, dumps
 from .served_model import ServedModel
 from .settings import ServeSettings
 
@@ -44,10 +34,10 @@ _WARMUP_TEXTS = ["warm up", "warm up the model with a longer sentence " * 64]
 
 
 class _ClientGone(Exception):
-    """The client disconnected before its embeddings were ready."""
+    """The client disconnected before its results were ready."""
 
 
-class _Request:
+class RequestInfo:
     """Per-request facts the metrics need, filled in as the request is parsed."""
 
     __slots__ = ("model",)
@@ -56,8 +46,9 @@ class _Request:
         self.model = NO_MODEL
 
 
-class EmbeddingServer:
-    """State and handlers behind ``create_app``; reachable as ``app.state.server`` (tests, embedding apps)."""
+class ModelServer:
+    """State and task-independent handlers behind ``create_app``; reachable as ``app.state.server`` (tests, the
+    task's routes)."""
 
     def __init__(self, model: Any, settings: ServeSettings):
         self.settings = settings
@@ -116,16 +107,16 @@ class EmbeddingServer:
         self.metrics.ready.set(1)
         logger.info("model warmed up; serving %s", ", ".join(self.served.names))
 
-    # ----- plumbing shared by the embedding routes -----
+    # ----- plumbing shared by every task's routes -----
     def endpoint(self, route: str, shape: str,
-                 handler: Callable[[Any, _Request], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
+                 handler: Callable[[Any, RequestInfo], Awaitable[Any]]) -> Callable[[Any], Awaitable[Any]]:
         """Wrap ``handler``: render ApiError in the route family's shape, record metrics, hide tracebacks."""
         from starlette.requests import ClientDisconnect
         from starlette.responses import Response
 
         async def run(request):
             started = time.perf_counter()
-            info = _Request()
+            info = RequestInfo()
             reason = None
             try:
                 response = await handler(request, info)
@@ -178,10 +169,10 @@ class EmbeddingServer:
                                    "send truncate=true to embed its first tokens.", param=where)
         return measured, [min(c, limit) for c in counts]
 
-    async def embed(self, request, adapter: str | None, prompt_name: str | None, texts: list[str],
-                    tokens: list[int]) -> np.ndarray:
-        """Queue the inputs, wait for their embeddings; 429 when full, cancelled when the client goes away."""
-        job = self.batcher.try_submit((adapter, prompt_name), texts, tokens)
+    async def submit(self, request, group: tuple, texts: list[str], tokens: list[int]) -> Any:
+        """Queue the inputs in batch ``group`` (its first item: the adapter, None for the base), wait for their
+        results; 429 when full, cancelled when the client goes away."""
+        job = self.batcher.try_submit(group, texts, tokens)
         if job is None:
             retry = self.settings.retry_after_seconds
             if self.batcher.over_token_budget(tokens):
@@ -205,89 +196,21 @@ class EmbeddingServer:
         if not job.future.done():
             self.batcher.cancel(job)
             raise _ClientGone()
-        embeddings = job.future.result()
-        name = self.served.label(adapter)
+        results = job.future.result()
+        name = self.served.label(group[0])
         self.metrics.inputs.labels(name).inc(len(texts))
         self.metrics.tokens.labels(name).inc(sum(tokens))
-        return embeddings
+        return results
 
-    def tei_adapter(self, body: dict[str, Any], info: _Request) -> str | None:
+    def tei_adapter(self, body: dict[str, Any], info: RequestInfo) -> str | None:
+        """The adapter of a request whose ``model`` field is optional (TEI's routes): None or absent is the
+        server's default adapter."""
         if body.get("model") is None:
             adapter = self.served.default_adapter
         else:
             adapter = self.served.adapter_for(body["model"])
         info.model = self.served.label(adapter)
         return adapter
-
-    # ----- embedding routes -----
-    async def openai_embeddings(self, request, info: _Request):
-        s = self.settings
-        body = await read_json_body(request, s.max_request_bytes)
-        if body.get("model") is None:
-            raise ApiError(422, "missing_field", "Field 'model' is required: the base model's name or an "
-                           f"adapter's ({', '.join(self.served.names)})", param="model")
-        adapter = self.served.adapter_for(body["model"])
-        info.model = self.served.label(adapter)
-        texts, single = parse_texts(body.get("input"), "input", s.max_inputs_per_request, s.max_input_chars)
-        encoding_format = parse_encoding_format(body.get("encoding_format"))
-        dimensions = parse_dimensions(body.get("dimensions"), self.served.dimension)
-        truncate = parse_bool(body, "truncate", s.auto_truncate)
-        prompt_name = parse_optional_string(body, "prompt_name")
-        prompt = self.served.prompt_text(prompt_name)
-        texts, tokens = await self.token_counts(texts, prompt, truncate, "input", single)
-        embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
-        # OpenAI semantics: a shortened vector is re-normalised to unit length.
-        embeddings = shorten(embeddings, dimensions, normalize=dimensions is not None)
-        encode = encode_base64 if encoding_format == "base64" else (lambda v: v)  # float: orjson writes the array
-        data = [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(embeddings)]
-        usage = {"prompt_tokens": sum(tokens), "total_tokens": sum(tokens)}
-        return _json({"object": "list", "data": data, "model": body["model"], "usage": usage})
-
-    async def tei_embed(self, request, info: _Request):
-        s = self.settings
-        body = await read_json_body(request, s.max_request_bytes)
-        adapter = self.tei_adapter(body, info)
-        texts, single = parse_texts(body.get("inputs"), "inputs", s.max_inputs_per_request, s.max_input_chars)
-        normalize = parse_bool(body, "normalize", True)
-        truncate = parse_bool(body, "truncate", s.auto_truncate)
-        direction = body.get("truncation_direction")
-        if direction is not None and direction not in ("Right", "right"):
-            raise ApiError(422, "invalid_truncation_direction",
-                           f"Only truncation_direction 'Right' is supported (as the model was trained), found "
-                           f"{direction!r}", param="truncation_direction")
-        dimensions = parse_dimensions(body.get("dimensions"), self.served.dimension)
-        prompt_name = parse_optional_string(body, "prompt_name")
-        prompt = self.served.prompt_text(prompt_name)
-        texts, tokens = await self.token_counts(texts, prompt, truncate, "inputs", single)
-        embeddings = await self.embed(request, adapter, prompt_name, texts, tokens)
-        return _json(shorten(embeddings, dimensions, normalize))
-
-    async def tei_similarity(self, request, info: _Request):
-        s = self.settings
-        body = await read_json_body(request, s.max_request_bytes)
-        adapter = self.tei_adapter(body, info)
-        inputs = body.get("inputs")
-        if not isinstance(inputs, dict):
-            raise ApiError(422, "missing_field" if inputs is None else "invalid_type",
-                           "Field 'inputs' must be an object {\"source_sentence\": str, \"sentences\": [str, ...]}",
-                           param="inputs")
-        source, _ = parse_texts(inputs.get("source_sentence"), "inputs.source_sentence", 1, s.max_input_chars)
-        if isinstance(inputs.get("sentences"), str):
-            raise ApiError(422, "invalid_type", "inputs.sentences must be a list of strings, found string",
-                           param="inputs.sentences")
-        sentences, _ = parse_texts(inputs.get("sentences"), "inputs.sentences", s.max_inputs_per_request - 1,
-                                   s.max_input_chars)
-        parameters = body.get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise ApiError(422, "invalid_type", "Field 'parameters' must be an object", param="parameters")
-        truncate = parse_bool(parameters, "truncate", s.auto_truncate)
-        prompt_name = parse_optional_string(parameters, "prompt_name")
-        prompt = self.served.prompt_text(prompt_name, "parameters.prompt_name")
-        source, source_tokens = await self.token_counts(source, prompt, truncate, "inputs.source_sentence", True)
-        sentences, tokens = await self.token_counts(sentences, prompt, truncate, "inputs.sentences", False)
-        embeddings = await self.embed(request, adapter, prompt_name, source + sentences, source_tokens + tokens)
-        scores = similarity(embeddings[:1], embeddings[1:], self.served.similarity_fn_name)[0]
-        return _json(scores.astype(np.float32))
 
     # ----- plain routes -----
     async def models(self, request):
@@ -296,14 +219,14 @@ class EmbeddingServer:
                  "root": self.served.base_name, "parent": None}]
         data += [{"id": name, "object": "model", "created": created, "owned_by": "peft_export",
                   "root": self.served.base_name, "parent": self.served.base_name} for name in self.served.adapters]
-        return _json({"object": "list", "data": data})
+        return json_response({"object": "list", "data": data})
 
     async def health(self, request):
         ready = self.status == "ready"
-        return _json({"status": self.status}, 200 if ready else 503)
+        return json_response({"status": self.status}, 200 if ready else 503)
 
     async def live(self, request):
-        return _json({"status": "alive"})
+        return json_response({"status": "alive"})
 
     async def prometheus(self, request):
         from starlette.responses import Response
@@ -327,30 +250,35 @@ async def _wait_for_disconnect(request) -> None:
             return
 
 
-def _json(payload: Any, status: int = 200):
+def json_response(payload: Any, status: int = 200):
     from starlette.responses import Response
 
     return Response(dumps(payload), status_code=status, media_type="application/json")
+
+
+def served_task(model: Any) -> Task:
+    """The task ``model`` runs: its class's ``task`` (every ``ExportedModel``); other objects with an
+    EmbeddingModel's methods (wrappers, test doubles) are served as embedders."""
+    name = getattr(model, "task", None)
+    return task_named(name if isinstance(name, str) else EMBEDDING.name)
 
 
 def create_app(model: Any, settings: ServeSettings | None = None):
     """A Starlette (ASGI) app serving ``model``: run it with uvicorn, or mount it in another app.
 
     ``model`` is an ``EmbeddingModel`` (or anything with its ``encode`` signature); adapters listed by
-    ``model.list_adapters()`` are served under their own names. The app warms the model up in the background:
-    ``/live`` answers at once, ``/health`` turns 200 when warm.
+    ``model.list_adapters()`` are served under their own names. The routes of its task come first
+    (:func:`served_task`, ``Task.routes``), then the task-independent ones. The app warms the model up in the
+    background: ``/live`` answers at once, ``/health`` turns 200 when warm.
     """
     require("starlette", "serve")
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    server = EmbeddingServer(model, settings or ServeSettings())
+    task = served_task(model)
+    server = ModelServer(model, settings or ServeSettings())
     routes = [
-        Route("/v1/embeddings", server.endpoint("/v1/embeddings", "openai", server.openai_embeddings),
-              methods=["POST"]),
-        Route("/embeddings", server.endpoint("/embeddings", "openai", server.openai_embeddings), methods=["POST"]),
-        Route("/embed", server.endpoint("/embed", "tei", server.tei_embed), methods=["POST"]),
-        Route("/similarity", server.endpoint("/similarity", "tei", server.tei_similarity), methods=["POST"]),
+        *load_reference(task.routes)(server),
         Route("/v1/models", server.models, methods=["GET"]),
         Route("/health", server.health, methods=["GET"]),
         Route("/live", server.live, methods=["GET"]),

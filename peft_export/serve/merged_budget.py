@@ -47,7 +47,7 @@ class MergedAdapterBudget:
         if not getattr(model, "is_switchable", False) or not hasattr(model, "merge_adapter"):
             raise ConfigError("A merged-adapter budget needs a switchable export (merge-onnx --switchable); this "
                               "model has no adapters to merge")
-        if budget and getattr(model.backend, "merge_adapter", None) is None:
+        if budget and not model.backend.can_merge_adapters:
             raise ConfigError(f"A merged-adapter budget needs the ONNX Runtime backend; this model runs on "
                               f"{model.backend.name}, where adapters always run on the switchable graph")
         self.model = model
