@@ -14,11 +14,10 @@ __all__ = ["EMBEDDING", "TASKS", "GraphOutput", "Task", "load_reference", "task_
 
 
 def task_named(name: str) -> Task:
-    try:
+    if isinstance(name, str) and name in TASKS:
         return TASKS[name]
-    except KeyError:
-        raise ConfigError(f"Unknown task {name!r}; this version of peft_export knows {', '.join(sorted(TASKS))}. "
-                          "Upgrade peft_export to open this export.") from None
+    raise ConfigError(f"Unknown task {name!r}; this version of peft_export knows {', '.join(sorted(TASKS))}. "
+                      "Upgrade peft_export to open this export.")
 
 
 def task_of_manifest(manifest: dict[str, Any]) -> Task:
