@@ -168,7 +168,7 @@ def run(args) -> None:
 
     from peft_export.bench.report import Report
     from peft_export.bench.rounds import alternating_rounds
-    from peft_export.bench.stats import cosine_rows
+    from peft_export.runtime.similarity import cosine_rows
     from peft_export.bench.texts import demo_queries_and_sentences
 
     work: Path = args.work

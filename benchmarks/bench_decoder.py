@@ -31,7 +31,7 @@ import numpy as np
 from peft_export.bench.child import must_succeed, run_child
 from peft_export.bench.report import Report
 from peft_export.bench.rounds import alternating_rounds
-from peft_export.bench.stats import cosine_rows
+from peft_export.runtime.similarity import cosine_rows
 from peft_export.bench.texts import corpus_texts
 from peft_export.bench.timing import time_single_queries
 

@@ -29,7 +29,7 @@ import numpy as np
 from peft_export.bench.builders import onnx_export
 from peft_export.bench.report import Report
 from peft_export.bench.rounds import alternating_rounds
-from peft_export.bench.stats import cosine_rows
+from peft_export.runtime.similarity import cosine_rows
 from peft_export.bench.texts import demo_queries_and_sentences
 from peft_export.bench.timing import time_single_queries, time_throughput
 

@@ -187,17 +187,13 @@ def export_family(mode: str, st_folder: Path, adapter_folder: Path, out: Path) -
     return out
 
 
-def _unit(x):
-    import numpy as np
-
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def max_unit_diff(a, b) -> float:
+    """Largest difference of two sets of vectors after L2 normalisation, in float64."""
     import numpy as np
 
-    return float(np.abs(_unit(a) - _unit(b)).max())
+    from ..runtime.similarity import normalize
+
+    return float(np.abs(normalize(np.asarray(a, dtype=np.float64)) - normalize(np.asarray(b, dtype=np.float64))).max())
 
 
 def parity(reference, model, texts: list[str], prompt_names, *, adapter=None) -> dict[str, float]:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..runtime.similarity import cosine_rows
 from .stats import percentiles
 
 # Lossy exports (int8, fp16) give slightly different results for the same text in another batch: dynamic int8
@@ -69,7 +70,7 @@ async def load_level(http, sentences: list[str], references: dict[str, np.ndarra
                             for d in response.json()["data"]])
             want = references[name][indices]
             max_diff = max(max_diff, float(np.abs(got - want).max()))
-            cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+            cosine = cosine_rows(got, want)
             min_cosine = min(min_cosine, float(cosine.min()))
 
     started = time.perf_counter()

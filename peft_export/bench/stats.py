@@ -7,6 +7,7 @@ import statistics
 import numpy as np
 
 
+
 def percentiles(samples_s: list[float]) -> dict[str, float]:
     """p50/p95/p99/max/mean in milliseconds of durations given in seconds (NaN for no samples), and their count."""
     if not len(samples_s):
@@ -22,8 +23,3 @@ def median(values) -> float:
     return float(statistics.median(values))
 
 
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine of each row of ``a`` with the same row of ``b``."""
-    a = a / np.linalg.norm(a, axis=1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return (a * b).sum(1)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .child import run_child
 from .report import Report
-from .stats import cosine_rows
+from ..runtime.similarity import cosine_rows
 from .timing import time_single_queries, time_throughput
 
 Encode = Callable[[list[str], int], np.ndarray]
