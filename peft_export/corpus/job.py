@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -143,10 +144,7 @@ def embed_corpus(
     check_existing_output(target, force)
     reader.scan(part_rows)  # every row checked (and each part's rows hashed) before anything is written
     try:
-        target.make_parent()
-        lock = OutputLock(target)
-        try:
-            remove_leftovers(target)  # of a killed --ray run on this output
+        with output_in_use(target):
             check_existing_output(target, force)  # again, locked: a --ray job may have finished meanwhile
             created = not target.work_dir.exists()
             target.work_dir.mkdir(exist_ok=True)
@@ -156,16 +154,29 @@ def embed_corpus(
             finally:
                 if created and not any(target.work_dir.iterdir()):
                     target.work_dir.rmdir()  # a job refused before its first write leaves nothing behind
+    except BrokenProcessPool as err:
+        raise PeftExportError("A worker process died (killed, or out of memory); the parts written so far are "
+                              "kept: run the same command again to resume, with fewer --processes if memory is "
+                              "short") from err
+
+
+@contextmanager
+def output_in_use(target: OutputTarget) -> Iterator[None]:
+    """For the block, by a local job or a ``--ray`` job alike: the output's parent exists, the output's lock is held
+    (a second job on it is refused) and what a killed ``--ray`` run left beside it is removed; an OSError on the way
+    or in the block (a full disk, a read-only file system) becomes one line naming the output."""
+    try:
+        target.make_parent()
+        lock = OutputLock(target)
+        try:
+            remove_leftovers(target)  # of a killed --ray run: no live job owns them while the lock is held
+            yield
         finally:
             lock.release()
     except PeftExportError:
         raise
     except OSError as err:
         raise output_error(err, target) from err
-    except BrokenProcessPool as err:
-        raise PeftExportError("A worker process died (killed, or out of memory); the parts written so far are "
-                              "kept: run the same command again to resume, with fewer --processes if memory is "
-                              "short") from err
 
 
 def _embed_locked(reader: CorpusReader, model: Any, settings: EncodeSettings, target: OutputTarget, job: dict,

@@ -20,14 +20,13 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from ..corpus.job import check_existing_output, check_output_outside_input, kill_if_asked, output_in_use
+from ..corpus.readers import CorpusReader
+from ..corpus.state import describe_job
+from ..corpus.workers import EncodeSettings, check_settings
+from ..corpus.writers import EMBEDDING_COLUMN, LEFTOVER_INFIX, RAY_MARKER, OutputTarget, columns_table
 from ..errors import InputError, OutputExistsError, PeftExportError, require
 from ..runtime.atomic_file import exchange_folders, rename_no_replace
-from ..corpus.job import check_existing_output, check_output_outside_input, kill_if_asked, output_error
-from ..corpus.readers import CorpusReader
-from ..corpus.state import OutputLock, describe_job
-from ..corpus.workers import EncodeSettings, check_settings
-from ..corpus.writers import (EMBEDDING_COLUMN, LEFTOVER_INFIX, RAY_MARKER, OutputTarget, columns_table,
-                      remove_leftovers)
 
 
 STAGE_ROWS = 65536  # rows per staged Parquet file
@@ -107,24 +106,14 @@ def embed_with_ray(export: str, input: str, output: str, *, address: str = "loca
             last = (str(cause).strip().splitlines() or [""])[-1]
             raise PeftExportError(f"the Ray job failed: {type(cause).__name__}: {last}") from err
 
-    try:
-        target.make_parent()
-        lock = OutputLock(target)
+    with output_in_use(target):
+        _check_target(target, force)  # again, locked: another job may have finished meanwhile
+        staged = _stage_as_parquet(reader, target) if fmt != "parquet" else None
         try:
-            remove_leftovers(target)  # of a killed --ray run: no live job owns them while we hold the lock
-            _check_target(target, force)  # again, locked: another job may have finished meanwhile
-            staged = _stage_as_parquet(reader, target) if fmt != "parquet" else None
-            try:
-                return _build_and_put_in_place(target, marker, write)
-            finally:
-                if staged:
-                    shutil.rmtree(staged, ignore_errors=True)
+            return _build_and_put_in_place(target, marker, write)
         finally:
-            lock.release()
-    except PeftExportError:
-        raise
-    except OSError as err:
-        raise output_error(err, target) from err
+            if staged:
+                shutil.rmtree(staged, ignore_errors=True)
 
 
 def _build_and_put_in_place(target: OutputTarget, marker: dict, write: Callable[[Path], None]) -> int:
