@@ -113,3 +113,112 @@ def test_merged_openvino_equals_eager_peft(name, tmp_path):
                                    log=quiet)
     assert result.manifest["validation"]["merged_vs_unmerged"]["sentence_embedding"] <= ATOL
     assert max_unit_diff(EmbeddingModel(tmp_path / "ov").encode(TEXTS), eager(name)) <= ATOL
+
+
+# ---- item 7: LoRA's hostile-tensor tests, repeated for each method's tensors
+
+MODULE = "encoder.layer.0.attention.self.query"
+
+
+def _corrupt(name: str, tmp_path: Path, change) -> tuple[Path, str]:
+    """A copy of the method's adapter with ``change(tensors, key)`` applied to its test part on MODULE; returns the
+    folder and the key changed."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter(name), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    part = _configs()[name][1]
+    key = next(k for k in sorted(tensors) if f"{MODULE}.{part}" in k and k.split(f"{MODULE}.")[1].split(".")[0]
+               == part)
+    change(tensors, key)
+    save_file(tensors, str(path))
+    return folder, key
+
+
+def _refused(folder: Path, tmp_path: Path, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(folder)], log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def _hostile(kinds=("missing", "shape", "nan")) -> list:
+    return [pytest.param(n, kind, marks=() if n in FAST else pytest.mark.slow) for n in METHODS for kind in kinds]
+
+
+@pytest.mark.parametrize("name, kind", _hostile())
+def test_each_methods_tensors_are_checked(name, kind, tmp_path):
+    import torch
+
+    def change(tensors, key):
+        if kind == "missing":
+            del tensors[key]
+        elif kind == "shape":
+            tensors[key] = torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] + 1)
+        else:
+            tensors[key] = tensors[key].clone()
+            tensors[key].view(-1)[0] = float("nan")
+
+    folder, key = _corrupt(name, tmp_path, change)
+    expected = {
+        "missing": rf"tensor \S+{re.escape(MODULE)}\.lokr_w2 is missing" if name == "lokr"
+        else rf"tensor {re.escape(key)}(\.weight)? is missing: target_modules .* on '{re.escape(MODULE)}'",
+        "shape": rf"{re.escape(repr(key))} has shape \(",
+        "nan": rf"tensor {re.escape(repr(key))} contains NaN or Inf values",
+    }[kind]
+    _refused(folder, tmp_path, expected)
+
+
+SAVED = "encoder.layer.1.output.dense"
+
+
+@pytest.mark.parametrize("kind", ["missing", "shape", "nan", "foreign"])
+def test_modules_to_save_tensors_are_checked(kind, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("lora_saved"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = f"base_model.model.{SAVED}.bias"
+    assert tensors[key].shape == (32,)
+    message = {
+        "missing": rf"tensor {re.escape(key)} is missing: modules_to_save \['{re.escape(SAVED)}'\] stores a trained "
+                   rf"copy of '{re.escape(SAVED)}', but the file has no '{re.escape(SAVED)}\.bias' for it",
+        "shape": rf"tensor '{re.escape(key)}' \(modules_to_save\) has shape \(33,\) but the base parameter "
+                 rf"'{re.escape(SAVED)}\.bias' has shape \(32,\)",
+        "nan": rf"tensor '{re.escape(key)}' contains NaN or Inf values",
+        "foreign": rf"'base_model\.model\.{re.escape(SAVED)}\.scale' is a trained copy \(modules_to_save\) of "
+                   rf"parameter '{re.escape(SAVED)}\.scale', which the base model \(BertModel\) does not have",
+    }[kind]
+    if kind == "missing":
+        del tensors[key]
+    elif kind == "shape":
+        tensors[key] = torch.zeros(33)
+    elif kind == "nan":
+        tensors[key] = torch.full((32,), float("inf"))
+    else:
+        tensors[f"base_model.model.{SAVED}.scale"] = torch.ones(32)
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+# ---- item 2: the methods PEFT cannot merge, refused by name with the reason, exit 2
+
+@pytest.mark.parametrize("peft_type, words", [
+    ("PROMPT_TUNING", "prompt tuning"), ("PREFIX_TUNING", "prefix tuning"), ("P_TUNING", "p-tuning"),
+    ("XLORA", "X-LoRA"), ("POLY", "Poly"), ("ADAPTION_PROMPT", "adaption prompt"),
+])
+def test_methods_peft_cannot_merge_are_refused_by_name_exit_2(peft_type, words, tmp_path, capsys):
+    from peft_export.methods.registry import NOT_MERGEABLE
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": peft_type, "base_model_name_or_path": str(base_model()), "num_virtual_tokens": 8}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    code = cli_main(["merge-onnx", str(folder), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists()
+    why = NOT_MERGEABLE[peft_type][1]
+    assert f"peft_type is '{peft_type}' ({words}): {why}, so peft_export cannot export it. It exports LORA, " in err

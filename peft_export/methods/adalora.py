@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
-from .tuner import TunerMethod
 from .base import (MAX_RANK, AdapterConfig, BaseLayer, Capability, TensorKey, check_number,
                    check_target_modules, tensor_pattern)
+from .tuner import TunerMethod
 
 
 class AdaLora(TunerMethod):
@@ -19,6 +19,7 @@ class AdaLora(TunerMethod):
     key_pattern = tensor_pattern("lora_A", "lora_B", "lora_E")
     required_parts = ("lora_A", "lora_B", "lora_E")
     peft_classes = ("AdaLoraConfig", "peft.tuners.adalora", "AdaLoraLayer")
+    summary_fields = ("init_r", "target_r", "lora_alpha", "target_modules", "modules_to_save")
 
     def check_config(self, raw: dict[str, Any], where: str) -> None:
         check_number(raw, where, "init_r", 12, integer=True, minimum=1, maximum=MAX_RANK)
@@ -31,16 +32,9 @@ class AdaLora(TunerMethod):
                               f"ranks), found {pattern!r}")
         check_target_modules(raw, where)
 
-    def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        keys = ("init_r", "target_r", "lora_alpha", "target_modules", "modules_to_save")
-        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in keys}}
-
     def describe(self, config: AdapterConfig) -> str:
         return (f"init_r={config.raw.get('init_r')} target_r={config.raw.get('target_r')} "
                 f"alpha={config.raw.get('lora_alpha')} targets={config.target_modules}")
-
-    def tensor_name(self, prefix: str, module: str, part: str) -> str:
-        return f"{prefix}{module}.{part}"
 
     def expected_shape(self, config: AdapterConfig, key: TensorKey, layer: BaseLayer) -> tuple[int | None, ...]:
         # With a rank_pattern PEFT resizes each module to its kept ranks (any r up to init_r), else r is init_r.

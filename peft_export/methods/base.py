@@ -204,6 +204,7 @@ class PeftMethod(ABC):
     alternative_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
     extras_refused: ClassVar[str] = ""  # appended to "is not a <name> weight" when tensors are checked
     layer_kinds: ClassVar[str] = "Linear layers"  # what supports_layer accepts, for messages
+    saved_as_weight: ClassVar[bool] = True  # PEFT saves a part as "<module>.<part>.weight" (a submodule's weight)
 
     # ---- adapter_config.json
 
@@ -256,7 +257,7 @@ class PeftMethod(ABC):
 
     def tensor_name(self, prefix: str, module: str, part: str) -> str:
         """The key PEFT saves ``part`` of ``module`` under."""
-        return f"{prefix}{module}.{part}.weight"
+        return f"{prefix}{module}.{part}" + (".weight" if self.saved_as_weight else "")
 
     def required_parts_for(self, config: AdapterConfig) -> tuple[str, ...]:
         """The parts every targeted module must have, for this config (LoRA: DoRA adds its magnitude)."""

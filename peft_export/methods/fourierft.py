@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tuner import TunerMethod
 from .base import (AdapterConfig, BaseLayer, Capability, TensorKey, check_number,
                    check_target_modules, tensor_pattern)
+from .tuner import TunerMethod
 
 
 class FourierFt(TunerMethod):
@@ -17,21 +17,15 @@ class FourierFt(TunerMethod):
     key_pattern = tensor_pattern("fourierft_spectrum")
     required_parts = ("fourierft_spectrum",)
     peft_classes = ("FourierFTConfig", "peft.tuners.fourierft", "FourierFTLayer")
+    summary_fields = ("n_frequency", "scaling", "random_loc_seed", "target_modules", "modules_to_save")
 
     def check_config(self, raw: dict[str, Any], where: str) -> None:
         check_number(raw, where, "n_frequency", 1000, integer=True, minimum=1)
         check_number(raw, where, "scaling", 150.0)
         check_target_modules(raw, where)
 
-    def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        keys = ("n_frequency", "scaling", "random_loc_seed", "target_modules", "modules_to_save")
-        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in keys}}
-
     def describe(self, config: AdapterConfig) -> str:
         return f"n_frequency={config.raw.get('n_frequency')} targets={config.target_modules}"
-
-    def tensor_name(self, prefix: str, module: str, part: str) -> str:
-        return f"{prefix}{module}.{part}"
 
     def expected_shape(self, config: AdapterConfig, key: TensorKey, layer: BaseLayer) -> tuple[int | None, ...]:
         pattern = config.raw.get("n_frequency_pattern") or {}

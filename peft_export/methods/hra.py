@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tuner import TunerMethod
 from .base import (MAX_RANK, AdapterConfig, BaseLayer, Capability, TensorKey, check_number,
                    check_target_modules, tensor_pattern)
+from .tuner import TunerMethod
 
 
 class Hra(TunerMethod):
@@ -18,19 +18,14 @@ class Hra(TunerMethod):
     key_pattern = tensor_pattern("hra_u")
     required_parts = ("hra_u",)
     peft_classes = ("HRAConfig", "peft.tuners.hra", "HRALayer")
+    summary_fields = ("r", "apply_GS", "target_modules", "modules_to_save")
 
     def check_config(self, raw: dict[str, Any], where: str) -> None:
         check_number(raw, where, "r", 8, integer=True, minimum=1, maximum=MAX_RANK)
         check_target_modules(raw, where)
 
-    def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in ("r", "apply_GS", "target_modules", "modules_to_save")}}
-
     def describe(self, config: AdapterConfig) -> str:
         return f"r={config.raw.get('r')} targets={config.target_modules}"
-
-    def tensor_name(self, prefix: str, module: str, part: str) -> str:
-        return f"{prefix}{module}.{part}"
 
     def expected_shape(self, config: AdapterConfig, key: TensorKey, layer: BaseLayer) -> tuple[int | None, ...]:
         return (layer.in_features, self.rank_for(config, key.module))

@@ -7,8 +7,8 @@ import re
 from typing import Any
 
 from ..errors import ConfigError
-from .tuner import TunerMethod
 from .base import AdapterConfig, BaseLayer, Capability, TensorKey, check_target_modules, tensor_pattern
+from .tuner import TunerMethod
 
 
 def is_feedforward(config: AdapterConfig, module: str) -> bool:
@@ -27,6 +27,7 @@ class Ia3(TunerMethod):
     key_pattern = tensor_pattern("ia3_l")
     required_parts = ("ia3_l",)
     peft_classes = ("IA3Config", "peft.tuners.ia3", "IA3Layer")
+    summary_fields = ("target_modules", "feedforward_modules", "modules_to_save")
 
     def check_config(self, raw: dict[str, Any], where: str) -> None:
         check_target_modules(raw, where)
@@ -35,14 +36,8 @@ class Ia3(TunerMethod):
             raise ConfigError(f"{where}: 'feedforward_modules' must be a list of module names or a regex string, "
                               f"found {feedforward!r}")
 
-    def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in ("target_modules", "feedforward_modules", "modules_to_save")}}
-
     def describe(self, config: AdapterConfig) -> str:
         return f"feedforward={config.raw.get('feedforward_modules')} targets={config.target_modules}"
-
-    def tensor_name(self, prefix: str, module: str, part: str) -> str:
-        return f"{prefix}{module}.{part}"
 
     def expected_shape(self, config: AdapterConfig, key: TensorKey, layer: BaseLayer) -> tuple[int | None, ...]:
         return (1, layer.in_features) if is_feedforward(config, key.module) else (layer.out_features, 1)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tuner import TunerMethod
 from .base import (MAX_RANK, AdapterConfig, BaseLayer, Capability, TensorKey, check_number,
                    check_target_modules, tensor_pattern)
+from .tuner import TunerMethod
 
 
 def check_rank_and_alpha(raw: dict[str, Any], where: str) -> None:
@@ -25,18 +25,13 @@ class Loha(TunerMethod):
     key_pattern = tensor_pattern("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")  # hada_t*: conv only
     required_parts = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     peft_classes = ("LoHaConfig", "peft.tuners.loha", "LoHaLayer")
+    summary_fields = ("r", "alpha", "target_modules", "modules_to_save")
 
     def check_config(self, raw: dict[str, Any], where: str) -> None:
         check_rank_and_alpha(raw, where)
 
-    def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in ("r", "alpha", "target_modules", "modules_to_save")}}
-
     def describe(self, config: AdapterConfig) -> str:
         return f"r={config.raw.get('r')} alpha={config.raw.get('alpha')} targets={config.target_modules}"
-
-    def tensor_name(self, prefix: str, module: str, part: str) -> str:
-        return f"{prefix}{module}.{part}"
 
     def expected_shape(self, config: AdapterConfig, key: TensorKey, layer: BaseLayer) -> tuple[int | None, ...]:
         r = self.rank_for(config, key.module)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tuner import TunerMethod
 from .base import AdapterConfig, BaseLayer, Capability, TensorKey, check_number, tensor_pattern
 from .loha import check_rank_and_alpha
+from .tuner import TunerMethod
 
 
 class Lokr(TunerMethod):
@@ -19,6 +19,7 @@ class Lokr(TunerMethod):
     required_parts = ("lokr_w1", "lokr_w2")
     alternative_parts = {"lokr_w1": ("lokr_w1_a", "lokr_w1_b"), "lokr_w2": ("lokr_w2_a", "lokr_w2_b")}
     peft_classes = ("LoKrConfig", "peft.tuners.lokr", "LoKrLayer")
+    summary_fields = ("r", "alpha", "target_modules", "decompose_both", "decompose_factor", "modules_to_save")
 
     def check_config(self, raw: dict[str, Any], where: str) -> None:
         check_rank_and_alpha(raw, where)
@@ -26,16 +27,9 @@ class Lokr(TunerMethod):
         if factor != -1:
             check_number(raw, where, "decompose_factor", -1, integer=True, minimum=1)
 
-    def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        keys = ("r", "alpha", "target_modules", "decompose_both", "decompose_factor", "modules_to_save")
-        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in keys}}
-
     def describe(self, config: AdapterConfig) -> str:
         return (f"r={config.raw.get('r')} alpha={config.raw.get('alpha')} "
                 f"decompose_factor={config.raw.get('decompose_factor', -1)} targets={config.target_modules}")
-
-    def tensor_name(self, prefix: str, module: str, part: str) -> str:
-        return f"{prefix}{module}.{part}"
 
     def expected_shape(self, config: AdapterConfig, key: TensorKey, layer: BaseLayer) -> tuple[int | None, ...]:
         """PEFT's factorisation: out = a * c, in = b * d; w1 is (a, b), w2 is (c, d), or r-rank products."""

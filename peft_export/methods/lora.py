@@ -13,9 +13,9 @@ import re
 from typing import Any
 
 from ..errors import ConfigError
-from .tuner import TunerMethod
 from .base import (MAX_RANK, MODULES_TO_SAVE, AdapterConfig, BaseLayer, Capability, RefusedOption,
                    TensorKey, check_target_modules, raise_export_merged)
+from .tuner import TunerMethod
 
 
 class LoraAdapterConfig(AdapterConfig):
@@ -56,6 +56,7 @@ class Lora(TunerMethod):
     )
     required_parts = ("lora_A", "lora_B")
     peft_classes = ("LoraConfig", "peft.tuners.lora", "LoraLayer")
+    saved_as_weight = True
     extras_refused = "only LoRA tensors (and modules_to_save copies the config names) are exported"
     magnitude = "lora_magnitude_vector"  # DoRA's part: one value per output of the base layer
     refused_options = (

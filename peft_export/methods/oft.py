@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .tuner import TunerMethod
 from .base import (MAX_RANK, AdapterConfig, BaseLayer, Capability, TensorKey, check_number,
                    check_target_modules, tensor_pattern)
+from .tuner import TunerMethod
 
 ROTATION = Capability(False, "a rotation of the base weight is not an additive low-rank branch, which is all a "
                              "switchable graph runs")
@@ -21,15 +21,13 @@ class Oft(TunerMethod):
     key_pattern = tensor_pattern("oft_R")
     required_parts = ("oft_R",)
     peft_classes = ("OFTConfig", "peft.tuners.oft", "OFTLayer")
+    saved_as_weight = True  # oft_R is a rotation module: "<module>.oft_R.weight"
+    summary_fields = ("r", "oft_block_size", "block_share", "coft", "target_modules", "modules_to_save")
 
     def check_config(self, raw: dict[str, Any], where: str) -> None:
         check_number(raw, where, "r", 0, integer=True, minimum=0, maximum=MAX_RANK)
         check_number(raw, where, "oft_block_size", 32, integer=True, minimum=0, maximum=MAX_RANK)
         check_target_modules(raw, where)
-
-    def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        keys = ("r", "oft_block_size", "block_share", "coft", "target_modules", "modules_to_save")
-        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in keys}}
 
     def describe(self, config: AdapterConfig) -> str:
         return (f"r={config.raw.get('r')} block_size={config.raw.get('oft_block_size')} "
@@ -52,22 +50,17 @@ class Boft(TunerMethod):
     key_pattern = tensor_pattern("boft_R", "boft_s")
     required_parts = ("boft_R", "boft_s")
     peft_classes = ("BOFTConfig", "peft.tuners.boft", "BOFTLayer")
+    summary_fields = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "target_modules",
+                      "modules_to_save")
 
     def check_config(self, raw: dict[str, Any], where: str) -> None:
         for key, default in (("boft_block_size", 4), ("boft_block_num", 0), ("boft_n_butterfly_factor", 1)):
             check_number(raw, where, key, default, integer=True, minimum=0, maximum=MAX_RANK)
         check_target_modules(raw, where)
 
-    def summary(self, config: AdapterConfig) -> dict[str, Any]:
-        keys = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor", "target_modules", "modules_to_save")
-        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in keys}}
-
     def describe(self, config: AdapterConfig) -> str:
         return (f"block_size={config.raw.get('boft_block_size')} block_num={config.raw.get('boft_block_num')} "
                 f"butterfly={config.raw.get('boft_n_butterfly_factor')} targets={config.target_modules}")
-
-    def tensor_name(self, prefix: str, module: str, part: str) -> str:
-        return f"{prefix}{module}.{part}"
 
     def expected_shape(self, config: AdapterConfig, key: TensorKey, layer: BaseLayer) -> tuple[int | None, ...]:
         """boft_R: (butterfly factors, blocks, b, b); boft_s: a scale per output, (out, 1)."""

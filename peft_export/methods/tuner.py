@@ -15,6 +15,12 @@ class TunerMethod(PeftMethod):
     layer class, the layer class). PEFT's layers keep each adapter in dicts named by ``adapter_layer_names``."""
 
     peft_classes: ClassVar[tuple[str, str, str]]
+    saved_as_weight = False  # most tuners keep their parts as bare parameters: "<module>.<part>"
+    summary_fields: ClassVar[tuple[str, ...]] = ("target_modules", "modules_to_save")  # the manifest's, by summary
+
+    def summary(self, config: AdapterConfig) -> dict[str, Any]:
+        """``peft_type`` (which LoRA's manifest alone predates) and ``summary_fields`` from the config."""
+        return {"peft_type": self.peft_type, **{k: config.raw.get(k) for k in self.summary_fields}}
 
     def peft_config_class(self) -> type:
         """PEFT's config class of this method (to match target_modules by PEFT's own rule)."""
