@@ -41,6 +41,8 @@ def _configs() -> dict:
         "oft": (peft.OFTConfig(r=0, oft_block_size=8, target_modules=QV, init_weights=False), "oft_R"),
         "boft": (peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=QV, init_weights=False),
                  "boft_s"),
+        "vera": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=True),
+                 "vera_lambda_b"),
         "fourierft": (peft.FourierFTConfig(n_frequency=10, target_modules=QV, init_weights=False),
                       "fourierft_spectrum"),
         "hra": (peft.HRAConfig(r=4, target_modules=QV, init_weights=False), "hra_u"),
@@ -49,7 +51,7 @@ def _configs() -> dict:
     }
 
 
-METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "fourierft", "hra", "lora_saved"]
+METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "lora_saved"]
 FAST = {"dora", "ia3", "lora_saved"}  # the others export the same way: slow
 
 
@@ -62,7 +64,13 @@ def method_adapter(name: str) -> Path:
 
         model = SentenceTransformer(str(base_model()), device="cpu")
         torch.manual_seed(7)
-        model.add_adapter(_configs()[name][0])
+        config = _configs()[name][0]
+        if name == "vera":  # add_adapter refuses VeRA (shared projections): PEFT's get_peft_model on the encoder
+            from peft import get_peft_model
+
+            model = get_peft_model(model[0].auto_model, config)
+        else:
+            model.add_adapter(config)
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if param.requires_grad:
@@ -222,3 +230,22 @@ def test_methods_peft_cannot_merge_are_refused_by_name_exit_2(peft_type, words, 
     assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists()
     why = NOT_MERGEABLE[peft_type][1]
     assert f"peft_type is '{peft_type}' ({words}): {why}, so peft_export cannot export it. It exports LORA, " in err
+
+
+@pytest.mark.parametrize("kind", ["missing", "shape"])
+def test_veras_shared_projections_are_checked(kind, tmp_path):
+    """VeRA keeps its random projections once for all layers (base_model.vera_A / vera_B), outside any module."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("vera"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    if kind == "missing":
+        del tensors["base_model.vera_A"]
+        message = r"tensor base_model\.vera_A is missing: adapter_config\.json sets save_projection"
+    else:
+        tensors["base_model.vera_B"] = torch.zeros(32, 5)
+        message = r"'base_model\.vera_B' has shape \(32, 5\), expected \(any, 4\) for r=4 in adapter_config\.json"
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)

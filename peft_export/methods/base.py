@@ -297,6 +297,7 @@ class PeftMethod(ABC):
         saved_entries = config.raw.get("modules_to_save") or []
         found: dict[str, set[str]] = {}
         saved: dict[str, set[str]] = {}
+        shared: set[str] = set()
         prefix = ""
         for key in keys:
             info = read(key)
@@ -304,6 +305,10 @@ class PeftMethod(ABC):
                 raise ConfigError(f"{where}: tensor {key!r} has dtype {info.dtype}, expected a float type")
             if not info.finite:
                 raise ConfigError(f"{where}: tensor {key!r} contains NaN or Inf values")
+            if (name := self.shared_tensor(key)) is not None:
+                self.check_shared_tensor(config, where, key, name, info.shape)
+                shared.add(name)
+                continue
             param = SAVED_MODULE_KEY.match(key).group("param")
             module = saved_module_of(param, saved_entries) if saved_entries and self.key_pattern.match(key) is None \
                 else None
@@ -322,9 +327,22 @@ class PeftMethod(ABC):
                 self.check_tensor_shape(config, where, parsed, info.shape, layer)
             prefix = parsed.prefix
             found.setdefault(parsed.module, set()).add(parsed.part)
+        self.check_shared_complete(config, where, shared)
         if saved_entries and params is not None:
             self.check_saved_complete(config, where, saved, params, prefix or "base_model.model.")
         self.check_complete(config, where, found, targeted(), prefix)
+
+    def shared_tensor(self, key: str) -> str | None:
+        """The name of ``key`` if it is a tensor the method keeps once for every layer (VeRA's projections), else
+        None (the default: every tensor belongs to one module)."""
+        return None
+
+    def check_shared_tensor(self, config: AdapterConfig, where: Any, key: str, name: str,
+                            shape: tuple[int, ...]) -> None:
+        """Raise ConfigError if a shared tensor's shape does not fit the config."""
+
+    def check_shared_complete(self, config: AdapterConfig, where: Any, found: set[str]) -> None:
+        """Raise ConfigError if a shared tensor the config needs is missing from the file."""
 
     def _check_saved_tensor(self, where: Any, key: str, param: str, shape: tuple[int, ...],
                             params: dict[str, tuple[int, ...]], base_name: str) -> None:

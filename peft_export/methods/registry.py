@@ -15,9 +15,10 @@ from .loha import LOHA
 from .lokr import LOKR
 from .lora import LORA
 from .oft import BOFT, OFT
+from .vera import VERA
 
-_METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, LOHA, LOKR, OFT, BOFT, FOURIERFT,
-                                                            HRA)}
+_METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, LOHA, LOKR, OFT, BOFT, VERA,
+                                                            FOURIERFT, HRA)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
