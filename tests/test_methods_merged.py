@@ -249,3 +249,61 @@ def test_veras_shared_projections_are_checked(kind, tmp_path):
         message = r"'base_model\.vera_B' has shape \(32, 5\), expected \(any, 4\) for r=4 in adapter_config\.json"
     save_file(tensors, str(path))
     _refused(folder, tmp_path, message)
+
+
+def test_a_sequence_classification_head_in_modules_to_save_is_merged(tmp_path):
+    """What rerankers need (issue 26 item 4): a SEQ_CLS LoRA whose trained classifier PEFT keeps in
+    modules_to_save merges with export/merge.py: the tensors pass the checks, the merged model's classifier is the
+    trained copy, and merged logits equal eager PEFT's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from peft_export.export.merge import attach_adapters, merge_adapter
+    from peft_export.source.resolve import load_adapter_source
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=32, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(str(tmp_path / "base"))
+    base = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")).eval()
+    peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=QV, init_lora_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+    assert "classifier" in saved
+
+    inputs = {"input_ids": torch.randint(0, 64, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")).eval()
+    with torch.no_grad():
+        plain = fresh(**inputs).logits
+        model = attach_adapters(fresh, [load_adapter_source(str(tmp_path / "adapter"), name="a")])
+        eager = model(**inputs).logits
+        merged = merge_adapter(model, "a")
+        after = merged(**inputs).logits
+    assert (eager - plain).abs().max() > 0.1  # the trained head (and the LoRA) change the scores
+    assert (after - eager).abs().max() <= ATOL
+    assert type(merged.classifier).__name__ == "Linear"  # the trained copy, unwrapped
+
+
+def test_info_names_the_method_of_a_non_lora_export(tmp_path, capsys):
+    export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(method_adapter("ia3"))], log=quiet)
+    capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "out")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("adapter:"))
+    assert " peft_type=IA3 sha256=" in line
+
+
+@pytest.mark.parametrize("name, why", [
+    ("ia3", "IA3 adapters \\(peft_type 'IA3'\\) cannot be exported switchable: its per-channel scale multiplies"),
+    ("dora", "'use_dora' is set \\(True\\); a switchable export cannot reproduce it exactly \\(DoRA rescales"),
+    ("lora_saved", "'modules_to_save' is set \\(\\['encoder.layer.1.output.dense'\\]\\); a switchable export"),
+])
+def test_switchable_export_refuses_merged_only_methods_with_the_reason_exit_2(name, why, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli_main(["merge-onnx", str(base_model()), "--adapter", f"a={method_adapter(name)}", "--switchable",
+                     "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and not out.exists()
+    assert re.search(why, err) and err.endswith("(merge-onnx without --switchable)."), err
