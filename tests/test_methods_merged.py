@@ -45,13 +45,17 @@ def _configs() -> dict:
                  "vera_lambda_b"),
         "fourierft": (peft.FourierFTConfig(n_frequency=10, target_modules=QV, init_weights=False),
                       "fourierft_spectrum"),
+        "miss": (peft.MissConfig(r=4, target_modules=QV), "miss_block"),
+        "miss_bat": (peft.MissConfig(r=4, target_modules=QV, init_weights="bat"), "miss_block"),
+        "c3a": (peft.C3AConfig(block_size=8, target_modules=QV), "c3a_kernel"),
         "hra": (peft.HRAConfig(r=4, target_modules=QV, init_weights=False), "hra_u"),
         "lora_saved": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False,
                                        modules_to_save=["encoder.layer.1.output.dense"]), "lora_A"),
     }
 
 
-METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "lora_saved"]
+METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
+           "miss_bat", "c3a", "lora_saved"]
 FAST = {"dora", "ia3", "lora_saved"}  # the others export the same way: slow
 
 

@@ -8,17 +8,19 @@ from typing import Any
 from ..errors import ConfigError
 from .adalora import ADALORA
 from .base import PeftMethod
+from .c3a import C3A
 from .fourierft import FOURIERFT
 from .hra import HRA
 from .ia3 import IA3
 from .loha import LOHA
 from .lokr import LOKR
 from .lora import LORA
+from .miss import MISS
 from .oft import BOFT, OFT
 from .vera import VERA
 
 _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, LOHA, LOKR, OFT, BOFT, VERA,
-                                                            FOURIERFT, HRA)}
+                                                            FOURIERFT, HRA, MISS, C3A)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
