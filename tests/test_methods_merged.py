@@ -311,3 +311,25 @@ def test_switchable_export_refuses_merged_only_methods_with_the_reason_exit_2(na
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and not out.exists()
     assert re.search(why, err) and err.endswith("(merge-onnx without --switchable)."), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
+def test_lora_with_a_saved_initialisation_equals_the_model_it_was_trained_as(init, tmp_path):
+    """PiSSA and OLoRA move the principal part of W into the adapter at init, so the adapter only means something
+    over the base PEFT rebuilds from the config on load. The export must equal the in-memory model the adapter was
+    trained in, not just PEFT's reload of it."""
+    import torch
+    from peft import LoraConfig
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(base_model()), device="cpu")
+    torch.manual_seed(3)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=init))
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn_like(param))
+    trained = model.eval().encode(TEXTS, batch_size=3)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(tmp_path / "adapter")], log=quiet)
+    assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), trained) <= ATOL
