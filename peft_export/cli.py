@@ -215,8 +215,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print("adapter:     none (the base model as it is; no adapter was applied)")
     for adapter in manifest.get("adapters", []):
         digest = next(iter(adapter["sha256"].values()))[:12]
-        print(f"adapter:     {adapter['name']} <- {adapter['source']} r={adapter['r']} "
-              f"alpha={adapter['lora_alpha']} sha256={digest}...")
+        sizes = (f"r={adapter['r']} alpha={adapter['lora_alpha']}" if "r" in adapter and "lora_alpha" in adapter
+                 else f"peft_type={adapter.get('peft_type')}")  # LoRA's manifests predate peft_type
+        print(f"adapter:     {adapter['name']} <- {adapter['source']} {sizes} sha256={digest}...")
     print(f"merge mode:  {manifest['merge_mode']}")
     if manifest["merge_mode"] == "switchable":
         print(f"switchable:  {len(config.lora_slots)} LoRA branches, default adapter: "

@@ -19,11 +19,14 @@ from peft_export.cli import main as cli_main
 from peft_export.methods import (LORA, MAX_RANK, AdapterConfig, BaseLayer, Capability, PeftMethod, RefusedOption,
                                  TensorInfo, TensorKey, method_for, method_names, register_method,
                                  supported_peft_types, unregister_method)
+from peft_export.methods.base import refuse_options
 from peft_export.source.adapter_config import check_adapter_config
 from switchable_fixtures import base_model, edit_adapter_config, make_adapter
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_export"
 WHERE = "x/adapter_config.json"
+ALL = ("LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "MISS", "C3A")
+NAMES = "LoRA, AdaLoRA, IA3, LoHa, LoKr, OFT, BOFT, VeRA, FourierFT, HRA, MiSS, C3A"
 LORA_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
 
 
@@ -38,7 +41,7 @@ def _lora(**changes) -> dict[str, Any]:
 # ---- the registry and the one refusal of methods and options
 
 def test_lora_is_registered_under_its_peft_type():
-    assert supported_peft_types() == ("LORA",)
+    assert supported_peft_types() == ALL
     assert method_for("LORA") is LORA
     config = check_adapter_config(_lora(), WHERE)
     assert config.method is LORA and config.peft_type == "LORA" and (config.r, config.lora_alpha) == (4, 8.0)
@@ -47,9 +50,9 @@ def test_lora_is_registered_under_its_peft_type():
                                 "use_dora": None, "bias": None, "modules_to_save": None}
 
 
-@pytest.mark.parametrize("peft_type", ["IA3", "lora", None, ["LORA"]])
+@pytest.mark.parametrize("peft_type", ["RANDLORA", "lora", None, ["LORA"]])
 def test_registry_refuses_an_unknown_peft_type(peft_type):
-    message = f"{WHERE}: peft_type is {peft_type!r}; peft_export supports LORA adapters only"
+    message = f"{WHERE}: peft_type is {peft_type!r}; peft_export supports {', '.join(ALL)} adapters only"
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         check_adapter_config(_lora(peft_type=peft_type), WHERE)
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -57,7 +60,7 @@ def test_registry_refuses_an_unknown_peft_type(peft_type):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("use_dora", True), ("layer_replication", [[0, 1]]), ("alora_invocation_tokens", [1]), ("arrow_config", {"a": 1}),
+    ("layer_replication", [[0, 1]]), ("alora_invocation_tokens", [1]), ("arrow_config", {"a": 1}),
     ("target_parameters", ["x"]), ("trainable_token_indices", [1, 2]), ("use_qalora", True), ("use_bdlora", True),
 ])
 def test_lora_options_refused_everywhere_keep_their_message(key, value):
@@ -66,16 +69,23 @@ def test_lora_options_refused_everywhere_keep_their_message(key, value):
         check_adapter_config(_lora(**{key: value}), WHERE)
 
 
-def test_modules_to_save_keeps_its_message():
-    with pytest.raises(ConfigError, match=r"^x/adapter_config\.json: 'modules_to_save' is set \(\['pooler'\]\): it "
-                                          r"stores full trained copies of modules, which peft_export does not export "
-                                          r"\(LoRA weights only\)\. Merge the adapter into its base with PEFT "
-                                          r"\(merge_and_unload\), save that, and export the merged model instead\.$"):
-        check_adapter_config(_lora(modules_to_save=["pooler"]), WHERE)
+def test_modules_to_save_is_accepted_merged_and_refused_switchable_with_the_reason():
+    config = check_adapter_config(_lora(modules_to_save=["classifier"]), WHERE)  # a merged export takes it
+    with pytest.raises(ConfigError) as info:
+        LORA.check_switchable(config, WHERE)
+    found = (f"{WHERE}: 'modules_to_save' is set (['classifier']); a switchable export cannot reproduce it exactly "
+             "(it stores full trained copies of modules, and a switchable export shares every module outside the "
+             "adapter branches between its adapters). Export this adapter merged instead")
+    assert str(info.value) == f"{found} (export_onnx_model without switchable=True)."
+    assert info.value.for_cli() == f"{found} (merge-onnx without --switchable)."
+    with pytest.raises(ConfigError, match=r"'modules_to_save' must be a list of module names, found 'classifier'"):
+        check_adapter_config(_lora(modules_to_save="classifier"), WHERE)
 
 
 @pytest.mark.parametrize("key, value, why", [
     ("lora_bias", True, "it trains a bias on lora_B"),
+    ("use_dora", True, "DoRA rescales each output by its magnitude vector, which the graph's LoRA branch has no input "
+                       "for yet"),
     ("kasa_config", {"k": 1}, "KaSA changes the LoRA forward"),
     ("monteclora_config", {"k": 1}, "MonteCLoRA changes the LoRA forward"),
     ("velora_config", {"k": 1}, "VeLoRA changes the LoRA forward"),
@@ -179,8 +189,8 @@ def test_lora_tensor_checks_refuse_other_modules_keys_and_layers():
                                           r"does not have; was this adapter trained on another base\?$"):
         _check({**_good(), f"{PREFIX}enc.key.lora_A.weight": extra})
     with pytest.raises(ConfigError, match=r"^x/adapter_model\.safetensors: tensor 'classifier\.weight' is not a LoRA "
-                                          r"weight \(lora_A/lora_B\); only plain LoRA adapters are exported "
-                                          r"\(modules_to_save and other extras are refused\)$"):
+                                          r"weight \(lora_A/lora_B\); only LoRA tensors \(and modules_to_save copies "
+                                          r"the config names\) are exported$"):
         _check({**_good(), "classifier.weight": extra})
     with pytest.raises(ConfigError, match=r"^x/adapter_model\.safetensors: 'base_model\.model\.enc\.norm\.lora_A"
                                           r"\.weight' targets a LayerNorm; only Linear layers are supported$"):
@@ -244,7 +254,7 @@ def fake_methods():
     yield methods
     for method in methods:
         unregister_method(method.peft_type)
-    assert supported_peft_types() == ("LORA",)
+    assert supported_peft_types() == ALL
 
 
 def _fake_adapter(tmp_path: Path, peft_type: str = "FAKE_SCALES", **changes) -> Path:
@@ -256,7 +266,7 @@ def test_a_registered_method_is_picked_by_adapter_config_parsing(fake_methods, t
     from peft_export.source.resolve import load_adapter_source
 
     fake = fake_methods[0]
-    assert supported_peft_types() == ("LORA", "FAKE_SCALES", "UNMERGEABLE_SCALES")
+    assert supported_peft_types() == (*ALL, "FAKE_SCALES", "UNMERGEABLE_SCALES")
     adapter = load_adapter_source(str(_fake_adapter(tmp_path)), name="x")
     assert adapter.config.method is fake and adapter.config.peft_type == "FAKE_SCALES"
     assert adapter.config.summary() == {"fake_size": 4, "target_modules": adapter.config.raw["target_modules"]}
@@ -265,11 +275,12 @@ def test_a_registered_method_is_picked_by_adapter_config_parsing(fake_methods, t
     with pytest.raises(ConfigError, match=r"^x/adapter_config\.json: 'fake_extra' is set \(1\); peft_export cannot "
                                           r"export it exactly$"):
         check_adapter_config({"peft_type": "FAKE_SCALES", "fake_size": 1, "fake_extra": 1}, WHERE)
-    with pytest.raises(ConfigError, match=r"\(FakeScales weights only\)"):  # the PEFT-wide refusal, in its words
-        check_adapter_config({"peft_type": "FAKE_SCALES", "fake_size": 1, "modules_to_save": ["x"]}, WHERE)
-    with pytest.raises(ConfigError, match=r"peft_type is 'IA3'; peft_export supports LORA, FAKE_SCALES, "
-                                          r"UNMERGEABLE_SCALES adapters only"):
-        method_for("IA3", WHERE)
+    saved = check_adapter_config({"peft_type": "FAKE_SCALES", "fake_size": 1, "modules_to_save": ["x"]}, WHERE)
+    with pytest.raises(ConfigError, match=r"'modules_to_save' is set \(\['x'\]\); a switchable export cannot"):
+        refuse_options(saved.raw, WHERE, fake.refused_options, fake.name, switchable=True)  # the PEFT-wide refusal
+    with pytest.raises(ConfigError, match=rf"peft_type is 'RANDLORA'; peft_export supports {', '.join(ALL)}, "
+                                          r"FAKE_SCALES, UNMERGEABLE_SCALES adapters only"):
+        method_for("RANDLORA", WHERE)
 
 
 def test_a_registered_method_brings_its_own_tensor_checks(fake_methods):
@@ -316,19 +327,19 @@ def test_an_unmergeable_method_is_refused_for_merged_exports_with_its_reason(fak
 
 
 def test_help_names_the_registered_methods_by_mode(fake_methods, capsys):
-    assert method_names() == "LoRA, FakeScales or UnmergeableScales"
-    assert method_names("merged") == "LoRA or FakeScales"
+    assert method_names() == f"{NAMES}, FakeScales or UnmergeableScales"
+    assert method_names("merged") == f"{NAMES} or FakeScales"
     assert method_names("switchable") == "LoRA"
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "Export LoRA, FakeScales or UnmergeableScales-adapted" in out
-    assert "merge a LoRA or FakeScales adapter into its base" in out
+    assert f"Export {NAMES}, FakeScales or UnmergeableScales-adapted" in out
+    assert f"merge a {NAMES} or FakeScales adapter into its base" in out
     assert "add a PEFT LoRA adapter to a switchable export" in out
     with pytest.raises(SystemExit):
         cli_main(["merge-onnx", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    assert "PEFT LoRA, FakeScales or UnmergeableScales adapter to apply" in out
+    assert f"PEFT {NAMES}, FakeScales or UnmergeableScales adapter to apply" in out
 
 
 # ---- layering and single definitions

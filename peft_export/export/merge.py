@@ -68,12 +68,13 @@ def check_adapter_tensors(base: nn.Module, adapter: AdapterSource) -> None:
     from safetensors import SafetensorError, safe_open
 
     layers = {name: _base_layer(module) for name, module in base.named_modules()}
+    params = {name: tuple(param.shape) for name, param in base.named_parameters()}
     config = adapter.config
     try:
         with safe_open(str(adapter.weights), framework="pt") as fh:
             config.method.check_tensors(config, adapter.weights, sorted(fh.keys()),
                                         lambda key: _tensor_info(fh.get_tensor(key)), layers, type(base).__name__,
-                                        lambda: targeted_modules(base, adapter))
+                                        lambda: targeted_modules(base, adapter), params)
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{adapter.weights} is not a readable safetensors file: {err}") from err
 

@@ -7,6 +7,7 @@ import PEFT inside the function, and run only where torch is already loaded (exp
 
 from __future__ import annotations
 
+import math
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -50,13 +51,46 @@ class RefusedOption:
     message: str | None = None
 
 
-# PEFT-wide: trained full copies of modules, in any tuner's config.
+# PEFT-wide: trained full copies of modules, in any tuner's config. A merged export takes them (PEFT's
+# merge_and_unload puts the trained copy in place of the module; their tensors are checked by check_saved_modules).
 MODULES_TO_SAVE = RefusedOption(
     "modules_to_save",
-    message="{where}: 'modules_to_save' is set ({value!r}): it stores full trained copies of modules, which "
-            "peft_export does not export ({method} weights only). Merge the adapter into its base with PEFT "
-            "(merge_and_unload), save that, and export the merged model instead.",
+    "it stores full trained copies of modules, and a switchable export shares every module outside the adapter "
+    "branches between its adapters",
+    switchable_only=True,
 )
+SAVED_MODULE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<param>.+)$")
+
+
+def saved_module_of(param: str, modules_to_save: Iterable[str]) -> str | None:
+    """The ``modules_to_save`` entry whose module holds base parameter ``param`` (PEFT's rule: the module's name is
+    the entry or ends with ``.entry``), or None."""
+    parts = param.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:end])
+        for entry in modules_to_save:
+            if module == entry or module.endswith("." + entry):
+                return module
+    return None
+
+
+def tensor_pattern(*parts: str) -> re.Pattern:
+    """The key pattern of a method whose tensors PEFT saves as ``[base_model.model.]<module>.<part>[.weight]``."""
+    return re.compile(rf"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>{'|'.join(parts)})(?:\.weight)?$")
+
+
+def check_number(raw: dict[str, Any], where: str, key: str, default: Any, *, integer: bool = False,
+                 minimum: float | None = None, maximum: float | None = None) -> None:
+    """Raise ConfigError naming ``key`` unless its value (``default`` when absent) is a finite number (an integer
+    where ``integer``) within [minimum, maximum]."""
+    value = raw.get(key, default)
+    kind = "an integer" if integer else "a finite number"
+    ok = not isinstance(value, bool) and isinstance(value, int if integer else (int, float)) and math.isfinite(value)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bounds = (f" in {minimum:g}..{maximum:g}" if minimum is not None and maximum is not None
+                  else f" >= {minimum:g}" if minimum is not None else "")
+        raise ConfigError(f"{where}: {key!r} must be {kind}{bounds}, found {value!r}")
 
 
 def refuse_options(raw: dict[str, Any], where: str, options: Iterable[RefusedOption], method: str,
@@ -166,14 +200,20 @@ class PeftMethod(ABC):
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     key_pattern: ClassVar[re.Pattern]  # adapter file keys; named groups "module" and "part"
     required_parts: ClassVar[tuple[str, ...]]  # the parts every targeted module must have in the file
+    # A required part PEFT may save in another form instead (LoKr: lokr_w1, or lokr_w1_a and lokr_w1_b).
+    alternative_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
     extras_refused: ClassVar[str] = ""  # appended to "is not a <name> weight" when tensors are checked
     layer_kinds: ClassVar[str] = "Linear layers"  # what supports_layer accepts, for messages
+    saved_as_weight: ClassVar[bool] = True  # PEFT saves a part as "<module>.<part>.weight" (a submodule's weight)
 
     # ---- adapter_config.json
 
     def parse_config(self, raw: dict[str, Any], where: str) -> AdapterConfig:
         """Check the method's fields, refuse the options it cannot export, and return its config object."""
         self.check_config(raw, where)
+        saved = raw.get("modules_to_save")
+        if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+            raise ConfigError(f"{where}: 'modules_to_save' must be a list of module names, found {saved!r}")
         refuse_options(raw, where, self.refused_options, self.name, switchable=False)
         return self.config_class(raw, self)
 
@@ -217,32 +257,66 @@ class PeftMethod(ABC):
 
     def tensor_name(self, prefix: str, module: str, part: str) -> str:
         """The key PEFT saves ``part`` of ``module`` under."""
-        return f"{prefix}{module}.{part}.weight"
+        return f"{prefix}{module}.{part}" + (".weight" if self.saved_as_weight else "")
+
+    def required_parts_for(self, config: AdapterConfig) -> tuple[str, ...]:
+        """The parts every targeted module must have, for this config (LoRA: DoRA adds its magnitude)."""
+        return self.required_parts
 
     def supports_layer(self, layer: BaseLayer) -> bool:
         return layer.is_linear
 
-    @abstractmethod
+    def expected_shape(self, config: AdapterConfig, key: TensorKey, layer: BaseLayer) -> tuple[int | None, ...]:
+        """The shape ``key``'s tensor must have on ``layer`` (None: any size on that axis). Methods that use the
+        default check_tensor_shape implement it."""
+        raise NotImplementedError(f"{self.name} does not declare its tensor shapes")
+
     def check_tensor_shape(self, config: AdapterConfig, where: Any, key: TensorKey, shape: tuple[int, ...],
                            layer: BaseLayer) -> None:
         """Raise ConfigError if ``shape`` does not fit ``layer`` (the base module) and the config's sizes."""
+        if not self.supports_layer(layer):
+            raise ConfigError(f"{where}: {key.key!r} targets a {layer.type_name}; {self.name} is exported on "
+                              f"{self.layer_kinds} only")
+        expected = self.expected_shape(config, key, layer)
+        if len(shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, shape)):
+            wanted = "(" + ", ".join("any" if e is None else str(e) for e in expected) + ")"
+            raise ConfigError(
+                f"{where}: {key.key!r} has shape {tuple(shape)}, expected {wanted} for the base layer {key.module!r} "
+                f"(weight {layer.weight_shape}) and adapter_config.json; was this adapter trained on another base, "
+                "or the config edited?")
 
     def check_tensors(self, config: AdapterConfig, where: Any, keys: list[str], read: Callable[[str], TensorInfo],
-                      layers: dict[str, BaseLayer], base_name: str, targeted: Callable[[], Iterable[str]]) -> None:
+                      layers: dict[str, BaseLayer], base_name: str, targeted: Callable[[], Iterable[str]],
+                      params: dict[str, tuple[int, ...]] | None = None) -> None:
         """Refuse adapter tensors that are non-float, non-finite, mis-shaped, or aimed at modules the base lacks
         (``layers``: every module of the base by name), and files missing a part of a module the config targets
-        (``targeted``, called once the tensors passed). ``read`` gives one tensor's facts, by key."""
+        (``targeted``, called once the tensors passed). ``read`` gives one tensor's facts, by key. ``params`` (every
+        parameter of the base by name, with its shape) checks the trained copies of ``modules_to_save``."""
         if not keys:
             raise ConfigError(f"{where} holds no tensors")
+        saved_entries = config.raw.get("modules_to_save") or []
         found: dict[str, set[str]] = {}
+        saved: dict[str, set[str]] = {}
+        shared: set[str] = set()
         prefix = ""
         for key in keys:
-            parsed = self.parse_key(key, where)
             info = read(key)
             if not info.is_float:
                 raise ConfigError(f"{where}: tensor {key!r} has dtype {info.dtype}, expected a float type")
             if not info.finite:
                 raise ConfigError(f"{where}: tensor {key!r} contains NaN or Inf values")
+            if (name := self.shared_tensor(key)) is not None:
+                self.check_shared_tensor(config, where, key, name, info.shape)
+                shared.add(name)
+                continue
+            param = SAVED_MODULE_KEY.match(key).group("param")
+            module = saved_module_of(param, saved_entries) if saved_entries and self.key_pattern.match(key) is None \
+                else None
+            if module is not None:
+                self._check_saved_tensor(where, key, param, info.shape, params or {}, base_name)
+                saved.setdefault(module, set()).add(param)
+                continue
+            parsed = self.parse_key(key, where)
             layer = layers.get(parsed.module)
             if layer is None and not is_unused_head(parsed.module):
                 raise ConfigError(
@@ -253,24 +327,69 @@ class PeftMethod(ABC):
                 self.check_tensor_shape(config, where, parsed, info.shape, layer)
             prefix = parsed.prefix
             found.setdefault(parsed.module, set()).add(parsed.part)
+        self.check_shared_complete(config, where, shared)
+        if saved_entries and params is not None:
+            self.check_saved_complete(config, where, saved, params, prefix or "base_model.model.")
         self.check_complete(config, where, found, targeted(), prefix)
+
+    def shared_tensor(self, key: str) -> str | None:
+        """The name of ``key`` if it is a tensor the method keeps once for every layer (VeRA's projections), else
+        None (the default: every tensor belongs to one module)."""
+        return None
+
+    def check_shared_tensor(self, config: AdapterConfig, where: Any, key: str, name: str,
+                            shape: tuple[int, ...]) -> None:
+        """Raise ConfigError if a shared tensor's shape does not fit the config."""
+
+    def check_shared_complete(self, config: AdapterConfig, where: Any, found: set[str]) -> None:
+        """Raise ConfigError if a shared tensor the config needs is missing from the file."""
+
+    def _check_saved_tensor(self, where: Any, key: str, param: str, shape: tuple[int, ...],
+                            params: dict[str, tuple[int, ...]], base_name: str) -> None:
+        if param not in params:
+            raise ConfigError(
+                f"{where}: tensor {key!r} is a trained copy (modules_to_save) of parameter {param!r}, which the base "
+                f"model ({base_name}) does not have; was this adapter trained on another base?")
+        if tuple(shape) != params[param]:
+            raise ConfigError(
+                f"{where}: tensor {key!r} (modules_to_save) has shape {tuple(shape)} but the base parameter {param!r} "
+                f"has shape {params[param]}; was this adapter trained on another base?")
+
+    def check_saved_complete(self, config: AdapterConfig, where: Any, saved: dict[str, set[str]],
+                             params: dict[str, tuple[int, ...]], prefix: str) -> None:
+        """Every module ``modules_to_save`` names must be in the file with all its parameters: PEFT would
+        otherwise keep the base's values for the missing ones without a word."""
+        entries = config.raw.get("modules_to_save") or []
+        for param in sorted(params):
+            module = saved_module_of(param, entries)
+            if module is None or is_unused_head(module) or param in saved.get(module, ()):
+                continue
+            raise ConfigError(
+                f"{where}: tensor {prefix}{param} is missing: modules_to_save {entries!r} stores a trained copy of "
+                f"{module!r}, but the file has no {param!r} for it. The file is incomplete or belongs to another "
+                "adapter; save the adapter again.")
 
     def check_complete(self, config: AdapterConfig, where: Any, found: dict[str, set[str]], targeted: Iterable[str],
                        prefix: str) -> None:
-        """Every module the config's target_modules match must have every required part in the file."""
-        parts = "/".join(self.required_parts)
-        group = "pair" if len(self.required_parts) == 2 else "set"
+        """Every module the config's target_modules match must have every required part in the file (or a required
+        part's alternative form, all of it)."""
+        required = self.required_parts_for(config)
+        parts = "/".join(required)
+        group = "pair" if len(required) == 2 else "set"
         for module in sorted(set(targeted) | set(found)):
             if is_unused_head(module):
                 continue  # never read by a sentence embedding
-            for part in self.required_parts:
-                if part not in found.get(module, ()):
-                    raise ConfigError(
-                        f"{where}: tensor {self.tensor_name(prefix, module, part)} is missing: target_modules "
-                        f"{config.target_modules!r} put a {self.name} on {module!r}, but the file has no complete "
-                        f"{parts} {group} for it. The file is incomplete or belongs to another adapter; save the "
-                        "adapter again."
-                    )
+            have = found.get(module, set())
+            for part in required:
+                alternative = self.alternative_parts.get(part)
+                if part in have or (alternative and set(alternative) <= have):
+                    continue
+                raise ConfigError(
+                    f"{where}: tensor {self.tensor_name(prefix, module, part)} is missing: target_modules "
+                    f"{config.target_modules!r} put a {self.name} on {module!r}, but the file has no complete "
+                    f"{parts} {group} for it. The file is incomplete or belongs to another adapter; save the "
+                    "adapter again."
+                )
 
     # ---- torch side (PEFT imported inside; called only from export/)
 

