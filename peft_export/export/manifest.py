@@ -9,6 +9,7 @@ from typing import Any
 
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..source.resolve import ResolvedModel, recorded_base, recorded_source
+from ..tasks import EMBEDDING
 
 
 def record_file_hashes(manifest: dict[str, Any], folder: Path) -> None:
@@ -38,9 +39,13 @@ def library_versions() -> dict[str, str]:
 def export_manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: RuntimeConfig, parity: dict,
               seconds: float) -> dict[str, Any]:
     """The manifest of an export of ``resolved``: base, adapters, the format's entry, pipeline, measured parity."""
+    # An export records its task unless it is an embedding export: exports without a "task" are embedding exports
+    # (every export before tasks were recorded), and theirs stay as they were.
+    task = {} if resolved.task is EMBEDDING else {"task": resolved.task.name}
     return {
         "format": "peft_export",
         "format_version": 1,
+        **task,
         "created_unix": int(time.time()),
         "base": recorded_base(resolved),
         "adapters": [

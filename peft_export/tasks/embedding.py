@@ -66,8 +66,8 @@ EMBEDDING = Task(
     name="embedding",
     sentence_transformers_class="SentenceTransformer",
     transformers_auto_class="AutoModel",
-    outputs=(GraphOutput("sentence_embedding", SENTENCE_TOLERANCE, _normalised_difference),
-             GraphOutput("token_embeddings", TOKEN_TOLERANCE, _token_difference)),
+    outputs=(GraphOutput("sentence_embedding", SENTENCE_TOLERANCE, _normalised_difference, label="sentence"),
+             GraphOutput("token_embeddings", TOKEN_TOLERANCE, _token_difference, label="tokens", per_token=True)),
     text_pairs=False,
     validation_texts=VALIDATION_TEXTS,
     runtime_config_file=RUNTIME_CONFIG_FILE,
@@ -75,4 +75,5 @@ EMBEDDING = Task(
     runtime_class="peft_export.runtime.model:EmbeddingModel",
     routes="peft_export.serve.embedding_routes:embedding_routes",
     quality=quality_against,
+    required_modules=("pooling",),
 )
