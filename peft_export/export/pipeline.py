@@ -292,7 +292,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
         parity["merged_vs_unmerged"] = merge_report.max_diff
         main = task.outputs[0].name
         log(f"merged == unmerged PEFT: max diff {merge_report.max_diff[main]:.2e}; "
-            f"adapter changes {task.outputs[0].label or main} by up to {effect:.3f}")
+            f"adapter changes {main} by up to {effect:.3f}")
     else:
         final = make_pipeline(encoder)
         references = validate.reference_outputs(final, ref_tokenize, task=task)

@@ -1,0 +1,177 @@
+"""Rerankers (issue 25), first pass: a sentence-transformers CrossEncoder (and one with a LoRA adapter on its
+encoder) exported to one ONNX graph on the task seam, opened by ``peft_export.load`` as a ``CrossEncoderModel`` whose
+predict()/rank() match eager sentence-transformers + PEFT within 1e-5; task detection; each runtime class refuses the
+other task's export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import peft_export
+from fixtures import tiny_models
+from peft_export import ConfigError, CrossEncoderModel, EmbeddingModel, InvalidInputError
+from peft_export.source.resolve import resolve_model
+from peft_export.tasks import EMBEDDING, RERANKER
+from peft_export.tasks.reranker import VALIDATION_PAIRS, quality_against, spearman, top_k_overlap
+
+TOLERANCE = 1e-5
+QUERY = "How do I reset my password?"
+PASSAGES = [
+    "Open the settings page, choose Security and click 'Reset password'.",
+    "Paris is the capital and most populous city of France.",
+    "Hi",
+    "Passwords can be reset from the account page; a link is sent to your e-mail address within a minute.",
+    " ".join(["A passage far longer than the model's maximum sequence length, truncated with its query."] * 40),
+    "The weather is nice today.",
+    "Reset",
+]
+
+
+@pytest.fixture(scope="module")
+def reranker(zoo):
+    """The tiny BERT CrossEncoder, its adapter-only LoRA folder, and the merged ONNX export of each."""
+    base = zoo._once("ce-bert", lambda: tiny_models.build_cross_encoder(zoo.hf("bert"), zoo.path("ce-bert")))
+    adapter = zoo._once("ce-bert-lora", lambda: tiny_models.add_cross_encoder_adapter(
+        base, zoo.path("ce-bert-lora"), target_modules=("query", "value", "dense")))
+    return {"base": base, "adapter": adapter, "base_export": zoo.export("ce-bert", base),
+            "adapter_export": zoo.export("ce-bert-lora", adapter)}
+
+
+def _pairs(query: str = QUERY, passages=PASSAGES) -> list[tuple[str, str]]:
+    return [(query, p) for p in passages]
+
+
+# ----- task detection (source/) -----
+def test_crossencoder_folders_are_detected_as_rerankers(reranker, zoo, tmp_path):
+    assert resolve_model(str(reranker["base"])).task is RERANKER
+    assert resolve_model(str(reranker["adapter"])).task is RERANKER  # adapter-only folder: its own config
+    # A plain transformers model (no Sentence Transformers files): its architecture says so.
+    plain = tmp_path / "plain"
+    shutil.copytree(reranker["base"], plain)
+    for name in ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json"):
+        (plain / name).unlink()
+    assert json.loads((plain / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
+    assert resolve_model(str(plain)).task is RERANKER
+    assert resolve_model(str(zoo.st("mean", "bert"))).task is EMBEDDING
+
+
+def test_unknown_sentence_transformers_class_is_refused(reranker, tmp_path):
+    folder = tmp_path / "odd"
+    shutil.copytree(reranker["base"], folder)
+    config = json.loads((folder / "config_sentence_transformers.json").read_text())
+    (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "model_type": "SparseEncoder"}))
+    with pytest.raises(ConfigError, match=r"model_type 'SparseEncoder' is not a model type peft_export exports "
+                                          r"\(CrossEncoder, SentenceTransformer\)"):
+        resolve_model(str(folder))
+
+
+# ----- the export -----
+def test_reranker_export_records_its_task_and_config(reranker):
+    folder = reranker["adapter_export"]
+    manifest = json.loads((folder / "peft_export.json").read_text())
+    assert manifest["task"] == "reranker"
+    assert manifest["validation"]["onnx_vs_reference"]["tolerances"] == {"logits": TOLERANCE, "scores": TOLERANCE}
+    assert max(manifest["validation"]["onnx_vs_reference"]["max_abs_diff"].values()) <= TOLERANCE
+    assert manifest["validation"]["adapter_vs_base_max_abs_diff"] > 1e-3
+    config = json.loads((folder / "reranker_config.json").read_text())
+    assert config["output_names"] == ["logits", "scores"]
+    assert config["task_config"] == {"num_labels": 1, "activation_fn": "sigmoid"}
+    assert "token_type_ids" in config["input_names"]  # BERT: the pair's segments are graph inputs
+    assert not (folder / "embedding_config.json").exists()
+
+
+@pytest.mark.parametrize("which", ["base", "adapter"])
+@pytest.mark.parametrize("batch_size", [1, 3, 32])
+def test_predict_matches_eager_cross_encoder(reranker, which, batch_size):
+    """Scores of the export == eager CrossEncoder (+ PEFT adapter, unmerged) at batch 1 and in mixed-length
+    batches, the long passage truncated with its query at max_length."""
+    adapter = reranker["adapter"] if which == "adapter" else None
+    reference = tiny_models.cross_encoder_reference(reranker["base"], adapter)
+    model = peft_export.load(reranker[f"{which}_export"])
+    assert isinstance(model, CrossEncoderModel)
+    pairs = _pairs() + [tuple(p) for p in VALIDATION_PAIRS]
+    want = reference.predict(pairs, batch_size=batch_size)
+    got = model.predict(pairs, batch_size=batch_size)
+    assert got.shape == want.shape == (len(pairs),)
+    assert np.abs(got - want).max() <= TOLERANCE
+    logits = model.predict(pairs, batch_size=batch_size, activation_fn="identity")
+    import torch
+
+    assert np.abs(logits - reference.predict(pairs, batch_size=batch_size,
+                                             activation_fn=torch.nn.Identity())).max() <= TOLERANCE
+    assert np.ptp(logits) > 1e-3  # 100x the tolerance: a parity that cannot tell pairs apart would prove nothing
+
+
+def test_adapter_changes_the_scores(reranker):
+    base, adapted = (peft_export.load(reranker[k]) for k in ("base_export", "adapter_export"))
+    assert np.abs(base.predict(_pairs()) - adapted.predict(_pairs())).max() > 1e-3
+
+
+def test_rank_has_sentence_transformers_shape_and_order(reranker):
+    reference = tiny_models.cross_encoder_reference(reranker["base"], reranker["adapter"])
+    model = CrossEncoderModel(reranker["adapter_export"])
+    want = reference.rank(QUERY, PASSAGES, top_k=4, return_documents=True)
+    got = model.rank(QUERY, PASSAGES, top_k=4, return_documents=True)
+    assert [r["corpus_id"] for r in got] == [r["corpus_id"] for r in want]
+    assert [r["text"] for r in got] == [r["text"] for r in want]
+    assert all(abs(g["score"] - w["score"]) <= TOLERANCE for g, w in zip(got, want))
+    assert set(got[0]) == {"corpus_id", "score", "text"}
+    assert set(model.rank(QUERY, PASSAGES)[0]) == {"corpus_id", "score"} and len(model.rank(QUERY, PASSAGES)) == 7
+
+
+def test_predict_shapes_and_options(reranker):
+    model = CrossEncoderModel(reranker["base_export"])
+    one = model.predict((QUERY, PASSAGES[0]))
+    assert np.ndim(one) == 0
+    assert model.predict([]).shape == (0,)
+    assert isinstance(model.predict(_pairs(), convert_to_numpy=False), list)
+    logits = model.predict(_pairs(), activation_fn=lambda x: x)
+    assert np.allclose(1 / (1 + np.exp(-logits)), model.predict(_pairs()), atol=1e-6)
+    # Token-budgeted batches give the scores plain batches give.
+    assert np.abs(model.predict(_pairs(), max_batch_tokens=64) - model.predict(_pairs(), max_batch_tokens=None)
+                  ).max() <= 1e-6
+
+
+def test_bad_pairs_are_refused_with_their_index(reranker):
+    model = CrossEncoderModel(reranker["base_export"])
+    with pytest.raises(InvalidInputError, match=r"inputs\[1\] must be a \(query, passage\) pair of two strings"):
+        model.predict([("q", "p"), ("only one",)])
+    with pytest.raises(InvalidInputError, match=r"documents\[0\] is int, expected str"):
+        model.rank("q", [3])
+    with pytest.raises(ValueError, match="activation_fn must be a function or one of sigmoid, identity, tanh"):
+        model.predict(_pairs(), activation_fn="relu")
+
+
+# ----- each class refuses the other's export -----
+def test_embedding_model_refuses_a_reranker_export(reranker):
+    with pytest.raises(ConfigError, match=r"is an export of the 'reranker' task .*EmbeddingModel opens 'embedding' "
+                                          r"exports\. Open it with CrossEncoderModel"):
+        EmbeddingModel(reranker["base_export"])
+
+
+def test_cross_encoder_model_refuses_an_embedding_export(bert_case):
+    with pytest.raises(ConfigError, match=r"is an export of the 'embedding' task .*CrossEncoderModel opens 'reranker' "
+                                          r"exports\. Open it with EmbeddingModel"):
+        CrossEncoderModel(bert_case.export)
+
+
+def test_embedding_export_records_no_task(bert_case):
+    """Embedding manifests stay as they were before tasks: no "task" key."""
+    assert "task" not in json.loads((Path(bert_case.export) / "peft_export.json").read_text())
+    assert "task_config" not in json.loads((Path(bert_case.export) / "embedding_config.json").read_text())
+
+
+# ----- the gate's figures -----
+def test_quality_figures_measure_score_and_ranking_agreement():
+    ref = np.array([0.9, 0.1, 0.5, 0.3, 0.7])
+    assert quality_against(ref, ref) == {"max_score_diff": 0.0, "mean_score_diff": 0.0, "spearman": 1.0,
+                                         "top10_overlap": 1.0, "pairs": 5}
+    assert spearman(ref, -ref) == pytest.approx(-1.0)
+    assert top_k_overlap(ref, np.array([0.1, 0.9, 0.5, 0.3, 0.7]), k=2) == 0.5
+    figures = quality_against(ref, ref + np.array([0.0, 0.0, 0.3, 0.0, 0.0]))
+    assert figures["max_score_diff"] == pytest.approx(0.3) and figures["spearman"] < 1.0
