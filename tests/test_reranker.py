@@ -189,3 +189,35 @@ def test_serving_a_reranker_is_refused_until_its_routes_exist(reranker):
 
     with pytest.raises(ConfigError, match=r"Serving reranker exports is not supported yet"):
         reranker_routes(types.SimpleNamespace(model=object()))
+
+
+# ----- OpenVINO, and the modes not built yet -----
+@pytest.mark.slow
+def test_openvino_export_matches_eager_cross_encoder_with_adapter(reranker, tmp_path):
+    pytest.importorskip("openvino")
+    from peft_export import export_openvino_model
+
+    out = export_openvino_model(str(reranker["adapter"]), tmp_path / "ov", log=lambda msg: None).path
+    manifest = json.loads((out / "peft_export.json").read_text())
+    assert manifest["task"] == "reranker" and manifest["export"]["format"] == "openvino"
+    model = peft_export.load(out)
+    assert isinstance(model, CrossEncoderModel) and model.backend.name == "openvino"
+    reference = tiny_models.cross_encoder_reference(reranker["base"], reranker["adapter"])
+    pairs = _pairs() + [tuple(p) for p in VALIDATION_PAIRS]
+    for batch_size in (1, 32):
+        assert np.abs(model.predict(pairs, batch_size=batch_size) - reference.predict(pairs, batch_size=batch_size)
+                      ).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize(("options", "how"), [
+    ({"quantize": "int8"}, r"quantize='int8': lossy exports"),
+    ({"dtype": "fp16"}, r"dtype='fp16': lossy exports"),
+    ({"switchable": True}, r"switchable=True: switchable exports"),
+])
+def test_modes_not_built_for_rerankers_are_refused_before_any_work(reranker, tmp_path, options, how):
+    from peft_export import export_onnx_model
+
+    with pytest.raises(ConfigError, match=how + r" of CrossEncoder models \(reranker task\) are not supported yet; "
+                                                r"this version exports them merged only"):
+        export_onnx_model(str(reranker["adapter"]), tmp_path / "out", log=lambda msg: None, **options)
+    assert not (tmp_path / "out").exists()

@@ -263,6 +263,10 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
                  f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass")
         keep = "to keep them as switchable adapters over one base graph"
         raise ConfigError(f"{given} switchable=True {keep}").in_cli_words(f"{given} --switchable {keep}")
+    if options.quantize:
+        resolved.task.check_export_mode("lossy", f"quantize={options.quantize!r}")
+    if options.dtype != "fp32":
+        resolved.task.check_export_mode("lossy", f"dtype={options.dtype!r}")
     log(describe_base(resolved))
     for adapter in resolved.adapters:
         log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} {adapter.config.describe()}")

@@ -60,6 +60,18 @@ class Task:
     # The Sentence Transformers modules a saved pipeline of this type must have after its Transformer (the
     # embedder's Pooling); a reranker's whole pipeline is its Transformer.
     required_modules: tuple[str, ...] = ()
+    # The export modes built for this type so far, of EXPORT_MODES ("merged": one fp32 graph with any adapter
+    # merged; "switchable": base graph + adapter files; "lossy": int8 / fp16 / compressed weights, gated).
+    export_modes: frozenset[str] = frozenset({"merged", "switchable", "lossy"})
+
+    def check_export_mode(self, mode: str, how: str) -> None:
+        """Refuse an export ``mode`` this type does not have yet, before any slow stage; ``how`` names the option
+        that asked for it (e.g. "--quantize int8")."""
+        if mode not in self.export_modes:
+            raise ConfigError(
+                f"{how}: {mode} exports of {self.sentence_transformers_class} models ({self.name} task) are not "
+                f"supported yet; this version exports them {' and '.join(sorted(self.export_modes))} only. Export "
+                "without it.")
 
     @property
     def architecture_suffix(self) -> str:

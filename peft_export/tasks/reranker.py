@@ -88,4 +88,5 @@ RERANKER = Task(
     runtime_class="peft_export.runtime.reranker_model:CrossEncoderModel",
     routes="peft_export.serve.reranker_routes:reranker_routes",
     quality=quality_against,
+    export_modes=frozenset({"merged"}),  # switchable and lossy exports: see docs/rerankers-status.md
 )
