@@ -221,3 +221,37 @@ def test_modes_not_built_for_rerankers_are_refused_before_any_work(reranker, tmp
                                                 r"this version exports them merged only"):
         export_onnx_model(str(reranker["adapter"]), tmp_path / "out", log=lambda msg: None, **options)
     assert not (tmp_path / "out").exists()
+
+
+# ----- CLI -----
+def test_cli_rerank_prints_the_ranking_of_rank(reranker, capsys):
+    from peft_export.cli import main
+
+    folder = reranker["adapter_export"]
+    assert main(["rerank", str(folder), QUERY, *PASSAGES, "--json", "--top-k", "3"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == CrossEncoderModel(folder).rank(QUERY, PASSAGES, top_k=3, return_documents=True)
+    assert main(["rerank", str(folder), QUERY, *PASSAGES[:2]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.split()[1] in ("[0]", "[1]") for line in lines)
+
+
+def test_cli_rerank_of_an_embedding_export_is_one_line_exit_2(bert_case, capsys):
+    from peft_export.cli import main
+
+    assert main(["rerank", str(bert_case.export), QUERY, "a passage"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "CrossEncoderModel opens 'reranker' exports. Open it with EmbeddingModel" in err
+
+
+def test_cli_info_shows_the_task(reranker, bert_case, capsys):
+    from peft_export.cli import main
+
+    assert main(["info", str(reranker["adapter_export"])]) == 0
+    out = capsys.readouterr().out
+    assert "task:        reranker (CrossEncoder)" in out
+    assert "pipeline:    num_labels=1 activation_fn=sigmoid max_seq_length=64" in out
+    assert "validation:  max abs diff vs PyTorch: logits" in out
+    assert main(["info", str(bert_case.export)]) == 0
+    assert "task:        embedding (SentenceTransformer)" in capsys.readouterr().out
