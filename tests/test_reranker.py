@@ -255,3 +255,37 @@ def test_cli_info_shows_the_task(reranker, bert_case, capsys):
     assert "validation:  max abs diff vs PyTorch: logits" in out
     assert main(["info", str(bert_case.export)]) == 0
     assert "task:        embedding (SentenceTransformer)" in capsys.readouterr().out
+
+
+# ----- a plain transformers sequence-classification model with a PEFT adapter -----
+def test_plain_sequence_classification_model_with_peft_adapter(reranker, tmp_path):
+    """No Sentence Transformers files: the architecture makes it a reranker; the export's logits equal transformers +
+    PEFT (unmerged) and its scores the sigmoid of them (sentence-transformers' default for one label)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peft_export import export_onnx_model
+
+    plain = tmp_path / "plain"
+    shutil.copytree(reranker["base"], plain)
+    for name in ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json", "README.md"):
+        (plain / name).unlink(missing_ok=True)
+    torch.manual_seed(3)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False)
+    peft_model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(str(plain)), lora)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    out = export_onnx_model(str(tmp_path / "adapter"), tmp_path / "onnx", base=str(plain), log=lambda msg: None).path
+    model = peft_export.load(out)
+    assert isinstance(model, CrossEncoderModel) and model.activation_fn == "sigmoid"
+
+    reference = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(str(plain)),
+                                          str(tmp_path / "adapter")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(plain))
+    pairs = _pairs()
+    features = tokenizer([q for q, _ in pairs], [p for _, p in pairs], padding=True, truncation=True, max_length=64,
+                         return_tensors="pt")
+    with torch.no_grad():
+        want = reference(**features).logits[:, 0].numpy()
+    assert np.abs(model.predict(pairs, activation_fn="identity") - want).max() <= TOLERANCE
+    assert np.abs(model.predict(pairs) - 1 / (1 + np.exp(-want))).max() <= TOLERANCE
