@@ -6,7 +6,6 @@ other task's export."""
 from __future__ import annotations
 
 import json
-import types
 import shutil
 from pathlib import Path
 
@@ -31,16 +30,6 @@ PASSAGES = [
     "The weather is nice today.",
     "Reset",
 ]
-
-
-@pytest.fixture(scope="module")
-def reranker(zoo):
-    """The tiny BERT CrossEncoder, its adapter-only LoRA folder, and the merged ONNX export of each."""
-    base = zoo._once("ce-bert", lambda: tiny_models.build_cross_encoder(zoo.hf("bert"), zoo.path("ce-bert")))
-    adapter = zoo._once("ce-bert-lora", lambda: tiny_models.add_cross_encoder_adapter(
-        base, zoo.path("ce-bert-lora"), target_modules=("query", "value", "dense")))
-    return {"base": base, "adapter": adapter, "base_export": zoo.export("ce-bert", base),
-            "adapter_export": zoo.export("ce-bert-lora", adapter)}
 
 
 def _pairs(query: str = QUERY, passages=PASSAGES) -> list[tuple[str, str]]:
@@ -176,19 +165,6 @@ def test_quality_figures_measure_score_and_ranking_agreement():
     assert top_k_overlap(ref, np.array([0.1, 0.9, 0.5, 0.3, 0.7]), k=2) == 0.5
     figures = quality_against(ref, ref + np.array([0.0, 0.0, 0.3, 0.0, 0.0]))
     assert figures["max_score_diff"] == pytest.approx(0.3) and figures["spearman"] < 1.0
-
-
-def test_serving_a_reranker_is_refused_until_its_routes_exist(reranker):
-    """Not built yet (docs/rerankers-status.md): refused when the app is made, never served on embedding routes."""
-    from peft_export.serve.app import create_app
-
-    with pytest.raises(Exception, match=r"create_app needs an EmbeddingModel-like object; CrossEncoderModel has no "
-                                        r"'encode'"):
-        create_app(CrossEncoderModel(reranker["base_export"]))
-    from peft_export.serve.reranker_routes import reranker_routes
-
-    with pytest.raises(ConfigError, match=r"Serving reranker exports is not supported yet"):
-        reranker_routes(types.SimpleNamespace(model=object()))
 
 
 # ----- OpenVINO, and the modes not built yet -----

@@ -63,6 +63,11 @@ class Task:
     # The export modes built for this type so far, of EXPORT_MODES ("merged": one fp32 graph with any adapter
     # merged; "switchable": base graph + adapter files; "lossy": int8 / fp16 / compressed weights, gated).
     export_modes: frozenset[str] = frozenset({"merged", "switchable", "lossy"})
+    # Serving (serve/served_model.py): the runtime class's batch call the server's batcher runs, the keyword options
+    # the second item of a batch group (adapter, option) stands for, and what a served model must have.
+    batch_call: str = "encode"
+    batch_options: Callable[[Any], dict[str, Any]] = lambda option: {}
+    served_attributes: tuple[str, ...] = ("encode", "max_seq_length")
 
     def check_export_mode(self, mode: str, how: str) -> None:
         """Refuse an export ``mode`` this type does not have yet, before any slow stage; ``how`` names the option

@@ -76,4 +76,7 @@ EMBEDDING = Task(
     routes="peft_export.serve.embedding_routes:embedding_routes",
     quality=quality_against,
     required_modules=("pooling",),
+    batch_call="encode",
+    batch_options=lambda prompt_name: {} if prompt_name is None else {"prompt_name": prompt_name},
+    served_attributes=("encode", "get_sentence_embedding_dimension", "max_seq_length"),
 )
