@@ -282,7 +282,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .runtime.model import EmbeddingModel
     from .serve import ServeSettings, create_app, run_server
     from .serve.server import listening_socket
     from .serve.settings import LIMIT_FLAGS
@@ -294,7 +293,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         merged_adapter_budget=args.merged_adapter_budget,
         **{field: getattr(args, field) for field, _, _ in LIMIT_FLAGS},
     )
-    model = EmbeddingModel(args.path, device=args.device, intra_op_threads=args.intra_op_threads)
+    from .tasks.loading import load
+
+    # The class of the export's task (EmbeddingModel, CrossEncoderModel); the app serves that task's routes.
+    model = load(args.path, device=args.device, intra_op_threads=args.intra_op_threads)
     if args.merge_adapter:
         names = model.list_adapters() if "all" in args.merge_adapter else args.merge_adapter
         model.merge_adapter(names)
@@ -312,7 +314,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _add_serve_parser(sub) -> None:
     from .serve.settings import add_limit_arguments, port_number  # light: no Starlette, no uvicorn
 
-    serve = sub.add_parser("serve", help="serve an export folder over HTTP (OpenAI and TEI routes)",
+    serve = sub.add_parser("serve", help="serve an export folder over HTTP (OpenAI and TEI routes; rerank routes "
+                                         "for a reranker export)",
                            description="Serve an export folder over HTTP with dynamic batching: POST /v1/embeddings "
                                        "(OpenAI), POST /embed and /similarity (text-embeddings-inference), "
                                        "GET /v1/models, /health, /live, /metrics. Needs peft_export[serve].")
