@@ -299,3 +299,19 @@ def test_seq_cls_adapter_saved_by_cross_encoder_exports(reranker, zoo, tmp_path)
     out = export_onnx_model(str(adapter), tmp_path / "onnx", log=lambda msg: None).path
     reference = tiny_models.cross_encoder_reference(reranker["base"], adapter)
     assert np.abs(peft_export.load(out).predict(_pairs()) - reference.predict(_pairs())).max() <= TOLERANCE
+
+
+def test_an_adapter_that_changes_nothing_is_refused_naming_the_logits(reranker, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from peft_export import export_onnx_model
+
+    noop = tmp_path / "noop"
+    shutil.copytree(reranker["adapter"], noop)
+    tensors = load_file(str(noop / "adapter_model.safetensors"))
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()},
+              str(noop / "adapter_model.safetensors"))
+    with pytest.raises(ConfigError, match=r"Adapter 'default' changes the logits by at most 0 \(< 0.0001\): it does "
+                                          r"nothing \(LoRA B still zero\?\)"):
+        export_onnx_model(str(noop), tmp_path / "out", log=lambda msg: None)

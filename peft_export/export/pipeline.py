@@ -113,9 +113,10 @@ class ExportResult:
     resolved: ResolvedModel
 
 
-def noop_adapter_error(name: str, effect: float) -> ConfigError:
-    """An adapter that leaves the embeddings as the base makes them: refused unless allow_noop_adapter."""
-    found = (f"Adapter {name!r} changes the normalised embeddings by at most {effect:.2g} (< "
+def noop_adapter_error(name: str, effect: float, what: str = "normalised embeddings") -> ConfigError:
+    """An adapter that leaves ``what`` (the task's main output) as the base makes it: refused unless
+    allow_noop_adapter."""
+    found = (f"Adapter {name!r} changes the {what} by at most {effect:.2g} (< "
              f"{NOOP_ADAPTER_THRESHOLD:g}): it does nothing (LoRA B still zero?). Pass")
     return ConfigError(f"{found} allow_noop_adapter=True to export it anyway.").in_cli_words(
         f"{found} --allow-noop-adapter to export it anyway.")
@@ -288,7 +289,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
                                                   task)
         parity["adapter_vs_base_max_abs_diff"] = effect
         if effect < NOOP_ADAPTER_THRESHOLD and not options.allow_noop_adapter:
-            raise noop_adapter_error(adapter.name, effect)
+            raise noop_adapter_error(adapter.name, effect, task.outputs[0].description or task.outputs[0].name)
         merged = merge_adapter(peft_model, adapter.name)
         final = make_pipeline(merged)
         merge_report = validate.compare_with_reference(references, validate.torch_runner(final, task),

@@ -31,6 +31,7 @@ class GraphOutput:
     difference: Difference  # how a run is compared with the reference (e.g. on normalised vectors, masked tokens)
     label: str = ""  # the short name the export log gives its difference (the name where empty)
     per_token: bool = False  # True: (batch, sequence, ...) with a dynamic sequence axis; False: (batch, ...)
+    description: str = ""  # how messages name it, as compared (e.g. "normalised embeddings"); the name where empty
 
     @property
     def axes(self) -> dict[int, str]:
