@@ -65,6 +65,7 @@ def test_reranker_export_records_its_task_and_config(reranker):
     folder = reranker["adapter_export"]
     manifest = json.loads((folder / "peft_export.json").read_text())
     assert manifest["task"] == "reranker"
+    assert manifest["pipeline"] == {"num_labels": 1, "activation_fn": "sigmoid", "dimension": 1, "max_seq_length": 64}
     assert manifest["validation"]["onnx_vs_reference"]["tolerances"] == {"logits": TOLERANCE, "scores": TOLERANCE}
     assert max(manifest["validation"]["onnx_vs_reference"]["max_abs_diff"].values()) <= TOLERANCE
     assert manifest["validation"]["adapter_vs_base_max_abs_diff"] > 1e-3

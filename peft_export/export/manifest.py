@@ -55,11 +55,19 @@ def export_manifest(resolved: ResolvedModel, export_entry: dict[str, Any], confi
         ],
         "merge_mode": "merged" if resolved.adapters else "none",
         "export": export_entry,
-        "pipeline": {
-            "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
-            "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,
-        },
+        "pipeline": _pipeline_entry(resolved, config),
         "validation": parity,
         "library_versions": library_versions(),
         "export_seconds": round(seconds, 2),
+    }
+
+
+def _pipeline_entry(resolved: ResolvedModel, config: RuntimeConfig) -> dict[str, Any]:
+    """What runs around the encoder: pooling, Dense layers and normalisation for an embedder; a task with settings
+    of its own (``RuntimeConfig.task_config``: a reranker's num_labels and activation) records those instead."""
+    if config.task_config:
+        return {**config.task_config, "dimension": config.dimension, "max_seq_length": config.max_seq_length}
+    return {
+        "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
+        "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,
     }
