@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AdapterNotFoundError",
     "ConfigError",
+    "CrossEncoderModel",
     "InvalidInputError",
     "EmbeddingModel",
     "InputError",
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
     from .runtime.model import EmbeddingModel
     from .runtime.onnxruntime_backend import SessionSettings
     from .runtime.openvino_backend import OpenVinoSettings
+    from .runtime.reranker_model import CrossEncoderModel
     from .tasks.loading import load
 
 
@@ -61,6 +63,10 @@ def __getattr__(name: str):
         from .runtime.model import EmbeddingModel
 
         return EmbeddingModel
+    if name == "CrossEncoderModel":
+        from .runtime.reranker_model import CrossEncoderModel
+
+        return CrossEncoderModel
     if name == "SessionSettings":
         from .runtime.onnxruntime_backend import SessionSettings
 

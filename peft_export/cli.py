@@ -196,15 +196,31 @@ def _cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    from .runtime.reranker_model import CrossEncoderModel
+
+    model = CrossEncoderModel(args.path, device=args.device, backend=args.backend)
+    passages = args.passages or [line.rstrip("\n") for line in sys.stdin]
+    ranked = model.rank(args.query, passages, top_k=args.top_k, return_documents=True, adapter=args.adapter)
+    if args.json:
+        print(json.dumps(ranked))
+        return 0
+    for result in ranked:
+        print(f"{result['score']:.4f}  [{result['corpus_id']}] {result['text'][:80]!r}")
+    return 0
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .runtime.config import RuntimeConfig, read_manifest
+    from .tasks import task_of_manifest
 
     path = Path(args.path)
     manifest = read_manifest(path)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    config = RuntimeConfig.load(path, manifest)
+    task = task_of_manifest(manifest)
+    config = RuntimeConfig.load(path, manifest, task.runtime_config_file)
     export = manifest["export"]
     detail = (f"opset {export.get('opset')}" if export["format"] == "onnx"
               else f"{export.get('weight_format')} weights")
@@ -218,12 +234,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
         sizes = (f"r={adapter['r']} alpha={adapter['lora_alpha']}" if "r" in adapter and "lora_alpha" in adapter
                  else f"peft_type={adapter.get('peft_type')}")  # LoRA's manifests predate peft_type
         print(f"adapter:     {adapter['name']} <- {adapter['source']} {sizes} sha256={digest}...")
+    print(f"task:        {task.name} ({task.sentence_transformers_class})")
     print(f"merge mode:  {manifest['merge_mode']}")
     if manifest["merge_mode"] == "switchable":
         print(f"switchable:  {len(config.lora_slots)} LoRA branches, default adapter: "
               f"{manifest.get('default_adapter') or 'none (base)'}")
-    print(f"pipeline:    pooling={config.pooling_modes} normalize={config.normalize} dim={config.dimension} "
-          f"max_seq_length={config.max_seq_length} similarity={config.similarity_fn_name}")
+    if config.task_config:  # a task with settings of its own (a reranker: num_labels, activation_fn)
+        settings = " ".join(f"{key}={value}" for key, value in config.task_config.items())
+        print(f"pipeline:    {settings} max_seq_length={config.max_seq_length}")
+    else:
+        print(f"pipeline:    pooling={config.pooling_modes} normalize={config.normalize} dim={config.dimension} "
+              f"max_seq_length={config.max_seq_length} similarity={config.similarity_fn_name}")
     validation = manifest.get("validation", {})
     graph_check = validation.get("onnx_vs_reference") or validation.get("openvino_vs_reference") or {}
     if graph_check:
@@ -262,7 +283,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .runtime.model import EmbeddingModel
     from .serve import ServeSettings, create_app, run_server
     from .serve.server import listening_socket
     from .serve.settings import LIMIT_FLAGS
@@ -274,7 +294,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         merged_adapter_budget=args.merged_adapter_budget,
         **{field: getattr(args, field) for field, _, _ in LIMIT_FLAGS},
     )
-    model = EmbeddingModel(args.path, device=args.device, intra_op_threads=args.intra_op_threads)
+    from .tasks.loading import load
+
+    # The class of the export's task (EmbeddingModel, CrossEncoderModel); the app serves that task's routes.
+    model = load(args.path, device=args.device, intra_op_threads=args.intra_op_threads)
     if args.merge_adapter:
         names = model.list_adapters() if "all" in args.merge_adapter else args.merge_adapter
         model.merge_adapter(names)
@@ -292,7 +315,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _add_serve_parser(sub) -> None:
     from .serve.settings import add_limit_arguments, port_number  # light: no Starlette, no uvicorn
 
-    serve = sub.add_parser("serve", help="serve an export folder over HTTP (OpenAI and TEI routes)",
+    serve = sub.add_parser("serve", help="serve an export folder over HTTP (OpenAI and TEI routes; rerank routes "
+                                         "for a reranker export)",
                            description="Serve an export folder over HTTP with dynamic batching: POST /v1/embeddings "
                                        "(OpenAI), POST /embed and /similarity (text-embeddings-inference), "
                                        "GET /v1/models, /health, /live, /metrics. Needs peft_export[serve].")
@@ -366,6 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--json", action="store_true", help="print embeddings as JSON")
     enc.add_argument("--adapter", metavar="NAME", help="switchable exports: the adapter to encode with")
     enc.set_defaults(handler=_cmd_encode)
+
+    rr = sub.add_parser("rerank", help="rank passages for a query with a reranker export folder (no torch)")
+    rr.add_argument("path", help="reranker export folder")
+    rr.add_argument("query", help="the query")
+    rr.add_argument("passages", nargs="*", help="passages to rank (default: one per line from stdin)")
+    rr.add_argument("--top-k", type=int, help="print only the best K (default: all)")
+    rr.add_argument("--backend", choices=["onnxruntime", "openvino"],
+                    help="runtime (default: the one the folder was exported for)")
+    rr.add_argument("--device", default="cpu",
+                    help="cpu or cuda (onnxruntime); CPU, GPU or AUTO (openvino). Default: cpu")
+    rr.add_argument("--json", action="store_true", help="print the ranking as JSON (corpus_id, score, text)")
+    rr.add_argument("--adapter", metavar="NAME", help="switchable exports: the adapter to score with")
+    rr.set_defaults(handler=_cmd_rerank)
 
     add = sub.add_parser("add-adapter",
                          help=f"add a PEFT {switchable} adapter to a switchable export (graph untouched)",

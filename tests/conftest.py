@@ -203,3 +203,13 @@ def real_mpnet() -> RealModel:
     if done.returncode != 0:
         raise RuntimeError(f"scripts/real_mpnet.py failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return RealModel(dest / "base", dest / "adapter")
+
+
+@pytest.fixture(scope="session")
+def reranker(zoo):
+    """The tiny BERT CrossEncoder, its adapter-only LoRA folder, and the merged ONNX export of each."""
+    base = zoo._once("ce-bert", lambda: tiny_models.build_cross_encoder(zoo.hf("bert"), zoo.path("ce-bert")))
+    adapter = zoo._once("ce-bert-lora", lambda: tiny_models.add_cross_encoder_adapter(
+        base, zoo.path("ce-bert-lora"), target_modules=("query", "value", "dense")))
+    return {"base": base, "adapter": adapter, "base_export": zoo.export("ce-bert", base),
+            "adapter_export": zoo.export("ce-bert-lora", adapter)}

@@ -41,10 +41,10 @@ class PairScorer(ExportedModel):
 # ----- the task check -----
 
 def test_an_export_of_an_unknown_task_is_refused_by_the_embedding_class(bert_case, tmp_path):
-    folder = _copy_with_task(bert_case.export, tmp_path / "export", "reranker")
-    with pytest.raises(ConfigError, match=r"is an export of the 'reranker' task \(its peft_export.json says so\); "
+    folder = _copy_with_task(bert_case.export, tmp_path / "export", "sparse")
+    with pytest.raises(ConfigError, match=r"is an export of the 'sparse' task \(its peft_export.json says so\); "
                                           r"EmbeddingModel opens 'embedding' exports, and this version of peft_export "
-                                          r"has no class for 'reranker' exports"):
+                                          r"has no class for 'sparse' exports"):
         EmbeddingModel(folder)
 
 
@@ -117,8 +117,8 @@ def test_load_opens_an_embedding_export_as_embedding_model(bert_case):
 
 def test_load_names_the_tasks_this_version_knows(bert_case, tmp_path):
     folder = _copy_with_task(bert_case.export, tmp_path / "export", "sparse")
-    with pytest.raises(ConfigError, match=r"Unknown task 'sparse'; this version of peft_export knows embedding\. "
-                                          "Upgrade peft_export to open this export"):
+    with pytest.raises(ConfigError, match=r"Unknown task 'sparse'; this version of peft_export knows embedding, "
+                                          r"reranker\. Upgrade peft_export to open this export"):
         peft_export.load(folder)
 
 

@@ -234,3 +234,47 @@ def to_legacy_layout(st_folder: Path, folder: Path) -> Path:
             path.write_text(json.dumps(legacy, indent=2))
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
     return folder
+
+
+def build_cross_encoder(hf_folder: Path, folder: Path, *, num_labels: int = 1, seed: int = 0,
+                        max_length: int = MAX_SEQ_LENGTH, head_scale: float = 2.0) -> Path:
+    """A sentence-transformers CrossEncoder over the encoder in ``hf_folder`` (its sequence-classification head
+    initialised with weights ``head_scale`` times larger than transformers' default, so scores spread like a
+    trained reranker's), saved with ``CrossEncoder.save_pretrained`` in the real hub layout."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    torch.manual_seed(seed)
+    model = CrossEncoder(str(hf_folder), num_labels=num_labels, max_length=max_length, device="cpu")
+    with torch.no_grad():
+        for name, param in model.model.named_parameters():
+            if name.startswith("classifier."):
+                param.normal_(0.0, head_scale)
+    model.save_pretrained(str(folder))
+    assert (folder / "config_sentence_transformers.json").is_file() and (folder / "model.safetensors").is_file()
+    return folder
+
+
+def add_cross_encoder_adapter(ce_folder: Path, folder: Path, *, target_modules, r: int = 4, alpha: float = 8,
+                              seed: int = 1, **extra) -> Path:
+    """An adapter-only CrossEncoder folder, as ``CrossEncoder(base).add_adapter(...); save_pretrained(dir)`` makes
+    it (its adapter_config.json names ``ce_folder`` as the base)."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(ce_folder), device="cpu")
+    torch.manual_seed(seed)
+    model.add_adapter(_lora_config(target_modules, r, alpha, **extra))
+    model.save_pretrained(str(folder))
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    return folder
+
+
+def cross_encoder_reference(base_folder: Path, adapter_folder: Path | None = None):
+    """sentence-transformers' CrossEncoder itself, with the adapter loaded the documented way."""
+    from sentence_transformers import CrossEncoder
+
+    model = CrossEncoder(str(base_folder), device="cpu")
+    if adapter_folder is not None:
+        model.load_adapter(str(adapter_folder))
+    return model.eval()

@@ -99,6 +99,8 @@ class EmbeddingPipeline(nn.Module):
         self.normalize = config.normalize
         self.uses_token_type_ids = uses_token_type_ids
 
+    task_config: dict = {}  # the runtime config's task section: the embedding task has none
+
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.uses_token_type_ids and token_type_ids is not None:

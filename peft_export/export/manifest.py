@@ -9,6 +9,7 @@ from typing import Any
 
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..source.resolve import ResolvedModel, recorded_base, recorded_source
+from ..tasks import EMBEDDING
 
 
 def record_file_hashes(manifest: dict[str, Any], folder: Path) -> None:
@@ -38,9 +39,13 @@ def library_versions() -> dict[str, str]:
 def export_manifest(resolved: ResolvedModel, export_entry: dict[str, Any], config: RuntimeConfig, parity: dict,
               seconds: float) -> dict[str, Any]:
     """The manifest of an export of ``resolved``: base, adapters, the format's entry, pipeline, measured parity."""
+    # An export records its task unless it is an embedding export: exports without a "task" are embedding exports
+    # (every export before tasks were recorded), and theirs stay as they were.
+    task = {} if resolved.task is EMBEDDING else {"task": resolved.task.name}
     return {
         "format": "peft_export",
         "format_version": 1,
+        **task,
         "created_unix": int(time.time()),
         "base": recorded_base(resolved),
         "adapters": [
@@ -50,11 +55,19 @@ def export_manifest(resolved: ResolvedModel, export_entry: dict[str, Any], confi
         ],
         "merge_mode": "merged" if resolved.adapters else "none",
         "export": export_entry,
-        "pipeline": {
-            "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
-            "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,
-        },
+        "pipeline": _pipeline_entry(resolved, config),
         "validation": parity,
         "library_versions": library_versions(),
         "export_seconds": round(seconds, 2),
+    }
+
+
+def _pipeline_entry(resolved: ResolvedModel, config: RuntimeConfig) -> dict[str, Any]:
+    """What runs around the encoder: pooling, Dense layers and normalisation for an embedder; a task with settings
+    of its own (``RuntimeConfig.task_config``: a reranker's num_labels and activation) records those instead."""
+    if config.task_config:
+        return {**config.task_config, "dimension": config.dimension, "max_seq_length": config.max_seq_length}
+    return {
+        "pooling": config.pooling_modes, "dense_layers": len(resolved.pipeline.dense),
+        "normalize": config.normalize, "dimension": config.dimension, "max_seq_length": config.max_seq_length,
     }

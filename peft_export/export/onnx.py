@@ -14,11 +14,12 @@ from ..errors import ConfigError
 from .families import family_for, tracing_step
 from .fp16 import DTYPES
 from .embedding_module import EmbeddingPipeline
+from ..tasks import EMBEDDING, Task
 
 DEFAULT_OPSET = 17
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx_data"
-OUTPUT_NAMES = ["sentence_embedding", "token_embeddings"]
+OUTPUT_NAMES = list(EMBEDDING.output_names)  # the embedding task's; a graph's are its task's (Task.outputs)
 TRACE_ONNX = "Tracing to ONNX (torch.onnx.export)"
 # Weights at least this large go to one external data file (protobuf caps a file at 2 GiB); tests lower it.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
@@ -50,7 +51,8 @@ def dummy_inputs(pipeline: EmbeddingPipeline, batch: int = 2, seq: int = 16) -> 
     return tuple(tensors)
 
 
-def export_onnx(pipeline: EmbeddingPipeline, folder: Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(pipeline: EmbeddingPipeline, folder: Path, opset: int = DEFAULT_OPSET, task: Task = EMBEDDING
+                ) -> Path:
     """Write ``folder/model.onnx``, plus ``model.onnx_data`` when the weights reach EXTERNAL_DATA_THRESHOLD.
 
     A large graph is traced into a scratch folder (torch.onnx writes one file per tensor there) and packed
@@ -59,25 +61,26 @@ def export_onnx(pipeline: EmbeddingPipeline, folder: Path, opset: int = DEFAULT_
     path = folder / MODEL_FILE
     size = sum(p.numel() * p.element_size() for p in pipeline.parameters())
     if size < EXTERNAL_DATA_THRESHOLD:
-        _trace(pipeline, path, opset)
+        _trace(pipeline, path, opset, task)
         return path
     from .external_data import pack_external_data
 
     scratch = folder / _TRACE_FOLDER
     scratch.mkdir()
     try:
-        _trace(pipeline, scratch / MODEL_FILE, opset)
+        _trace(pipeline, scratch / MODEL_FILE, opset, task)
         pack_external_data(scratch / MODEL_FILE, path, EXTERNAL_DATA_FILE)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return path
 
 
-def _trace(pipeline: EmbeddingPipeline, path: Path, opset: int) -> None:
+def _trace(pipeline: EmbeddingPipeline, path: Path, opset: int, task: Task = EMBEDDING) -> None:
+    """``pipeline`` (the task's torch module) traced with dynamic batch and sequence axes; its outputs are the
+    task's, in order, each with its own axes."""
     names = input_names(pipeline)
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
-    axes["sentence_embedding"] = {0: "batch"}
-    axes["token_embeddings"] = {0: "batch", 1: "sequence"}
+    axes.update({output.name: output.axes for output in task.outputs})
     with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, TRACE_ONNX):
         # The TorchScript exporter warns about its own deprecation and about tracing constants; neither
         # affects this graph, whose correctness the validation stage checks numerically.
@@ -87,7 +90,7 @@ def _trace(pipeline: EmbeddingPipeline, path: Path, opset: int) -> None:
             dummy_inputs(pipeline),
             str(path),
             input_names=names,
-            output_names=OUTPUT_NAMES,
+            output_names=task.output_names,
             dynamic_axes=axes,
             opset_version=opset,
             do_constant_folding=True,
@@ -119,17 +122,17 @@ class OnnxFormat:
 
     def write(self, merged, folder: Path, log) -> Path:
         self.folder = folder
-        return export_onnx(merged.pipeline, folder, opset=self.options.opset)
+        return export_onnx(merged.pipeline, folder, opset=self.options.opset, task=merged.resolved.task)
 
     def validate(self, merged, model_path: Path, config, log) -> dict:
         from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
         from ..runtime.tokenizer import TextTokenizer
         from .validate import compare_with_reference
 
+        task = merged.resolved.task
         report = compare_with_reference(merged.references, OnnxRuntimeBackend(model_path).run,
-                                        "The exported ONNX graph")
-        log(f"ONNX Runtime == PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}, "
-            f"tokens {report.max_diff['token_embeddings']:.2e} on shapes {report.shapes}")
+                                        "The exported ONNX graph", task=task)
+        log(f"ONNX Runtime == PyTorch reference: {task.describe(report.max_diff)} on shapes {report.shapes}")
         checks = {"onnx_vs_reference": report.to_dict()}
         if self.options.fuse_attention and self.options.dtype == "fp32":
             from .quantize import QUANTIZED_OPS
@@ -221,7 +224,7 @@ def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> 
         del fused
         try:
             report = compare_with_reference(merged.references, OnnxRuntimeBackend(candidate).run,
-                                            "The attention-fused ONNX graph")
+                                            "The attention-fused ONNX graph", task=merged.resolved.task)
         except ValidationError as err:
             log(f"Attention fusion: not kept, {err}")
             return {"applied": False, "reason": str(err)}
@@ -231,7 +234,7 @@ def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> 
         shutil.rmtree(scratch, ignore_errors=True)
     forms = ", ".join(f"{counts[op]} {op}" for op in ("Attention", "MultiHeadAttention") if counts[op])
     log(f"Attention fusion: {fused_blocks(counts)} attention blocks fused ({forms}); "
-        f"== PyTorch reference: sentence {report.max_diff['sentence_embedding']:.2e}")
+        f"== PyTorch reference: {merged.resolved.task.describe(report.max_diff).split(', ')[0]}")
     optimizer = ["onnxruntime.transformers.optimizer"] if family.bert_optimizer else []
     return {"applied": True, "optimizer": " + ".join([*optimizer, "peft_export.export.attention_rewrite"]),
             "fused_operators": counts,

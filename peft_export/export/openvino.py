@@ -45,8 +45,9 @@ CONVERT_OPENVINO = "Converting to OpenVINO (openvino.convert_model)"
 QUANTIZE_MODES = ("int8-static",)  # ONNX's dynamic "int8" has no OpenVINO counterpart at export time
 
 
-def convert_to_openvino(pipeline: torch.nn.Module):
-    """Trace ``pipeline`` with OpenVINO's PyTorch frontend; inputs are int64 with dynamic (batch, sequence)."""
+def convert_to_openvino(pipeline: torch.nn.Module, output_names: list[str] = OUTPUT_NAMES):
+    """Trace ``pipeline`` with OpenVINO's PyTorch frontend; inputs are int64 with dynamic (batch, sequence); its
+    outputs are named ``output_names`` (the task's, in order)."""
     ov = require("openvino", "openvino")
     names = input_names(pipeline)
     example = dict(zip(names, dummy_inputs(pipeline)))
@@ -56,9 +57,9 @@ def convert_to_openvino(pipeline: torch.nn.Module):
         warnings.simplefilter("ignore")
         model = ov.convert_model(pipeline, example_input=example, input=shapes)
     keep_input_names(model, names)
-    if len(model.outputs) != len(OUTPUT_NAMES):
-        raise ConfigError(f"OpenVINO conversion produced {len(model.outputs)} outputs, expected {OUTPUT_NAMES}")
-    for output, name in zip(model.outputs, OUTPUT_NAMES):
+    if len(model.outputs) != len(output_names):
+        raise ConfigError(f"OpenVINO conversion produced {len(model.outputs)} outputs, expected {output_names}")
+    for output, name in zip(model.outputs, output_names):
         output.get_tensor().set_names({name})
     return model
 
@@ -224,16 +225,20 @@ class OpenVinoFormat:
     def write(self, merged, folder: Path, log: Callable[[str], None]) -> Path:
         ov = require("openvino", "openvino")
         path = folder / MODEL_XML
-        ov.save_model(convert_to_openvino(merged.pipeline), str(path), compress_to_fp16=False)
+        task = merged.resolved.task
+        if self.weight_format != "fp32" or self.quantize:
+            task.check_export_mode("lossy", f"weight_format={self.weight_format!r}" if self.weight_format != "fp32"
+                                   else f"quantize={self.quantize!r}")
+        ov.save_model(convert_to_openvino(merged.pipeline, task.output_names), str(path), compress_to_fp16=False)
         return path
 
     def validate(self, merged, model_path: Path, config, log: Callable[[str], None]) -> dict[str, Any]:
         from ..runtime.tokenizer import TextTokenizer
 
         backend = compile_f32(model_path)  # the files as written, through the runtime's own loader
-        report = compare_with_reference(merged.references, backend.run, "The exported OpenVINO model")
-        log(f"OpenVINO (f32 precision hint) == PyTorch reference: sentence "
-            f"{report.max_diff['sentence_embedding']:.2e}, tokens {report.max_diff['token_embeddings']:.2e} "
+        report = compare_with_reference(merged.references, backend.run, "The exported OpenVINO model",
+                                        task=merged.resolved.task)
+        log(f"OpenVINO (f32 precision hint) == PyTorch reference: {merged.resolved.task.describe(report.max_diff)} "
             f"on shapes {report.shapes}")
         checks: dict[str, Any] = {"openvino_vs_reference": report.to_dict()}
         if self.weight_format == "fp32":

@@ -76,6 +76,7 @@ class MergedModel:
     started: float
     max_positions: int | None = None  # the encoder's positions: max_seq_length's limit, recorded for the runtime
     encoder_config: Any = None  # the transformers config (attention shape for fusion), kept after release()
+    task_config: dict[str, Any] = field(default_factory=dict)  # the torch module's runtime settings (RuntimeConfig)
 
     def release(self) -> None:
         """Drop the torch pipeline once its graph is written: the stages after it compare with the stored
@@ -112,9 +113,10 @@ class ExportResult:
     resolved: ResolvedModel
 
 
-def noop_adapter_error(name: str, effect: float) -> ConfigError:
-    """An adapter that leaves the embeddings as the base makes them: refused unless allow_noop_adapter."""
-    found = (f"Adapter {name!r} changes the normalised embeddings by at most {effect:.2g} (< "
+def noop_adapter_error(name: str, effect: float, what: str = "normalised embeddings") -> ConfigError:
+    """An adapter that leaves ``what`` (the task's main output) as the base makes it: refused unless
+    allow_noop_adapter."""
+    found = (f"Adapter {name!r} changes the {what} by at most {effect:.2g} (< "
              f"{NOOP_ADAPTER_THRESHOLD:g}): it does nothing (LoRA B still zero?). Pass")
     return ConfigError(f"{found} allow_noop_adapter=True to export it anyway.").in_cli_words(
         f"{found} --allow-noop-adapter to export it anyway.")
@@ -172,10 +174,15 @@ def _load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool):
     return tokenizer
 
 
-def _reference_tokenize(tokenizer, input_names: list[str], max_len: int) -> Callable[..., dict]:
-    def tokenize(texts: list[str], max_length: int | None = None) -> dict[str, np.ndarray]:
+def _reference_tokenize(tokenizer, input_names: list[str], max_len: int, text_pairs: bool = False
+                        ) -> Callable[..., dict]:
+    """The reference tokenization (transformers, as sentence-transformers calls it): of texts, or where the task
+    takes ``text_pairs``, of (first, second) pairs tokenized together, the longest side truncated first."""
+
+    def tokenize(texts: list, max_length: int | None = None) -> dict[str, np.ndarray]:
         limit = min(max_length or max_len, max_len)
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="np")
+        sides = ([p[0] for p in texts], [p[1] for p in texts]) if text_pairs else (texts,)
+        enc = tokenizer(*sides, padding=True, truncation=True, max_length=limit, return_tensors="np")
         return {name: enc[name].astype(np.int64) for name in input_names}
 
     return tokenize
@@ -239,7 +246,7 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
     dense = [load_dense(resolved.pipeline_folder, d) for d in resolved.pipeline.dense]
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_type_ids else [])
     return PreparedExport(resolved, tokenizer, encoder, max_len, with_type_ids, dense, names,
-                          _reference_tokenize(tokenizer, names, max_len))
+                          _reference_tokenize(tokenizer, names, max_len, resolved.task.text_pairs))
 
 
 def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:
@@ -257,6 +264,10 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
                  f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass")
         keep = "to keep them as switchable adapters over one base graph"
         raise ConfigError(f"{given} switchable=True {keep}").in_cli_words(f"{given} --switchable {keep}")
+    if options.quantize:
+        resolved.task.check_export_mode("lossy", f"quantize={options.quantize!r}")
+    if options.dtype != "fp32":
+        resolved.task.check_export_mode("lossy", f"dtype={options.dtype!r}")
     log(describe_base(resolved))
     for adapter in resolved.adapters:
         log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} {adapter.config.describe()}")
@@ -278,14 +289,15 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
                                                   task)
         parity["adapter_vs_base_max_abs_diff"] = effect
         if effect < NOOP_ADAPTER_THRESHOLD and not options.allow_noop_adapter:
-            raise noop_adapter_error(adapter.name, effect)
+            raise noop_adapter_error(adapter.name, effect, task.outputs[0].description or task.outputs[0].name)
         merged = merge_adapter(peft_model, adapter.name)
         final = make_pipeline(merged)
         merge_report = validate.compare_with_reference(references, validate.torch_runner(final, task),
                                                        "The merged model", task=task)
         parity["merged_vs_unmerged"] = merge_report.max_diff
-        log(f"merged == unmerged PEFT: max diff {merge_report.max_diff['sentence_embedding']:.2e}; "
-            f"adapter changes embeddings by up to {effect:.3f}")
+        main = task.outputs[0].name
+        log(f"merged == unmerged PEFT: max diff {merge_report.max_diff[main]:.2e}; "
+            f"adapter changes {main} by up to {effect:.3f}")
     else:
         final = make_pipeline(encoder)
         references = validate.reference_outputs(final, ref_tokenize, task=task)
@@ -293,7 +305,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
                        reference_tokenize=ref_tokenize,
                        references=references, max_seq_length=max_len, dense_layers=len(dense), validation=parity,
                        started=started, max_positions=position_limit(encoder),
-                       encoder_config=getattr(final.encoder, "config", None))
+                       encoder_config=getattr(final.encoder, "config", None), task_config=dict(final.task_config))
 
 
 def write_export(merged: MergedModel, options: ExportOptions, graph_format: GraphFormat,
@@ -309,13 +321,14 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
         if release:
             merged.release()
         save_tokenizer(merged.tokenizer, tmp)
-        sentence_dim = int(merged.references[0].outputs["sentence_embedding"].shape[-1])
+        task = resolved.task
+        sentence_dim = int(merged.references[0].outputs[task.outputs[0].name].shape[-1])
         config = runtime_config(resolved, merged.tokenizer, merged.input_names, merged.max_seq_length,
                                 merged.dense_layers, sentence_dim, model_path.name, graph_format.backend,
-                                max_positions=merged.max_positions)
-        config.save(tmp)
+                                max_positions=merged.max_positions, task_config=merged.task_config)
+        config.save(tmp, task.runtime_config_file)
         runtime_tok = TextTokenizer(tmp, config)
-        check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, merged.resolved.task.validation_texts)
+        check_runtime_tokenizer(runtime_tok, merged.reference_tokenize, task.validation_texts, task.text_pairs)
         validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
         manifest = export_manifest(resolved, graph_format.manifest_entry(config), config, validation,
                              time.perf_counter() - merged.started)
@@ -327,9 +340,10 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
 
 
 def runtime_config(resolved: ResolvedModel, tokenizer, input_names: list[str], max_seq_length: int, dense_layers: int,
-                   sentence_dim: int, model_file: str, backend: str, max_positions: int | None = None
-                   ) -> RuntimeConfig:
-    """embedding_config.json for an export of ``resolved``'s pipeline."""
+                   sentence_dim: int, model_file: str, backend: str, max_positions: int | None = None,
+                   task_config: dict[str, Any] | None = None) -> RuntimeConfig:
+    """The runtime config (the task's file: embedding_config.json, reranker_config.json) for an export of
+    ``resolved``'s pipeline; ``sentence_dim`` is the width of the task's main output."""
     pipeline = resolved.pipeline
     return RuntimeConfig(
         backend=backend,
@@ -347,4 +361,6 @@ def runtime_config(resolved: ResolvedModel, tokenizer, input_names: list[str], m
         default_prompt_name=pipeline.default_prompt_name,
         similarity_fn_name=pipeline.similarity_fn_name,
         max_positions=max_positions,
+        output_names=resolved.task.output_names,
+        task_config=dict(task_config or {}),
     )

@@ -157,6 +157,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     check_output_target(options.output, options.force)  # fail before minutes of validation, not after
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
+    resolved.task.check_export_mode("switchable", "switchable=True")
     names = [a.name for a in resolved.adapters]
     if not names:
         raise ConfigError('switchable=True needs at least one adapter: adapters=["NAME=PATH", ...]').in_cli_words(

@@ -29,13 +29,19 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
         write_json(path, {k: v for k, v in data.items() if k not in _REMOTE_CODE_KEYS})
 
 
-def check_runtime_tokenizer(runtime_tok: TextTokenizer, reference_tok, texts: list[str]) -> None:
-    """The runtime's tokenizer (tokenizers library) must give exactly the reference ids, truncation included."""
+def check_runtime_tokenizer(runtime_tok: TextTokenizer, reference_tok, texts: list, text_pairs: bool = False
+                            ) -> None:
+    """The runtime's tokenizer (tokenizers library) must give exactly the reference ids and token types,
+    truncation included; ``texts`` are (first, second) pairs where the task takes ``text_pairs``."""
     for text in texts:
-        got = runtime_tok.encode([text])["input_ids"][0]
-        want = reference_tok([text])["input_ids"][0]
-        if got.shape != want.shape or not np.array_equal(got, want):
+        got_all = runtime_tok.encode_pairs([text]) if text_pairs else runtime_tok.encode([text])
+        want_all = reference_tok([text])
+        for name in sorted(set(got_all) & set(want_all)):
+            got, want = got_all[name][0], want_all[name][0]
+            if got.shape == want.shape and np.array_equal(got, want):
+                continue
+            shown = (text[0][:30], text[1][:30]) if text_pairs else text[:40]
             raise ConfigError(
-                f"The exported tokenizer does not reproduce the reference tokenization of {text[:40]!r}: "
+                f"The exported tokenizer does not reproduce the reference {name} of {shown!r}: "
                 f"{got[:12].tolist()}... vs {want[:12].tolist()}..."
             )

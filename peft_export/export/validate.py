@@ -51,10 +51,15 @@ def validation_batches(texts: list[str] | None = None, task: Task = EMBEDDING) -
     batches.append([texts[0]])  # a one-token-ish input
     # Short texts only: the batches above all hold the truncated long text, so their padding is to the maximum
     # length; this one checks padding at the lengths queries have.
-    short = [t for t in texts if len(t) < 200][:5]
+    short = [t for t in texts if _characters(t) < 200][:5]
     if len(short) > 1:
         batches.append(short)
     return batches
+
+
+def _characters(text) -> int:
+    """Characters of a validation input: a text, or a (first, second) pair of texts."""
+    return len(text) if isinstance(text, str) else sum(len(part) for part in text)
 
 
 @dataclass

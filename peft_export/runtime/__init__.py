@@ -6,9 +6,10 @@ export's task needs is known whichever runtime module is imported first (``expor
 
 from .exported_model import ExportedModel
 from .model import EmbeddingModel
+from .reranker_model import CrossEncoderModel
 from .onnxruntime_backend import SessionSettings
 from .openvino_backend import OpenVinoSettings
 from .similarity import similarity, similarity_pairwise
 
-__all__ = ["EmbeddingModel", "ExportedModel", "OpenVinoSettings", "SessionSettings", "similarity",
+__all__ = ["CrossEncoderModel", "EmbeddingModel", "ExportedModel", "OpenVinoSettings", "SessionSettings", "similarity",
            "similarity_pairwise"]

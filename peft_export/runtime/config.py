@@ -11,7 +11,8 @@ from ..errors import ConfigError
 from .atomic_file import write_atomically
 from .export_files import confined, verified_bytes
 
-RUNTIME_CONFIG_FILE = "embedding_config.json"
+RUNTIME_CONFIG_FILE = "embedding_config.json"  # the embedding task's runtime config
+RERANKER_CONFIG_FILE = "reranker_config.json"  # the reranker task's
 MANIFEST_FILE = "peft_export.json"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_VERSION = 1
@@ -54,6 +55,9 @@ class RuntimeConfig:
     # None in exports made before it was recorded.
     max_positions: int | None = None
     version: int = CONFIG_VERSION
+    # What only one task's runtime needs (a reranker: num_labels, activation_fn); not written when empty, so the
+    # embedding task's file stays as it was before tasks had settings of their own.
+    task_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Also for exports written before the defaults were recorded: prompt names resolve as in ST 6.x.
@@ -62,30 +66,35 @@ class RuntimeConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def save(self, folder: Path) -> None:
-        """Write through a temporary file and a rename: a reader sees the old file or the new one, never half.
-        A switchable export's adapter table is not written here (the manifest holds it)."""
+    def save(self, folder: Path, file_name: str = RUNTIME_CONFIG_FILE) -> None:
+        """Write ``folder/file_name`` (the task's runtime config file) through a temporary file and a rename: a
+        reader sees the old file or the new one, never half. A switchable export's adapter table is not written
+        here (the manifest holds it)."""
         data = self.to_dict()
         if self.lora_slots:
             del data["adapters"], data["default_adapter"]
+        if not self.task_config:
+            del data["task_config"]
         text = json.dumps(data, indent=2) + "\n"
-        write_atomically(folder / RUNTIME_CONFIG_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_atomically(folder / file_name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     @classmethod
-    def load(cls, folder: Path, manifest: dict[str, Any] | None = None) -> RuntimeConfig:
-        """The runtime config of the export at ``folder``, checked against the hash its manifest records (read
-        here unless given: pass the one the caller goes on using, so both describe the same export)."""
-        path = folder / RUNTIME_CONFIG_FILE
-        check_export_folder(folder)
+    def load(cls, folder: Path, manifest: dict[str, Any] | None = None, file_name: str = RUNTIME_CONFIG_FILE
+             ) -> RuntimeConfig:
+        """The runtime config ``file_name`` (the task's) of the export at ``folder``, checked against the hash its
+        manifest records (read here unless given: pass the one the caller goes on using, so both describe the same
+        export)."""
+        path = folder / file_name
+        check_export_folder(folder, file_name)
         if manifest is None:
             manifest = read_manifest(folder)
-        data = parse_json_object(verified_bytes(folder, manifest, RUNTIME_CONFIG_FILE), path)
+        data = parse_json_object(verified_bytes(folder, manifest, file_name), path)
         if data.get("version") != CONFIG_VERSION:
             raise ConfigError(f"{path} has config version {data.get('version')!r}; this runtime reads {CONFIG_VERSION}")
         known = set(cls.__dataclass_fields__)
         config = cls(**{k: v for k, v in data.items() if k in known})
         check_values(config, path)
-        confined(folder, config.model_file, f"{RUNTIME_CONFIG_FILE}'s model_file")
+        confined(folder, config.model_file, f"{file_name}'s model_file")
         if Path(config.model_file).suffix.lower() not in GRAPH_SUFFIXES:
             raise ConfigError(
                 f"{path}: model_file {config.model_file!r} is not a graph: expected an ONNX model (.onnx) or OpenVINO "
@@ -96,11 +105,12 @@ class RuntimeConfig:
         return config
 
 
-def check_export_folder(folder: Path) -> None:
-    """Refuse a folder that is not an export, or whose export did not finish, before reading anything in it."""
-    if not (folder / RUNTIME_CONFIG_FILE).is_file():
+def check_export_folder(folder: Path, config_file: str = RUNTIME_CONFIG_FILE) -> None:
+    """Refuse a folder that is not an export, or whose export did not finish, before reading anything in it
+    (``config_file``: the runtime config file of the task the caller opens)."""
+    if not (folder / config_file).is_file():
         raise ConfigError(
-            f"{folder} is not a peft_export export folder: {RUNTIME_CONFIG_FILE} is missing. "
+            f"{folder} is not a peft_export export folder: {config_file} is missing. "
             "Create one with `peft-export merge-onnx MODEL_ID -o FOLDER`."
         )
     if not (folder / MANIFEST_FILE).is_file():
@@ -129,7 +139,7 @@ def check_values(config: RuntimeConfig, path: Path) -> None:
     for key in ("input_names", "output_names", "pooling_modes", "lora_slots"):
         if not isinstance(getattr(config, key), list):
             raise ConfigError(f"{path}: {key} must be a list, found {getattr(config, key)!r}")
-    for key in ("adapters", "prompts"):
+    for key in ("adapters", "prompts", "task_config"):
         if not isinstance(getattr(config, key), dict):
             raise ConfigError(f"{path}: {key} must be an object, found {getattr(config, key)!r}")
 

@@ -84,10 +84,10 @@ class ExportedModel(AdapterMethods):
         if not self.path.is_dir():
             raise ConfigError(f"Export folder not found: {self.path}")
         self._refuse_other_task_early()
-        check_export_folder(self.path)
+        check_export_folder(self.path, self.runtime_config_file)
         self.manifest = read_manifest(self.path)
         self._check_task(self.manifest)
-        self.config = RuntimeConfig.load(self.path, self.manifest)
+        self.config = RuntimeConfig.load(self.path, self.manifest, self.runtime_config_file)
         self._check_sequence_limit()
         self.device = device
         self.backend = open_backend(

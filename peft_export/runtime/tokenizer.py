@@ -68,6 +68,26 @@ class TextTokenizer:
         except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
             raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
 
+    def tokenize_pairs(self, pairs: list[tuple[str, str]]) -> list:
+        """``tokenizers.Encoding`` per (first, second) text pair, tokenized together as a cross-encoder reads them
+        (special tokens and token type ids of the pair; the longest side truncated first to max_seq_length, as
+        transformers' ``truncation=True`` does). Each long side is tokenized as its truncation prefix: it keeps at
+        least max_seq_length tokens, more than truncation can keep of it in a pair."""
+        firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
+        try:
+            firsts, seconds = self.truncation_prefixes(firsts), self.truncation_prefixes(seconds)
+        except TypeError as err:  # a lone surrogate in a long text
+            raise InvalidInputError(f"{_first_invalid(firsts + seconds)}: {err}") from err
+        if self.do_lower_case:
+            firsts, seconds = [t.lower() for t in firsts], [t.lower() for t in seconds]
+        try:
+            return self.tokenizer.encode_batch(list(zip(firsts, seconds)), add_special_tokens=True)
+        except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
+            raise InvalidInputError(f"{_first_invalid(firsts + seconds)}: {err}") from err
+
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+        return self.pad(self.tokenize_pairs(pairs))
+
     def pad(self, encodings: list) -> dict[str, np.ndarray]:
         """The graph's inputs for ``encodings``, right-padded to the longest of them."""
         width = max((len(e.ids) for e in encodings), default=0)

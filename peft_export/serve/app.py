@@ -17,11 +17,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import require
-from ..tasks import EMBEDDING, Task, load_reference, task_named
+from ..tasks import load_reference
 from .batching import DynamicBatcher
 from .metrics import NO_MODEL, ServeMetrics
 from .protocol import ApiError, dumps
-from .served_model import ServedModel
+from .served_model import ServedModel, served_task
 from .settings import ServeSettings
 
 logger = logging.getLogger("peft_export.serve")
@@ -30,7 +30,6 @@ logger = logging.getLogger("peft_export.serve")
 UNMATCHED_ROUTE = "<unmatched>"
 # Counting tokens of bigger requests than this (in characters) moves to a thread, keeping the event loop free.
 _COUNT_IN_THREAD_CHARS = 50_000
-_WARMUP_TEXTS = ["warm up", "warm up the model with a longer sentence " * 64]
 
 
 class _ClientGone(Exception):
@@ -98,7 +97,8 @@ class ModelServer:
         try:
             if self.settings.warmup:
                 for adapter in [None, *self.served.adapters]:
-                    await self.batcher.run_in_model_thread(self.served.encode_group, (adapter, None), _WARMUP_TEXTS)
+                    await self.batcher.run_in_model_thread(self.served.encode_group, (adapter, None),
+                                                           self.served.warmup_inputs)
         except Exception as err:
             logger.exception("warm-up failed")
             self.status = f"failed: {type(err).__name__}: {err}"
@@ -254,13 +254,6 @@ def json_response(payload: Any, status: int = 200):
     from starlette.responses import Response
 
     return Response(dumps(payload), status_code=status, media_type="application/json")
-
-
-def served_task(model: Any) -> Task:
-    """The task ``model`` runs: its class's ``task`` (every ``ExportedModel``); other objects with an
-    EmbeddingModel's methods (wrappers, test doubles) are served as embedders."""
-    name = getattr(model, "task", None)
-    return task_named(name if isinstance(name, str) else EMBEDDING.name)
 
 
 def create_app(model: Any, settings: ServeSettings | None = None):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError, NonFiniteEmbeddingError
+from ..tasks import EMBEDDING, Task, task_named
 from .protocol import ApiError, json_type, show
 from .settings import ServeSettings
 from .token_counter import TokenCounter, counter_for
@@ -23,20 +24,35 @@ from .token_counter import TokenCounter, counter_for
 Group = tuple
 
 
+# What the server sends through a model once before it declares itself ready: short and max-length inputs.
+_WARMUP_TEXTS = ["warm up", "warm up the model with a longer sentence " * 64]
+
+
+def served_task(model: Any) -> Task:
+    """The task ``model`` runs: its class's ``task`` (every ``ExportedModel``); other objects with an
+    EmbeddingModel's methods (wrappers, test doubles) are served as embedders."""
+    name = getattr(model, "task", None)
+    return task_named(name if isinstance(name, str) else EMBEDDING.name)
+
+
 class ServedModel:
     def __init__(self, model: Any, settings: ServeSettings):
-        for needed in ("encode", "get_sentence_embedding_dimension", "max_seq_length"):
+        self.task = served_task(model)
+        for needed in self.task.served_attributes:
             if not hasattr(model, needed):
-                raise ConfigError(f"create_app needs an EmbeddingModel-like object; {type(model).__name__} has no "
+                like = "EmbeddingModel" if self.task is EMBEDDING else self.task.runtime_class.rsplit(":", 1)[-1]
+                raise ConfigError(f"create_app needs an {like}-like object; {type(model).__name__} has no "
                                   f"{needed!r}")
         self.model = model
+        self._batch_call = getattr(model, self.task.batch_call)
         self.base_name = settings.served_model_name or Path(str(getattr(model, "path", "model"))).name
         self.adapters = [str(name) for name in getattr(model, "list_adapters", lambda: [])()]
         if self.base_name in self.adapters:
             raise ConfigError(f"The served model name {self.base_name!r} is also an adapter's name; pick another "
                               "with --served-model-name")
         self.names = [self.base_name, *self.adapters]
-        self.dimension = int(model.get_sentence_embedding_dimension())
+        dimension = getattr(model, "get_sentence_embedding_dimension", None)  # embedders only
+        self.dimension = int(dimension()) if dimension is not None else 0
         self.max_tokens = int(model.max_seq_length)
         self.model_batch_size = settings.model_batch_size
         self.prompts: dict[str, str] = dict(getattr(model, "prompts", None) or {})
@@ -106,12 +122,29 @@ class ServedModel:
             return self._counter.measure(texts, prompt)
         return list(texts), self._counter([prompt + t for t in texts] if prompt else list(texts))
 
+    @property
+    def warmup_inputs(self) -> list:
+        """Inputs of the task's batch call for the warm-up: texts, or (text, text) pairs."""
+        return [(t, t) for t in _WARMUP_TEXTS] if self.task.text_pairs else list(_WARMUP_TEXTS)
+
+    def measure_pairs(self, query: str, documents: list[str]) -> tuple[str, list[str], list[int]]:
+        """What to score of ``query`` and each document (long ones as their prefixes, :meth:`measure`) and the
+        tokens of each (query, document) pair before truncation, as the tokenizer's pair template adds them."""
+        (query,), (query_tokens,) = self.measure([query], "")
+        documents, document_tokens = self.measure(documents, "")
+        single, pair = self._special_tokens(False), self._special_tokens(True)
+        return query, documents, [query_tokens + n - 2 * single + pair for n in document_tokens]
+
+    def _special_tokens(self, is_pair: bool) -> int:
+        tokenizer = getattr(self.model, "tokenizer", None)
+        return int(tokenizer.num_special_tokens_to_add(is_pair)) if tokenizer is not None else 0
+
     # ----- the model call (runs on the model thread) -----
-    def encode_group(self, group: Hashable, texts: list[str]) -> np.ndarray:
-        adapter, prompt_name = group
-        options: dict[str, Any] = {"batch_size": self.model_batch_size}
-        if prompt_name is not None:
-            options["prompt_name"] = prompt_name
+    def encode_group(self, group: Hashable, texts: list) -> np.ndarray:
+        """Run the task's batch call (``encode``, ``predict``) on the inputs of one batch group ``(adapter,
+        option)``; ``option`` becomes the call's options as the task says (``Task.batch_options``)."""
+        adapter, option = group
+        options: dict[str, Any] = {"batch_size": self.model_batch_size, **self.task.batch_options(option)}
         if adapter is not None:
             options["adapter"] = adapter
             if self.merged_budget is not None:
@@ -119,7 +152,8 @@ class ServedModel:
         elif self.adapters:
             options["adapter"] = False  # the base itself, even when the export activates a default adapter
         try:
-            vectors = np.asarray(self.model.encode(texts, **options), dtype=np.float32)
+            # One row per input, as the batcher stores them: a reranker's scores (n,) become (n, 1).
+            vectors = np.asarray(self._batch_call(texts, **options), dtype=np.float32).reshape(len(texts), -1)
         except NonFiniteEmbeddingError as err:
             raise self._non_finite(adapter) from err
         if not np.isfinite(vectors).all():  # any model object: NaN/Inf is never served as an embedding

@@ -9,11 +9,12 @@ from pathlib import Path
 from ..errors import ConfigError, UnsafeModelError
 from ..runtime.adapter_names import DEFAULT_ADAPTER_NAME, check_adapter_name
 from ..runtime.export_files import sha256_of
-from ..tasks import EMBEDDING, Task, task_named
+from ..tasks import EMBEDDING, Task
 from .safetensors_file import check_safetensors_file
 from .adapter_config import AdapterConfig, adapter_weights_path, read_adapter_config
 from .hub import PASS_ADAPTER_LOCALLY, PASS_BASE_LOCALLY, local_folder
 from .st_config import PipelineConfig, read_pipeline_config
+from .task_detection import detect_task
 
 
 
@@ -186,12 +187,14 @@ def resolve_model(
         base_id, base_folder, base_rev = model_id, folder, revision
     base_rev = snapshot_revision(base_folder) or base_rev  # a hub download: the commit actually used
 
-    base_pipeline = read_pipeline_config(base_folder)
+    pipeline_folder = pipeline_folder or base_folder
+    task = detect_task(pipeline_folder, base_folder, base_folder / _transformer_path(base_folder))
+    base_pipeline = read_pipeline_config(base_folder, task.required_modules)
     encoder_folder = base_folder / base_pipeline.transformer_path
     if not _has_weights(encoder_folder):
         raise ConfigError(f"{encoder_folder} has no model weights (*.safetensors); is {base_id!r} a full model?")
-    pipeline_folder = pipeline_folder or base_folder
-    pipeline = base_pipeline if pipeline_folder == base_folder else read_pipeline_config(pipeline_folder)
+    pipeline = (base_pipeline if pipeline_folder == base_folder
+                else read_pipeline_config(pipeline_folder, task.required_modules))
 
     for spec in adapters or []:
         name, target = parse_adapter_spec(spec)
@@ -210,5 +213,11 @@ def resolve_model(
         pipeline_folder=pipeline_folder,
         pipeline=pipeline,
         adapters=resolved_adapters,
-        task=task_named(EMBEDDING.name),  # looked up now: the registry is the one place a task is defined
+        task=task,
     )
+
+
+def _transformer_path(folder: Path) -> str:
+    """The Transformer module's folder inside a Sentence Transformers folder ("" for a plain transformers one),
+    read before the pipeline is parsed, whose required modules depend on the task found there."""
+    return read_pipeline_config(folder, required_modules=()).transformer_path

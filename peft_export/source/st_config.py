@@ -72,6 +72,7 @@ class PipelineConfig:
     default_prompt_name: str | None = None
     similarity_fn_name: str = "cosine"
     is_sentence_transformer: bool = False
+    activation_fn: str | None = None  # a CrossEncoder's, as config_sentence_transformers.json names it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,8 +174,9 @@ def _read_transformer_settings(folder: Path) -> tuple[int | None, bool]:
     return max_len, lower
 
 
-def read_pipeline_config(folder: str | Path) -> PipelineConfig:
-    """Parse ``modules.json`` and friends in ``folder``; a folder without modules.json is a plain encoder."""
+def read_pipeline_config(folder: str | Path, required_modules: tuple[str, ...] = ("pooling",)) -> PipelineConfig:
+    """Parse ``modules.json`` and friends in ``folder``; a folder without modules.json is a plain encoder.
+    ``required_modules``: the modules the model type needs after its Transformer (tasks/: Task.required_modules)."""
     folder = Path(folder)
     config = PipelineConfig()
     modules_path = folder / "modules.json"
@@ -208,8 +210,9 @@ def read_pipeline_config(folder: str | Path) -> PipelineConfig:
             config.normalize = True
     if not kinds or kinds[0] != "transformer":
         raise ConfigError(f"{modules_path}: the first module must be a Transformer, found {kinds[:1]}")
-    if "pooling" not in kinds:
-        raise ConfigError(f"{modules_path}: no Pooling module; peft_export exports sentence embeddings only")
+    if "pooling" in required_modules and "pooling" not in kinds:
+        raise ConfigError(f"{modules_path}: no Pooling module, which a sentence embedding model needs (a "
+                          "CrossEncoder names itself in config_sentence_transformers.json's model_type)")
 
     st_path = folder / "config_sentence_transformers.json"
     if st_path.is_file():
@@ -217,6 +220,8 @@ def read_pipeline_config(folder: str | Path) -> PipelineConfig:
         config.prompts = {k: v for k, v in (st_cfg.get("prompts") or {}).items() if isinstance(v, str)}
         config.default_prompt_name = st_cfg.get("default_prompt_name")
         config.similarity_fn_name = st_cfg.get("similarity_fn_name") or "cosine"
+        activation = st_cfg.get("activation_fn")
+        config.activation_fn = activation if isinstance(activation, str) else None
     if config.similarity_fn_name not in SIMILARITY_FUNCTIONS:
         raise ConfigError(
             f"{st_path}: similarity_fn_name {config.similarity_fn_name!r} is not one of "

@@ -7,10 +7,11 @@ from typing import Any
 from ..errors import ConfigError
 from .base import GraphOutput, Task, load_reference
 from .embedding import EMBEDDING
+from .reranker import RERANKER
 
-TASKS: dict[str, Task] = {task.name: task for task in (EMBEDDING,)}
+TASKS: dict[str, Task] = {task.name: task for task in (EMBEDDING, RERANKER)}
 
-__all__ = ["EMBEDDING", "TASKS", "GraphOutput", "Task", "load_reference", "task_named", "task_of_manifest"]
+__all__ = ["EMBEDDING", "RERANKER", "TASKS", "GraphOutput", "Task", "load_reference", "task_named", "task_of_manifest"]
 
 
 def task_named(name: str) -> Task:

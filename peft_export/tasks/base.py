@@ -29,6 +29,14 @@ class GraphOutput:
     name: str
     tolerance: float
     difference: Difference  # how a run is compared with the reference (e.g. on normalised vectors, masked tokens)
+    label: str = ""  # the short name the export log gives its difference (the name where empty)
+    per_token: bool = False  # True: (batch, sequence, ...) with a dynamic sequence axis; False: (batch, ...)
+    description: str = ""  # how messages name it, as compared (e.g. "normalised embeddings"); the name where empty
+
+    @property
+    def axes(self) -> dict[int, str]:
+        """The output's dynamic axes, as torch.onnx.export takes them."""
+        return {0: "batch", 1: "sequence"} if self.per_token else {0: "batch"}
 
 
 @dataclass(frozen=True)
@@ -41,13 +49,46 @@ class Task:
     transformers_auto_class: str  # the transformers auto class the base model is loaded with (export)
     outputs: tuple[GraphOutput, ...]  # the graph's outputs, in the order the torch module returns them
     text_pairs: bool  # True: inputs are (query, passage) pairs tokenized together (a reranker)
-    validation_texts: tuple[str, ...]  # real inputs of very different lengths the export is validated on
+    # Real inputs of very different lengths the export is validated on: texts, or (query, passage) pairs where
+    # ``text_pairs``; the last one is longer than any max_seq_length.
+    validation_texts: tuple[Any, ...]
     runtime_config_file: str  # the runtime's config section of the export folder
     torch_module: str  # "module:function" building the torch module the graph is traced from (export layer)
     runtime_class: str  # "module:Class" the runtime opens the export with
     routes: str  # "module:function" returning the server's routes for a served model of this task
     # (reference vectors, candidate vectors) of the gate's texts -> the gate's figures (lossy exports)
     quality: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    # The Sentence Transformers modules a saved pipeline of this type must have after its Transformer (the
+    # embedder's Pooling); a reranker's whole pipeline is its Transformer.
+    required_modules: tuple[str, ...] = ()
+    # The export modes built for this type so far, of EXPORT_MODES ("merged": one fp32 graph with any adapter
+    # merged; "switchable": base graph + adapter files; "lossy": int8 / fp16 / compressed weights, gated).
+    export_modes: frozenset[str] = frozenset({"merged", "switchable", "lossy"})
+    # Serving (serve/served_model.py): the runtime class's batch call the server's batcher runs, the keyword options
+    # the second item of a batch group (adapter, option) stands for, and what a served model must have.
+    batch_call: str = "encode"
+    batch_options: Callable[[Any], dict[str, Any]] = lambda option: {}
+    served_attributes: tuple[str, ...] = ("encode", "max_seq_length")
+
+    def check_export_mode(self, mode: str, how: str) -> None:
+        """Refuse an export ``mode`` this type does not have yet, before any slow stage; ``how`` names the option
+        that asked for it (e.g. "--quantize int8")."""
+        if mode not in self.export_modes:
+            raise ConfigError(
+                f"{how}: {mode} exports of {self.sentence_transformers_class} models ({self.name} task) are not "
+                f"supported yet; this version exports them {' and '.join(sorted(self.export_modes))} only. Export "
+                "without it.")
+
+    @property
+    def architecture_suffix(self) -> str:
+        """What config.json's ``architectures`` of a plain transformers model of this type end with
+        ("ForSequenceClassification" for AutoModelForSequenceClassification); "" where the architecture says
+        nothing (AutoModel: any encoder)."""
+        return self.transformers_auto_class.removeprefix("AutoModel")
+
+    def describe(self, diffs: dict[str, float]) -> str:
+        """``diffs`` (output name -> max difference) as the export log gives them, e.g. "sentence 1.2e-07"."""
+        return ", ".join(f"{o.label or o.name} {diffs[o.name]:.2e}" for o in self.outputs if o.name in diffs)
 
     @property
     def output_names(self) -> list[str]:

@@ -1,0 +1,63 @@
+"""The reranker task's torch module: a transformers sequence-classification model (encoder + its classification
+head, as sentence-transformers' CrossEncoder loads it) returning the raw logits and the scores the CrossEncoder's
+activation makes of them, so one graph gives both ``predict()`` defaults and ``activation_fn`` overrides."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from ..errors import UnsafeModelError
+
+# config_sentence_transformers.json's activation_fn -> (runtime name, torch module). Anything else would need an
+# import of user-chosen code, which sentence-transformers itself only does under trust_remote_code.
+ACTIVATIONS = {
+    "torch.nn.modules.activation.Sigmoid": ("sigmoid", nn.Sigmoid),
+    "torch.nn.modules.linear.Identity": ("identity", nn.Identity),
+    "torch.nn.modules.activation.Tanh": ("tanh", nn.Tanh),
+}
+
+
+def activation_name(activation_fn: str | None, num_labels: int, where: str) -> str:
+    """The runtime's name of the activation a CrossEncoder applies to its logits: the one its config names, else
+    sentence-transformers' default (sigmoid for one label, identity for several)."""
+    if activation_fn is None:
+        return "sigmoid" if num_labels == 1 else "identity"
+    if activation_fn not in ACTIVATIONS:
+        raise UnsafeModelError(
+            f"{where}: activation_fn {activation_fn!r} is not one of the torch activations peft_export exports "
+            f"({', '.join(sorted(ACTIVATIONS))}); save the CrossEncoder with one of them")
+    return ACTIVATIONS[activation_fn][0]
+
+
+class RerankerPipeline(nn.Module):
+    """sequence-classification model -> (logits, activation(logits)), each (batch, num_labels)."""
+
+    def __init__(self, encoder: nn.Module, activation: str, uses_token_type_ids: bool):
+        super().__init__()
+        self.encoder = encoder
+        self.activation_name = activation
+        self.activation = {name: module for name, module in ACTIVATIONS.values()}[activation]()
+        self.uses_token_type_ids = uses_token_type_ids
+
+    @property
+    def task_config(self) -> dict[str, Any]:
+        """The runtime config's task section: what CrossEncoderModel needs besides the graph."""
+        return {"num_labels": int(self.encoder.config.num_labels), "activation_fn": self.activation_name}
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.uses_token_type_ids and token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        logits = self.encoder(**kwargs).logits  # (batch, num_labels)
+        return logits, self.activation(logits)
+
+
+def build_reranker_module(encoder: nn.Module, prepared) -> RerankerPipeline:
+    """The reranker task's torch module (tasks/reranker.py names it): ``encoder``, a sequence-classification model
+    (plain, merged, or a PEFT model holding adapters), with the activation the CrossEncoder's config names."""
+    num_labels = int(encoder.config.num_labels)
+    where = str(prepared.resolved.pipeline_folder / "config_sentence_transformers.json")
+    activation = activation_name(prepared.resolved.pipeline.activation_fn, num_labels, where)
+    return RerankerPipeline(encoder, activation, prepared.uses_token_type_ids).eval()

@@ -1,0 +1,168 @@
+"""CrossEncoderModel: sentence-transformers' CrossEncoder.predict()/rank() on an exported reranker graph, without
+torch. The graph returns the raw ``logits`` and the ``scores`` the model's own activation makes of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import ConfigError, InvalidInputError
+from .config import RERANKER_CONFIG_FILE
+from .exported_model import ExportedModel, progress_counter
+
+__all__ = ["ACTIVATIONS", "CrossEncoderModel"]
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+# The activations an export may name (reranker_config.json's task_config.activation_fn), in numpy.
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "sigmoid": _sigmoid,
+    "identity": lambda x: x,
+    "tanh": np.tanh,
+}
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    shifted = np.exp(x - x.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def _pairs(inputs: Any) -> tuple[list[tuple[str, str]], bool]:
+    """(pairs, single): one [query, passage] pair or a list of them, each checked to be two strings."""
+    single = isinstance(inputs, (list, tuple)) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
+    items = [inputs] if single else list(inputs)
+    pairs = []
+    for i, pair in enumerate(items):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+            raise InvalidInputError(f"inputs[{i}] must be a (query, passage) pair of two strings, found {pair!r:.80}")
+        pairs.append((pair[0], pair[1]))
+    return pairs, single
+
+
+class CrossEncoderModel(ExportedModel):
+    """Load a reranker export folder and score (query, passage) pairs like sentence-transformers' ``CrossEncoder``.
+
+    >>> model = CrossEncoderModel("reranker-onnx/")                       # doctest: +SKIP
+    >>> model.predict([("a query", "a passage"), ("a query", "another")])  # doctest: +SKIP
+    >>> model.rank("a query", ["a passage", "another"], top_k=1)          # doctest: +SKIP
+
+    The constructor's options, the adapter methods of switchable exports and token budgeting are
+    :class:`.exported_model.ExportedModel`'s; this class adds ``predict``, ``rank`` and their post-processing.
+    """
+
+    task = "reranker"
+    runtime_config_file = RERANKER_CONFIG_FILE
+    required_outputs = ("logits", "scores")
+
+    def _check_outputs(self) -> None:
+        """num_labels and the activation are the config's task section; the graph's logits are num_labels wide."""
+        settings = self.config.task_config
+        where = self.path / RERANKER_CONFIG_FILE
+        num_labels = settings.get("num_labels")
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ConfigError(f"{where}: task_config.num_labels must be a positive integer, found {num_labels!r}; "
+                              "export the folder again")
+        if settings.get("activation_fn") not in ACTIVATIONS:
+            raise ConfigError(f"{where}: task_config.activation_fn must be one of {', '.join(ACTIVATIONS)}, found "
+                              f"{settings.get('activation_fn')!r}; export the folder again")
+        width = self.backend.output_width("logits")
+        if width is not None and width != num_labels:
+            raise ConfigError(f"{where}: num_labels is {num_labels} but the graph's logits have {width} values; "
+                              "export the folder again")
+
+    # ----- properties mirroring CrossEncoder -----
+    @property
+    def num_labels(self) -> int:
+        return int(self.config.task_config["num_labels"])
+
+    @property
+    def activation_fn(self) -> str:
+        """The name of the activation the model applies to its logits by default ("sigmoid", "identity", ...)."""
+        return str(self.config.task_config["activation_fn"])
+
+    def __repr__(self) -> str:
+        return (f"CrossEncoderModel(path={str(self.path)!r}, backend={self.backend.name!r}, "
+                f"providers={self.backend.providers}, num_labels={self.num_labels})")
+
+    # ----- predict / rank -----
+    def predict(
+        self,
+        inputs: Sequence[Sequence[str]] | Sequence[str],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: Callable[[np.ndarray], np.ndarray] | str | None = None,
+        apply_softmax: bool | None = False,
+        convert_to_numpy: bool = True,
+        adapter: str | bool | None = None,
+        max_batch_tokens: int | None | str = "auto",
+    ) -> np.ndarray | list[np.ndarray] | float:
+        """Scores of (query, passage) pairs: one pair gives one score (a vector of num_labels where there are
+        several), a list of pairs an array of them. ``activation_fn``: None for the model's own (the graph's
+        ``scores``), a name of :data:`ACTIVATIONS`, or a function of numpy logits (sentence-transformers takes torch
+        modules; this class has no torch). ``apply_softmax``: a softmax over the labels of multi-label models.
+        ``convert_to_numpy=False`` gives a list of per-pair arrays. ``adapter`` and ``max_batch_tokens`` are
+        ``EmbeddingModel.encode``'s: pairs are tokenized once and batched by tokens, longest first, so one long
+        passage does not pad a hundred short ones."""
+        if isinstance(activation_fn, str):
+            if activation_fn not in ACTIVATIONS:
+                raise ValueError(f"activation_fn must be a function or one of {', '.join(ACTIVATIONS)}, found "
+                                 f"{activation_fn!r}")
+            activation_fn = ACTIVATIONS[activation_fn]
+        pairs, single = _pairs(inputs)
+        run_adapter = self._adapter_for_call(adapter)  # resolved once: every batch of this call uses it
+        fetch = "scores" if activation_fn is None else "logits"
+        encodings = self._tokenizer.tokenize_pairs(pairs)
+        batches = self._tokenizer.batches_of(encodings, batch_size, self._token_budget(max_batch_tokens))
+        results: list[Any] = [None] * len(pairs)
+        progress = progress_counter(show_progress_bar, len(pairs), batch_size)
+        for index, _, outputs in self._run_planned(batches, [fetch], run_adapter):
+            for i, row in zip(index, outputs[fetch]):
+                results[i] = row
+            progress(len(index))
+        self._check_finite(results, adapter)
+        scores = np.stack(results).astype(np.float32) if results else np.zeros((0, self.num_labels), np.float32)
+        if activation_fn is not None and len(scores):
+            scores = np.asarray(activation_fn(scores), dtype=np.float32)
+        if self.num_labels == 1 and scores.ndim > 1:
+            scores = scores[:, 0]  # (pairs, 1) -> (pairs,)
+        if apply_softmax and scores.ndim > 1 and len(scores):
+            scores = _softmax(scores)
+        if single:
+            return scores[0]
+        return scores if convert_to_numpy else list(scores)
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        return_documents: bool = False,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: Callable[[np.ndarray], np.ndarray] | str | None = None,
+        adapter: str | bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """``documents`` ranked for ``query``, best first, in sentence-transformers' shape: ``{"corpus_id": index,
+        "score": float}`` (plus ``"text"`` with ``return_documents``), the ``top_k`` best (all where None)."""
+        if self.num_labels != 1:
+            raise ValueError(f"rank() needs a model with num_labels=1; {self.path} has {self.num_labels}. Use "
+                             "predict() with (query, document) pairs instead.")
+        if not isinstance(query, str):
+            raise InvalidInputError(f"query must be a string, found {type(query).__name__}")
+        documents = list(documents)
+        for i, document in enumerate(documents):
+            if not isinstance(document, str):
+                raise InvalidInputError(f"documents[{i}] is {type(document).__name__}, expected str")
+        scores = self.predict([(query, d) for d in documents], batch_size=batch_size,
+                              show_progress_bar=show_progress_bar, activation_fn=activation_fn, adapter=adapter)
+        results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(np.atleast_1d(scores))]
+        if return_documents:
+            for result in results:
+                result["text"] = documents[result["corpus_id"]]
+        results.sort(key=lambda r: r["score"], reverse=True)
+        return results[:top_k]

@@ -1,0 +1,106 @@
+"""Serving a reranker export (issue 25, item 4): TEI's ``POST /rerank`` and the Cohere/Jina ``POST /v1/rerank``
+answer what ``CrossEncoderModel.rank`` computes in process, through the task-independent server (batching by
+pairs, limits with JSON errors, metrics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+from starlette.testclient import TestClient  # noqa: E402
+
+from peft_export import CrossEncoderModel  # noqa: E402
+from peft_export.serve.app import create_app  # noqa: E402
+from peft_export.serve.settings import ServeSettings  # noqa: E402
+
+QUERY = "How do I reset my password?"
+DOCUMENTS = [
+    "Open the settings page, choose Security and click 'Reset password'.",
+    "Paris is the capital and most populous city of France.",
+    "Hi",
+    "Passwords can be reset from the account page; a link is sent to your e-mail address within a minute.",
+    "The weather is nice today.",
+]
+LONG = " ".join(["A passage far longer than the model's maximum sequence length."] * 40)
+
+
+@pytest.fixture(scope="module")
+def served(reranker):
+    model = CrossEncoderModel(reranker["adapter_export"])
+    with TestClient(create_app(model, ServeSettings(max_inputs_per_request=6))) as client:
+        yield model, client
+
+
+def test_tei_rerank_equals_rank_in_process(served):
+    model, client = served
+    response = client.post("/rerank", json={"query": QUERY, "texts": DOCUMENTS, "return_text": True})
+    assert response.status_code == 200, response.text
+    want = model.rank(QUERY, DOCUMENTS, return_documents=True)
+    got = response.json()
+    assert [r["index"] for r in got] == [r["corpus_id"] for r in want]
+    assert [r["text"] for r in got] == [r["text"] for r in want]
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-6)
+    raw = client.post("/rerank", json={"query": QUERY, "texts": DOCUMENTS, "raw_scores": True}).json()
+    logits = model.predict([(QUERY, d) for d in DOCUMENTS], activation_fn="identity")
+    np.testing.assert_allclose([r["score"] for r in sorted(raw, key=lambda r: r["index"])], logits, atol=1e-6)
+    assert "text" not in raw[0]
+
+
+def test_v1_rerank_has_cohere_shape_and_top_n(served):
+    model, client = served
+    name = model.path.name
+    body = {"model": name, "query": QUERY, "documents": [DOCUMENTS[0], {"text": DOCUMENTS[1]}, *DOCUMENTS[2:]],
+            "top_n": 2, "return_documents": True}
+    response = client.post("/v1/rerank", json=body)
+    assert response.status_code == 200, response.text
+    got = response.json()
+    want = model.rank(QUERY, DOCUMENTS, top_k=2, return_documents=True)
+    assert got["model"] == name and got["usage"]["total_tokens"] > 0
+    assert [(r["index"], r["document"]["text"]) for r in got["results"]] == [(w["corpus_id"], w["text"]) for w in want]
+    np.testing.assert_allclose([r["relevance_score"] for r in got["results"]], [w["score"] for w in want], atol=1e-6)
+
+
+def test_long_passages_are_refused_unless_truncated(served):
+    model, client = served
+    refused = client.post("/rerank", json={"query": QUERY, "texts": ["short", LONG]})
+    assert refused.status_code == 422
+    assert refused.json()["error"].startswith("query + texts[1] have more than 64 tokens; the model takes at most 64")
+    truncated = client.post("/rerank", json={"query": QUERY, "texts": ["short", LONG], "truncate": True})
+    assert truncated.status_code == 200
+    scores = {r["index"]: r["score"] for r in truncated.json()}
+    np.testing.assert_allclose([scores[0], scores[1]], model.predict([(QUERY, "short"), (QUERY, LONG)]), atol=1e-6)
+
+
+@pytest.mark.parametrize(("route", "body", "status", "message"), [
+    ("/rerank", {"texts": ["a"]}, 422, "Field 'query' is required"),
+    ("/rerank", {"query": "q", "texts": "a"}, 422, "Field 'texts' must be a list of strings, found string"),
+    ("/rerank", {"query": "q", "texts": []}, 422, "Field 'texts' is an empty list"),
+    ("/rerank", {"query": "q", "texts": ["a", 3]}, 422, "texts[1] must be a string, found number"),
+    ("/rerank", {"query": "q", "texts": ["a"] * 7}, 422, "Field 'texts' has 7 inputs; the limit is 6 per request"),
+    ("/v1/rerank", {"query": "q", "documents": ["a"]}, 422, "Field 'model' is required"),
+    ("/v1/rerank", {"model": "nope", "query": "q", "documents": ["a"]}, 404, "Model 'nope' is not served here"),
+])
+def test_bad_requests_get_json_errors(served, route, body, status, message):
+    _, client = served
+    response = client.post(route, json=body)
+    assert response.status_code == status, response.text
+    payload = response.json()
+    error = payload["error"]["message"] if isinstance(payload["error"], dict) else payload["error"]
+    assert error.startswith(message), error
+
+
+def test_exactly_the_document_limit_is_accepted_and_top_n_is_checked(served):
+    model, client = served
+    name = model.path.name
+    assert client.post("/rerank", json={"query": "q", "texts": ["a"] * 6}).status_code == 200
+    bad = client.post("/v1/rerank", json={"model": name, "query": "q", "documents": ["a"], "top_n": 0})
+    assert bad.status_code == 422 and "top_n" in bad.json()["error"]["message"]
+
+
+def test_metrics_and_routes_are_the_rerankers(served):
+    model, client = served
+    client.post("/v1/rerank", json={"model": model.path.name, "query": "q", "documents": ["a", "b"]})
+    assert 'route="/v1/rerank"' in client.get("/metrics").text
+    missing = client.post("/v1/embeddings", json={"input": "x", "model": model.path.name})
+    assert missing.status_code == 404
