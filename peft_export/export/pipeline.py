@@ -245,8 +245,14 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
     with_type_ids = uses_token_type_ids(encoder, tokenizer)
     dense = [load_dense(resolved.pipeline_folder, d) for d in resolved.pipeline.dense]
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_type_ids else [])
-    return PreparedExport(resolved, tokenizer, encoder, max_len, with_type_ids, dense, names,
-                          _reference_tokenize(tokenizer, names, max_len, resolved.task.text_pairs))
+    if resolved.task.text_pairs and getattr(tokenizer, "chat_template", None):
+        # Pairs rendered through the chat template, as sentence-transformers' CrossEncoder renders them.
+        from .pair_template import chat_template_tokenizer, default_prompt
+
+        ref_tokenize = chat_template_tokenizer(tokenizer, names, max_len, default_prompt(resolved.pipeline))
+    else:
+        ref_tokenize = _reference_tokenize(tokenizer, names, max_len, resolved.task.text_pairs)
+    return PreparedExport(resolved, tokenizer, encoder, max_len, with_type_ids, dense, names, ref_tokenize)
 
 
 def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:
