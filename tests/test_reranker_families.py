@@ -273,3 +273,35 @@ def test_xlmr_reranker_with_external_data_equals_the_eager_model(tmp_path_factor
         print(f"\n[reranker parity] xlm-roberta merged-onnx external data, batch {batch_size}: max diff "
               f"{diff.max():.2e}")
         assert diff.max() <= TOLERANCE
+
+
+# ----- the runtime's pair template, on the tiny BERT reranker (default run) -----
+def _with_task_config(reranker, tmp_path, **entries) -> Path:
+    from fixtures.export_edits import rehash
+
+    folder = shutil.copytree(reranker["base_export"], tmp_path / "edited")
+    config = json.loads((folder / "reranker_config.json").read_text())
+    config["task_config"] = {**config["task_config"], **entries}
+    (folder / "reranker_config.json").write_text(json.dumps(config))
+    rehash(folder, "reranker_config.json")
+    return folder
+
+
+def test_a_malformed_pair_template_is_refused_at_load(reranker, tmp_path):
+    folder = _with_task_config(reranker, tmp_path, pair_template={"prefix": "a", "middle": "b", "suffix": 3})
+    with pytest.raises(ConfigError, match=r"task_config.pair_template must hold the strings prefix, middle, suffix "
+                                          r"and a list of token ids suffix_ids, found .*export the folder again"):
+        CrossEncoderModel(folder)
+
+
+def test_a_pair_template_renders_pairs_as_one_text_and_restores_its_suffix(reranker, tmp_path):
+    """With a pair template the runtime tokenizes ``prefix + query + middle + document + suffix`` as one text (no
+    pair post-processor, no added special tokens) and writes the suffix ids over the end of a truncated row."""
+    template = {"prefix": "Query: ", "middle": " Passage: ", "suffix": " end", "suffix_ids": [7, 8]}
+    model = CrossEncoderModel(_with_task_config(reranker, tmp_path, pair_template=template))
+    tokenizer = model._tokenizer
+    short = tokenizer.tokenize_pairs([("capital", "Paris")])[0]
+    plain = tokenizer.tokenizer.encode("Query: capital Passage: Paris end", add_special_tokens=False).ids
+    assert short.ids == plain and set(short.type_ids) == {0}
+    long = tokenizer.tokenize_pairs([("capital", " ".join(["Paris is a city"] * 100))])[0]
+    assert len(long.ids) == model.max_seq_length and long.ids[-2:] == [7, 8]
