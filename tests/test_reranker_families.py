@@ -305,3 +305,29 @@ def test_a_pair_template_renders_pairs_as_one_text_and_restores_its_suffix(reran
     assert short.ids == plain and set(short.type_ids) == {0}
     long = tokenizer.tokenize_pairs([("capital", " ".join(["Paris is a city"] * 100))])[0]
     assert len(long.ids) == model.max_seq_length and long.ids[-2:] == [7, 8]
+
+
+@pytest.mark.slow
+def test_a_default_prompt_goes_before_the_query_as_sentence_transformers_puts_it(reranker, tmp_path):
+    """A CrossEncoder saved with ``default_prompt_name`` (no chat template) scores ``(prompt + query, passage)``;
+    so does its export (``task_config.query_prompt``), within 1e-5 of eager CrossEncoder + PEFT."""
+    from fixtures.tiny_models import add_cross_encoder_adapter, cross_encoder_reference
+
+    from peft_export import export_onnx_model
+
+    base = shutil.copytree(reranker["base"], tmp_path / "prompted")
+    st_config = json.loads((base / "config_sentence_transformers.json").read_text())
+    st_config.update(prompts={"web": "Find the passage that answers: "}, default_prompt_name="web")
+    (base / "config_sentence_transformers.json").write_text(json.dumps(st_config))
+    adapter = add_cross_encoder_adapter(base, tmp_path / "adapter", target_modules=("query", "value", "dense"))
+    out = export_onnx_model(str(adapter), tmp_path / "onnx", log=_quiet).path
+    config = json.loads((out / "reranker_config.json").read_text())
+    assert config["task_config"]["query_prompt"] == "Find the passage that answers: "
+    reference = cross_encoder_reference(base, adapter)
+    model = CrossEncoderModel(out)
+    for batch_size in (1, 32):
+        assert np.abs(model.predict(PAIRS, batch_size=batch_size) - reference.predict(PAIRS, batch_size=batch_size)
+                      ).max() <= TOLERANCE
+    # The prompt matters: without it, eager scores differ.
+    unprompted = reference.predict(PAIRS, prompt="")
+    assert np.abs(unprompted - model.predict(PAIRS)).max() > 1e-4

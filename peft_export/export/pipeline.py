@@ -174,14 +174,15 @@ def _load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool):
     return tokenizer
 
 
-def _reference_tokenize(tokenizer, input_names: list[str], max_len: int, text_pairs: bool = False
-                        ) -> Callable[..., dict]:
+def _reference_tokenize(tokenizer, input_names: list[str], max_len: int, text_pairs: bool = False,
+                        first_prompt: str = "") -> Callable[..., dict]:
     """The reference tokenization (transformers, as sentence-transformers calls it): of texts, or where the task
-    takes ``text_pairs``, of (first, second) pairs tokenized together, the longest side truncated first."""
+    takes ``text_pairs``, of (first, second) pairs tokenized together, the longest side truncated first, with
+    ``first_prompt`` before each first text (a CrossEncoder's default prompt goes before the query)."""
 
     def tokenize(texts: list, max_length: int | None = None) -> dict[str, np.ndarray]:
         limit = min(max_length or max_len, max_len)
-        sides = ([p[0] for p in texts], [p[1] for p in texts]) if text_pairs else (texts,)
+        sides = ([first_prompt + p[0] for p in texts], [p[1] for p in texts]) if text_pairs else (texts,)
         enc = tokenizer(*sides, padding=True, truncation=True, max_length=limit, return_tensors="np")
         return {name: enc[name].astype(np.int64) for name in input_names}
 
@@ -250,8 +251,12 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
         from .pair_template import chat_template_tokenizer, default_prompt
 
         ref_tokenize = chat_template_tokenizer(tokenizer, names, max_len, default_prompt(resolved.pipeline))
+    elif resolved.task.text_pairs:
+        from .pair_template import default_prompt
+
+        ref_tokenize = _reference_tokenize(tokenizer, names, max_len, True, default_prompt(resolved.pipeline) or "")
     else:
-        ref_tokenize = _reference_tokenize(tokenizer, names, max_len, resolved.task.text_pairs)
+        ref_tokenize = _reference_tokenize(tokenizer, names, max_len)
     return PreparedExport(resolved, tokenizer, encoder, max_len, with_type_ids, dense, names, ref_tokenize)
 
 

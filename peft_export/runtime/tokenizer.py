@@ -48,6 +48,11 @@ class TextTokenizer:
         # Pairs rendered through the model's chat template (export/pair_template.py), or None: the pair template
         # of tokenizer.json's post-processor.
         self.pair_template = _pair_template(config.task_config.get("pair_template"), folder)
+        # A CrossEncoder's default prompt, put before the first text of each pair (tokenizers without a template).
+        self.query_prompt = config.task_config.get("query_prompt") or ""
+        if not isinstance(self.query_prompt, str):
+            raise ConfigError(f"{folder}: task_config.query_prompt must be a string, found {self.query_prompt!r:.100}; "
+                              "export the folder again")
 
     def truncation_prefixes(self, texts: list[str]) -> list[str]:
         """``texts`` with each long one replaced by the prefix of it that truncation keeps the same tokens of."""
@@ -78,7 +83,7 @@ class TextTokenizer:
         least max_seq_length tokens, more than truncation can keep of it in a pair."""
         if self.pair_template is not None:
             return self._tokenize_rendered_pairs(pairs)
-        firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
+        firsts, seconds = [self.query_prompt + p[0] for p in pairs], [p[1] for p in pairs]
         try:
             firsts, seconds = self.truncation_prefixes(firsts), self.truncation_prefixes(seconds)
         except TypeError as err:  # a lone surrogate in a long text
