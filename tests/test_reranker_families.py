@@ -208,9 +208,10 @@ def test_qwen3_runtime_tokens_equal_the_cross_encoders(tmp_path_factory):
     template = json.loads((case.export("merged-onnx") / "reranker_config.json").read_text())["task_config"][
         "pair_template"]
     assert case.family.prompts["code"] in template["prefix"]  # default_prompt_name's prompt, as the instruction
-    assert template["suffix"].endswith("</think>\n\n") and template["suffix_ids"]
-    eager = reference.preprocess(PAIRS)
+    assert template["suffix"].endswith("</think>\n") and template["suffix_ids"]  # Jinja drops the last newline
+    eager = reference.preprocess(PAIRS, prompt=case.family.prompts["code"])  # predict() resolves the default
     runtime = model._tokenizer.encode_pairs(PAIRS)
+    assert not eager["attention_mask"][:, 0].all() and eager["attention_mask"][:, -1].all()  # left-padded
     for row in range(len(PAIRS)):
         want = eager["input_ids"][row][eager["attention_mask"][row].bool()].tolist()
         got = runtime["input_ids"][row][runtime["attention_mask"][row].astype(bool)].tolist()
