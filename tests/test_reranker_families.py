@@ -223,6 +223,17 @@ def test_qwen3_runtime_tokens_equal_the_cross_encoders(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_info_shows_a_chat_template_reranker_on_one_line(tmp_path_factory, capsys):
+    from peft_export.cli import main
+
+    case = _case("qwen3", tmp_path_factory)
+    assert main(["info", str(case.export("merged-onnx"))]) == 0
+    pipeline = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pipeline:")]
+    assert len(pipeline) == 1 and "activation_fn=sigmoid" in pipeline[0]
+    assert "pair_template=<" in pipeline[0] and "max_seq_length=240" in pipeline[0]
+
+
+@pytest.mark.slow
 def test_qwen3_score_reads_the_last_real_token(tmp_path_factory):
     """A pair scores the same alone and right-padded beside a longer one (the score head finds the last token that
     is not padding), and changing that last token changes the score."""
