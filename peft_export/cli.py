@@ -210,6 +210,16 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def _setting(value) -> str:
+    """One task setting on one line: a chat template (a dict of texts) by its size, a long text cut."""
+    if isinstance(value, dict):
+        return f"<{sum(len(str(v)) for v in value.values())} characters>"
+    if isinstance(value, str) and (len(value) > 40 or not value.isprintable() or " " in value):
+        return repr(value) if len(value) <= 40 else repr(value[:37] + "...")
+    return str(value)
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .runtime.config import RuntimeConfig, read_manifest
     from .tasks import task_of_manifest
@@ -240,7 +250,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"switchable:  {len(config.lora_slots)} LoRA branches, default adapter: "
               f"{manifest.get('default_adapter') or 'none (base)'}")
     if config.task_config:  # a task with settings of its own (a reranker: num_labels, activation_fn)
-        settings = " ".join(f"{key}={value}" for key, value in config.task_config.items())
+        settings = " ".join(f"{key}={_setting(value)}" for key, value in config.task_config.items())
         print(f"pipeline:    {settings} max_seq_length={config.max_seq_length}")
     else:
         print(f"pipeline:    pooling={config.pooling_modes} normalize={config.normalize} dim={config.dimension} "

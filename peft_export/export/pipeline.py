@@ -174,14 +174,15 @@ def _load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool):
     return tokenizer
 
 
-def _reference_tokenize(tokenizer, input_names: list[str], max_len: int, text_pairs: bool = False
-                        ) -> Callable[..., dict]:
+def _reference_tokenize(tokenizer, input_names: list[str], max_len: int, text_pairs: bool = False,
+                        first_prompt: str = "") -> Callable[..., dict]:
     """The reference tokenization (transformers, as sentence-transformers calls it): of texts, or where the task
-    takes ``text_pairs``, of (first, second) pairs tokenized together, the longest side truncated first."""
+    takes ``text_pairs``, of (first, second) pairs tokenized together, the longest side truncated first, with
+    ``first_prompt`` before each first text (a CrossEncoder's default prompt goes before the query)."""
 
     def tokenize(texts: list, max_length: int | None = None) -> dict[str, np.ndarray]:
         limit = min(max_length or max_len, max_len)
-        sides = ([p[0] for p in texts], [p[1] for p in texts]) if text_pairs else (texts,)
+        sides = ([first_prompt + p[0] for p in texts], [p[1] for p in texts]) if text_pairs else (texts,)
         enc = tokenizer(*sides, padding=True, truncation=True, max_length=limit, return_tensors="np")
         return {name: enc[name].astype(np.int64) for name in input_names}
 
@@ -245,8 +246,18 @@ def prepare_export(options: ExportOptions, resolved: ResolvedModel) -> PreparedE
     with_type_ids = uses_token_type_ids(encoder, tokenizer)
     dense = [load_dense(resolved.pipeline_folder, d) for d in resolved.pipeline.dense]
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if with_type_ids else [])
-    return PreparedExport(resolved, tokenizer, encoder, max_len, with_type_ids, dense, names,
-                          _reference_tokenize(tokenizer, names, max_len, resolved.task.text_pairs))
+    if resolved.task.text_pairs and getattr(tokenizer, "chat_template", None):
+        # Pairs rendered through the chat template, as sentence-transformers' CrossEncoder renders them.
+        from .pair_template import chat_template_tokenizer, default_prompt
+
+        ref_tokenize = chat_template_tokenizer(tokenizer, names, max_len, default_prompt(resolved.pipeline))
+    elif resolved.task.text_pairs:
+        from .pair_template import default_prompt
+
+        ref_tokenize = _reference_tokenize(tokenizer, names, max_len, True, default_prompt(resolved.pipeline) or "")
+    else:
+        ref_tokenize = _reference_tokenize(tokenizer, names, max_len)
+    return PreparedExport(resolved, tokenizer, encoder, max_len, with_type_ids, dense, names, ref_tokenize)
 
 
 def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = logger.info) -> MergedModel:

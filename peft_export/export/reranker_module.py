@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UnsafeModelError
+from .pair_template import chat_pair_template, default_prompt
 
 # config_sentence_transformers.json's activation_fn -> (runtime name, torch module). Anything else would need an
 # import of user-chosen code, which sentence-transformers itself only does under trust_remote_code.
@@ -34,8 +35,11 @@ def activation_name(activation_fn: str | None, num_labels: int, where: str) -> s
 class RerankerPipeline(nn.Module):
     """sequence-classification model -> (logits, activation(logits)), each (batch, num_labels)."""
 
-    def __init__(self, encoder: nn.Module, activation: str, uses_token_type_ids: bool):
+    def __init__(self, encoder: nn.Module, activation: str, uses_token_type_ids: bool,
+                 pair_template: dict[str, Any] | None = None, query_prompt: str | None = None):
         super().__init__()
+        self.pair_template = pair_template
+        self.query_prompt = query_prompt
         self.encoder = encoder
         self.activation_name = activation
         self.activation = {name: module for name, module in ACTIVATIONS.values()}[activation]()
@@ -44,7 +48,12 @@ class RerankerPipeline(nn.Module):
     @property
     def task_config(self) -> dict[str, Any]:
         """The runtime config's task section: what CrossEncoderModel needs besides the graph."""
-        return {"num_labels": int(self.encoder.config.num_labels), "activation_fn": self.activation_name}
+        settings = {"num_labels": int(self.encoder.config.num_labels), "activation_fn": self.activation_name}
+        if self.pair_template:  # pairs rendered through the model's chat template (export/pair_template.py)
+            settings["pair_template"] = self.pair_template
+        elif self.query_prompt:  # the CrossEncoder's default prompt, before each query
+            settings["query_prompt"] = self.query_prompt
+        return settings
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -60,4 +69,8 @@ def build_reranker_module(encoder: nn.Module, prepared) -> RerankerPipeline:
     num_labels = int(encoder.config.num_labels)
     where = str(prepared.resolved.pipeline_folder / "config_sentence_transformers.json")
     activation = activation_name(prepared.resolved.pipeline.activation_fn, num_labels, where)
-    return RerankerPipeline(encoder, activation, prepared.uses_token_type_ids).eval()
+    # sentence-transformers applies the default prompt to a pair: as the system message of a chat template, or
+    # before the query where the tokenizer has no chat template.
+    prompt = default_prompt(prepared.resolved.pipeline)
+    template = chat_pair_template(prepared.tokenizer, prompt, str(prepared.resolved.tokenizer_folder))
+    return RerankerPipeline(encoder, activation, prepared.uses_token_type_ids, template, prompt).eval()

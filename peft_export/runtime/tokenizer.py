@@ -45,6 +45,14 @@ class TextTokenizer:
         self.input_names = config.input_names
         self.max_text_chars = max(MIN_MAX_TEXT_CHARS, CAP_CHARS_PER_TOKEN * config.max_seq_length)
         self._prefixes: TokenCounter | None = None  # made on the first long text
+        # Pairs rendered through the model's chat template (export/pair_template.py), or None: the pair template
+        # of tokenizer.json's post-processor.
+        self.pair_template = _pair_template(config.task_config.get("pair_template"), folder)
+        # A CrossEncoder's default prompt, put before the first text of each pair (tokenizers without a template).
+        self.query_prompt = config.task_config.get("query_prompt") or ""
+        if not isinstance(self.query_prompt, str):
+            raise ConfigError(f"{folder}: task_config.query_prompt must be a string, found {self.query_prompt!r:.100}; "
+                              "export the folder again")
 
     def truncation_prefixes(self, texts: list[str]) -> list[str]:
         """``texts`` with each long one replaced by the prefix of it that truncation keeps the same tokens of."""
@@ -73,7 +81,9 @@ class TextTokenizer:
         (special tokens and token type ids of the pair; the longest side truncated first to max_seq_length, as
         transformers' ``truncation=True`` does). Each long side is tokenized as its truncation prefix: it keeps at
         least max_seq_length tokens, more than truncation can keep of it in a pair."""
-        firsts, seconds = [p[0] for p in pairs], [p[1] for p in pairs]
+        if self.pair_template is not None:
+            return self._tokenize_rendered_pairs(pairs)
+        firsts, seconds = [self.query_prompt + p[0] for p in pairs], [p[1] for p in pairs]
         try:
             firsts, seconds = self.truncation_prefixes(firsts), self.truncation_prefixes(seconds)
         except TypeError as err:  # a lone surrogate in a long text
@@ -84,6 +94,33 @@ class TextTokenizer:
             return self.tokenizer.encode_batch(list(zip(firsts, seconds)), add_special_tokens=True)
         except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
             raise InvalidInputError(f"{_first_invalid(firsts + seconds)}: {err}") from err
+
+    def _tokenize_rendered_pairs(self, pairs: list[tuple[str, str]]) -> list:
+        """Pairs as sentence-transformers renders them through a chat template: ``prefix + query + middle +
+        document + suffix`` tokenized as one text without added special tokens, truncated on the right, and the
+        template's suffix tokens written back over the end of a truncated row (so the last token is the template's
+        last, as the model was trained to read it)."""
+        template = self.pair_template
+        texts = [template["prefix"] + q + template["middle"] + d + template["suffix"] for q, d in pairs]
+        try:
+            texts = self.truncation_prefixes(texts)
+        except TypeError as err:  # a lone surrogate in a long text
+            raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
+        if self.do_lower_case:
+            texts = [t.lower() for t in texts]
+        try:
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
+            raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
+        suffix = template["suffix_ids"]
+        rows = []
+        for enc in encodings:
+            ids = list(enc.ids)
+            keep = min(len(suffix), len(ids))
+            if len(ids) >= self.max_seq_length and keep:
+                ids[len(ids) - keep:] = suffix[len(suffix) - keep:]
+            rows.append(RenderedPair(ids, [0] * len(ids)))
+        return rows
 
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
         return self.pad(self.tokenize_pairs(pairs))
@@ -127,6 +164,29 @@ class TextTokenizer:
         ids = self.tokenizer.encode(prompt.lower() if self.do_lower_case else prompt).ids
         special = {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special}
         return len(ids) - 1 if ids and ids[-1] in special else len(ids)
+
+
+class RenderedPair:
+    """Token ids of one pair rendered through a chat template (``tokenizers.Encoding``'s ``ids`` and ``type_ids``)."""
+
+    __slots__ = ("ids", "type_ids")
+
+    def __init__(self, ids: list[int], type_ids: list[int]):
+        self.ids, self.type_ids = ids, type_ids
+
+
+def _pair_template(template: object, folder: Path) -> dict | None:
+    """The runtime config's ``task_config.pair_template``, checked: strings and a list of token ids."""
+    if template is None:
+        return None
+    strings = ("prefix", "middle", "suffix")
+    ok = (isinstance(template, dict) and all(isinstance(template.get(k), str) for k in strings)
+          and isinstance(template.get("suffix_ids"), list)
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in template["suffix_ids"]))
+    if not ok:
+        raise ConfigError(f"{folder}: task_config.pair_template must hold the strings {', '.join(strings)} and a "
+                          f"list of token ids suffix_ids, found {template!r:.200}; export the folder again")
+    return template
 
 
 def _first_invalid(texts: list[str]) -> str:
