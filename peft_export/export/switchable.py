@@ -34,12 +34,12 @@ from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, Prep
 from .switchable_folder import MERGE_MODE, adapter_file, graph_files
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
                                   max_output_difference, peft_branch_factors, peft_targeted_layers,
-                                  validate_adapter_run)
+                                  scale_kinds, validate_adapter_run)
 
 logger = logging.getLogger(__name__)
 
 BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, normalised sentence embeddings
-_RUNTIME_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks")
+_RUNTIME_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks", "scales")
 
 
 def adapter_writer(backend: str) -> tuple[str, Callable[[Path, dict], None]]:
@@ -73,9 +73,27 @@ def check_effect(refs: AdapterReferences, allow_noop: bool) -> None:
         raise noop_adapter_error(refs.name, refs.effect)
 
 
-def convert_adapter(peft_model, adapter: AdapterSource, slots: list[Slot]) -> tuple[dict, dict[str, Any]]:
-    factors = peft_branch_factors(peft_model, adapter.name)
+def convert_adapter(peft_model, adapter: AdapterSource, slots: list[Slot], factors: dict | None = None
+                    ) -> tuple[dict, dict[str, Any]]:
+    factors = peft_branch_factors(peft_model, adapter.name) if factors is None else factors
     return pack_factors(slots, factors), adapter_summary(adapter, factors)
+
+
+def attach_by_method(encoder, adapters: list[AdapterSource], attach: Callable) -> dict[str, Any]:
+    """{adapter name: the PeftModel holding it}. PEFT holds adapters of one peft_type per model ("Cannot combine
+    adapters with different peft types"), so a mix of methods gets one PeftModel per method, each on its own copy
+    of ``encoder`` (copied before any is wrapped: wrapping changes the model in place)."""
+    import copy
+
+    groups: dict[str, list[AdapterSource]] = {}
+    for adapter in adapters:
+        groups.setdefault(adapter.config.peft_type, []).append(adapter)
+    encoders = [encoder] + [copy.deepcopy(encoder) for _ in range(len(groups) - 1)]
+    models = {}
+    for group, base in zip(groups.values(), encoders):
+        model = attach(base, group)
+        models.update((adapter.name, model) for adapter in group)
+    return models
 
 
 def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[validate.ReferenceBatch],
@@ -172,18 +190,21 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} {adapter.config.describe()}")
 
     prepared = prepare_export(options, resolved)
-    peft_model = attach_adapters(prepared.encoder, resolved.adapters)
-    targeted = peft_targeted_layers(peft_model)
+    models = attach_by_method(prepared.encoder, resolved.adapters, attach_adapters)
+    peft_model = models[names[0]]
+    targeted = set().union(*(peft_targeted_layers(m) for m in {id(m): m for m in models.values()}.values()))
     graph_encoder = prepared.load_encoder(options.trust_remote_code)
-    slots = find_slots(graph_encoder, targeted)
-    log(f"switchable graph: LoRA branches at {len(slots)} layers")
+    branches = {name: peft_branch_factors(models[name], name) for name in names}
+    slots = find_slots(graph_encoder, targeted, scale_kinds(list(branches.values())))
+    scaled = sum(bool(slot.scales) for slot in slots)
+    log(f"switchable graph: LoRA branches at {len(slots)} layers" + (f", scale vectors at {scaled}" if scaled else ""))
     base = base_references(peft_model, prepared)
     refs, converted = {}, {}
     for adapter in resolved.adapters:
-        refs[adapter.name] = adapter_references(peft_model, adapter.name, prepared.make_pipeline,
+        refs[adapter.name] = adapter_references(models[adapter.name], adapter.name, prepared.make_pipeline,
                                                 prepared.ref_tokenize, base)
         check_effect(refs[adapter.name], options.allow_noop_adapter)
-        converted[adapter.name] = convert_adapter(peft_model, adapter, slots)
+        converted[adapter.name] = convert_adapter(models[adapter.name], adapter, slots, branches[adapter.name])
         log(f"adapter {adapter.name!r}: merged == eager PEFT within {refs[adapter.name].merged_vs_eager:.1e}; "
             f"changes embeddings by up to {refs[adapter.name].effect:.3f}")
 

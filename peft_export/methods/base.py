@@ -245,6 +245,10 @@ class PeftMethod(ABC):
             raise_export_merged(f"{where}: {self.name} adapters (peft_type {self.peft_type!r}) cannot be exported "
                                 f"switchable: {self.switchable.reason}. Export this adapter merged instead")
         refuse_options(config.raw, where, self.refused_options, self.name, switchable=True)
+        bias = config.raw.get("bias", "none")  # LoRA, VeRA, AdaLoRA, ...: "all" or "<method>_only" train biases
+        if bias not in (None, "none"):
+            raise_export_merged(f"{where}: 'bias' is {bias!r}: the adapter trains the base layers' biases, which a "
+                                "switchable export shares between adapters. Export it merged instead")
 
     # ---- adapter tensors
 
@@ -401,7 +405,13 @@ class PeftMethod(ABC):
     def peft_layers(self, model: Any, adapter_name: str) -> list[tuple[str, Any]]:
         """(name, module) of every PEFT layer of this method in ``model`` that holds ``adapter_name``."""
 
-    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> tuple[Any, Any]:
-        """Switchable methods: (A (r, in), B with the scaling folded in (out, r)) as float32 numpy arrays, exactly
-        what the PEFT layer ``module`` adds for ``adapter_name``: ``x @ A.T @ B.T``."""
+    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> Any:
+        """Switchable methods: a ``methods.branch.Branch`` (low-rank factors A (r, in), B with the scaling folded
+        in (out, r), and scale vectors) as float32 numpy arrays, exactly what the PEFT layer ``module`` does for
+        ``adapter_name`` (the graph's arithmetic is in branch.py's docstring)."""
         raise NotImplementedError(f"{self.name} has no switchable branch: {self.switchable.reason}")
+
+    def branch_needs_base_weights(self, config: AdapterConfig) -> bool:
+        """Whether ``branch_factors`` reads the base layer's weights (DoRA's norm), so that an adapter cannot be
+        converted for a switchable graph without the base model."""
+        return False

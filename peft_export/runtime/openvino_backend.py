@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError, require
 from . import openvino_adapters as adapters
-from .lora_layout import LORA_A, LORA_B, Slot
+from .lora_layout import LORA_A, Slot, is_adapter_input, scale_kind
 from .shape_buckets import pad_to_buckets
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ _UNSET = object()  # no adapter selected yet on this thread's request
 
 
 def _is_lora_input(name: str) -> bool:
-    return name.endswith(f".{LORA_A}") or name.endswith(f".{LORA_B}")
+    return is_adapter_input(name)
 
 
 class OpenVinoBackend:
@@ -243,13 +243,23 @@ class OpenVinoBackend:
     def _rank_zero_defaults(self) -> dict[str, np.ndarray]:
         """Rank-0 factors for every LoRA input: (in, 0) for ``lora_A``; for ``lora_B`` (0, 1), a column of zeros
         the Add broadcasts, where the IR leaves B's out axis dynamic (switchable IRs written since that change),
-        else (0, out). Also records each input's layer-side size for :meth:`_checked` (None: dynamic in the IR)."""
+        else (0, out); ones for a scale vector. Also records each input's layer-side size for :meth:`_checked`
+        (None: dynamic in the IR)."""
         defaults, self._layer_sizes = {}, {}
         for port in self.compiled.inputs:
             name = port.get_any_name()
             if not _is_lora_input(name):
                 continue
             shape = port.get_partial_shape()
+            if scale_kind(name) is not None:
+                if not shape.is_static or len(shape) != 1:
+                    raise ConfigError(f"Scale input {name!r} has shape {shape}; a switchable graph takes a vector of "
+                                      "fixed length. Export the folder again.")
+                size = self._layer_sizes[name] = shape[0].get_length()
+                value = np.ones(size, np.float32)
+                value.setflags(write=False)
+                defaults[name] = value
+                continue
             is_a = name.endswith(LORA_A)
             if (shape.rank.is_dynamic or len(shape) != 2 or (is_a and shape[0].is_dynamic)
                     or not shape[1 if is_a else 0].is_dynamic):
@@ -387,6 +397,10 @@ class OpenVinoBackend:
             if getattr(value, "dtype", None) != np.float32:
                 raise ConfigError(f"{where}: {name!r} has dtype {getattr(value, 'dtype', type(value))}, "
                                   "expected float32")
+            if scale_kind(name) is not None:
+                if value.shape != default.shape:
+                    raise ConfigError(f"{where}: {name!r} has shape {value.shape}; this graph expects {default.shape}")
+                continue
             side = 0 if name.endswith(LORA_A) else 1  # the layer's axis; the other is the rank
             size = self._layer_sizes[name]  # None: B's out axis is dynamic; check_factor_arrays checks it
             if value.ndim != 2 or (size is not None and value.shape[side] != size):
