@@ -84,8 +84,6 @@ def test_modules_to_save_is_accepted_merged_and_refused_switchable_with_the_reas
 
 @pytest.mark.parametrize("key, value, why", [
     ("lora_bias", True, "it trains a bias on lora_B"),
-    ("use_dora", True, "DoRA rescales each output by its magnitude vector, which the graph's LoRA branch has no input "
-                       "for yet"),
     ("kasa_config", {"k": 1}, "KaSA changes the LoRA forward"),
     ("monteclora_config", {"k": 1}, "MonteCLoRA changes the LoRA forward"),
     ("velora_config", {"k": 1}, "VeLoRA changes the LoRA forward"),
@@ -329,13 +327,13 @@ def test_an_unmergeable_method_is_refused_for_merged_exports_with_its_reason(fak
 def test_help_names_the_registered_methods_by_mode(fake_methods, capsys):
     assert method_names() == f"{NAMES}, FakeScales or UnmergeableScales"
     assert method_names("merged") == f"{NAMES} or FakeScales"
-    assert method_names("switchable") == "LoRA"
+    assert method_names("switchable") == "LoRA, AdaLoRA, IA3 or VeRA"
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert f"Export {NAMES}, FakeScales or UnmergeableScales-adapted" in out
     assert f"merge a {NAMES} or FakeScales adapter into its base" in out
-    assert "add a PEFT LoRA adapter to a switchable export" in out
+    assert "add a PEFT LoRA, AdaLoRA, IA3 or VeRA adapter to a switchable export" in out
     with pytest.raises(SystemExit):
         cli_main(["merge-onnx", "--help"])
     out = " ".join(capsys.readouterr().out.split())
