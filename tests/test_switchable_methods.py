@@ -209,3 +209,43 @@ def test_the_plain_lora_graph_gives_the_same_lora_and_base_results():
     plain, mixed = EmbeddingModel(switchable_export()), EmbeddingModel(mixed_export())
     assert max_unit_diff(plain.encode(TEXTS, adapter="attn"), mixed.encode(TEXTS, adapter="attn")) <= 1e-6
     assert max_unit_diff(plain.encode(TEXTS, adapter=False), mixed.encode(TEXTS, adapter=False)) <= 1e-6
+
+
+LATE_DORA = dict(r=2, lora_alpha=4, target_modules=["query", "value"], use_dora=True)
+
+
+def _eager_folder(folder: Path) -> np.ndarray:
+    from peft import PeftModel
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(base_model()), device="cpu")
+    model[0].auto_model = PeftModel.from_pretrained(model[0].auto_model, str(folder))
+    return model.eval().encode(TEXTS, batch_size=3)
+
+
+@pytest.mark.slow
+def test_add_adapter_takes_a_dora_adapter_where_the_graph_has_its_scale(tmp_path):
+    from switchable_fixtures import copy_export
+
+    from peft_export.export.switchable_changes import add_adapter
+
+    folder = copy_export(mixed_export(), tmp_path / "export")
+    late = make_adapter("late-dora", **LATE_DORA)
+    entry = add_adapter(folder, f"late={late}", log=quiet)
+    assert entry["scales"] == {m: [SCALE_OUT] for m in entry["modules"]}
+    assert entry["validation"]["vs_eager_peft"]["max_abs_diff"]["sentence_embedding"] <= ATOL
+    assert max_unit_diff(EmbeddingModel(folder).encode(TEXTS, adapter="late"), _eager_folder(late)) <= ATOL
+
+
+@pytest.mark.slow
+def test_add_adapter_refuses_a_dora_adapter_on_a_graph_without_scale_inputs(tmp_path, capsys):
+    from switchable_fixtures import copy_export, snapshot, switchable_export
+
+    from peft_export.cli import main as cli_main
+
+    folder = copy_export(switchable_export(), tmp_path / "export")  # plain LoRA adapters: no scale inputs
+    before = snapshot(folder)
+    code = cli_main(["add-adapter", str(folder), f"late={make_adapter('late-dora', **LATE_DORA)}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "per channel (lora_scale_out), and this switchable graph has no such input" in err, err
+    assert snapshot(folder) == before
