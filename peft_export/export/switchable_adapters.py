@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..methods import AdapterConfig, PeftMethod, is_unused_head, method_for
 from ..methods.branch import Branch
-from ..runtime.lora_layout import Slot, as_branch, pack_factors
+from ..runtime.lora_layout import MAX_SAVED_ELEMENTS, Slot, as_branch, pack_factors
 from ..runtime.similarity import normalize
 from ..source.resolve import AdapterSource, load_adapter_source, recorded_source
 from . import validate
@@ -48,6 +48,34 @@ def peft_branch_factors(model: nn.Module, adapter_name: str) -> dict[str, Branch
     if not factors:
         raise ConfigError(f"Adapter {adapter_name!r} has no {method.name} layer that reaches the embedding")
     return factors
+
+
+def peft_saved_params(model: nn.Module, adapter_name: str) -> dict[str, np.ndarray]:
+    """{base parameter name: the adapter's trained copy} of every module PEFT keeps a copy of for ``adapter_name``
+    (``modules_to_save``), float32; heads the embedding never reads are skipped. Refuses copies larger than
+    MAX_SAVED_ELEMENTS in all, naming the biggest module: every adapter file would carry it in full."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    copies: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}
+    for name, module in model.get_base_model().named_modules():
+        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save \
+                or is_unused_head(name):
+            continue
+        for param_name, param in module.modules_to_save[adapter_name].named_parameters():
+            copies[f"{name}.{param_name}"] = param.detach().float().numpy().copy()
+            sizes[name] = sizes.get(name, 0) + param.numel()
+    total = sum(sizes.values())
+    if total > MAX_SAVED_ELEMENTS:
+        biggest = max(sizes, key=sizes.__getitem__)
+        found = (f"Adapter {adapter_name!r} trains full copies of {len(sizes)} module(s) (modules_to_save) with "
+                 f"{total:,} values ({biggest!r}: {sizes[biggest]:,}); a switchable export carries them in every "
+                 f"adapter file and allows {MAX_SAVED_ELEMENTS:,} values ({MAX_SAVED_ELEMENTS * 4 // 2**20} MiB in "
+                 "float32) per adapter, for small modules such as a Dense layer or a classification head. Export "
+                 "this adapter merged instead")
+        raise ConfigError(f"{found} (export_onnx_model without switchable=True).").in_cli_words(
+            f"{found} (merge-onnx without --switchable).")
+    return copies
 
 
 def scale_kinds(branches: list[dict[str, Branch]]) -> dict[str, set[str]]:
@@ -120,6 +148,12 @@ def convert_peft_adapter(spec: str, slots: list[Slot], name: str = "default", re
 
     adapter = load_adapter_source(spec, name=name, revision=revision, token=token)
     check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
+    if adapter.config.raw.get("modules_to_save"):
+        found = (f"Adapter {adapter.name!r} ({spec}) trains full copies of modules (modules_to_save), which "
+                 "load_adapter cannot check without the base model. Add it to the export with")
+        raise ConfigError(f"{found} peft_export.export.switchable_changes.add_adapter(FOLDER, {spec!r}), then load "
+                          "it.").in_cli_words(f"{found} `peft-export add-adapter FOLDER {name}={spec}`, then load the "
+                                              "written file.")
     if adapter.config.method.branch_needs_base_weights(adapter.config):
         found = (f"Adapter {adapter.name!r} ({adapter.config.method.name}, {spec}) needs the base model's weights to "
                  "be converted for a switchable graph (DoRA divides by the norm of the adapted weight), which "

@@ -51,14 +51,10 @@ class RefusedOption:
     message: str | None = None
 
 
-# PEFT-wide: trained full copies of modules, in any tuner's config. A merged export takes them (PEFT's
-# merge_and_unload puts the trained copy in place of the module; their tensors are checked by check_saved_modules).
-MODULES_TO_SAVE = RefusedOption(
-    "modules_to_save",
-    "it stores full trained copies of modules, and a switchable export shares every module outside the adapter "
-    "branches between its adapters",
-    switchable_only=True,
-)
+# PEFT-wide: trained full copies of modules (``modules_to_save``), in any tuner's config. A merged export takes them
+# (PEFT's merge_and_unload puts the trained copy in place of the module; their tensors are checked by
+# check_saved_modules); a switchable export gives each saved parameter graph inputs (runtime/lora_layout.py:
+# SavedParam) where it is small.
 SAVED_MODULE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<param>.+)$")
 
 
@@ -196,7 +192,7 @@ class PeftMethod(ABC):
     name: ClassVar[str]  # for messages and help, e.g. "LoRA"
     merged: ClassVar[Capability] = Capability(True)
     switchable: ClassVar[Capability] = Capability(False, "it has no low-rank branch a switchable graph can run")
-    refused_options: ClassVar[tuple[RefusedOption, ...]] = (MODULES_TO_SAVE,)
+    refused_options: ClassVar[tuple[RefusedOption, ...]] = ()
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     key_pattern: ClassVar[re.Pattern]  # adapter file keys; named groups "module" and "part"
     required_parts: ClassVar[tuple[str, ...]]  # the parts every targeted module must have in the file

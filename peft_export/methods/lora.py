@@ -14,7 +14,7 @@ import re
 from typing import Any
 
 from ..errors import ConfigError
-from .base import (MAX_RANK, MODULES_TO_SAVE, AdapterConfig, BaseLayer, Capability, RefusedOption,
+from .base import (MAX_RANK, AdapterConfig, BaseLayer, Capability, RefusedOption,
                    TensorKey, check_target_modules)
 from .branch import SCALE_OUT, Branch
 from .tuner import TunerMethod, finite_factors
@@ -62,7 +62,6 @@ class Lora(TunerMethod):
     extras_refused = "only LoRA tensors (and modules_to_save copies the config names) are exported"
     magnitude = "lora_magnitude_vector"  # DoRA's part: one value per output of the base layer
     refused_options = (
-        MODULES_TO_SAVE,
         # Everywhere: fields whose non-empty value changes the architecture or the forward in ways a merged or
         # switchable graph cannot reproduce exactly.
         RefusedOption("layer_replication"),

@@ -10,6 +10,11 @@ Where an exported adapter needs them (DoRA, IA3), a slot also has scale vectors 
 ``<module>.lora_scale_out`` (out,) and ``<module>.lora_scale_post`` (out,) whose default is ones; what each
 multiplies is in ``methods/branch.py``. An adapter file holds only the scales its adapter uses, so files written
 before scales existed load unchanged.
+
+A *saved parameter* is a parameter of a module an adapter trains a full copy of (PEFT's ``modules_to_save``: a
+Dense layer, a classification head). The graph takes ``<param>.saved_value`` (the copy; default a broadcastable
+zero) and ``<param>.saved_use`` ((1,); default 0) and runs ``where(saved_use > 0.5, saved_value, base value)``, so
+an adapter file that carries both runs its own copy and everything else runs the base's.
 """
 
 from __future__ import annotations
@@ -72,6 +77,81 @@ class Slot:
             raise ConfigError(f"Malformed LoRA slot description {data!r}: {err}") from err
 
 
+SAVED_VALUE = "saved_value"
+SAVED_USE = "saved_use"
+MAX_SAVED_ELEMENTS = 1 << 22  # per adapter: every adapter file carries a full copy (16 MiB in float32 at most)
+
+
+@dataclass(frozen=True)
+class SavedParam:
+    """A parameter of the base that adapters may replace with their own trained copy (``modules_to_save``)."""
+
+    name: str  # relative to the base model, e.g. "encoder.layer.1.output.dense.weight"
+    shape: tuple[int, ...]
+
+    @property
+    def input_value(self) -> str:
+        return f"{self.name}.{SAVED_VALUE}"
+
+    @property
+    def input_use(self) -> str:
+        return f"{self.name}.{SAVED_USE}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SavedParam:
+        try:
+            shape = tuple(int(d) for d in data["shape"])
+            if not shape or min(shape) < 1:
+                raise ValueError("shape must be a non-empty list of positive sizes")
+            return cls(str(data["name"]), shape)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"Malformed saved-parameter description {data!r}: {err}") from err
+
+
+def pack_saved(saved: list[SavedParam], values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """An adapter's trained copies {parameter name: array} -> the graph inputs they override; a parameter the
+    graph has no input for is refused."""
+    by_name = {param.name: param for param in saved}
+    arrays = {}
+    for name, value in values.items():
+        param = by_name.get(name)
+        if param is None:
+            raise ConfigError(
+                f"The adapter trains its own copy of {name!r} (modules_to_save), and this switchable graph has no "
+                "input for it (it was exported with no adapter saving that module). Re-export with this adapter "
+                "among the --adapter options.")
+        if tuple(value.shape) != param.shape:
+            raise ConfigError(f"{name}: the trained copy has shape {tuple(value.shape)}, the base {param.shape}")
+        arrays[param.input_value] = np.ascontiguousarray(value, dtype=np.float32)
+        arrays[param.input_use] = np.ones(1, np.float32)
+    return arrays
+
+
+def check_saved_arrays(saved: list[SavedParam], arrays: dict[str, np.ndarray], where: str) -> None:
+    """An adapter's saved copies: each value with its use flag, the base parameter's shape, float32, finite."""
+    for param in saved:
+        has_value, has_use = param.input_value in arrays, param.input_use in arrays
+        if not has_value and not has_use:
+            continue
+        if has_value != has_use:
+            raise ConfigError(f"{where}: {param.input_use if has_value else param.input_value!r} is missing; a "
+                              "saved module's copy comes with its saved_use flag")
+        for name, expected in ((param.input_value, param.shape), (param.input_use, (1,))):
+            value = arrays[name]
+            if value.dtype != np.float32:
+                raise ConfigError(f"{where}: {name!r} has dtype {value.dtype}, expected float32")
+            if value.shape != expected:
+                raise ConfigError(f"{where}: {name!r} has shape {value.shape}, expected {expected} (the base "
+                                  "parameter's). Was the adapter made for another base?")
+            if not np.isfinite(value).all():
+                raise ConfigError(f"{where}: {name!r} contains NaN or Inf values")
+        if arrays[param.input_use][0] not in (0.0, 1.0):
+            raise ConfigError(f"{where}: {param.input_use!r} is {arrays[param.input_use][0]!r}, expected 0 or 1")
+
+
 def scale_kind(name: str) -> str | None:
     """The scale kind a graph input name ends with, or None."""
     return next((kind for kind in SCALES if name.endswith(f".{kind}")), None)
@@ -79,7 +159,8 @@ def scale_kind(name: str) -> str | None:
 
 def is_adapter_input(name: str) -> bool:
     """Whether ``name`` is a per-adapter input of a switchable graph (a LoRA factor or a scale vector)."""
-    return name.endswith(f".{LORA_A}") or name.endswith(f".{LORA_B}") or scale_kind(name) is not None
+    return (name.endswith((f".{LORA_A}", f".{LORA_B}", f".{SAVED_VALUE}", f".{SAVED_USE}"))
+            or scale_kind(name) is not None)
 
 
 def as_branch(value: Branch | tuple[np.ndarray, np.ndarray]) -> Branch:
@@ -143,7 +224,8 @@ def unpack_factors(slots: list[Slot], arrays: dict[str, np.ndarray]) -> dict[str
     }
 
 
-def check_factor_arrays(slots: list[Slot], arrays: dict[str, np.ndarray], where: str) -> dict[str, int]:
+def check_factor_arrays(slots: list[Slot], arrays: dict[str, np.ndarray], where: str,
+                        saved: list[SavedParam] = ()) -> dict[str, int]:
     """Check an adapter's graph inputs (names, pairs, dtype, shapes, values); return {module: rank}.
 
     Raises ConfigError naming the first bad entry.
@@ -151,12 +233,14 @@ def check_factor_arrays(slots: list[Slot], arrays: dict[str, np.ndarray], where:
     if not arrays:
         raise ConfigError(f"{where} holds no LoRA weights")
     by_input = {name: slot for slot in slots for name in slot.inputs}
+    by_input.update((name, param) for param in saved for name in (param.input_value, param.input_use))
     for name in sorted(arrays):
         if name not in by_input:
             raise ConfigError(
                 f"{where}: {name!r} is not a LoRA input of this graph. The adapter was made for another base or "
                 "targets a layer without a branch here; re-export with it, or add it with `peft-export add-adapter`."
             )
+    check_saved_arrays(list(saved), arrays, where)
     ranks = {}
     for slot in slots:
         for kind in slot.scales:

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError, require
-from .lora_layout import Slot
+from .lora_layout import SavedParam, Slot
 from ..methods.branch import SCALE_IN, SCALE_OUT, SCALE_POST
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,52 @@ def cut_scales(model, slots: list[Slot]) -> dict[str, str | None]:
     return biases
 
 
+def cut_saved(model, saved: list[SavedParam], factors: dict[str, np.ndarray]) -> set[str]:
+    """Replace each saved parameter's ``Where(saved_use > 0.5, saved_value, base)`` in ``model`` by the adapter's
+    copy (embedded as an initializer named like the input) where ``factors`` has one, else by the base value.
+    Returns the initializers these now read (base and copies), which must stay embedded in the graph: the graph
+    transposes them at run time, and ONNX Runtime does not fold that transpose for a value handed over with
+    ``add_initializer``."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dropped, read = set(), set()
+    for param in saved:
+        wheres = [n for n in consumers.get(param.input_value, []) if n.op_type == "Where"]
+        uses = consumers.get(param.input_use, [])
+        if len(wheres) != 1 or len(uses) != 1:
+            raise ConfigError(f"The switchable graph has no single saved-copy choice for {param.name!r}; export it "
+                              "again")
+        where, use = wheres[0], uses[0]
+        chosen = param.input_value if param.input_value in factors else where.input[2]
+        source = producers.get(chosen)
+        while source is not None and source.op_type == "Identity":  # the exporter shares equal initializers
+            chosen_base = source.input[0]
+            source = producers.get(chosen_base)
+            read.add(chosen_base)
+        read.add(chosen)
+        where.op_type = "Identity"
+        del where.input[:]
+        where.input.append(chosen)
+        dropped.add(id(use))
+        threshold = producers.get(use.input[1])
+        if threshold is not None and threshold.op_type == "Constant" and len(consumers[use.input[1]]) == 1:
+            dropped.add(id(threshold))
+    kept = [node for node in graph.node if id(node) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _drop_inputs(graph, {n for param in saved for n in (param.input_value, param.input_use)})
+    graph.initializer.extend(
+        numpy_helper.from_array(np.ascontiguousarray(factors[param.input_value], dtype=np.float32), param.input_value)
+        for param in saved if param.input_value in factors)
+    return read
+
+
 def folded_weights(base: np.ndarray, factors: dict[str, np.ndarray], slot: Slot) -> np.ndarray | None:
     """The weight (in, out) the adapter's ``factors`` (graph input name -> array) give ``slot``, in float64, or
     None when the adapter leaves the slot alone: ``diag(in) (W + A @ B) diag(out * post)`` (methods/branch.py)."""
@@ -152,9 +198,11 @@ def folded_weights(base: np.ndarray, factors: dict[str, np.ndarray], slot: Slot)
 class MergedSessions:
     """Builds one session per merged adapter from a switchable ONNX file, sharing the untouched base weights."""
 
-    def __init__(self, model_path: Path, slots: list[Slot], read_graph: Callable[[], bytes] | None = None):
+    def __init__(self, model_path: Path, slots: list[Slot], read_graph: Callable[[], bytes] | None = None,
+                 saved: list[SavedParam] = ()):
         self.model_path = model_path
         self.slots = slots
+        self.saved = list(saved)
         # The graph's bytes as the switchable session loaded them (see OnnxRuntimeBackend.graph_bytes), so that a
         # file replaced on disk since (an export --force) is never merged with this model's adapters.
         self.read_graph = read_graph or model_path.read_bytes
@@ -187,6 +235,7 @@ class MergedSessions:
                 load_external_data_for_model(model, str(self.model_path.parent))
             weights = cut_branches(model, self.slots)
             biases = cut_scales(model, self.slots)
+            unshared = cut_saved(model, self.saved, factors)
             if not self._shared:
                 for tensor in model.graph.initializer:
                     if int(np.prod(tensor.dims)) >= SHARED_MIN_ELEMENTS:
@@ -231,7 +280,7 @@ class MergedSessions:
             del data
         try:
             for name, value in self._shared.items():
-                if name not in merged and name in in_graph:  # fused query/key/value weights are packed anew
+                if name not in merged and name in in_graph and name not in unshared:  # fused q/k/v: packed anew
                     options.add_initializer(name, value)
             return ort.InferenceSession(scratch, sess_options=options, providers=providers,
                                         disabled_optimizers=disabled_optimizers)

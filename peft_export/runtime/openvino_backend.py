@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError, require
 from . import openvino_adapters as adapters
-from .lora_layout import LORA_A, Slot, is_adapter_input, scale_kind
+from .lora_layout import LORA_A, SAVED_USE, SAVED_VALUE, Slot, is_adapter_input, scale_kind
 from .shape_buckets import pad_to_buckets
 
 logger = logging.getLogger(__name__)
@@ -251,6 +251,13 @@ class OpenVinoBackend:
             if not _is_lora_input(name):
                 continue
             shape = port.get_partial_shape()
+            if name.endswith((f".{SAVED_VALUE}", f".{SAVED_USE}")):  # a saved module's copy: the base's by default
+                if shape.rank.is_dynamic:
+                    raise ConfigError(f"Saved-copy input {name!r} has shape {shape}; export the folder again.")
+                value = np.zeros((1,) * shape.rank.get_length(), np.float32)
+                value.setflags(write=False)
+                defaults[name], self._layer_sizes[name] = value, None
+                continue
             if scale_kind(name) is not None:
                 if not shape.is_static or len(shape) != 1:
                     raise ConfigError(f"Scale input {name!r} has shape {shape}; a switchable graph takes a vector of "
@@ -382,7 +389,7 @@ class OpenVinoBackend:
         return {name: value.copy() for name, value in adapter.arrays.items()}
 
     def merge_adapter(self, adapter: adapters.OvAdapter, slots: list[Slot],
-                      attention: dict[str, int] | None = None) -> adapters.OvAdapter:
+                      attention: dict[str, int] | None = None, saved: list | None = None) -> adapters.OvAdapter:
         """Not available: OpenVINO runs adapters on the switchable graph (``can_merge_adapters`` is False)."""
         raise ConfigError("merge_adapter needs the ONNX Runtime backend; on OpenVINO adapters always run on the "
                           "switchable graph. Open the export with backend='onnxruntime' to merge adapters.")
@@ -397,6 +404,11 @@ class OpenVinoBackend:
             if getattr(value, "dtype", None) != np.float32:
                 raise ConfigError(f"{where}: {name!r} has dtype {getattr(value, 'dtype', type(value))}, "
                                   "expected float32")
+            if name.endswith((f".{SAVED_VALUE}", f".{SAVED_USE}")):
+                if value.ndim != default.ndim:
+                    raise ConfigError(f"{where}: {name!r} has shape {value.shape}; this graph expects "
+                                      f"{default.ndim} axes")
+                continue  # the full shape is checked by lora_layout.check_saved_arrays
             if scale_kind(name) is not None:
                 if value.shape != default.shape:
                     raise ConfigError(f"{where}: {name!r} has shape {value.shape}; this graph expects {default.shape}")
