@@ -226,7 +226,6 @@ def test_info_names_the_method_of_a_non_lora_export(tmp_path, capsys):
 @pytest.mark.parametrize("name, why", [
     ("loha", "LoHa adapters \\(peft_type 'LOHA'\\) cannot be exported switchable: the Hadamard product of two"),
     ("lokr", "LoKr adapters \\(peft_type 'LOKR'\\) cannot be exported switchable: a Kronecker product is not"),
-    ("lora_saved", "'modules_to_save' is set \\(\\['encoder.layer.1.output.dense'\\]\\); a switchable export"),
 ])
 def test_switchable_export_refuses_merged_only_methods_with_the_reason_exit_2(name, why, tmp_path, capsys):
     out = tmp_path / "out"

@@ -249,3 +249,93 @@ def test_add_adapter_refuses_a_dora_adapter_on_a_graph_without_scale_inputs(tmp_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "per channel (lora_scale_out), and this switchable graph has no such input" in err, err
     assert snapshot(folder) == before
+
+
+# ---- item 4: modules_to_save in switchable exports
+
+SAVED_MODULE = "encoder.layer.1.output.dense"
+SAVED_WEIGHT = f"{SAVED_MODULE}.weight.saved_value"
+
+
+def saved_export(kind: str = "onnx") -> Path:
+    """A LoRA adapter with a trained copy of a Dense layer (modules_to_save) beside a plain LoRA adapter."""
+    from peft_export import export_onnx_model, export_openvino_model
+
+    def build():
+        out = ROOT / f"switchable-saved-{kind}"
+        exporter = export_onnx_model if kind == "onnx" else export_openvino_model
+        exporter(str(base_model()), out, adapters=[f"saved={method_adapter('lora_saved')}",
+                                                   f"attn={make_adapter('attn')}"], switchable=True, log=quiet)
+        return out
+
+    return once(f"switchable-saved-{kind}", build)
+
+
+def test_a_trained_module_copy_runs_per_adapter_and_equals_eager_peft():
+    folder = saved_export()
+    model = EmbeddingModel(folder)
+    assert RuntimeConfig.load(folder).saved_params == [
+        {"name": f"{SAVED_MODULE}.bias", "shape": [32]}, {"name": f"{SAVED_MODULE}.weight", "shape": [32, 37]}]
+    entry = _entry(folder, "saved")
+    assert entry["saved_params"] == [f"{SAVED_MODULE}.bias", f"{SAVED_MODULE}.weight"]
+    assert entry["validation"]["vs_eager_peft"]["max_abs_diff"]["sentence_embedding"] <= ATOL
+    got = model.encode(TEXTS, adapter="saved")
+    assert max_unit_diff(got, eager("lora_saved")) <= ATOL
+    validation = json.loads((folder / "peft_export.json").read_text())["validation"]
+    assert validation["no_adapter_vs_base"]["max_abs_diff"]["sentence_embedding"] <= 1e-6  # no adapter: the base
+    arrays = model.backend.read_adapter(folder / _entry(folder, "attn")["file"])
+    assert not [n for n in arrays if "saved" in n]  # the other adapter runs the base's Dense layer
+    switched = {n: model.encode(TEXTS, adapter=n) for n in ("saved", "attn")}
+    model.merge_adapter(["saved", "attn"])
+    for name, expected in switched.items():
+        assert max_unit_diff(model.encode(TEXTS, adapter=name), expected) <= 1e-6, name
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update({SAVED_WEIGHT: np.ones((37, 32), np.float32)}), r"has shape \(37, 32\), expected \(32, 37\)"),
+    (lambda a: a.update({SAVED_WEIGHT: np.full((32, 37), np.nan, np.float32)}), "contains NaN or Inf"),
+    (lambda a: a.pop(f"{SAVED_MODULE}.weight.saved_use"), "'encoder.layer.1.output.dense.weight.saved_use' is missing"),
+    (lambda a: a.update({f"{SAVED_MODULE}.weight.saved_use": np.full(1, 0.5, np.float32)}), "expected 0 or 1"),
+])
+def test_hostile_saved_copies_are_refused_naming_the_key(change, message, tmp_path):
+    import onnxruntime as ort
+
+    from peft_export.runtime.onnxruntime_adapters import read_adapter_arrays
+
+    folder = saved_export()
+    arrays = read_adapter_arrays(folder / _entry(folder, "saved")["file"])
+    change(arrays)
+    path = tmp_path / "bad.onnx_adapter"
+    adapter = ort.AdapterFormat()
+    adapter.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    adapter.export_adapter(str(path))
+    with pytest.raises(ConfigError, match=message):
+        EmbeddingModel(folder).load_adapter(path, "bad")
+
+
+def test_saved_copies_over_the_size_limit_or_on_a_branched_layer_are_refused(tmp_path, monkeypatch):
+    from peft_export import export_onnx_model
+    from peft_export.export import switchable_adapters
+
+    spec = f"saved={method_adapter('lora_saved')}"
+    monkeypatch.setattr(switchable_adapters, "MAX_SAVED_ELEMENTS", 1000)
+    with pytest.raises(ConfigError, match=r"trains full copies of 1 module\(s\) \(modules_to_save\) with 1,216 values "
+                                          r"\('encoder.layer.1.output.dense': 1,216\).*allows 1,000 values.*Export "
+                                          r"this adapter merged instead"):
+        export_onnx_model(str(base_model()), tmp_path / "big", adapters=[spec], switchable=True, log=quiet)
+    monkeypatch.undo()
+    # IA3 on the feed-forward output.dense puts a branch (an input scale) on the module the copy replaces.
+    with pytest.raises(ConfigError, match=r"trains its own copy of 'encoder.layer.1.output.dense'.*low-rank branch "
+                                          r"on 'encoder.layer.1.output.dense'"):
+        export_onnx_model(str(base_model()), tmp_path / "clash", adapters=[spec, f"ia3={method_adapter('ia3')}"],
+                          switchable=True, log=quiet)
+    assert not (tmp_path / "big").exists() and not (tmp_path / "clash").exists()
+
+
+@pytest.mark.slow
+def test_openvino_runs_the_trained_module_copy_per_adapter():
+    pytest.importorskip("openvino")
+    ov, onnx_model = EmbeddingModel(saved_export("openvino")), EmbeddingModel(saved_export())
+    assert max_unit_diff(ov.encode(TEXTS, adapter="saved"), eager("lora_saved")) <= ATOL
+    for name in ("saved", "attn", False):
+        assert max_unit_diff(ov.encode(TEXTS, adapter=name), onnx_model.encode(TEXTS, adapter=name)) <= ATOL

@@ -358,11 +358,12 @@ class PeftMethod(ABC):
     def check_saved_complete(self, config: AdapterConfig, where: Any, saved: dict[str, set[str]],
                              params: dict[str, tuple[int, ...]], prefix: str) -> None:
         """Every module ``modules_to_save`` names must be in the file with all its parameters: PEFT would
-        otherwise keep the base's values for the missing ones without a word."""
+        otherwise keep the base's values for the missing ones without a word (or, for a module missing entirely,
+        fail with a KeyError). Heads the embedding never reads are checked too, for that reason."""
         entries = config.raw.get("modules_to_save") or []
         for param in sorted(params):
             module = saved_module_of(param, entries)
-            if module is None or is_unused_head(module) or param in saved.get(module, ()):
+            if module is None or param in saved.get(module, ()):
                 continue
             raise ConfigError(
                 f"{where}: tensor {prefix}{param} is missing: modules_to_save {entries!r} stores a trained copy of "
