@@ -69,23 +69,15 @@ def test_lora_options_refused_everywhere_keep_their_message(key, value):
         check_adapter_config(_lora(**{key: value}), WHERE)
 
 
-def test_modules_to_save_is_accepted_merged_and_refused_switchable_with_the_reason():
+def test_modules_to_save_is_accepted_merged_and_switchable():
     config = check_adapter_config(_lora(modules_to_save=["classifier"]), WHERE)  # a merged export takes it
-    with pytest.raises(ConfigError) as info:
-        LORA.check_switchable(config, WHERE)
-    found = (f"{WHERE}: 'modules_to_save' is set (['classifier']); a switchable export cannot reproduce it exactly "
-             "(it stores full trained copies of modules, and a switchable export shares every module outside the "
-             "adapter branches between its adapters). Export this adapter merged instead")
-    assert str(info.value) == f"{found} (export_onnx_model without switchable=True)."
-    assert info.value.for_cli() == f"{found} (merge-onnx without --switchable)."
+    LORA.check_switchable(config, WHERE)  # and a switchable one: saved-copy inputs (tests/test_switchable_methods.py)
     with pytest.raises(ConfigError, match=r"'modules_to_save' must be a list of module names, found 'classifier'"):
         check_adapter_config(_lora(modules_to_save="classifier"), WHERE)
 
 
 @pytest.mark.parametrize("key, value, why", [
     ("lora_bias", True, "it trains a bias on lora_B"),
-    ("use_dora", True, "DoRA rescales each output by its magnitude vector, which the graph's LoRA branch has no input "
-                       "for yet"),
     ("kasa_config", {"k": 1}, "KaSA changes the LoRA forward"),
     ("monteclora_config", {"k": 1}, "MonteCLoRA changes the LoRA forward"),
     ("velora_config", {"k": 1}, "VeLoRA changes the LoRA forward"),
@@ -276,8 +268,7 @@ def test_a_registered_method_is_picked_by_adapter_config_parsing(fake_methods, t
                                           r"export it exactly$"):
         check_adapter_config({"peft_type": "FAKE_SCALES", "fake_size": 1, "fake_extra": 1}, WHERE)
     saved = check_adapter_config({"peft_type": "FAKE_SCALES", "fake_size": 1, "modules_to_save": ["x"]}, WHERE)
-    with pytest.raises(ConfigError, match=r"'modules_to_save' is set \(\['x'\]\); a switchable export cannot"):
-        refuse_options(saved.raw, WHERE, fake.refused_options, fake.name, switchable=True)  # the PEFT-wide refusal
+    refuse_options(saved.raw, WHERE, fake.refused_options, fake.name, switchable=True)  # PEFT-wide: not refused
     with pytest.raises(ConfigError, match=rf"peft_type is 'RANDLORA'; peft_export supports {', '.join(ALL)}, "
                                           r"FAKE_SCALES, UNMERGEABLE_SCALES adapters only"):
         method_for("RANDLORA", WHERE)
@@ -329,13 +320,13 @@ def test_an_unmergeable_method_is_refused_for_merged_exports_with_its_reason(fak
 def test_help_names_the_registered_methods_by_mode(fake_methods, capsys):
     assert method_names() == f"{NAMES}, FakeScales or UnmergeableScales"
     assert method_names("merged") == f"{NAMES} or FakeScales"
-    assert method_names("switchable") == "LoRA"
+    assert method_names("switchable") == "LoRA, AdaLoRA, IA3 or VeRA"
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert f"Export {NAMES}, FakeScales or UnmergeableScales-adapted" in out
     assert f"merge a {NAMES} or FakeScales adapter into its base" in out
-    assert "add a PEFT LoRA adapter to a switchable export" in out
+    assert "add a PEFT LoRA, AdaLoRA, IA3 or VeRA adapter to a switchable export" in out
     with pytest.raises(SystemExit):
         cli_main(["merge-onnx", "--help"])
     out = " ".join(capsys.readouterr().out.split())

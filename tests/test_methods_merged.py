@@ -11,91 +11,15 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from switchable_fixtures import ROOT, TEXTS, base_model, max_unit_diff, once, quiet
+from method_fixtures import METHODS, QV, eager, method_adapter, method_configs
+from switchable_fixtures import TEXTS, base_model, max_unit_diff, quiet
 
 from peft_export import ConfigError, EmbeddingModel, export_onnx_model
 from peft_export.cli import main as cli_main
 
 ATOL = 1e-5
-QV = ["query", "value"]
-
-
-def _configs() -> dict:
-    import peft
-
-    # name -> (PEFT config, the part a hostile test deletes or corrupts)
-    return {
-        "dora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, use_dora=True, init_lora_weights=False),
-                 "lora_magnitude_vector"),
-        "rslora": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, use_rslora=True, init_lora_weights=False),
-                   "lora_B"),
-        "ia3": (peft.IA3Config(target_modules=["query", "value", "output.dense"], feedforward_modules=["output.dense"],
-                               init_ia3_weights=False), "ia3_l"),
-        "loha": (peft.LoHaConfig(r=4, alpha=8, target_modules=QV, init_weights=False), "hada_w2_b"),
-        "lokr": (peft.LoKrConfig(r=2, alpha=8, target_modules=QV, init_weights=False, decompose_both=True,
-                                 decompose_factor=4), "lokr_w2_a"),
-        "adalora": (peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, target_modules=QV, total_step=10,
-                                       init_lora_weights=False), "lora_E"),
-        "oft": (peft.OFTConfig(r=0, oft_block_size=8, target_modules=QV, init_weights=False), "oft_R"),
-        "boft": (peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=1, target_modules=QV, init_weights=False),
-                 "boft_s"),
-        "vera": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=True),
-                 "vera_lambda_b"),
-        "fourierft": (peft.FourierFTConfig(n_frequency=10, target_modules=QV, init_weights=False),
-                      "fourierft_spectrum"),
-        "miss": (peft.MissConfig(r=4, target_modules=QV), "miss_block"),
-        "miss_bat": (peft.MissConfig(r=4, target_modules=QV, init_weights="bat"), "miss_block"),
-        "c3a": (peft.C3AConfig(block_size=8, target_modules=QV), "c3a_kernel"),
-        "hra": (peft.HRAConfig(r=4, target_modules=QV, init_weights=False), "hra_u"),
-        "lora_saved": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False,
-                                       modules_to_save=["encoder.layer.1.output.dense"]), "lora_A"),
-    }
-
-
-METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
-           "miss_bat", "c3a", "lora_saved"]
 FAST = {"dora", "ia3", "lora_saved"}  # the others export the same way: slow
-
-
-def method_adapter(name: str) -> Path:
-    """An adapter made the sentence-transformers way (add_adapter + save_pretrained) on the tiny BERT, with every
-    trained tensor moved off its initial value (identity-at-init methods would otherwise be no-ops)."""
-    def build() -> Path:
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(base_model()), device="cpu")
-        torch.manual_seed(7)
-        config = _configs()[name][0]
-        if name == "vera":  # add_adapter refuses VeRA (shared projections): PEFT's get_peft_model on the encoder
-            from peft import get_peft_model
-
-            model = get_peft_model(model[0].auto_model, config)
-        else:
-            model.add_adapter(config)
-        with torch.no_grad():
-            for param_name, param in model.named_parameters():
-                if param.requires_grad:
-                    param.add_(0.05 * torch.randn_like(param))
-        folder = ROOT / f"method-{name}"
-        model.save_pretrained(str(folder))
-        return folder
-
-    return once(f"method-{name}", build)
-
-
-def eager(name: str) -> np.ndarray:
-    """sentence-transformers with the adapter loaded by PEFT itself (PeftModel.from_pretrained on its encoder).
-    Not ``model.load_adapter``: transformers' loader drops DoRA's lora_magnitude_vector (it looks for a
-    ``.weight`` key PEFT does not write), so it is no reference for DoRA."""
-    from peft import PeftModel
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(base_model()), device="cpu")
-    model[0].auto_model = PeftModel.from_pretrained(model[0].auto_model, str(method_adapter(name)))
-    return model.eval().encode(TEXTS, batch_size=3)
 
 
 def _params(name: str) -> list:
@@ -140,7 +64,7 @@ def _corrupt(name: str, tmp_path: Path, change) -> tuple[Path, str]:
     folder = Path(shutil.copytree(method_adapter(name), tmp_path / "adapter"))
     path = folder / "adapter_model.safetensors"
     tensors = load_file(str(path))
-    part = _configs()[name][1]
+    part = method_configs()[name][1]
     key = next(k for k in sorted(tensors) if f"{MODULE}.{part}" in k and k.split(f"{MODULE}.")[1].split(".")[0]
                == part)
     change(tensors, key)
@@ -300,9 +224,8 @@ def test_info_names_the_method_of_a_non_lora_export(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, why", [
-    ("ia3", "IA3 adapters \\(peft_type 'IA3'\\) cannot be exported switchable: its per-channel scale multiplies"),
-    ("dora", "'use_dora' is set \\(True\\); a switchable export cannot reproduce it exactly \\(DoRA rescales"),
-    ("lora_saved", "'modules_to_save' is set \\(\\['encoder.layer.1.output.dense'\\]\\); a switchable export"),
+    ("loha", "LoHa adapters \\(peft_type 'LOHA'\\) cannot be exported switchable: the Hadamard product of two"),
+    ("lokr", "LoKr adapters \\(peft_type 'LOKR'\\) cannot be exported switchable: a Kronecker product is not"),
 ])
 def test_switchable_export_refuses_merged_only_methods_with_the_reason_exit_2(name, why, tmp_path, capsys):
     out = tmp_path / "out"

@@ -118,7 +118,7 @@ def test_corrupt_and_pickle_weights_are_refused(export, tmp_path):
 def test_other_refusals_leave_the_folder_unchanged(export, tmp_path):
     _refused(export, f"attn={make_adapter('late', **LATE)}", ConfigError, "already has an adapter named 'attn'")
     _refused(export, f"dora={edit_adapter_config(make_adapter('attn'), tmp_path / 'dora', use_dora=True)}",
-             ConfigError, "use_dora")
+             ConfigError, "lora_magnitude_vector is missing")  # the config claims DoRA, the file is plain LoRA
     noop = make_adapter("noop", zero_b=True, r=2, lora_alpha=4, target_modules=["query"])
     _refused(export, f"noop={noop}", ConfigError, "does nothing")
     _refused(export, f"again={make_adapter('attn')}", ValidationError, "'again' and 'attn' give the same embeddings")

@@ -119,7 +119,7 @@ def test_cli_default_adapter_is_active_when_loaded(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, key", [
-    ({"use_dora": True}, "use_dora"),
+    ({"use_dora": True}, "lora_magnitude_vector is missing"),  # DoRA is switchable; this file is plain LoRA
     ({"lora_bias": True}, "lora_bias"),
     ({"bias": "all"}, "'bias'"),
     ({"modules_to_save": ["pooler"]}, "modules_to_save"),

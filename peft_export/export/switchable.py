@@ -21,7 +21,7 @@ from ..errors import ConfigError, ValidationError
 from ..runtime.atomic_file import write_json
 from ..runtime.backends import detect_backend
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig
-from ..runtime.lora_layout import Slot, pack_factors
+from ..runtime.lora_layout import SavedParam, Slot, pack_factors, pack_saved
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import AdapterSource, describe_base, recorded_source, resolve_model, sha256_file
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
@@ -33,13 +33,14 @@ from .pipeline import (NOOP_ADAPTER_THRESHOLD, ExportOptions, ExportResult, Prep
                        prepare_export)
 from .switchable_folder import MERGE_MODE, adapter_file, graph_files
 from .switchable_adapters import (AdapterReferences, adapter_references, adapter_summary, check_switchable_config,
-                                  max_output_difference, peft_branch_factors, peft_targeted_layers,
-                                  validate_adapter_run)
+                                  max_output_difference, peft_branch_factors, peft_saved_params,
+                                  peft_targeted_layers, scale_kinds, validate_adapter_run)
 
 logger = logging.getLogger(__name__)
 
 BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, normalised sentence embeddings
-_RUNTIME_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks")
+_RUNTIME_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks", "scales",
+                 "saved_params")
 
 
 def adapter_writer(backend: str) -> tuple[str, Callable[[Path, dict], None]]:
@@ -73,9 +74,32 @@ def check_effect(refs: AdapterReferences, allow_noop: bool) -> None:
         raise noop_adapter_error(refs.name, refs.effect)
 
 
-def convert_adapter(peft_model, adapter: AdapterSource, slots: list[Slot]) -> tuple[dict, dict[str, Any]]:
-    factors = peft_branch_factors(peft_model, adapter.name)
-    return pack_factors(slots, factors), adapter_summary(adapter, factors)
+def convert_adapter(peft_model, adapter: AdapterSource, slots: list[Slot], factors: dict | None = None,
+                    saved: list[SavedParam] = ()) -> tuple[dict, dict[str, Any]]:
+    """The adapter's graph inputs (its branches, scales and saved copies) and its summary."""
+    factors = peft_branch_factors(peft_model, adapter.name) if factors is None else factors
+    copies = peft_saved_params(peft_model, adapter.name)
+    summary = adapter_summary(adapter, factors)
+    if copies:
+        summary["saved_params"] = sorted(copies)
+    return {**pack_factors(slots, factors), **pack_saved(list(saved), copies)}, summary
+
+
+def attach_by_method(encoder, adapters: list[AdapterSource], attach: Callable) -> dict[str, Any]:
+    """{adapter name: the PeftModel holding it}. PEFT holds adapters of one peft_type per model ("Cannot combine
+    adapters with different peft types"), so a mix of methods gets one PeftModel per method, each on its own copy
+    of ``encoder`` (copied before any is wrapped: wrapping changes the model in place)."""
+    import copy
+
+    groups: dict[str, list[AdapterSource]] = {}
+    for adapter in adapters:
+        groups.setdefault(adapter.config.peft_type, []).append(adapter)
+    encoders = [encoder] + [copy.deepcopy(encoder) for _ in range(len(groups) - 1)]
+    models = {}
+    for group, base in zip(groups.values(), encoders):
+        model = attach(base, group)
+        models.update((adapter.name, model) for adapter in group)
+    return models
 
 
 def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[validate.ReferenceBatch],
@@ -141,7 +165,7 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     model.onnx + .onnx_adapter files; "openvino": openvino_model.xml/.bin + .safetensors files)."""
     from .merge import attach_adapters
     from ..runtime.onnxruntime_fusion import AttentionShape
-    from .switchable_graph import export_switchable_onnx, export_switchable_openvino, find_slots
+    from .switchable_graph import export_switchable_onnx, export_switchable_openvino, find_saved, find_slots
 
     started = time.perf_counter()
     if options.quantize:
@@ -172,26 +196,33 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
         log(f"adapter {adapter.name!r}: {recorded_source(adapter.source)} {adapter.config.describe()}")
 
     prepared = prepare_export(options, resolved)
-    peft_model = attach_adapters(prepared.encoder, resolved.adapters)
-    targeted = peft_targeted_layers(peft_model)
+    models = attach_by_method(prepared.encoder, resolved.adapters, attach_adapters)
+    peft_model = models[names[0]]
+    targeted = set().union(*(peft_targeted_layers(m) for m in {id(m): m for m in models.values()}.values()))
     graph_encoder = prepared.load_encoder(options.trust_remote_code)
-    slots = find_slots(graph_encoder, targeted)
-    log(f"switchable graph: LoRA branches at {len(slots)} layers")
+    branches = {name: peft_branch_factors(models[name], name) for name in names}
+    slots = find_slots(graph_encoder, targeted, scale_kinds(list(branches.values())))
+    copies = {n: peft_saved_params(models[n], n) for n in names}
+    saved = find_saved(graph_encoder, {k: v.shape for c in copies.values() for k, v in c.items()}, slots)
+    scaled = sum(bool(slot.scales) for slot in slots)
+    log(f"switchable graph: LoRA branches at {len(slots)} layers" + (f", scale vectors at {scaled}" if scaled else ""))
     base = base_references(peft_model, prepared)
     refs, converted = {}, {}
     for adapter in resolved.adapters:
-        refs[adapter.name] = adapter_references(peft_model, adapter.name, prepared.make_pipeline,
+        refs[adapter.name] = adapter_references(models[adapter.name], adapter.name, prepared.make_pipeline,
                                                 prepared.ref_tokenize, base)
         check_effect(refs[adapter.name], options.allow_noop_adapter)
-        converted[adapter.name] = convert_adapter(peft_model, adapter, slots)
+        converted[adapter.name] = convert_adapter(models[adapter.name], adapter, slots, branches[adapter.name],
+                                                  saved)
         log(f"adapter {adapter.name!r}: merged == eager PEFT within {refs[adapter.name].merged_vs_eager:.1e}; "
             f"changes embeddings by up to {refs[adapter.name].effect:.3f}")
 
     with atomic_output_folder(options.output, force=options.force) as tmp:
-        model_path = export_graph(prepared.make_pipeline(graph_encoder), slots, tmp, options.opset)
+        model_path = export_graph(prepared.make_pipeline(graph_encoder), slots, tmp, options.opset, saved=saved)
         save_tokenizer(prepared.tokenizer, tmp)
         config = prepared.runtime_config(model_path.name, int(base[0].outputs["sentence_embedding"].shape[-1]), backend)
         config.lora_slots = [slot.to_dict() for slot in slots]
+        config.saved_params = [param.to_dict() for param in saved]
         config.default_adapter = options.default_adapter
         for name, (arrays, summary) in converted.items():
             write_adapter_file(tmp / adapter_file(name, suffix), arrays)

@@ -16,7 +16,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..methods import AdapterConfig, PeftMethod, is_unused_head, method_for
-from ..runtime.lora_layout import Slot, pack_factors
+from ..methods.branch import Branch
+from ..runtime.lora_layout import MAX_SAVED_ELEMENTS, Slot, as_branch, pack_factors
 from ..runtime.similarity import normalize
 from ..source.resolve import AdapterSource, load_adapter_source, recorded_source
 from . import validate
@@ -33,8 +34,9 @@ def _peft_method(model: nn.Module, adapter_name: str) -> PeftMethod:
     return method_for(getattr(peft_type, "value", peft_type), f"adapter {adapter_name!r}")
 
 
-def peft_branch_factors(model: nn.Module, adapter_name: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{module: (A (r, in), B * scaling (out, r))} in float32 for one adapter of a PEFT-wrapped model.
+def peft_branch_factors(model: nn.Module, adapter_name: str) -> dict[str, Branch]:
+    """{module: Branch (A (r, in), B * scaling (out, r), scale vectors)} in float32 for one adapter of a
+    PEFT-wrapped model.
 
     Module names are relative to the base model; heads the embedding never reads (BERT's pooler) are skipped.
     """
@@ -46,6 +48,43 @@ def peft_branch_factors(model: nn.Module, adapter_name: str) -> dict[str, tuple[
     if not factors:
         raise ConfigError(f"Adapter {adapter_name!r} has no {method.name} layer that reaches the embedding")
     return factors
+
+
+def peft_saved_params(model: nn.Module, adapter_name: str) -> dict[str, np.ndarray]:
+    """{base parameter name: the adapter's trained copy} of every module PEFT keeps a copy of for ``adapter_name``
+    (``modules_to_save``), float32; heads the embedding never reads are skipped. Refuses copies larger than
+    MAX_SAVED_ELEMENTS in all, naming the biggest module: every adapter file would carry it in full."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    copies: dict[str, np.ndarray] = {}
+    sizes: dict[str, int] = {}
+    for name, module in model.get_base_model().named_modules():
+        if not isinstance(module, ModulesToSaveWrapper) or adapter_name not in module.modules_to_save \
+                or is_unused_head(name):
+            continue
+        for param_name, param in module.modules_to_save[adapter_name].named_parameters():
+            copies[f"{name}.{param_name}"] = param.detach().float().numpy().copy()
+            sizes[name] = sizes.get(name, 0) + param.numel()
+    total = sum(sizes.values())
+    if total > MAX_SAVED_ELEMENTS:
+        biggest = max(sizes, key=sizes.__getitem__)
+        found = (f"Adapter {adapter_name!r} trains full copies of {len(sizes)} module(s) (modules_to_save) with "
+                 f"{total:,} values ({biggest!r}: {sizes[biggest]:,}); a switchable export carries them in every "
+                 f"adapter file and allows {MAX_SAVED_ELEMENTS:,} values ({MAX_SAVED_ELEMENTS * 4 // 2**20} MiB in "
+                 "float32) per adapter, for small modules such as a Dense layer or a classification head. Export "
+                 "this adapter merged instead")
+        raise ConfigError(f"{found} (export_onnx_model without switchable=True).").in_cli_words(
+            f"{found} (merge-onnx without --switchable).")
+    return copies
+
+
+def scale_kinds(branches: list[dict[str, Branch]]) -> dict[str, set[str]]:
+    """{module: the scale kinds any of these adapters' branches use there}: where the graph needs scale inputs."""
+    kinds: dict[str, set[str]] = {}
+    for factors in branches:
+        for module, branch in factors.items():
+            kinds.setdefault(module, set()).update(as_branch(branch).scales)
+    return {module: found for module, found in kinds.items() if found}
 
 
 def peft_targeted_layers(model: nn.Module) -> set[str]:
@@ -109,6 +148,19 @@ def convert_peft_adapter(spec: str, slots: list[Slot], name: str = "default", re
 
     adapter = load_adapter_source(spec, name=name, revision=revision, token=token)
     check_switchable_config(adapter.config, str(adapter.folder / "adapter_config.json"))
+    if adapter.config.raw.get("modules_to_save"):
+        found = (f"Adapter {adapter.name!r} ({spec}) trains full copies of modules (modules_to_save), which "
+                 "load_adapter cannot check without the base model. Add it to the export with")
+        raise ConfigError(f"{found} peft_export.export.switchable_changes.add_adapter(FOLDER, {spec!r}), then load "
+                          "it.").in_cli_words(f"{found} `peft-export add-adapter FOLDER {name}={spec}`, then load the "
+                                              "written file.")
+    if adapter.config.method.branch_needs_base_weights(adapter.config):
+        found = (f"Adapter {adapter.name!r} ({adapter.config.method.name}, {spec}) needs the base model's weights to "
+                 "be converted for a switchable graph (DoRA divides by the norm of the adapted weight), which "
+                 "load_adapter does not have. Add it to the export with")
+        raise ConfigError(f"{found} peft_export.export.switchable_changes.add_adapter(FOLDER, {spec!r}), then load it."
+                          ).in_cli_words(f"{found} `peft-export add-adapter FOLDER {name}={spec}`, then load the "
+                                         "written file.")
     check_targets_in_graph(adapter, slots)
     skeleton = _skeleton(slots)
     check_adapter_tensors(skeleton, adapter)
@@ -117,15 +169,21 @@ def convert_peft_adapter(spec: str, slots: list[Slot], name: str = "default", re
     return pack_factors(slots, factors), adapter_summary(adapter, factors)
 
 
-def adapter_summary(adapter: AdapterSource, factors: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, Any]:
-    """What the manifest and embedding_config.json record about an adapter."""
-    return {
+def adapter_summary(adapter: AdapterSource, factors: dict[str, Branch | tuple[np.ndarray, np.ndarray]]
+                    ) -> dict[str, Any]:
+    """What the manifest and embedding_config.json record about an adapter (``scales`` only where it has any)."""
+    branches = {module: as_branch(value) for module, value in sorted(factors.items())}
+    summary = {
         "source": recorded_source(adapter.source),
         "sha256": {adapter.weights.name: adapter.sha256},
         **adapter.config.summary(),
         "modules": sorted(factors),
-        "ranks": {module: int(a.shape[0]) for module, (a, _) in sorted(factors.items())},
+        "ranks": {module: branch.rank for module, branch in branches.items() if branch.a is not None},
     }
+    scales = {module: sorted(branch.scales) for module, branch in branches.items() if branch.scales}
+    if scales:
+        summary["scales"] = scales
+    return summary
 
 
 @dataclass

@@ -20,7 +20,7 @@ from ..errors import ConfigError, PeftExportError, ValidationError
 from ..runtime.backends import detect_backend
 from ..runtime.config import RuntimeConfig
 from ..runtime.export_files import confined, verify_sha256
-from ..runtime.lora_layout import Slot
+from ..runtime.lora_layout import SavedParam, Slot
 from ..source.resolve import load_adapter_source, parse_adapter_spec, resolve_model, sha256_file
 from .output_folder import crash_point, folder_size
 from .pipeline import ExportOptions, PreparedExport, prepare_export
@@ -107,7 +107,8 @@ def add_adapter(output: str | Path, spec: str, *, base: str | None = None, force
         base_refs = base_references(peft_model, prepared)
         refs = adapter_references(peft_model, name, prepared.make_pipeline, prepared.ref_tokenize, base_refs)
         check_effect(refs, allow_noop_adapter)
-        arrays, summary = convert_adapter(peft_model, adapter, slots)
+        saved = [SavedParam.from_dict(p) for p in config.saved_params]
+        arrays, summary = convert_adapter(peft_model, adapter, slots, saved=saved)
 
         relative = _fresh_adapter_file(folder, name, suffix)
         final = folder / relative

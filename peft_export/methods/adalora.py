@@ -1,5 +1,6 @@
 """AdaLoRA (``peft_type: ADALORA``): ``W + scaling * B (A * E) / ranknum``, an SVD-shaped LoRA whose ranks were
-pruned in training (pruned singular values are zero in ``lora_E``); merged by PEFT into the base weights."""
+pruned in training (pruned singular values are zero in ``lora_E``); merged by PEFT into the base weights, or
+switchable as the low-rank branch ``A * E``, ``B * scaling / (ranknum + 1e-5)`` (PEFT's forward, exactly)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,14 @@ from typing import Any
 from ..errors import ConfigError
 from .base import (MAX_RANK, AdapterConfig, BaseLayer, Capability, TensorKey, check_number,
                    check_target_modules, tensor_pattern)
-from .tuner import TunerMethod
+from .branch import Branch
+from .tuner import TunerMethod, finite_factors
 
 
 class AdaLora(TunerMethod):
     peft_type = "ADALORA"
     name = "AdaLoRA"
-    switchable = Capability(False, "its pruned SVD factors are not yet folded into a switchable graph's low-rank "
-                                   "branch")
+    switchable = Capability(True)
     key_pattern = tensor_pattern("lora_A", "lora_B", "lora_E")
     required_parts = ("lora_A", "lora_B", "lora_E")
     peft_classes = ("AdaLoraConfig", "peft.tuners.adalora", "AdaLoraLayer")
@@ -40,6 +41,16 @@ class AdaLora(TunerMethod):
         # With a rank_pattern PEFT resizes each module to its kept ranks (any r up to init_r), else r is init_r.
         r = None if config.raw.get("rank_pattern") else int(config.raw.get("init_r", 12))
         return {"lora_A": (r, layer.in_features), "lora_B": (layer.out_features, r), "lora_E": (r, 1)}[key.part]
+
+    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> Branch:
+        import torch
+
+        with torch.no_grad():
+            lora_a = module.lora_A[adapter_name].float() * module.lora_E[adapter_name].float()  # (r, in)
+            scale = float(module.scaling[adapter_name]) / (float(module.ranknum[adapter_name]) + 1e-5)  # as PEFT
+            factors = finite_factors(adapter_name, layer_name, self.name, A=lora_a,
+                                     B=module.lora_B[adapter_name].float() * scale)
+        return Branch(factors["A"], factors["B"])
 
 
 ADALORA = AdaLora()

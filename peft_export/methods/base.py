@@ -51,14 +51,10 @@ class RefusedOption:
     message: str | None = None
 
 
-# PEFT-wide: trained full copies of modules, in any tuner's config. A merged export takes them (PEFT's
-# merge_and_unload puts the trained copy in place of the module; their tensors are checked by check_saved_modules).
-MODULES_TO_SAVE = RefusedOption(
-    "modules_to_save",
-    "it stores full trained copies of modules, and a switchable export shares every module outside the adapter "
-    "branches between its adapters",
-    switchable_only=True,
-)
+# PEFT-wide: trained full copies of modules (``modules_to_save``), in any tuner's config. A merged export takes them
+# (PEFT's merge_and_unload puts the trained copy in place of the module; their tensors are checked by
+# check_saved_modules); a switchable export gives each saved parameter graph inputs (runtime/lora_layout.py:
+# SavedParam) where it is small.
 SAVED_MODULE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<param>.+)$")
 
 
@@ -196,7 +192,7 @@ class PeftMethod(ABC):
     name: ClassVar[str]  # for messages and help, e.g. "LoRA"
     merged: ClassVar[Capability] = Capability(True)
     switchable: ClassVar[Capability] = Capability(False, "it has no low-rank branch a switchable graph can run")
-    refused_options: ClassVar[tuple[RefusedOption, ...]] = (MODULES_TO_SAVE,)
+    refused_options: ClassVar[tuple[RefusedOption, ...]] = ()
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     key_pattern: ClassVar[re.Pattern]  # adapter file keys; named groups "module" and "part"
     required_parts: ClassVar[tuple[str, ...]]  # the parts every targeted module must have in the file
@@ -245,6 +241,10 @@ class PeftMethod(ABC):
             raise_export_merged(f"{where}: {self.name} adapters (peft_type {self.peft_type!r}) cannot be exported "
                                 f"switchable: {self.switchable.reason}. Export this adapter merged instead")
         refuse_options(config.raw, where, self.refused_options, self.name, switchable=True)
+        bias = config.raw.get("bias", "none")  # LoRA, VeRA, AdaLoRA, ...: "all" or "<method>_only" train biases
+        if bias not in (None, "none"):
+            raise_export_merged(f"{where}: 'bias' is {bias!r}: the adapter trains the base layers' biases, which a "
+                                "switchable export shares between adapters. Export it merged instead")
 
     # ---- adapter tensors
 
@@ -358,11 +358,12 @@ class PeftMethod(ABC):
     def check_saved_complete(self, config: AdapterConfig, where: Any, saved: dict[str, set[str]],
                              params: dict[str, tuple[int, ...]], prefix: str) -> None:
         """Every module ``modules_to_save`` names must be in the file with all its parameters: PEFT would
-        otherwise keep the base's values for the missing ones without a word."""
+        otherwise keep the base's values for the missing ones without a word (or, for a module missing entirely,
+        fail with a KeyError). Heads the embedding never reads are checked too, for that reason."""
         entries = config.raw.get("modules_to_save") or []
         for param in sorted(params):
             module = saved_module_of(param, entries)
-            if module is None or is_unused_head(module) or param in saved.get(module, ()):
+            if module is None or param in saved.get(module, ()):
                 continue
             raise ConfigError(
                 f"{where}: tensor {prefix}{param} is missing: modules_to_save {entries!r} stores a trained copy of "
@@ -401,7 +402,13 @@ class PeftMethod(ABC):
     def peft_layers(self, model: Any, adapter_name: str) -> list[tuple[str, Any]]:
         """(name, module) of every PEFT layer of this method in ``model`` that holds ``adapter_name``."""
 
-    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> tuple[Any, Any]:
-        """Switchable methods: (A (r, in), B with the scaling folded in (out, r)) as float32 numpy arrays, exactly
-        what the PEFT layer ``module`` adds for ``adapter_name``: ``x @ A.T @ B.T``."""
+    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> Any:
+        """Switchable methods: a ``methods.branch.Branch`` (low-rank factors A (r, in), B with the scaling folded
+        in (out, r), and scale vectors) as float32 numpy arrays, exactly what the PEFT layer ``module`` does for
+        ``adapter_name`` (the graph's arithmetic is in branch.py's docstring)."""
         raise NotImplementedError(f"{self.name} has no switchable branch: {self.switchable.reason}")
+
+    def branch_needs_base_weights(self, config: AdapterConfig) -> bool:
+        """Whether ``branch_factors`` reads the base layer's weights (DoRA's norm), so that an adapter cannot be
+        converted for a switchable graph without the base model."""
+        return False

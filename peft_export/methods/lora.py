@@ -1,9 +1,10 @@
 """LoRA (``peft_type: LORA``): ``W x + scaling * B A x``, merged or as a switchable low-rank branch.
 
 Plain LoRA and rsLoRA (scaling alpha / sqrt(r)), with per-module ranks and alphas (``rank_pattern``,
-``alpha_pattern``), and DoRA (``use_dora``: a magnitude vector per output, merged by PEFT). What changes the forward
-beyond ``W x + scaling * B A x`` (DoRA, LoRA variants, trained biases) is refused by name in switchable exports
-(or everywhere, where even a merge cannot reproduce it).
+``alpha_pattern``), and DoRA (``use_dora``: a magnitude vector per output; switchable as the scale
+``m / ||W + scaling B A||`` per output on the base product and the branch, computed from the base weights at
+export). What changes the forward beyond that (other LoRA variants, trained biases) is refused by name in
+switchable exports (or everywhere, where even a merge cannot reproduce it).
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import re
 from typing import Any
 
 from ..errors import ConfigError
-from .base import (MAX_RANK, MODULES_TO_SAVE, AdapterConfig, BaseLayer, Capability, RefusedOption,
-                   TensorKey, check_target_modules, raise_export_merged)
-from .tuner import TunerMethod
+from .base import (MAX_RANK, AdapterConfig, BaseLayer, Capability, RefusedOption,
+                   TensorKey, check_target_modules)
+from .branch import SCALE_OUT, Branch
+from .tuner import TunerMethod, finite_factors
 
 
 class LoraAdapterConfig(AdapterConfig):
@@ -60,7 +62,6 @@ class Lora(TunerMethod):
     extras_refused = "only LoRA tensors (and modules_to_save copies the config names) are exported"
     magnitude = "lora_magnitude_vector"  # DoRA's part: one value per output of the base layer
     refused_options = (
-        MODULES_TO_SAVE,
         # Everywhere: fields whose non-empty value changes the architecture or the forward in ways a merged or
         # switchable graph cannot reproduce exactly.
         RefusedOption("layer_replication"),
@@ -71,8 +72,6 @@ class Lora(TunerMethod):
         RefusedOption("use_qalora"),
         RefusedOption("use_bdlora"),
         # Switchable only: the forward is more than ``W x + scaling * B A x``; merging handles it.
-        RefusedOption("use_dora", "DoRA rescales each output by its magnitude vector, which the graph's LoRA "
-                      "branch has no input for yet", switchable_only=True),
         RefusedOption("lora_bias", "it trains a bias on lora_B", switchable_only=True),
         RefusedOption("kasa_config", "KaSA changes the LoRA forward", switchable_only=True),
         RefusedOption("monteclora_config", "MonteCLoRA changes the LoRA forward", switchable_only=True),
@@ -114,13 +113,6 @@ class Lora(TunerMethod):
     def nonfinite_hint(self, config: LoraAdapterConfig, config_path: Any) -> str:
         return (f": its scaling lora_alpha / r = {config.lora_alpha:g} / {config.r} = {config.scaling:.3g} (or its "
                 f"weights) overflow float32. Check lora_alpha and r in {config_path}")
-
-    def check_switchable(self, config: AdapterConfig, where: str) -> None:
-        super().check_switchable(config, where)
-        bias = config.raw.get("bias", "none")
-        if bias not in (None, "none"):
-            raise_export_merged(f"{where}: 'bias' is {bias!r}: the adapter trains the base layers' biases, which a "
-                                "switchable export shares between adapters. Export it merged instead")
 
     # ---- adapter tensors
 
@@ -169,23 +161,34 @@ class Lora(TunerMethod):
 
     # ---- torch side
 
-    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> tuple[Any, Any]:
+    def branch_needs_base_weights(self, config: LoraAdapterConfig) -> bool:
+        return config.use_dora  # DoRA's scale divides by the norm of W + scaling B A
+
+    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> Branch:
         """PEFT's own ``lora_A``, ``lora_B`` and ``scaling`` of the layer, so per-module ranks and alphas and
-        rsLoRA's scaling are exactly what PEFT's forward uses."""
+        rsLoRA's scaling are exactly what PEFT's forward uses. DoRA adds the scale ``g = m / ||W + scaling B A||``
+        per output (PEFT's forward: ``g * (W x) + g * scaling B A x`` plus the bias), computed as PEFT computes
+        it, from the base weight: the graph multiplies the base product and the branch by it before the bias."""
         import torch
 
         variant = getattr(module, "lora_variant", {}).get(adapter_name)
-        if variant is not None or getattr(module, "lora_bias", {}).get(adapter_name):
+        dora = variant is not None and type(variant).__name__ == "DoraLinearVariant"
+        if (variant is not None and not dora) or getattr(module, "lora_bias", {}).get(adapter_name):
             what = type(variant).__name__ if variant is not None else "lora_bias"
             raise ConfigError(f"Adapter {adapter_name!r} uses {what} on {layer_name!r}; a switchable export cannot "
                               "reproduce it exactly. Export it merged instead.")
         with torch.no_grad():
-            lora_a = module.lora_A[adapter_name].weight.detach().float()  # (r, in)
-            lora_b = module.lora_B[adapter_name].weight.detach().float() * float(module.scaling[adapter_name])
-        if not (torch.isfinite(lora_a).all() and torch.isfinite(lora_b).all()):
-            raise ConfigError(
-                f"Adapter {adapter_name!r}: LoRA weights of {layer_name!r} contain NaN or Inf after scaling")
-        return lora_a.numpy().copy(), lora_b.numpy().copy()
-
+            lora_a = module.lora_A[adapter_name].weight.float()  # (r, in)
+            lora_b = module.lora_B[adapter_name].weight.float()  # (out, r)
+            scaling = float(module.scaling[adapter_name])
+            tensors = {"A": lora_a, "B": lora_b * scaling}
+            if dora:
+                layer = module.lora_magnitude_vector[adapter_name]
+                weight = module.get_base_layer().weight.float()  # (out, in)
+                norm = layer.get_weight_norm(weight, lora_b @ lora_a, scaling)  # PEFT's own norm, as its forward
+                tensors["magnitude / norm"] = layer.weight.float() / norm  # (out,)
+        factors = finite_factors(adapter_name, layer_name, self.name, **tensors)
+        scales = {SCALE_OUT: factors["magnitude / norm"]} if dora else {}
+        return Branch(factors["A"], factors["B"], scales)
 
 LORA = Lora()

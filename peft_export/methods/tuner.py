@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from ..errors import ConfigError
 from .base import AdapterConfig, PeftMethod
 
 
@@ -43,3 +44,18 @@ class TunerMethod(PeftMethod):
         pattern = config.raw.get("rank_pattern") or {}
         matched = get_pattern_key(list(pattern), module)
         return int(pattern[matched]) if matched in pattern else int(config.raw.get(key, default))
+
+
+def finite_factors(adapter_name: str, layer_name: str, method: str, **tensors: Any) -> dict[str, Any]:
+    """``tensors`` (torch) as float32 numpy copies; ConfigError naming the layer if one holds NaN or Inf (after
+    the scaling was folded in, which can overflow)."""
+    import torch
+
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().float()
+        if not torch.isfinite(tensor).all():
+            raise ConfigError(f"Adapter {adapter_name!r}: {method} weights of {layer_name!r} contain NaN or Inf "
+                              f"({name}, scaling folded in)")
+        out[name] = tensor.numpy().copy()
+    return out

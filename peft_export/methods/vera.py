@@ -1,6 +1,7 @@
 """VeRA (``peft_type: VERA``): ``W + diag(lambda_b) B diag(lambda_d) A`` with one pair of frozen random
 projections ``A``, ``B`` shared by every layer and a pair of trained scale vectors per layer; merged by PEFT into
-the base weights."""
+the base weights, or switchable as the low-rank branch ``A = diag(lambda_d) vera_A[:, :in]``, ``B = diag(lambda_b)
+vera_B[:out]`` (exact: PEFT's forward is ``lambda_b * (B (lambda_d * (A x)))``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 from ..errors import ConfigError
 from .base import (MAX_RANK, AdapterConfig, BaseLayer, Capability, TensorKey, check_number, check_target_modules,
                    tensor_pattern)
-from .tuner import TunerMethod
+from .branch import Branch
+from .tuner import TunerMethod, finite_factors
 
 # PEFT saves the shared projections once, as "base_model.vera_A" and "base_model.vera_B" (save_projection=True).
 SHARED = re.compile(r"^(?:base_model\.)?(?P<name>vera_A|vera_B)$")
@@ -19,8 +21,7 @@ SHARED = re.compile(r"^(?:base_model\.)?(?P<name>vera_A|vera_B)$")
 class Vera(TunerMethod):
     peft_type = "VERA"
     name = "VeRA"
-    switchable = Capability(False, "its per-layer scale vectors are not yet folded into a switchable graph's "
-                                   "low-rank branch")
+    switchable = Capability(True)
     key_pattern = tensor_pattern("vera_lambda_b", "vera_lambda_d")
     required_parts = ("vera_lambda_b", "vera_lambda_d")
     peft_classes = ("VeraConfig", "peft.tuners.vera", "VeraLayer")
@@ -58,6 +59,18 @@ class Vera(TunerMethod):
                         f"{where}: tensor base_model.{name} is missing: adapter_config.json sets save_projection, "
                         "so the shared projections must be in the file. The file is incomplete; save the adapter "
                         "again.")
+
+    def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> Branch:
+        import torch
+
+        with torch.no_grad():
+            lambda_d = module.vera_lambda_d[adapter_name].float()  # (r,)
+            lambda_b = module.vera_lambda_b[adapter_name].float()  # (out,)
+            vera_a = module.vera_A[adapter_name][:, : module.in_features].float()  # (r, in): the shared slice
+            vera_b = module.vera_B[adapter_name][: module.out_features, :].float()  # (out, r)
+            factors = finite_factors(adapter_name, layer_name, self.name, A=lambda_d[:, None] * vera_a,
+                                     B=lambda_b[:, None] * vera_b)
+        return Branch(factors["A"], factors["B"])
 
 
 VERA = Vera()

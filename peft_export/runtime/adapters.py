@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import AdapterNotFoundError, ConfigError, require
 from .adapter_names import DEFAULT_ADAPTER_NAME, check_adapter_name
 from .export_files import confined, verify_sha256
-from .lora_layout import LORA_A, LORA_B, Slot, check_factor_arrays, unpack_factors
+from .lora_layout import LORA_A, LORA_B, SavedParam, Slot, check_factor_arrays, unpack_factors, unpack_scales
 from .onnxruntime_merge_adapter import MergedAdapter  # numpy only; onnx and onnxruntime load when a merge runs
 
 
@@ -45,6 +45,7 @@ class AdapterMethods:
         self._active_adapter: str | None = None
         self._adapters_enabled = True
         self._slots = [Slot.from_dict(s) for s in self.config.lora_slots]
+        self._saved = [SavedParam.from_dict(p) for p in self.config.saved_params]
         if not self._slots:
             if self.config.adapters:
                 raise ConfigError(
@@ -52,7 +53,8 @@ class AdapterMethods:
                     "but the graph has no LoRA branches (no lora_slots); the folder was modified. Export it again."
                 )
             return
-        expected = {name for slot in self._slots for name in (slot.input_a, slot.input_b)}
+        expected = {name for slot in self._slots for name in slot.inputs}
+        expected |= {name for param in self._saved for name in (param.input_value, param.input_use)}
         found = set(self.backend.lora_input_names)
         if found != expected:
             missing = sorted(expected - found) or sorted(found - expected)
@@ -95,7 +97,7 @@ class AdapterMethods:
 
     def _load_checked(self, path: Path):
         arrays = self.backend.read_adapter(path)
-        check_factor_arrays(self._slots, arrays, str(path))
+        check_factor_arrays(self._slots, arrays, str(path), self._saved)
         return self.backend.load_adapter(path, arrays)
 
     def _register(self, name: str, adapter, source: str, info: dict[str, Any]) -> None:
@@ -235,7 +237,8 @@ class AdapterMethods:
                     if not isinstance(self._adapters[n].adapter, MergedAdapter)}
         attention = ((self.manifest or {}).get("export") or {}).get("attention")  # None for older exports
         merge = self.backend.merge_adapter
-        built = {name: merge(handle, self._slots, attention) for name, handle in todo.items()}  # slow: no lock
+        built = {name: merge(handle, self._slots, attention, saved=self._saved)  # slow: no lock
+                 for name, handle in todo.items()}
         with self._adapter_lock:
             for name, handle in built.items():
                 loaded = self._adapters.get(name)
@@ -274,7 +277,9 @@ class AdapterMethods:
     def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, np.ndarray]:
         """The adapter's LoRA weights with PEFT's keys and shapes (``<module>.lora_A.weight`` (r, in),
         ``<module>.lora_B.weight`` (out, r)); the scaling is folded into ``lora_B``, so ``lora_B @ lora_A`` is the
-        exact weight update. ``adapter_name`` defaults to the active adapter."""
+        exact weight update. Adapters with scale vectors (DoRA, IA3) also give ``<module>.lora_scale_in`` /
+        ``lora_scale_out`` / ``lora_scale_post`` (``methods/branch.py`` says what each multiplies).
+        ``adapter_name`` defaults to the active adapter."""
         self._require_switchable("get_adapter_state_dict")
         with self._adapter_lock:
             name = self._active_adapter if adapter_name is None else adapter_name
@@ -288,4 +293,5 @@ class AdapterMethods:
         for module, (lora_a, lora_b) in unpack_factors(self._slots, arrays).items():
             state[f"{module}.{LORA_A}.weight"] = lora_a
             state[f"{module}.{LORA_B}.weight"] = lora_b
+        state.update(unpack_scales(self._slots, arrays))  # DoRA, IA3: by graph input name (methods/branch.py)
         return state

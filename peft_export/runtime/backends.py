@@ -58,8 +58,10 @@ class Backend(Protocol):
     def adapter_arrays(self, adapter: Any) -> dict[str, np.ndarray]:
         """The graph-layout LoRA factors of a handle (copies)."""
 
-    def merge_adapter(self, adapter: Any, slots: list[Slot], attention: dict[str, int] | None = None) -> Any:
-        """A handle whose runs have ``adapter`` merged into the weights (``can_merge_adapters`` backends)."""
+    def merge_adapter(self, adapter: Any, slots: list[Slot], attention: dict[str, int] | None = None,
+                      saved: list | None = None) -> Any:
+        """A handle whose runs have ``adapter`` merged into the weights (``can_merge_adapters`` backends);
+        ``saved``: the graph's saved parameters (lora_layout.SavedParam), whose copies the adapter may carry."""
 
 
 def detect_backend(config: RuntimeConfig) -> str:

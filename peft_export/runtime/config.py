@@ -51,6 +51,9 @@ class RuntimeConfig:
     adapters: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_adapter: str | None = None
     lora_slots: list[dict[str, Any]] = field(default_factory=list)
+    # Parameters adapters may replace with their own trained copy (modules_to_save; lora_layout.SavedParam dicts).
+    # Not written when empty, so exports without them keep the file they had.
+    saved_params: list[dict[str, Any]] = field(default_factory=list)
     # Positions the graph's encoder has (max_position_embeddings, less RoBERTa's offset): max_seq_length's limit.
     # None in exports made before it was recorded.
     max_positions: int | None = None
@@ -75,6 +78,8 @@ class RuntimeConfig:
             del data["adapters"], data["default_adapter"]
         if not self.task_config:
             del data["task_config"]
+        if not self.saved_params:
+            del data["saved_params"]
         text = json.dumps(data, indent=2) + "\n"
         write_atomically(folder / file_name, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
@@ -136,7 +141,7 @@ def check_values(config: RuntimeConfig, path: Path) -> None:
         raise ConfigError(f"{path}: dimension must be a positive integer, found {config.dimension!r}")
     if not _is_int(config.pad_token_id) or config.pad_token_id < 0:
         raise ConfigError(f"{path}: pad_token_id must be a non-negative integer, found {config.pad_token_id!r}")
-    for key in ("input_names", "output_names", "pooling_modes", "lora_slots"):
+    for key in ("input_names", "output_names", "pooling_modes", "lora_slots", "saved_params"):
         if not isinstance(getattr(config, key), list):
             raise ConfigError(f"{path}: {key} must be a list, found {getattr(config, key)!r}")
     for key in ("adapters", "prompts", "task_config"):

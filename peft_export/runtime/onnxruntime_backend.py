@@ -304,7 +304,7 @@ class OnnxRuntimeBackend:
         return b"".join(parts)
 
     def merge_adapter(self, adapter: adapters.OrtAdapter, slots: list[Slot],
-                      attention: dict[str, int] | None = None) -> MergedAdapter:
+                      attention: dict[str, int] | None = None, saved: list | None = None) -> MergedAdapter:
         """A handle whose runs go to a new session of the base graph with ``adapter`` merged into its weights (same
         settings and providers as this backend's session; attention fused when the export recorded its shape)."""
         if self.settings.allow_spinning and not self.settings.stop_spinning_between_runs:
@@ -314,7 +314,7 @@ class OnnxRuntimeBackend:
                 "calls rotate between merged adapters). Keep stop_spinning_between_runs=True (the default)."
             )
         if self._merged_sessions is None:
-            self._merged_sessions = MergedSessions(self.model_path, slots, self.graph_bytes)
+            self._merged_sessions = MergedSessions(self.model_path, slots, self.graph_bytes, saved or [])
         ort = require("onnxruntime", "onnxruntime")
         session = self._merged_sessions.build(self.adapter_arrays(adapter), self.settings.to_session_options(ort),
                                               self._requested, self.settings.disabled_optimizers(self._requested),

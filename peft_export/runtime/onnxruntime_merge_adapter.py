@@ -33,7 +33,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import ConfigError, require
-from .lora_layout import Slot
+from .lora_layout import SavedParam, Slot
+from ..methods.branch import SCALE_IN, SCALE_OUT, SCALE_POST
 
 logger = logging.getLogger(__name__)
 
@@ -86,19 +87,122 @@ def cut_branches(model, slots: list[Slot]) -> dict[str, str]:
     del graph.node[:]
     graph.node.extend(kept)
     lora_names = {name for slot in slots for name in (slot.input_a, slot.input_b)}
+    _drop_inputs(graph, lora_names)
+    return weights
+
+
+def _drop_inputs(graph, names: set[str]) -> None:
     for field in (graph.input, graph.initializer):
-        kept_items = [item for item in field if item.name not in lora_names]
+        kept_items = [item for item in field if item.name not in names]
         del field[:]
         field.extend(kept_items)
-    return weights
+
+
+def cut_scales(model, slots: list[Slot]) -> dict[str, str | None]:
+    """Remove every scale vector (``methods/branch.py``) from ``model`` (after :func:`cut_branches`): each ``Mul``
+    by a scale input becomes an Identity of its other input. Returns, for each slot with a ``lora_scale_post``,
+    the name of its bias initializer (None when the layer has no bias), which that scale multiplies too."""
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    biases: dict[str, str | None] = {}
+    for slot in slots:
+        for kind in slot.scales:
+            name = slot.scale_input(kind)
+            muls = [n for n in consumers.get(name, []) if n.op_type == "Mul"]
+            if len(muls) != 1 or len(consumers.get(name, [])) != 1:
+                raise ConfigError(f"The switchable graph has no single scale product for {name!r}; export it again")
+            mul = muls[0]
+            data = next(i for i in mul.input if i != name)
+            if kind == SCALE_POST:
+                add = producers.get(data)
+                bias = [i for i in add.input if i in initializers] if add is not None and add.op_type == "Add" else []
+                biases[slot.module] = bias[0] if len(bias) == 1 else None
+            mul.op_type = "Identity"
+            del mul.input[:]
+            mul.input.append(data)
+    _drop_inputs(graph, {slot.scale_input(kind) for slot in slots for kind in slot.scales})
+    return biases
+
+
+def cut_saved(model, saved: list[SavedParam], factors: dict[str, np.ndarray]) -> set[str]:
+    """Replace each saved parameter's ``Where(saved_use > 0.5, saved_value, base)`` in ``model`` by the adapter's
+    copy (embedded as an initializer named like the input) where ``factors`` has one, else by the base value.
+    Returns the initializers these now read (base and copies), which must stay embedded in the graph: the graph
+    transposes them at run time, and ONNX Runtime does not fold that transpose for a value handed over with
+    ``add_initializer``."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dropped, read = set(), set()
+    for param in saved:
+        wheres = [n for n in consumers.get(param.input_value, []) if n.op_type == "Where"]
+        uses = consumers.get(param.input_use, [])
+        if len(wheres) != 1 or len(uses) != 1:
+            raise ConfigError(f"The switchable graph has no single saved-copy choice for {param.name!r}; export it "
+                              "again")
+        where, use = wheres[0], uses[0]
+        chosen = param.input_value if param.input_value in factors else where.input[2]
+        source = producers.get(chosen)
+        while source is not None and source.op_type == "Identity":  # the exporter shares equal initializers
+            chosen_base = source.input[0]
+            source = producers.get(chosen_base)
+            read.add(chosen_base)
+        read.add(chosen)
+        where.op_type = "Identity"
+        del where.input[:]
+        where.input.append(chosen)
+        dropped.add(id(use))
+        threshold = producers.get(use.input[1])
+        if threshold is not None and threshold.op_type == "Constant" and len(consumers[use.input[1]]) == 1:
+            dropped.add(id(threshold))
+    kept = [node for node in graph.node if id(node) not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
+    _drop_inputs(graph, {n for param in saved for n in (param.input_value, param.input_use)})
+    graph.initializer.extend(
+        numpy_helper.from_array(np.ascontiguousarray(factors[param.input_value], dtype=np.float32), param.input_value)
+        for param in saved if param.input_value in factors)
+    return read
+
+
+def folded_weights(base: np.ndarray, factors: dict[str, np.ndarray], slot: Slot) -> np.ndarray | None:
+    """The weight (in, out) the adapter's ``factors`` (graph input name -> array) give ``slot``, in float64, or
+    None when the adapter leaves the slot alone: ``diag(in) (W + A @ B) diag(out * post)`` (methods/branch.py)."""
+    lora_a, lora_b = factors.get(slot.input_a), factors.get(slot.input_b)
+    scales = {kind: factors[slot.scale_input(kind)].astype(np.float64) for kind in slot.scales
+              if slot.scale_input(kind) in factors}
+    has_branch = lora_a is not None and lora_a.shape[1] > 0
+    if not has_branch and not scales:
+        return None
+    weight = base.astype(np.float64)
+    if has_branch:
+        weight = weight + lora_a.astype(np.float64) @ lora_b.astype(np.float64)
+    if SCALE_IN in scales:
+        weight = scales[SCALE_IN][:, None] * weight  # (in, 1) * (in, out)
+    for kind in (SCALE_OUT, SCALE_POST):
+        if kind in scales:
+            weight = weight * scales[kind][None, :]  # (in, out) * (1, out)
+    return weight
 
 
 class MergedSessions:
     """Builds one session per merged adapter from a switchable ONNX file, sharing the untouched base weights."""
 
-    def __init__(self, model_path: Path, slots: list[Slot], read_graph: Callable[[], bytes] | None = None):
+    def __init__(self, model_path: Path, slots: list[Slot], read_graph: Callable[[], bytes] | None = None,
+                 saved: list[SavedParam] = ()):
         self.model_path = model_path
         self.slots = slots
+        self.saved = list(saved)
         # The graph's bytes as the switchable session loaded them (see OnnxRuntimeBackend.graph_bytes), so that a
         # file replaced on disk since (an export --force) is never merged with this model's adapters.
         self.read_graph = read_graph or model_path.read_bytes
@@ -108,8 +212,10 @@ class MergedSessions:
 
     def build(self, factors: dict[str, np.ndarray], options, providers: list,
               disabled_optimizers: list[str] | None = None, attention: dict[str, int] | None = None):
-        """A session for the base with ``factors`` (graph input name -> A (in, r) / B (r, out), scaling folded in)
-        merged: ``W + A @ B`` at every slot the adapter targets (products in float64, rounded once).
+        """A session for the base with ``factors`` (graph input name -> A (in, r) / B (r, out), scaling folded in;
+        scale vectors) merged: ``W + A @ B`` at every slot the adapter targets, with its scales folded in
+        (:func:`folded_weights`; products in float64, rounded once). The fold rule is the graph's arithmetic, read
+        from the adapter's tensors: no method module is involved.
 
         ``attention`` (``{"num_heads", "hidden_size"}``, recorded by the export) fuses each attention block as
         merge-onnx does for a merged export (``runtime/onnxruntime_fusion.py``), so the merged adapter runs the same
@@ -128,6 +234,8 @@ class MergedSessions:
 
                 load_external_data_for_model(model, str(self.model_path.parent))
             weights = cut_branches(model, self.slots)
+            biases = cut_scales(model, self.slots)
+            unshared = cut_saved(model, self.saved, factors)
             if not self._shared:
                 for tensor in model.graph.initializer:
                     if int(np.prod(tensor.dims)) >= SHARED_MIN_ELEMENTS:
@@ -136,15 +244,20 @@ class MergedSessions:
                         self._shared[tensor.name] = ort.OrtValue.ortvalue_from_numpy(array)
             merged = {}
             small = {t.name: t for t in model.graph.initializer if t.name not in self._arrays}  # not shared
+            def base_of(name: str) -> np.ndarray:
+                return self._arrays[name] if name in self._arrays else numpy_helper.to_array(small[name])
+
             for slot in self.slots:
-                if slot.input_a not in factors or factors[slot.input_a].shape[1] == 0:
-                    continue  # the adapter leaves this slot alone
                 name = weights[slot.module]
-                delta = factors[slot.input_a].astype(np.float64) @ factors[slot.input_b].astype(np.float64)
                 with np.errstate(over="ignore", invalid="ignore"):  # checked right below
-                    base = self._arrays[name] if name in self._arrays else numpy_helper.to_array(small[name])
-                    merged[name] = (base + delta).astype(np.float32)
-                if not np.isfinite(merged[name]).all():
+                    weight = folded_weights(base_of(name), factors, slot)
+                    if weight is None:
+                        continue  # the adapter leaves this slot alone
+                    merged[name] = weight.astype(np.float32)
+                    post, bias = factors.get(slot.scale_input(SCALE_POST)), biases.get(slot.module)
+                    if post is not None and bias is not None:  # the scale after the bias scales the bias too
+                        merged[bias] = (base_of(bias).astype(np.float64) * post).astype(np.float32)
+                if not np.isfinite(merged[name]).all() or (bias in merged and not np.isfinite(merged[bias]).all()):
                     raise ConfigError(f"Merging the adapter into {slot.module!r} gives non-finite weights; refused")
             for tensor in model.graph.initializer:
                 if tensor.name in merged:  # embedded: ONNX Runtime frees it after pre-packing
@@ -167,7 +280,7 @@ class MergedSessions:
             del data
         try:
             for name, value in self._shared.items():
-                if name not in merged and name in in_graph:  # fused query/key/value weights are packed anew
+                if name not in merged and name in in_graph and name not in unshared:  # fused q/k/v: packed anew
                     options.add_initializer(name, value)
             return ort.InferenceSession(scratch, sess_options=options, providers=providers,
                                         disabled_optimizers=disabled_optimizers)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import ConfigError, require
 from . import openvino_adapters as adapters
-from .lora_layout import LORA_A, LORA_B, Slot
+from .lora_layout import LORA_A, SAVED_USE, SAVED_VALUE, Slot, is_adapter_input, scale_kind
 from .shape_buckets import pad_to_buckets
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ _UNSET = object()  # no adapter selected yet on this thread's request
 
 
 def _is_lora_input(name: str) -> bool:
-    return name.endswith(f".{LORA_A}") or name.endswith(f".{LORA_B}")
+    return is_adapter_input(name)
 
 
 class OpenVinoBackend:
@@ -243,13 +243,30 @@ class OpenVinoBackend:
     def _rank_zero_defaults(self) -> dict[str, np.ndarray]:
         """Rank-0 factors for every LoRA input: (in, 0) for ``lora_A``; for ``lora_B`` (0, 1), a column of zeros
         the Add broadcasts, where the IR leaves B's out axis dynamic (switchable IRs written since that change),
-        else (0, out). Also records each input's layer-side size for :meth:`_checked` (None: dynamic in the IR)."""
+        else (0, out); ones for a scale vector. Also records each input's layer-side size for :meth:`_checked`
+        (None: dynamic in the IR)."""
         defaults, self._layer_sizes = {}, {}
         for port in self.compiled.inputs:
             name = port.get_any_name()
             if not _is_lora_input(name):
                 continue
             shape = port.get_partial_shape()
+            if name.endswith((f".{SAVED_VALUE}", f".{SAVED_USE}")):  # a saved module's copy: the base's by default
+                if shape.rank.is_dynamic:
+                    raise ConfigError(f"Saved-copy input {name!r} has shape {shape}; export the folder again.")
+                value = np.zeros((1,) * shape.rank.get_length(), np.float32)
+                value.setflags(write=False)
+                defaults[name], self._layer_sizes[name] = value, None
+                continue
+            if scale_kind(name) is not None:
+                if not shape.is_static or len(shape) != 1:
+                    raise ConfigError(f"Scale input {name!r} has shape {shape}; a switchable graph takes a vector of "
+                                      "fixed length. Export the folder again.")
+                size = self._layer_sizes[name] = shape[0].get_length()
+                value = np.ones(size, np.float32)
+                value.setflags(write=False)
+                defaults[name] = value
+                continue
             is_a = name.endswith(LORA_A)
             if (shape.rank.is_dynamic or len(shape) != 2 or (is_a and shape[0].is_dynamic)
                     or not shape[1 if is_a else 0].is_dynamic):
@@ -372,7 +389,7 @@ class OpenVinoBackend:
         return {name: value.copy() for name, value in adapter.arrays.items()}
 
     def merge_adapter(self, adapter: adapters.OvAdapter, slots: list[Slot],
-                      attention: dict[str, int] | None = None) -> adapters.OvAdapter:
+                      attention: dict[str, int] | None = None, saved: list | None = None) -> adapters.OvAdapter:
         """Not available: OpenVINO runs adapters on the switchable graph (``can_merge_adapters`` is False)."""
         raise ConfigError("merge_adapter needs the ONNX Runtime backend; on OpenVINO adapters always run on the "
                           "switchable graph. Open the export with backend='onnxruntime' to merge adapters.")
@@ -387,6 +404,15 @@ class OpenVinoBackend:
             if getattr(value, "dtype", None) != np.float32:
                 raise ConfigError(f"{where}: {name!r} has dtype {getattr(value, 'dtype', type(value))}, "
                                   "expected float32")
+            if name.endswith((f".{SAVED_VALUE}", f".{SAVED_USE}")):
+                if value.ndim != default.ndim:
+                    raise ConfigError(f"{where}: {name!r} has shape {value.shape}; this graph expects "
+                                      f"{default.ndim} axes")
+                continue  # the full shape is checked by lora_layout.check_saved_arrays
+            if scale_kind(name) is not None:
+                if value.shape != default.shape:
+                    raise ConfigError(f"{where}: {name!r} has shape {value.shape}; this graph expects {default.shape}")
+                continue
             side = 0 if name.endswith(LORA_A) else 1  # the layer's axis; the other is the rank
             size = self._layer_sizes[name]  # None: B's out axis is dynamic; check_factor_arrays checks it
             if value.ndim != 2 or (size is not None and value.shape[side] != size):
