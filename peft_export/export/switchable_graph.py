@@ -43,7 +43,8 @@ from ..methods import is_unused_head
 from ..runtime.lora_layout import Slot
 from .embedding_module import EmbeddingPipeline
 from .families import tracing_step
-from .onnx import MODEL_FILE, OUTPUT_NAMES, TRACE_ONNX, dummy_inputs, input_names
+from .onnx import MODEL_FILE, TRACE_ONNX, dummy_inputs, input_names
+from ..tasks import EMBEDDING, Task
 
 
 class LoraLinear(nn.Module):
@@ -110,9 +111,10 @@ def find_slots(encoder: nn.Module, targeted: set[str]) -> list[Slot]:
 
 
 def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int,
-                           rank_zero_defaults: bool = True) -> Path:
-    """Trace ``pipeline`` with a LoRA branch per slot and write ``folder/model.onnx`` with rank-0 defaults (without
-    them, every LoRA factor is a required input: the form OpenVINO converts).
+                           rank_zero_defaults: bool = True, task: Task = EMBEDDING) -> Path:
+    """Trace ``pipeline`` (the torch module of ``task``) with a LoRA branch per slot and write ``folder/model.onnx``
+    with the task's outputs and rank-0 defaults (without them, every LoRA factor is a required input: the form
+    OpenVINO converts).
 
     ``pipeline`` is modified (its slot layers are replaced); pass one built for the export only.
     """
@@ -134,8 +136,7 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
         axes[slot.input_b] = {0: f"rank_{i}", 1: f"lora_out_{i}"}
     for name in text_names:
         axes[name] = {0: "batch", 1: "sequence"}
-    axes["sentence_embedding"] = {0: "batch"}
-    axes["token_embeddings"] = {0: "batch", 1: "sequence"}
+    axes.update({output.name: output.axes for output in task.outputs})
 
     path = folder / MODEL_FILE
     with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, TRACE_ONNX):
@@ -145,7 +146,7 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
             (*text_inputs, *factors),
             str(path),
             input_names=text_names + factor_names,
-            output_names=OUTPUT_NAMES,
+            output_names=task.output_names,
             dynamic_axes=axes,
             opset_version=opset,
             do_constant_folding=True,
@@ -184,7 +185,8 @@ def _add_rank_zero_defaults(model, slots: list[Slot]) -> None:
             numpy_helper.from_array(np.zeros((0, 1), np.float32), slot.input_b)])
 
 
-def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int) -> Path:
+def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int,
+                               task: Task = EMBEDDING) -> Path:
     """The switchable graph as OpenVINO IR (``folder/openvino_model.xml`` + ``.bin``, fp32 weights): traced to ONNX
     as for ONNX Runtime, without rank-0 defaults, and converted; every LoRA factor is an input with a dynamic rank.
 
@@ -196,7 +198,8 @@ def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], f
     path = folder / MODEL_XML
     encoder = pipeline.encoder
     with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as scratch:
-        onnx_path = export_switchable_onnx(pipeline, slots, Path(scratch), opset, rank_zero_defaults=False)
+        onnx_path = export_switchable_onnx(pipeline, slots, Path(scratch), opset, rank_zero_defaults=False,
+                                           task=task)
         with tracing_step(encoder, CONVERT_OPENVINO):
             model = ov.convert_model(str(onnx_path))
         keep_input_names(model, input_names(pipeline) + [n for slot in slots for n in (slot.input_a, slot.input_b)])
