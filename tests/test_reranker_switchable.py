@@ -14,6 +14,7 @@ import peft_export
 from fixtures import tiny_models
 from peft_export import AdapterNotFoundError, CrossEncoderModel
 from peft_export.tasks.reranker import VALIDATION_PAIRS
+import reranker_fixtures
 
 TOLERANCE = 1e-5
 BASE_TOLERANCE = 1e-6
@@ -30,11 +31,12 @@ PAIRS = [(QUERY, p) for p in PASSAGES] + [tuple(p) for p in VALIDATION_PAIRS]
 
 @pytest.fixture(scope="session")
 def rerank_adapters(zoo, reranker):
-    """Two LoRA adapters of the tiny CrossEncoder with different targets and ranks: "qv" (query, value and every
-    dense layer, the pooler's included) and "qk" (query and key, rank 8)."""
-    second = zoo._once("ce-bert-lora-qk", lambda: tiny_models.add_cross_encoder_adapter(
-        reranker["base"], zoo.path("ce-bert-lora-qk"), target_modules=("query", "key"), r=8, alpha=16, seed=2))
-    return {"qv": reranker["adapter"], "qk": second}
+    return reranker_fixtures.rerank_adapters(zoo, reranker)
+
+
+@pytest.fixture(scope="session")
+def switchable_reranker(zoo, reranker):
+    return reranker_fixtures.switchable_reranker(zoo, reranker)
 
 
 @pytest.fixture(scope="session")
@@ -42,12 +44,6 @@ def query_adapter(zoo, reranker):
     """A third adapter, on the query and value layers only (which a graph exported with "qv" has branches for)."""
     return zoo._once("ce-bert-lora-q", lambda: tiny_models.add_cross_encoder_adapter(
         reranker["base"], zoo.path("ce-bert-lora-q"), target_modules=("query", "value"), r=2, alpha=4, seed=3))
-
-
-@pytest.fixture(scope="session")
-def switchable_reranker(zoo, reranker, rerank_adapters):
-    return zoo.export("ce-bert-switchable", reranker["base"], switchable=True,
-                      adapters=[f"{name}={path}" for name, path in rerank_adapters.items()])
 
 
 def _eager(reranker, adapter_folder=None):
