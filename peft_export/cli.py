@@ -333,7 +333,13 @@ def _serve_exports(specs: list[str]) -> dict[str, Path]:
 
 
 def _merge_served_adapters(models: dict, requested: list[str]) -> None:
-    """--merge-adapter: each NAME in the export that has it ("all": every adapter of every export)."""
+    """--merge-adapter: each NAME in the export that has it ("all": every adapter of every export); with one export,
+    the model's own merge_adapter says which names it lacks."""
+    if len(models) == 1:
+        model = next(iter(models.values()))
+        model.merge_adapter(model.list_adapters() if "all" in requested else requested)
+        print(f"merged into their own sessions: {', '.join(model.merged_adapters())}", flush=True)
+        return
     unknown = [n for n in requested if n != "all" and not any(n in m.list_adapters() for m in models.values())]
     if unknown:
         have = [a for m in models.values() for a in m.list_adapters()]

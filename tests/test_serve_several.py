@@ -179,3 +179,47 @@ def test_a_batch_with_results_of_the_wrong_shape_is_a_500_and_the_server_goes_on
                                           "type": "server_error", "param": None, "code": "internal_error"}
         fine = client.post("/v1/rerank", json={"model": "rerank", "query": "q", "documents": ["a", "b"]})
         assert fine.status_code == 200 and len(fine.json()["results"]) == 2
+
+
+@pytest.mark.slow
+def test_peft_export_serve_process_with_an_embedder_and_a_switchable_reranker(models, tmp_path):
+    """`python -m peft_export.cli serve embed=EXPORT rerank=EXPORT` on loopback answers both tasks as the
+    in-process classes do (two reranker adapters), and SIGTERM ends it with status 0."""
+    import httpx
+
+    from peft_export.bench.server import served
+
+    exports = [f"embed={models['embed'].path}", f"rerank={models['rerank'].path}"]
+    with served(exports, [], tmp_path / "serve.log", timeout=120) as server:
+        assert server.url.startswith("http://127.0.0.1:")
+        listed = httpx.get(server.url + "/v1/models", timeout=10).json()
+        assert [m["id"] for m in listed["data"]] == ["embed", "rerank", "qv", "qk"]
+        embedded = httpx.post(server.url + "/v1/embeddings", json={"model": "embed", "input": ["one", "two"]},
+                              timeout=30)
+        assert embedded.status_code == 200, embedded.text
+        np.testing.assert_allclose([d["embedding"] for d in embedded.json()["data"]],
+                                   models["embed"].encode(["one", "two"]), atol=1e-6)
+        for adapter in ("qv", "qk"):
+            ranked = httpx.post(server.url + "/v1/rerank", json={"model": adapter, "query": QUERY,
+                                                                 "documents": DOCUMENTS}, timeout=30)
+            assert ranked.status_code == 200, ranked.text
+            want = models["rerank"].rank(QUERY, DOCUMENTS, adapter=adapter)
+            assert [r["index"] for r in ranked.json()["results"]] == [w["corpus_id"] for w in want]
+            np.testing.assert_allclose([r["relevance_score"] for r in ranked.json()["results"]],
+                                       [w["score"] for w in want], atol=1e-6)
+        wrong = httpx.post(server.url + "/v1/rerank", json={"model": "embed", "query": "q", "documents": ["a"]},
+                           timeout=30)
+        assert wrong.status_code == 400 and wrong.json()["error"]["code"] == "wrong_model_task"
+    assert server.exit_status == 0, (tmp_path / "serve.log").read_text()
+    assert "serving embed, rerank, qv, qk on http://127.0.0.1:" in (tmp_path / "serve.log").read_text()
+
+
+def test_cli_serve_refuses_two_exports_under_one_name(models, capsys):
+    from peft_export.cli import main
+
+    path = str(models["embed"].path)
+    assert main(["serve", f"a={path}", f"a={models['rerank'].path}"]) == 2
+    assert capsys.readouterr().err.strip().startswith("peft-export: error: Two exports are served as 'a'")
+    assert main(["serve", path, str(models["rerank"].path), "--served-model-name", "x"]) == 2
+    assert "--served-model-name names the one export served; with several, name each one as NAME=PATH" in \
+        capsys.readouterr().err
