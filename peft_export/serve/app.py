@@ -22,7 +22,7 @@ from ..tasks import load_reference
 from .batching import DynamicBatcher
 from .metrics import NO_MODEL, ServeMetrics
 from .model_group import ModelGroup, export_settings
-from .protocol import ApiError, dumps, show
+from .protocol import ApiError, dumps, json_response, show
 from .served_model import ServedModel, served_task  # noqa: F401 (served_task: part of this module's API)
 from .settings import ServeSettings
 
@@ -249,12 +249,6 @@ async def _wait_for_disconnect(request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
-
-
-def json_response(payload: Any, status: int = 200):
-    from starlette.responses import Response
-
-    return Response(dumps(payload), status_code=status, media_type="application/json")
 
 
 def create_app(model: Any | Mapping[str, Any], settings: ServeSettings | None = None):

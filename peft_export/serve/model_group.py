@@ -15,16 +15,18 @@ import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ConfigError
 from ..tasks import Task
 from .metrics import ServeMetrics
-from .protocol import ApiError, json_type, show
+from .protocol import ApiError, json_response, json_type, show
 from .settings import ServeSettings
 
-if TYPE_CHECKING:
-    from .app import ModelServer, RequestInfo
+# What the group holds: app.ModelServer (one export) and app.RequestInfo, which import this module, so they are
+# only named here.
+ModelServer = Any
+RequestInfo = Any
 
 
 def export_settings(models: Mapping[str, Any], settings: ServeSettings) -> dict[str, ServeSettings]:
@@ -141,8 +143,6 @@ class ModelGroup:
 
     # ----- task-independent routes -----
     async def models(self, request):
-        from .app import json_response
-
         created = int(time.time())
         data = []
         for server in self.servers:
@@ -154,8 +154,6 @@ class ModelGroup:
         return json_response({"object": "list", "data": data})
 
     async def health(self, request):
-        from .app import json_response
-
         body: dict[str, Any] = {"status": self.status}
         if len(self.servers) > 1:
             body["models"] = {server.served.base_name: server.status for server in self.servers}
