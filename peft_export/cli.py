@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import PeftExportError
+from .errors import ConfigError, PeftExportError
 from .methods import method_names
 
 DEFAULT_OUTPUT_SUFFIX = "-onnx"
@@ -298,39 +298,83 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from .serve.settings import LIMIT_FLAGS
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    exports = _serve_exports(args.paths)
+    if len(exports) > 1 and args.served_model_name:
+        raise ConfigError("--served-model-name names the one export served; with several, name each one as "
+                          "NAME=PATH")
     settings = ServeSettings(
-        served_model_name=args.served_model_name or Path(args.path).resolve().name,
+        served_model_name=None if len(exports) > 1 else args.served_model_name or next(iter(exports)),
         default_adapter=args.default_adapter, auto_truncate=args.auto_truncate,
         merged_adapter_budget=args.merged_adapter_budget,
         **{field: getattr(args, field) for field, _, _ in LIMIT_FLAGS},
     )
     from .tasks.loading import load
 
-    # The class of the export's task (EmbeddingModel, CrossEncoderModel); the app serves that task's routes.
-    model = load(args.path, device=args.device, intra_op_threads=args.intra_op_threads)
+    # The class of each export's task (EmbeddingModel, CrossEncoderModel); the app serves those tasks' routes.
+    models = {name: load(path, device=args.device, intra_op_threads=args.intra_op_threads)
+              for name, path in exports.items()}
     if args.merge_adapter:
-        names = model.list_adapters() if "all" in args.merge_adapter else args.merge_adapter
-        model.merge_adapter(names)
-        print(f"merged into their own sessions: {', '.join(model.merged_adapters())}", flush=True)
-    app = create_app(model, settings)
+        _merge_served_adapters(models, args.merge_adapter)
+    app = create_app(models if len(models) > 1 else next(iter(models.values())), settings)
     sock = listening_socket(args.host, args.port)  # --port 0: the port the system picked is announced
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {', '.join(app.state.server.served.names)} on http://{host}:{sock.getsockname()[1]}",
-          flush=True)
+    names = [name for server in app.state.group.servers for name in server.served.names]
+    print(f"serving {', '.join(names)} on http://{host}:{sock.getsockname()[1]}", flush=True)
     run_server(app, args.host, args.port, graceful_timeout_s=args.graceful_timeout, log_level=args.log_level,
                sock=sock)
     return 0
 
 
+def _serve_exports(specs: list[str]) -> dict[str, Path]:
+    """``serve``'s export arguments, PATH or NAME=PATH, as {name: folder}; a PATH is named by its folder. An
+    argument that is an existing folder is a PATH even where it holds "=". Two exports under one name: refused."""
+    exports: dict[str, Path] = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        if not path or Path(spec).is_dir():
+            name, path = Path(spec).resolve().name, spec
+        if not name:
+            raise ConfigError(f"{spec!r}: give the export as PATH or NAME=PATH, with a non-empty NAME")
+        if name in exports:
+            raise ConfigError(f"Two exports are served as {name!r} ({exports[name]} and {path}); name them apart "
+                              "with NAME=PATH")
+        exports[name] = Path(path)
+    return exports
+
+
+def _merge_served_adapters(models: dict, requested: list[str]) -> None:
+    """--merge-adapter: each NAME in the export that has it ("all": every adapter of every export); with one export,
+    the model's own merge_adapter says which names it lacks."""
+    if len(models) == 1:
+        model = next(iter(models.values()))
+        model.merge_adapter(model.list_adapters() if "all" in requested else requested)
+        print(f"merged into their own sessions: {', '.join(model.merged_adapters())}", flush=True)
+        return
+    unknown = [n for n in requested if n != "all" and not any(n in m.list_adapters() for m in models.values())]
+    if unknown:
+        have = [a for m in models.values() for a in m.list_adapters()]
+        raise ConfigError(f"--merge-adapter {unknown[0]!r}: no served export has that adapter; they have "
+                          f"{', '.join(map(repr, have)) or 'none'}")
+    for model in models.values():
+        names = [n for n in model.list_adapters() if "all" in requested or n in requested]
+        if names:
+            model.merge_adapter(names)
+            print(f"merged into their own sessions: {', '.join(model.merged_adapters())}", flush=True)
+
+
 def _add_serve_parser(sub) -> None:
     from .serve.settings import add_limit_arguments, port_number  # light: no Starlette, no uvicorn
 
-    serve = sub.add_parser("serve", help="serve an export folder over HTTP (OpenAI and TEI routes; rerank routes "
+    serve = sub.add_parser("serve", help="serve export folders over HTTP (OpenAI and TEI routes; rerank routes "
                                          "for a reranker export)",
-                           description="Serve an export folder over HTTP with dynamic batching: POST /v1/embeddings "
-                                       "(OpenAI), POST /embed and /similarity (text-embeddings-inference), "
-                                       "GET /v1/models, /health, /live, /metrics. Needs peft_export[serve].")
-    serve.add_argument("path", help="export folder")
+                           description="Serve one or more export folders over HTTP with dynamic batching: POST "
+                                       "/v1/embeddings (OpenAI), POST /embed and /similarity (text-embeddings-"
+                                       "inference) for embedders, POST /v1/rerank and /rerank for rerankers, "
+                                       "GET /v1/models, /health, /live, /metrics. Several exports (an embedder and a "
+                                       "reranker) each get their own batcher; a request's `model` picks one. Needs "
+                                       "peft_export[serve].")
+    serve.add_argument("paths", nargs="+", metavar="[NAME=]PATH",
+                       help="export folder; several for one server (each served as NAME, default: its folder's name)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     serve.add_argument("--port", type=port_number, default=8080,
                        help="port, 0-65535 (default: 8080; 0: any free port, the one chosen is printed)")

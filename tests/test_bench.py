@@ -296,3 +296,42 @@ def test_bench_attention_fusion_refuses_a_pair_that_computes_different_embedding
     with pytest.raises(SystemExit, match=r"bert: fused and unfused embeddings differ by .* \(> 1e-05\); not timed"):
         bench["main"](["--quick", "--pair", pair, "--out", str(tmp_path)])
     assert not (tmp_path / "bench_attention_fusion.json").exists()
+
+
+def test_rerank_load_level_counts_pairs_and_checks_every_score():
+    """http_load.rerank_level against a fake /v1/rerank: pairs/s counts documents, a wrong score shows as its
+    difference, a failed request as an error."""
+    import asyncio
+
+    import httpx
+    import numpy as np
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from peft_export.bench.http_load import rerank_level
+
+    async def rerank(request):
+        body = await request.json()
+        if body["model"] == "down":
+            return JSONResponse({"error": "down"}, status_code=503)
+        shift = 0.5 if body["model"] == "off" else 0.0
+        scores = [len(d) + shift for d in body["documents"]]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        return JSONResponse({"results": [{"index": i, "relevance_score": scores[i]} for i in order]})
+
+    app = Starlette(routes=[Route("/v1/rerank", rerank, methods=["POST"])])
+    requests = [("q", ["a", "bbb", "cc"]), ("r", ["dddd", "e"])]
+    references = {(name, i): np.array([len(d) for d in docs], np.float32)
+                  for name in ("good", "off", "down") for i, (_, docs) in enumerate(requests)}
+
+    async def level(name):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await rerank_level(client, requests, references, lambda n: name, concurrency=2, max_requests=4,
+                                      max_seconds=30, log=lambda msg: None)
+
+    good, off, down = (asyncio.run(level(name)) for name in ("good", "off", "down"))
+    assert good["requests"] == 4 and good["errors"] == 0 and good["max_abs_diff"] == 0.0
+    assert good["pairs_per_s"] * good["seconds"] == pytest.approx(10)  # 2 x (3 + 2) documents
+    assert off["max_abs_diff"] == pytest.approx(0.5)
+    assert down["errors"] == 4 and down["pairs_per_s"] == 0

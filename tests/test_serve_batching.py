@@ -258,3 +258,79 @@ def test_admission_counts_tokens_in_flight_too():
         assert batcher.inflight_tokens == 0
 
     run(main())
+
+
+class WrongShapeEncoder:
+    """encode_batch that returns ``bad(texts)`` for a batch holding "bad", else one row per text."""
+
+    def __init__(self, bad):
+        self.bad = bad
+
+    def __call__(self, group, texts):
+        if "bad" in texts:
+            return self.bad(texts)
+        return np.array([[len(t), 1.0] for t in texts], dtype=np.float32)
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (lambda texts: np.ones(len(texts), np.float32), r"shape \(2,\) for 2 inputs; expected \(2, width\)"),
+    (lambda texts: np.ones((len(texts) + 1, 2), np.float32), r"shape \(3, 2\) for 2 inputs"),
+    (lambda texts: np.ones((len(texts), 2, 2), np.float32), r"shape \(2, 2, 2\) for 2 inputs"),
+    (lambda texts: [[1.0], [1.0, 2.0]], r"list that is not an \(inputs, width\) array of numbers for 2 inputs"),
+    (lambda texts: None, r"shape \(\) for 2 inputs"),
+])
+def test_results_of_the_wrong_shape_fail_their_requests_and_the_worker_goes_on(bad, message):
+    """A batch call returning anything but one row per input fails that batch's requests with a message saying
+    what came back; the worker lives on and the next request is answered (it used to die, leaving every later
+    request waiting forever)."""
+
+    async def main():
+        batcher = make(WrongShapeEncoder(bad), max_delay_s=0.05)
+        batcher.start()
+        broken = batcher.try_submit("g", ["bad", "also"], [1, 1])
+        with pytest.raises(RuntimeError, match=message):
+            await broken.future
+        good = await batcher.try_submit("g", ["fine"], [1]).future
+        await batcher.stop()
+        return good, batcher.inflight_inputs, batcher.inflight_tokens
+
+    good, inputs, tokens = run(main())
+    assert good.tolist() == [[4.0, 1.0]] and inputs == 0 and tokens == 0
+
+
+def test_a_request_whose_batches_disagree_on_the_width_fails_alone():
+    """Rows of one request that come back from two model calls with different widths fail that request only."""
+    widths = iter([2, 3, 2])
+
+    def encoder(group, texts):
+        return np.ones((len(texts), next(widths)), np.float32)
+
+    async def main():
+        batcher = make(encoder, max_delay_s=0.0, max_batch_tokens=1)
+        batcher.start()
+        split = batcher.try_submit("g", ["one", "two"], [1, 1])  # two batches of one input each
+        with pytest.raises(RuntimeError, match=r"row of shape \(3,\) for input 1 of a request whose earlier rows "
+                                               r"have shape \(2,\)"):
+            await split.future
+        good = await batcher.try_submit("g", ["fine"], [1]).future
+        await batcher.stop()
+        return good, batcher.inflight_inputs
+
+    good, inflight = run(main())
+    assert good.shape == (1, 2) and inflight == 0
+
+
+def test_a_failing_metrics_observer_costs_no_results():
+    def observer(group, n, tokens, seconds):
+        raise ValueError("metrics broke")
+
+    async def main():
+        batcher = make(RecordingEncoder(), on_batch=observer)
+        batcher.start()
+        first = await batcher.try_submit("g", ["one"], [1]).future
+        second = await batcher.try_submit("g", ["three"], [1]).future
+        await batcher.stop()
+        return first, second
+
+    first, second = run(main())
+    assert first[0, 0] == 3 and second[0, 0] == 5

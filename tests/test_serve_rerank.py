@@ -104,3 +104,81 @@ def test_metrics_and_routes_are_the_rerankers(served):
     assert 'route="/v1/rerank"' in client.get("/metrics").text
     missing = client.post("/v1/embeddings", json={"input": "x", "model": model.path.name})
     assert missing.status_code == 404
+
+
+# ----- per-request adapters of a switchable reranker -----
+@pytest.fixture(scope="module")
+def switchable_served(zoo, reranker):
+    import reranker_fixtures
+
+    model = CrossEncoderModel(reranker_fixtures.switchable_reranker(zoo, reranker))
+    calls = []
+    predict = model.predict
+
+    def recording_predict(pairs, **options):  # each batch call, with the adapter it ran
+        calls.append((options.get("adapter"), [passage for _, passage in pairs]))
+        return predict(pairs, **options)
+
+    model.predict = recording_predict
+    with TestClient(create_app(model, ServeSettings(max_batch_delay_ms=50))) as client:
+        yield model, client, calls
+
+
+@pytest.mark.parametrize("name", ["qv", "qk", None])
+def test_each_request_picks_its_adapter_on_both_rerank_routes(switchable_served, name):
+    model, client, _ = switchable_served
+    adapter = name or False  # the base: no adapter
+    want = model.rank(QUERY, DOCUMENTS, adapter=adapter)
+    v1 = client.post("/v1/rerank", json={"model": name or model.path.name, "query": QUERY, "documents": DOCUMENTS})
+    assert v1.status_code == 200, v1.text
+    assert [r["index"] for r in v1.json()["results"]] == [w["corpus_id"] for w in want]
+    np.testing.assert_allclose([r["relevance_score"] for r in v1.json()["results"]], [w["score"] for w in want],
+                               atol=1e-6)
+    tei = client.post("/rerank", json={"query": QUERY, "texts": DOCUMENTS, **({"model": name} if name else {})})
+    assert tei.status_code == 200, tei.text
+    np.testing.assert_allclose([r["score"] for r in tei.json()], [w["score"] for w in want], atol=1e-6)
+
+
+def test_the_adapters_score_differently(switchable_served):
+    _, client, _ = switchable_served
+    scores = {}
+    for name in ("qv", "qk"):
+        results = client.post("/rerank", json={"model": name, "query": QUERY, "texts": DOCUMENTS}).json()
+        scores[name] = np.array([r["score"] for r in sorted(results, key=lambda r: r["index"])])
+    assert np.abs(scores["qv"] - scores["qk"]).max() > 1e-3
+
+
+def test_an_unknown_adapter_is_the_embedding_routes_404(switchable_served):
+    model, client, _ = switchable_served
+    names = f"{model.path.name}, qv, qk"
+    v1 = client.post("/v1/rerank", json={"model": "nope", "query": QUERY, "documents": ["a"]})
+    assert v1.status_code == 404
+    assert v1.json() == {"error": {"message": f"Model 'nope' is not served here; available: {names}",
+                                   "type": "invalid_request_error", "param": "model", "code": "model_not_found"}}
+    tei = client.post("/rerank", json={"model": "../qv", "query": QUERY, "texts": ["a"]})
+    assert tei.status_code == 404
+    assert tei.json() == {"error": f"Model '../qv' is not served here; available: {names}", "error_type": "NotFound"}
+
+
+def test_concurrent_requests_for_two_adapters_never_share_a_batch(switchable_served):
+    """Mixed traffic: each batch call holds one adapter's pairs only, and every answer equals its request alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, client, calls = switchable_served
+    documents = {name: [f"{name} passage {i} about resetting a password" for i in range(6)] for name in ("qv", "qk")}
+    calls.clear()
+
+    def ask(name):
+        return name, client.post("/v1/rerank", json={"model": name, "query": QUERY, "documents": documents[name]})
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, ["qv", "qk"] * 6))
+    for name, response in answers:
+        assert response.status_code == 200, response.text
+        want = model.rank(QUERY, documents[name], adapter=name)
+        np.testing.assert_allclose([r["relevance_score"] for r in response.json()["results"]],
+                                   [w["score"] for w in want], atol=1e-6)
+    served_calls = [(adapter, passages) for adapter, passages in calls if adapter in ("qv", "qk")]
+    assert served_calls
+    for adapter, passages in served_calls:
+        assert all(p.startswith(f"{adapter} passage") for p in passages), (adapter, passages)

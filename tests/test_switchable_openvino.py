@@ -303,7 +303,7 @@ def test_add_and_remove_adapter_on_an_openvino_folder(tmp_path, capsys):
 
     # A rejected add leaves the folder byte for byte as it was.
     before = snapshot(folder)
-    with pytest.raises(ValidationError, match="'again' and 'attn' give the same embeddings"):
+    with pytest.raises(ValidationError, match="'again' and 'attn' give the same normalised embeddings"):
         add_adapter(folder, f"again={make_adapter('attn')}", log=quiet)
     foreign = make_adapter("foreign", base=base_model("wide", hidden=48, seed=3), r=2, lora_alpha=4,
                            target_modules=["query"])

@@ -1,5 +1,6 @@
-"""The HTTP load generator of the serving benchmarks: concurrent OpenAI-style embedding requests to a server on
-127.0.0.1, each response checked against in-process ``encode`` before any speed is reported."""
+"""The HTTP load generator of the serving benchmarks: concurrent OpenAI-style embedding requests, or /v1/rerank
+requests, to a server on 127.0.0.1, each response checked against in-process ``encode`` / ``predict`` before any
+speed is reported."""
 
 from __future__ import annotations
 
@@ -81,3 +82,48 @@ async def load_level(http, sentences: list[str], references: dict[str, np.ndarra
     return {"concurrency": concurrency, "requests": done, "seconds": elapsed, "requests_per_s": done / elapsed,
             "embeddings_per_s": (done - errors) * size / elapsed, "errors": errors, "max_abs_diff": max_diff,
             "min_cosine": min_cosine, **{k: stats[k] for k in ("p50_ms", "p95_ms", "p99_ms")}}
+
+
+async def rerank_level(http, requests: list[tuple[str, list[str]]], references: dict[tuple[str, int], np.ndarray],
+                       pick: Callable[[int], str], concurrency: int, max_requests: int, max_seconds: float,
+                       log: Callable[[str], None] = print) -> dict:
+    """``concurrency`` workers send ``/v1/rerank`` requests until ``max_requests`` are sent or ``max_seconds`` have
+    passed; request n scores ``requests[n % len(requests)]`` (one query, its documents) with model ``pick(n)``, and
+    its scores, put back in document order, are compared with ``references[(model, n % len(requests))]``.
+    Requests/s, pairs/s, latency percentiles and the largest score difference."""
+    latencies: list[float] = []
+    errors = pairs = 0
+    max_diff = 0.0
+    counter = iter(range(max_requests))
+    deadline = time.perf_counter() + max_seconds
+
+    async def worker() -> None:
+        nonlocal errors, pairs, max_diff
+        for n in counter:
+            if time.perf_counter() > deadline:
+                return
+            index, name = n % len(requests), pick(n)
+            query, documents = requests[index]
+            body = {"model": name, "query": query, "documents": documents, "truncate": True}
+            started = time.perf_counter()
+            response = await http.post("/v1/rerank", json=body)
+            latencies.append(time.perf_counter() - started)
+            if response.status_code != 200:
+                errors += 1
+                if errors == 1:
+                    log(f"  first error: {response.status_code} {response.text[:300]}")
+                continue
+            got = np.empty(len(documents), dtype=np.float32)
+            for result in response.json()["results"]:
+                got[result["index"]] = result["relevance_score"]
+            max_diff = max(max_diff, float(np.abs(got - references[(name, index)]).max()))
+            pairs += len(documents)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    done = len(latencies)
+    stats = percentiles(latencies)
+    return {"concurrency": concurrency, "requests": done, "seconds": elapsed, "requests_per_s": done / elapsed,
+            "pairs_per_s": pairs / elapsed, "errors": errors, "max_abs_diff": max_diff,
+            **{k: stats[k] for k in ("p50_ms", "p95_ms", "p99_ms")}}

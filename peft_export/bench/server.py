@@ -28,14 +28,16 @@ class Server:
     exit_status: int | None = None  # set when stopped
 
 
-def start_serve(export: str | Path, serve_args: list[str], log_path: Path, *, repo: Path | None = None,
-                port: int | None = None) -> Server:
-    """`python -m peft_export.cli serve EXPORT` on 127.0.0.1 with the peft_export of ``repo`` (default: this
-    checkout); its output goes to ``log_path``. Not yet ready: see :func:`wait_ready`."""
+def start_serve(export: str | Path | list[str | Path], serve_args: list[str], log_path: Path, *,
+                repo: Path | None = None, port: int | None = None) -> Server:
+    """`python -m peft_export.cli serve EXPORT...` on 127.0.0.1 with the peft_export of ``repo`` (default: this
+    checkout); ``export`` is one folder or a list of exports (PATH or NAME=PATH: several in one server); its output
+    goes to ``log_path``. Not yet ready: see :func:`wait_ready`."""
     port = port or free_port()
     repo = Path(repo or REPO_ROOT)
+    exports = [str(e) for e in export] if isinstance(export, list) else [str(export)]
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "serve", str(export), "--host",
+        process = subprocess.Popen([sys.executable, "-m", "peft_export.cli", "serve", *exports, "--host",
                                     "127.0.0.1", "--port", str(port), "--log-level", "warning", *serve_args],
                                    stdout=log, stderr=subprocess.STDOUT, env=child_env(repo), cwd=repo)
     return Server(process, f"http://127.0.0.1:{port}")
@@ -69,8 +71,8 @@ def stop(process: subprocess.Popen, timeout: float = 60) -> int:
 
 
 @contextmanager
-def served(export: str | Path, serve_args: list[str], log_path: Path, *, repo: Path | None = None,
-           timeout: float = 300) -> Iterator[Server]:
+def served(export: str | Path | list[str | Path], serve_args: list[str], log_path: Path, *,
+           repo: Path | None = None, timeout: float = 300) -> Iterator[Server]:
     """A ready `peft-export serve` for the ``with`` block, stopped after it (also when it raises)."""
     server = start_serve(export, serve_args, log_path, repo=repo)
     try:

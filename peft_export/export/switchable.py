@@ -5,8 +5,9 @@
 Validation, before anything is declared done (at export and at add-adapter):
 
 * every adapter through the switchable graph equals eager PEFT with that adapter active, and the PyTorch model
-  with that adapter merged (normalised sentence embeddings within 1e-5);
-* the graph with no adapter equals the base model (within 1e-6);
+  with that adapter merged (the task's outputs within their tolerances: normalised sentence embeddings, a
+  reranker's logits and scores, within 1e-5);
+* the graph with no adapter equals the base model (the task's main output within 1e-6);
 * adapters differ from the base and from each other (unless --allow-noop-adapter).
 """
 
@@ -24,6 +25,7 @@ from ..runtime.config import MANIFEST_FILE, RuntimeConfig
 from ..runtime.lora_layout import SavedParam, Slot, pack_factors, pack_saved
 from ..runtime.tokenizer import TextTokenizer
 from ..source.resolve import AdapterSource, describe_base, recorded_source, resolve_model, sha256_file
+from ..tasks import EMBEDDING, Task
 from . import dependencies, validate  # noqa: F401 (dependencies first: without torch, an error naming the extra)
 from .manifest import export_manifest, record_file_hashes
 from .output_folder import atomic_output_folder, check_output_target, folder_size
@@ -38,7 +40,7 @@ from .switchable_adapters import (AdapterReferences, adapter_references, adapter
 
 logger = logging.getLogger(__name__)
 
-BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, normalised sentence embeddings
+BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, the task's main output
 _RUNTIME_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks", "scales",
                  "saved_params")
 
@@ -104,13 +106,14 @@ def attach_by_method(encoder, adapters: list[AdapterSource], attach: Callable) -
 
 def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[validate.ReferenceBatch],
                               candidates: dict[str, tuple[Path, AdapterReferences]], existing: dict[str, Path],
-                              allow_duplicates: bool) -> dict[str, Any]:
+                              allow_duplicates: bool, task: Task = EMBEDDING) -> dict[str, Any]:
     """Run the graph in ``folder`` without an adapter, with each candidate adapter file (checked against its
     references), and with each existing adapter file (for the pairwise difference); raise on any failure."""
     backend = _open_graph(folder, config)
+    main = task.outputs[0]
     report = validate.compare_with_reference(
         base, backend.run, "The switchable graph without an adapter (vs the base model)",
-        tolerances={"sentence_embedding": BASE_TOLERANCE},
+        tolerances={main.name: BASE_TOLERANCE}, task=task,
     )
     outputs: dict[str, list] = {}
     per_adapter: dict[str, Any] = {}
@@ -126,10 +129,11 @@ def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[va
         for b in names[i + 1:]:
             if a not in candidates and b not in candidates:
                 continue
-            diff = max_output_difference(outputs[a], outputs[b])
+            diff = max_output_difference(outputs[a], outputs[b], base, task)
             pairs[f"{a} vs {b}"] = diff
             if diff < NOOP_ADAPTER_THRESHOLD and not allow_duplicates:
-                same = (f"Adapters {a!r} and {b!r} give the same embeddings (max difference {diff:.2g} < "
+                same = (f"Adapters {a!r} and {b!r} give the same {main.description or main.name} (max difference "
+                        f"{diff:.2g} < "
                         f"{NOOP_ADAPTER_THRESHOLD:g}); is one a copy of the other? Pass")
                 raise ValidationError(f"{same} allow_noop_adapter=True to keep both.").in_cli_words(
                     f"{same} --allow-noop-adapter to keep both.")
@@ -181,7 +185,8 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     check_output_target(options.output, options.force)  # fail before minutes of validation, not after
     resolved = resolve_model(options.model_id, options.adapters, base=options.base, revision=options.revision,
                              base_revision=options.base_revision, token=options.token)
-    resolved.task.check_export_mode("switchable", "switchable=True")
+    task = resolved.task
+    task.check_export_mode("switchable", "switchable=True")
     names = [a.name for a in resolved.adapters]
     if not names:
         raise ConfigError('switchable=True needs at least one adapter: adapters=["NAME=PATH", ...]').in_cli_words(
@@ -210,31 +215,36 @@ def run_switchable_export(options: ExportOptions, log: Callable[[str], None] = l
     refs, converted = {}, {}
     for adapter in resolved.adapters:
         refs[adapter.name] = adapter_references(models[adapter.name], adapter.name, prepared.make_pipeline,
-                                                prepared.ref_tokenize, base)
+                                                prepared.ref_tokenize, base, task)
         check_effect(refs[adapter.name], options.allow_noop_adapter)
         converted[adapter.name] = convert_adapter(models[adapter.name], adapter, slots, branches[adapter.name],
                                                   saved)
         log(f"adapter {adapter.name!r}: merged == eager PEFT within {refs[adapter.name].merged_vs_eager:.1e}; "
-            f"changes embeddings by up to {refs[adapter.name].effect:.3f}")
+            f"changes {task.outputs[0].name} by up to {refs[adapter.name].effect:.3f}")
 
     with atomic_output_folder(options.output, force=options.force) as tmp:
-        model_path = export_graph(prepared.make_pipeline(graph_encoder), slots, tmp, options.opset, saved=saved)
+        graph_pipeline = prepared.make_pipeline(graph_encoder)
+        task_config = dict(graph_pipeline.task_config)  # the runtime config's task section (a reranker's activation)
+        model_path = export_graph(graph_pipeline, slots, tmp, options.opset, saved=saved, task=task)
         save_tokenizer(prepared.tokenizer, tmp)
-        config = prepared.runtime_config(model_path.name, int(base[0].outputs["sentence_embedding"].shape[-1]), backend)
+        main = task.outputs[0].name
+        config = prepared.runtime_config(model_path.name, int(base[0].outputs[main].shape[-1]), backend)
+        config.task_config = task_config
         config.lora_slots = [slot.to_dict() for slot in slots]
         config.saved_params = [param.to_dict() for param in saved]
         config.default_adapter = options.default_adapter
         for name, (arrays, summary) in converted.items():
             write_adapter_file(tmp / adapter_file(name, suffix), arrays)
             config.adapters[name] = _runtime_entry(name, summary, suffix)
-        config.save(tmp)
-        check_runtime_tokenizer(TextTokenizer(tmp, config), prepared.ref_tokenize, prepared.task.validation_texts)
+        config.save(tmp, task.runtime_config_file)
+        check_runtime_tokenizer(TextTokenizer(tmp, config), prepared.ref_tokenize, task.validation_texts,
+                                task.text_pairs)
         candidates = {name: (tmp / adapter_file(name, suffix), refs[name]) for name in names}
-        validation = validate_switchable_graph(tmp, config, base, candidates, {}, options.allow_noop_adapter)
+        validation = validate_switchable_graph(tmp, config, base, candidates, {}, options.allow_noop_adapter, task)
         graph = "OpenVINO (f32 precision hint)" if backend == "openvino" else "ONNX Runtime"
         log(f"switchable graph on {graph} == base without adapter: "
-            f"{validation['no_adapter_vs_base']['max_abs_diff']['sentence_embedding']:.1e}; every adapter == eager "
-            "PEFT and == merged model within 1e-5")
+            f"{validation['no_adapter_vs_base']['max_abs_diff'][main]:.1e}; every adapter == eager PEFT and == "
+            "merged model within the task's tolerances")
         export_entry = _export_entry(backend, options, config, names, suffix)
         attention = AttentionShape.of(getattr(graph_encoder, "config", None))
         if backend != "openvino" and attention is not None:  # for merge_adapter's attention fusion

@@ -18,9 +18,9 @@ from ..errors import ConfigError
 from ..methods import AdapterConfig, PeftMethod, is_unused_head, method_for
 from ..methods.branch import Branch
 from ..runtime.lora_layout import MAX_SAVED_ELEMENTS, Slot, as_branch, pack_factors
-from ..runtime.similarity import normalize
 from ..source.resolve import AdapterSource, load_adapter_source, recorded_source
 from . import validate
+from ..tasks import EMBEDDING, Task
 from .merge import check_adapter_tensors, merge_adapter
 
 
@@ -193,8 +193,9 @@ class AdapterReferences:
     name: str
     eager: list[validate.ReferenceBatch]
     merged: list[validate.ReferenceBatch]
-    effect: float  # largest change of normalised sentence embeddings vs the base
+    effect: float  # largest change of the task's main output (normalised sentence embeddings, logits) vs the base
     merged_vs_eager: float
+    task: Task = EMBEDDING  # what the graph's outputs are and how closely each is compared
 
 
 def replay(batches: list[validate.ReferenceBatch]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
@@ -209,17 +210,19 @@ def replay(batches: list[validate.ReferenceBatch]) -> Callable[[dict[str, np.nda
 
 
 def adapter_references(peft_model, name: str, make_pipeline: Callable[[nn.Module], nn.Module], tokenize,
-                       base: list[validate.ReferenceBatch]) -> AdapterReferences:
-    """Eager PEFT with ``name`` active, and a merged copy of the model with ``name`` merged (PEFT's merge)."""
+                       base: list[validate.ReferenceBatch], task: Task = EMBEDDING) -> AdapterReferences:
+    """Eager PEFT with ``name`` active, and a merged copy of the model with ``name`` merged (PEFT's merge), as
+    ``task``'s outputs."""
     peft_model.set_adapter(name)
-    eager = validate.reference_outputs(make_pipeline(peft_model), tokenize)
+    eager = validate.reference_outputs(make_pipeline(peft_model), tokenize, task=task)
     validate.check_finite_outputs(eager, f"Adapter {name!r}")
-    effect = validate.max_main_difference(base, replay(eager))
+    effect = validate.max_main_difference(base, replay(eager), task)
     merged_model = merge_adapter(copy.deepcopy(peft_model), name)
-    merged = validate.reference_outputs(make_pipeline(merged_model), tokenize)
+    merged = validate.reference_outputs(make_pipeline(merged_model), tokenize, task=task)
     del merged_model
-    report = validate.compare_with_reference(eager, replay(merged), f"The merged model of adapter {name!r}")
-    return AdapterReferences(name, eager, merged, effect, report.max_diff["sentence_embedding"])
+    report = validate.compare_with_reference(eager, replay(merged), f"The merged model of adapter {name!r}",
+                                             task=task)
+    return AdapterReferences(name, eager, merged, effect, report.max_diff[task.outputs[0].name], task)
 
 
 def validate_adapter_run(refs: AdapterReferences, run_graph) -> tuple[dict[str, Any], list[dict[str, np.ndarray]]]:
@@ -232,9 +235,11 @@ def validate_adapter_run(refs: AdapterReferences, run_graph) -> tuple[dict[str, 
         return out
 
     eager = validate.compare_with_reference(refs.eager, recording,
-                                            f"The switchable graph with adapter {refs.name!r} (vs eager PEFT)")
+                                            f"The switchable graph with adapter {refs.name!r} (vs eager PEFT)",
+                                            task=refs.task)
     merged = validate.compare_with_reference(refs.merged, replay_outputs(outputs),
-                                             f"The switchable graph with adapter {refs.name!r} (vs the merged model)")
+                                             f"The switchable graph with adapter {refs.name!r} (vs the merged model)",
+                                             task=refs.task)
     report = {
         "vs_eager_peft": eager.to_dict(),
         "vs_merged_pytorch": merged.max_diff,
@@ -249,7 +254,10 @@ def replay_outputs(outputs: list[dict[str, np.ndarray]]):
     return lambda feeds: next(stored)
 
 
-def max_output_difference(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> float:
-    """Largest difference of normalised sentence embeddings between two runs over the same batches."""
-    return max(float(np.abs(normalize(x["sentence_embedding"]) - normalize(y["sentence_embedding"])).max())
-               for x, y in zip(a, b))
+def max_output_difference(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]],
+                          batches: list[validate.ReferenceBatch], task: Task = EMBEDDING) -> float:
+    """Largest difference of the task's main output (normalised sentence embeddings, logits) between two runs over
+    ``batches``' inputs."""
+    main = task.outputs[0]
+    return max(float(main.difference(x[main.name], y[main.name], ref.feeds["attention_mask"]))
+               for x, y, ref in zip(a, b, batches))

@@ -16,6 +16,7 @@ from ..runtime.backends import detect_backend
 from ..runtime.config import MANIFEST_FILE, RuntimeConfig, read_manifest
 from ..runtime.export_files import confined
 from ..runtime.atomic_file import write_json
+from ..tasks import task_of_manifest
 from .output_folder import crash_point, folder_size
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ def load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:
     if not folder.is_dir():
         raise ConfigError(f"Export folder not found: {folder}")
     manifest = read_manifest(folder)
-    config = RuntimeConfig.load(folder, manifest)  # the manifest says which adapters the export holds
+    # The manifest says which adapters the export holds, and its task which runtime config file is the export's.
+    config = RuntimeConfig.load(folder, manifest, task_of_manifest(manifest).runtime_config_file)
     if manifest.get("merge_mode") != MERGE_MODE or not config.lora_slots:
         found = (f"{folder} is a {manifest.get('merge_mode', 'merged')!r} export; adapters can only be added to or "
                  "removed from a switchable export")

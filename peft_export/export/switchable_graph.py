@@ -51,7 +51,8 @@ from ..methods.branch import SCALE_IN, SCALE_OUT, SCALE_POST, SCALES
 from ..runtime.lora_layout import SavedParam, Slot
 from .embedding_module import EmbeddingPipeline
 from .families import tracing_step
-from .onnx import MODEL_FILE, OUTPUT_NAMES, TRACE_ONNX, dummy_inputs, input_names
+from .onnx import MODEL_FILE, TRACE_ONNX, dummy_inputs, input_names
+from ..tasks import EMBEDDING, Task
 
 
 class LoraLinear(nn.Module):
@@ -177,9 +178,11 @@ def find_saved(encoder: nn.Module, params: dict[str, tuple[int, ...]], slots: li
 
 
 def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int,
-                           rank_zero_defaults: bool = True, saved: list[SavedParam] = ()) -> Path:
-    """Trace ``pipeline`` with a LoRA branch per slot and write ``folder/model.onnx`` with rank-0 defaults (without
-    them, every LoRA factor is a required input: the form OpenVINO converts).
+                           rank_zero_defaults: bool = True, saved: list[SavedParam] = (),
+                           task: Task = EMBEDDING) -> Path:
+    """Trace ``pipeline`` (the torch module of ``task``) with a LoRA branch per slot and write ``folder/model.onnx``
+    with the task's outputs and rank-0 defaults (without them, every LoRA factor is a required input: the form
+    OpenVINO converts).
 
     ``pipeline`` is modified (its slot layers are replaced); pass one built for the export only.
     """
@@ -208,8 +211,7 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
         axes[param.input_value] = {axis: f"saved_{i}_{axis}" for axis in range(len(param.shape))}
     for name in text_names:
         axes[name] = {0: "batch", 1: "sequence"}
-    axes["sentence_embedding"] = {0: "batch"}
-    axes["token_embeddings"] = {0: "batch", 1: "sequence"}
+    axes.update({output.name: output.axes for output in task.outputs})
 
     path = folder / MODEL_FILE
     with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, TRACE_ONNX):
@@ -219,7 +221,7 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
             (*text_inputs, *factors),
             str(path),
             input_names=text_names + factor_names,
-            output_names=OUTPUT_NAMES,
+            output_names=task.output_names,
             dynamic_axes=axes,
             opset_version=opset,
             do_constant_folding=True,
@@ -267,7 +269,7 @@ def _add_rank_zero_defaults(model, slots: list[Slot], saved: list[SavedParam] = 
 
 
 def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], folder: Path, opset: int,
-                               saved: list[SavedParam] = ()) -> Path:
+                               saved: list[SavedParam] = (), task: Task = EMBEDDING) -> Path:
     """The switchable graph as OpenVINO IR (``folder/openvino_model.xml`` + ``.bin``, fp32 weights): traced to ONNX
     as for ONNX Runtime, without rank-0 defaults, and converted; every LoRA factor is an input with a dynamic rank.
 
@@ -280,7 +282,7 @@ def export_switchable_openvino(pipeline: EmbeddingPipeline, slots: list[Slot], f
     encoder = pipeline.encoder
     with tempfile.TemporaryDirectory(dir=folder, prefix=".onnx-") as scratch:
         onnx_path = export_switchable_onnx(pipeline, slots, Path(scratch), opset, rank_zero_defaults=False,
-                                           saved=saved)
+                                           saved=saved, task=task)
         with tracing_step(encoder, CONVERT_OPENVINO):
             model = ov.convert_model(str(onnx_path))
         keep_input_names(model, input_names(pipeline) + [n for slot in slots for n in slot.inputs]

@@ -1,4 +1,5 @@
-"""``create_app``: the Starlette application serving one exported model (and its adapters) over HTTP.
+"""``create_app``: the Starlette application serving one exported model (and its adapters) over HTTP, or several
+exports in one process, each with its own batcher, chosen by the request's ``model`` (:mod:`.model_group`).
 
 What every served model has lives here: the lifespan (dynamic batcher, warm-up), limits, metrics and errors, and
 the task-independent routes ``GET /v1/models``, ``GET /health`` (readiness), ``GET /live`` (liveness) and
@@ -13,15 +14,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from ..errors import require
 from ..tasks import load_reference
 from .batching import DynamicBatcher
 from .metrics import NO_MODEL, ServeMetrics
-from .protocol import ApiError, dumps
-from .served_model import ServedModel, served_task
+from .model_group import ModelGroup, export_settings
+from .protocol import ApiError, dumps, json_response, show
+from .served_model import ServedModel, served_task  # noqa: F401 (served_task: part of this module's API)
 from .settings import ServeSettings
 
 logger = logging.getLogger("peft_export.serve")
@@ -46,13 +48,14 @@ class RequestInfo:
 
 
 class ModelServer:
-    """State and task-independent handlers behind ``create_app``; reachable as ``app.state.server`` (tests, the
-    task's routes)."""
+    """One served export: its model, batcher and warm-up, and the task-independent plumbing its task's routes use;
+    reachable as ``app.state.server`` (the first export; ``app.state.group`` holds them all)."""
 
-    def __init__(self, model: Any, settings: ServeSettings):
+    def __init__(self, model: Any, settings: ServeSettings, metrics: ServeMetrics | None = None):
         self.settings = settings
         self.served = ServedModel(model, settings)
-        self.metrics = ServeMetrics()
+        self.metrics = metrics or ServeMetrics()  # one registry for every export of a server, labelled by model
+        self.group: ModelGroup | None = None  # set by the ModelGroup this export is served in
         self.batcher: DynamicBatcher | None = None
         self.status = "starting"  # -> "warming_up" -> "ready" | "failed"
         self.cut_off_at_shutdown = 0  # requests answered 503 because the graceful timeout expired
@@ -71,7 +74,6 @@ class ModelServer:
         for name in self.served.names:
             adapter = None if name == self.served.base_name else name
             self.metrics.watch_queue(name, lambda a=adapter: self.batcher.queued_inputs(lambda g: g[0] == a))
-        self.metrics.watch_inflight(lambda: self.batcher.inflight_inputs, lambda: self.batcher.inflight_tokens)
         merged = getattr(self.served.model, "merged_adapters", None)
         if self.served.adapters and merged is not None:
             for name in self.served.adapters:
@@ -104,7 +106,7 @@ class ModelServer:
             self.status = f"failed: {type(err).__name__}: {err}"
             return
         self.status = "ready"
-        self.metrics.ready.set(1)
+        self.group.warmed_up()
         logger.info("model warmed up; serving %s", ", ".join(self.served.names))
 
     # ----- plumbing shared by every task's routes -----
@@ -202,29 +204,28 @@ class ModelServer:
         self.metrics.tokens.labels(name).inc(sum(tokens))
         return results
 
+    def select(self, body: dict[str, Any], info: RequestInfo, required: bool) -> tuple[ModelServer, str | None]:
+        """(export, adapter) of a request to a route of this export's task: ``body["model"]`` names the export
+        and the adapter (ModelGroup.select); absent, it is 422 where ``required``, else the task's first export
+        with its default adapter. A task's routes queue the request on the export this returns."""
+        return self.group.select(self.served.task, body, info, required)
+
+    def peers(self) -> list[ModelServer]:
+        """Every served export of this export's task (the routes are built once per task)."""
+        return self.group.of_task(self.served.task)
+
     def tei_adapter(self, body: dict[str, Any], info: RequestInfo) -> str | None:
-        """The adapter of a request whose ``model`` field is optional (TEI's routes): None or absent is the
-        server's default adapter."""
-        if body.get("model") is None:
-            adapter = self.served.default_adapter
-        else:
-            adapter = self.served.adapter_for(body["model"])
-        info.model = self.served.label(adapter)
+        """The adapter of a request whose ``model`` field is optional (TEI's routes), for routes that queue on this
+        export: None or absent is the export's default adapter. Routes of a task served by several exports use
+        :meth:`select`, which also says which export."""
+        server, adapter = self.select(body, info, required=False)
+        if server is not self:
+            raise ApiError(400, "wrong_model_task", f"Model {show(body.get('model'))} is served by another export; "
+                           f"this route serves {self.served.base_name} ({', '.join(self.served.names)})",
+                           param="model")
         return adapter
 
     # ----- plain routes -----
-    async def models(self, request):
-        created = int(time.time())
-        data = [{"id": self.served.base_name, "object": "model", "created": created, "owned_by": "peft_export",
-                 "root": self.served.base_name, "parent": None}]
-        data += [{"id": name, "object": "model", "created": created, "owned_by": "peft_export",
-                  "root": self.served.base_name, "parent": self.served.base_name} for name in self.served.adapters]
-        return json_response({"object": "list", "data": data})
-
-    async def health(self, request):
-        ready = self.status == "ready"
-        return json_response({"status": self.status}, 200 if ready else 503)
-
     async def live(self, request):
         return json_response({"status": "alive"})
 
@@ -250,34 +251,38 @@ async def _wait_for_disconnect(request) -> None:
             return
 
 
-def json_response(payload: Any, status: int = 200):
-    from starlette.responses import Response
-
-    return Response(dumps(payload), status_code=status, media_type="application/json")
-
-
-def create_app(model: Any, settings: ServeSettings | None = None):
+def create_app(model: Any | Mapping[str, Any], settings: ServeSettings | None = None):
     """A Starlette (ASGI) app serving ``model``: run it with uvicorn, or mount it in another app.
 
-    ``model`` is an ``EmbeddingModel`` (or anything with its ``encode`` signature); adapters listed by
-    ``model.list_adapters()`` are served under their own names. The routes of its task come first
-    (:func:`served_task`, ``Task.routes``), then the task-independent ones. The app warms the model up in the
-    background: ``/live`` answers at once, ``/health`` turns 200 when warm.
+    ``model`` is an ``EmbeddingModel``, a ``CrossEncoderModel`` (or anything with their call's signature);
+    adapters listed by ``model.list_adapters()`` are served under their own names. A mapping ``{name: model}``
+    serves several exports (an embedder and a reranker), each under its name with its own batcher, chosen by the
+    request's ``model`` (:mod:`.model_group`). The routes of each task served come first (:func:`served_task`,
+    ``Task.routes``), then the task-independent ones. The app warms every model up in the background: ``/live``
+    answers at once, ``/health`` turns 200 when all are warm.
     """
     require("starlette", "serve")
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    task = served_task(model)
-    server = ModelServer(model, settings or ServeSettings())
-    routes = [
-        *load_reference(task.routes)(server),
-        Route("/v1/models", server.models, methods=["GET"]),
-        Route("/health", server.health, methods=["GET"]),
-        Route("/live", server.live, methods=["GET"]),
-        Route("/metrics", server.prometheus, methods=["GET"]),
+    settings = settings or ServeSettings()
+    if isinstance(model, Mapping):
+        metrics = ServeMetrics()
+        per_export = export_settings(model, settings)
+        servers = [ModelServer(m, per_export[name], metrics) for name, m in model.items()]
+    else:
+        servers = [ModelServer(model, settings)]
+    first = servers[0] if servers else None
+    group = ModelGroup(servers, first.metrics if first else ServeMetrics(), settings)
+    routes = [route for task in group.tasks() for route in load_reference(task.routes)(group.of_task(task)[0])]
+    routes += [
+        Route("/v1/models", group.models, methods=["GET"]),
+        Route("/health", group.health, methods=["GET"]),
+        Route("/live", first.live, methods=["GET"]),
+        Route("/metrics", first.prometheus, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=server.lifespan,
-                    exception_handlers={404: server.not_found, 405: server.not_found})
-    app.state.server = server
+    app = Starlette(routes=routes, lifespan=group.lifespan,
+                    exception_handlers={404: first.not_found, 405: first.not_found})
+    app.state.server = first
+    app.state.group = group
     return app

@@ -41,6 +41,23 @@ EncodeBatch = Callable[[Hashable, list[str]], np.ndarray]
 BatchObserver = Callable[[Hashable, int, int, float], None]
 
 
+class BatchResultError(RuntimeError):
+    """A model call returned results the batcher cannot split back into its requests (wrong count or shape)."""
+
+
+def checked_results(results, inputs: int) -> np.ndarray:
+    """``results`` of a model call as an (inputs, width) float32 array, or BatchResultError saying what came back."""
+    try:
+        array = np.asarray(results, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise BatchResultError(f"the model returned {type(results).__name__} that is not an (inputs, width) array "
+                               f"of numbers for {inputs} inputs: {err}") from err
+    if array.ndim != 2 or len(array) != inputs:
+        raise BatchResultError(f"the model returned results of shape {array.shape} for {inputs} inputs; expected "
+                               f"({inputs}, width): one row per input")
+    return array
+
+
 class _Item:
     __slots__ = ("job", "index", "tokens", "state")
 
@@ -71,8 +88,12 @@ class EmbedJob:
         return self.items[self.cursor] if self.cursor < len(self.items) else None
 
     def _store(self, index: int, vector: np.ndarray) -> None:
+        """Keep one input's result row; a row of another width than the job's earlier ones fails the job."""
         if self.embeddings is None:
             self.embeddings = np.empty((len(self.texts), vector.shape[-1]), dtype=np.float32)
+        if vector.shape != self.embeddings.shape[1:]:
+            raise BatchResultError(f"the model returned a row of shape {vector.shape} for input {index} of a request "
+                                   f"whose earlier rows have shape {self.embeddings.shape[1:]}")
         self.embeddings[index] = vector
         self.remaining -= 1
         if self.remaining == 0 and not self.future.done():
@@ -226,26 +247,40 @@ class DynamicBatcher:
                 await self._run_batch(loop, group, batch)
 
     async def _run_batch(self, loop: asyncio.AbstractEventLoop, group: Hashable, batch: list[_Item]) -> None:
+        """Run one batch and hand each request its rows. Whatever goes wrong (the model call raises, or returns
+        something that is not one row per input) fails the requests of this batch, never the worker: the next
+        batches still run. The requests' handlers turn the exception into a JSON error (500 unless it is one)."""
         texts = [item.job.texts[item.index] for item in batch]
         started = loop.time()
         try:
-            embeddings = await loop.run_in_executor(self._executor, self._encode_batch, group, texts)
-            if len(embeddings) != len(batch):
-                raise RuntimeError(f"the model returned {len(embeddings)} embeddings for {len(batch)} inputs")
-        except Exception as err:  # one failed batch fails its requests, never the worker
+            results = await loop.run_in_executor(self._executor, self._encode_batch, group, texts)
+            embeddings = checked_results(results, len(batch))
+        except Exception as err:
             logger.exception("model call failed for a batch of %d inputs", len(batch))
             for item in batch:
-                item.state = _DONE
-                self.inflight_inputs -= 1
-                self.inflight_tokens -= item.tokens
-                if not item.job.future.done():
-                    item.job.future.set_exception(err)
+                self._finish(item, err)
             return
         if self._on_batch is not None:
-            self._on_batch(group, len(batch), sum(item.tokens for item in batch), loop.time() - started)
+            try:
+                self._on_batch(group, len(batch), sum(item.tokens for item in batch), loop.time() - started)
+            except Exception:  # metrics must never cost the requests their results
+                logger.exception("recording a batch's metrics failed")
         for item, vector in zip(batch, embeddings):
-            item.state = _DONE
-            self.inflight_inputs -= 1
-            self.inflight_tokens -= item.tokens
-            if not item.job.future.done():
-                item.job._store(item.index, vector)
+            self._finish(item, vector)
+
+    def _finish(self, item: _Item, result: np.ndarray | Exception) -> None:
+        """Release one input's slot and give its job the row, or fail the job with ``result``'s exception."""
+        item.state = _DONE
+        self.inflight_inputs -= 1
+        self.inflight_tokens -= item.tokens
+        job = item.job
+        if job.future.done():
+            return
+        if isinstance(result, Exception):
+            job.future.set_exception(result)
+            return
+        try:
+            job._store(item.index, result)
+        except BatchResultError as err:
+            logger.error("%s", err)
+            job.future.set_exception(err)

@@ -38,21 +38,18 @@ def embedding_routes(server: ModelServer) -> list[Any]:
 
 
 class EmbeddingHandlers:
-    """The request handlers of the embedding routes; ``server`` parses limits, counts tokens and queues inputs in
-    batch groups ``(adapter, prompt name)`` (ServedModel.encode_group)."""
+    """The request handlers of the embedding routes; the export a request names (``ModelServer.select``: one of
+    the embedding exports served) parses limits, counts tokens and queues inputs in batch groups ``(adapter,
+    prompt name)`` (ServedModel.encode_group)."""
 
     def __init__(self, server: ModelServer):
         self.server = server
 
     async def openai_embeddings(self, request, info: RequestInfo):
-        server = self.server
-        served, s = server.served, server.settings
+        s = self.server.settings
         body = await read_json_body(request, s.max_request_bytes)
-        if body.get("model") is None:
-            raise ApiError(422, "missing_field", "Field 'model' is required: the base model's name or an "
-                           f"adapter's ({', '.join(served.names)})", param="model")
-        adapter = served.adapter_for(body["model"])
-        info.model = served.label(adapter)
+        server, adapter = self.server.select(body, info, required=True)
+        served = server.served
         texts, single = parse_texts(body.get("input"), "input", s.max_inputs_per_request, s.max_input_chars)
         encoding_format = parse_encoding_format(body.get("encoding_format"))
         dimensions = parse_dimensions(body.get("dimensions"), served.dimension)
@@ -69,10 +66,10 @@ class EmbeddingHandlers:
         return json_response({"object": "list", "data": data, "model": body["model"], "usage": usage})
 
     async def tei_embed(self, request, info: RequestInfo):
-        server = self.server
-        served, s = server.served, server.settings
+        s = self.server.settings
         body = await read_json_body(request, s.max_request_bytes)
-        adapter = server.tei_adapter(body, info)
+        server, adapter = self.server.select(body, info, required=False)
+        served = server.served
         texts, single = parse_texts(body.get("inputs"), "inputs", s.max_inputs_per_request, s.max_input_chars)
         normalize = parse_bool(body, "normalize", True)
         truncate = parse_bool(body, "truncate", s.auto_truncate)
@@ -89,10 +86,10 @@ class EmbeddingHandlers:
         return json_response(shorten(embeddings, dimensions, normalize))
 
     async def tei_similarity(self, request, info: RequestInfo):
-        server = self.server
-        served, s = server.served, server.settings
+        s = self.server.settings
         body = await read_json_body(request, s.max_request_bytes)
-        adapter = server.tei_adapter(body, info)
+        server, adapter = self.server.select(body, info, required=False)
+        served = server.served
         inputs = body.get("inputs")
         if not isinstance(inputs, dict):
             raise ApiError(422, "missing_field" if inputs is None else "invalid_type",

@@ -54,6 +54,13 @@ class ApiError(Exception):
         return {"error": self.message, "error_type": self.tei_type}
 
 
+def json_response(payload: Any, status: int = 200):
+    """A JSON response of ``payload`` (orjson: numpy arrays as lists) with ``status``."""
+    from starlette.responses import Response
+
+    return Response(dumps(payload), status_code=status, media_type="application/json")
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type, as a client wrote it: null, boolean, number, string, array, object."""
     if value is None:

@@ -22,10 +22,11 @@ def reranker_routes(server: ModelServer) -> list[Any]:
     """The Starlette routes of a reranker served by ``server`` (a model with one label: rank() needs one score)."""
     from starlette.routing import Route
 
-    num_labels = getattr(server.served.model, "num_labels", 1)
-    if num_labels != 1:
-        raise ConfigError(f"Serving reranks with one score per pair; {server.served.base_name} has num_labels="
-                          f"{num_labels}. Use CrossEncoderModel.predict() in Python for multi-label models.")
+    for peer in server.peers():  # every reranker export served: the routes are built once for all of them
+        num_labels = getattr(peer.served.model, "num_labels", 1)
+        if num_labels != 1:
+            raise ConfigError(f"Serving reranks with one score per pair; {peer.served.base_name} has num_labels="
+                              f"{num_labels}. Use CrossEncoderModel.predict() in Python for multi-label models.")
     handlers = RerankHandlers(server)
     return [
         Route("/rerank", server.endpoint("/rerank", "tei", handlers.tei_rerank), methods=["POST"]),
@@ -37,11 +38,12 @@ class RerankHandlers:
     def __init__(self, server: ModelServer):
         self.server = server
 
-    async def _scores(self, request, adapter: str | None, query: str, documents: list[str], truncate: bool,
-                      field: str, raw: bool = False) -> tuple[np.ndarray, int]:
-        """Scores of (query, document) pairs, in document order, and the tokens they took; 422 for a pair over
-        the model's limit unless ``truncate``."""
-        served = self.server.served
+    async def _scores(self, request, server: ModelServer, adapter: str | None, query: str, documents: list[str],
+                      truncate: bool, field: str, raw: bool = False) -> tuple[np.ndarray, int]:
+        """Scores of (query, document) pairs by ``server``'s export with ``adapter``, in document order, and the
+        tokens they took; 422 for a pair over the model's limit unless ``truncate``. The batch group ``(adapter,
+        raw)`` keeps each adapter's pairs in batches of their own."""
+        served = server.served
         if len(query) + sum(map(len, documents)) > _MEASURE_IN_THREAD_CHARS:
             query, measured, counts = await asyncio.to_thread(served.measure_pairs, query, documents)
         else:
@@ -57,7 +59,7 @@ class RerankHandlers:
                                    "Shorten them or send truncate=true to score their first tokens.",
                                    param=f"{field}[{i}]")
         tokens = [min(c, limit) for c in counts]
-        scores = await self.server.submit(request, (adapter, raw), [(query, d) for d in measured], tokens)
+        scores = await server.submit(request, (adapter, raw), [(query, d) for d in measured], tokens)
         return np.asarray(scores, dtype=np.float32).reshape(-1), sum(tokens)
 
     def _query(self, body: dict[str, Any]) -> str:
@@ -69,10 +71,9 @@ class RerankHandlers:
 
     async def tei_rerank(self, request, info: RequestInfo):
         """TEI: {query, texts, raw_scores, return_text, truncate} -> [{index, score, text?}], best first."""
-        server = self.server
-        s = server.settings
+        s = self.server.settings
         body = await read_json_body(request, s.max_request_bytes)
-        adapter = server.tei_adapter(body, info)
+        server, adapter = self.server.select(body, info, required=False)
         query = self._query(body)
         if isinstance(body.get("texts"), str):
             raise ApiError(422, "invalid_type", "Field 'texts' must be a list of strings, found string",
@@ -81,7 +82,7 @@ class RerankHandlers:
         raw = parse_bool(body, "raw_scores", False)
         return_text = parse_bool(body, "return_text", False)
         truncate = parse_bool(body, "truncate", s.auto_truncate)
-        scores, _ = await self._scores(request, adapter, query, texts, truncate, "texts", raw)
+        scores, _ = await self._scores(request, server, adapter, query, texts, truncate, "texts", raw)
         order = np.argsort(-scores, kind="stable")
         results = [{"index": int(i), "score": float(scores[i]), **({"text": texts[i]} if return_text else {})}
                    for i in order]
@@ -90,14 +91,9 @@ class RerankHandlers:
     async def v1_rerank(self, request, info: RequestInfo):
         """Cohere / Jina: {model, query, documents, top_n, return_documents} -> {model, results: [{index,
         relevance_score, document?}], usage}, best first."""
-        server = self.server
-        served, s = server.served, server.settings
+        s = self.server.settings
         body = await read_json_body(request, s.max_request_bytes)
-        if body.get("model") is None:
-            raise ApiError(422, "missing_field", "Field 'model' is required: the base model's name or an "
-                           f"adapter's ({', '.join(served.names)})", param="model")
-        adapter = served.adapter_for(body["model"])
-        info.model = served.label(adapter)
+        server, adapter = self.server.select(body, info, required=True)
         query = self._query(body)
         documents = body.get("documents")
         if isinstance(documents, list):  # Cohere and Jina also take {"text": ...} objects
@@ -113,7 +109,7 @@ class RerankHandlers:
                            param="top_n")
         return_documents = parse_bool(body, "return_documents", False)
         truncate = parse_bool(body, "truncate", True)
-        scores, tokens = await self._scores(request, adapter, query, documents, truncate, "documents")
+        scores, tokens = await self._scores(request, server, adapter, query, documents, truncate, "documents")
         order = np.argsort(-scores, kind="stable")[:top_n]
         results = [{"index": int(i), "relevance_score": float(scores[i]),
                     **({"document": {"text": documents[i]}} if return_documents else {})} for i in order]

@@ -88,7 +88,7 @@ RERANKER = Task(
     runtime_class="peft_export.runtime.reranker_model:CrossEncoderModel",
     routes="peft_export.serve.reranker_routes:reranker_routes",
     quality=quality_against,
-    export_modes=frozenset({"merged"}),  # switchable and lossy exports: see docs/rerankers-status.md
+    export_modes=frozenset({"merged", "switchable"}),  # lossy exports: see docs/rerankers-status.md
     batch_call="predict",
     # A batch group's option: True for the raw logits (TEI's raw_scores), else the model's activated scores.
     batch_options=lambda raw: {"activation_fn": "identity"} if raw else {},
