@@ -123,3 +123,16 @@ def test_openvino_weight_formats_are_within_their_gate(reranker, weight_format, 
     again = _figures_again(ov, peft_export.load(reranker["adapter_export"]))
     assert again["max_score_diff"] <= result["gate"]["max_score_diff"]
     assert again["spearman"] >= result["gate"]["min_spearman"]
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_int8_static_calibrates_on_pairs_and_passes_its_gate(reranker, fmt, tmp_path):
+    """Static int8 calibrates on (query, passage) pairs made of the calibration texts, read as a reranker reads
+    them, and is gated on the reranker's figures."""
+    export = export_onnx_model if fmt == "onnx" else export_openvino_model
+    out = export(str(reranker["adapter"]), tmp_path / fmt, quantize="int8-static", gate=TINY_GATE, log=_quiet).path
+    result = json.loads((out / "peft_export.json").read_text())["validation"]["quantization"]
+    assert result["activations"] == "int8" and set(result["gate"]) == RERANKER_LIMITS
+    assert TINY_GATE.failures(result, RERANKER) == [] and 0 < result["max_score_diff"] <= 0.05
+    again = _figures_again(peft_export.load(out), peft_export.load(reranker["adapter_export"]))
+    assert again["max_score_diff"] == pytest.approx(result["max_score_diff"], abs=1e-6)
