@@ -92,6 +92,14 @@ def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = 
     quant.add_argument("--min-worst-cosine", type=float, default=0.97, help="gate: worst sentence's cosine (0.97)")
     quant.add_argument("--min-ndcg-retention", type=float, default=0.995,
                        help="gate: NDCG@10 of int8 divided by fp32's (0.995)")
+    quant.add_argument("--max-score-diff", type=float, default=0.05,
+                       help="reranker gate: largest score difference to fp32 (0.05)")
+    quant.add_argument("--max-mean-score-diff", type=float, default=0.01,
+                       help="reranker gate: mean score difference to fp32 (0.01)")
+    quant.add_argument("--min-spearman", type=float, default=0.99,
+                       help="reranker gate: Spearman correlation of the gate pairs' scores with fp32's (0.99)")
+    quant.add_argument("--min-top10-overlap", type=float, default=0.9,
+                       help="reranker gate: share of fp32's 10 best-scored gate pairs among the lossy model's (0.9)")
 
 
 def _default_model(args: argparse.Namespace) -> None:
@@ -123,7 +131,7 @@ def _export_options(args: argparse.Namespace, output_suffix: str):
         allow_noop_adapter=args.allow_noop_adapter, quantize=getattr(args, "quantize", None),
         dtype=getattr(args, "dtype", "fp32"), fuse_attention=getattr(args, "fuse_attention", True),
         gate_data=args.gate_data, calibration_data=getattr(args, "calibration_data", None),
-        gate=QualityGate(args.min_mean_cosine, args.min_worst_cosine, args.min_ndcg_retention),
+        gate=QualityGate(**{name: getattr(args, name) for name in QualityGate.__dataclass_fields__}),
         switchable=getattr(args, "switchable", False), default_adapter=getattr(args, "default_adapter", None),
     )
 
@@ -263,8 +271,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     gate = validation.get("weight_compression") or validation.get("quantization")
     if gate:
         what = "weights and activations" if gate.get("activations") == "int8" else "weights"
-        print(f"quality:     {gate['weight_format']} {what} vs fp32: mean cosine {gate['mean_cosine']:.5f}, worst "
-              f"{gate['worst_cosine']:.5f}, NDCG@10 retention {gate['ndcg10_retention']:.4f} ({gate['texts']} texts)")
+        print(f"quality:     {gate['weight_format']} {what} vs fp32: {task.gate.describe(gate)}")
     return 0
 
 

@@ -13,6 +13,7 @@ from peft_export import ValidationError
 from peft_export.export import quantize as quantize_module
 from peft_export.export.int8_probe import probe, sensitivity_order, split_outliers
 from peft_export.export.gate import QualityGate, screen_failures
+from peft_export.tasks import RERANKER
 from peft_export.export.quantize import quantize_with_gate, sensitivity_rungs
 
 VOCAB, WIDTH, OUTLIER = 40, 32, 3
@@ -107,9 +108,19 @@ def test_rungs_keep_the_most_sensitive_nodes_first_and_grow():
 
 def test_screen_rejects_on_worst_cosine_exactly_and_on_the_mean_with_a_margin():
     gate = QualityGate()
-    assert screen_failures(np.array([0.999] * 9 + [0.96]), gate) == ["screen worst_cosine 0.96000 < 0.97"]
-    assert screen_failures(np.full(4, 0.989), gate) == []  # within the margin: the full gate decides
-    assert screen_failures(np.full(4, 0.985), gate)[0].startswith("screen mean_cosine 0.98500 < 0.99")
+    assert screen_failures({"mean_cosine": 0.995, "worst_cosine": 0.96}, gate) == ["screen worst_cosine 0.96000 < 0.97"]
+    assert screen_failures({"mean_cosine": 0.989, "worst_cosine": 0.98}, gate) == []  # within the margin
+    assert screen_failures({"mean_cosine": 0.985, "worst_cosine": 0.98}, gate)[0].startswith(
+        "screen mean_cosine 0.98500 < 0.99")
+
+
+def test_a_rerankers_screen_judges_its_own_figures():
+    gate = QualityGate()
+    # the largest score difference exactly (a subset's max is at most the full set's), the mean with a margin
+    assert screen_failures({"max_score_diff": 0.06, "mean_score_diff": 0.011}, gate, RERANKER) == [
+        "screen max_score_diff 0.06000 > 0.05"]
+    assert screen_failures({"max_score_diff": 0.04, "mean_score_diff": 0.013}, gate, RERANKER) == [
+        "screen mean_score_diff 0.01300 > 0.01 + 0.002"]
 
 
 def test_ladder_reuses_the_reference_screens_first_stops_at_the_first_pass_and_times_each_rung(tmp_path,

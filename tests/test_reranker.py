@@ -188,14 +188,22 @@ def test_openvino_export_matches_eager_cross_encoder_with_adapter(reranker, tmp_
 
 @pytest.mark.parametrize(("options", "how"), [
     ({"quantize": "int8"}, r"quantize='int8': lossy exports"),
-    ({"dtype": "fp16"}, r"dtype='fp16': lossy exports"),
+    ({"switchable": True, "adapters": ["a=ADAPTER"]}, r"switchable=True: switchable exports"),
 ])
-def test_modes_not_built_for_rerankers_are_refused_before_any_work(reranker, tmp_path, options, how):
-    from peft_export import export_onnx_model
+def test_a_mode_a_task_lacks_is_refused_before_any_work(reranker, tmp_path, monkeypatch, options, how):
+    """Rerankers have every mode now; a task registered without one is refused before any slow stage."""
+    from dataclasses import replace
 
+    from peft_export import export_onnx_model
+    from peft_export.tasks import RERANKER, TASKS
+
+    monkeypatch.setitem(TASKS, "reranker", replace(RERANKER, export_modes=frozenset({"merged"})))
+    options = {k: [a.replace("ADAPTER", str(reranker["adapter"])) for a in v] if k == "adapters" else v
+               for k, v in options.items()}
+    model = reranker["base"] if "adapters" in options else reranker["adapter"]
     with pytest.raises(ConfigError, match=how + r" of CrossEncoder models \(reranker task\) are not supported yet; "
-                                                r"this version exports them merged and switchable only"):
-        export_onnx_model(str(reranker["adapter"]), tmp_path / "out", log=lambda msg: None, **options)
+                                               r"this version exports them merged only"):
+        export_onnx_model(str(model), tmp_path / "out", log=lambda msg: None, **options)
     assert not (tmp_path / "out").exists()
 
 
@@ -286,19 +294,22 @@ def test_one_long_passage_does_not_pad_the_short_ones(reranker, monkeypatch):
     assert np.abs(scores[1:] - scores[1]).max() <= 1e-6  # equal pairs, equal scores, wherever they were batched
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=(
-    "sentence-transformers 6.3's CrossEncoder.add_adapter(task_type=SEQ_CLS) saves no classifier tensors and "
-    "modules_to_save None; PeftModel.from_pretrained (export/merge.py attach_adapters, issue-26 territory) then "
-    "wraps it as PeftModelForSequenceClassification, which expects them: a raw KeyError. See "
-    "docs/rerankers-status.md. Remove the mark once such adapters export."))
 def test_seq_cls_adapter_saved_by_cross_encoder_exports(reranker, zoo, tmp_path):
-    from peft_export import export_onnx_model
+    """sentence-transformers 6.3 saves CrossEncoder.add_adapter(LoraConfig(task_type="SEQ_CLS")) without the head
+    and with modules_to_save None: exported (ONNX and OpenVINO) as eager CrossEncoder.load_adapter runs it, the
+    base head kept (it was a raw KeyError from PEFT's SEQ_CLS wrapper)."""
+    from peft_export import export_onnx_model, export_openvino_model
 
     adapter = tiny_models.add_cross_encoder_adapter(reranker["base"], tmp_path / "seq-cls", task_type="SEQ_CLS",
                                                     target_modules=("query", "value"))
-    out = export_onnx_model(str(adapter), tmp_path / "onnx", log=lambda msg: None).path
-    reference = tiny_models.cross_encoder_reference(reranker["base"], adapter)
-    assert np.abs(peft_export.load(out).predict(_pairs()) - reference.predict(_pairs())).max() <= TOLERANCE
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] is None  # no head in the file
+    reference = tiny_models.cross_encoder_reference(reranker["base"], adapter)  # keeps the base head
+    for export in (export_onnx_model, export_openvino_model):
+        out = export(str(adapter), tmp_path / export.__name__, log=lambda msg: None).path
+        got = peft_export.load(out).predict(_pairs())
+        assert np.abs(got - reference.predict(_pairs())).max() <= TOLERANCE
+        assert np.abs(got - peft_export.load(reranker["base_export"]).predict(_pairs())).max() > 1e-3
 
 
 def test_an_adapter_that_changes_nothing_is_refused_naming_the_logits(reranker, tmp_path):

@@ -45,10 +45,10 @@ def fp16_with_gate(fp32_path: Path, out_path: Path, tokenizer, fp32_backend, pai
     convert_to_fp16(fp32_path, out_path)
     gate = fp16_gate(gate)
     try:
-        quality = measure_quality(backend_embedder(tokenizer, fp32_backend),
-                                  backend_embedder(tokenizer, OnnxRuntimeBackend(out_path)), pairs, task)
-        enforce(gate, quality, "The fp16 graph")
+        quality = measure_quality(backend_embedder(tokenizer, fp32_backend, task=task),
+                                  backend_embedder(tokenizer, OnnxRuntimeBackend(out_path), task=task), pairs, task)
+        enforce(gate, quality, "The fp16 graph", task)
     except BaseException:
         out_path.unlink(missing_ok=True)
         raise
-    return {**quality, "fp32_ops": FP32_OPS, "measured_on": "CPUExecutionProvider", "gate": gate_dict(gate)}
+    return {**quality, "fp32_ops": FP32_OPS, "measured_on": "CPUExecutionProvider", "gate": gate_dict(gate, task)}

@@ -100,11 +100,28 @@ def attach_adapters(base: nn.Module, adapters: list[AdapterSource]):
         _check_targets_exist(base, adapter)
         check_adapter_tensors(base, adapter)
     first, *rest = adapters
-    model = PeftModel.from_pretrained(base, str(first.folder), adapter_name=first.name, is_trainable=False)
+    model = PeftModel.from_pretrained(base, str(first.folder), adapter_name=first.name, is_trainable=False,
+                                      config=_config_without_task_wrapper(first))
     for adapter in rest:
         model.load_adapter(str(adapter.folder), adapter_name=adapter.name, is_trainable=False)
     _check_targets_matched(model, adapters)
     return model.eval()
+
+
+def _config_without_task_wrapper(adapter: AdapterSource):
+    """The adapter's PEFT config with ``task_type`` cleared, so that PEFT wraps the base in a plain PeftModel.
+
+    PEFT's task wrappers add modules of their own to ``modules_to_save`` whatever adapter_config.json says
+    (SEQ_CLS: ``classifier`` and ``score``), and then fail with a KeyError on an adapter saved without them, as
+    sentence-transformers' ``CrossEncoder.add_adapter(LoraConfig(task_type="SEQ_CLS"))`` saves it. The file's own
+    ``modules_to_save`` is what was trained: it is honoured as written (its tensors were checked by
+    check_adapter_tensors), exactly as transformers' ``load_adapter`` (sentence-transformers' eager path) reads it.
+    """
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(str(adapter.folder))
+    config.task_type = None
+    return config
 
 
 def targeted_modules(base: nn.Module, adapter: AdapterSource) -> dict[str, nn.Module]:

@@ -165,9 +165,8 @@ class OnnxFormat:
         tokenizer = TextTokenizer(fp32_path.parent, config)
         result = fp16_with_gate(fp32_path, fp16_path, tokenizer, fp32_backend, self.gate_pairs, self.options.gate,
                                 task)
-        log(f"fp16: mean cosine {result['mean_cosine']:.6f}, worst {result['worst_cosine']:.6f}, NDCG@10 "
-            f"retention {result['ndcg10_retention']:.4f} vs fp32 (LayerNorm, Softmax, pooling kept fp32)")
-        return _adopt_graph(fp32_path, fp16_path, config, result, self.options)
+        log(f"fp16: {task.gate.describe(result)} vs fp32 (LayerNorm, Softmax, pooling kept fp32)")
+        return _adopt_graph(fp32_path, fp16_path, config, result, self.options, task)
 
     def manifest_entry(self, config) -> dict:
         from .external_data import external_files
@@ -258,31 +257,31 @@ def _quantize_step(options, pairs: list[dict[str, str]], calibration: list[str] 
                    tokenizer, fp32_backend, log, task) -> dict[str, Any]:
     """Replace the validated fp32 graph by an int8 one that passes the quality gate against it."""
     from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
-    from .gate import backend_embedder, gate_dict
+    from .gate import backend_embedder, gate_dict, tokenize_inputs
     from .quantize import quantize_with_gate
 
     fp32_path = folder / config.model_file
     int8_path = folder / "model_int8.onnx"
+    calibration = task.gate.calibration_inputs(calibration) if calibration else calibration
     result = quantize_with_gate(
-        fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend),
-        lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path)), pairs, options.gate,
-        mode=options.quantize, tokenize=tokenizer.encode,
+        fp32_path, int8_path, backend_embedder(tokenizer, fp32_backend, task=task),
+        lambda path: backend_embedder(tokenizer, OnnxRuntimeBackend(path), task=task), pairs, options.gate,
+        mode=options.quantize, tokenize=tokenize_inputs(tokenizer, task),
         calibration_texts=calibration if options.quantize == "int8-static" else None, task=task,
         probe_texts=calibration, log=log,
     )
     chosen = next(a for a in result["attempts"] if a["strategy"] == result["chosen"])
-    log(f"int8 ({result['chosen']}): mean cosine {chosen['mean_cosine']:.5f}, worst {chosen['worst_cosine']:.5f}, "
-        f"NDCG@10 retention {chosen['ndcg10_retention']:.4f} on {chosen['texts']} texts")
-    result["gate"] = gate_dict(options.gate)
+    log(f"int8 ({result['chosen']}): {task.gate.describe(chosen)}")
+    result["gate"] = gate_dict(options.gate, task)
     # The chosen rung's figures at the top, as the OpenVINO gates record them (`peft-export info` reads them there).
-    result.update({"weight_format": "int8", **{key: chosen[key] for key in (
-        "mean_cosine", "worst_cosine", "ndcg10_reference", "ndcg10", "ndcg10_retention", "texts")}})
+    result.update({"weight_format": "int8", **{key: chosen[key] for key in task.gate.summary}})
     if options.quantize == "int8-static":
         result["activations"] = "int8"
-    return _adopt_graph(fp32_path, int8_path, config, result, options)
+    return _adopt_graph(fp32_path, int8_path, config, result, options, task)
 
 
-def _adopt_graph(fp32_path: Path, lossy_path: Path, config, result: dict[str, Any], options) -> dict[str, Any]:
+def _adopt_graph(fp32_path: Path, lossy_path: Path, config, result: dict[str, Any], options, task
+                 ) -> dict[str, Any]:
     """Make the gated lossy graph the folder's model: drop the fp32 file, point the runtime config at the new one,
     and note where the gate's pairs came from."""
     from .external_data import external_files
@@ -291,6 +290,6 @@ def _adopt_graph(fp32_path: Path, lossy_path: Path, config, result: dict[str, An
         (fp32_path.parent / name).unlink()
     fp32_path.unlink()
     config.model_file = lossy_path.name
-    config.save(fp32_path.parent)
+    config.save(fp32_path.parent, task.runtime_config_file)
     result["gate_data"] = options.gate_data or "peft_export demo held-out pairs"
     return result

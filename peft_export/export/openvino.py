@@ -32,9 +32,8 @@ import torch
 from ..errors import ConfigError, ValidationError, require, tool_step
 from .families import DEFAULT_FAMILY, family_for, tracing_step
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
-from ..runtime.similarity import cosine_rows
-from .gate import (LOWER_GATE, LOWER_GATE_CLI, QualityGate, backend_embedder, fp16_gate, gate_dict, gate_texts,
-                   screen_failures, screen_rows)
+from .gate import (QualityGate, backend_embedder, fp16_gate, gate_dict, lower_gate, screen_failures, screen_rows,
+                   screen_summary, encodings_of)
 from .gate_data import calibration_texts, docstring_pairs, load_pairs_file
 from .int8_ladder import int8_rungs
 from .validate import compare_with_reference
@@ -246,17 +245,18 @@ class OpenVinoFormat:
         self.family = family_for(getattr(merged.encoder_config, "model_type", None))
         self.task = merged.resolved.task  # whose figures the gate compares
         tokenizer = TextTokenizer(model_path.parent, config)
-        texts = gate_texts(self.pairs)
+        texts = self.task.gate.inputs(self.pairs)
         started = time.perf_counter()
-        reference = backend_embedder(tokenizer, backend)(texts)  # fp32, computed once for every candidate
+        reference = backend_embedder(tokenizer, backend, task=self.task)(texts)  # fp32, once for every candidate
         reference_seconds = time.perf_counter() - started
         del backend
-        calibration = [feeds for _, feeds in tokenizer.batches(self.calibration, 1)] if self.quantize else []
+        calibration = [feeds for _, feeds in tokenizer.batches_of(encodings_of(
+            tokenizer, self.task, self.task.gate.calibration_inputs(self.calibration)), 1)] if self.quantize else []
         result = self._compress_with_gate(model_path, reference, texts, tokenizer, calibration, log)
         result["seconds"] = {"reference": round(reference_seconds, 1),
                              "total": round(time.perf_counter() - started, 1)}
         result.update({"reference": "this IR with fp32 weights (validated above)", "inference_precision": "f32",
-                       "gate": gate_dict(self.gate), "gate_data": self.pairs_source})
+                       "gate": gate_dict(self.gate, self.task), "gate_data": self.pairs_source})
         if self.quantize:
             result.update({"activations": "int8", "calibration_texts": len(calibration)})
         checks["quantization" if self.quantize else "weight_compression"] = result
@@ -288,7 +288,8 @@ class OpenVinoFormat:
         model = ov.Core().read_model(str(model_path))
         attempts = []
         matmuls = len(_weight_matmuls(model))
-        rows = screen_rows(len(self.pairs))
+        rows = screen_rows(len(self.pairs), self.task)
+        describe = self.task.gate.describe
         candidates = self._candidates(model, calibration)
         while True:
             clock = time.perf_counter()
@@ -300,29 +301,26 @@ class OpenVinoFormat:
             with tempfile.TemporaryDirectory(dir=model_path.parent) as scratch:
                 path = Path(scratch) / MODEL_XML
                 ov.save_model(candidate, str(path), compress_to_fp16=self.weight_format == "fp16")
-                embed = backend_embedder(tokenizer, compile_f32(path))
+                embed = backend_embedder(tokenizer, compile_f32(path), task=self.task)
                 clock = time.perf_counter()
-                screen = cosine_rows(reference[rows], embed([texts[i] for i in rows]))
+                screen = self.task.quality(reference[rows], embed([texts[i] for i in rows]))
                 seconds["screen"] = round(time.perf_counter() - clock, 1)
                 attempt = {"strategy": strategy, "excluded_nodes": len(excluded),
                            "quantized_nodes": matmuls - len(excluded), "seconds": seconds,
-                           "screen": {"texts": len(rows), "mean_cosine": float(screen.mean()),
-                                      "worst_cosine": float(screen.min())},
-                           "failures": screen_failures(screen, self.gate)}
+                           "screen": screen_summary(screen, len(rows), self.task),
+                           "failures": screen_failures(screen, self.gate, self.task)}
                 attempts.append(attempt)
                 if attempt["failures"]:
-                    log(f"{self.lossy_kind} ({strategy}): screen mean cosine {screen.mean():.5f}, worst "
-                        f"{screen.min():.5f} on {len(rows)} texts; fails ({'; '.join(attempt['failures'])}) "
-                        f"[quantize {seconds['quantize']:.0f}s, screen {seconds['screen']:.0f}s]")
+                    log(f"{self.lossy_kind} ({strategy}): screen {describe(screen)}; fails "
+                        f"({'; '.join(attempt['failures'])}) [quantize {seconds['quantize']:.0f}s, screen "
+                        f"{seconds['screen']:.0f}s]")
                     continue
                 clock = time.perf_counter()
                 quality = self.task.quality(reference, embed(texts))
                 seconds["gate"] = round(time.perf_counter() - clock, 1)
-                attempt.update({**quality, "failures": self.gate.failures(quality)})
-                log(f"{self.lossy_kind} ({strategy}): mean cosine {quality['mean_cosine']:.5f}, worst "
-                    f"{quality['worst_cosine']:.5f}, NDCG@10 retention {quality['ndcg10_retention']:.4f} on "
-                    f"{quality['texts']} texts [quantize {seconds['quantize']:.0f}s, screen {seconds['screen']:.0f}s, "
-                    f"gate {seconds['gate']:.0f}s]")
+                attempt.update({**quality, "failures": self.gate.failures(quality, self.task)})
+                log(f"{self.lossy_kind} ({strategy}): {describe(quality)} [quantize {seconds['quantize']:.0f}s, "
+                    f"screen {seconds['screen']:.0f}s, gate {seconds['gate']:.0f}s]")
                 if not attempt["failures"]:
                     for suffix in (".xml", ".bin"):
                         os.replace(path.with_suffix(suffix), model_path.with_suffix(suffix))
@@ -333,9 +331,10 @@ class OpenVinoFormat:
             return (f"No {self.lossy_kind} OpenVINO model passes the quality gate ({summary}). Nothing was "
                     f"written. Lower the gate explicitly ({lower}) or export {also}.")
 
-        raise ValidationError(say(LOWER_GATE, ("without quantize", "with weight_format='int8' (or 'fp32')",
+        lower, lower_cli = lower_gate(self.task)
+        raise ValidationError(say(lower, ("without quantize", "with weight_format='int8' (or 'fp32')",
                                                "with weight_format='fp32'"))).in_cli_words(
-            say(LOWER_GATE_CLI, ("without --quantize", "with --weight-format int8 (or fp32)",
+            say(lower_cli, ("without --quantize", "with --weight-format int8 (or fp32)",
                                  "with --weight-format fp32")))
 
     def manifest_entry(self, config) -> dict[str, Any]:

@@ -24,9 +24,7 @@ import numpy as np
 
 from ..errors import ConfigError, ValidationError, tool_step
 from ..tasks import EMBEDDING, Task
-from ..runtime.similarity import cosine_rows
-from .gate import (LOWER_GATE, LOWER_GATE_CLI, Embed, QualityGate, gate_texts, screen_failures,
-                   screen_rows)
+from .gate import Embed, QualityGate, lower_gate, screen_failures, screen_rows, screen_summary
 
 logger = logging.getLogger(__name__)
 
@@ -118,11 +116,11 @@ def quantize_with_gate(
 
     started = time.perf_counter()
     external = uses_external_data(fp32_path)
-    texts = gate_texts(pairs)
+    texts = task.gate.inputs(pairs)
     clock = time.perf_counter()
     reference_embeddings = reference(texts)  # fp32, once for every rung
     reference_seconds = time.perf_counter() - clock
-    rows = screen_rows(len(pairs))
+    rows = screen_rows(len(pairs), task)
     texts_for_probe = (probe_texts or calibration_texts or texts)[:PROBE_TEXTS]
     if tokenize is None:
         raise ConfigError("int8 quantization needs the export's tokenizer to probe the graph")
@@ -152,7 +150,7 @@ def quantize_with_gate(
             attempt = {"strategy": strategy, "excluded_nodes": len(excluded), "quantized_nodes":
                        len(nodes) - len(excluded), "fp32_nodes": excluded, **attempt}
             attempts.append(attempt)
-            log(_describe(attempt))
+            log(_describe(attempt, task))
             if passed:
                 if uses_external_data(passed):
                     pack_external_data(passed, out_path, out_path.name + "_data")
@@ -170,8 +168,9 @@ def quantize_with_gate(
         return (f"No int8 variant passes the quality gate ({summary}). Nothing was written. Lower the gate "
                 f"explicitly ({lower}) or export fp32.{other}")
 
-    raise ValidationError(say(LOWER_GATE, "Dynamic quantize='int8'", "export_openvino_model(quantize='int8-static')")
-                          ).in_cli_words(say(LOWER_GATE_CLI, "Dynamic --quantize int8",
+    lower, lower_cli = lower_gate(task)
+    raise ValidationError(say(lower, "Dynamic quantize='int8'", "export_openvino_model(quantize='int8-static')")
+                          ).in_cli_words(say(lower_cli, "Dynamic --quantize int8",
                                              "`peft-export merge-openvino --quantize int8-static`"))
 
 
@@ -186,28 +185,27 @@ def _try_rung(source: Path, out_path: Path, scratch: Path, mode: str, exclude: l
     seconds["quantize"] = round(time.perf_counter() - clock, 1)
     embed = make_candidate(candidate_path)
     clock = time.perf_counter()
-    screen = cosine_rows(reference[rows], embed([texts[i] for i in rows]))
+    screen = task.quality(reference[rows], embed([texts[i] for i in rows]))
     seconds["screen"] = round(time.perf_counter() - clock, 1)
-    attempt: dict = {"screen": {"texts": len(rows), "mean_cosine": float(screen.mean()),
-                                "worst_cosine": float(screen.min())}}
-    rejected = screen_failures(screen, gate)
+    attempt: dict = {"screen": screen_summary(screen, len(rows), task)}
+    rejected = screen_failures(screen, gate, task)
     if rejected:
         return {**attempt, "failures": rejected, "seconds": seconds}, None
     clock = time.perf_counter()
     quality = task.quality(reference, embed(texts))
     seconds["gate"] = round(time.perf_counter() - clock, 1)
-    failures = gate.failures(quality)
+    failures = gate.failures(quality, task)
     return {**attempt, **quality, "failures": failures, "seconds": seconds}, None if failures else candidate_path
 
 
-def _describe(attempt: dict) -> str:
+def _describe(attempt: dict, task: Task) -> str:
     seconds = ", ".join(f"{k} {v:.0f}s" for k, v in attempt["seconds"].items())
-    if "mean_cosine" in attempt:
-        figures = (f"mean cosine {attempt['mean_cosine']:.5f}, worst {attempt['worst_cosine']:.5f}, NDCG@10 "
-                   f"retention {attempt['ndcg10_retention']:.4f} on {attempt['texts']} texts")
+    if "gate" in attempt["seconds"]:
+        figures = task.gate.describe(attempt)
     else:
-        figures = (f"screen mean cosine {attempt['screen']['mean_cosine']:.5f}, worst "
-                   f"{attempt['screen']['worst_cosine']:.5f} on {attempt['screen']['texts']} texts")
+        screen = attempt["screen"]
+        figures = "screen " + ", ".join(f"{k} {v:.5f}" for k, v in screen.items() if k != "texts") + \
+            f" on {screen['texts']} inputs"
     verdict = "passes" if not attempt["failures"] else "fails (" + "; ".join(attempt["failures"]) + ")"
     return f"int8 rung '{attempt['strategy']}': {figures}; {verdict} [{seconds}]"
 

@@ -40,6 +40,45 @@ class GraphOutput:
 
 
 @dataclass(frozen=True)
+class GateLimit:
+    """One threshold of the quality gate of lossy exports on one of the task's figures (``Task.quality``)."""
+
+    figure: str  # a key of the figures Task.quality returns
+    keyword: str  # the QualityGate field that holds its limit (and, with dashes, peft-export's flag)
+    at_least: bool  # True: the figure passes when >= the limit; False: when <= it
+    # Screened on the first rows before the full gate: 0 for a worst-case figure (a subset over the limit means the
+    # full set is over it too), a margin for an average (only an estimate on a subset); None: not screened.
+    screen_margin: float | None = None
+
+    def fails(self, value: float, limit: float, margin: float = 0.0) -> bool:
+        """True unless ``value`` is within ``limit`` (moved by ``margin`` in the figure's favour); NaN fails."""
+        return not (value >= limit - margin if self.at_least else value <= limit + margin)
+
+    def failure(self, value: float, limit: float, margin: float = 0.0, prefix: str = "") -> str:
+        sign = "<" if self.at_least else ">"
+        moved = f" {'-' if self.at_least else '+'} {margin}" if margin else ""
+        return f"{prefix}{self.figure} {value:.5f} {sign} {limit}{moved}"
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """How the quality gate of a lossy export runs a task's graph: on which inputs, which output it compares
+    (with ``Task.quality``), and the limits on the figures."""
+
+    output: str  # the graph output the gate compares (fp32 graph vs lossy candidate)
+    # The gate's query/passage pairs ({"query", "passage"} dicts) -> the inputs the graph runs on (texts, or
+    # (first, second) text pairs where the task's text_pairs)
+    inputs: Callable[[list[dict[str, str]]], list[Any]]
+    # Calibration texts (queries, then passages) -> inputs of the same kind, for the int8 probe and calibration
+    calibration_inputs: Callable[[list[str]], list[Any]]
+    # (number of gate pairs) -> the rows of the inputs a candidate is screened on before the full gate
+    screen_rows: Callable[[int], np.ndarray]
+    limits: tuple[GateLimit, ...]
+    summary: tuple[str, ...]  # the figures a gated export's manifest entry lists at its top (peft-export info)
+    describe: Callable[[dict[str, float]], str]  # the figures as the export log and peft-export info give them
+
+
+@dataclass(frozen=True)
 class Task:
     """Everything that differs between model types. See docs/layout.md, "Adding a model type"."""
 
@@ -58,6 +97,7 @@ class Task:
     routes: str  # "module:function" returning the server's routes for a served model of this task
     # (reference vectors, candidate vectors) of the gate's texts -> the gate's figures (lossy exports)
     quality: Callable[[np.ndarray, np.ndarray], dict[str, float]]
+    gate: GateSpec  # how the gate of lossy exports runs the graph and judges ``quality``'s figures
     # The Sentence Transformers modules a saved pipeline of this type must have after its Transformer (the
     # embedder's Pooling); a reranker's whole pipeline is its Transformer.
     required_modules: tuple[str, ...] = ()

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..runtime.config import RUNTIME_CONFIG_FILE
 from ..runtime.similarity import normalize
-from .base import GraphOutput, Task
+from .base import GateLimit, GateSpec, GraphOutput, Task
 
 
 def _normalised_difference(reference: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
@@ -62,6 +62,37 @@ def quality_against(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     }
 
 
+def gate_texts(pairs: list[dict[str, str]]) -> list[str]:
+    """The texts the gate embeds: the pairs' queries, then their passages (the order quality_against expects)."""
+    return [p["query"] for p in pairs] + [p["passage"] for p in pairs]
+
+
+SCREEN_PAIRS = 24  # pairs (48 texts) a lossy candidate is screened on before the full gate
+
+
+def screen_rows(n_pairs: int) -> np.ndarray:
+    """Rows of the gate's texts (queries, then passages) the screen embeds: the first pairs, both sides."""
+    k = min(SCREEN_PAIRS, n_pairs)
+    return np.concatenate([np.arange(k), n_pairs + np.arange(k)])
+
+
+def describe_quality(q: dict[str, float]) -> str:
+    return (f"mean cosine {q['mean_cosine']:.5f}, worst {q['worst_cosine']:.5f}, NDCG@10 retention "
+            f"{q['ndcg10_retention']:.4f} on {q['texts']} texts")
+
+
+EMBEDDING_GATE = GateSpec(
+    output="sentence_embedding",
+    inputs=gate_texts,
+    calibration_inputs=list,
+    screen_rows=screen_rows,
+    limits=(GateLimit("mean_cosine", "min_mean_cosine", at_least=True, screen_margin=0.002),
+            GateLimit("worst_cosine", "min_worst_cosine", at_least=True, screen_margin=0.0),
+            GateLimit("ndcg10_retention", "min_ndcg_retention", at_least=True)),
+    summary=("mean_cosine", "worst_cosine", "ndcg10_reference", "ndcg10", "ndcg10_retention", "texts"),
+    describe=describe_quality,
+)
+
 EMBEDDING = Task(
     name="embedding",
     sentence_transformers_class="SentenceTransformer",
@@ -76,6 +107,7 @@ EMBEDDING = Task(
     runtime_class="peft_export.runtime.model:EmbeddingModel",
     routes="peft_export.serve.embedding_routes:embedding_routes",
     quality=quality_against,
+    gate=EMBEDDING_GATE,
     required_modules=("pooling",),
     batch_call="encode",
     batch_options=lambda prompt_name: {} if prompt_name is None else {"prompt_name": prompt_name},

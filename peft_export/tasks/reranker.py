@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..runtime.config import RERANKER_CONFIG_FILE
-from .base import GraphOutput, Task
+from .base import GateLimit, GateSpec, GraphOutput, Task
 
 
 def _score_difference(reference: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
@@ -75,6 +75,54 @@ def quality_against(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     }
 
 
+GATE_QUERIES = 100  # gate queries, each scored with its own passage and IRRELEVANT_PER_QUERY others
+IRRELEVANT_PER_QUERY = 3
+SCREEN_QUERIES = 24  # queries (with their passages) a lossy candidate is screened on before the full gate
+
+
+def gate_pairs(pairs: list[dict[str, str]]) -> list[tuple[str, str]]:
+    """The (query, passage) pairs the gate scores: each of the first GATE_QUERIES queries with its own (relevant)
+    passage, then the passages of IRRELEVANT_PER_QUERY other queries spread over the set, query after query."""
+    n = min(len(pairs), GATE_QUERIES)
+    offsets = [1 + k * max(1, n // (IRRELEVANT_PER_QUERY + 1)) for k in range(IRRELEVANT_PER_QUERY)]
+    out = []
+    for i in range(n):
+        query = pairs[i]["query"]
+        out.append((query, pairs[i]["passage"]))
+        out += [(query, pairs[(i + offset) % n]["passage"]) for offset in offsets if (i + offset) % n != i]
+    return out
+
+
+def calibration_pairs(texts: list[str]) -> list[tuple[str, str]]:
+    """Calibration texts (queries, then their passages) as the (query, passage) pairs a reranker reads."""
+    half = len(texts) // 2
+    return list(zip(texts[:half], texts[half:2 * half])) or [(t, t) for t in texts]
+
+
+def screen_rows(n_pairs: int) -> np.ndarray:
+    """The gate pairs of the first SCREEN_QUERIES queries."""
+    per_query = 1 + IRRELEVANT_PER_QUERY if n_pairs > 1 else 1
+    return np.arange(min(SCREEN_QUERIES, GATE_QUERIES, n_pairs) * per_query)
+
+
+def describe_quality(q: dict[str, float]) -> str:
+    return (f"max score diff {q['max_score_diff']:.5f}, mean {q['mean_score_diff']:.5f}, Spearman "
+            f"{q['spearman']:.5f}, top-10 overlap {q['top10_overlap']:.2f} on {q['pairs']} pairs")
+
+
+RERANKER_GATE = GateSpec(
+    output="scores",  # what users read: the logits through the model's activation
+    inputs=gate_pairs,
+    calibration_inputs=calibration_pairs,
+    screen_rows=screen_rows,
+    limits=(GateLimit("max_score_diff", "max_score_diff", at_least=False, screen_margin=0.0),
+            GateLimit("mean_score_diff", "max_mean_score_diff", at_least=False, screen_margin=0.002),
+            GateLimit("spearman", "min_spearman", at_least=True),
+            GateLimit("top10_overlap", "min_top10_overlap", at_least=True)),
+    summary=("max_score_diff", "mean_score_diff", "spearman", "top10_overlap", "pairs"),
+    describe=describe_quality,
+)
+
 RERANKER = Task(
     name="reranker",
     sentence_transformers_class="CrossEncoder",
@@ -88,7 +136,7 @@ RERANKER = Task(
     runtime_class="peft_export.runtime.reranker_model:CrossEncoderModel",
     routes="peft_export.serve.reranker_routes:reranker_routes",
     quality=quality_against,
-    export_modes=frozenset({"merged", "switchable"}),  # lossy exports: see docs/rerankers-status.md
+    gate=RERANKER_GATE,
     batch_call="predict",
     # A batch group's option: True for the raw logits (TEI's raw_scores), else the model's activated scores.
     batch_options=lambda raw: {"activation_fn": "identity"} if raw else {},
