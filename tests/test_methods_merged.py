@@ -51,12 +51,32 @@ def _configs() -> dict:
         "hra": (peft.HRAConfig(r=4, target_modules=QV, init_weights=False), "hra_u"),
         "lora_saved": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False,
                                        modules_to_save=["encoder.layer.1.output.dense"]), "lora_A"),
+        "randlora": (peft.RandLoraConfig(r=4, randlora_alpha=8, target_modules=QV + ["intermediate.dense"]),
+                     "randlora_lambda"),
+        "shira": (peft.ShiraConfig(r=2, target_modules=QV), "shira_weight"),
+        "delora": (peft.DeloraConfig(r=4, target_modules=QV), "delora_B"),
+        "gralora": (peft.GraloraConfig(r=4, gralora_k=2, hybrid_r=2, alpha=8, target_modules=QV), "gralora_A"),
+        "vblora": (peft.VBLoRAConfig(r=4, num_vectors=16, vector_length=8, init_vector_bank_bound=0.5,
+                                     target_modules=QV), "vblora_logits_A"),
+        "road": (peft.RoadConfig(variant="road_2", group_size=8, target_modules=QV), "road_theta"),
+        "waveft": (peft.WaveFTConfig(n_frequency=20, target_modules=QV), "waveft_spectrum"),
+        "ln_tuning": (peft.LNTuningConfig(target_modules=["LayerNorm"]), "ln_tuning_layers.weight"),
+        "miss_mini": (peft.MissConfig(r=4, mini_r=8, target_modules=QV, init_weights="mini"), "miss_block"),
+        "vera_unsaved": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=False),
+                         "vera_lambda_d"),
     }
 
 
 METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
-           "miss_bat", "c3a", "lora_saved"]
-FAST = {"dora", "ia3", "lora_saved"}  # the others export the same way: slow
+           "miss_bat", "c3a", "lora_saved", "randlora", "shira", "delora", "gralora", "vblora", "road", "waveft",
+           "ln_tuning", "miss_mini", "vera_unsaved"]
+FAST = {"dora", "ia3", "lora_saved", "shira"}  # the others export the same way: slow
+# Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
+# integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
+GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
+                  "ln_tuning"}
+NUDGE = {"road": 0.5}  # RoAd's angles: 0.05 rad barely moves the embeddings
+MODULE_OF = {"ln_tuning": "encoder.layer.0.attention.output.LayerNorm"}  # the module a hostile test corrupts
 
 
 def method_adapter(name: str) -> Path:
@@ -69,7 +89,7 @@ def method_adapter(name: str) -> Path:
         model = SentenceTransformer(str(base_model()), device="cpu")
         torch.manual_seed(7)
         config = _configs()[name][0]
-        if name == "vera":  # add_adapter refuses VeRA (shared projections): PEFT's get_peft_model on the encoder
+        if name in GET_PEFT_MODEL:
             from peft import get_peft_model
 
             model = get_peft_model(model[0].auto_model, config)
@@ -78,7 +98,7 @@ def method_adapter(name: str) -> Path:
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if param.requires_grad:
-                    param.add_(0.05 * torch.randn_like(param))
+                    param.add_(NUDGE.get(name, 0.05) * torch.randn_like(param))
         folder = ROOT / f"method-{name}"
         model.save_pretrained(str(folder))
         return folder
@@ -140,9 +160,9 @@ def _corrupt(name: str, tmp_path: Path, change) -> tuple[Path, str]:
     folder = Path(shutil.copytree(method_adapter(name), tmp_path / "adapter"))
     path = folder / "adapter_model.safetensors"
     tensors = load_file(str(path))
-    part = _configs()[name][1]
-    key = next(k for k in sorted(tensors) if f"{MODULE}.{part}" in k and k.split(f"{MODULE}.")[1].split(".")[0]
-               == part)
+    part, module = _configs()[name][1], MODULE_OF.get(name, MODULE)
+    key = next(k for k in sorted(tensors) if f"{module}." in k and k.split(f"{module}.", 1)[1] in (part,
+                                                                                                    f"{part}.weight"))
     change(tensors, key)
     save_file(tensors, str(path))
     return folder, key
@@ -172,9 +192,10 @@ def test_each_methods_tensors_are_checked(name, kind, tmp_path):
             tensors[key].view(-1)[0] = float("nan")
 
     folder, key = _corrupt(name, tmp_path, change)
+    module = MODULE_OF.get(name, MODULE)
     expected = {
         "missing": rf"tensor \S+{re.escape(MODULE)}\.lokr_w2 is missing" if name == "lokr"
-        else rf"tensor {re.escape(key)}(\.weight)? is missing: target_modules .* on '{re.escape(MODULE)}'",
+        else rf"tensor {re.escape(key)}(\.weight)? is missing: target_modules .* on '{re.escape(module)}'",
         "shape": rf"{re.escape(repr(key))} has shape \(",
         "nan": rf"tensor {re.escape(repr(key))} contains NaN or Inf values",
     }[kind]
@@ -363,3 +384,73 @@ def test_real_minilm_merged_parity(name, tmp_path):
     reference[0].auto_model = PeftModel.from_pretrained(reference[0].auto_model, str(tmp_path / "adapter"))
     expected = reference.eval().encode(TEXTS, batch_size=3)
     assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), expected) <= ATOL
+
+
+@pytest.mark.parametrize("kind", ["row_too_large", "negative_column", "float_indices", "integer_weights"])
+def test_shiras_integer_indices_are_checked(kind, tmp_path):
+    """SHiRA saves the positions of its trained entries as integers (shira_indices (2, n): output rows, input
+    columns). Integers are allowed there only, and every index must lie inside the base weight: PEFT scatters
+    them into a sparse tensor without checking (out of range fails deep inside torch; negative ones corrupt)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("shira"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = f"base_model.model.{MODULE}.shira_indices"
+    weights = f"base_model.model.{MODULE}.shira_weight"
+    assert tensors[key].dtype == torch.int32 and tensors[key].shape == (2, 128)
+    indices = tensors[key].clone()
+    if kind == "row_too_large":
+        indices[0, 5] = 32
+        tensors[key] = indices
+        message = (rf"tensor '{re.escape(key)}' holds output rows 0\.\.32, outside the base layer "
+                   rf"'{re.escape(MODULE)}' \(weight \(32, 32\): 0\.\.31\); the file is corrupt "
+                   r"or was made for another base")
+    elif kind == "negative_column":
+        indices[1, 0] = -3
+        tensors[key] = indices
+        message = rf"tensor '{re.escape(key)}' holds input columns -3\.\.\d+, outside the base layer"
+    elif kind == "float_indices":
+        tensors[key] = indices.float()
+        message = rf"tensor '{re.escape(key)}' has dtype torch.float32, expected an integer type \(indices\)"
+    else:
+        tensors[weights] = tensors[weights].round().int()
+        message = rf"tensor '{re.escape(weights)}' has dtype torch.int32, expected a float type"
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, key, shape, message", [
+    ("randlora", "base_model.randlora_B", (37, 10, 5), r"'base_model\.randlora_B' has shape \(37, 10, 5\), expected "
+                                                       r"\(any, any, 4\) for r=4"),
+    ("randlora", "base_model.randlora_A", None, r"tensor base_model\.randlora_A is missing: adapter_config\.json sets "
+                                                r"save_projection"),
+    ("vblora", "base_model.vblora_vector_bank", (16, 9), r"'base_model\.vblora_vector_bank' has shape \(16, 9\), "
+                                                         r"expected \(16, 8\) \(num_vectors, vector_length"),
+    ("vblora", "base_model.vblora_vector_bank", None, r"tensor base_model\.vblora_vector_bank is missing"),
+])
+def test_shared_tensors_of_randlora_and_vblora_are_checked(name, key, shape, message, tmp_path):
+    """RandLoRA's random bases and VBLoRA's vector bank are kept once for every layer, outside any module."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter(name), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    assert key in tensors
+    if shape is None:
+        del tensors[key]
+    else:
+        tensors[key] = torch.zeros(shape)
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+def test_vblora_saved_as_top_k_only_is_refused_with_the_fix(tmp_path):
+    folder = Path(shutil.copytree(method_adapter("vblora"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "save_only_topk_weights": True}))
+    _refused(folder, tmp_path, r"'save_only_topk_weights' is set \(True\): the file keeps only the top-k logits .* "
+                               r"Save the VBLoRA adapter with save_only_topk_weights=False to export it")

@@ -87,8 +87,12 @@ def _base_layer(module: nn.Module) -> BaseLayer:
 
 def _tensor_info(tensor: torch.Tensor) -> TensorInfo:
     is_float = tensor.is_floating_point()
+    ranges = None
+    if not is_float and tensor.dim() >= 1 and tensor.numel():  # integer indices (SHiRA): bounds per row
+        rows = tensor.reshape(tensor.shape[0], -1).long()  # (rows, entries)
+        ranges = tuple((int(low), int(high)) for low, high in zip(rows.min(dim=1).values, rows.max(dim=1).values))
     return TensorInfo(tuple(tensor.shape), str(tensor.dtype), is_float,
-                      bool(torch.isfinite(tensor).all()) if is_float else True)
+                      bool(torch.isfinite(tensor).all()) if is_float else True, ranges)
 
 
 def attach_adapters(base: nn.Module, adapters: list[AdapterSource]):

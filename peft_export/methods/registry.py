@@ -9,18 +9,27 @@ from ..errors import ConfigError
 from .adalora import ADALORA
 from .base import PeftMethod
 from .c3a import C3A
+from .delora import DELORA
 from .fourierft import FOURIERFT
+from .gralora import GRALORA
 from .hra import HRA
 from .ia3 import IA3
 from .loha import LOHA
 from .lokr import LOKR
+from .ln_tuning import LN_TUNING
 from .lora import LORA
 from .miss import MISS
 from .oft import BOFT, OFT
+from .randlora import RANDLORA
+from .road import ROAD
+from .shira import SHIRA
 from .vera import VERA
+from .vblora import VBLORA
+from .waveft import WAVEFT
 
 _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, LOHA, LOKR, OFT, BOFT, VERA,
-                                                            FOURIERFT, HRA, MISS, C3A)}
+                                                            FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
+                                                            GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
