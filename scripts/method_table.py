@@ -60,10 +60,13 @@ def method_configs() -> dict[str, list]:
         "road": [peft.RoadConfig(variant="road_2", group_size=8, target_modules=QV)],
         "waveft": [peft.WaveFTConfig(n_frequency=20, target_modules=QV)],
         "ln_tuning": [peft.LNTuningConfig(target_modules=["LayerNorm"])],
+        "beft": [peft.BeftConfig(target_modules=QV)],
+        "deft": [peft.DeftConfig(r=4, target_modules=QV)],
+        "hira": [peft.HiraConfig(r=4, target_modules=QV)],
     }
 
 
-NUDGE = {"road": 0.5}  # RoAd's angles: 0.05 rad barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5}  # RoAd's angles, HiRA's element-wise factor: 0.05 barely moves anything
 
 
 def make_adapter(st_folder: Path, folder: Path, config, name: str, seed: int) -> Path:

@@ -62,6 +62,9 @@ def _configs() -> dict:
         "waveft": (peft.WaveFTConfig(n_frequency=20, target_modules=QV), "waveft_spectrum"),
         "ln_tuning": (peft.LNTuningConfig(target_modules=["LayerNorm"]), "ln_tuning_layers.weight"),
         "miss_mini": (peft.MissConfig(r=4, mini_r=8, target_modules=QV, init_weights="mini"), "miss_block"),
+        "beft": (peft.BeftConfig(target_modules=QV + ["intermediate.dense"]), "beft_bias"),
+        "deft": (peft.DeftConfig(r=4, target_modules=QV + ["intermediate.dense"]), "deft_P"),
+        "hira": (peft.HiraConfig(r=4, target_modules=QV + ["intermediate.dense"]), "hira_B"),
         "vera_unsaved": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=False),
                          "vera_lambda_d"),
     }
@@ -69,13 +72,13 @@ def _configs() -> dict:
 
 METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
            "miss_bat", "c3a", "lora_saved", "randlora", "shira", "delora", "gralora", "vblora", "road", "waveft",
-           "ln_tuning", "miss_mini", "vera_unsaved"]
+           "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira"]
 FAST = {"dora", "ia3", "lora_saved", "shira"}  # the others export the same way: slow
 # Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
 # integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
 GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
-                  "ln_tuning"}
-NUDGE = {"road": 0.5}  # RoAd's angles: 0.05 rad barely moves the embeddings
+                  "ln_tuning", "beft", "deft", "hira"}
+NUDGE = {"road": 0.5, "hira": 0.5}  # RoAd's angles, HiRA's element-wise factor: 0.05 barely moves anything
 MODULE_OF = {"ln_tuning": "encoder.layer.0.attention.output.LayerNorm"}  # the module a hostile test corrupts
 
 
@@ -240,7 +243,7 @@ def test_modules_to_save_tensors_are_checked(kind, tmp_path):
 
 @pytest.mark.parametrize("peft_type, words", [
     ("PROMPT_TUNING", "prompt tuning"), ("PREFIX_TUNING", "prefix tuning"), ("P_TUNING", "p-tuning"),
-    ("XLORA", "X-LoRA"), ("POLY", "Poly"), ("ADAPTION_PROMPT", "adaption prompt"),
+    ("XLORA", "X-LoRA"), ("POLY", "Poly"), ("ADAPTION_PROMPT", "adaption prompt"), ("LILY", "Lily"),
 ])
 def test_methods_peft_cannot_merge_are_refused_by_name_exit_2(peft_type, words, tmp_path, capsys):
     from peft_export.methods.registry import NOT_MERGEABLE

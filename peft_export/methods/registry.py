@@ -8,10 +8,13 @@ from typing import Any
 from ..errors import ConfigError
 from .adalora import ADALORA
 from .base import PeftMethod
+from .beft import BEFT
 from .c3a import C3A
+from .deft import DEFT
 from .delora import DELORA
 from .fourierft import FOURIERFT
 from .gralora import GRALORA
+from .hira import HIRA
 from .hra import HRA
 from .ia3 import IA3
 from .loha import LOHA
@@ -29,7 +32,8 @@ from .waveft import WAVEFT
 
 _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, LOHA, LOKR, OFT, BOFT, VERA,
                                                             FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
-                                                            GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING)}
+                                                            GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING, BEFT, DEFT,
+                                                            HIRA)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
@@ -43,6 +47,8 @@ NOT_MERGEABLE: dict[str, tuple[str, str]] = {
     "ADAPTION_PROMPT": ("adaption prompt", "it adds gated prompt attention to the layers, which has no merged form"),
     "XLORA": ("X-LoRA", "a learned classifier mixes its LoRA experts per token, so the update depends on the input"),
     "POLY": ("Poly", "it routes between LoRA modules by task id at run time, so there is no single update to merge"),
+    "LILY": ("Lily", "a router mixes its shared experts per input, and PEFT 0.21's Lily layers have no merge "
+                     "(measured: merge_and_unload raises NotImplementedError)"),
 }
 
 
