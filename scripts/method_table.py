@@ -63,10 +63,14 @@ def method_configs() -> dict[str, list]:
         "beft": [peft.BeftConfig(target_modules=QV)],
         "deft": [peft.DeftConfig(r=4, target_modules=QV)],
         "hira": [peft.HiraConfig(r=4, target_modules=QV)],
+        "pvera": [peft.PveraConfig(r=4, target_modules=QV)],
+        "trainable tokens": [peft.TrainableTokensConfig(target_modules=["word_embeddings"],
+                                                        token_indices=[1, 2, 3])],
     }
 
 
-NUDGE = {"road": 0.5, "hira": 0.5}  # RoAd's angles, HiRA's element-wise factor: 0.05 barely moves anything
+# RoAd's angles, HiRA's element-wise factor, PVeRA's scales: a nudge of 0.05 barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5}
 
 
 def make_adapter(st_folder: Path, folder: Path, config, name: str, seed: int) -> Path:

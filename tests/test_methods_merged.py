@@ -65,6 +65,9 @@ def _configs() -> dict:
         "beft": (peft.BeftConfig(target_modules=QV + ["intermediate.dense"]), "beft_bias"),
         "deft": (peft.DeftConfig(r=4, target_modules=QV + ["intermediate.dense"]), "deft_P"),
         "hira": (peft.HiraConfig(r=4, target_modules=QV + ["intermediate.dense"]), "hira_B"),
+        "tokens": (peft.TrainableTokensConfig(target_modules=["word_embeddings"], token_indices=[101, 102, 2054]),
+                   "trainable_tokens_delta"),
+        "pvera": (peft.PveraConfig(r=4, target_modules=QV + ["intermediate.dense"]), "pvera_lambda_d"),
         "vera_unsaved": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=False),
                          "vera_lambda_d"),
     }
@@ -72,14 +75,17 @@ def _configs() -> dict:
 
 METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
            "miss_bat", "c3a", "lora_saved", "randlora", "shira", "delora", "gralora", "vblora", "road", "waveft",
-           "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira"]
+           "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira",
+           "pvera", "tokens"]
 FAST = {"dora", "ia3", "lora_saved", "shira"}  # the others export the same way: slow
 # Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
 # integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
 GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
-                  "ln_tuning", "beft", "deft", "hira"}
-NUDGE = {"road": 0.5, "hira": 0.5}  # RoAd's angles, HiRA's element-wise factor: 0.05 barely moves anything
-MODULE_OF = {"ln_tuning": "encoder.layer.0.attention.output.LayerNorm"}  # the module a hostile test corrupts
+                  "ln_tuning", "beft", "deft", "hira", "pvera", "tokens"}
+# RoAd's angles, HiRA's element-wise factor, PVeRA's scales: a nudge of 0.05 barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5}
+# The module a hostile test corrupts, where not MODULE.
+MODULE_OF = {"ln_tuning": "encoder.layer.0.attention.output.LayerNorm", "tokens": "embeddings.word_embeddings"}
 
 
 def method_adapter(name: str) -> Path:
@@ -198,6 +204,7 @@ def test_each_methods_tensors_are_checked(name, kind, tmp_path):
     module = MODULE_OF.get(name, MODULE)
     expected = {
         "missing": rf"tensor \S+{re.escape(MODULE)}\.lokr_w2 is missing" if name == "lokr"
+        else "adapter_model.safetensors holds no tensors" if name == "tokens"  # its one tensor deleted
         else rf"tensor {re.escape(key)}(\.weight)? is missing: target_modules .* on '{re.escape(module)}'",
         "shape": rf"{re.escape(repr(key))} has shape \(",
         "nan": rf"tensor {re.escape(repr(key))} contains NaN or Inf values",
@@ -457,3 +464,20 @@ def test_vblora_saved_as_top_k_only_is_refused_with_the_fix(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "save_only_topk_weights": True}))
     _refused(folder, tmp_path, r"'save_only_topk_weights' is set \(True\): the file keeps only the top-k logits .* "
                                r"Save the VBLoRA adapter with save_only_topk_weights=False to export it")
+
+
+def test_pvera_sampling_at_inference_is_refused(tmp_path):
+    """PVeRA can draw a random scale on every forward (sample_at_inference): no export reproduces that."""
+    folder = Path(shutil.copytree(method_adapter("pvera"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "sample_at_inference": True}))
+    _refused(folder, tmp_path, r"'sample_at_inference' is set \(True\): this PVeRA adapter draws a random scale on "
+                               r"every forward, so no export can reproduce it\. Set it to false")
+
+
+def test_trainable_tokens_outside_the_vocabulary_are_refused(tmp_path):
+    folder = Path(shutil.copytree(method_adapter("tokens"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "token_indices": [101, 102, 30522]}))
+    _refused(folder, tmp_path, r"'token_indices' names token 30522, outside the base embedding "
+                               r"'embeddings\.word_embeddings' \(30522 tokens\)")

@@ -28,6 +28,8 @@ from .export_files import confined, verify_sha256
 from .lora_layout import LORA_A, LORA_B, Slot, check_factor_arrays, unpack_factors
 from .onnxruntime_merge_adapter import MergedAdapter  # numpy only; onnx and onnxruntime load when a merge runs
 
+MAX_CACHED_STACKS = 16  # combinations of adapters active together whose stacked handle is kept for reuse
+
 
 @dataclass
 class LoadedAdapter:
@@ -162,6 +164,8 @@ class AdapterMethods:
         arrays = [(n, self.backend.adapter_arrays(h)) for n, h in zip(names, handles)]  # slow part: no lock
         stacked = self.backend.adapter_from_arrays(stack_factor_arrays(self._slots, arrays))
         with self._adapter_lock:
+            while len(self._stacks) >= MAX_CACHED_STACKS:  # per-call lists may name many combinations: keep recent
+                self._stacks.pop(next(iter(self._stacks)))
             self._stacks[names] = (handles, stacked)
         return stacked
 
