@@ -70,6 +70,9 @@ def _add_export_arguments(parser: argparse.ArgumentParser, output_suffix: str = 
                              "per --adapter NAME=PATH, switched per call at run time")
     parser.add_argument("--default-adapter", metavar="NAME",
                         help="with --switchable: the adapter active when the export is loaded (default: none)")
+    parser.add_argument("--stack-adapters", action="store_true",
+                        help="merge every --adapter into one model, all active at once (PEFT's set_adapter([a, b]) "
+                             "then merge_and_unload); adapters of one PEFT method; not with --switchable")
     quant = parser.add_argument_group(
         "quantization (int8 graphs must pass a quality gate against fp32)" if onnx
         else "quantization and quality gate (fp16 / int8 models must pass it against fp32; fp16 needs mean cosine "
@@ -133,6 +136,7 @@ def _export_options(args: argparse.Namespace, output_suffix: str):
         gate_data=args.gate_data, calibration_data=getattr(args, "calibration_data", None),
         gate=QualityGate(**{name: getattr(args, name) for name in QualityGate.__dataclass_fields__}),
         switchable=getattr(args, "switchable", False), default_adapter=getattr(args, "default_adapter", None),
+        stack_adapters=getattr(args, "stack_adapters", False),
     )
 
 
@@ -253,7 +257,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
                  else f"peft_type={adapter.get('peft_type')}")  # LoRA's manifests predate peft_type
         print(f"adapter:     {adapter['name']} <- {adapter['source']} {sizes} sha256={digest}...")
     print(f"task:        {task.name} ({task.sentence_transformers_class})")
-    print(f"merge mode:  {manifest['merge_mode']}")
+    stacked = manifest.get("stacked_adapters")
+    print(f"merge mode:  {manifest['merge_mode']}" + (f" (stacked: {' + '.join(stacked)}, all active)" if stacked
+                                                      else ""))
     if manifest["merge_mode"] == "switchable":
         print(f"switchable:  {len(config.lora_slots)} LoRA branches, default adapter: "
               f"{manifest.get('default_adapter') or 'none (base)'}")

@@ -40,11 +40,38 @@ def method_configs() -> dict:
         "hra": (peft.HRAConfig(r=4, target_modules=QV, init_weights=False), "hra_u"),
         "lora_saved": (peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False,
                                        modules_to_save=["encoder.layer.1.output.dense"]), "lora_A"),
+        "randlora": (peft.RandLoraConfig(r=4, randlora_alpha=8, target_modules=QV + ["intermediate.dense"]),
+                     "randlora_lambda"),
+        "shira": (peft.ShiraConfig(r=2, target_modules=QV), "shira_weight"),
+        "delora": (peft.DeloraConfig(r=4, target_modules=QV), "delora_B"),
+        "gralora": (peft.GraloraConfig(r=4, gralora_k=2, hybrid_r=2, alpha=8, target_modules=QV), "gralora_A"),
+        "vblora": (peft.VBLoRAConfig(r=4, num_vectors=16, vector_length=8, init_vector_bank_bound=0.5,
+                                     target_modules=QV), "vblora_logits_A"),
+        "road": (peft.RoadConfig(variant="road_2", group_size=8, target_modules=QV), "road_theta"),
+        "waveft": (peft.WaveFTConfig(n_frequency=20, target_modules=QV), "waveft_spectrum"),
+        "ln_tuning": (peft.LNTuningConfig(target_modules=["LayerNorm"]), "ln_tuning_layers.weight"),
+        "miss_mini": (peft.MissConfig(r=4, mini_r=8, target_modules=QV, init_weights="mini"), "miss_block"),
+        "beft": (peft.BeftConfig(target_modules=QV + ["intermediate.dense"]), "beft_bias"),
+        "deft": (peft.DeftConfig(r=4, target_modules=QV + ["intermediate.dense"]), "deft_P"),
+        "hira": (peft.HiraConfig(r=4, target_modules=QV + ["intermediate.dense"]), "hira_B"),
+        "tokens": (peft.TrainableTokensConfig(target_modules=["word_embeddings"], token_indices=[101, 102, 2054]),
+                   "trainable_tokens_delta"),
+        "pvera": (peft.PveraConfig(r=4, target_modules=QV + ["intermediate.dense"]), "pvera_lambda_d"),
+        "vera_unsaved": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=False),
+                         "vera_lambda_d"),
     }
 
 
 METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
-           "miss_bat", "c3a", "lora_saved"]
+           "miss_bat", "c3a", "lora_saved", "randlora", "shira", "delora", "gralora", "vblora", "road", "waveft",
+           "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira",
+           "pvera", "tokens"]
+# Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
+# integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
+GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
+                  "ln_tuning", "beft", "deft", "hira", "pvera", "tokens"}
+# RoAd's angles, HiRA's element-wise factor, PVeRA's scales: a nudge of 0.05 barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5}
 
 
 def method_adapter(name: str) -> Path:
@@ -57,7 +84,7 @@ def method_adapter(name: str) -> Path:
         model = SentenceTransformer(str(base_model()), device="cpu")
         torch.manual_seed(7)
         config = method_configs()[name][0]
-        if name == "vera":  # add_adapter refuses VeRA (shared projections): PEFT's get_peft_model on the encoder
+        if name in GET_PEFT_MODEL:
             from peft import get_peft_model
 
             model = get_peft_model(model[0].auto_model, config)
@@ -66,7 +93,7 @@ def method_adapter(name: str) -> Path:
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if param.requires_grad:
-                    param.add_(0.05 * torch.randn_like(param))
+                    param.add_(NUDGE.get(name, 0.05) * torch.randn_like(param))
         folder = ROOT / f"method-{name}"
         model.save_pretrained(str(folder))
         return folder

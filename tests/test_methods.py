@@ -25,8 +25,12 @@ from switchable_fixtures import base_model, edit_adapter_config, make_adapter
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_export"
 WHERE = "x/adapter_config.json"
-ALL = ("LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "MISS", "C3A")
-NAMES = "LoRA, AdaLoRA, IA3, LoHa, LoKr, OFT, BOFT, VeRA, FourierFT, HRA, MiSS, C3A"
+ALL = ("LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "MISS", "C3A", "RANDLORA",
+       "SHIRA", "DELORA", "GRALORA", "VBLORA", "ROAD", "WAVEFT", "LN_TUNING", "BEFT", "DEFT", "HIRA",
+       "PVERA", "TRAINABLE_TOKENS")
+NAMES = ("LoRA, AdaLoRA, IA3, LoHa, LoKr, OFT, BOFT, VeRA, FourierFT, HRA, MiSS, C3A, RandLoRA, SHiRA, DeLoRA, "
+         "GraLoRA, VBLoRA, RoAd, WaveFT, LN tuning, BEFT, DeFT, HiRA, PVeRA, "
+         "trainable tokens")
 LORA_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
 
 
@@ -50,7 +54,7 @@ def test_lora_is_registered_under_its_peft_type():
                                 "use_dora": None, "bias": None, "modules_to_save": None}
 
 
-@pytest.mark.parametrize("peft_type", ["RANDLORA", "lora", None, ["LORA"]])
+@pytest.mark.parametrize("peft_type", ["NOT_A_TUNER", "lora", None, ["LORA"]])
 def test_registry_refuses_an_unknown_peft_type(peft_type):
     message = f"{WHERE}: peft_type is {peft_type!r}; peft_export supports {', '.join(ALL)} adapters only"
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
@@ -269,9 +273,9 @@ def test_a_registered_method_is_picked_by_adapter_config_parsing(fake_methods, t
         check_adapter_config({"peft_type": "FAKE_SCALES", "fake_size": 1, "fake_extra": 1}, WHERE)
     saved = check_adapter_config({"peft_type": "FAKE_SCALES", "fake_size": 1, "modules_to_save": ["x"]}, WHERE)
     refuse_options(saved.raw, WHERE, fake.refused_options, fake.name, switchable=True)  # PEFT-wide: not refused
-    with pytest.raises(ConfigError, match=rf"peft_type is 'RANDLORA'; peft_export supports {', '.join(ALL)}, "
+    with pytest.raises(ConfigError, match=rf"peft_type is 'NOT_A_TUNER'; peft_export supports {', '.join(ALL)}, "
                                           r"FAKE_SCALES, UNMERGEABLE_SCALES adapters only"):
-        method_for("RANDLORA", WHERE)
+        method_for("NOT_A_TUNER", WHERE)
 
 
 def test_a_registered_method_brings_its_own_tensor_checks(fake_methods):

@@ -19,7 +19,9 @@ from peft_export import ConfigError, EmbeddingModel, export_onnx_model
 from peft_export.cli import main as cli_main
 
 ATOL = 1e-5
-FAST = {"dora", "ia3", "lora_saved"}  # the others export the same way: slow
+FAST = {"dora", "ia3", "lora_saved", "shira"}  # the others export the same way: slow
+# The module a hostile test corrupts, where not MODULE.
+MODULE_OF = {"ln_tuning": "encoder.layer.0.attention.output.LayerNorm", "tokens": "embeddings.word_embeddings"}
 
 
 def _params(name: str) -> list:
@@ -64,9 +66,9 @@ def _corrupt(name: str, tmp_path: Path, change) -> tuple[Path, str]:
     folder = Path(shutil.copytree(method_adapter(name), tmp_path / "adapter"))
     path = folder / "adapter_model.safetensors"
     tensors = load_file(str(path))
-    part = method_configs()[name][1]
-    key = next(k for k in sorted(tensors) if f"{MODULE}.{part}" in k and k.split(f"{MODULE}.")[1].split(".")[0]
-               == part)
+    part, module = method_configs()[name][1], MODULE_OF.get(name, MODULE)
+    key = next(k for k in sorted(tensors) if f"{module}." in k and k.split(f"{module}.", 1)[1] in (part,
+                                                                                                    f"{part}.weight"))
     change(tensors, key)
     save_file(tensors, str(path))
     return folder, key
@@ -96,9 +98,11 @@ def test_each_methods_tensors_are_checked(name, kind, tmp_path):
             tensors[key].view(-1)[0] = float("nan")
 
     folder, key = _corrupt(name, tmp_path, change)
+    module = MODULE_OF.get(name, MODULE)
     expected = {
         "missing": rf"tensor \S+{re.escape(MODULE)}\.lokr_w2 is missing" if name == "lokr"
-        else rf"tensor {re.escape(key)}(\.weight)? is missing: target_modules .* on '{re.escape(MODULE)}'",
+        else "adapter_model.safetensors holds no tensors" if name == "tokens"  # its one tensor deleted
+        else rf"tensor {re.escape(key)}(\.weight)? is missing: target_modules .* on '{re.escape(module)}'",
         "shape": rf"{re.escape(repr(key))} has shape \(",
         "nan": rf"tensor {re.escape(repr(key))} contains NaN or Inf values",
     }[kind]
@@ -143,7 +147,7 @@ def test_modules_to_save_tensors_are_checked(kind, tmp_path):
 
 @pytest.mark.parametrize("peft_type, words", [
     ("PROMPT_TUNING", "prompt tuning"), ("PREFIX_TUNING", "prefix tuning"), ("P_TUNING", "p-tuning"),
-    ("XLORA", "X-LoRA"), ("POLY", "Poly"), ("ADAPTION_PROMPT", "adaption prompt"),
+    ("XLORA", "X-LoRA"), ("POLY", "Poly"), ("ADAPTION_PROMPT", "adaption prompt"), ("LILY", "Lily"),
 ])
 def test_methods_peft_cannot_merge_are_refused_by_name_exit_2(peft_type, words, tmp_path, capsys):
     from peft_export.methods.registry import NOT_MERGEABLE
@@ -286,3 +290,90 @@ def test_real_minilm_merged_parity(name, tmp_path):
     reference[0].auto_model = PeftModel.from_pretrained(reference[0].auto_model, str(tmp_path / "adapter"))
     expected = reference.eval().encode(TEXTS, batch_size=3)
     assert max_unit_diff(EmbeddingModel(tmp_path / "out").encode(TEXTS), expected) <= ATOL
+
+
+@pytest.mark.parametrize("kind", ["row_too_large", "negative_column", "float_indices", "integer_weights"])
+def test_shiras_integer_indices_are_checked(kind, tmp_path):
+    """SHiRA saves the positions of its trained entries as integers (shira_indices (2, n): output rows, input
+    columns). Integers are allowed there only, and every index must lie inside the base weight: PEFT scatters
+    them into a sparse tensor without checking (out of range fails deep inside torch; negative ones corrupt)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("shira"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = f"base_model.model.{MODULE}.shira_indices"
+    weights = f"base_model.model.{MODULE}.shira_weight"
+    assert tensors[key].dtype == torch.int32 and tensors[key].shape == (2, 128)
+    indices = tensors[key].clone()
+    if kind == "row_too_large":
+        indices[0, 5] = 32
+        tensors[key] = indices
+        message = (rf"tensor '{re.escape(key)}' holds output rows 0\.\.32, outside the base layer "
+                   rf"'{re.escape(MODULE)}' \(weight \(32, 32\): 0\.\.31\); the file is corrupt "
+                   r"or was made for another base")
+    elif kind == "negative_column":
+        indices[1, 0] = -3
+        tensors[key] = indices
+        message = rf"tensor '{re.escape(key)}' holds input columns -3\.\.\d+, outside the base layer"
+    elif kind == "float_indices":
+        tensors[key] = indices.float()
+        message = rf"tensor '{re.escape(key)}' has dtype torch.float32, expected an integer type \(indices\)"
+    else:
+        tensors[weights] = tensors[weights].round().int()
+        message = rf"tensor '{re.escape(weights)}' has dtype torch.int32, expected a float type"
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, key, shape, message", [
+    ("randlora", "base_model.randlora_B", (37, 10, 5), r"'base_model\.randlora_B' has shape \(37, 10, 5\), expected "
+                                                       r"\(any, any, 4\) for r=4"),
+    ("randlora", "base_model.randlora_A", None, r"tensor base_model\.randlora_A is missing: adapter_config\.json sets "
+                                                r"save_projection"),
+    ("vblora", "base_model.vblora_vector_bank", (16, 9), r"'base_model\.vblora_vector_bank' has shape \(16, 9\), "
+                                                         r"expected \(16, 8\) \(num_vectors, vector_length"),
+    ("vblora", "base_model.vblora_vector_bank", None, r"tensor base_model\.vblora_vector_bank is missing"),
+])
+def test_shared_tensors_of_randlora_and_vblora_are_checked(name, key, shape, message, tmp_path):
+    """RandLoRA's random bases and VBLoRA's vector bank are kept once for every layer, outside any module."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter(name), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    assert key in tensors
+    if shape is None:
+        del tensors[key]
+    else:
+        tensors[key] = torch.zeros(shape)
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+def test_vblora_saved_as_top_k_only_is_refused_with_the_fix(tmp_path):
+    folder = Path(shutil.copytree(method_adapter("vblora"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "save_only_topk_weights": True}))
+    _refused(folder, tmp_path, r"'save_only_topk_weights' is set \(True\): the file keeps only the top-k logits .* "
+                               r"Save the VBLoRA adapter with save_only_topk_weights=False to export it")
+
+
+def test_pvera_sampling_at_inference_is_refused(tmp_path):
+    """PVeRA can draw a random scale on every forward (sample_at_inference): no export reproduces that."""
+    folder = Path(shutil.copytree(method_adapter("pvera"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "sample_at_inference": True}))
+    _refused(folder, tmp_path, r"'sample_at_inference' is set \(True\): this PVeRA adapter draws a random scale on "
+                               r"every forward, so no export can reproduce it\. Set it to false")
+
+
+def test_trainable_tokens_outside_the_vocabulary_are_refused(tmp_path):
+    folder = Path(shutil.copytree(method_adapter("tokens"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "token_indices": [101, 102, 30522]}))
+    _refused(folder, tmp_path, r"'token_indices' names token 30522, outside the base embedding "
+                               r"'embeddings\.word_embeddings' \(30522 tokens\)")

@@ -160,7 +160,7 @@ def test_remote_code_in_config_is_not_run(zoo, tmp_path):
 # ---- item 11: adapter_config.json ----
 
 BAD_CONFIGS = [
-    ({"peft_type": "RANDLORA"}, ConfigError, r"peft_type is 'RANDLORA'; peft_export supports LORA, ADALORA, IA3, "),
+    ({"peft_type": "NOT_A_TUNER"}, ConfigError, r"peft_type is 'NOT_A_TUNER'; peft_export supports LORA, ADALORA, "),
     ({"r": 0}, ConfigError, r"'r' must be an integer in 1\.\.4096, found 0"),
     ({"r": -4}, ConfigError, r"'r' must be an integer in 1\.\.4096, found -4"),
     ({"r": 10**7}, ConfigError, r"'r' must be an integer in 1\.\.4096, found 10000000"),

@@ -15,14 +15,25 @@ logger = logging.getLogger(__name__)
 
 def export_onnx_model(model_id: str, output: str | Path, log: Callable[[str], None] = logger.info,
                       **options: Any) -> ExportResult:
-    """Merge (at most one) adapter into ``model_id`` and write a validated ONNX export folder at ``output``.
+    """Merge an adapter (or, with ``stack_adapters=True``, several, all active at once) into ``model_id`` and write a
+    validated ONNX export folder at ``output``.
 
     Keyword options are the fields of :class:`ExportOptions` (adapters, base, revision, force, opset, ...).
     """
     return run_onnx_export(ExportOptions(model_id=model_id, output=output, **options), log)
 
 
+def _check_not_stacked_and_switchable(options: ExportOptions) -> None:
+    if options.switchable and options.stack_adapters:
+        why = ("a switchable export keeps each adapter separate and combines them at run time instead: "
+               "set_adapter([a, b]) or encode(..., adapter=[a, b]) on LoRA adapters")
+        raise ConfigError(f"stack_adapters=True merges adapters and cannot be combined with switchable=True; {why}"
+                          ).in_cli_words(f"--stack-adapters merges adapters and cannot be combined with --switchable; "
+                                         f"{why}")
+
+
 def run_onnx_export(options: ExportOptions, log: Callable[[str], None] = logger.info) -> ExportResult:
+    _check_not_stacked_and_switchable(options)
     if options.switchable:
         from .switchable import run_switchable_export
 
@@ -43,6 +54,7 @@ def run_openvino_export(options: ExportOptions, weight_format: str = "fp32",
                         log: Callable[[str], None] = logger.info) -> ExportResult:
     from .openvino import OpenVinoFormat
 
+    _check_not_stacked_and_switchable(options)
     if options.switchable:
         if weight_format != "fp32":
             why = ("the base graph and the adapters are exported in fp32 (a compressed base would no longer be the "

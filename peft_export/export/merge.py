@@ -87,8 +87,12 @@ def _base_layer(module: nn.Module) -> BaseLayer:
 
 def _tensor_info(tensor: torch.Tensor) -> TensorInfo:
     is_float = tensor.is_floating_point()
+    ranges = None
+    if not is_float and tensor.dim() >= 1 and tensor.numel():  # integer indices (SHiRA): bounds per row
+        rows = tensor.reshape(tensor.shape[0], -1).long()  # (rows, entries)
+        ranges = tuple((int(low), int(high)) for low, high in zip(rows.min(dim=1).values, rows.max(dim=1).values))
     return TensorInfo(tuple(tensor.shape), str(tensor.dtype), is_float,
-                      bool(torch.isfinite(tensor).all()) if is_float else True)
+                      bool(torch.isfinite(tensor).all()) if is_float else True, ranges)
 
 
 def attach_adapters(base: nn.Module, adapters: list[AdapterSource]):
@@ -183,16 +187,19 @@ def _check_targets_matched(model, adapters: list[AdapterSource]) -> None:
             )
 
 
-def merge_adapter(peft_model, adapter_name: str) -> nn.Module:
-    """Merge one adapter into the base weights with PEFT (safe_merge checks for NaN) and return the plain model.
+def merge_adapter(peft_model, adapter_name: str | list[str]) -> nn.Module:
+    """Merge one adapter, or a stack of them (a list: PEFT merges each in turn, as it runs them all active), into the
+    base weights with PEFT (safe_merge checks for NaN) and return the plain model.
 
     The base was loaded in fp32, so PEFT computes each delta (LoRA: B @ A * scaling) in fp32 before adding it.
     """
-    peft_model.set_adapter(adapter_name)
-    merged = peft_model.merge_and_unload(safe_merge=True, adapter_names=[adapter_name])
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    if isinstance(adapter_name, str):
+        peft_model.set_adapter(adapter_name)
+    merged = peft_model.merge_and_unload(safe_merge=True, adapter_names=names)
     for name, param in merged.named_parameters():
         if not torch.isfinite(param).all():
-            raise ConfigError(f"Merging adapter {adapter_name!r} produced NaN/Inf in {name}")
+            raise ConfigError(f"Merging adapter {' + '.join(map(repr, names))} produced NaN/Inf in {name}")
     return merged.eval()
 
 

@@ -58,6 +58,7 @@ class ExportOptions:
     calibration_data: str | None = None  # text file, one sentence per line; default: demo training text
     switchable: bool = False  # keep adapters separate: one base graph + one weight file per adapter
     default_adapter: str | None = None  # switchable: the adapter active when the export is loaded
+    stack_adapters: bool = False  # merged: every adapter active at once (PEFT's set_adapter([a, b])), merged together
 
 
 @dataclass
@@ -77,6 +78,7 @@ class MergedModel:
     max_positions: int | None = None  # the encoder's positions: max_seq_length's limit, recorded for the runtime
     encoder_config: Any = None  # the transformers config (attention shape for fusion), kept after release()
     task_config: dict[str, Any] = field(default_factory=dict)  # the torch module's runtime settings (RuntimeConfig)
+    stacked_adapters: list[str] = field(default_factory=list)  # stack_adapters: the names merged together
 
     def release(self) -> None:
         """Drop the torch pipeline once its graph is written: the stages after it compare with the stored
@@ -189,6 +191,27 @@ def _reference_tokenize(tokenizer, input_names: list[str], max_len: int, text_pa
     return tokenize
 
 
+def check_stack(options: ExportOptions, adapters: list) -> None:
+    """A merged export takes one adapter, or several with stack_adapters (all active at once, merged together);
+    anything else is ambiguous and refused with both ways out."""
+    names = ", ".join(a.name for a in adapters)
+    if options.stack_adapters and len(adapters) < 2:
+        found = f"stacks two or more adapters, {len(adapters)} given{f' ({names})' if names else ''}; pass"
+        raise ConfigError(f"stack_adapters=True {found} several adapters or drop stack_adapters").in_cli_words(
+            f"--stack-adapters {found} --adapter NAME=PATH for each, or drop --stack-adapters")
+    if options.stack_adapters and len({a.config.peft_type for a in adapters}) > 1:
+        types = ", ".join(f"{a.name}: {a.config.peft_type}" for a in adapters)
+        raise ConfigError(f"Stacked adapters must share one PEFT method ({types}): PEFT runs a stack of one "
+                          "method's adapters in a PeftModel (mixed methods need its PeftMixedModel, not supported)")
+    if len(adapters) > 1 and not options.stack_adapters:
+        given = (f"A merged export takes one adapter, {len(adapters)} were given ({names}); export each separately, "
+                 "pass")
+        keep = "to keep them as switchable adapters over one base graph, or"
+        stack = "to merge them all into one model (PEFT with every adapter active at once)"
+        raise ConfigError(f"{given} switchable=True {keep} stack_adapters=True {stack}").in_cli_words(
+            f"{given} --switchable {keep} --stack-adapters {stack}")
+
+
 def run_export(options: ExportOptions, graph_format: GraphFormat, log: Callable[[str], None] = logger.info
                ) -> ExportResult:
     """The stages every format shares around the one step that differs: write the graph and validate it."""
@@ -270,11 +293,7 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     if options.default_adapter is not None:
         raise ConfigError("default_adapter only applies to switchable exports (switchable=True)").in_cli_words(
             "--default-adapter only applies to switchable exports (--switchable)")
-    if len(resolved.adapters) > 1:
-        given = (f"A merged export takes one adapter, {len(resolved.adapters)} were given "
-                 f"({', '.join(a.name for a in resolved.adapters)}); export each separately, or pass")
-        keep = "to keep them as switchable adapters over one base graph"
-        raise ConfigError(f"{given} switchable=True {keep}").in_cli_words(f"{given} --switchable {keep}")
+    check_stack(options, resolved.adapters)
     if options.quantize:
         resolved.task.check_export_mode("lossy", f"quantize={options.quantize!r}")
     if options.dtype != "fp32":
@@ -292,7 +311,11 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
     parity: dict[str, Any] = {}
     if resolved.adapters:
         adapter = resolved.adapters[0]
+        stack = [a.name for a in resolved.adapters]
         peft_model = attach_adapters(encoder, resolved.adapters)
+        if options.stack_adapters:
+            peft_model.base_model.set_adapter(stack)  # every adapter active at once, as PEFT runs a stack
+            log(f"stacked adapters {', '.join(map(repr, stack))}: merged together, all active")
         references = validate.reference_outputs(make_pipeline(peft_model), ref_tokenize, task=task)
         validate.check_finite_outputs(references, f"Adapter {adapter.name!r}", nonfinite_hint(adapter))
         with peft_model.disable_adapter():
@@ -300,8 +323,9 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
                                                   task)
         parity["adapter_vs_base_max_abs_diff"] = effect
         if effect < NOOP_ADAPTER_THRESHOLD and not options.allow_noop_adapter:
-            raise noop_adapter_error(adapter.name, effect, task.outputs[0].description or task.outputs[0].name)
-        merged = merge_adapter(peft_model, adapter.name)
+            raise noop_adapter_error(" + ".join(stack) if options.stack_adapters else adapter.name, effect,
+                                     task.outputs[0].description or task.outputs[0].name)
+        merged = merge_adapter(peft_model, stack if options.stack_adapters else adapter.name)
         final = make_pipeline(merged)
         merge_report = validate.compare_with_reference(references, validate.torch_runner(final, task),
                                                        "The merged model", task=task)
@@ -316,7 +340,8 @@ def merge_and_reference(options: ExportOptions, log: Callable[[str], None] = log
                        reference_tokenize=ref_tokenize,
                        references=references, max_seq_length=max_len, dense_layers=len(dense), validation=parity,
                        started=started, max_positions=position_limit(encoder),
-                       encoder_config=getattr(final.encoder, "config", None), task_config=dict(final.task_config))
+                       encoder_config=getattr(final.encoder, "config", None), task_config=dict(final.task_config),
+                       stacked_adapters=[a.name for a in resolved.adapters] if options.stack_adapters else [])
 
 
 def write_export(merged: MergedModel, options: ExportOptions, graph_format: GraphFormat,
@@ -343,6 +368,8 @@ def write_export(merged: MergedModel, options: ExportOptions, graph_format: Grap
         validation = {**merged.validation, **graph_format.validate(merged, model_path, config, log)}
         manifest = export_manifest(resolved, graph_format.manifest_entry(config), config, validation,
                              time.perf_counter() - merged.started)
+        if merged.stacked_adapters:  # every adapter listed was active at once and merged together
+            manifest["stacked_adapters"] = list(merged.stacked_adapters)
         record_file_hashes(manifest, tmp)
         manifest["size_bytes"] = folder_size(tmp)
         write_json(tmp / MANIFEST_FILE, manifest)  # last: its presence marks a complete export

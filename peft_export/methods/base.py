@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 from ..errors import ConfigError
+from .saved_modules import SAVED_MODULE_KEY, check_saved_complete, check_saved_tensor, saved_module_of
 
 MAX_RANK = 4096  # a sanity bound against absurd adapter configs and weight files (configs, runtime adapter files)
 
@@ -51,23 +52,9 @@ class RefusedOption:
     message: str | None = None
 
 
-# PEFT-wide: trained full copies of modules (``modules_to_save``), in any tuner's config. A merged export takes them
-# (PEFT's merge_and_unload puts the trained copy in place of the module; their tensors are checked by
-# check_saved_modules); a switchable export gives each saved parameter graph inputs (runtime/lora_layout.py:
-# SavedParam) where it is small.
-SAVED_MODULE_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<param>.+)$")
-
-
-def saved_module_of(param: str, modules_to_save: Iterable[str]) -> str | None:
-    """The ``modules_to_save`` entry whose module holds base parameter ``param`` (PEFT's rule: the module's name is
-    the entry or ends with ``.entry``), or None."""
-    parts = param.split(".")
-    for end in range(len(parts) - 1, 0, -1):
-        module = ".".join(parts[:end])
-        for entry in modules_to_save:
-            if module == entry or module.endswith("." + entry):
-                return module
-    return None
+# PEFT-wide: trained full copies of modules (``modules_to_save``), in any tuner's config: merged exports take them
+# (PEFT's merge_and_unload puts the trained copy in place of the module), switchable exports give each saved
+# parameter graph inputs where it is small (runtime/lora_layout.py: SavedParam); methods/saved_modules.py checks them.
 
 
 def tensor_pattern(*parts: str) -> re.Pattern:
@@ -165,6 +152,8 @@ class TensorInfo:
     dtype: str  # as that framework names it
     is_float: bool
     finite: bool  # no NaN/Inf (True for non-float tensors)
+    # Integer tensors: (min, max) of each row along the first axis (SHiRA's indices: row 0 out, row 1 in), else None.
+    row_ranges: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +190,7 @@ class PeftMethod(ABC):
     extras_refused: ClassVar[str] = ""  # appended to "is not a <name> weight" when tensors are checked
     layer_kinds: ClassVar[str] = "Linear layers"  # what supports_layer accepts, for messages
     saved_as_weight: ClassVar[bool] = True  # PEFT saves a part as "<module>.<part>.weight" (a submodule's weight)
+    index_parts: ClassVar[tuple[str, ...]] = ()  # integer parts (SHiRA's indices), checked by check_indices
 
     # ---- adapter_config.json
 
@@ -301,8 +291,10 @@ class PeftMethod(ABC):
         prefix = ""
         for key in keys:
             info = read(key)
-            if not info.is_float:
-                raise ConfigError(f"{where}: tensor {key!r} has dtype {info.dtype}, expected a float type")
+            index = self._is_index_key(key)
+            if info.is_float == index:
+                wanted = "an integer type (indices)" if index else "a float type"
+                raise ConfigError(f"{where}: tensor {key!r} has dtype {info.dtype}, expected {wanted}")
             if not info.finite:
                 raise ConfigError(f"{where}: tensor {key!r} contains NaN or Inf values")
             if (name := self.shared_tensor(key)) is not None:
@@ -313,7 +305,7 @@ class PeftMethod(ABC):
             module = saved_module_of(param, saved_entries) if saved_entries and self.key_pattern.match(key) is None \
                 else None
             if module is not None:
-                self._check_saved_tensor(where, key, param, info.shape, params or {}, base_name)
+                check_saved_tensor(where, key, param, info.shape, params or {}, base_name)
                 saved.setdefault(module, set()).add(param)
                 continue
             parsed = self.parse_key(key, where)
@@ -325,12 +317,23 @@ class PeftMethod(ABC):
                 )
             if layer is not None:  # None: e.g. BERT's pooler absent from this checkpoint; its output is never used
                 self.check_tensor_shape(config, where, parsed, info.shape, layer)
+                if index:
+                    self.check_indices(config, where, parsed, info, layer)
             prefix = parsed.prefix
             found.setdefault(parsed.module, set()).add(parsed.part)
         self.check_shared_complete(config, where, shared)
         if saved_entries and params is not None:
-            self.check_saved_complete(config, where, saved, params, prefix or "base_model.model.")
+            check_saved_complete(saved_entries, where, saved, params, prefix or "base_model.model.")
         self.check_complete(config, where, found, targeted(), prefix)
+
+    def _is_index_key(self, key: str) -> bool:
+        match = self.key_pattern.match(key) if self.index_parts else None
+        return match is not None and match.group("part") in self.index_parts
+
+    def check_indices(self, config: AdapterConfig, where: Any, key: TensorKey, info: TensorInfo,
+                      layer: BaseLayer) -> None:
+        """Raise ConfigError if an integer part (``index_parts``) points outside ``layer``'s weight."""
+        raise NotImplementedError(f"{self.name} declares index parts but does not check them")
 
     def shared_tensor(self, key: str) -> str | None:
         """The name of ``key`` if it is a tensor the method keeps once for every layer (VeRA's projections), else
@@ -343,32 +346,6 @@ class PeftMethod(ABC):
 
     def check_shared_complete(self, config: AdapterConfig, where: Any, found: set[str]) -> None:
         """Raise ConfigError if a shared tensor the config needs is missing from the file."""
-
-    def _check_saved_tensor(self, where: Any, key: str, param: str, shape: tuple[int, ...],
-                            params: dict[str, tuple[int, ...]], base_name: str) -> None:
-        if param not in params:
-            raise ConfigError(
-                f"{where}: tensor {key!r} is a trained copy (modules_to_save) of parameter {param!r}, which the base "
-                f"model ({base_name}) does not have; was this adapter trained on another base?")
-        if tuple(shape) != params[param]:
-            raise ConfigError(
-                f"{where}: tensor {key!r} (modules_to_save) has shape {tuple(shape)} but the base parameter {param!r} "
-                f"has shape {params[param]}; was this adapter trained on another base?")
-
-    def check_saved_complete(self, config: AdapterConfig, where: Any, saved: dict[str, set[str]],
-                             params: dict[str, tuple[int, ...]], prefix: str) -> None:
-        """Every module ``modules_to_save`` names must be in the file with all its parameters: PEFT would
-        otherwise keep the base's values for the missing ones without a word (or, for a module missing entirely,
-        fail with a KeyError). Heads the embedding never reads are checked too, for that reason."""
-        entries = config.raw.get("modules_to_save") or []
-        for param in sorted(params):
-            module = saved_module_of(param, entries)
-            if module is None or param in saved.get(module, ()):
-                continue
-            raise ConfigError(
-                f"{where}: tensor {prefix}{param} is missing: modules_to_save {entries!r} stores a trained copy of "
-                f"{module!r}, but the file has no {param!r} for it. The file is incomplete or belongs to another "
-                "adapter; save the adapter again.")
 
     def check_complete(self, config: AdapterConfig, where: Any, found: dict[str, set[str]], targeted: Iterable[str],
                        prefix: str) -> None:

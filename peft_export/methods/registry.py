@@ -8,19 +8,34 @@ from typing import Any
 from ..errors import ConfigError
 from .adalora import ADALORA
 from .base import PeftMethod
+from .beft import BEFT
 from .c3a import C3A
+from .deft import DEFT
+from .delora import DELORA
 from .fourierft import FOURIERFT
+from .gralora import GRALORA
+from .hira import HIRA
 from .hra import HRA
 from .ia3 import IA3
 from .loha import LOHA
 from .lokr import LOKR
+from .ln_tuning import LN_TUNING
 from .lora import LORA
 from .miss import MISS
 from .oft import BOFT, OFT
+from .pvera import PVERA
+from .randlora import RANDLORA
+from .road import ROAD
+from .shira import SHIRA
+from .trainable_tokens import TRAINABLE_TOKENS
 from .vera import VERA
+from .vblora import VBLORA
+from .waveft import WAVEFT
 
 _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, LOHA, LOKR, OFT, BOFT, VERA,
-                                                            FOURIERFT, HRA, MISS, C3A)}
+                                                            FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
+                                                            GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING, BEFT, DEFT,
+                                                            HIRA, PVERA, TRAINABLE_TOKENS)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
@@ -34,6 +49,8 @@ NOT_MERGEABLE: dict[str, tuple[str, str]] = {
     "ADAPTION_PROMPT": ("adaption prompt", "it adds gated prompt attention to the layers, which has no merged form"),
     "XLORA": ("X-LoRA", "a learned classifier mixes its LoRA experts per token, so the update depends on the input"),
     "POLY": ("Poly", "it routes between LoRA modules by task id at run time, so there is no single update to merge"),
+    "LILY": ("Lily", "a router mixes its shared experts per input, and PEFT 0.21's Lily layers have no merge "
+                     "(measured: merge_and_unload raises NotImplementedError)"),
 }
 
 

@@ -37,11 +37,13 @@ class TunerMethod(PeftMethod):
         return [(name, module) for name, module in model.named_modules()
                 if isinstance(module, layer_class) and adapter_name in getattr(module, module.adapter_layer_names[0])]
 
-    def rank_for(self, config: AdapterConfig, module: str, key: str = "r", default: int = 8) -> int:
-        """The rank PEFT gives ``module``: rank_pattern's first matching key (PEFT's rule), else ``key``."""
+    def rank_for(self, config: AdapterConfig, module: str, key: str = "r", default: int = 8,
+                 pattern_key: str = "rank_pattern") -> int:
+        """The rank (or ``key``'s size) PEFT gives ``module``: ``pattern_key``'s first matching entry (PEFT's rule),
+        else ``key``."""
         from peft.utils.other import get_pattern_key  # only called where torch and PEFT are loaded (export/)
 
-        pattern = config.raw.get("rank_pattern") or {}
+        pattern = config.raw.get(pattern_key) or {}
         matched = get_pattern_key(list(pattern), module)
         return int(pattern[matched]) if matched in pattern else int(config.raw.get(key, default))
 

@@ -1,7 +1,8 @@
 """Adapter methods of every exported model (:class:`.exported_model.ExportedModel`) for switchable exports, with
 sentence-transformers' / PEFT's meaning.
 
-State is one active adapter name plus an enabled flag, as in PEFT: ``disable_adapters()`` runs the base until
+State is the active adapter (a name, or several names active at once: LoRA adapters whose branches add up, run as
+one stacked adapter, see adapter_stack.py) plus an enabled flag, as in PEFT: ``disable_adapters()`` runs the base until
 ``enable_adapters()``, whatever ``set_adapter()`` chose meanwhile. ``encode(..., adapter=NAME)`` picks an adapter
 for one call without touching that state. Each call resolves its adapter once, under a lock, and hands the
 backend a reference to it, so concurrent calls never see each other's adapter and an adapter deleted during a
@@ -22,9 +23,12 @@ import numpy as np
 
 from ..errors import AdapterNotFoundError, ConfigError, require
 from .adapter_names import DEFAULT_ADAPTER_NAME, check_adapter_name
+from .adapter_stack import stack_factor_arrays
 from .export_files import confined, verify_sha256
 from .lora_layout import LORA_A, LORA_B, SavedParam, Slot, check_factor_arrays, unpack_factors, unpack_scales
 from .onnxruntime_merge_adapter import MergedAdapter  # numpy only; onnx and onnxruntime load when a merge runs
+
+MAX_CACHED_STACKS = 16  # combinations of adapters active together whose stacked handle is kept for reuse
 
 
 @dataclass
@@ -42,7 +46,8 @@ class AdapterMethods:
     def _init_adapters(self) -> None:
         self._adapter_lock = threading.Lock()
         self._adapters: dict[str, LoadedAdapter] = {}
-        self._active_adapter: str | None = None
+        self._active_adapter: str | tuple[str, ...] | None = None  # a tuple: several active at once
+        self._stacks: dict[tuple[str, ...], tuple[tuple[Any, ...], Any]] = {}  # names -> (their handles, stacked)
         self._adapters_enabled = True
         self._slots = [Slot.from_dict(s) for s in self.config.lora_slots]
         self._saved = [SavedParam.from_dict(p) for p in self.config.saved_params]
@@ -111,22 +116,60 @@ class AdapterMethods:
             f"Adapter with name {name!r} not found. Loaded adapters: {sorted(self._adapters)}"
         )
 
-    def _adapter_for_call(self, adapter: str | bool | None):
+    def _adapter_for_call(self, adapter: str | list[str] | bool | None):
         """The backend handle one encode() call runs with (None: the base). ``adapter``: None = the model's state,
-        a name = that adapter for this call, False = the base for this call."""
+        a name = that adapter for this call, a list of names = those adapters active together for this call,
+        False = the base for this call."""
         if adapter is None and not self._slots:
             return None
         self._require_switchable("encode(adapter=...)" if adapter is not None else "encode", "--adapter")
+        if isinstance(adapter, (list, tuple)):
+            names = self._stack_names(adapter, "encode(adapter=...)")
+            return self._stacked(names) if isinstance(names, tuple) else self._adapter_for_call(names)
         with self._adapter_lock:
             if adapter is None:
                 if not self._adapters_enabled or self._active_adapter is None:
                     return None
-                return self._adapters[self._active_adapter].adapter
-            if adapter is False:
-                return None
-            if not isinstance(adapter, str) or adapter not in self._adapters:
-                raise self._unknown(adapter)
-            return self._adapters[adapter].adapter
+                active = self._active_adapter
+                if not isinstance(active, tuple):
+                    return self._adapters[active].adapter
+            else:
+                if adapter is False:
+                    return None
+                if not isinstance(adapter, str) or adapter not in self._adapters:
+                    raise self._unknown(adapter)
+                return self._adapters[adapter].adapter
+        return self._stacked(active)
+
+    def _stack_names(self, names: list[str] | tuple[str, ...], call: str) -> str | tuple[str, ...]:
+        """One name for a one-element list, else the tuple of several distinct loaded adapters."""
+        names = list(names)
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{call} takes an adapter name or a list of distinct adapter names, found {names!r}")
+        with self._adapter_lock:
+            for name in names:
+                if name not in self._adapters:
+                    raise self._unknown(name)
+        return names[0] if len(names) == 1 else tuple(names)
+
+    def _stacked(self, names: tuple[str, ...]):
+        """The backend handle of ``names`` active together (their LoRA factors side by side along the rank axis),
+        built once and reused while every one of them is still the adapter it was built from."""
+        with self._adapter_lock:
+            missing = [n for n in names if n not in self._adapters]
+            if missing:
+                raise self._unknown(missing[0])
+            handles = tuple(self._adapters[n].adapter for n in names)
+            cached = self._stacks.get(names)
+            if cached is not None and all(a is b for a, b in zip(cached[0], handles)):
+                return cached[1]
+        arrays = [(n, self.backend.adapter_arrays(h)) for n, h in zip(names, handles)]  # slow part: no lock
+        stacked = self.backend.adapter_from_arrays(stack_factor_arrays(self._slots, arrays))
+        with self._adapter_lock:
+            while len(self._stacks) >= MAX_CACHED_STACKS:  # per-call lists may name many combinations: keep recent
+                self._stacks.pop(next(iter(self._stacks)))
+            self._stacks[names] = (handles, stacked)
+        return stacked
 
     # ----- the sentence-transformers / PEFT methods -----
     def list_adapters(self) -> list[str]:
@@ -161,27 +204,36 @@ class AdapterMethods:
             self._active_adapter = name
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` the active adapter (does not re-enable adapters after ``disable_adapters()``)."""
+        """Make ``adapter_name`` the active adapter, or a list of names the adapters active together (their LoRA
+        branches add up, as in PEFT; plain LoRA adapters only). Does not re-enable adapters after
+        ``disable_adapters()``."""
         self._require_switchable("set_adapter")
-        if isinstance(adapter_name, list):
-            if len(adapter_name) != 1:
-                raise ConfigError(f"set_adapter takes one adapter; combining {adapter_name} is not supported")
-            adapter_name = adapter_name[0]
+        if isinstance(adapter_name, (list, tuple)):
+            adapter_name = self._stack_names(adapter_name, "set_adapter")
+            if isinstance(adapter_name, tuple):
+                self._stacked(adapter_name)  # refuses adapters that cannot be stacked now, not at the next encode
+                with self._adapter_lock:
+                    self._active_adapter = adapter_name
+                return
         with self._adapter_lock:
             if adapter_name not in self._adapters:
                 raise self._unknown(adapter_name)
             self._active_adapter = adapter_name
 
     def active_adapters(self) -> list[str]:
-        """The active adapter as a one-element list, or [] when none was set (the model runs as the base)."""
+        """The active adapters: one name, several set together, or [] when none was set (the model runs as the
+        base)."""
         self._require_switchable("active_adapters")
         with self._adapter_lock:
-            return [self._active_adapter] if self._active_adapter is not None else []
+            active = self._active_adapter
+            return [] if active is None else list(active) if isinstance(active, tuple) else [active]
 
-    def active_adapter(self) -> str | None:
+    def active_adapter(self) -> str | list[str] | None:
+        """The active adapter's name, or the list of names when several are active together (as PEFT's)."""
         self._require_switchable("active_adapter")
         with self._adapter_lock:
-            return self._active_adapter
+            active = self._active_adapter
+            return list(active) if isinstance(active, tuple) else active
 
     def enable_adapters(self) -> None:
         """Run with the active adapter again after ``disable_adapters()``."""
@@ -210,7 +262,14 @@ class AdapterMethods:
                 )
             for name in names:
                 del self._adapters[name]
-            if self._active_adapter in names:
+            self._stacks = {k: v for k, v in self._stacks.items() if not set(k) & set(names)}
+            active = self._active_adapter
+            if isinstance(active, tuple) and set(active) & set(names):
+                remaining = tuple(n for n in active if n not in names)
+                self._active_adapter = remaining if len(remaining) > 1 else (remaining[0] if remaining else None)
+                if self._active_adapter is None:
+                    self._active_adapter = next(iter(self._adapters), None)
+            elif self._active_adapter in names:
                 deleted, self._active_adapter = self._active_adapter, next(iter(self._adapters), None)
                 if self._active_adapter is not None:
                     warnings.warn(f"Adapter {deleted} was active which is now deleted. Setting active adapter to "
@@ -267,6 +326,9 @@ class AdapterMethods:
         if adapter_names is None:
             if self._active_adapter is None:
                 raise AdapterNotFoundError(f"No adapter is active; pass adapter_names to {method}()")
+            if isinstance(self._active_adapter, tuple):
+                raise ConfigError(f"Several adapters are active together ({', '.join(self._active_adapter)}); "
+                                  f"pass adapter_names to {method}(), which takes each adapter on its own")
             return [self._active_adapter]
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
@@ -285,6 +347,8 @@ class AdapterMethods:
             name = self._active_adapter if adapter_name is None else adapter_name
             if name is None:
                 raise AdapterNotFoundError("No adapter is active; pass adapter_name")
+            if isinstance(name, tuple):
+                raise ConfigError(f"Several adapters are active together ({', '.join(name)}); pass adapter_name")
             if name not in self._adapters:
                 raise self._unknown(name)
             adapter = self._adapters[name].adapter

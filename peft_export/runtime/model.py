@@ -137,13 +137,14 @@ class EmbeddingModel(ExportedModel):
         truncate_dim: int | None = None,
         precision: str = "float32",
         convert_to_tensor: bool = False,
-        adapter: str | bool | None = None,
+        adapter: str | list[str] | bool | None = None,
         max_batch_tokens: int | None | str = "auto",
     ) -> np.ndarray | list[np.ndarray]:
         """Embed ``sentences``; a single string gives a 1-D vector, a list gives a (n, dim) array.
 
-        ``adapter`` (switchable exports): a loaded adapter's name to use for this call only, ``False`` for the
-        base model for this call, or None (default) for the model's state (``set_adapter`` / ``disable_adapters``).
+        ``adapter`` (switchable exports): a loaded adapter's name to use for this call only (a list of names: those
+        LoRA adapters active together, as PEFT's ``set_adapter([...])``), ``False`` for the base model for this call,
+        or None (default) for the model's state (``set_adapter`` / ``disable_adapters``).
         ``max_batch_tokens`` caps a batch's padded size (inputs x longest input) on top of ``batch_size``, which
         keeps memory flat when a few long texts arrive among short ones. "auto" (default) is
         ``self.max_batch_tokens``: 1024 on CPUs, where it measured faster than plain batches of 32 (MiniLM, 1,000
