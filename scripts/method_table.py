@@ -34,6 +34,8 @@ def method_configs() -> dict[str, list]:
         "lora": [peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False)],
         "rslora": [peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, use_rslora=True, init_lora_weights=False)],
         "dora": [peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, use_dora=True, init_lora_weights=False)],
+        "lora + modules_to_save": [peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False,
+                                                   modules_to_save=["encoder.layer.1.output.dense"])],
         "lora + lora (stacked)": [peft.LoraConfig(r=4, lora_alpha=8, target_modules=QV, init_lora_weights=False),
                                   peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "key"],
                                                   init_lora_weights=False)],

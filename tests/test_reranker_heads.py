@@ -173,3 +173,29 @@ def test_a_head_missing_from_the_file_is_refused(heads, tmp_path):
     with pytest.raises(ConfigError, match=r"tensor base_model\.model\.classifier\.bias is missing: modules_to_save "
                                           r"\['classifier'\] stores a trained copy of 'classifier'"):
         export_onnx_model(str(bad), tmp_path / "out", log=_quiet)
+
+
+def test_switchable_export_gives_each_adapter_its_own_head(reranker, heads, tmp_path):
+    """Two SEQ_CLS adapters, each with its trained head in modules_to_save, in one switchable export: each call
+    scores with that adapter's LoRA and head (1e-5 against eager PEFT), no adapter with the base head."""
+    second = _cross_encoder_head_adapter(reranker["base"], tmp_path / "ce-head-2")
+    config = json.loads((second / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(second / "adapter_model.safetensors"))  # same seeds as the first: make it differ
+    torch.manual_seed(11)
+    tensors = {k: v + 0.5 * torch.randn_like(v) for k, v in tensors.items()}
+    save_file(tensors, str(second / "adapter_model.safetensors"))
+    out = export_onnx_model(str(reranker["base"]), tmp_path / "switchable", switchable=True, log=_quiet,
+                            adapters=[f"one={heads['ce_adapter']}", f"two={second}"]).path
+    model = peft_export.load(out)
+    scores = {}
+    for name, adapter in (("one", heads["ce_adapter"]), ("two", second), (None, None)):
+        got = model.predict(PAIRS, batch_size=4, activation_fn="identity", adapter=name)
+        assert np.abs(got - _eager_logits(reranker["base"], adapter)).max() <= TOLERANCE, name
+        scores[name] = got
+    assert np.abs(scores["one"] - scores["two"]).max() > 0.1
+    config = json.loads((out / "reranker_config.json").read_text())
+    assert {p["name"] for p in config["saved_params"]} == {"classifier.weight", "classifier.bias"}
