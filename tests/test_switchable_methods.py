@@ -339,3 +339,16 @@ def test_openvino_runs_the_trained_module_copy_per_adapter():
     assert max_unit_diff(ov.encode(TEXTS, adapter="saved"), eager("lora_saved")) <= ATOL
     for name in ("saved", "attn", False):
         assert max_unit_diff(ov.encode(TEXTS, adapter=name), onnx_model.encode(TEXTS, adapter=name)) <= ATOL
+
+
+def test_a_stack_with_a_scaled_adapter_is_refused_and_plain_lora_still_stacks(model):
+    """Run-time stacks add LoRA branches; a DoRA or IA3 adapter's scale vectors do not add up, so a stack holding
+    one is refused naming the scale input, and the model keeps its previous active adapter."""
+    model.set_adapter("attn")
+    for scaled in ("dora", "ia3"):
+        with pytest.raises(ConfigError, match=rf"Adapter '{scaled}' carries '[^']+\.lora_scale_(in|out|post)', which "
+                                              r"is not a LoRA factor .* export the adapters merged with "
+                                              r"--stack-adapters"):
+            model.encode(TEXTS, adapter=["attn", scaled])
+    assert model.active_adapters() == ["attn"]
+    np.testing.assert_allclose(model.encode(TEXTS, adapter=["attn"]), model.encode(TEXTS, adapter="attn"), atol=1e-6)
