@@ -343,3 +343,21 @@ def test_a_default_prompt_goes_before_the_query_as_sentence_transformers_puts_it
     # The prompt matters: without it, eager scores differ.
     unprompted = reference.predict(PAIRS, prompt="")
     assert np.abs(unprompted - model.predict(PAIRS)).max() > 1e-4
+
+
+def test_served_pair_token_counts_include_the_chat_template(reranker, tmp_path):
+    """A server's per-pair token count (its limits) is what the model reads: the template's fixed text counts, as
+    the pair's special tokens count for a plain reranker."""
+    from peft_export.serve.served_model import ServedModel
+    from peft_export.serve.settings import ServeSettings
+
+    template = {"prefix": "Judge whether the passage answers the query. Query: ", "middle": " Passage: ",
+                "suffix": " Answer:", "suffix_ids": [7, 8]}
+    templated = CrossEncoderModel(_with_task_config(reranker, tmp_path, pair_template=template))
+    plain = CrossEncoderModel(reranker["base_export"])
+    query, document = "capital of France", "Paris is the capital of France"
+    for model in (templated, plain):
+        _, _, (counted,) = ServedModel(model, ServeSettings(served_model_name="m")).measure_pairs(query, [document])
+        read = len(model._tokenizer.tokenize_pairs([(query, document)])[0].ids)
+        assert abs(counted - read) <= 1, (counted, read)  # a BPE boundary may merge one token
+    assert templated.pair_token_overhead > plain.pair_token_overhead + 10

@@ -85,6 +85,12 @@ class CrossEncoderModel(ExportedModel):
         """The name of the activation the model applies to its logits by default ("sigmoid", "identity", ...)."""
         return str(self.config.task_config["activation_fn"])
 
+    @property
+    def pair_token_overhead(self) -> int:
+        """Tokens a (query, passage) pair holds beyond the two texts' own: the pair's special tokens and default
+        prompt, or a chat-template reranker's fixed template text (servers count a request's tokens with it)."""
+        return self._tokenizer.pair_token_overhead()
+
     def __repr__(self) -> str:
         return (f"CrossEncoderModel(path={str(self.path)!r}, backend={self.backend.name!r}, "
                 f"providers={self.backend.providers}, num_labels={self.num_labels})")

@@ -122,6 +122,19 @@ class TextTokenizer:
             rows.append(RenderedPair(ids, [0] * len(ids)))
         return rows
 
+    def pair_token_overhead(self) -> int:
+        """Tokens a (query, document) pair holds beyond the two texts' own tokens (each without special tokens):
+        the chat template's fixed text, or the pair's special tokens plus the default prompt before the query. A
+        boundary may merge one token more or less under byte-level BPE; exact enough for request limits."""
+        if self.pair_template is not None:
+            template = self.pair_template
+            fixed = template["prefix"] + template["middle"] + template["suffix"]
+            return len(self.tokenizer.encode(fixed.lower() if self.do_lower_case else fixed,
+                                             add_special_tokens=False).ids)
+        prompt = self.query_prompt.lower() if self.do_lower_case else self.query_prompt
+        prompt_tokens = len(self.tokenizer.encode(prompt, add_special_tokens=False).ids) if prompt else 0
+        return int(self.tokenizer.num_special_tokens_to_add(True)) + prompt_tokens
+
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
         return self.pad(self.tokenize_pairs(pairs))
 

@@ -129,11 +129,13 @@ class ServedModel:
 
     def measure_pairs(self, query: str, documents: list[str]) -> tuple[str, list[str], list[int]]:
         """What to score of ``query`` and each document (long ones as their prefixes, :meth:`measure`) and the
-        tokens of each (query, document) pair before truncation, as the tokenizer's pair template adds them."""
+        tokens of each (query, document) pair before truncation, with what the model adds to a pair (special
+        tokens and prompt, or a chat template's text: ``pair_token_overhead``)."""
         (query,), (query_tokens,) = self.measure([query], "")
         documents, document_tokens = self.measure(documents, "")
-        single, pair = self._special_tokens(False), self._special_tokens(True)
-        return query, documents, [query_tokens + n - 2 * single + pair for n in document_tokens]
+        own = query_tokens - 2 * self._special_tokens(False)  # measure() counts each text with its special tokens
+        overhead = self.model.pair_token_overhead
+        return query, documents, [own + n + overhead for n in document_tokens]
 
     def _special_tokens(self, is_pair: bool) -> int:
         tokenizer = getattr(self.model, "tokenizer", None)

@@ -140,5 +140,5 @@ RERANKER = Task(
     batch_call="predict",
     # A batch group's option: True for the raw logits (TEI's raw_scores), else the model's activated scores.
     batch_options=lambda raw: {"activation_fn": "identity"} if raw else {},
-    served_attributes=("predict", "max_seq_length"),
+    served_attributes=("predict", "max_seq_length", "pair_token_overhead"),
 )
