@@ -326,3 +326,21 @@ def test_an_adapter_that_changes_nothing_is_refused_naming_the_logits(reranker, 
     with pytest.raises(ConfigError, match=r"Adapter 'default' changes the logits by at most 0 \(< 0.0001\): it does "
                                           r"nothing \(LoRA B still zero\?\)"):
         export_onnx_model(str(noop), tmp_path / "out", log=lambda msg: None)
+
+
+def test_a_three_label_cross_encoder_exports_its_logits_and_softmax(zoo, tmp_path):
+    """A CrossEncoder with several labels (an NLI-style head): identity by default, as sentence-transformers does,
+    and ``apply_softmax`` a softmax over the labels; each equal to eager CrossEncoder + PEFT within 1e-5."""
+    from peft_export import export_onnx_model
+
+    base = tiny_models.build_cross_encoder(zoo.hf("bert"), tmp_path / "ce3", num_labels=3)
+    adapter = tiny_models.add_cross_encoder_adapter(base, tmp_path / "ce3-lora", target_modules=("query", "value"))
+    out = export_onnx_model(str(adapter), tmp_path / "onnx", log=lambda msg: None).path
+    model = peft_export.load(out)
+    assert model.num_labels == 3 and model.activation_fn == "identity"
+    reference = tiny_models.cross_encoder_reference(base, adapter)
+    pairs = _pairs()
+    for options in ({}, {"apply_softmax": True}):
+        got, want = model.predict(pairs, **options), reference.predict(pairs, **options)
+        assert got.shape == (len(pairs), 3) and np.abs(got - want).max() <= TOLERANCE
+    np.testing.assert_allclose(model.predict(pairs, apply_softmax=True).sum(axis=1), 1.0, atol=1e-6)
