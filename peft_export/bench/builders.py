@@ -117,3 +117,24 @@ def tiny_bert_export(out: Path) -> Path:
     texts = FALLBACK_SENTENCES + real_sentences(400, seed=1)
     st = tiny_models.build_st_model(tiny_models.build_hf_encoder("bert", root / "hf", texts), root / "st")
     return export_onnx_model(str(st), out, log=_quiet).path
+
+
+def hand_merged_sequence_classifier(base: str | Path, adapter: str | Path, out: Path) -> Path:
+    """What a user does today before sentence-transformers' ONNX / OpenVINO CrossEncoder backends, which take no
+    adapters: the base as a transformers sequence-classification model, the PEFT adapter merged into it with
+    ``merge_and_unload`` (its trained head, saved in ``modules_to_save``, replacing the base's), saved with its
+    tokenizer as a plain transformers folder (which every sentence-transformers version's CrossEncoder reads). Made
+    once: an existing ``out`` is reused."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(base))
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    merged.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+    tmp.rename(out)
+    return out
