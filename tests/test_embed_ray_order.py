@@ -94,3 +94,35 @@ def test_the_row_number_column_name_is_refused_as_an_input_column(bert_case, inp
                                          r"rename that column"):
         embed_with_ray(str(bert_case.export), str(inputs["parquet"]), str(tmp_path / "o"),
                        keep_columns=["__peft_export_row"])
+
+
+PARALLEL_DRIVER = ("import sys, ray\n"
+                   "ray.init(address='local', _node_ip_address='127.0.0.1', num_cpus=4, include_dashboard=False, "
+                   "configure_logging=False)\n"
+                   "from peft_export.cli import main\n"
+                   "sys.exit(main(['embed', *sys.argv[1:], '--ray']))\n")
+
+
+@pytest.mark.slow
+def test_two_actors_with_unequal_blocks_keep_the_input_order(bert_case, tmp_path):
+    """A Ray instance of 4 CPUs (2 actors of 2 threads), 3,000 rows in blocks of 1,024 whose first block holds the
+    long texts: the other actor finishes the later blocks first; the output is still in input order and equals the
+    local job's."""
+    import os
+    import subprocess
+    import sys
+
+    words = "the exported graph runs the merged adapter on every core of the machine " * 12
+    rows = [f"{i} {words}" for i in range(1024)] + [f"row {i}" for i in range(1024, 3000)]
+    source = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"id": list(range(3000)), "text": rows}), source, row_group_size=256)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", PARALLEL_DRIVER, str(bert_case.export), str(source), "-o",
+                           str(tmp_path / "ray"), "--id-column", "id"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    embed_corpus(bert_case.export, source, tmp_path / "local", id_column="id", progress=False)
+    table, vectors = read_parquet(tmp_path / "ray")
+    assert table.column("id").to_pylist() == list(range(3000))
+    np.testing.assert_allclose(vectors, read_parquet(tmp_path / "local")[1], atol=1e-6)
