@@ -67,6 +67,7 @@ def test_the_writer_splits_a_shuffled_batch_into_runs_of_consecutive_rows(tmp_pa
     assert check_parts_tile(tmp_path, 10) == 10
     with pytest.raises(PeftExportError, match=r"the Ray job wrote 10 rows of 11; run it again"):
         check_parts_tile(tmp_path, 11)
+    assert write_runs_in_order(batch.slice(0, 0), str(tmp_path)).num_rows == 0  # an empty batch writes nothing
     _part(tmp_path, 7, 2)  # rows 7 and 8 again
     with pytest.raises(PeftExportError, match=r"wrote part-000000000007.parquet where row 8 was due \(rows written "
                                               r"twice\)"):

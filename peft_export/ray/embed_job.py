@@ -76,7 +76,7 @@ def write_runs_in_order(batch, folder: str):
     batch = batch.sort_by(ROW_COLUMN)
     rows = batch.column(ROW_COLUMN).to_numpy()
     breaks = np.flatnonzero(np.diff(rows) != 1) + 1  # where a run of consecutive row numbers ends
-    starts, written = [0, *breaks.tolist()], []
+    starts, written = ([0, *breaks.tolist()] if len(rows) else []), []
     for start, stop in zip(starts, [*breaks.tolist(), len(rows)]):
         first = int(rows[start])
         path = Path(folder) / f"part-{first:012d}.parquet"
