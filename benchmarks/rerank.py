@@ -121,7 +121,7 @@ def model_paths(args) -> tuple[Path, Path]:
     except ImportError as err:
         raise SystemExit(f"peft_export.bench.minilm_reranker is not in this checkout ({err}); pass --base BASE "
                          "--adapter ADAPTER (a CrossEncoder folder and its adapter-only folder)") from err
-    return build()
+    return build(args.reranker_dir)
 
 
 def prepare(args) -> None:
@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, required=True, help="folder for the exports and scratch files")
     parser.add_argument("--base", type=Path, help="the base CrossEncoder folder (default: the MiniLM reranker)")
     parser.add_argument("--adapter", type=Path, help="its PEFT adapter folder (default: the MiniLM reranker's)")
+    parser.add_argument("--reranker-dir", type=Path,
+                        help="where the MiniLM reranker is built and cached (default: minilm_reranker's own)")
     parser.add_argument("--peer-onnx-python", type=Path, default=Path(sys.executable))
     parser.add_argument("--peer-openvino-python", type=Path, default=Path(sys.executable))
     parser.add_argument("--passages", type=int, default=100)
