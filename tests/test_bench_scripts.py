@@ -96,3 +96,15 @@ def test_corpus_texts_are_distinct_past_one_cycle_of_the_pool():
     n = len(distinct_pool()) + 50
     texts = distinct_texts(n)
     assert len(set(texts)) == n
+
+
+def test_rerank_passages_are_real_distinct_and_hold_the_query_s_own():
+    from peft_export.bench.texts import rerank_query_and_passages
+    from peft_export.demo import load_pairs
+
+    query, passages = rerank_query_and_passages(100)
+    own = load_pairs("eval")[0]
+    assert query == own["query"] and len(passages) == len(set(passages)) == 100
+    assert passages.index(own["passage"]) == 33 and all(len(p.split()) >= 3 for p in passages)
+    with pytest.raises(ValueError, match=r"n must be in 1\.\.500, found 0"):
+        rerank_query_and_passages(0)

@@ -461,11 +461,11 @@ def test_a_killed_ray_job_leaves_no_output_and_blocks_no_one(bert_case, inputs, 
     refused = run_cli(*common, "--ray")
     assert refused.returncode == 2
     assert "already exists; pass --force to replace it (embed --ray starts from scratch" in refused.stderr
-    before = sorted(p.name for p in out.iterdir())
+    before = out.stat().st_ino  # the parts' names are the same in every run (part-<first row>.parquet)
     replaced = ray_cli(*common, "--force", env={KILL_ENV: "ray-swapped"})
     assert replaced.returncode == -9
     after = sorted(p.name for p in out.iterdir())
-    assert after != before and "_embed_ray.json" in after  # the new output, whole, is in place
+    assert out.stat().st_ino != before and after == ["_embed_ray.json", "part-000000000000.parquet"]  # the new one
     np.testing.assert_allclose(read_parquet(out)[1], expected, atol=1e-6)
     # The old one, left aside by the kill, goes with the next run (a local one, replacing Ray's output).
     assert len(list(tmp_path.glob(".out.embed-tmp-*"))) == 1

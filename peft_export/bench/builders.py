@@ -78,17 +78,35 @@ def random_lora_adapters(base: str, workdir: Path, configs: dict[str, dict]) -> 
     """A PEFT LoRA folder ``workdir/adapter-<name>`` per entry of ``configs`` (LoraConfig arguments) on the Sentence
     Transformers model ``base``, initialised non-zero (torch seed: the entry's position) so it changes the
     embeddings; made once per workdir. The folders by name."""
-    import torch
     from peft import LoraConfig
+
+    return random_adapters(base, workdir, {name: LoraConfig(init_lora_weights=False, **kwargs)
+                                           for name, kwargs in configs.items()})
+
+
+ADAPTER_PARAMETER_TAGS = ("lora_", "ia3_")  # in the names of PEFT's LoRA (DoRA's magnitude too) and IA3 tensors
+
+
+def random_adapters(base: str, workdir: Path, configs: dict[str, object], noise: float = 0.0) -> dict[str, Path]:
+    """A PEFT folder ``workdir/adapter-<name>`` per entry of ``configs`` (a PEFT config each: LoraConfig,
+    IA3Config, ...) on the Sentence Transformers model ``base``, made once per workdir (torch seed: the entry's
+    position). ``noise``: added (times a standard normal) to every adapter parameter after it is made, for methods
+    that start as the identity (IA3's scales start at 1). The folders by name."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
     folders = {}
-    for seed, (name, kwargs) in enumerate(configs.items()):
+    for seed, (name, config) in enumerate(configs.items()):
         folder = Path(workdir) / f"adapter-{name}"
         if not folder.exists():
             model = SentenceTransformer(str(base), device="cpu")
             torch.manual_seed(seed)
-            model.add_adapter(LoraConfig(init_lora_weights=False, **kwargs))
+            model.add_adapter(config)
+            if noise:
+                with torch.no_grad():
+                    for param_name, param in model.named_parameters():
+                        if any(tag in param_name for tag in ADAPTER_PARAMETER_TAGS):
+                            param.add_(torch.randn_like(param) * noise)
             model.save_pretrained(str(folder))
         folders[name] = folder
     return folders
@@ -117,3 +135,24 @@ def tiny_bert_export(out: Path) -> Path:
     texts = FALLBACK_SENTENCES + real_sentences(400, seed=1)
     st = tiny_models.build_st_model(tiny_models.build_hf_encoder("bert", root / "hf", texts), root / "st")
     return export_onnx_model(str(st), out, log=_quiet).path
+
+
+def hand_merged_sequence_classifier(base: str | Path, adapter: str | Path, out: Path) -> Path:
+    """What a user does today before sentence-transformers' ONNX / OpenVINO CrossEncoder backends, which take no
+    adapters: the base as a transformers sequence-classification model, the PEFT adapter merged into it with
+    ``merge_and_unload`` (its trained head, saved in ``modules_to_save``, replacing the base's), saved with its
+    tokenizer as a plain transformers folder (which every sentence-transformers version's CrossEncoder reads). Made
+    once: an existing ``out`` is reused."""
+    out = Path(out)
+    if (out / "config.json").is_file():
+        return out
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(base))
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tmp = out.with_name(out.name + ".tmp")
+    merged.save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+    tmp.rename(out)
+    return out

@@ -103,6 +103,19 @@ def demo_queries_and_sentences(n_queries: int, n_sentences: int, cycle: bool = F
     return queries[:n_queries], list(load_sentences(n_sentences))
 
 
+def rerank_query_and_passages(n: int) -> tuple[str, list[str]]:
+    """One real query and ``n`` real passages to rank for it (``n`` up to 500): the demo corpus' held-out ("eval")
+    pairs, the query's own passage among the others, at a fixed position."""
+    from peft_export.demo import load_pairs
+
+    pairs = load_pairs("eval")
+    if not 1 <= n <= len(pairs):
+        raise ValueError(f"n must be in 1..{len(pairs)}, found {n}")
+    passages = [p["passage"] for p in pairs[1:n]]
+    passages.insert(min(len(passages), n // 3), pairs[0]["passage"])
+    return pairs[0]["query"], passages
+
+
 def corpus_texts(count: int | None = None, passage_first: bool = False) -> list[str]:
     """Every pair of the demo corpus as two texts, query then passage (or passage then query), the first ``count``."""
     from peft_export.demo import load_pairs

@@ -116,7 +116,8 @@ class OutputTarget:
 
     def foreign_entries(self) -> list[str]:
         """Names in ``work_dir`` that embed did not write: anything but its parts, state, lock and temporary files
-        (a local job) or Ray's Parquet files and the marker (``--ray``), dotfiles and folders included. Everything
+        (a local job) or the Parquet files, their temporary files and the marker (``--ray``), dotfiles and folders
+        included. Everything
         counts as foreign in a folder without one of embed's markers."""
         if not self.work_dir.is_dir():
             return []
@@ -125,7 +126,8 @@ class OutputTarget:
         for entry in sorted(self.work_dir.iterdir()):
             name = entry.name
             if marker == RAY_MARKER:
-                mine = name == RAY_MARKER or (name.endswith(".parquet") and not name.startswith("."))
+                mine = (name == RAY_MARKER or (name.endswith(".parquet") and not name.startswith("."))
+                        or (name.startswith(".part-") and name.endswith(".tmp")))  # a killed write task's
             else:
                 mine = (name in (STATE_FILE, LOCK_FILE) or _PART_NAME.fullmatch(name)
                         or (name.startswith(("._embed_state.json.", ".part-")) and name.endswith(".tmp")))

@@ -137,9 +137,9 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     Each actor takes whole blocks, so blocks larger than ``block_rows`` rows are first split, streaming
     (``ds.repartition(target_num_rows_per_block=block_rows)``, no shuffle, no barrier): otherwise a dataset of one
     block (one file read as one block) keeps one actor busy and the rest idle. ``block_rows=None`` keeps the
-    blocks as they come. Ray Data may emit blocks out of order; set
-    ``DataContext.get_current().execution_options.preserve_order = True`` (or sort by the id column) when order
-    matters. Each row's embedding always stays with its row.
+    blocks as they come. Ray Data may emit rows out of input order, even with ``preserve_order = True`` set on
+    the DataContext; when order matters, carry a row number (or the id) and order by it, as ``embed --ray`` does
+    (``peft_export.ray.embed_job.write_runs_in_order``). Each row's embedding always stays with its row.
     """
     require("ray.data", "ray")
     require("pyarrow", "ray")
