@@ -39,7 +39,7 @@ PASSAGES = [
 PAIRS = [(QUERY, p) for p in PASSAGES] + [tuple(p) for p in VALIDATION_PAIRS]
 # Every case is slow: building a family and exporting it takes about a minute on a loaded 2-core machine.
 DEFAULT_CASES: set[tuple[str, str]] = set()  # each case builds and exports a model: tens of seconds on a busy machine
-MODES = ("merged-onnx", "merged-openvino")
+MODES = ("merged-onnx", "merged-openvino", "switchable-onnx")
 
 
 def _quiet(msg: str) -> None:
@@ -81,6 +81,9 @@ class RerankerCase:
             from peft_export import export_onnx_model, export_openvino_model
 
             exporter = export_openvino_model if mode.endswith("openvino") else export_onnx_model
+            if mode.startswith("switchable"):  # the adapter as the default of a switchable export over the base
+                return exporter(str(self.base), self.root / mode, adapters=[f"a={self.adapter}"], switchable=True,
+                                default_adapter="a", log=_quiet).path
             return exporter(str(self.adapter), self.root / mode, log=_quiet).path
         return self._once(mode, build)
 

@@ -141,6 +141,36 @@ def build(dest: Path | str | None = None, rebuild: bool = False) -> tuple[Path, 
     return base, adapter
 
 
+SECOND_LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["query", "value"],
+               "modules_to_save": ["classifier"]}
+
+
+def second_adapter(dest: Path | str | None = None) -> Path:
+    """A second trained adapter of the same base (rank 4 on query/value, its own head copy, another seed), for
+    serving two adapters of one switchable reranker: ``dest/adapter-2``, built once next to :func:`build`'s."""
+    import torch
+    from peft import LoraConfig
+    from sentence_transformers import CrossEncoder
+
+    base, _ = build(dest)
+    folder = base.parent / "adapter-2"
+    if (folder / "adapter_config.json").is_file():
+        return folder
+    work = base.parent / "adapter-2.building"
+    shutil.rmtree(work, ignore_errors=True)
+    torch.manual_seed(SEED + 2)
+    tuned = CrossEncoder(str(base), device="cpu")
+    tuned.add_adapter(LoraConfig(task_type="SEQ_CLS", **SECOND_LORA))
+    losses = _train(tuned, _labelled_pairs("train", SEED + 2), ADAPTER_STEPS, ADAPTER_LR, SEED + 2)
+    tuned.save_pretrained(str(work))
+    config = json.loads((work / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base.resolve())
+    (work / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (work / "losses.json").write_text(json.dumps(losses))
+    work.rename(folder)
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     base, adapter = build(args[0] if args else None)
