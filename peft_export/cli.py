@@ -142,7 +142,7 @@ def _export_options(args: argparse.Namespace, output_suffix: str):
 
 def _print_done(result) -> None:
     print(f"done: {Path(result.path).absolute()}")
-    print(f"try it: peft-export encode {result.path} \"a sentence to embed\"")
+    print(f"try it: {result.resolved.task.try_it.format(path=result.path)}")
 
 
 def _cmd_merge_onnx(args: argparse.Namespace) -> int:

@@ -344,3 +344,11 @@ def test_a_three_label_cross_encoder_exports_its_logits_and_softmax(zoo, tmp_pat
         got, want = model.predict(pairs, **options), reference.predict(pairs, **options)
         assert got.shape == (len(pairs), 3) and np.abs(got - want).max() <= TOLERANCE
     np.testing.assert_allclose(model.predict(pairs, apply_softmax=True).sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_cli_export_of_a_reranker_says_how_to_try_it_with_rerank(reranker, tmp_path, capsys):
+    from peft_export.cli import main
+
+    assert main(["merge-onnx", str(reranker["adapter"]), "-o", str(tmp_path / "out")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"try it: peft-export rerank {tmp_path / 'out'} ") and "encode" not in last

@@ -55,7 +55,7 @@ def test_switchable_export_records_the_reranker_task(switchable_reranker):
     assert manifest["task"] == "reranker" and manifest["merge_mode"] == "switchable"
     assert [a["name"] for a in manifest["adapters"]] == ["qv", "qk"]
     assert set(manifest["validation"]["no_adapter_vs_base"]["max_abs_diff"]) == {"logits", "scores"}
-    assert manifest["validation"]["no_adapter_vs_base"]["tolerances"]["logits"] == BASE_TOLERANCE
+    assert manifest["validation"]["no_adapter_vs_base"]["tolerances"]["logits"] == 1e-5  # the task's own
     for entry in manifest["adapters"]:
         assert max(entry["validation"]["vs_eager_peft"]["max_abs_diff"].values()) <= TOLERANCE
     config = json.loads((switchable_reranker / "reranker_config.json").read_text())

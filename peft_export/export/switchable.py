@@ -40,7 +40,6 @@ from .switchable_adapters import (AdapterReferences, adapter_references, adapter
 
 logger = logging.getLogger(__name__)
 
-BASE_TOLERANCE = 1e-6  # "no adapter" vs the base model, the task's main output
 _RUNTIME_KEYS = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "modules", "ranks", "scales",
                  "saved_params")
 
@@ -113,7 +112,7 @@ def validate_switchable_graph(folder: Path, config: RuntimeConfig, base: list[va
     main = task.outputs[0]
     report = validate.compare_with_reference(
         base, backend.run, "The switchable graph without an adapter (vs the base model)",
-        tolerances={main.name: BASE_TOLERANCE}, task=task,
+        tolerances={main.name: main.base_tolerance}, task=task,
     )
     outputs: dict[str, list] = {}
     per_adapter: dict[str, Any] = {}

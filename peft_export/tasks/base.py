@@ -32,6 +32,13 @@ class GraphOutput:
     label: str = ""  # the short name the export log gives its difference (the name where empty)
     per_token: bool = False  # True: (batch, sequence, ...) with a dynamic sequence axis; False: (batch, ...)
     description: str = ""  # how messages name it, as compared (e.g. "normalised embeddings"); the name where empty
+    # A switchable graph with no adapter vs the base model: tighter than ``tolerance`` where the values are bounded
+    # (unit vectors); None: ``tolerance`` (unbounded logits of several units carry float32 rounding of ~1e-6).
+    no_adapter_tolerance: float | None = None
+
+    @property
+    def base_tolerance(self) -> float:
+        return self.tolerance if self.no_adapter_tolerance is None else self.no_adapter_tolerance
 
     @property
     def axes(self) -> dict[int, str]:
@@ -109,6 +116,8 @@ class Task:
     batch_call: str = "encode"
     batch_options: Callable[[Any], dict[str, Any]] = lambda option: {}
     served_attributes: tuple[str, ...] = ("encode", "max_seq_length")
+    # The command that tries an export of this type, {path} its folder (the last line an export prints).
+    try_it: str = 'peft-export encode {path} "a sentence to embed"'
 
     def check_export_mode(self, mode: str, how: str) -> None:
         """Refuse an export ``mode`` this type does not have yet, before any slow stage; ``how`` names the option

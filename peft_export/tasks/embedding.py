@@ -98,7 +98,7 @@ EMBEDDING = Task(
     sentence_transformers_class="SentenceTransformer",
     transformers_auto_class="AutoModel",
     outputs=(GraphOutput("sentence_embedding", SENTENCE_TOLERANCE, _normalised_difference, label="sentence",
-                         description="normalised embeddings"),
+                         description="normalised embeddings", no_adapter_tolerance=1e-6),
              GraphOutput("token_embeddings", TOKEN_TOLERANCE, _token_difference, label="tokens", per_token=True)),
     text_pairs=False,
     validation_texts=VALIDATION_TEXTS,

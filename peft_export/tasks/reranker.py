@@ -141,4 +141,5 @@ RERANKER = Task(
     # A batch group's option: True for the raw logits (TEI's raw_scores), else the model's activated scores.
     batch_options=lambda raw: {"activation_fn": "identity"} if raw else {},
     served_attributes=("predict", "max_seq_length", "pair_token_overhead"),
+    try_it='peft-export rerank {path} "a query" "a passage that answers it" "another passage"',
 )
