@@ -377,3 +377,12 @@ def test_trainable_tokens_outside_the_vocabulary_are_refused(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "token_indices": [101, 102, 30522]}))
     _refused(folder, tmp_path, r"'token_indices' names token 30522, outside the base embedding "
                                r"'embeddings\.word_embeddings' \(30522 tokens\)")
+
+
+@pytest.mark.slow
+def test_peanut_hidden_layers_beyond_its_depth_are_refused(tmp_path):
+    """A config edited to a smaller ``depth`` leaves encoder/decoder layers PEFT would not load."""
+    folder = Path(shutil.copytree(method_adapter("peanut"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "depth": 0}))
+    _refused(folder, tmp_path, r"peanut_(en|de)coders\.0\.weight' is a hidden layer beyond 'depth' \(0\)")
