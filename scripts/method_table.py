@@ -69,6 +69,7 @@ def method_configs() -> dict[str, list]:
         "trainable tokens": [peft.TrainableTokensConfig(target_modules=["word_embeddings"],
                                                         token_indices=[1, 2, 3])],
         "peanut": [peft.PeanutConfig(r=8, depth=1, target_modules=QV)],
+        "supertuning": [peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=QV)],
     }
 
 

@@ -60,18 +60,20 @@ def method_configs() -> dict:
         "vera_unsaved": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=False),
                          "vera_lambda_d"),
         "peanut": (peft.PeanutConfig(r=8, depth=1, target_modules=QV + ["intermediate.dense"]), "peanut_A"),
+        "supertuning": (peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=QV + ["intermediate.dense"]),
+                        "supertuning_values"),
     }
 
 
 METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
            "miss_bat", "c3a", "lora_saved", "randlora", "shira", "delora", "gralora", "vblora", "road", "waveft",
            "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira",
-           "pvera", "tokens", "peanut"]
+           "pvera", "tokens", "peanut", "supertuning"]
 # Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
 # integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
 GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
                   "ln_tuning", "beft", "deft", "hira", "pvera", "tokens",
-                  "peanut"}
+                  "peanut", "supertuning"}
 # RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B: a nudge of 0.05 barely moves
 # the embeddings
 NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5}

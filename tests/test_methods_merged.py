@@ -386,3 +386,35 @@ def test_peanut_hidden_layers_beyond_its_depth_are_refused(tmp_path):
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "depth": 0}))
     _refused(folder, tmp_path, r"peanut_(en|de)coders\.0\.weight' is a hidden layer beyond 'depth' \(0\)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["too_large", "negative", "float_indices", "lora_without_r"])
+def test_supertunings_flat_positions_and_lora_factors_are_checked(kind, tmp_path):
+    """SuperTuning saves its trained positions as flat integer indices into the base weight (PEFT scatter-adds its
+    values there without checking), and LoRA factors only where the config sets ``r``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("supertuning"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = f"base_model.model.{MODULE}.supertuning_indices"
+    assert tensors[key].dtype == torch.int32 and tensors[key].shape == (102,)  # int(32 * 32 * (1 - 0.9))
+    indices = tensors[key].clone()
+    if kind == "lora_without_r":
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "r": None, "lora_alpha": None}))
+        message = (rf"'{re.escape(f'base_model.model.{MODULE}.supertuning_lora_A.weight')}' is a LoRA factor but "
+                   r"adapter_config\.json sets no 'r'")
+    elif kind == "float_indices":
+        tensors[key] = indices.float()
+        message = rf"tensor '{re.escape(key)}' has dtype torch.float32, expected an integer type \(indices\)"
+    else:
+        indices[3] = 1024 if kind == "too_large" else -1
+        tensors[key] = indices
+        bounds = r"\d+\.\.1024" if kind == "too_large" else r"-1\.\.\d+"
+        message = (rf"tensor '{re.escape(key)}' holds positions {bounds}, outside the base layer "
+                   rf"'{re.escape(MODULE)}' \(weight \(32, 32\): 0\.\.1023\)")
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
