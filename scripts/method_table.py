@@ -70,12 +70,13 @@ def method_configs() -> dict[str, list]:
                                                         token_indices=[1, 2, 3])],
         "peanut": [peft.PeanutConfig(r=8, depth=1, target_modules=QV)],
         "supertuning": [peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=QV)],
+        "tinylora": [peft.TinyLoraConfig(r=2, u=4, weight_tying=0.5, target_modules=QV)],
     }
 
 
-# RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B: a nudge of 0.05 barely moves
-# the embeddings
-NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5}
+# RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B, TinyLoRA's few values: a nudge of
+# 0.05 barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5}
 
 
 def make_adapter(st_folder: Path, folder: Path, config, name: str, seed: int) -> Path:

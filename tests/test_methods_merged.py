@@ -418,3 +418,29 @@ def test_supertunings_flat_positions_and_lora_factors_are_checked(kind, tmp_path
                    rf"'{re.escape(MODULE)}' \(weight \(32, 32\): 0\.\.1023\)")
     save_file(tensors, str(path))
     _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("missing", r"tensor\(s\) base_model\.tinylora_v\.2 missing: 6 targeted modules with weight_tying=0\.5 make 3 "
+                r"shared vector\(s\) tinylora_v\.0\.\.2"),
+    ("extra", r"unexpected tensor\(s\) base_model\.tinylora_v\.3: 6 targeted modules"),
+    ("shape", r"'base_model\.tinylora_v\.0' has shape \(5,\), expected \(4,\) \('u' in adapter_config\.json\)"),
+])
+def test_tinyloras_shared_vectors_are_checked(kind, message, tmp_path):
+    """TinyLoRA keeps its trained vectors once per group of modules (weight_tying), outside any module."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("tinylora"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    assert sorted(k for k in tensors if "tinylora_v" in k) == [f"base_model.tinylora_v.{i}" for i in range(3)]
+    if kind == "missing":
+        del tensors["base_model.tinylora_v.2"]
+    elif kind == "extra":
+        tensors["base_model.tinylora_v.3"] = torch.zeros(4)
+    else:
+        tensors["base_model.tinylora_v.0"] = torch.zeros(5)
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
