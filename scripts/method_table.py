@@ -71,6 +71,7 @@ def method_configs() -> dict[str, list]:
         "peanut": [peft.PeanutConfig(r=8, depth=1, target_modules=QV)],
         "supertuning": [peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=QV)],
         "tinylora": [peft.TinyLoraConfig(r=2, u=4, weight_tying=0.5, target_modules=QV)],
+        "osf": [peft.OSFConfig(target_modules=QV)],
     }
 
 

@@ -444,3 +444,14 @@ def test_tinyloras_shared_vectors_are_checked(kind, message, tmp_path):
         tensors["base_model.tinylora_v.0"] = torch.zeros(5)
     save_file(tensors, str(path))
     _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+def test_osf_trained_rank_follows_effective_rank_and_rank_pattern(tmp_path):
+    """OSF's trained rank is min(out, in) minus PEFT's effective rank (a fraction here; rank_pattern overrides it
+    for the intermediate layers): a config edited to another rank no longer fits the saved factors."""
+    folder = Path(shutil.copytree(method_adapter("osf"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "effective_rank": 0.5}))
+    key = f"base_model.model.{MODULE}.osf_svd_params.S_low"
+    _refused(folder, tmp_path, rf"'{re.escape(key)}' has shape \(8,\), expected \(16\)")

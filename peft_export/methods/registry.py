@@ -23,6 +23,7 @@ from .ln_tuning import LN_TUNING
 from .lora import LORA
 from .miss import MISS
 from .oft import BOFT, OFT
+from .osf import OSF
 from .peanut import PEANUT
 from .pvera import PVERA
 from .randlora import RANDLORA
@@ -39,7 +40,7 @@ _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, 
                                                             FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
                                                             GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING, BEFT, DEFT,
                                                             HIRA, PVERA, TRAINABLE_TOKENS, PEANUT,
-                                                            SUPERTUNING, TINYLORA)}
+                                                            SUPERTUNING, TINYLORA, OSF)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
