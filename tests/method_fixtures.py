@@ -66,21 +66,26 @@ def method_configs() -> dict:
                      "tinylora_P"),
         "osf": (peft.OSFConfig(effective_rank=0.75, rank_pattern={"intermediate": 20},
                                target_modules=QV + ["intermediate.dense"]), "osf_svd_params.U_low"),
+        "unilora": (peft.UniLoraConfig(r=4, theta_d_length=64, save_indices=True,
+                                       target_modules=QV + ["intermediate.dense"]), "unilora_scales_B"),
+        "unilora_seeded": (peft.UniLoraConfig(r=4, theta_d_length=64, target_modules=QV), "unilora_theta_d"),
     }
 
 
 METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
            "miss_bat", "c3a", "lora_saved", "randlora", "shira", "delora", "gralora", "vblora", "road", "waveft",
            "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira",
-           "pvera", "tokens", "peanut", "supertuning", "tinylora", "osf"]
+           "pvera", "tokens", "peanut", "supertuning", "tinylora", "osf", "unilora"]
 # Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
 # integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
 GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
                   "ln_tuning", "beft", "deft", "hira", "pvera", "tokens",
-                  "peanut", "supertuning", "tinylora", "osf"}
-# RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B, TinyLoRA's few values: a nudge of
-# 0.05 barely moves the embeddings
-NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5}
+                  "peanut", "supertuning", "tinylora", "osf", "unilora",
+                  "unilora_seeded"}
+# RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B, TinyLoRA's and UniLoRA's few
+# values: a nudge of 0.05 barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5, "unilora": 0.5,
+         "unilora_seeded": 0.5}
 
 
 def method_adapter(name: str) -> Path:

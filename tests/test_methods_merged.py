@@ -455,3 +455,46 @@ def test_osf_trained_rank_follows_effective_rank_and_rank_pattern(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "effective_rank": 0.5}))
     key = f"base_model.model.{MODULE}.osf_svd_params.S_low"
     _refused(folder, tmp_path, rf"'{re.escape(key)}' has shape \(8,\), expected \(16\)")
+
+
+@pytest.mark.slow
+def test_unilora_with_indices_regenerated_from_its_seed_equals_eager_peft(tmp_path):
+    """save_indices=False (PEFT's default): the file holds the shared vector alone; PEFT regenerates the indices
+    from proj_seed, in the export as in eager."""
+    test_merged_onnx_equals_eager_peft("unilora_seeded", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("theta_missing", r"tensor base_model\.unilora_theta_d is missing"),
+    ("theta_shape", r"'base_model\.unilora_theta_d' has shape \(65,\), expected \(64,\) \(theta_d_length"),
+    ("index_too_large", r"unilora_indices_A' holds indices \d+\.\.64, outside base_model\.unilora_theta_d "
+                        r"\(theta_d_length=64: 0\.\.63\)"),
+    ("index_negative", r"unilora_indices_B' holds indices -1\.\.\d+, outside"),
+    ("float_indices", r"unilora_indices_A' has dtype torch\.float32, expected an integer type \(indices\)"),
+    ("indices_not_saved", r"unilora_indices_A' is saved but adapter_config\.json sets save_indices false"),
+])
+def test_unilora_shared_vector_and_indices_are_checked(kind, message, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("unilora"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    a, b = (f"base_model.model.{MODULE}.unilora_indices_{side}" for side in "AB")
+    assert tensors[a].dtype == torch.int64
+    if kind == "theta_missing":
+        del tensors["base_model.unilora_theta_d"]
+    elif kind == "theta_shape":
+        tensors["base_model.unilora_theta_d"] = torch.zeros(65)
+    elif kind == "float_indices":
+        tensors[a] = tensors[a].float()
+    elif kind == "indices_not_saved":
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "save_indices": False}))
+    else:
+        key = a if kind == "index_too_large" else b
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = 64 if kind == "index_too_large" else -1
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)

@@ -32,6 +32,7 @@ from .shira import SHIRA
 from .supertuning import SUPERTUNING
 from .tinylora import TINYLORA
 from .trainable_tokens import TRAINABLE_TOKENS
+from .unilora import UNILORA
 from .vera import VERA
 from .vblora import VBLORA
 from .waveft import WAVEFT
@@ -40,7 +41,7 @@ _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, 
                                                             FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
                                                             GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING, BEFT, DEFT,
                                                             HIRA, PVERA, TRAINABLE_TOKENS, PEANUT,
-                                                            SUPERTUNING, TINYLORA, OSF)}
+                                                            SUPERTUNING, TINYLORA, OSF, UNILORA)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
