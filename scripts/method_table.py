@@ -72,13 +72,15 @@ def method_configs() -> dict[str, list]:
         "supertuning": [peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=QV)],
         "tinylora": [peft.TinyLoraConfig(r=2, u=4, weight_tying=0.5, target_modules=QV)],
         "osf": [peft.OSFConfig(target_modules=QV)],
+        "psoft": [peft.PsoftConfig(r=4, psoft_alpha=8, target_modules=QV)],
         "unilora": [peft.UniLoraConfig(r=4, theta_d_length=64, target_modules=QV)],
     }
 
 
 # RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B, TinyLoRA's and UniLoRA's few
-# values: a nudge of 0.05 barely moves the embeddings
-NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5, "unilora": 0.5}
+# values, PSOFT's rotation: a nudge of 0.05 barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5, "unilora": 0.5,
+         "psoft": 0.5}
 
 
 def make_adapter(st_folder: Path, folder: Path, config, name: str, seed: int) -> Path:

@@ -498,3 +498,17 @@ def test_unilora_shared_vector_and_indices_are_checked(kind, message, tmp_path):
         tensors[key][0, 0] = 64 if kind == "index_too_large" else -1
     save_file(tensors, str(path))
     _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, message", [
+    ({"psoft_mag_a": False}, r"psoft_R\.vector_a' is saved but adapter_config\.json sets psoft_mag_a false"),
+    ({"psoft_orth": False}, r"psoft_R\.weight' has shape \(6,\), expected \(4, 4\)"),
+    ({"r": 40}, r"r=40 exceeds the base layer '\S+' \(weight \(32, 32\)\)"),
+])
+def test_psoft_config_edits_that_no_longer_fit_the_weights_are_refused(edit, message, tmp_path):
+    """PSOFT's saved parts depend on psoft_orth (packed or full rotation) and psoft_mag_a/b (scale vectors)."""
+    folder = Path(shutil.copytree(method_adapter("psoft"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    _refused(folder, tmp_path, message)

@@ -25,6 +25,7 @@ from .miss import MISS
 from .oft import BOFT, OFT
 from .osf import OSF
 from .peanut import PEANUT
+from .psoft import PSOFT
 from .pvera import PVERA
 from .randlora import RANDLORA
 from .road import ROAD
@@ -41,7 +42,7 @@ _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, 
                                                             FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
                                                             GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING, BEFT, DEFT,
                                                             HIRA, PVERA, TRAINABLE_TOKENS, PEANUT,
-                                                            SUPERTUNING, TINYLORA, OSF, UNILORA)}
+                                                            SUPERTUNING, TINYLORA, OSF, UNILORA, PSOFT)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
