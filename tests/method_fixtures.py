@@ -71,6 +71,9 @@ def method_configs() -> dict:
         "psoft": (peft.PsoftConfig(r=4, psoft_alpha=8, target_modules=QV + ["intermediate.dense"]), "psoft_R.weight"),
         "psoft_plain": (peft.PsoftConfig(r=4, psoft_alpha=8, psoft_orth=False, psoft_mag_a=False, target_modules=QV),
                         "psoft_R.weight"),
+        "glora": (peft.GloraConfig(r=4, target_modules=QV + ["intermediate.dense"]), "glora_A.Xu"),
+        "glora_vectors": (peft.GloraConfig(r=4, config_A_B="vector", config_C="vector", config_D_E="vector",
+                                           target_modules=QV), "glora_C.X"),
         "unilora_seeded": (peft.UniLoraConfig(r=4, theta_d_length=64, target_modules=QV), "unilora_theta_d"),
     }
 
@@ -79,13 +82,14 @@ METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "v
            "miss_bat", "c3a", "lora_saved", "randlora", "shira", "delora", "gralora", "vblora", "road", "waveft",
            "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira",
            "pvera", "tokens", "peanut", "supertuning", "tinylora", "osf", "unilora", "psoft",
-           "psoft_plain"]
+           "psoft_plain", "glora", "glora_vectors"]
 # Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
 # integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
 GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
                   "ln_tuning", "beft", "deft", "hira", "pvera", "tokens",
                   "peanut", "supertuning", "tinylora", "osf", "unilora",
-                  "unilora_seeded", "psoft", "psoft_plain"}
+                  "unilora_seeded", "psoft", "psoft_plain", "glora",
+                  "glora_vectors"}
 # RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B, TinyLoRA's and UniLoRA's few
 # values, PSOFT's rotation: a nudge of 0.05 barely moves the embeddings
 NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5, "unilora": 0.5,

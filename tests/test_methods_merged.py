@@ -512,3 +512,18 @@ def test_psoft_config_edits_that_no_longer_fit_the_weights_are_refused(edit, mes
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, **edit}))
     _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, message", [
+    ({"config_A_B": "vector"}, r"glora_A\.Xd' is not what PEFT saves for glora_A of '\S+' \(expected glora_A\.X for "
+                               r"this config and a layer with bias\)"),
+    ({"r": 5}, r"glora_A\.Xd' has shape \(32, 4\), expected \(32, 5\)"),
+    ({"config_C": "sideways"}, r"'config_C' must be one of lora, vector, none, found 'sideways'"),
+])
+def test_glora_paths_must_match_its_config(edit, message, tmp_path):
+    """Each GLoRA path is saved in the form its config_* names (low-rank pair, vector, scalar or zeros buffer)."""
+    folder = Path(shutil.copytree(method_adapter("glora"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    _refused(folder, tmp_path, message)
