@@ -527,3 +527,33 @@ def test_glora_paths_must_match_its_config(edit, message, tmp_path):
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, **edit}))
     _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("rows", r"the adamss_B tensors of '\S+query' cover 33 output rows, expected 32"),
+    ("gap", r"tensor adamss_A\.1 of '\S+query' is missing: the file has subspaces 0\.\.\d+ for it"),
+    ("beyond", r"adamss_A\.3' is a subspace beyond 'num_subspaces' \(3\)"),
+    ("rank", r"adamss_A\.0' has shape \(3, \d+\): its rank 3 is outside 1\.\.subspace_rank \(2\)"),
+])
+def test_adamss_subspaces_are_checked(kind, message, tmp_path):
+    """AdaMSS saves one A/B pair per subspace; the subspaces partition the layer's output rows."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("adamss"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    stem = f"base_model.model.{MODULE}"
+    if kind == "rows":
+        b = tensors[f"{stem}.adamss_B.0"]
+        tensors[f"{stem}.adamss_B.0"] = torch.cat([b, b[:1]])
+    elif kind == "gap":
+        del tensors[f"{stem}.adamss_A.1"]
+    elif kind == "beyond":
+        tensors[f"{stem}.adamss_A.3"] = tensors[f"{stem}.adamss_A.0"].clone()
+    else:
+        a = tensors[f"{stem}.adamss_A.0"]
+        tensors[f"{stem}.adamss_A.0"] = torch.zeros(3, a.shape[1])
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)

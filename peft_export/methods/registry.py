@@ -7,6 +7,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .adalora import ADALORA
+from .adamss import ADAMSS
 from .base import PeftMethod
 from .beft import BEFT
 from .c3a import C3A
@@ -43,7 +44,7 @@ _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, 
                                                             FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
                                                             GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING, BEFT, DEFT,
                                                             HIRA, PVERA, TRAINABLE_TOKENS, PEANUT,
-                                                            SUPERTUNING, TINYLORA, OSF, UNILORA, PSOFT, GLORA)}
+                                                            SUPERTUNING, TINYLORA, OSF, UNILORA, PSOFT, GLORA, ADAMSS)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
