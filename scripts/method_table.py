@@ -73,6 +73,7 @@ def method_configs() -> dict[str, list]:
         "tinylora": [peft.TinyLoraConfig(r=2, u=4, weight_tying=0.5, target_modules=QV)],
         "osf": [peft.OSFConfig(target_modules=QV)],
         "adamss": [peft.AdamssConfig(r=16, num_subspaces=3, subspace_rank=2, target_modules=QV)],
+        "frod": [peft.FrodConfig(sparse_rate=0.05, target_modules=QV)],
         "glora": [peft.GloraConfig(r=4, target_modules=QV)],
         "psoft": [peft.PsoftConfig(r=4, psoft_alpha=8, target_modules=QV)],
         "unilora": [peft.UniLoraConfig(r=4, theta_d_length=64, target_modules=QV)],

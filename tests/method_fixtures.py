@@ -76,6 +76,7 @@ def method_configs() -> dict:
                                            target_modules=QV), "glora_C.X"),
         "adamss": (peft.AdamssConfig(r=16, num_subspaces=3, subspace_rank=2,
                                      target_modules=QV + ["intermediate.dense"]), "adamss_A.0"),
+        "frod": (peft.FrodConfig(sparse_rate=0.05, target_modules=QV + ["output.dense"]), "frod_lambda_s_values"),
         "unilora_seeded": (peft.UniLoraConfig(r=4, theta_d_length=64, target_modules=QV), "unilora_theta_d"),
     }
 
@@ -85,14 +86,14 @@ METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "v
            "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira",
            "pvera", "tokens", "peanut", "supertuning", "tinylora", "osf", "unilora", "psoft",
            "psoft_plain", "glora", "glora_vectors",
-           "adamss"]
+           "adamss", "frod"]
 # Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
 # integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
 GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
                   "ln_tuning", "beft", "deft", "hira", "pvera", "tokens",
                   "peanut", "supertuning", "tinylora", "osf", "unilora",
                   "unilora_seeded", "psoft", "psoft_plain", "glora",
-                  "glora_vectors", "adamss"}
+                  "glora_vectors", "adamss", "frod"}
 # RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B, TinyLoRA's and UniLoRA's few
 # values, PSOFT's rotation: a nudge of 0.05 barely moves the embeddings
 NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5, "unilora": 0.5,

@@ -557,3 +557,38 @@ def test_adamss_subspaces_are_checked(kind, message, tmp_path):
         tensors[f"{stem}.adamss_A.0"] = torch.zeros(3, a.shape[1])
     save_file(tensors, str(path))
     _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("v_missing", r"tensor base_model\.frod_V\.self_query is missing: the FRoD modules of role 'self_query' share it"),
+    ("v_shape", r"'base_model\.frod_V\.output_dense' has shape \(32, 32\), expected \(37, 37\)"),
+    ("position", r"'base_model\.frod_s_indices\.self_value' holds positions \d+\.\.32, expected within 0\.\.31"),
+    ("size", r"'base_model\.frod_s_size\.self_query' holds a size 33\.\.33, expected 32\.\.32"),
+    ("float_size", r"'base_model\.frod_s_size\.self_query' has dtype torch\.float32, expected an integer type"),
+    ("not_saved", r"'base_model\.frod_\S+' is saved but adapter_config\.json sets save_projection false"),
+])
+def test_frods_shared_projections_are_checked(kind, message, tmp_path):
+    """FRoD keeps its projection V, the sparse positions and their size once per role (query, value, ...)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("frod"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    if kind == "v_missing":
+        del tensors["base_model.frod_V.self_query"]
+    elif kind == "v_shape":
+        tensors["base_model.frod_V.output_dense"] = torch.zeros(32, 32)
+    elif kind == "position":
+        tensors["base_model.frod_s_indices.self_value"] = tensors["base_model.frod_s_indices.self_value"].clone()
+        tensors["base_model.frod_s_indices.self_value"][1, 0] = 32
+    elif kind == "size":
+        tensors["base_model.frod_s_size.self_query"] = torch.tensor([33, 33])
+    elif kind == "float_size":
+        tensors["base_model.frod_s_size.self_query"] = torch.tensor([32.0, 32.0])
+    else:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "save_projection": False}))
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)

@@ -14,6 +14,7 @@ from .c3a import C3A
 from .deft import DEFT
 from .delora import DELORA
 from .fourierft import FOURIERFT
+from .frod import FROD
 from .glora import GLORA
 from .gralora import GRALORA
 from .hira import HIRA
@@ -44,7 +45,8 @@ _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, 
                                                             FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
                                                             GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING, BEFT, DEFT,
                                                             HIRA, PVERA, TRAINABLE_TOKENS, PEANUT,
-                                                            SUPERTUNING, TINYLORA, OSF, UNILORA, PSOFT, GLORA, ADAMSS)}
+                                                            SUPERTUNING, TINYLORA, OSF, UNILORA, PSOFT, GLORA, ADAMSS,
+                                                            FROD)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
