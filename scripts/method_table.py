@@ -68,11 +68,22 @@ def method_configs() -> dict[str, list]:
         "pvera": [peft.PveraConfig(r=4, target_modules=QV)],
         "trainable tokens": [peft.TrainableTokensConfig(target_modules=["word_embeddings"],
                                                         token_indices=[1, 2, 3])],
+        "peanut": [peft.PeanutConfig(r=8, depth=1, target_modules=QV)],
+        "supertuning": [peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=QV)],
+        "tinylora": [peft.TinyLoraConfig(r=2, u=4, weight_tying=0.5, target_modules=QV)],
+        "osf": [peft.OSFConfig(target_modules=QV)],
+        "adamss": [peft.AdamssConfig(r=16, num_subspaces=3, subspace_rank=2, target_modules=QV)],
+        "frod": [peft.FrodConfig(sparse_rate=0.05, target_modules=QV)],
+        "glora": [peft.GloraConfig(r=4, target_modules=QV)],
+        "psoft": [peft.PsoftConfig(r=4, psoft_alpha=8, target_modules=QV)],
+        "unilora": [peft.UniLoraConfig(r=4, theta_d_length=64, target_modules=QV)],
     }
 
 
-# RoAd's angles, HiRA's element-wise factor, PVeRA's scales: a nudge of 0.05 barely moves the embeddings
-NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5}
+# RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B, TinyLoRA's and UniLoRA's few
+# values, PSOFT's rotation: a nudge of 0.05 barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5, "unilora": 0.5,
+         "psoft": 0.5}
 
 
 def make_adapter(st_folder: Path, folder: Path, config, name: str, seed: int) -> Path:

@@ -59,19 +59,45 @@ def method_configs() -> dict:
         "pvera": (peft.PveraConfig(r=4, target_modules=QV + ["intermediate.dense"]), "pvera_lambda_d"),
         "vera_unsaved": (peft.VeraConfig(r=4, target_modules=QV, init_weights=False, save_projection=False),
                          "vera_lambda_d"),
+        "peanut": (peft.PeanutConfig(r=8, depth=1, target_modules=QV + ["intermediate.dense"]), "peanut_A"),
+        "supertuning": (peft.SupertuningConfig(sparsity=0.9, r=2, target_modules=QV + ["intermediate.dense"]),
+                        "supertuning_values"),
+        "tinylora": (peft.TinyLoraConfig(r=2, u=4, weight_tying=0.5, target_modules=QV + ["intermediate.dense"]),
+                     "tinylora_P"),
+        "osf": (peft.OSFConfig(effective_rank=0.75, rank_pattern={"intermediate": 20},
+                               target_modules=QV + ["intermediate.dense"]), "osf_svd_params.U_low"),
+        "unilora": (peft.UniLoraConfig(r=4, theta_d_length=64, save_indices=True,
+                                       target_modules=QV + ["intermediate.dense"]), "unilora_scales_B"),
+        "psoft": (peft.PsoftConfig(r=4, psoft_alpha=8, target_modules=QV + ["intermediate.dense"]), "psoft_R.weight"),
+        "psoft_plain": (peft.PsoftConfig(r=4, psoft_alpha=8, psoft_orth=False, psoft_mag_a=False, target_modules=QV),
+                        "psoft_R.weight"),
+        "glora": (peft.GloraConfig(r=4, target_modules=QV + ["intermediate.dense"]), "glora_A.Xu"),
+        "glora_vectors": (peft.GloraConfig(r=4, config_A_B="vector", config_C="vector", config_D_E="vector",
+                                           target_modules=QV), "glora_C.X"),
+        "adamss": (peft.AdamssConfig(r=16, num_subspaces=3, subspace_rank=2,
+                                     target_modules=QV + ["intermediate.dense"]), "adamss_A.0"),
+        "frod": (peft.FrodConfig(sparse_rate=0.05, target_modules=QV + ["output.dense"]), "frod_lambda_s_values"),
+        "unilora_seeded": (peft.UniLoraConfig(r=4, theta_d_length=64, target_modules=QV), "unilora_theta_d"),
     }
 
 
 METHODS = ["dora", "rslora", "ia3", "loha", "lokr", "adalora", "oft", "boft", "vera", "fourierft", "hra", "miss",
            "miss_bat", "c3a", "lora_saved", "randlora", "shira", "delora", "gralora", "vblora", "road", "waveft",
            "ln_tuning", "miss_mini", "vera_unsaved", "beft", "deft", "hira",
-           "pvera", "tokens"]
+           "pvera", "tokens", "peanut", "supertuning", "tinylora", "osf", "unilora", "psoft",
+           "psoft_plain", "glora", "glora_vectors",
+           "adamss", "frod"]
 # Adapters made with PEFT's get_peft_model on the encoder: sentence-transformers' add_adapter (transformers' PEFT
 # integration) refuses tuners with tensors shared by every layer (VeRA, RandLoRA, VBLoRA) or does not know them.
 GET_PEFT_MODEL = {"vera", "vera_unsaved", "randlora", "vblora", "shira", "delora", "gralora", "road", "waveft",
-                  "ln_tuning", "beft", "deft", "hira", "pvera", "tokens"}
-# RoAd's angles, HiRA's element-wise factor, PVeRA's scales: a nudge of 0.05 barely moves the embeddings
-NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5}
+                  "ln_tuning", "beft", "deft", "hira", "pvera", "tokens",
+                  "peanut", "supertuning", "tinylora", "osf", "unilora",
+                  "unilora_seeded", "psoft", "psoft_plain", "glora",
+                  "glora_vectors", "adamss", "frod"}
+# RoAd's angles, HiRA's element-wise factor, PVeRA's scales, PEANuT's small B, TinyLoRA's and UniLoRA's few
+# values, PSOFT's rotation: a nudge of 0.05 barely moves the embeddings
+NUDGE = {"road": 0.5, "hira": 0.5, "pvera": 0.5, "peanut": 0.5, "tinylora": 0.5, "unilora": 0.5,
+         "unilora_seeded": 0.5, "psoft": 0.5, "psoft_plain": 0.5}
 
 
 def method_adapter(name: str) -> Path:

@@ -27,10 +27,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "peft_export"
 WHERE = "x/adapter_config.json"
 ALL = ("LORA", "ADALORA", "IA3", "LOHA", "LOKR", "OFT", "BOFT", "VERA", "FOURIERFT", "HRA", "MISS", "C3A", "RANDLORA",
        "SHIRA", "DELORA", "GRALORA", "VBLORA", "ROAD", "WAVEFT", "LN_TUNING", "BEFT", "DEFT", "HIRA",
-       "PVERA", "TRAINABLE_TOKENS")
+       "PVERA", "TRAINABLE_TOKENS", "PEANUT", "SUPERTUNING", "TINYLORA", "OSF", "UNILORA", "PSOFT", "GLORA",
+       "ADAMSS", "FROD")
 NAMES = ("LoRA, AdaLoRA, IA3, LoHa, LoKr, OFT, BOFT, VeRA, FourierFT, HRA, MiSS, C3A, RandLoRA, SHiRA, DeLoRA, "
          "GraLoRA, VBLoRA, RoAd, WaveFT, LN tuning, BEFT, DeFT, HiRA, PVeRA, "
-         "trainable tokens")
+         "trainable tokens, PEANuT, SuperTuning, TinyLoRA, OSF, UniLoRA, PSOFT, GLoRA, AdaMSS, FRoD")
 LORA_CONFIG = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["query", "value"]}
 
 

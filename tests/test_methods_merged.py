@@ -377,3 +377,218 @@ def test_trainable_tokens_outside_the_vocabulary_are_refused(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "token_indices": [101, 102, 30522]}))
     _refused(folder, tmp_path, r"'token_indices' names token 30522, outside the base embedding "
                                r"'embeddings\.word_embeddings' \(30522 tokens\)")
+
+
+@pytest.mark.slow
+def test_peanut_hidden_layers_beyond_its_depth_are_refused(tmp_path):
+    """A config edited to a smaller ``depth`` leaves encoder/decoder layers PEFT would not load."""
+    folder = Path(shutil.copytree(method_adapter("peanut"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "depth": 0}))
+    _refused(folder, tmp_path, r"peanut_(en|de)coders\.0\.weight' is a hidden layer beyond 'depth' \(0\)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["too_large", "negative", "float_indices", "lora_without_r"])
+def test_supertunings_flat_positions_and_lora_factors_are_checked(kind, tmp_path):
+    """SuperTuning saves its trained positions as flat integer indices into the base weight (PEFT scatter-adds its
+    values there without checking), and LoRA factors only where the config sets ``r``."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("supertuning"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = f"base_model.model.{MODULE}.supertuning_indices"
+    assert tensors[key].dtype == torch.int32 and tensors[key].shape == (102,)  # int(32 * 32 * (1 - 0.9))
+    indices = tensors[key].clone()
+    if kind == "lora_without_r":
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "r": None, "lora_alpha": None}))
+        message = (rf"'{re.escape(f'base_model.model.{MODULE}.supertuning_lora_A.weight')}' is a LoRA factor but "
+                   r"adapter_config\.json sets no 'r'")
+    elif kind == "float_indices":
+        tensors[key] = indices.float()
+        message = rf"tensor '{re.escape(key)}' has dtype torch.float32, expected an integer type \(indices\)"
+    else:
+        indices[3] = 1024 if kind == "too_large" else -1
+        tensors[key] = indices
+        bounds = r"\d+\.\.1024" if kind == "too_large" else r"-1\.\.\d+"
+        message = (rf"tensor '{re.escape(key)}' holds positions {bounds}, outside the base layer "
+                   rf"'{re.escape(MODULE)}' \(weight \(32, 32\): 0\.\.1023\)")
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("missing", r"tensor\(s\) base_model\.tinylora_v\.2 missing: 6 targeted modules with weight_tying=0\.5 make 3 "
+                r"shared vector\(s\) tinylora_v\.0\.\.2"),
+    ("extra", r"unexpected tensor\(s\) base_model\.tinylora_v\.3: 6 targeted modules"),
+    ("shape", r"'base_model\.tinylora_v\.0' has shape \(5,\), expected \(4,\) \('u' in adapter_config\.json\)"),
+])
+def test_tinyloras_shared_vectors_are_checked(kind, message, tmp_path):
+    """TinyLoRA keeps its trained vectors once per group of modules (weight_tying), outside any module."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("tinylora"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    assert sorted(k for k in tensors if "tinylora_v" in k) == [f"base_model.tinylora_v.{i}" for i in range(3)]
+    if kind == "missing":
+        del tensors["base_model.tinylora_v.2"]
+    elif kind == "extra":
+        tensors["base_model.tinylora_v.3"] = torch.zeros(4)
+    else:
+        tensors["base_model.tinylora_v.0"] = torch.zeros(5)
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+def test_osf_trained_rank_follows_effective_rank_and_rank_pattern(tmp_path):
+    """OSF's trained rank is min(out, in) minus PEFT's effective rank (a fraction here; rank_pattern overrides it
+    for the intermediate layers): a config edited to another rank no longer fits the saved factors."""
+    folder = Path(shutil.copytree(method_adapter("osf"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "effective_rank": 0.5}))
+    key = f"base_model.model.{MODULE}.osf_svd_params.S_low"
+    _refused(folder, tmp_path, rf"'{re.escape(key)}' has shape \(8,\), expected \(16\)")
+
+
+@pytest.mark.slow
+def test_unilora_with_indices_regenerated_from_its_seed_equals_eager_peft(tmp_path):
+    """save_indices=False (PEFT's default): the file holds the shared vector alone; PEFT regenerates the indices
+    from proj_seed, in the export as in eager."""
+    test_merged_onnx_equals_eager_peft("unilora_seeded", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("theta_missing", r"tensor base_model\.unilora_theta_d is missing"),
+    ("theta_shape", r"'base_model\.unilora_theta_d' has shape \(65,\), expected \(64,\) \(theta_d_length"),
+    ("index_too_large", r"unilora_indices_A' holds indices \d+\.\.64, outside base_model\.unilora_theta_d "
+                        r"\(theta_d_length=64: 0\.\.63\)"),
+    ("index_negative", r"unilora_indices_B' holds indices -1\.\.\d+, outside"),
+    ("float_indices", r"unilora_indices_A' has dtype torch\.float32, expected an integer type \(indices\)"),
+    ("indices_not_saved", r"unilora_indices_A' is saved but adapter_config\.json sets save_indices false"),
+])
+def test_unilora_shared_vector_and_indices_are_checked(kind, message, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("unilora"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    a, b = (f"base_model.model.{MODULE}.unilora_indices_{side}" for side in "AB")
+    assert tensors[a].dtype == torch.int64
+    if kind == "theta_missing":
+        del tensors["base_model.unilora_theta_d"]
+    elif kind == "theta_shape":
+        tensors["base_model.unilora_theta_d"] = torch.zeros(65)
+    elif kind == "float_indices":
+        tensors[a] = tensors[a].float()
+    elif kind == "indices_not_saved":
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "save_indices": False}))
+    else:
+        key = a if kind == "index_too_large" else b
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = 64 if kind == "index_too_large" else -1
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, message", [
+    ({"psoft_mag_a": False}, r"psoft_R\.vector_a' is saved but adapter_config\.json sets psoft_mag_a false"),
+    ({"psoft_orth": False}, r"psoft_R\.weight' has shape \(6,\), expected \(4, 4\)"),
+    ({"r": 40}, r"r=40 exceeds the base layer '\S+' \(weight \(32, 32\)\)"),
+])
+def test_psoft_config_edits_that_no_longer_fit_the_weights_are_refused(edit, message, tmp_path):
+    """PSOFT's saved parts depend on psoft_orth (packed or full rotation) and psoft_mag_a/b (scale vectors)."""
+    folder = Path(shutil.copytree(method_adapter("psoft"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, message", [
+    ({"config_A_B": "vector"}, r"glora_A\.Xd' is not what PEFT saves for glora_A of '\S+' \(expected glora_A\.X for "
+                               r"this config and a layer with bias\)"),
+    ({"r": 5}, r"glora_A\.Xd' has shape \(32, 4\), expected \(32, 5\)"),
+    ({"config_C": "sideways"}, r"'config_C' must be one of lora, vector, none, found 'sideways'"),
+])
+def test_glora_paths_must_match_its_config(edit, message, tmp_path):
+    """Each GLoRA path is saved in the form its config_* names (low-rank pair, vector, scalar or zeros buffer)."""
+    folder = Path(shutil.copytree(method_adapter("glora"), tmp_path / "adapter"))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("rows", r"the adamss_B tensors of '\S+query' cover 33 output rows, expected 32"),
+    ("gap", r"tensor adamss_A\.1 of '\S+query' is missing: the file has subspaces 0\.\.\d+ for it"),
+    ("beyond", r"adamss_A\.3' is a subspace beyond 'num_subspaces' \(3\)"),
+    ("rank", r"adamss_A\.0' has shape \(3, \d+\): its rank 3 is outside 1\.\.subspace_rank \(2\)"),
+])
+def test_adamss_subspaces_are_checked(kind, message, tmp_path):
+    """AdaMSS saves one A/B pair per subspace; the subspaces partition the layer's output rows."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("adamss"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    stem = f"base_model.model.{MODULE}"
+    if kind == "rows":
+        b = tensors[f"{stem}.adamss_B.0"]
+        tensors[f"{stem}.adamss_B.0"] = torch.cat([b, b[:1]])
+    elif kind == "gap":
+        del tensors[f"{stem}.adamss_A.1"]
+    elif kind == "beyond":
+        tensors[f"{stem}.adamss_A.3"] = tensors[f"{stem}.adamss_A.0"].clone()
+    else:
+        a = tensors[f"{stem}.adamss_A.0"]
+        tensors[f"{stem}.adamss_A.0"] = torch.zeros(3, a.shape[1])
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, message", [
+    ("v_missing", r"tensor base_model\.frod_V\.self_query is missing: the FRoD modules of role 'self_query' share it"),
+    ("v_shape", r"'base_model\.frod_V\.output_dense' has shape \(32, 32\), expected \(37, 37\)"),
+    ("position", r"'base_model\.frod_s_indices\.self_value' holds positions \d+\.\.32, expected within 0\.\.31"),
+    ("size", r"'base_model\.frod_s_size\.self_query' holds a size 33\.\.33, expected 32\.\.32"),
+    ("float_size", r"'base_model\.frod_s_size\.self_query' has dtype torch\.float32, expected an integer type"),
+    ("not_saved", r"'base_model\.frod_\S+' is saved but adapter_config\.json sets save_projection false"),
+])
+def test_frods_shared_projections_are_checked(kind, message, tmp_path):
+    """FRoD keeps its projection V, the sparse positions and their size once per role (query, value, ...)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(shutil.copytree(method_adapter("frod"), tmp_path / "adapter"))
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    if kind == "v_missing":
+        del tensors["base_model.frod_V.self_query"]
+    elif kind == "v_shape":
+        tensors["base_model.frod_V.output_dense"] = torch.zeros(32, 32)
+    elif kind == "position":
+        tensors["base_model.frod_s_indices.self_value"] = tensors["base_model.frod_s_indices.self_value"].clone()
+        tensors["base_model.frod_s_indices.self_value"][1, 0] = 32
+    elif kind == "size":
+        tensors["base_model.frod_s_size.self_query"] = torch.tensor([33, 33])
+    elif kind == "float_size":
+        tensors["base_model.frod_s_size.self_query"] = torch.tensor([32.0, 32.0])
+    else:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "save_projection": False}))
+    save_file(tensors, str(path))
+    _refused(folder, tmp_path, message)

@@ -82,7 +82,8 @@ def check_adapter_tensors(base: nn.Module, adapter: AdapterSource) -> None:
 def _base_layer(module: nn.Module) -> BaseLayer:
     weight = getattr(module, "weight", None)
     shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else None
-    return BaseLayer(type(module).__name__, isinstance(module, nn.Linear), shape)
+    return BaseLayer(type(module).__name__, isinstance(module, nn.Linear), shape,
+                     isinstance(getattr(module, "bias", None), torch.Tensor))
 
 
 def _tensor_info(tensor: torch.Tensor) -> TensorInfo:

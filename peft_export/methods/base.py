@@ -163,6 +163,7 @@ class BaseLayer:
     type_name: str
     is_linear: bool
     weight_shape: tuple[int, ...] | None  # (out, in) for a Linear
+    has_bias: bool = False  # GLoRA's bias paths exist only on layers with a bias
 
     @property
     def in_features(self) -> int:

@@ -7,12 +7,15 @@ from typing import Any
 
 from ..errors import ConfigError
 from .adalora import ADALORA
+from .adamss import ADAMSS
 from .base import PeftMethod
 from .beft import BEFT
 from .c3a import C3A
 from .deft import DEFT
 from .delora import DELORA
 from .fourierft import FOURIERFT
+from .frod import FROD
+from .glora import GLORA
 from .gralora import GRALORA
 from .hira import HIRA
 from .hra import HRA
@@ -23,11 +26,17 @@ from .ln_tuning import LN_TUNING
 from .lora import LORA
 from .miss import MISS
 from .oft import BOFT, OFT
+from .osf import OSF
+from .peanut import PEANUT
+from .psoft import PSOFT
 from .pvera import PVERA
 from .randlora import RANDLORA
 from .road import ROAD
 from .shira import SHIRA
+from .supertuning import SUPERTUNING
+from .tinylora import TINYLORA
 from .trainable_tokens import TRAINABLE_TOKENS
+from .unilora import UNILORA
 from .vera import VERA
 from .vblora import VBLORA
 from .waveft import WAVEFT
@@ -35,7 +44,9 @@ from .waveft import WAVEFT
 _METHODS: dict[str, PeftMethod] = {m.peft_type: m for m in (LORA, ADALORA, IA3, LOHA, LOKR, OFT, BOFT, VERA,
                                                             FOURIERFT, HRA, MISS, C3A, RANDLORA, SHIRA, DELORA,
                                                             GRALORA, VBLORA, ROAD, WAVEFT, LN_TUNING, BEFT, DEFT,
-                                                            HIRA, PVERA, TRAINABLE_TOKENS)}
+                                                            HIRA, PVERA, TRAINABLE_TOKENS, PEANUT,
+                                                            SUPERTUNING, TINYLORA, OSF, UNILORA, PSOFT, GLORA, ADAMSS,
+                                                            FROD)}
 
 _PROMPTS = "it learns virtual tokens fed to the model with the input, not weights that can be merged into the base"
 # Methods PEFT cannot merge into the base weights (no merge_and_unload), by peft_type: (name, why).
