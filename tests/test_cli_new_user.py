@@ -410,8 +410,8 @@ BOTH_WORDINGS = {
                                r"^default_adapter only applies to switchable exports \(switchable=True\)$"),
     "two_adapters_merged": (["merge-onnx", "{b}", "-o", "{out}", "--adapter", "x={a}", "--adapter", "y={a}"],
                             lambda p: p.onnx(p.b, adapters=[f"x={p.a}", f"y={p.a}"]),
-                            r"export each separately, or pass --switchable to keep them",
-                            r"export each separately, or pass switchable=True to keep them"),
+                            r"export each separately, pass --switchable to keep them .*, or --stack-adapters to merge",
+                            r"export each separately, pass switchable=True to keep them .*, or stack_adapters=True to"),
     "switchable_without_adapters": (["merge-onnx", "{b}", "-o", "{out}", "--switchable"],
                                     lambda p: p.onnx(p.b, switchable=True),
                                     r"^--switchable needs at least one adapter: --adapter NAME=PATH \(repeat for "

@@ -21,6 +21,10 @@ FIGURES = ("max_score_diff", "mean_score_diff", "spearman", "top10_overlap", "pa
 # its tests lower the ranking limits as the embedding tests do. The real reranker meets the defaults
 # (tests/test_minilm_reranker.py).
 TINY_GATE = QualityGate(min_spearman=0.95, min_top10_overlap=0.6)
+# Static int8 of the tiny random CrossEncoder (it scores most pairs alike) lands at Spearman ~0.94 and top-10 overlap
+# 0.3-0.5 depending on the CPU and the calibration run, so its mechanics are tested under a looser gate; the quality of
+# int8 on real weights is tests/test_minilm_reranker.py's.
+STATIC_GATE = QualityGate(min_spearman=0.9, min_top10_overlap=0.2)
 RERANKER_LIMITS = {"max_score_diff", "max_mean_score_diff", "min_spearman", "min_top10_overlap"}
 
 
@@ -130,9 +134,9 @@ def test_int8_static_calibrates_on_pairs_and_passes_its_gate(reranker, fmt, tmp_
     """Static int8 calibrates on (query, passage) pairs made of the calibration texts, read as a reranker reads
     them, and is gated on the reranker's figures."""
     export = export_onnx_model if fmt == "onnx" else export_openvino_model
-    out = export(str(reranker["adapter"]), tmp_path / fmt, quantize="int8-static", gate=TINY_GATE, log=_quiet).path
+    out = export(str(reranker["adapter"]), tmp_path / fmt, quantize="int8-static", gate=STATIC_GATE, log=_quiet).path
     result = json.loads((out / "peft_export.json").read_text())["validation"]["quantization"]
     assert result["activations"] == "int8" and set(result["gate"]) == RERANKER_LIMITS
-    assert TINY_GATE.failures(result, RERANKER) == [] and 0 < result["max_score_diff"] <= 0.05
+    assert STATIC_GATE.failures(result, RERANKER) == [] and 0 < result["max_score_diff"] <= 0.05
     again = _figures_again(peft_export.load(out), peft_export.load(reranker["adapter_export"]))
     assert again["max_score_diff"] == pytest.approx(result["max_score_diff"], abs=1e-6)
