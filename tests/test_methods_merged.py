@@ -336,6 +336,8 @@ def test_shiras_integer_indices_are_checked(kind, tmp_path):
     ("vblora", "base_model.vblora_vector_bank", (16, 9), r"'base_model\.vblora_vector_bank' has shape \(16, 9\), "
                                                          r"expected \(16, 8\) \(num_vectors, vector_length"),
     ("vblora", "base_model.vblora_vector_bank", None, r"tensor base_model\.vblora_vector_bank is missing"),
+    ("pvera", "base_model.pvera_A", None, r"tensor base_model\.pvera_A is missing: adapter_config\.json sets "
+                                          r"save_projection, so the shared projections must be in the file"),
 ])
 def test_shared_tensors_of_randlora_and_vblora_are_checked(name, key, shape, message, tmp_path):
     """RandLoRA's random bases and VBLoRA's vector bank are kept once for every layer, outside any module."""

@@ -188,6 +188,10 @@ class PeftMethod(ABC):
     required_parts: ClassVar[tuple[str, ...]]  # the parts every targeted module must have in the file
     # A required part PEFT may save in another form instead (LoKr: lokr_w1, or lokr_w1_a and lokr_w1_b).
     alternative_parts: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # Tensors kept once for every layer (``base_model.<name>``) that a config with ``save_projection`` must carry
+    # (VeRA's projections), and how messages call them.
+    saved_projections: ClassVar[tuple[str, ...]] = ()
+    saved_projections_are: ClassVar[str] = "shared projections"
     extras_refused: ClassVar[str] = ""  # appended to "is not a <name> weight" when tensors are checked
     layer_kinds: ClassVar[str] = "Linear layers"  # what supports_layer accepts, for messages
     saved_as_weight: ClassVar[bool] = True  # PEFT saves a part as "<module>.<part>.weight" (a submodule's weight)
@@ -346,7 +350,15 @@ class PeftMethod(ABC):
         """Raise ConfigError if a shared tensor's shape does not fit the config."""
 
     def check_shared_complete(self, config: AdapterConfig, where: Any, found: set[str]) -> None:
-        """Raise ConfigError if a shared tensor the config needs is missing from the file."""
+        """Raise ConfigError if a shared tensor the config needs is missing from the file: by default the
+        ``saved_projections`` a config with ``save_projection`` (PEFT's default) must carry."""
+        if self.saved_projections and config.raw.get("save_projection", True):
+            for name in self.saved_projections:
+                if name not in found:
+                    raise ConfigError(
+                        f"{where}: tensor base_model.{name} is missing: adapter_config.json sets save_projection, "
+                        f"so the {self.saved_projections_are} must be in the file. The file is incomplete; save the "
+                        "adapter again.")
 
     def check_complete(self, config: AdapterConfig, where: Any, found: dict[str, set[str]], targeted: Iterable[str],
                        prefix: str) -> None:

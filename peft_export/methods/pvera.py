@@ -20,6 +20,7 @@ SAMPLED = RefusedOption(
 
 class Pvera(Vera):
     peft_type = "PVERA"
+    saved_projections = ("pvera_A", "pvera_B")
     name = "PVeRA"
     switchable = Capability(False, "its per-layer scale vectors are not yet folded into a switchable graph's "
                                    "low-rank branch")
@@ -45,15 +46,6 @@ class Pvera(Vera):
             wanted = f"({rows}, any)" if name == "pvera_A" else f"(any, {rows})"
             raise ConfigError(f"{where}: {key!r} has shape {tuple(shape)}, expected {wanted} for r={r} in "
                               "adapter_config.json; the config and the weights disagree (was the config edited?)")
-
-    def check_shared_complete(self, config: AdapterConfig, where: Any, found: set[str]) -> None:
-        if config.raw.get("save_projection", True):
-            for name in ("pvera_A", "pvera_B"):
-                if name not in found:
-                    raise ConfigError(
-                        f"{where}: tensor base_model.{name} is missing: adapter_config.json sets save_projection, "
-                        "so the shared projections must be in the file. The file is incomplete; save the adapter "
-                        "again.")
 
 
 PVERA = Pvera()

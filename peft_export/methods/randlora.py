@@ -25,6 +25,8 @@ def _bases(config: AdapterConfig, layer: BaseLayer) -> tuple[int, int, int, int]
 
 class RandLora(TunerMethod):
     peft_type = "RANDLORA"
+    saved_projections = ("randlora_A", "randlora_B")
+    saved_projections_are = "shared random bases"
     name = "RandLoRA"
     switchable = Capability(False, "its full-rank sum of scaled random bases is not a low-rank branch")
     key_pattern = tensor_pattern("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
@@ -74,15 +76,6 @@ class RandLora(TunerMethod):
             wanted = f"({r}, 1, any)" if name == "randlora_A" else f"(any, any, {r})"
             raise ConfigError(f"{where}: {key!r} has shape {tuple(shape)}, expected {wanted} for r={r} in "
                               "adapter_config.json; the config and the weights disagree (was the config edited?)")
-
-    def check_shared_complete(self, config: AdapterConfig, where: Any, found: set[str]) -> None:
-        if config.raw.get("save_projection", True):
-            for name in ("randlora_A", "randlora_B"):
-                if name not in found:
-                    raise ConfigError(
-                        f"{where}: tensor base_model.{name} is missing: adapter_config.json sets save_projection, "
-                        "so the shared random bases must be in the file. The file is incomplete; save the adapter "
-                        "again.")
 
 
 RANDLORA = RandLora()

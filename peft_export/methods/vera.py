@@ -20,6 +20,7 @@ SHARED = re.compile(r"^(?:base_model\.)?(?P<name>vera_A|vera_B)$")
 
 class Vera(TunerMethod):
     peft_type = "VERA"
+    saved_projections = ("vera_A", "vera_B")
     name = "VeRA"
     switchable = Capability(True)
     key_pattern = tensor_pattern("vera_lambda_b", "vera_lambda_d")
@@ -50,15 +51,6 @@ class Vera(TunerMethod):
             wanted = f"({r}, any)" if name == "vera_A" else f"(any, {r})"
             raise ConfigError(f"{where}: {key!r} has shape {tuple(shape)}, expected {wanted} for r={r} in "
                               "adapter_config.json; the config and the weights disagree (was the config edited?)")
-
-    def check_shared_complete(self, config: AdapterConfig, where: Any, found: set[str]) -> None:
-        if config.raw.get("save_projection", True):
-            for name in ("vera_A", "vera_B"):
-                if name not in found:
-                    raise ConfigError(
-                        f"{where}: tensor base_model.{name} is missing: adapter_config.json sets save_projection, "
-                        "so the shared projections must be in the file. The file is incomplete; save the adapter "
-                        "again.")
 
     def branch_factors(self, module: Any, adapter_name: str, layer_name: str) -> Branch:
         import torch
