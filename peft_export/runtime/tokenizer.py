@@ -50,6 +50,7 @@ class TextTokenizer:
         self.pair_template = _pair_template(config.task_config.get("pair_template"), folder)
         # A CrossEncoder's default prompt, put before the first text of each pair (tokenizers without a template).
         self.query_prompt = config.task_config.get("query_prompt") or ""
+        self._pair_overhead: int | None = None  # pair_token_overhead(), counted on first use
         if not isinstance(self.query_prompt, str):
             raise ConfigError(f"{folder}: task_config.query_prompt must be a string, found {self.query_prompt!r:.100}; "
                               "export the folder again")
@@ -125,7 +126,13 @@ class TextTokenizer:
     def pair_token_overhead(self) -> int:
         """Tokens a (query, document) pair holds beyond the two texts' own tokens (each without special tokens):
         the chat template's fixed text, or the pair's special tokens plus the default prompt before the query. A
-        boundary may merge one token more or less under byte-level BPE; exact enough for request limits."""
+        boundary may merge one token more or less under byte-level BPE; exact enough for request limits. Computed
+        once (servers ask on every request)."""
+        if self._pair_overhead is None:
+            self._pair_overhead = self._count_pair_overhead()
+        return self._pair_overhead
+
+    def _count_pair_overhead(self) -> int:
         if self.pair_template is not None:
             template = self.pair_template
             fixed = template["prefix"] + template["middle"] + template["suffix"]
