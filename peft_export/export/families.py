@@ -40,6 +40,9 @@ class ModelFamily:
     # projection, then the whole block, in float when quantizing everything loses too much.
     ffn_output: tuple[str, ...] = ("output.dense",)
     ffn_input: tuple[str, ...] = ("intermediate.dense",)
+    # Its sequence-classification head reads only the first token's final state (BERT's pooler, RoBERTa's head on
+    # <s>): a reranker of this family is traced with its last layer computed for that token (first_token_layer.py).
+    first_token_head: bool = False
 
     def load_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``AutoModel.from_pretrained`` when loading this family for export."""
@@ -106,7 +109,7 @@ _GATED_MLP = dict(ffn_output=("mlp.down_proj",), ffn_input=("mlp.gate_proj", "ml
 _ROTARY_DECODER = dict(lora_targets=_DECODER_TARGETS, pooling="lasttoken", padding_side="left",
                        attention_fusion="rewrite", decoder=True, **_GATED_MLP)
 
-DEFAULT_FAMILY = ModelFamily("bert-like", ("bert",), "BertModel")
+DEFAULT_FAMILY = ModelFamily("bert-like", ("bert",), "BertModel", first_token_head=True)
 
 FAMILIES: tuple[ModelFamily, ...] = (
     DEFAULT_FAMILY,
@@ -114,7 +117,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
                 lora_targets=("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"), ffn_output=("ffn.lin2",),
                 ffn_input=("ffn.lin1",)),
     ModelFamily("roberta", ("roberta", "xlm-roberta", "camembert", "longformer"), "RobertaModel / XLMRobertaModel",
-                pooling="cls", position_offset=2),
+                pooling="cls", position_offset=2, first_token_head=True),
     ModelFamily("mpnet", ("mpnet",), "MPNetModel", lora_targets=("q", "k", "v", "o"), position_offset=2),
     ModelFamily("modernbert", ("modernbert",), "ModernBertModel", lora_targets=("Wqkv", "Wo", "Wi"),
                 attention_fusion="rewrite", ffn_output=("mlp.Wo",), ffn_input=("mlp.Wi",)),
@@ -154,3 +157,21 @@ def tracing_step(encoder, step: str) -> Iterator[None]:
             "type that needs a traceable replacement (for example of a mask built with torch.vmap) needs an entry "
             "in peft_export/export/families.py. Nothing was written."
         ) from err
+
+
+@contextlib.contextmanager
+def tracing_pipeline(pipeline, step: str) -> Iterator[None]:
+    """:func:`tracing_step` for a task's torch module; a module whose output reads only the first token's final
+    state (``pipeline.reads_first_token_only``) of a family whose head does so is traced with its last layer
+    computed for that token alone (export/first_token_layer.py)."""
+    encoder = pipeline.encoder
+    model_type = getattr(getattr(encoder, "config", None), "model_type", None)
+    family = family_for(model_type)
+    prune = (getattr(pipeline, "reads_first_token_only", False) and family.first_token_head
+             and model_type in family.model_types)
+    with tracing_step(encoder, step), contextlib.ExitStack() as stack:
+        if prune:
+            from .first_token_layer import first_token_last_layer
+
+            stack.enter_context(first_token_last_layer(encoder))
+        yield

@@ -87,7 +87,9 @@ def probe(model_path: Path, op_types: Iterable[str], batches: list[dict[str, np.
     del weights
     def node_inputs(feeds):  # (tokens, channels) per input, padding dropped
         mask = feeds["attention_mask"].astype(bool)
-        return {name: v[mask] if v.ndim == 3 else v.reshape(-1, v.shape[-1])
+        # A 3-d input is (batch, sequence, channels); one that is not as long as the mask holds the rows of one
+        # token per sequence (a last layer computed for the first token alone, export/first_token_layer.py).
+        return {name: v[mask] if v.ndim == 3 and v.shape[1] == mask.shape[1] else v.reshape(-1, v.shape[-1])
                 for name, v in zip(inputs, session.run(inputs, feeds))}
 
     # Pass 1: per-channel maxima of each input.
@@ -109,10 +111,13 @@ def probe(model_path: Path, op_types: Iterable[str], batches: list[dict[str, np.
     rng = np.random.default_rng(0)
     for feeds in batches:
         values = node_inputs(feeds)
-        count = len(next(iter(values.values())))
-        rows = np.sort(rng.choice(count, min(count, ERROR_TOKENS), replace=False))
+        samples: dict[int, np.ndarray] = {}  # sampled rows per row count (inputs of one token have fewer rows)
         for p in nodes:
             x = values[p.input_name].copy()
+            count = len(x)
+            if count not in samples:
+                samples[count] = np.sort(rng.choice(count, min(count, ERROR_TOKENS), replace=False))
+            rows = samples[count]
             x[:, p.outlier_channels] = 0.0
             e, n = _simulated_error(x, matrices[p.name], rows)
             errors[p.name][0] += e

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from .families import family_for, tracing_step
+from .families import family_for, tracing_pipeline
 from .fp16 import DTYPES
 from .embedding_module import EmbeddingPipeline
 from ..tasks import EMBEDDING, Task
@@ -81,7 +81,7 @@ def _trace(pipeline: EmbeddingPipeline, path: Path, opset: int, task: Task = EMB
     names = input_names(pipeline)
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes.update({output.name: output.axes for output in task.outputs})
-    with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, TRACE_ONNX):
+    with torch.no_grad(), warnings.catch_warnings(), tracing_pipeline(pipeline, TRACE_ONNX):
         # The TorchScript exporter warns about its own deprecation and about tracing constants; neither
         # affects this graph, whose correctness the validation stage checks numerically.
         warnings.simplefilter("ignore")

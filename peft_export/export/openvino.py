@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ValidationError, require, tool_step
-from .families import DEFAULT_FAMILY, family_for, tracing_step
+from .families import DEFAULT_FAMILY, family_for, tracing_pipeline
 from .onnx import OUTPUT_NAMES, dummy_inputs, input_names
 from .gate import (QualityGate, backend_embedder, fp16_gate, gate_dict, lower_gate, screen_failures, screen_rows,
                    screen_summary, encodings_of)
@@ -51,7 +51,7 @@ def convert_to_openvino(pipeline: torch.nn.Module, output_names: list[str] = OUT
     names = input_names(pipeline)
     example = dict(zip(names, dummy_inputs(pipeline)))
     shapes = [(name, ov.PartialShape([-1, -1]), ov.Type.i64) for name in names]
-    with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, CONVERT_OPENVINO):
+    with torch.no_grad(), warnings.catch_warnings(), tracing_pipeline(pipeline, CONVERT_OPENVINO):
         # Tracer warnings about Python control flow on shapes; the numeric validation is what counts.
         warnings.simplefilter("ignore")
         model = ov.convert_model(pipeline, example_input=example, input=shapes)

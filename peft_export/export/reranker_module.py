@@ -46,6 +46,12 @@ class RerankerPipeline(nn.Module):
         self.uses_token_type_ids = uses_token_type_ids
 
     @property
+    def reads_first_token_only(self) -> bool:
+        """The graph's outputs are the classification head's, which for BERT-like families reads the first token
+        alone (export/families.py decides per family)."""
+        return True
+
+    @property
     def task_config(self) -> dict[str, Any]:
         """The runtime config's task section: what CrossEncoderModel needs besides the graph."""
         settings = {"num_labels": int(self.encoder.config.num_labels), "activation_fn": self.activation_name}

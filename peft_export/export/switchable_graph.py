@@ -50,7 +50,7 @@ from ..methods import is_unused_head
 from ..methods.branch import SCALE_IN, SCALE_OUT, SCALE_POST, SCALES
 from ..runtime.lora_layout import SavedParam, Slot
 from .embedding_module import EmbeddingPipeline
-from .families import tracing_step
+from .families import tracing_pipeline, tracing_step
 from .onnx import MODEL_FILE, TRACE_ONNX, dummy_inputs, input_names
 from ..tasks import EMBEDDING, Task
 
@@ -214,7 +214,7 @@ def export_switchable_onnx(pipeline: EmbeddingPipeline, slots: list[Slot], folde
     axes.update({output.name: output.axes for output in task.outputs})
 
     path = folder / MODEL_FILE
-    with torch.no_grad(), warnings.catch_warnings(), tracing_step(pipeline.encoder, TRACE_ONNX):
+    with torch.no_grad(), warnings.catch_warnings(), tracing_pipeline(pipeline, TRACE_ONNX):
         warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings; validated after
         torch.onnx.export(
             switchable,
