@@ -134,6 +134,8 @@ def test_rerank_cli_takes_a_prompt_name_or_a_prompt(prompted, capsys):
         main(["rerank", folder, QUERY, "a", "--prompt-name", "web", "--prompt", "x"])
     assert exit_info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+    assert main(["info", folder]) == 0
+    assert "prompts:     web (default), code" in capsys.readouterr().out.splitlines()
 
 
 # ----- parity with eager CrossEncoder: a BERT reranker saved with prompts -----
