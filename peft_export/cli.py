@@ -213,7 +213,8 @@ def _cmd_rerank(args: argparse.Namespace) -> int:
 
     model = CrossEncoderModel(args.path, device=args.device, backend=args.backend)
     passages = args.passages or [line.rstrip("\n") for line in sys.stdin]
-    ranked = model.rank(args.query, passages, top_k=args.top_k, return_documents=True, adapter=args.adapter)
+    ranked = model.rank(args.query, passages, top_k=args.top_k, return_documents=True, adapter=args.adapter,
+                        prompt_name=args.prompt_name, prompt=args.prompt)
     if args.json:
         print(json.dumps(ranked))
         return 0
@@ -264,8 +265,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"switchable:  {len(config.lora_slots)} LoRA branches, default adapter: "
               f"{manifest.get('default_adapter') or 'none (base)'}")
     if config.task_config:  # a task with settings of its own (a reranker: num_labels, activation_fn)
-        settings = " ".join(f"{key}={_setting(value)}" for key, value in config.task_config.items())
+        settings = " ".join(f"{key}={_setting(value)}" for key, value in config.task_config.items()
+                            if key not in ("prompts", "default_prompt_name"))
         print(f"pipeline:    {settings} max_seq_length={config.max_seq_length}")
+        prompts, default = config.task_config.get("prompts") or {}, config.task_config.get("default_prompt_name")
+        if prompts:  # a reranker's prompts by name (predict(prompt_name=...), rerank --prompt-name)
+            print("prompts:     " + ", ".join(f"{name} (default)" if name == default else name for name in prompts))
     else:
         print(f"pipeline:    pooling={config.pooling_modes} normalize={config.normalize} dim={config.dimension} "
               f"max_seq_length={config.max_seq_length} similarity={config.similarity_fn_name}")
@@ -469,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cpu or cuda (onnxruntime); CPU, GPU or AUTO (openvino). Default: cpu")
     rr.add_argument("--json", action="store_true", help="print the ranking as JSON (corpus_id, score, text)")
     rr.add_argument("--adapter", metavar="NAME", help="switchable exports: the adapter to score with")
+    prompt = rr.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-name", metavar="NAME",
+                        help="one of the model's prompts (default: its default_prompt_name's, if any)")
+    prompt.add_argument("--prompt", metavar="TEXT",
+                        help="a prompt's text: before the query, or a chat-template reranker's instruction; '' none")
     rr.set_defaults(handler=_cmd_rerank)
 
     add = sub.add_parser("add-adapter",

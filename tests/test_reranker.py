@@ -65,13 +65,15 @@ def test_reranker_export_records_its_task_and_config(reranker):
     folder = reranker["adapter_export"]
     manifest = json.loads((folder / "peft_export.json").read_text())
     assert manifest["task"] == "reranker"
-    assert manifest["pipeline"] == {"num_labels": 1, "activation_fn": "sigmoid", "dimension": 1, "max_seq_length": 64}
+    assert manifest["pipeline"] == {"num_labels": 1, "activation_fn": "sigmoid", "prompts": {},
+                                    "default_prompt_name": None, "dimension": 1, "max_seq_length": 64}
     assert manifest["validation"]["onnx_vs_reference"]["tolerances"] == {"logits": TOLERANCE, "scores": TOLERANCE}
     assert max(manifest["validation"]["onnx_vs_reference"]["max_abs_diff"].values()) <= TOLERANCE
     assert manifest["validation"]["adapter_vs_base_max_abs_diff"] > 1e-3
     config = json.loads((folder / "reranker_config.json").read_text())
     assert config["output_names"] == ["logits", "scores"]
-    assert config["task_config"] == {"num_labels": 1, "activation_fn": "sigmoid"}
+    assert config["task_config"] == {"num_labels": 1, "activation_fn": "sigmoid", "prompts": {},
+                                     "default_prompt_name": None}
     assert "token_type_ids" in config["input_names"]  # BERT: the pair's segments are graph inputs
     assert not (folder / "embedding_config.json").exists()
 

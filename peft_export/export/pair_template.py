@@ -14,6 +14,11 @@ template whose text depends on the contents is refused), and derives the suffix 
 does. The runtime tokenizer (runtime/tokenizer.py) formats and truncates pairs with these; the export's reference
 tokenization (:func:`chat_template_tokenizer`) uses transformers' own rendering, so the export's tokenizer check
 compares the two.
+
+A prompt other than the default (``predict(prompt_name=...)`` or ``prompt=...``) is the system message's content:
+:func:`prompted_pair_template` renders the template once more with marker prompts and records the text before the
+prompt apart, so the runtime renders ``before_prompt + prompt + prefix + query + middle + document + suffix`` for
+any prompt; :func:`unprompted_pair_template` is the render without a system message (``prompt=""``).
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import ConfigError
+from ..runtime.pair_prompts import render_prompt
 
 PAIR_ROLES = ("query", "document")
 _MARKERS = (("\x00Q\x00", "\x00D\x00"), ("qq\x01", "dd\x01"))
+_PROMPT_MARKERS = ("\x00P\x00", " pp\x02 ")  # the second's spaces catch a template that trims the prompt
 _SUFFIX_FILLERS = ("0", "1 2 3 4")  # tokenize differently: their renders' common token tail is the template's
 
 
@@ -73,6 +80,37 @@ def chat_pair_template(tokenizer, prompt: str | None, where: str) -> dict[str, A
                           "query and document contents; the runtime can only add a fixed text around them")
     prefix, middle, suffix = parts[0]
     return {"prefix": prefix, "middle": middle, "suffix": suffix, "suffix_ids": _suffix_ids(tokenizer, prompt)}
+
+
+def unprompted_pair_template(tokenizer, where: str) -> dict[str, Any] | None:
+    """:func:`chat_pair_template` without a system message: the render of ``prompt=""`` (sentence-transformers adds
+    no system message for an empty prompt)."""
+    return chat_pair_template(tokenizer, None, where)
+
+
+def prompted_pair_template(tokenizer, prompts: dict[str, str], where: str) -> dict[str, Any] | None:
+    """``{"before_prompt", "prefix", "middle", "suffix", "suffix_ids"}``: a pair with the prompt P renders as
+    ``before_prompt + P + prefix + query + middle + document + suffix``. None without a chat template, or where the
+    template does not put the prompt once, verbatim, before the query with the same fixed text around it for the
+    marker prompts and each of ``prompts`` (that export then applies its default prompt only)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    parts = []
+    for marker in _PROMPT_MARKERS:
+        template = chat_pair_template(tokenizer, marker, where)
+        head = template["prefix"]
+        if head.count(marker) != 1 or marker in template["middle"] + template["suffix"]:
+            return None
+        before, after = head.split(marker)
+        parts.append({"before_prompt": before, "prefix": after, **{k: template[k] for k in (
+            "middle", "suffix", "suffix_ids")}})
+    if parts[0] != parts[1]:
+        return None
+    slotted = parts[0]
+    for prompt in prompts.values():  # each named prompt renders as the slot says, tail tokens included
+        if prompt and chat_pair_template(tokenizer, prompt, where) != render_prompt(slotted, prompt):
+            return None
+    return slotted
 
 
 def chat_template_tokenizer(tokenizer, input_names: list[str], max_len: int, prompt: str | None

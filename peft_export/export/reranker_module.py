@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..errors import UnsafeModelError
-from .pair_template import chat_pair_template, default_prompt
+from .pair_template import chat_pair_template, default_prompt, prompted_pair_template, unprompted_pair_template
 
 # config_sentence_transformers.json's activation_fn -> (runtime name, torch module). Anything else would need an
 # import of user-chosen code, which sentence-transformers itself only does under trust_remote_code.
@@ -36,10 +36,12 @@ class RerankerPipeline(nn.Module):
     """sequence-classification model -> (logits, activation(logits)), each (batch, num_labels)."""
 
     def __init__(self, encoder: nn.Module, activation: str, uses_token_type_ids: bool,
-                 pair_template: dict[str, Any] | None = None, query_prompt: str | None = None):
+                 pair_template: dict[str, Any] | None = None, query_prompt: str | None = None,
+                 prompt_settings: dict[str, Any] | None = None):
         super().__init__()
         self.pair_template = pair_template
         self.query_prompt = query_prompt
+        self.prompt_settings = prompt_settings or {}
         self.encoder = encoder
         self.activation_name = activation
         self.activation = {name: module for name, module in ACTIVATIONS.values()}[activation]()
@@ -59,6 +61,7 @@ class RerankerPipeline(nn.Module):
             settings["pair_template"] = self.pair_template
         elif self.query_prompt:  # the CrossEncoder's default prompt, before each query
             settings["query_prompt"] = self.query_prompt
+        settings.update(self.prompt_settings)
         return settings
 
     def forward(self, input_ids, attention_mask, token_type_ids=None):
@@ -78,5 +81,22 @@ def build_reranker_module(encoder: nn.Module, prepared) -> RerankerPipeline:
     # sentence-transformers applies the default prompt to a pair: as the system message of a chat template, or
     # before the query where the tokenizer has no chat template.
     prompt = default_prompt(prepared.resolved.pipeline)
-    template = chat_pair_template(prepared.tokenizer, prompt, str(prepared.resolved.tokenizer_folder))
-    return RerankerPipeline(encoder, activation, prepared.uses_token_type_ids, template, prompt).eval()
+    where = str(prepared.resolved.tokenizer_folder)
+    template = chat_pair_template(prepared.tokenizer, prompt, where)
+    settings = prompt_settings(prepared.tokenizer, prepared.resolved.pipeline, where)
+    return RerankerPipeline(encoder, activation, prepared.uses_token_type_ids, template, prompt, settings).eval()
+
+
+def prompt_settings(tokenizer, pipeline, where: str) -> dict[str, Any]:
+    """What ``predict(prompt_name=..., prompt=...)`` needs at runtime (runtime/pair_prompts.py): the CrossEncoder's
+    ``prompts`` and ``default_prompt_name`` as its config names them (the runtime config's top-level ``prompts``
+    also hold the embedding defaults "query" and "document", which a CrossEncoder does not have), and for a chat
+    template its render without a prompt and with a substitutable one."""
+    settings: dict[str, Any] = {"prompts": dict(pipeline.prompts or {}),
+                                "default_prompt_name": pipeline.default_prompt_name}
+    if getattr(tokenizer, "chat_template", None):
+        settings["unprompted_pair_template"] = unprompted_pair_template(tokenizer, where)
+        slotted = prompted_pair_template(tokenizer, settings["prompts"], where)
+        if slotted is not None:
+            settings["prompted_pair_template"] = slotted
+    return settings

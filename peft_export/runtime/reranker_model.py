@@ -81,6 +81,15 @@ class CrossEncoderModel(ExportedModel):
         return int(self.config.task_config["num_labels"])
 
     @property
+    def prompts(self) -> dict[str, str]:
+        """The CrossEncoder's prompts by name (empty for exports made before they were recorded)."""
+        return dict(self._tokenizer.pair_prompts.prompts)
+
+    @property
+    def default_prompt_name(self) -> str | None:
+        return self._tokenizer.pair_prompts.default_prompt_name
+
+    @property
     def activation_fn(self) -> str:
         """The name of the activation the model applies to its logits by default ("sigmoid", "identity", ...)."""
         return str(self.config.task_config["activation_fn"])
@@ -99,6 +108,8 @@ class CrossEncoderModel(ExportedModel):
     def predict(
         self,
         inputs: Sequence[Sequence[str]] | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
         activation_fn: Callable[[np.ndarray], np.ndarray] | str | None = None,
@@ -113,16 +124,20 @@ class CrossEncoderModel(ExportedModel):
         modules; this class has no torch). ``apply_softmax``: a softmax over the labels of multi-label models.
         ``convert_to_numpy=False`` gives a list of per-pair arrays. ``adapter`` and ``max_batch_tokens`` are
         ``EmbeddingModel.encode``'s: pairs are tokenized once and batched by tokens, longest first, so one long
-        passage does not pad a hundred short ones."""
+        passage does not pad a hundred short ones. ``prompt_name`` (one of :attr:`prompts`) or ``prompt`` (its
+        text; "" for none): the prompt put before each query, or the system message of a chat-template reranker's
+        pairs, as sentence-transformers applies it; neither: the model's default prompt (:attr:`default_prompt_name`).
+        """
         if isinstance(activation_fn, str):
             if activation_fn not in ACTIVATIONS:
                 raise ValueError(f"activation_fn must be a function or one of {', '.join(ACTIVATIONS)}, found "
                                  f"{activation_fn!r}")
             activation_fn = ACTIVATIONS[activation_fn]
         pairs, single = _pairs(inputs)
+        applied = self._tokenizer.pair_prompts.resolve(prompt_name, prompt)
         run_adapter = self._adapter_for_call(adapter)  # resolved once: every batch of this call uses it
         fetch = "scores" if activation_fn is None else "logits"
-        encodings = self._tokenizer.tokenize_pairs(pairs)
+        encodings = self._tokenizer.tokenize_pairs(pairs, applied)
         batches = self._tokenizer.batches_of(encodings, batch_size, self._token_budget(max_batch_tokens))
         results: list[Any] = [None] * len(pairs)
         progress = progress_counter(show_progress_bar, len(pairs), batch_size)
@@ -148,13 +163,16 @@ class CrossEncoderModel(ExportedModel):
         documents: Sequence[str],
         top_k: int | None = None,
         return_documents: bool = False,
+        prompt_name: str | None = None,
+        prompt: str | None = None,
         batch_size: int = 32,
         show_progress_bar: bool | None = None,
         activation_fn: Callable[[np.ndarray], np.ndarray] | str | None = None,
         adapter: str | bool | None = None,
     ) -> list[dict[str, Any]]:
         """``documents`` ranked for ``query``, best first, in sentence-transformers' shape: ``{"corpus_id": index,
-        "score": float}`` (plus ``"text"`` with ``return_documents``), the ``top_k`` best (all where None)."""
+        "score": float}`` (plus ``"text"`` with ``return_documents``), the ``top_k`` best (all where None).
+        ``prompt_name`` and ``prompt`` are :meth:`predict`'s."""
         if self.num_labels != 1:
             raise ValueError(f"rank() needs a model with num_labels=1; {self.path} has {self.num_labels}. Use "
                              "predict() with (query, document) pairs instead.")
@@ -165,7 +183,8 @@ class CrossEncoderModel(ExportedModel):
             if not isinstance(document, str):
                 raise InvalidInputError(f"documents[{i}] is {type(document).__name__}, expected str")
         scores = self.predict([(query, d) for d in documents], batch_size=batch_size,
-                              show_progress_bar=show_progress_bar, activation_fn=activation_fn, adapter=adapter)
+                              show_progress_bar=show_progress_bar, activation_fn=activation_fn, adapter=adapter,
+                              prompt_name=prompt_name, prompt=prompt)
         results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(np.atleast_1d(scores))]
         if return_documents:
             for result in results:

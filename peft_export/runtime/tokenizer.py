@@ -11,6 +11,7 @@ from ..errors import ConfigError, InvalidInputError
 from .batches import plan_batches
 from .config import TOKENIZER_FILE, RuntimeConfig
 from .export_files import verified_bytes
+from .pair_prompts import PairPrompts
 from .token_prefix import TokenCounter, truncation_prefix
 
 # Characters of one text ever tokenized: a longer text is tokenized as a prefix that keeps the same tokens under
@@ -45,15 +46,13 @@ class TextTokenizer:
         self.input_names = config.input_names
         self.max_text_chars = max(MIN_MAX_TEXT_CHARS, CAP_CHARS_PER_TOKEN * config.max_seq_length)
         self._prefixes: TokenCounter | None = None  # made on the first long text
-        # Pairs rendered through the model's chat template (export/pair_template.py), or None: the pair template
-        # of tokenizer.json's post-processor.
-        self.pair_template = _pair_template(config.task_config.get("pair_template"), folder)
-        # A CrossEncoder's default prompt, put before the first text of each pair (tokenizers without a template).
-        self.query_prompt = config.task_config.get("query_prompt") or ""
+        # A reranker's prompts and how each applies (runtime/pair_prompts.py). ``pair_template``: pairs rendered
+        # through the model's chat template with the default prompt (export/pair_template.py), or None: the pair
+        # template of tokenizer.json's post-processor, the default prompt (``query_prompt``) before the query.
+        self.pair_prompts = PairPrompts(config.task_config, folder)
+        self.pair_template = self.pair_prompts.default_template
+        self.query_prompt = self.pair_prompts.query_prompt
         self._pair_overhead: int | None = None  # pair_token_overhead(), counted on first use
-        if not isinstance(self.query_prompt, str):
-            raise ConfigError(f"{folder}: task_config.query_prompt must be a string, found {self.query_prompt!r:.100}; "
-                              "export the folder again")
 
     def truncation_prefixes(self, texts: list[str]) -> list[str]:
         """``texts`` with each long one replaced by the prefix of it that truncation keeps the same tokens of."""
@@ -77,14 +76,16 @@ class TextTokenizer:
         except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
             raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
 
-    def tokenize_pairs(self, pairs: list[tuple[str, str]]) -> list:
+    def tokenize_pairs(self, pairs: list[tuple[str, str]], prompt: str | None = None) -> list:
         """``tokenizers.Encoding`` per (first, second) text pair, tokenized together as a cross-encoder reads them
         (special tokens and token type ids of the pair; the longest side truncated first to max_seq_length, as
         transformers' ``truncation=True`` does). Each long side is tokenized as its truncation prefix: it keeps at
-        least max_seq_length tokens, more than truncation can keep of it in a pair."""
+        least max_seq_length tokens, more than truncation can keep of it in a pair. ``prompt``: the reranker's
+        prompt (before the query, or the chat template's system message; "" none), None its default."""
         if self.pair_template is not None:
-            return self._tokenize_rendered_pairs(pairs)
-        firsts, seconds = [self.query_prompt + p[0] for p in pairs], [p[1] for p in pairs]
+            return self._tokenize_rendered_pairs(pairs, self.pair_prompts.chat_template(prompt))
+        prefix = self.pair_prompts.query_prefix(prompt)
+        firsts, seconds = [prefix + p[0] for p in pairs], [p[1] for p in pairs]
         try:
             firsts, seconds = self.truncation_prefixes(firsts), self.truncation_prefixes(seconds)
         except TypeError as err:  # a lone surrogate in a long text
@@ -96,12 +97,11 @@ class TextTokenizer:
         except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
             raise InvalidInputError(f"{_first_invalid(firsts + seconds)}: {err}") from err
 
-    def _tokenize_rendered_pairs(self, pairs: list[tuple[str, str]]) -> list:
+    def _tokenize_rendered_pairs(self, pairs: list[tuple[str, str]], template: dict) -> list:
         """Pairs as sentence-transformers renders them through a chat template: ``prefix + query + middle +
         document + suffix`` tokenized as one text without added special tokens, truncated on the right, and the
         template's suffix tokens written back over the end of a truncated row (so the last token is the template's
         last, as the model was trained to read it)."""
-        template = self.pair_template
         texts = [template["prefix"] + q + template["middle"] + d + template["suffix"] for q, d in pairs]
         try:
             texts = self.truncation_prefixes(texts)
@@ -142,8 +142,8 @@ class TextTokenizer:
         prompt_tokens = len(self.tokenizer.encode(prompt, add_special_tokens=False).ids) if prompt else 0
         return int(self.tokenizer.num_special_tokens_to_add(True)) + prompt_tokens
 
-    def encode_pairs(self, pairs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-        return self.pad(self.tokenize_pairs(pairs))
+    def encode_pairs(self, pairs: list[tuple[str, str]], prompt: str | None = None) -> dict[str, np.ndarray]:
+        return self.pad(self.tokenize_pairs(pairs, prompt))
 
     def pad(self, encodings: list) -> dict[str, np.ndarray]:
         """The graph's inputs for ``encodings``, right-padded to the longest of them."""
@@ -193,20 +193,6 @@ class RenderedPair:
 
     def __init__(self, ids: list[int], type_ids: list[int]):
         self.ids, self.type_ids = ids, type_ids
-
-
-def _pair_template(template: object, folder: Path) -> dict | None:
-    """The runtime config's ``task_config.pair_template``, checked: strings and a list of token ids."""
-    if template is None:
-        return None
-    strings = ("prefix", "middle", "suffix")
-    ok = (isinstance(template, dict) and all(isinstance(template.get(k), str) for k in strings)
-          and isinstance(template.get("suffix_ids"), list)
-          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in template["suffix_ids"]))
-    if not ok:
-        raise ConfigError(f"{folder}: task_config.pair_template must hold the strings {', '.join(strings)} and a "
-                          f"list of token ids suffix_ids, found {template!r:.200}; export the folder again")
-    return template
 
 
 def _first_invalid(texts: list[str]) -> str:
