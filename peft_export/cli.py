@@ -264,8 +264,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"switchable:  {len(config.lora_slots)} LoRA branches, default adapter: "
               f"{manifest.get('default_adapter') or 'none (base)'}")
     if config.task_config:  # a task with settings of its own (a reranker: num_labels, activation_fn)
-        settings = " ".join(f"{key}={_setting(value)}" for key, value in config.task_config.items())
+        settings = " ".join(f"{key}={_setting(value)}" for key, value in config.task_config.items()
+                            if key != "id2label")
         print(f"pipeline:    {settings} max_seq_length={config.max_seq_length}")
+        if isinstance(config.task_config.get("id2label"), dict):  # a reranker's label names (TEI's /predict)
+            print(f"labels:      {', '.join(map(str, config.task_config['id2label'].values()))}")
     else:
         print(f"pipeline:    pooling={config.pooling_modes} normalize={config.normalize} dim={config.dimension} "
               f"max_seq_length={config.max_seq_length} similarity={config.similarity_fn_name}")
