@@ -266,11 +266,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
               f"{manifest.get('default_adapter') or 'none (base)'}")
     if config.task_config:  # a task with settings of its own (a reranker: num_labels, activation_fn)
         settings = " ".join(f"{key}={_setting(value)}" for key, value in config.task_config.items()
-                            if key not in ("prompts", "default_prompt_name"))
+                            if key not in ("prompts", "default_prompt_name", "id2label"))
         print(f"pipeline:    {settings} max_seq_length={config.max_seq_length}")
         prompts, default = config.task_config.get("prompts") or {}, config.task_config.get("default_prompt_name")
         if prompts:  # a reranker's prompts by name (predict(prompt_name=...), rerank --prompt-name)
             print("prompts:     " + ", ".join(f"{name} (default)" if name == default else name for name in prompts))
+        if isinstance(config.task_config.get("id2label"), dict):  # a reranker's label names (TEI's /predict)
+            print(f"labels:      {', '.join(map(str, config.task_config['id2label'].values()))}")
     else:
         print(f"pipeline:    pooling={config.pooling_modes} normalize={config.normalize} dim={config.dimension} "
               f"max_seq_length={config.max_seq_length} similarity={config.similarity_fn_name}")

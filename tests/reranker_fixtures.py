@@ -20,3 +20,22 @@ def switchable_reranker(zoo, reranker) -> Path:
     """The switchable ONNX export of the tiny CrossEncoder with adapters "qv" and "qk"."""
     return zoo.export("ce-bert-switchable", reranker["base"], switchable=True,
                       adapters=[f"{name}={path}" for name, path in rerank_adapters(zoo, reranker).items()])
+
+
+NLI_LABELS = ("contradiction", "entailment", "neutral")
+
+
+def nli_reranker(zoo) -> dict[str, Path]:
+    """A tiny CrossEncoder with three labels named as an NLI model's (id2label), two LoRA adapters of it
+    ("nli-qv", "nli-qk", each with its own trained head) and their switchable ONNX export ("export")."""
+    base = zoo._once("ce3-bert", lambda: tiny_models.build_cross_encoder(
+        zoo.hf("bert"), zoo.path("ce3-bert"), num_labels=3, labels=NLI_LABELS, seed=3))
+    adapters = {
+        "nli-qv": zoo._once("ce3-lora-qv", lambda: tiny_models.add_cross_encoder_adapter(
+            base, zoo.path("ce3-lora-qv"), target_modules=("query", "value"), seed=4)),
+        "nli-qk": zoo._once("ce3-lora-qk", lambda: tiny_models.add_cross_encoder_adapter(
+            base, zoo.path("ce3-lora-qk"), target_modules=("query", "key"), r=8, alpha=16, seed=5)),
+    }
+    export = zoo.export("ce3-bert-switchable", base, switchable=True,
+                        adapters=[f"{name}={path}" for name, path in adapters.items()])
+    return {"base": base, **adapters, "export": export}

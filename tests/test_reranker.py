@@ -65,14 +65,16 @@ def test_reranker_export_records_its_task_and_config(reranker):
     folder = reranker["adapter_export"]
     manifest = json.loads((folder / "peft_export.json").read_text())
     assert manifest["task"] == "reranker"
-    assert manifest["pipeline"] == {"num_labels": 1, "activation_fn": "sigmoid", "prompts": {},
+    assert manifest["pipeline"] == {"num_labels": 1, "activation_fn": "sigmoid", "id2label": {"0": "LABEL_0"},
+                                     "prompts": {},
                                     "default_prompt_name": None, "dimension": 1, "max_seq_length": 64}
     assert manifest["validation"]["onnx_vs_reference"]["tolerances"] == {"logits": TOLERANCE, "scores": TOLERANCE}
     assert max(manifest["validation"]["onnx_vs_reference"]["max_abs_diff"].values()) <= TOLERANCE
     assert manifest["validation"]["adapter_vs_base_max_abs_diff"] > 1e-3
     config = json.loads((folder / "reranker_config.json").read_text())
     assert config["output_names"] == ["logits", "scores"]
-    assert config["task_config"] == {"num_labels": 1, "activation_fn": "sigmoid", "prompts": {},
+    assert config["task_config"] == {"num_labels": 1, "activation_fn": "sigmoid", "id2label": {"0": "LABEL_0"},
+                                     "prompts": {},
                                      "default_prompt_name": None}
     assert "token_type_ids" in config["input_names"]  # BERT: the pair's segments are graph inputs
     assert not (folder / "embedding_config.json").exists()
@@ -238,6 +240,7 @@ def test_cli_info_shows_the_task(reranker, bert_case, capsys):
     out = capsys.readouterr().out
     assert "task:        reranker (CrossEncoder)" in out
     assert "pipeline:    num_labels=1 activation_fn=sigmoid max_seq_length=64" in out
+    assert "labels:      LABEL_0\n" in out
     assert "validation:  max abs diff vs PyTorch: logits" in out
     assert main(["info", str(bert_case.export)]) == 0
     assert "task:        embedding (SentenceTransformer)" in capsys.readouterr().out

@@ -59,7 +59,8 @@ def test_switchable_export_records_the_reranker_task(switchable_reranker):
     for entry in manifest["adapters"]:
         assert max(entry["validation"]["vs_eager_peft"]["max_abs_diff"].values()) <= TOLERANCE
     config = json.loads((switchable_reranker / "reranker_config.json").read_text())
-    assert config["task_config"] == {"num_labels": 1, "activation_fn": "sigmoid", "prompts": {},
+    assert config["task_config"] == {"num_labels": 1, "activation_fn": "sigmoid", "id2label": {"0": "LABEL_0"},
+                                     "prompts": {},
                                      "default_prompt_name": None}
     assert config["output_names"] == ["logits", "scores"] and config["lora_slots"]
     assert not (switchable_reranker / "embedding_config.json").exists()

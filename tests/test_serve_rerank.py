@@ -78,6 +78,8 @@ def test_long_passages_are_refused_unless_truncated(served):
     ("/rerank", {"query": "q", "texts": []}, 422, "Field 'texts' is an empty list"),
     ("/rerank", {"query": "q", "texts": ["a", 3]}, 422, "texts[1] must be a string, found number"),
     ("/rerank", {"query": "q", "texts": ["a"] * 7}, 422, "Field 'texts' has 7 inputs; the limit is 6 per request"),
+    ("/rerank", {"query": "q", "texts": ["a"], "truncation_direction": "Left"}, 422,
+     "Only truncation_direction 'Right' is supported (as the model was trained), found 'Left'"),
     ("/v1/rerank", {"query": "q", "documents": ["a"]}, 422, "Field 'model' is required"),
     ("/v1/rerank", {"model": "nope", "query": "q", "documents": ["a"]}, 404, "Model 'nope' is not served here"),
 ])

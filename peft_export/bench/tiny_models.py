@@ -237,15 +237,21 @@ def to_legacy_layout(st_folder: Path, folder: Path) -> Path:
 
 
 def build_cross_encoder(hf_folder: Path, folder: Path, *, num_labels: int = 1, seed: int = 0,
-                        max_length: int = MAX_SEQ_LENGTH, head_scale: float = 2.0) -> Path:
+                        max_length: int = MAX_SEQ_LENGTH, head_scale: float = 2.0,
+                        labels: tuple[str, ...] | None = None) -> Path:
     """A sentence-transformers CrossEncoder over the encoder in ``hf_folder`` (its sequence-classification head
     initialised with weights ``head_scale`` times larger than transformers' default, so scores spread like a
-    trained reranker's), saved with ``CrossEncoder.save_pretrained`` in the real hub layout."""
+    trained reranker's), saved with ``CrossEncoder.save_pretrained`` in the real hub layout. ``labels``: the
+    config's id2label names (one per label; transformers' LABEL_i where None)."""
     import torch
     from sentence_transformers import CrossEncoder
 
     torch.manual_seed(seed)
     model = CrossEncoder(str(hf_folder), num_labels=num_labels, max_length=max_length, device="cpu")
+    if labels is not None:
+        assert len(labels) == num_labels, (labels, num_labels)
+        model.model.config.id2label = dict(enumerate(labels))
+        model.model.config.label2id = {name: i for i, name in enumerate(labels)}
     with torch.no_grad():
         for name, param in model.model.named_parameters():
             if name.startswith("classifier."):

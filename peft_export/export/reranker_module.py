@@ -32,6 +32,13 @@ def activation_name(activation_fn: str | None, num_labels: int, where: str) -> s
     return ACTIVATIONS[activation_fn][0]
 
 
+def label_names(id2label: dict | None, num_labels: int) -> dict[str, str]:
+    """The label of each logit, keyed "0".."num_labels-1" as config.json writes them (servers answer TEI's /predict
+    with them): the model config's ``id2label``, transformers' own default ``LABEL_i`` for any it lacks."""
+    given = {str(key): str(value) for key, value in (id2label or {}).items()}
+    return {str(i): given.get(str(i), f"LABEL_{i}") for i in range(num_labels)}
+
+
 class RerankerPipeline(nn.Module):
     """sequence-classification model -> (logits, activation(logits)), each (batch, num_labels)."""
 
@@ -56,7 +63,9 @@ class RerankerPipeline(nn.Module):
     @property
     def task_config(self) -> dict[str, Any]:
         """The runtime config's task section: what CrossEncoderModel needs besides the graph."""
-        settings = {"num_labels": int(self.encoder.config.num_labels), "activation_fn": self.activation_name}
+        num_labels = int(self.encoder.config.num_labels)
+        settings = {"num_labels": num_labels, "activation_fn": self.activation_name,
+                    "id2label": label_names(getattr(self.encoder.config, "id2label", None), num_labels)}
         if self.pair_template:  # pairs rendered through the model's chat template (export/pair_template.py)
             settings["pair_template"] = self.pair_template
         elif self.query_prompt:  # the CrossEncoder's default prompt, before each query

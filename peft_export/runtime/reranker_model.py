@@ -70,6 +70,11 @@ class CrossEncoderModel(ExportedModel):
         if settings.get("activation_fn") not in ACTIVATIONS:
             raise ConfigError(f"{where}: task_config.activation_fn must be one of {', '.join(ACTIVATIONS)}, found "
                               f"{settings.get('activation_fn')!r}; export the folder again")
+        labels = settings.get("id2label")  # absent in exports made before labels were recorded: LABEL_i
+        if labels is not None and (not isinstance(labels, dict) or sorted(labels) != sorted(map(str, range(num_labels)))
+                                   or not all(isinstance(v, str) for v in labels.values())):
+            raise ConfigError(f"{where}: task_config.id2label must name each of the {num_labels} labels by its index "
+                              f'("0": "a name", ...), found {labels!r:.120}; export the folder again')
         width = self.backend.output_width("logits")
         if width is not None and width != num_labels:
             raise ConfigError(f"{where}: num_labels is {num_labels} but the graph's logits have {width} values; "
@@ -88,6 +93,13 @@ class CrossEncoderModel(ExportedModel):
     @property
     def default_prompt_name(self) -> str | None:
         return self._tokenizer.pair_prompts.default_prompt_name
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        """The name of each label (logit) by its index, as a CrossEncoder's ``config.id2label``; ``LABEL_i`` for
+        exports made before the names were recorded."""
+        labels = self.config.task_config.get("id2label") or {}
+        return {i: labels.get(str(i), f"LABEL_{i}") for i in range(self.num_labels)}
 
     @property
     def activation_fn(self) -> str:

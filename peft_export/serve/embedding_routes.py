@@ -12,6 +12,7 @@ from ..runtime.similarity import similarity
 from .app import ModelServer, RequestInfo, json_response
 from .protocol import (
     ApiError,
+    check_truncation_direction,
     encode_base64,
     parse_bool,
     parse_dimensions,
@@ -73,11 +74,7 @@ class EmbeddingHandlers:
         texts, single = parse_texts(body.get("inputs"), "inputs", s.max_inputs_per_request, s.max_input_chars)
         normalize = parse_bool(body, "normalize", True)
         truncate = parse_bool(body, "truncate", s.auto_truncate)
-        direction = body.get("truncation_direction")
-        if direction is not None and direction not in ("Right", "right"):
-            raise ApiError(422, "invalid_truncation_direction",
-                           f"Only truncation_direction 'Right' is supported (as the model was trained), found "
-                           f"{direction!r}", param="truncation_direction")
+        check_truncation_direction(body)
         dimensions = parse_dimensions(body.get("dimensions"), served.dimension)
         prompt_name = parse_optional_string(body, "prompt_name")
         prompt = served.prompt_text(prompt_name)

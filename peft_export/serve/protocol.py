@@ -153,6 +153,15 @@ def parse_bool(body: dict[str, Any], field: str, default: bool) -> bool:
     return value
 
 
+def check_truncation_direction(body: dict[str, Any]) -> None:
+    """TEI's ``truncation_direction``: only "Right" (absent, "Right" or "right"), as the model was trained."""
+    direction = body.get("truncation_direction")
+    if direction is not None and direction not in ("Right", "right"):
+        raise ApiError(422, "invalid_truncation_direction",
+                       f"Only truncation_direction 'Right' is supported (as the model was trained), found "
+                       f"{direction!r}", param="truncation_direction")
+
+
 def parse_dimensions(value: Any, model_dimension: int, field: str = "dimensions") -> int | None:
     """``dimensions``: absent/null, or an integer in 1..model_dimension (bools and floats are refused)."""
     if value is None:

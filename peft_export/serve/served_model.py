@@ -133,9 +133,20 @@ class ServedModel:
         tokens and prompt, or a chat template's text: ``pair_token_overhead``)."""
         (query,), (query_tokens,) = self.measure([query], "")
         documents, document_tokens = self.measure(documents, "")
-        own = query_tokens - 2 * self._special_tokens(False)  # measure() counts each text with its special tokens
+        return query, documents, self._pair_tokens([query_tokens] * len(documents), document_tokens)
+
+    def measure_text_pairs(self, firsts: list[str], seconds: list[str]) -> tuple[list[str], list[str], list[int]]:
+        """:meth:`measure_pairs` for pairs that share no text: (first, second) pairs of TEI's ``/predict``."""
+        firsts, first_tokens = self.measure(firsts, "")
+        seconds, second_tokens = self.measure(seconds, "")
+        return firsts, seconds, self._pair_tokens(first_tokens, second_tokens)
+
+    def _pair_tokens(self, first_tokens: list[int], second_tokens: list[int]) -> list[int]:
+        """Tokens of pairs of texts measured alone: measure() counts each text with its special tokens, a pair has
+        the model's own (``pair_token_overhead``) instead."""
+        alone = 2 * self._special_tokens(False)
         overhead = self.model.pair_token_overhead
-        return query, documents, [own + n + overhead for n in document_tokens]
+        return [a + b - alone + overhead for a, b in zip(first_tokens, second_tokens)]
 
     def _special_tokens(self, is_pair: bool) -> int:
         tokenizer = getattr(self.model, "tokenizer", None)

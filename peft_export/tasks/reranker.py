@@ -123,6 +123,20 @@ RERANKER_GATE = GateSpec(
     describe=describe_quality,
 )
 
+# A batch group's option (serve/reranker_routes.py) -> CrossEncoderModel.predict's options: None or False for the
+# model's own scores, True for the raw logits (TEI's raw_scores), and TEI's /predict post-processing of the logits:
+# a softmax over several labels, the sigmoid of one.
+_BATCH_OPTIONS = {
+    None: {}, False: {}, True: {"activation_fn": "identity"},
+    "softmax": {"activation_fn": "identity", "apply_softmax": True},
+    "sigmoid": {"activation_fn": "sigmoid"},
+}
+
+
+def batch_options(option) -> dict:
+    return dict(_BATCH_OPTIONS[option])
+
+
 RERANKER = Task(
     name="reranker",
     sentence_transformers_class="CrossEncoder",
@@ -138,8 +152,7 @@ RERANKER = Task(
     quality=quality_against,
     gate=RERANKER_GATE,
     batch_call="predict",
-    # A batch group's option: True for the raw logits (TEI's raw_scores), else the model's activated scores.
-    batch_options=lambda raw: {"activation_fn": "identity"} if raw else {},
+    batch_options=batch_options,
     served_attributes=("predict", "max_seq_length", "pair_token_overhead"),
     try_it='peft-export rerank {path} "a query" "a passage that answers it" "another passage"',
 )
