@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,7 @@ def test_lossy_export_passes_its_gate_and_scores_within_its_reported_difference(
     assert result["pairs"] == GATE_QUERIES * (1 + IRRELEVANT_PER_QUERY)
     limit = 0.01 if mode.endswith("fp16") else FAMILY_GATE.max_score_diff  # fp16's gate is never looser than 0.01
     assert result["gate"]["max_score_diff"] == limit and result["gate"]["min_spearman"] == FAMILY_GATE.min_spearman
-    gate = QualityGate(**{**FAMILY_GATE.__dict__, "max_score_diff": limit})
-    assert gate.failures(result, RERANKER) == []
+    assert replace(FAMILY_GATE, max_score_diff=limit).failures(result, RERANKER) == []
     assert 0 < result["max_score_diff"] <= limit  # the lossy graph changed the scores, within its gate
     if mode.startswith("onnx"):
         assert manifest["export"]["dtype"] == {"onnx-int8": "int8", "onnx-int8-static": "int8-static",
@@ -139,6 +139,8 @@ def test_xlmr_external_data_survives_each_lossy_mode(mode, tmp_path_factory, tmp
         assert result["external_data"] is True
         probe = result["probe"]
         assert probe["weight_nodes"] > 0 and all(np.isfinite(n["simulated_error"]) for n in probe["most_sensitive"])
+        # The last layer (two layers: layer.1), traced for <s> alone, is probed on its one-token rows like the rest.
+        assert any("/layer.1/" in n["node"] and n["simulated_error"] > 0 for n in probe["most_sensitive"])
     pairs = gate_pairs(load_pairs("eval"))
     diff = np.abs(CrossEncoderModel(moved).predict(pairs) - _eager_scores(case, pairs))
     print(f"\n[reranker lossy] xlm-roberta {mode} external data: gate max score diff {result['max_score_diff']:.5f};"
