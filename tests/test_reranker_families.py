@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import pytest
 
-from fixtures import text
-from fixtures.reranker_families import RERANKER_FAMILIES, add_reranker_adapter, build_reranker
+from fixtures.reranker_families import RERANKER_FAMILIES
 from peft_export import ConfigError, CrossEncoderModel
 from peft_export.tasks.reranker import VALIDATION_PAIRS
+from reranker_fixtures import RerankerCase, reranker_case
 
 TOLERANCE = 1e-5
 QUERY = "How do I reset my password?"
@@ -44,60 +42,6 @@ MODES = ("merged-onnx", "merged-openvino", "switchable-onnx")
 
 def _quiet(msg: str) -> None:
     pass
-
-
-class RerankerCase:
-    """One family's CrossEncoder, adapter, eager reference and exports; each built on first use, once per session."""
-
-    def __init__(self, name: str, root: Path):
-        self.family = RERANKER_FAMILIES[name]
-        self.root = root
-        self._cache: dict[str, Any] = {}
-
-    def _once(self, key: str, build: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._cache[key] = build()
-        return self._cache[key]
-
-    @property
-    def base(self) -> Path:
-        texts = text.FALLBACK_SENTENCES + text.real_sentences(200, seed=1)
-        return self._once("base", lambda: build_reranker(self.family, self.root, texts))
-
-    @property
-    def adapter(self) -> Path:
-        return self._once("adapter", lambda: add_reranker_adapter(self.family, self.base, self.root / "adapter"))
-
-    def reference(self, with_adapter: bool = True):
-        from fixtures.tiny_models import cross_encoder_reference
-
-        return self._once(f"reference-{with_adapter}", lambda: cross_encoder_reference(
-            self.base, self.adapter if with_adapter else None))
-
-    def export(self, mode: str) -> Path:
-        def build() -> Path:
-            from peft_export import export_onnx_model, export_openvino_model
-
-            exporter = export_openvino_model if mode.endswith("openvino") else export_onnx_model
-            if mode.startswith("switchable"):  # the adapter as the default of a switchable export over the base
-                return exporter(str(self.base), self.root / mode, adapters=[f"a={self.adapter}"], switchable=True,
-                                default_adapter="a", log=_quiet).path
-            return exporter(str(self.adapter), self.root / mode, log=_quiet).path
-        return self._once(mode, build)
-
-    def model(self, mode: str) -> CrossEncoderModel:
-        return self._once(f"model-{mode}", lambda: CrossEncoderModel(self.export(mode)))
-
-
-_CASES: dict[str, RerankerCase] = {}
-
-
-def _case(name: str, tmp_path_factory) -> RerankerCase:
-    if name not in _CASES:
-        _CASES[name] = RerankerCase(name, tmp_path_factory.mktemp(f"reranker-{name}"))
-    return _CASES[name]
 
 
 def _params(modes=MODES):
@@ -132,7 +76,7 @@ def parity(case: RerankerCase, mode: str) -> dict[str, float]:
 @pytest.mark.parametrize(("name", "mode"), list(_params()))
 def test_export_equals_eager_cross_encoder_with_the_adapter(name, mode, tmp_path_factory):
     _skip_without_openvino(mode)
-    case = _case(name, tmp_path_factory)
+    case = reranker_case(name, tmp_path_factory)
     diffs = parity(case, mode)
     print(f"\n[reranker parity] {name} {mode}: max diff {max(diffs.values()):.2e} {diffs}")
     assert max(diffs.values()) <= TOLERANCE, diffs
@@ -149,7 +93,7 @@ def test_export_equals_eager_cross_encoder_with_the_adapter(name, mode, tmp_path
 @pytest.mark.parametrize(("name", "mode"), list(_params()))
 def test_rank_equals_eager_cross_encoder_rank(name, mode, tmp_path_factory):
     _skip_without_openvino(mode)
-    case = _case(name, tmp_path_factory)
+    case = reranker_case(name, tmp_path_factory)
     want = case.reference().rank(QUERY, PASSAGES, top_k=5, return_documents=True)
     got = case.model(mode).rank(QUERY, PASSAGES, top_k=5, return_documents=True)
     assert [(r["corpus_id"], r["text"]) for r in got] == [(r["corpus_id"], r["text"]) for r in want]
@@ -160,7 +104,7 @@ def test_rank_equals_eager_cross_encoder_rank(name, mode, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(RERANKER_FAMILIES))
 def test_family_layout_is_what_the_hub_ships(name, tmp_path_factory):
-    case = _case(name, tmp_path_factory)
+    case = reranker_case(name, tmp_path_factory)
     reference = case.reference()
     assert type(reference.model).__name__ == case.family.model_class
     config = json.loads((case.export("merged-onnx") / "reranker_config.json").read_text())
@@ -177,7 +121,7 @@ def test_family_layout_is_what_the_hub_ships(name, tmp_path_factory):
 @pytest.mark.slow
 def test_xlmr_pairs_are_tokenized_with_its_double_separator(tmp_path_factory):
     """``<s> A </s></s> B </s>``: the runtime's pair tokens equal what the CrossEncoder feeds its model."""
-    case = _case("xlm-roberta", tmp_path_factory)
+    case = reranker_case("xlm-roberta", tmp_path_factory)
     model, reference = case.model("merged-onnx"), case.reference()
     runtime = model._tokenizer.encode_pairs([("capital of France", "Paris")])["input_ids"][0].tolist()
     eager = reference.preprocess([("capital of France", "Paris")])["input_ids"][0].tolist()
@@ -192,7 +136,8 @@ def test_xlmr_pairs_are_tokenized_with_its_double_separator(tmp_path_factory):
 @pytest.mark.slow
 def test_modernbert_pooling_is_the_configs(tmp_path_factory):
     """cls and mean pooling give different scores from the same weights: the export follows classifier_pooling."""
-    cls_case, mean_case = _case("modernbert-cls", tmp_path_factory), _case("modernbert-mean", tmp_path_factory)
+    cls_case = reranker_case("modernbert-cls", tmp_path_factory)
+    mean_case = reranker_case("modernbert-mean", tmp_path_factory)
     cls_scores = cls_case.model("merged-onnx").predict(PAIRS)
     mean_scores = mean_case.model("merged-onnx").predict(PAIRS)
     assert np.abs(cls_scores - mean_scores).max() > 1e-3
@@ -206,7 +151,7 @@ def test_qwen3_runtime_tokens_equal_the_cross_encoders(tmp_path_factory):
     the default prompt as the instruction), truncates at max_length and writes the template's tail back over the
     end of a truncated pair; its ids equal the CrossEncoder's own, row by row (its padding is on the left, ours on
     the right: the score reads the last real token either way)."""
-    case = _case("qwen3", tmp_path_factory)
+    case = reranker_case("qwen3", tmp_path_factory)
     model, reference = case.model("merged-onnx"), case.reference()
     template = json.loads((case.export("merged-onnx") / "reranker_config.json").read_text())["task_config"][
         "pair_template"]
@@ -229,7 +174,7 @@ def test_qwen3_runtime_tokens_equal_the_cross_encoders(tmp_path_factory):
 def test_info_shows_a_chat_template_reranker_on_one_line(tmp_path_factory, capsys):
     from peft_export.cli import main
 
-    case = _case("qwen3", tmp_path_factory)
+    case = reranker_case("qwen3", tmp_path_factory)
     assert main(["info", str(case.export("merged-onnx"))]) == 0
     pipeline = [line for line in capsys.readouterr().out.splitlines() if line.startswith("pipeline:")]
     assert len(pipeline) == 1 and "activation_fn=sigmoid" in pipeline[0]
@@ -240,7 +185,7 @@ def test_info_shows_a_chat_template_reranker_on_one_line(tmp_path_factory, capsy
 def test_qwen3_score_reads_the_last_real_token(tmp_path_factory):
     """A pair scores the same alone and right-padded beside a longer one (the score head finds the last token that
     is not padding), and changing that last token changes the score."""
-    case = _case("qwen3", tmp_path_factory)
+    case = reranker_case("qwen3", tmp_path_factory)
     model = case.model("merged-onnx")
     short = ("Hi", "Hello")
     alone = model.predict([short])[0]
@@ -255,7 +200,7 @@ def test_a_chat_template_that_does_not_render_the_pair_is_refused(tmp_path_facto
     reproduced by prefix + query + middle + document + suffix: refused at export, before any graph is written."""
     from peft_export import export_onnx_model
 
-    case = _case("qwen3", tmp_path_factory)
+    case = reranker_case("qwen3", tmp_path_factory)
     broken = shutil.copytree(case.base, tmp_path / "broken")
     (broken / "chat_template.jinja").write_text(
         "{% for m in messages %}{% if m.role == 'query' %}<Query>: {{ m.content }}{% endif %}{% endfor %}")
@@ -274,7 +219,7 @@ def test_xlmr_reranker_with_external_data_equals_the_eager_model(tmp_path_factor
     from peft_export.export import onnx as onnx_format
     from peft_export.export.external_data import external_files
 
-    case = _case("xlm-roberta", tmp_path_factory)
+    case = reranker_case("xlm-roberta", tmp_path_factory)
     monkeypatch.setattr(onnx_format, "EXTERNAL_DATA_THRESHOLD", 1024)
     export_onnx_model(str(case.adapter), tmp_path / "external", log=_quiet)
     moved = Path(shutil.move(str(tmp_path / "external"), str(tmp_path / "moved")))

@@ -28,12 +28,21 @@ DTYPES = ("fp32", "fp16")
 
 
 def convert_to_fp16(fp32_path: Path, out_path: Path) -> Path:
+    """Write the fp16 graph of ``fp32_path`` to ``out_path``. An fp32 graph with external data (weights over 2 GiB:
+    a large reranker such as bge-reranker-v2-m3 or Qwen3-Reranker-4B) keeps its weights in one external file
+    (``out_path.name + "_data"``): half of a 16 GB graph is still over protobuf's 2 GiB cap on one file."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
+    from .external_data import uses_external_data
+
     model = onnx.load(str(fp32_path))
     converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=FP32_OPS)
-    onnx.save_model(converted, str(out_path))
+    if uses_external_data(fp32_path):
+        onnx.save_model(converted, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=out_path.name + "_data", size_threshold=1024)
+    else:
+        onnx.save_model(converted, str(out_path))
     return out_path
 
 
@@ -50,5 +59,6 @@ def fp16_with_gate(fp32_path: Path, out_path: Path, tokenizer, fp32_backend, pai
         enforce(gate, quality, "The fp16 graph", task)
     except BaseException:
         out_path.unlink(missing_ok=True)
+        out_path.with_name(out_path.name + "_data").unlink(missing_ok=True)
         raise
     return {**quality, "fp32_ops": FP32_OPS, "measured_on": "CPUExecutionProvider", "gate": gate_dict(gate, task)}
