@@ -179,9 +179,9 @@ class OnnxFormat:
 
 def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> dict[str, Any]:
     """Replace the validated graph by its attention-fused version (runtime/onnxruntime_fusion.py) when the optimizer
-    fuses
-    something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
-    external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``."""
+    fuses something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
+    external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``; in families fused
+    by the rewrite alone only ``model.onnx`` is rewritten (its weights are never loaded)."""
     import onnx
 
     from ..errors import ValidationError
