@@ -11,6 +11,15 @@ two exports' embeddings on those sentences (checked before the timings are repor
     # or time pairs exported already (fused folder, unfused folder)
     python benchmarks/bench_attention_fusion.py --pair mpnet=/tmp/mpnet-fused,/tmp/mpnet-unfused
     python benchmarks/bench_attention_fusion.py --pair ... --quick     # smoke run: 20 queries, 64 sentences, 1 round
+
+The real-size rows use random weights at the published dimensions (speed only), e.g. ModernBERT-base:
+
+    python benchmarks/build_encoder_model.py --family modernbert --out M/modernbert-base   # or xlm-roberta
+    python benchmarks/build_decoder_model.py --out M/qwen3-0.6b                            # Qwen3-Embedding-0.6B
+    python -m peft_export.cli merge-onnx M/modernbert-base/adapter --base M/modernbert-base/st -o M/mb-fused
+    python -m peft_export.cli merge-onnx M/modernbert-base/adapter --base M/modernbert-base/st -o M/mb-unfused \
+        --no-fuse-attention
+    python benchmarks/bench_attention_fusion.py --pair modernbert-base=M/mb-fused,M/mb-unfused
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from peft_export.bench.random_models import byte_level_bpe, save_random_lora, save_st_model
 from peft_export.bench.texts import corpus_texts
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -25,18 +26,13 @@ QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages t
 
 
 def build_tokenizer(texts: list[str], vocab: int, max_len: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
+    tok = byte_level_bpe(texts, vocab, ["<|endoftext|>"])
     eos = tok.token_to_id("<|endoftext|>")
     tok.post_processor = processors.TemplateProcessing(single="$A <|endoftext|>", pair="$A <|endoftext|> $B:1",
                                                        special_tokens=[("<|endoftext|>", eos)])
-    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
                                    padding_side="left", model_max_length=max_len)
 
@@ -46,9 +42,6 @@ def build(out: Path, *, layers: int = 28, hidden: int = 1024, heads: int = 16, k
           tok_vocab: int = 8000, seed: int = 0) -> tuple[Path, Path]:
     """``(sentence-transformers folder, adapter folder)`` under ``out``."""
     import torch
-    from peft import LoraConfig
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import AutoModel, Qwen3Config
 
     hf, st, adapter = out / "hf", out / "st", out / "adapter"
@@ -62,18 +55,8 @@ def build(out: Path, *, layers: int = 28, hidden: int = 1024, heads: int = 16, k
     model.save_pretrained(str(hf))
     tokenizer.save_pretrained(str(hf))
     del model
-    transformer = Transformer(str(hf), max_seq_length=max_len)
-    modules = [transformer, Pooling(hidden, pooling_mode="lasttoken", include_prompt=True), Normalize()]
-    st_model = SentenceTransformer(modules=modules, device="cpu", prompts={"query": QUERY_PROMPT, "document": ""})
-    st_model.save(str(st))
-    torch.manual_seed(seed + 1)
-    st_model.add_adapter(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS),
-                                    init_lora_weights=False))
-    with torch.no_grad():  # keep the update small, as a trained adapter's is, so the model stays well-conditioned
-        for name, param in st_model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(0.05)
-    st_model.save_pretrained(str(adapter))
+    st_model = save_st_model(hf, st, "lasttoken", max_len, prompts={"query": QUERY_PROMPT, "document": ""})
+    save_random_lora(st_model, adapter, TARGETS, rank=rank, seed=seed + 1)
     return st, adapter
 
 

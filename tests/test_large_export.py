@@ -134,3 +134,36 @@ def test_fusion_of_external_data_over_the_memory_limit_is_skipped_with_the_reaso
     assert fusion["applied"] is False and fusion["external_data"] is True
     assert "optimizer would hold several copies" in fusion["reason"]
     assert "Attention" not in [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+
+
+def test_a_rotary_family_over_the_memory_limit_is_fused_without_loading_its_weights(tmp_path, monkeypatch, quiet_log,
+                                                                                    real_texts):
+    """A Qwen3-0.6B-sized graph (2.4 GB, external data) was left unfused by the BERT optimizer's memory limit,
+    although its family is fused by the attention rewrite alone; the rewrite now works on the graph without its
+    weights, and the data file is the one the trace wrote."""
+    from fixtures import family_models, text, tiny_models
+
+    base = family_models.build_family_model("qwen3", tmp_path / "base", text.FALLBACK_SENTENCES)
+    adapter = family_models.add_family_adapter(base, tmp_path / "adapter", "qwen3")
+    monkeypatch.setattr(onnx_format, "EXTERNAL_DATA_THRESHOLD", 1024)
+    monkeypatch.setattr(onnx_format, "FUSION_WEIGHT_LIMIT", 10_000)
+    loads, real_load = [], onnx.load
+
+    def spying_load(path, *args, **kwargs):
+        loads.append(kwargs.get("load_external_data", True))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(onnx, "load", spying_load)
+    out = tmp_path / "fused"
+    export_onnx_model(str(adapter), out, base=str(base), log=quiet_log)
+    monkeypatch.setattr(onnx, "load", real_load)
+    fusion = json.loads((out / "peft_export.json").read_text())["validation"]["attention_fusion"]
+    assert fusion["applied"] is True and fusion["external_data"] is True, fusion
+    assert fusion["fused_operators"]["MultiHeadAttention"] == 2  # both layers of the tiny model
+    assert loads and not any(loads), loads  # the fusion step never loaded the weights
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node]
+    assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops
+    assert sorted(p.name for p in out.iterdir() if "onnx" in p.suffix) == ["model.onnx", "model.onnx_data"]
+    reference = tiny_models.st_reference(base, adapter)
+    assert_same_embeddings(EmbeddingModel(out).encode(real_texts[:20], prompt_name="query"),
+                           reference.encode(real_texts[:20], prompt_name="query"))

@@ -23,9 +23,10 @@ OUTPUT_NAMES = list(EMBEDDING.output_names)  # the embedding task's; a graph's a
 TRACE_ONNX = "Tracing to ONNX (torch.onnx.export)"
 # Weights at least this large go to one external data file (protobuf caps a file at 2 GiB); tests lower it.
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3
-# ONNX Runtime's optimizer holds several copies of the weights (its shape inference serializes the model, and one
-# protobuf caps at 2 GiB): 16 GB resident for a 2.4 GB Qwen3-0.6B-sized graph when it was stopped. Larger external-
-# data graphs keep the traced attention; smaller ones (and tests, which lower EXTERNAL_DATA_THRESHOLD) are fused.
+# ONNX Runtime's BERT optimizer holds several copies of the weights (its shape inference serializes the model, and
+# one protobuf caps at 2 GiB): 16 GB resident for a 2.4 GB graph when it was stopped. External-data graphs larger
+# than this keep the traced attention in families that run that optimizer; families fused by the attention rewrite
+# alone (rotary decoders, ModernBERT) are rewritten as a graph without its weights, whatever their size.
 FUSION_WEIGHT_LIMIT = 2 * 1024**3
 _TRACE_FOLDER = ".torch-onnx"  # where torch.onnx writes a large graph's per-tensor files, removed after packing
 STATIC_KEEPS_TRACED = ("int8-static: ONNX Runtime's static (QDQ) quantizer has no form of the fused Attention "
@@ -178,9 +179,9 @@ class OnnxFormat:
 
 def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> dict[str, Any]:
     """Replace the validated graph by its attention-fused version (runtime/onnxruntime_fusion.py) when the optimizer
-    fuses
-    something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
-    external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``."""
+    fuses something and the result still matches the PyTorch reference; otherwise keep it and say why. A graph with
+    external data is fused the same way and written back as ``model.onnx`` + ``model.onnx_data``; in families fused
+    by the rewrite alone only ``model.onnx`` is rewritten (its weights are never loaded)."""
     import onnx
 
     from ..errors import ValidationError
@@ -194,15 +195,19 @@ def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> 
         return {"applied": False, "reason": "the encoder config has no num_attention_heads / hidden_size"}
     folder = model_path.parent
     external = (folder / EXTERNAL_DATA_FILE).exists()
-    if external and (folder / EXTERNAL_DATA_FILE).stat().st_size > FUSION_WEIGHT_LIMIT:
+    if external and family.bert_optimizer and (folder / EXTERNAL_DATA_FILE).stat().st_size > FUSION_WEIGHT_LIMIT:
         reason = (f"weights over {FUSION_WEIGHT_LIMIT / 1024**3:g} GiB: ONNX Runtime's optimizer would hold several "
                   "copies of them (16 GB resident measured for 2.4 GB of weights); the traced graph is kept")
         log(f"Attention fusion: {reason}")
         return {"applied": False, "reason": reason, "external_data": True}
+    # The rewrite alone needs the graph, not the weights: an external-data graph is rewritten without loading its
+    # data file (memory independent of the model's size), and the data file is kept as it is.
+    graph_only = external and not family.bert_optimizer
     try:
         # The graph was loaded for this call alone, so the optimizer may rewrite it in place (no second copy).
-        fused, counts = fuse_attention(onnx.load(str(model_path)), shape, keep_input=False,
-                                       bert_optimizer=family.bert_optimizer, pack_with_bias=pack_with_bias)
+        fused, counts = fuse_attention(onnx.load(str(model_path), load_external_data=not graph_only), shape,
+                                       keep_input=False, bert_optimizer=family.bert_optimizer,
+                                       pack_with_bias=pack_with_bias, weights_dir=str(folder) if graph_only else "")
     except Exception as err:  # a third-party optimizer; the traced graph is valid without it
         reason = f"ONNX Runtime's optimizer failed: {type(err).__name__}: {err}"
         log(f"Attention fusion: {reason}; the traced graph is kept")
@@ -215,7 +220,10 @@ def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> 
     scratch.mkdir()
     try:
         candidate = scratch / MODEL_FILE
-        if external:
+        if graph_only:  # the graph still points at model.onnx_data: give the candidate the same file beside it
+            onnx.save(fused, str(candidate))
+            _link_or_copy(folder / EXTERNAL_DATA_FILE, scratch / EXTERNAL_DATA_FILE)
+        elif external:
             onnx.save_model(fused, str(candidate), save_as_external_data=True, all_tensors_to_one_file=True,
                             location=EXTERNAL_DATA_FILE, size_threshold=1024)
         else:
@@ -227,7 +235,7 @@ def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> 
         except ValidationError as err:
             log(f"Attention fusion: not kept, {err}")
             return {"applied": False, "reason": str(err)}
-        for name in [MODEL_FILE] + ([EXTERNAL_DATA_FILE] if external else []):
+        for name in [MODEL_FILE] + ([EXTERNAL_DATA_FILE] if external and not graph_only else []):
             os.replace(scratch / name, folder / name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -238,6 +246,14 @@ def _fusion_step(merged, model_path: Path, log, pack_with_bias: bool = True) -> 
     return {"applied": True, "optimizer": " + ".join([*optimizer, "peft_export.export.attention_rewrite"]),
             "fused_operators": counts,
             **shape.to_dict(), "fused_vs_reference": report.to_dict(), "external_data": external}
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no second copy of a multi-GB file), or a copy where the filesystem has none."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _check_quantize_options(options) -> tuple[list[dict[str, str]], list[str] | None]:

@@ -48,6 +48,7 @@ class _Graph:
     producer: dict = field(default_factory=dict)
     consumers: dict = field(default_factory=lambda: defaultdict(list))
     initializers: dict = field(default_factory=dict)
+    weights_dir: str = ""  # where unloaded external data lives (a graph loaded with load_external_data=False)
 
     def __post_init__(self):
         for node in self.graph.node:
@@ -70,7 +71,7 @@ class _Graph:
         from onnx import numpy_helper
 
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return numpy_helper.to_array(self.initializers[name], base_dir=self.weights_dir)
         node = self.producer.get(name)
         if node is not None and node.op_type == "Identity":  # torch.onnx shares equal weights through Identity
             return self.constant(node.input[0])
@@ -195,8 +196,9 @@ def _projection(g: _Graph, name: str, key_perm: bool = False) -> tuple[str, np.n
 
 
 class _Rewriter:
-    def __init__(self, model, num_heads: int, pack_with_bias: bool = True):
+    def __init__(self, model, num_heads: int, pack_with_bias: bool = True, weights_dir: str = ""):
         self.model, self.graph, self.num_heads = model, model.graph, num_heads
+        self.weights_dir = weights_dir
         self.pack_with_bias = pack_with_bias
         self.new_nodes: list = []
         self.new_initializers: list = []
@@ -271,7 +273,7 @@ class _Rewriter:
 
     def run(self) -> dict[str, int]:
         counts = {"Attention": 0, "MultiHeadAttention": 0}
-        g = _Graph(self.graph)
+        g = _Graph(self.graph, weights_dir=self.weights_dir)
         self.shape_3d = self.constant(np.array([0, 0, -1], dtype=np.int64), "shape_bsd")
         replaced = []
         for softmax in [n for n in self.graph.node if n.op_type == "Softmax"]:
@@ -292,11 +294,16 @@ class _Rewriter:
         return counts
 
 
-def fuse_remaining_attention(model, num_heads: int, pack_with_bias: bool = True) -> dict[str, int]:
+def fuse_remaining_attention(model, num_heads: int, pack_with_bias: bool = True,
+                             weights_dir: str = "") -> dict[str, int]:
     """Rewrite ``model`` (a ModelProto) in place: every attention block of the shape in the module docstring becomes
     one fused operator. Returns ``{"Attention": n, "MultiHeadAttention": m}`` (both 0: nothing matched, and the
-    graph is unchanged)."""
-    return _Rewriter(model, num_heads, pack_with_bias).run()
+    graph is unchanged).
+
+    ``model`` may be a graph loaded without its external data (``weights_dir``: the folder of its data file): the
+    rewrite reads a weight only to pack query/key/value projections, and then from that folder; the weights it
+    leaves stay where they are, so the data file need not be rewritten."""
+    return _Rewriter(model, num_heads, pack_with_bias, weights_dir).run()
 
 
 def _remove_dead_code(graph) -> None:

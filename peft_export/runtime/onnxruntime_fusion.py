@@ -59,14 +59,15 @@ class AttentionShape:
 
 
 def fuse_attention(model, shape: AttentionShape, keep_input: bool = True, bert_optimizer: bool = True,
-                   pack_with_bias: bool = True):
+                   pack_with_bias: bool = True, weights_dir: str = ""):
     """``(fused ModelProto, {operator: count})`` for an ONNX ModelProto; the input model is left unchanged
     unless ``keep_input`` is False (then it is rewritten in place, which saves a copy of a large model's weights).
 
     With ``bert_optimizer`` ONNX Runtime's optimizer runs first (BERT, RoBERTa, DistilBERT blocks become
     ``Attention``); the blocks it leaves (MPNet's position bias, rotary and grouped-query attention, local windows)
     are then fused by runtime/onnxruntime_attention_rewrite.py (``pack_with_bias=False`` for graphs that int8
-    quantization follows: see there). ``fused_blocks(counts)`` is 0 when nothing was fused."""
+    quantization follows: see there). ``fused_blocks(counts)`` is 0 when nothing was fused. Without the BERT
+    optimizer ``model`` may be a graph loaded without its external data, kept in ``weights_dir``."""
     import copy
 
     from .onnxruntime_attention_rewrite import fuse_remaining_attention
@@ -74,7 +75,7 @@ def fuse_attention(model, shape: AttentionShape, keep_input: bool = True, bert_o
     source = copy.deepcopy(model) if keep_input else model
     if not bert_optimizer:
         counts = {op: 0 for op in FUSED_OPERATORS}
-        counts.update(fuse_remaining_attention(source, shape.num_heads, pack_with_bias))
+        counts.update(fuse_remaining_attention(source, shape.num_heads, pack_with_bias, weights_dir))
         return source, counts
     fused, counts = _ort_optimizer(source, shape)
     for op, count in fuse_remaining_attention(fused, shape.num_heads, pack_with_bias).items():
