@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import pytest
 
+from fixtures.build_once import BuiltOnce
 from fixtures import text, tiny_models
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -58,20 +58,13 @@ class Case:
         return EmbeddingModel(self.export, **kwargs)
 
 
-class Zoo:
+class Zoo(BuiltOnce):
     """Builds tiny models, adapters and exports under one session folder; each name is built once."""
 
     def __init__(self, root: Path, tokenizer_texts: list[str]):
         self.root = root
         self.tokenizer_texts = tokenizer_texts
-        self._cache: dict[str, Any] = {}
-
-    def _once(self, key: str, build: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._cache[key] = build()
-        return self._cache[key]
+        super().__init__()
 
     def path(self, name: str) -> Path:
         return self.root / name

@@ -5,10 +5,9 @@ eager references and exports)."""
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-from typing import Any, Callable
 
+from fixtures.build_once import BuiltOnce
 from fixtures import text, tiny_models
 from fixtures.reranker_families import (RERANKER_FAMILIES, add_reranker_adapter, add_reranker_head_adapter,
                                        build_reranker)
@@ -52,20 +51,13 @@ def nli_reranker(zoo) -> dict[str, Path]:
     return {"base": base, **adapters, "export": export}
 
 
-class RerankerCase:
+class RerankerCase(BuiltOnce):
     """One family's CrossEncoder, adapter, eager reference and exports; each built on first use, once per session."""
 
     def __init__(self, name: str, root: Path):
         self.family = RERANKER_FAMILIES[name]
         self.root = root
-        self._cache: dict[str, Any] = {}
-
-    def _once(self, key: str, build: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._cache[key] = build()
-        return self._cache[key]
+        super().__init__()
 
     @property
     def base(self) -> Path:

@@ -8,13 +8,12 @@ no adapter equals the base within 1e-6."""
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import pytest
 from conftest import SENTENCE_ATOL, max_unit_diff
+from fixtures.build_once import BuiltOnce
 from fixtures import text
 from fixtures.encoder_families import FAMILIES, MODERNBERT_LOCAL_WINDOW, build_adapter, build_hf, build_st
 from fixtures.export_edits import write_runtime_config
@@ -34,21 +33,14 @@ def _quiet(msg: str) -> None:
     pass
 
 
-class FamilyCase:
+class FamilyCase(BuiltOnce):
     """One family's base, adapter, references and exports; each built on first use, once per session."""
 
     def __init__(self, name: str, root: Path, tokenizer_texts: list[str]):
         self.family = FAMILIES[name]
         self.root = root
         self._tokenizer_texts = tokenizer_texts
-        self._cache: dict[str, Any] = {}
-
-    def _once(self, key: str, build: Callable[[], Any]) -> Any:
-        if key not in self._cache:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._cache[key] = build()
-        return self._cache[key]
+        super().__init__()
 
     @property
     def base(self) -> Path:
