@@ -14,12 +14,11 @@ import dataclasses
 import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fixtures.export_edits import rehash
+from fixtures.export_edits import with_task_config as _edited
 from peft_export import ConfigError, CrossEncoderModel
 from peft_export.tasks.reranker import VALIDATION_PAIRS
 
@@ -37,17 +36,6 @@ LITERAL = "Rank passages about account security for: "
 
 def _quiet(msg: str) -> None:
     pass
-
-
-def _edited(export: Path, folder: Path, drop: tuple[str, ...] = (), **entries) -> Path:
-    """A copy of ``export`` at ``folder`` whose reranker_config.json's task_config has ``entries`` set and ``drop``
-    removed (an older export's layout), rehashed so that it loads."""
-    folder = shutil.copytree(export, folder)
-    config = json.loads((folder / "reranker_config.json").read_text())
-    settings = {k: v for k, v in {**config["task_config"], **entries}.items() if k not in drop}
-    (folder / "reranker_config.json").write_text(json.dumps({**config, "task_config": settings}))
-    rehash(folder, "reranker_config.json")
-    return folder
 
 
 # ----- resolution and errors (the tiny BERT reranker's export, prompts set in its config) -----
@@ -218,6 +206,35 @@ def test_qwen3_prompts_render_as_the_cross_encoders(qwen3):
 @pytest.mark.slow
 def test_qwen3_prompts_equal_eager_cross_encoder(qwen3):
     _assert_parity(qwen3["model"], qwen3["reference"])
+
+
+@pytest.mark.slow
+def test_qwen3_prompts_over_http_equal_eager_cross_encoder(qwen3, tmp_path):
+    """``/v1/rerank`` with ``prompt_name`` or a literal ``prompt`` scores as eager ``CrossEncoder.predict`` with it
+    (the chat template's system message), tokens counted with the template's text; an export that cannot apply
+    another prompt answers 422 naming why."""
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from peft_export.serve.app import create_app
+
+    query, documents = PAIRS[0][0], [p for _, p in PAIRS[:4]]  # HTTP refuses the empty fifth
+    with TestClient(create_app({"qwen3": qwen3["model"]})) as client:
+        for fields in ({}, {"prompt_name": "web"}, {"prompt": LITERAL}, {"prompt": ""}):
+            response = client.post("/v1/rerank", json={"model": "qwen3", "query": query, "documents": documents,
+                                                       **fields})
+            assert response.status_code == 200, response.text
+            got = [r["relevance_score"] for r in sorted(response.json()["results"], key=lambda r: r["index"])]
+            want = qwen3["reference"].predict([(query, d) for d in documents], **fields)
+            assert np.abs(np.array(got) - want).max() <= TOLERANCE, fields
+    old = CrossEncoderModel(_edited(qwen3["export"], tmp_path / "old", drop=(
+        "prompts", "default_prompt_name", "unprompted_pair_template", "prompted_pair_template")))
+    with TestClient(create_app({"old": old})) as client:
+        response = client.post("/v1/rerank", json={"model": "old", "query": query, "documents": documents,
+                                                   "prompt": QWEN3_WEB})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_prompt"
+    assert "applies only its default prompt" in response.json()["error"]["message"]
 
 
 @pytest.mark.slow

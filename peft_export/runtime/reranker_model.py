@@ -112,6 +112,19 @@ class CrossEncoderModel(ExportedModel):
         prompt, or a chat-template reranker's fixed template text (servers count a request's tokens with it)."""
         return self._tokenizer.pair_token_overhead()
 
+    def resolve_prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
+        """The prompt :meth:`predict` applies for ``prompt_name`` / ``prompt`` (None: the default prompt), and the
+        tokens it adds to each pair, checked without scoring anything: an unknown name, or a prompt this export's
+        template cannot take, raises ConfigError as :meth:`predict` would. Servers check a request with it before
+        queueing its pairs."""
+        applied = self._tokenizer.pair_prompts.resolve(prompt_name, prompt)
+        self._tokenizer.pair_token_overhead(applied)  # raises for a prompt the export cannot apply
+        return applied
+
+    def prompt_token_overhead(self, prompt: str | None) -> int:
+        """:attr:`pair_token_overhead` with ``prompt`` (as :meth:`resolve_prompt` gives it) instead of the default."""
+        return self._tokenizer.pair_token_overhead(prompt)
+
     def __repr__(self) -> str:
         return (f"CrossEncoderModel(path={str(self.path)!r}, backend={self.backend.name!r}, "
                 f"providers={self.backend.providers}, num_labels={self.num_labels})")

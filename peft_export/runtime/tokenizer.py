@@ -123,24 +123,28 @@ class TextTokenizer:
             rows.append(RenderedPair(ids, [0] * len(ids)))
         return rows
 
-    def pair_token_overhead(self) -> int:
+    def pair_token_overhead(self, prompt: str | None = None) -> int:
         """Tokens a (query, document) pair holds beyond the two texts' own tokens (each without special tokens):
-        the chat template's fixed text, or the pair's special tokens plus the default prompt before the query. A
-        boundary may merge one token more or less under byte-level BPE; exact enough for request limits. Computed
-        once (servers ask on every request)."""
+        the chat template's fixed text, or the pair's special tokens plus the prompt before the query. ``prompt``:
+        as :meth:`tokenize_pairs` takes it (None: the default prompt). A boundary may merge one token more or less
+        under byte-level BPE; exact enough for request limits. The default prompt's is computed once (servers ask
+        on every request)."""
+        if prompt is not None:
+            return self._count_pair_overhead(prompt)
         if self._pair_overhead is None:
-            self._pair_overhead = self._count_pair_overhead()
+            self._pair_overhead = self._count_pair_overhead(None)
         return self._pair_overhead
 
-    def _count_pair_overhead(self) -> int:
+    def _count_pair_overhead(self, prompt: str | None) -> int:
         if self.pair_template is not None:
-            template = self.pair_template
+            template = self.pair_prompts.chat_template(prompt)
             fixed = template["prefix"] + template["middle"] + template["suffix"]
             return len(self.tokenizer.encode(fixed.lower() if self.do_lower_case else fixed,
                                              add_special_tokens=False).ids)
-        prompt = self.query_prompt.lower() if self.do_lower_case else self.query_prompt
-        prompt_tokens = len(self.tokenizer.encode(prompt, add_special_tokens=False).ids) if prompt else 0
-        return int(self.tokenizer.num_special_tokens_to_add(True)) + prompt_tokens
+        prefix = self.pair_prompts.query_prefix(prompt)
+        prefix = prefix.lower() if self.do_lower_case else prefix
+        prefix_tokens = len(self.tokenizer.encode(prefix, add_special_tokens=False).ids) if prefix else 0
+        return int(self.tokenizer.num_special_tokens_to_add(True)) + prefix_tokens
 
     def encode_pairs(self, pairs: list[tuple[str, str]], prompt: str | None = None) -> dict[str, np.ndarray]:
         return self.pad(self.tokenize_pairs(pairs, prompt))

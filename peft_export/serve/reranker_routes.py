@@ -3,7 +3,8 @@ Cohere / Jina shape) for models with one label, and TEI's ``POST /predict`` (eve
 any number of labels, on the task-independent server of :mod:`.app` (batching by pairs, limits, metrics, errors).
 The reranker task names :func:`reranker_routes` as its ``routes``; its batch call is ``CrossEncoderModel.predict``
 (``Task.batch_call``), in batch groups ``(adapter, option)``: ``option`` as tasks/reranker.py's ``batch_options``
-says (the model's scores, the raw logits, or /predict's softmax / sigmoid of them)."""
+says (the model's scores, the raw logits, or /predict's softmax / sigmoid of them), paired with the request's prompt
+where it names one (``prompt_name`` or ``prompt``, as ``CrossEncoder.predict`` takes them)."""
 
 from __future__ import annotations
 
@@ -73,21 +74,24 @@ class RerankHandlers:
     def __init__(self, server: ModelServer):
         self.server = server
 
-    async def _scores(self, request, server: ModelServer, adapter: str | None, option: Any, firsts: str | list[str],
-                      seconds: list[str], truncate: bool, subject: str, param: str) -> tuple[np.ndarray, int]:
-        """Rows of ``server``'s export with ``adapter`` for the (first, second) pairs, in order (``firsts``: one
-        query for every second text, or one first text per pair), and the tokens they took; 422 for a pair over
-        the model's limit unless ``truncate``, naming it by ``subject`` and ``param`` (formats of its index
-        ``i``). The batch group ``(adapter, option)`` keeps each adapter's pairs in batches of their own."""
+    async def _scores(self, request, body: dict[str, Any], server: ModelServer, adapter: str | None, option: Any,
+                      firsts: str | list[str], seconds: list[str], truncate: bool, subject: str, param: str
+                      ) -> tuple[np.ndarray, int]:
+        """Rows of ``server``'s export with ``adapter`` and the prompt ``body`` names for the (first, second)
+        pairs, in order (``firsts``: one query for every second text, or one first text per pair), and the tokens
+        they took; 422 for a pair over the model's limit unless ``truncate``, naming it by ``subject`` and
+        ``param`` (formats of its index ``i``). The batch group ``(adapter, option[, prompt])`` keeps each
+        adapter's and each prompt's pairs in batches of their own."""
         served = server.served
+        prompt = served.pair_prompt(body, self.server.settings.max_input_chars)
         given = firsts
         one_query = isinstance(firsts, str)
         measure = served.measure_pairs if one_query else served.measure_text_pairs
         chars = len(firsts) if one_query else sum(map(len, firsts))
-        if chars + sum(map(len, seconds)) > _MEASURE_IN_THREAD_CHARS:
-            firsts, measured, counts = await asyncio.to_thread(measure, firsts, seconds)
+        if chars + sum(map(len, seconds)) + len(prompt or "") > _MEASURE_IN_THREAD_CHARS:
+            firsts, measured, counts = await asyncio.to_thread(measure, firsts, seconds, prompt)
         else:
-            firsts, measured, counts = measure(firsts, seconds)
+            firsts, measured, counts = measure(firsts, seconds, prompt)
         limit = served.max_tokens
         if not truncate:
             for i, count in enumerate(counts):
@@ -101,7 +105,8 @@ class RerankHandlers:
                                    param=param.format(i=i))
         tokens = [min(c, limit) for c in counts]
         pairs = [(firsts if one_query else firsts[i], text) for i, text in enumerate(measured)]
-        rows = await server.submit(request, (adapter, option), pairs, tokens)
+        group_option = option if prompt is None else (option, prompt)
+        rows = await server.submit(request, (adapter, group_option), pairs, tokens)
         return np.asarray(rows, dtype=np.float32).reshape(len(pairs), -1), sum(tokens)
 
     def _one_score(self, server: ModelServer, info: RequestInfo) -> None:
@@ -122,7 +127,8 @@ class RerankHandlers:
         return query[0]
 
     async def tei_rerank(self, request, info: RequestInfo):
-        """TEI: {query, texts, raw_scores, return_text, truncate} -> [{index, score, text?}], best first."""
+        """TEI: {query, texts, raw_scores, return_text, truncate} -> [{index, score, text?}], best first; with
+        ``prompt_name`` or ``prompt`` (as ``CrossEncoder.predict`` takes them; on every reranker route)."""
         s = self.server.settings
         body = await read_json_body(request, s.max_request_bytes)
         server, adapter = self.server.select(body, info, required=False)
@@ -136,8 +142,8 @@ class RerankHandlers:
         return_text = parse_bool(body, "return_text", False)
         truncate = parse_bool(body, "truncate", s.auto_truncate)
         check_truncation_direction(body)
-        rows, _ = await self._scores(request, server, adapter, raw, query, texts, truncate, "query + texts[{i}]",
-                                     "texts[{i}]")
+        rows, _ = await self._scores(request, body, server, adapter, raw, query, texts, truncate,
+                                     "query + texts[{i}]", "texts[{i}]")
         scores = rows[:, 0]
         order = np.argsort(-scores, kind="stable")
         results = [{"index": int(i), "score": float(scores[i]), **({"text": texts[i]} if return_text else {})}
@@ -166,7 +172,7 @@ class RerankHandlers:
                            param="top_n")
         return_documents = parse_bool(body, "return_documents", False)
         truncate = parse_bool(body, "truncate", True)
-        rows, tokens = await self._scores(request, server, adapter, False, query, documents, truncate,
+        rows, tokens = await self._scores(request, body, server, adapter, False, query, documents, truncate,
                                           "query + documents[{i}]", "documents[{i}]")
         scores = rows[:, 0]
         order = np.argsort(-scores, kind="stable")[:top_n]
@@ -194,8 +200,8 @@ class RerankHandlers:
             option = "softmax"
         else:  # a sigmoid model's own scores are TEI's: they share /rerank's batches
             option = False if getattr(model, "activation_fn", None) == "sigmoid" else "sigmoid"
-        rows, _ = await self._scores(request, server, adapter, option, [a for a, _ in pairs], [b for _, b in pairs],
-                                     truncate, "the texts of inputs[{i}]", "inputs[{i}]")
+        rows, _ = await self._scores(request, body, server, adapter, option, [a for a, _ in pairs],
+                                     [b for _, b in pairs], truncate, "the texts of inputs[{i}]", "inputs[{i}]")
         predictions = [[{"score": float(row[j]), "label": labels[j]} for j in np.argsort(-row, kind="stable")]
                        for row in rows]
         return json_response(predictions[0] if single else predictions)

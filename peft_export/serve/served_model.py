@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError, NonFiniteEmbeddingError
 from ..tasks import EMBEDDING, Task, task_named
-from .protocol import ApiError, json_type, show
+from .protocol import ApiError, json_type, parse_optional_string, show
 from .settings import ServeSettings
 from .token_counter import TokenCounter, counter_for
 
@@ -127,25 +127,53 @@ class ServedModel:
         """Inputs of the task's batch call for the warm-up: texts, or (text, text) pairs."""
         return [(t, t) for t in _WARMUP_TEXTS] if self.task.text_pairs else list(_WARMUP_TEXTS)
 
-    def measure_pairs(self, query: str, documents: list[str]) -> tuple[str, list[str], list[int]]:
+    def pair_prompt(self, body: dict[str, Any], max_chars: int) -> str | None:
+        """The reranker prompt a request asks for with ``prompt_name`` (one of the model's prompts) or ``prompt``
+        (its text; "" for none), as ``CrossEncoderModel.predict`` takes them; None (neither): the model's default.
+        422 for both at once, an unknown name, a prompt over ``max_chars`` characters (an input's limit), or a
+        prompt this export cannot apply."""
+        prompt_name, prompt = parse_optional_string(body, "prompt_name"), parse_optional_string(body, "prompt")
+        if prompt_name is None and prompt is None:
+            return None
+        if prompt is not None and len(prompt) > max_chars:
+            raise ApiError(422, "input_too_long", f"Field 'prompt' has {len(prompt)} characters; the limit is "
+                           f"{max_chars}", param="prompt")
+        if prompt_name is not None and prompt is not None:
+            raise ApiError(422, "prompt_conflict", "Send either 'prompt_name' or 'prompt', not both",
+                           param="prompt")
+        field = "prompt_name" if prompt is None else "prompt"
+        resolve = getattr(self.model, "resolve_prompt", None)
+        if resolve is None:
+            raise ApiError(422, "unknown_prompt", f"Model {self.base_name!r} takes no prompts", param=field)
+        try:
+            return resolve(prompt_name, prompt)
+        except ConfigError as err:
+            raise ApiError(422, "unknown_prompt" if prompt is None else "invalid_prompt", str(err),
+                           param=field) from None
+
+    def measure_pairs(self, query: str, documents: list[str], prompt: str | None = None
+                      ) -> tuple[str, list[str], list[int]]:
         """What to score of ``query`` and each document (long ones as their prefixes, :meth:`measure`) and the
-        tokens of each (query, document) pair before truncation, with what the model adds to a pair (special
-        tokens and prompt, or a chat template's text: ``pair_token_overhead``)."""
+        tokens of each (query, document) pair before truncation, with what the model adds to a pair with
+        ``prompt`` (:meth:`pair_prompt`; None: the default): special tokens and prompt, or a chat template's
+        text."""
         (query,), (query_tokens,) = self.measure([query], "")
         documents, document_tokens = self.measure(documents, "")
-        return query, documents, self._pair_tokens([query_tokens] * len(documents), document_tokens)
+        return query, documents, self._pair_tokens([query_tokens] * len(documents), document_tokens, prompt)
 
-    def measure_text_pairs(self, firsts: list[str], seconds: list[str]) -> tuple[list[str], list[str], list[int]]:
+    def measure_text_pairs(self, firsts: list[str], seconds: list[str], prompt: str | None = None
+                           ) -> tuple[list[str], list[str], list[int]]:
         """:meth:`measure_pairs` for pairs that share no text: (first, second) pairs of TEI's ``/predict``."""
         firsts, first_tokens = self.measure(firsts, "")
         seconds, second_tokens = self.measure(seconds, "")
-        return firsts, seconds, self._pair_tokens(first_tokens, second_tokens)
+        return firsts, seconds, self._pair_tokens(first_tokens, second_tokens, prompt)
 
-    def _pair_tokens(self, first_tokens: list[int], second_tokens: list[int]) -> list[int]:
+    def _pair_tokens(self, first_tokens: list[int], second_tokens: list[int], prompt: str | None) -> list[int]:
         """Tokens of pairs of texts measured alone: measure() counts each text with its special tokens, a pair has
-        the model's own (``pair_token_overhead``) instead."""
+        the model's own with ``prompt`` (``pair_token_overhead``) instead."""
         alone = 2 * self._special_tokens(False)
-        overhead = self.model.pair_token_overhead
+        overhead = (self.model.pair_token_overhead if prompt is None
+                    else self.model.prompt_token_overhead(prompt))
         return [a + b - alone + overhead for a, b in zip(first_tokens, second_tokens)]
 
     def _special_tokens(self, is_pair: bool) -> int:

@@ -134,6 +134,11 @@ _BATCH_OPTIONS = {
 
 
 def batch_options(option) -> dict:
+    """``predict``'s options for a batch group's option: a key of the table above, or ``(key, prompt)`` for a
+    request with a prompt other than the model's default (serve/reranker_routes.py)."""
+    if isinstance(option, tuple):
+        key, prompt = option
+        return {**_BATCH_OPTIONS[key], "prompt": prompt}
     return dict(_BATCH_OPTIONS[option])
 
 
