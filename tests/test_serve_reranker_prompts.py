@@ -109,6 +109,19 @@ def test_bad_prompt_fields_are_422_naming_the_field(served, fields, status, code
     assert tei.status_code == status and tei.json()["error"].startswith(message)
 
 
+@pytest.mark.parametrize("route", ["/rerank", "/v1/rerank", "/predict"])
+def test_a_prompt_that_is_not_valid_unicode_is_refused(served, route):
+    """A lone surrogate in the prompt never reaches the tokenizer: the body is refused as it is for any field."""
+    _, client, _ = served
+    body = {"/rerank": '{"query": "q", "texts": ["a"]', "/predict": '{"inputs": ["q", "a"]',
+            "/v1/rerank": '{"model": "rr", "query": "q", "documents": ["a"]'}[route] + ', "prompt": "Find \\ud800 x"}'
+    response = client.post(route, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    message = response.json()["error"]
+    text = message["message"] if isinstance(message, dict) else message
+    assert text.startswith("Request body is not valid JSON: no low surrogate in string"), text
+
+
 def test_tokens_are_counted_with_the_prompt(served):
     """A pair that fits the model without a prompt but not with a long one: 422 unless truncate, and truncation
     then scores what predict scores."""

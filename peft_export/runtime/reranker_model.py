@@ -118,7 +118,8 @@ class CrossEncoderModel(ExportedModel):
         template cannot take, raises ConfigError as :meth:`predict` would. Servers check a request with it before
         queueing its pairs."""
         applied = self._tokenizer.pair_prompts.resolve(prompt_name, prompt)
-        self._tokenizer.pair_token_overhead(applied)  # raises for a prompt the export cannot apply
+        if applied is not None and self._tokenizer.pair_template is not None:
+            self._tokenizer.pair_prompts.chat_template(applied)  # raises for a prompt the export cannot apply
         return applied
 
     def prompt_token_overhead(self, prompt: str | None) -> int:
