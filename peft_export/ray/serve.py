@@ -1,23 +1,24 @@
-"""Ray Serve: the ``peft-export serve`` app (same OpenAI and TEI routes, same limits) on replicas of a deployment.
+"""Ray Serve: the ``peft-export serve`` app (same OpenAI and TEI routes, same limits) on replicas of a deployment,
+for an export of either task (an embedder's routes, or a reranker's ``/rerank``, ``/v1/rerank`` and ``/predict``).
 
 Each replica is a Ray actor that opens the export once and runs :func:`peft_export.serve.create_app` as its ASGI
 ingress (the app itself, not a copy of its routes), with ``num_cpus = threads_per_replica`` reserved and ONNX
 Runtime using exactly that many intra-op threads.
 
-Adapters of a switchable export, routed per request: a request names its adapter in the body's ``model`` field,
-as with ``peft-export serve``; that field alone decides what is computed. To also have requests for an adapter go
-to the replicas where it is merged, the client sends Ray Serve's multiplexing header with the same name::
+Adapters of a switchable export, routed per request: a request names its adapter in the body's ``model`` field, as
+with ``peft-export serve``; that field alone decides what is computed. To also have requests for an adapter go to
+the replicas where it is merged, the client sends Ray Serve's multiplexing header with the same name::
 
     serve_multiplexed_model_id: <adapter name>
 
 (``openai.OpenAI(..., default_headers={"serve_multiplexed_model_id": "legal"})``). Ray's proxy sends such requests
-to replicas that have that id loaded; on a replica, "loaded" means merged into its own session
-(``EmbeddingModel.merge_adapter``), at most ``merged_adapter_budget`` adapters per replica, least recently used
-evicted first (Ray Serve's multiplexing LRU; ``unmerge_adapter`` frees the session). A request never waits for
-a merge: it starts in the background and, until it is done, the adapter runs through the LoRA branches, which give
-the same answer (float rounding, ~1e-7). A header naming no adapter of the export (or the base) is ignored.
-The proxy cannot read request bodies, hence the header; without it, requests are spread over all replicas and
-each adapter runs on the LoRA branches.
+to replicas that have that id loaded; on a replica, "loaded" means merged into its own session (the model's
+``merge_adapter``), at most ``merged_adapter_budget`` adapters per replica, least recently used evicted first (Ray
+Serve's multiplexing LRU; ``unmerge_adapter`` frees the session). A request never waits for a merge: it starts in
+the background and, until it is done, the adapter runs through the LoRA branches, which give the same answer (float
+rounding, ~1e-7). A header naming no adapter of the export (or the base) is ignored. The proxy cannot read request
+bodies, hence the header; without it, requests are spread over all replicas and each adapter runs on the LoRA
+branches.
 
     from peft_export.ray import serve_app
     serve.run(serve_app("out/", replicas=2, merged_adapter_budget=4), route_prefix="/")
@@ -92,10 +93,11 @@ class _AdapterAffinity:
 def _open_replica(export: str, backend: str | None, threads: int, settings: ServeSettings, mark_hot) -> Any:
     os.environ["RAYON_NUM_THREADS"] = str(threads)  # the tokenizer's pool: as many threads as this replica's CPUs
     keep_replica_grpc_on_loopback()
-    from ..runtime.model import EmbeddingModel
     from ..serve.app import create_app
+    from ..tasks.loading import load
 
-    model = EmbeddingModel(export, backend=backend, intra_op_threads=threads)
+    # The class of the export's task (EmbeddingModel, CrossEncoderModel): its routes are the ones served.
+    model = load(export, backend=backend, intra_op_threads=threads)
     adapters = set(model.list_adapters()) if getattr(model, "is_switchable", False) else set()
     _REPLICA["app"] = _AdapterAffinity(create_app(model, settings), adapters, mark_hot if adapters else None)
     return model
@@ -106,7 +108,7 @@ def _deployment_class(budget: int):
     from ray import serve
 
     if budget:
-        class EmbeddingReplica:
+        class ExportReplica:
             def __init__(self, export: str, backend: str | None, threads: int, settings: ServeSettings):
                 self.model = _open_replica(export, backend, threads, settings, self.hot_adapter)
 
@@ -115,11 +117,11 @@ def _deployment_class(budget: int):
                 await asyncio.to_thread(self.model.merge_adapter, name)
                 return _Merged(self.model, name)
     else:
-        class EmbeddingReplica:
+        class ExportReplica:
             def __init__(self, export: str, backend: str | None, threads: int, settings: ServeSettings):
                 self.model = _open_replica(export, backend, threads, settings, None)
 
-    return serve.ingress(_replica_app)(EmbeddingReplica)
+    return serve.ingress(_replica_app)(ExportReplica)
 
 
 def serve_app(export: str | Path, *, replicas: int = 1, threads_per_replica: int = 1,
