@@ -113,10 +113,9 @@ class CrossEncoderModel(ExportedModel):
         return self._tokenizer.pair_token_overhead()
 
     def resolve_prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str | None:
-        """The prompt :meth:`predict` applies for ``prompt_name`` / ``prompt`` (None: the default prompt), and the
-        tokens it adds to each pair, checked without scoring anything: an unknown name, or a prompt this export's
-        template cannot take, raises ConfigError as :meth:`predict` would. Servers check a request with it before
-        queueing its pairs."""
+        """The prompt :meth:`predict` applies for ``prompt_name`` / ``prompt`` (None: the default prompt), checked
+        without tokenizing or scoring anything: an unknown name, or a prompt this export's template cannot take,
+        raises ConfigError as :meth:`predict` would. Servers check a request with it before queueing its pairs."""
         applied = self._tokenizer.pair_prompts.resolve(prompt_name, prompt)
         if applied is not None and self._tokenizer.pair_template is not None:
             self._tokenizer.pair_prompts.chat_template(applied)  # raises for a prompt the export cannot apply

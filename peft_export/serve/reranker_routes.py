@@ -83,7 +83,7 @@ class RerankHandlers:
         ``param`` (formats of its index ``i``). The batch group ``(adapter, option[, prompt])`` keeps each
         adapter's and each prompt's pairs in batches of their own."""
         served = server.served
-        prompt = served.pair_prompt(body, self.server.settings.max_input_chars)
+        prompt = served.pair_prompt(body, server.settings.max_input_chars)
         given = firsts
         one_query = isinstance(firsts, str)
         measure = served.measure_pairs if one_query else served.measure_text_pairs
