@@ -1,4 +1,5 @@
-"""Ray integrations: ``embed_dataset`` (Ray Data, corpus embedding on a cluster) and ``serve_app`` (Ray Serve).
+"""Ray integrations: ``embed_dataset`` and ``rerank_dataset`` (Ray Data: corpus embedding and pair scoring on a
+cluster) and ``serve_app`` (Ray Serve).
 
 Needs the ``ray`` extra (``pip install 'peft_export[ray]'``). Names load lazily: importing this package imports
 neither Ray nor the model runtime. The package is named ``peft_export.ray``; inside it, ``ray`` is Ray itself
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["BatchEmbedder", "embed_dataset", "serve_app"]
+__all__ = ["BatchEmbedder", "BatchScorer", "embed_dataset", "rerank_dataset", "serve_app"]
 
 if TYPE_CHECKING:
-    from .data import BatchEmbedder, embed_dataset
+    from .data import BatchEmbedder, BatchScorer, embed_dataset, rerank_dataset
     from .serve import serve_app
 
-_HOMES = {"BatchEmbedder": "data", "embed_dataset": "data", "serve_app": "serve"}
+_HOMES = {"BatchEmbedder": "data", "BatchScorer": "data", "embed_dataset": "data", "rerank_dataset": "data",
+          "serve_app": "serve"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""``embed_dataset``: embed a text column of a Ray Dataset with an export folder, one model per actor, no torch.
+"""``embed_dataset``: embed a text column of a Ray Dataset with an export folder, one model per actor, no torch;
+``rerank_dataset``: score a (query, document) pair per row with a reranker export the same way.
 
 Each actor of a Ray Data actor pool opens :class:`~peft_export.runtime.model.EmbeddingModel` once and embeds the
 batches it is given (``map_batches`` with the callable class :class:`BatchEmbedder`), adding an ``embedding``
@@ -16,6 +17,9 @@ machine (143.5 vs 127.6 texts/s, 5,000 texts, medians of two alternating rounds;
 fixed costs (a model load and a Ray worker per actor) weigh; on the same machine under heavy load it was the other
 way round.
 
+``rerank_dataset`` runs :class:`BatchScorer` (``CrossEncoderModel.predict`` on each batch's pairs) on the same pool,
+adding a ``score`` column (float32; a fixed-size list of them for a model with several labels).
+
 Faults: Ray Data creates pool actors with ``max_restarts=-1`` and ``max_task_retries=-1`` (its defaults; pass
 other values as keyword arguments to change them): an actor that dies (killed, OOM, node lost) is restarted and
 the batch it held is run again, so the output is complete. Errors in the data (a missing column, a non-string
@@ -31,6 +35,7 @@ from typing import Any
 from ..errors import ConfigError, require
 
 EMBEDDING_COLUMN = "embedding"
+SCORE_COLUMN = "score"
 # Largest block an actor takes whole: small enough that every actor has work on a one-file dataset and the last
 # block does not leave the others idle for long, large enough to sort each call's texts into well-filled batches.
 BLOCK_ROWS = 1024
@@ -77,6 +82,42 @@ class BatchEmbedder:
         flat = pa.array(vectors.reshape(-1), type=pa.float32())
         column = pa.FixedSizeListArray.from_arrays(flat, self.dimension)
         return batch.append_column(self.output_column, column)
+
+
+class BatchScorer:
+    """The callable class behind :func:`rerank_dataset`: one ``CrossEncoderModel`` per actor, built in
+    ``__init__``; takes and returns ``pyarrow.Table`` batches, adding the score of each row's (query, document)
+    pair. ``options`` are ``CrossEncoderModel.predict``'s (``prompt_name``, ``prompt``, ``activation_fn``, ...)."""
+
+    def __init__(self, export: str, query_column: str, document_column: str, *, adapter: str | None = None,
+                 predict_batch_size: int = 32, threads: int = 1, backend: str | None = None,
+                 output_column: str = SCORE_COLUMN, options: dict[str, Any] | None = None,
+                 model_options: dict[str, Any] | None = None):
+        os.environ["RAYON_NUM_THREADS"] = str(threads)  # before the tokenizer's thread pool exists
+        from ..runtime.reranker_model import CrossEncoderModel
+
+        self.model = CrossEncoderModel(export, backend=backend, intra_op_threads=threads, **(model_options or {}))
+        self.columns = (query_column, document_column)
+        self.output_column = output_column
+        self.options: dict[str, Any] = {"batch_size": predict_batch_size, **(options or {})}
+        if adapter is not None:
+            self.options["adapter"] = adapter
+        elif getattr(self.model, "is_switchable", False):
+            self.options["adapter"] = False  # the base itself, even when the export activates a default adapter
+        self.labels = self.model.num_labels
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+
+        queries, documents = (_texts(batch, column) for column in self.columns)
+        pairs = list(zip(queries, documents))
+        scores = self.model.predict(pairs, **self.options) if pairs else np.zeros((0, self.labels), np.float32)
+        scores = np.ascontiguousarray(scores, dtype=np.float32).reshape(len(pairs), -1)
+        if scores.shape[1] == 1:
+            return batch.append_column(self.output_column, pa.array(scores[:, 0], type=pa.float32()))
+        flat = pa.array(scores.reshape(-1), type=pa.float32())
+        return batch.append_column(self.output_column, pa.FixedSizeListArray.from_arrays(flat, scores.shape[1]))
 
 
 def _texts(batch, column: str) -> list[str]:
@@ -141,35 +182,89 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     the DataContext; when order matters, carry a row number (or the id) and order by it, as ``embed --ray`` does
     (``peft_export.ray.embed_job.write_runs_in_order``). Each row's embedding always stays with its row.
     """
+    export, ds = _prepared(ds, export, "embedding", (column,), id_column, batch_size, block_rows)
+    out = _map_on_pool(ds, embedder, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
+                       export=str(export), column=column, adapter=adapter, prompt_name=prompt_name,
+                       encode_batch_size=encode_batch_size, backend=backend, output_column=output_column,
+                       model_options=model_options)
+    if not keep_columns:
+        out = out.select_columns([c for c in (id_column, output_column) if c is not None])
+    return out
+
+
+def rerank_dataset(ds, export: str | Path, query_column: str = "query", document_column: str = "document",
+                   adapter: str | None = None, prompt_name: str | None = None, prompt: str | None = None,
+                   activation_fn: str | None = None, batch_size: int = 256, id_column: str | None = None,
+                   num_actors: int | None = None, threads_per_actor: int | None = None, backend: str | None = None,
+                   *, num_cpus_per_actor: float | None = None, output_column: str = SCORE_COLUMN,
+                   keep_columns: bool = True, predict_batch_size: int = 32, block_rows: int | None = BLOCK_ROWS,
+                   scorer: type[BatchScorer] = BatchScorer, model_options: dict[str, Any] | None = None,
+                   **ray_remote_args):
+    """``ds`` with a ``score`` column: a reranker export's score of each row's (``query_column``,
+    ``document_column``) pair, as ``CrossEncoderModel.predict`` gives it (float32; a fixed-size list for a model
+    with several labels). ``adapter``, ``prompt_name``, ``prompt`` and ``activation_fn`` (a name: "sigmoid",
+    "identity", ...) are ``predict``'s; the pool, blocks, ``id_column`` and ``keep_columns`` are
+    :func:`embed_dataset`'s, and so is what it says about row order. The export must be a reranker's."""
+    export, ds = _prepared(ds, export, "reranker", (query_column, document_column), id_column, batch_size,
+                           block_rows)
+    options = {key: value for key, value in (("prompt_name", prompt_name), ("prompt", prompt),
+                                             ("activation_fn", activation_fn)) if value is not None}
+    out = _map_on_pool(ds, scorer, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
+                       export=str(export), query_column=query_column, document_column=document_column,
+                       adapter=adapter, predict_batch_size=predict_batch_size, backend=backend,
+                       output_column=output_column, options=options, model_options=model_options)
+    if not keep_columns:
+        out = out.select_columns([c for c in (id_column, output_column) if c is not None])
+    return out
+
+
+def _prepared(ds, export: str | Path, task: str, columns: tuple[str, ...], id_column: str | None,
+              batch_size: int, block_rows: int | None):
+    """The export folder, checked to be one of ``task``'s (here, before any actor opens it), and ``ds`` split into
+    blocks of ``block_rows`` (see :func:`embed_dataset`), after checking the arguments and that each of
+    ``columns`` holds strings."""
+    from ..runtime.config import read_manifest
+    from ..tasks import task_of_manifest
+
     require("ray.data", "ray")
     require("pyarrow", "ray")
     export = Path(export).expanduser().resolve()
     if not export.is_dir():
         raise ConfigError(f"Export folder not found: {export}")
+    found = task_of_manifest(read_manifest(export)).name
+    if found != task:
+        job = {"embedding": "embed_dataset", "reranker": "rerank_dataset"}
+        raise ConfigError(f"{export} is an export of the {found!r} task; {job[task]} takes {task!r} exports"
+                          + (f" (use {job[found]})" if found in job else ""))
     for name, value in (("batch_size", batch_size), ("block_rows", 1 if block_rows is None else block_rows)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} must be a positive integer, found {value!r}")
     schema = ds.schema()
     names = list(schema.names) if schema is not None else []
-    for field, name in (("column", column), ("id_column", id_column)):
+    fields = [("column" if len(columns) == 1 else f"{('query', 'document')[i]}_column", c)
+              for i, c in enumerate(columns)]
+    for field, name in fields + [("id_column", id_column)]:
         if name is not None and name not in names:
             raise ConfigError(f"{field} {name!r} is not a column of the dataset; it has {names}")
-    kind = str(schema.types[names.index(column)])
-    if kind not in ("string", "large_string"):
-        raise ConfigError(f"Column {column!r} must hold strings, found {kind}; cast it first (e.g. with "
-                          "ds.map_batches) or pick another column")
+    for column in columns:
+        kind = str(schema.types[names.index(column)])
+        if kind not in ("string", "large_string"):
+            raise ConfigError(f"Column {column!r} must hold strings, found {kind}; cast it first (e.g. with "
+                              "ds.map_batches) or pick another column")
+    if block_rows is not None:
+        ds = ds.repartition(target_num_rows_per_block=block_rows)
+    return export, ds
+
+
+def _map_on_pool(ds, callable_class, batch_size: int, num_actors: int | None, threads_per_actor: int | None,
+                 num_cpus_per_actor: float | None, ray_remote_args: dict[str, Any], **constructor_kwargs):
+    """``ds.map_batches`` with ``callable_class`` on an actor pool sized by :func:`plan_actors`, each actor built
+    with ``constructor_kwargs`` and its thread count."""
     actors, threads, reserved = plan_actors(num_actors, threads_per_actor, num_cpus_per_actor)
     from ray.data import ActorPoolStrategy
 
-    if block_rows is not None:
-        ds = ds.repartition(target_num_rows_per_block=block_rows)
-    out = ds.map_batches(
-        embedder, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
-        fn_constructor_kwargs=dict(export=str(export), column=column, adapter=adapter, prompt_name=prompt_name,
-                                   encode_batch_size=encode_batch_size, threads=threads, backend=backend,
-                                   output_column=output_column, model_options=model_options),
+    return ds.map_batches(
+        callable_class, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
+        fn_constructor_kwargs={**constructor_kwargs, "threads": threads},
         compute=ActorPoolStrategy(size=actors), num_cpus=reserved, **ray_remote_args,
     )
-    if not keep_columns:
-        out = out.select_columns([c for c in (id_column, output_column) if c is not None])
-    return out

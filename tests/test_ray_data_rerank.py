@@ -1,0 +1,100 @@
+"""peft_export.ray.rerank_dataset on a local Ray instance (2 CPUs, loopback): the score column equals in-process
+``CrossEncoderModel.predict`` (1e-6) for the base and an adapter of a switchable reranker, and is a fixed-size list
+for a model with several labels; ids and other columns are kept; a job given the other task's export is refused
+on the driver, before any actor starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from peft_export import ConfigError, CrossEncoderModel
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+pa = pytest.importorskip("pyarrow")
+
+from peft_export.ray import embed_dataset, rerank_dataset  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+N = 120
+QUERIES = ["How do I reset my password?", "What is the capital of France?", "Is the man asleep?"]
+DOCUMENTS = ["Open the settings page, choose Security and click 'Reset password'.",
+             "Paris is the capital and most populous city of France.", "A man is sleeping on a sofa.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from ray.data import DataContext
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def exports(zoo, reranker):
+    import reranker_fixtures
+
+    return {"rr": reranker_fixtures.switchable_reranker(zoo, reranker),
+            "nli": reranker_fixtures.nli_reranker(zoo)["export"], "embedder": zoo.case("bert", "bert").export}
+
+
+def _rows():
+    ids = [500 + 3 * i for i in range(N)]  # not 0..N-1, so a lost or shifted row shows
+    return ids, [QUERIES[i % 3] + f" #{i}" for i in range(N)], [DOCUMENTS[i % 4] for i in range(N)]
+
+
+def _dataset(blocks: int = 4):
+    ids, queries, documents = _rows()
+    table = pa.table({"pair_id": ids, "query": queries, "document": documents, "source": ["web"] * N})
+    step = -(-N // blocks)
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, N, step)])
+
+
+def _collected(ds) -> pa.Table:
+    """The output in id order: Ray Data may emit rows out of input order; each row's score stays with it."""
+    return pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("pair_id")
+
+
+@pytest.mark.parametrize("adapter", [None, "qv"])
+def test_scores_equal_predict_in_process(ray_local, exports, adapter):
+    table = _collected(rerank_dataset(_dataset(), exports["rr"], adapter=adapter, activation_fn="identity",
+                                      batch_size=32, block_rows=40))
+    ids, queries, documents = _rows()
+    assert table.column("pair_id").to_pylist() == ids
+    assert table.column("source").to_pylist() == ["web"] * N
+    assert table.column("score").type == pa.float32()
+    want = CrossEncoderModel(exports["rr"]).predict(list(zip(queries, documents)), adapter=adapter or False,
+                                                    activation_fn="identity")
+    np.testing.assert_allclose(table.column("score").to_numpy(), want, atol=1e-6)
+
+
+def test_several_labels_give_a_fixed_size_list(ray_local, exports):
+    table = _collected(rerank_dataset(_dataset(), exports["nli"], adapter="nli-qk", keep_columns=False,
+                                      id_column="pair_id", output_column="labels"))
+    assert table.column_names == ["pair_id", "labels"]
+    column = table.column("labels").combine_chunks()
+    assert column.type == pa.list_(pa.float32(), 3)
+    _, queries, documents = _rows()
+    want = CrossEncoderModel(exports["nli"]).predict(list(zip(queries, documents)), adapter="nli-qk")
+    np.testing.assert_allclose(column.values.to_numpy().reshape(N, 3), want, atol=1e-6)
+
+
+def test_the_other_tasks_export_and_bad_columns_are_refused(ray_local, exports):
+    with pytest.raises(ConfigError, match=r"is an export of the 'embedding' task; rerank_dataset takes 'reranker' "
+                                          r"exports \(use embed_dataset\)"):
+        rerank_dataset(_dataset(), exports["embedder"])
+    with pytest.raises(ConfigError, match=r"is an export of the 'reranker' task; embed_dataset takes 'embedding' "
+                                          r"exports \(use rerank_dataset\)"):
+        embed_dataset(_dataset(), exports["rr"], column="query")
+    with pytest.raises(ConfigError, match=r"document_column 'passage' is not a column of the dataset; it has "
+                                          r"\['pair_id', 'query', 'document', 'source'\]"):
+        rerank_dataset(_dataset(), exports["rr"], document_column="passage")
+    with pytest.raises(ConfigError, match=r"Column 'pair_id' must hold strings, found int64"):
+        rerank_dataset(_dataset(), exports["rr"], query_column="pair_id")
