@@ -207,6 +207,30 @@ def serving(model, ready: bool = True, **settings):
         yield server
 
 
+@contextlib.contextmanager
+def on_local_ray_serve(export: Path, app_name: str, **serve_app_options):
+    """``peft_export.ray.serve_app(export, **serve_app_options)`` on a local Ray instance (2 CPUs, no dashboard)
+    with Serve's HTTP proxy on 127.0.0.1, yielding its URL once /health says 200; Serve and Ray are shut down on
+    leaving."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from peft_export.ray import serve_app
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(serve_app(export, **serve_app_options), name=app_name, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(url + "/health", timeout=5).status_code == 200, timeout=120, what="/health")
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def wait_ready(url: str, timeout: float = 30.0) -> None:
     import httpx
 

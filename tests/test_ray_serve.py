@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from serve_support import free_port, wait_until
+from serve_support import on_local_ray_serve, wait_until
 from switchable_fixtures import TEXTS, switchable_export
 
 from peft_export import ConfigError, EmbeddingModel
@@ -47,19 +47,9 @@ def served(export):
     """Local Ray (2 CPUs, no dashboard) with Serve's proxy on 127.0.0.1 and the app on 2 replicas, budget 1."""
     from peft_export.serve import ServeSettings
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = serve_app(export, replicas=2, merged_adapter_budget=1,
-                        settings=ServeSettings(served_model_name=BASE, auto_truncate=True))
-        serve.run(app, name=APP, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(url + "/health", timeout=5).status_code == 200, timeout=120, what="/health")
+    with on_local_ray_serve(export, APP, replicas=2, merged_adapter_budget=1,
+                            settings=ServeSettings(served_model_name=BASE, auto_truncate=True)) as url:
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def embeddings(response) -> np.ndarray:

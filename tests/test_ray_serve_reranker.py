@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from serve_support import free_port, wait_until
+from serve_support import on_local_ray_serve, wait_until
 
 from peft_export import CrossEncoderModel
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
-
-from peft_export.ray import serve_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,18 +35,9 @@ def export(zoo, reranker):
 def served(export):
     from peft_export.serve import ServeSettings
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = serve_app(export, replicas=1, merged_adapter_budget=1, settings=ServeSettings(served_model_name="rr"))
-        serve.run(app, name=APP, route_prefix="/")
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: httpx.get(url + "/health", timeout=5).status_code == 200, timeout=120, what="/health")
+    with on_local_ray_serve(export, APP, replicas=1, merged_adapter_budget=1,
+                            settings=ServeSettings(served_model_name="rr")) as url:
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.mark.parametrize("name", ["rr", "qv", "qk"])
