@@ -182,7 +182,7 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     the DataContext; when order matters, carry a row number (or the id) and order by it, as ``embed --ray`` does
     (``peft_export.ray.embed_job.write_runs_in_order``). Each row's embedding always stays with its row.
     """
-    export, ds = _prepared(ds, export, "embedding", (column,), id_column, batch_size, block_rows)
+    export, ds = _prepared(ds, export, "embedding", {"column": column}, id_column, batch_size, block_rows)
     out = _map_on_pool(ds, embedder, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
                        export=str(export), column=column, adapter=adapter, prompt_name=prompt_name,
                        encode_batch_size=encode_batch_size, backend=backend, output_column=output_column,
@@ -205,8 +205,8 @@ def rerank_dataset(ds, export: str | Path, query_column: str = "query", document
     with several labels). ``adapter``, ``prompt_name``, ``prompt`` and ``activation_fn`` (a name: "sigmoid",
     "identity", ...) are ``predict``'s; the pool, blocks, ``id_column`` and ``keep_columns`` are
     :func:`embed_dataset`'s, and so is what it says about row order. The export must be a reranker's."""
-    export, ds = _prepared(ds, export, "reranker", (query_column, document_column), id_column, batch_size,
-                           block_rows)
+    export, ds = _prepared(ds, export, "reranker", {"query_column": query_column, "document_column": document_column},
+                           id_column, batch_size, block_rows)
     options = {key: value for key, value in (("prompt_name", prompt_name), ("prompt", prompt),
                                              ("activation_fn", activation_fn)) if value is not None}
     out = _map_on_pool(ds, scorer, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
@@ -218,11 +218,11 @@ def rerank_dataset(ds, export: str | Path, query_column: str = "query", document
     return out
 
 
-def _prepared(ds, export: str | Path, task: str, columns: tuple[str, ...], id_column: str | None,
+def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_column: str | None,
               batch_size: int, block_rows: int | None):
     """The export folder, checked to be one of ``task``'s (here, before any actor opens it), and ``ds`` split into
     blocks of ``block_rows`` (see :func:`embed_dataset`), after checking the arguments and that each of
-    ``columns`` holds strings."""
+    ``columns`` (the job's argument name -> the column it names) holds strings."""
     from ..runtime.config import read_manifest
     from ..tasks import task_of_manifest
 
@@ -241,12 +241,10 @@ def _prepared(ds, export: str | Path, task: str, columns: tuple[str, ...], id_co
             raise ConfigError(f"{name} must be a positive integer, found {value!r}")
     schema = ds.schema()
     names = list(schema.names) if schema is not None else []
-    fields = [("column" if len(columns) == 1 else f"{('query', 'document')[i]}_column", c)
-              for i, c in enumerate(columns)]
-    for field, name in fields + [("id_column", id_column)]:
+    for field, name in [*columns.items(), ("id_column", id_column)]:
         if name is not None and name not in names:
             raise ConfigError(f"{field} {name!r} is not a column of the dataset; it has {names}")
-    for column in columns:
+    for column in columns.values():
         kind = str(schema.types[names.index(column)])
         if kind not in ("string", "large_string"):
             raise ConfigError(f"Column {column!r} must hold strings, found {kind}; cast it first (e.g. with "
