@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from .app import ModelServer, RequestInfo, json_response
-from .protocol import ApiError, check_truncation_direction, json_type, parse_bool, parse_texts, read_json_body
+from .protocol import (ApiError, check_truncation_direction, json_type, parse_bool, parse_optional_string,
+                       parse_texts, read_json_body)
 
 # Characters of a request above which its pairs are measured in a thread, keeping the event loop free.
 _MEASURE_IN_THREAD_CHARS = 50_000
@@ -83,7 +84,8 @@ class RerankHandlers:
         ``param`` (formats of its index ``i``). The batch group ``(adapter, option[, prompt])`` keeps each
         adapter's and each prompt's pairs in batches of their own."""
         served = server.served
-        prompt = served.pair_prompt(body, server.settings.max_input_chars)
+        prompt = served.pair_prompt(parse_optional_string(body, "prompt_name"), parse_optional_string(body, "prompt"),
+                                    server.settings.max_input_chars)
         given = firsts
         one_query = isinstance(firsts, str)
         measure = served.measure_pairs if one_query else served.measure_text_pairs

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import ConfigError, NonFiniteEmbeddingError
 from ..tasks import EMBEDDING, Task, task_named
-from .protocol import ApiError, json_type, parse_optional_string, show
+from .protocol import ApiError, json_type, show
 from .settings import ServeSettings
 from .token_counter import TokenCounter, counter_for
 
@@ -127,12 +127,11 @@ class ServedModel:
         """Inputs of the task's batch call for the warm-up: texts, or (text, text) pairs."""
         return [(t, t) for t in _WARMUP_TEXTS] if self.task.text_pairs else list(_WARMUP_TEXTS)
 
-    def pair_prompt(self, body: dict[str, Any], max_chars: int) -> str | None:
+    def pair_prompt(self, prompt_name: str | None, prompt: str | None, max_chars: int) -> str | None:
         """The reranker prompt a request asks for with ``prompt_name`` (one of the model's prompts) or ``prompt``
         (its text; "" for none), as ``CrossEncoderModel.predict`` takes them; None (neither): the model's default.
         422 for both at once, an unknown name, a prompt over ``max_chars`` characters (an input's limit), or a
         prompt this export cannot apply."""
-        prompt_name, prompt = parse_optional_string(body, "prompt_name"), parse_optional_string(body, "prompt")
         if prompt_name is None and prompt is None:
             return None
         if prompt is not None and len(prompt) > max_chars:
