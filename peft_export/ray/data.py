@@ -62,10 +62,7 @@ class BatchEmbedder:
         self.options: dict[str, Any] = {"batch_size": encode_batch_size}
         if prompt_name is not None:
             self.options["prompt_name"] = prompt_name
-        if adapter is not None:
-            self.options["adapter"] = adapter
-        elif getattr(self.model, "is_switchable", False):
-            self.options["adapter"] = False  # the base itself, even when the export activates a default adapter
+        self.options.update(_adapter_option(self.model, adapter))
         self.dimension = self.model.get_sentence_embedding_dimension()
 
     def before_batch(self, batch) -> None:
@@ -100,10 +97,7 @@ class BatchScorer:
         self.columns = (query_column, document_column)
         self.output_column = output_column
         self.options: dict[str, Any] = {"batch_size": predict_batch_size, **(options or {})}
-        if adapter is not None:
-            self.options["adapter"] = adapter
-        elif getattr(self.model, "is_switchable", False):
-            self.options["adapter"] = False  # the base itself, even when the export activates a default adapter
+        self.options.update(_adapter_option(self.model, adapter))
         self.labels = self.model.num_labels
 
     def __call__(self, batch):
@@ -118,6 +112,14 @@ class BatchScorer:
             return batch.append_column(self.output_column, pa.array(scores[:, 0], type=pa.float32()))
         flat = pa.array(scores.reshape(-1), type=pa.float32())
         return batch.append_column(self.output_column, pa.FixedSizeListArray.from_arrays(flat, scores.shape[1]))
+
+
+def _adapter_option(model, adapter: str | None) -> dict[str, Any]:
+    """The ``adapter`` option of every call an actor makes: the named adapter, or for a switchable export without
+    one the base itself (``False``), even when the export activates a default adapter."""
+    if adapter is not None:
+        return {"adapter": adapter}
+    return {"adapter": False} if getattr(model, "is_switchable", False) else {}
 
 
 def _texts(batch, column: str) -> list[str]:
@@ -183,13 +185,10 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     (``peft_export.ray.embed_job.write_runs_in_order``). Each row's embedding always stays with its row.
     """
     export, ds = _prepared(ds, export, "embedding", {"column": column}, id_column, batch_size, block_rows)
-    out = _map_on_pool(ds, embedder, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
-                       export=str(export), column=column, adapter=adapter, prompt_name=prompt_name,
-                       encode_batch_size=encode_batch_size, backend=backend, output_column=output_column,
-                       model_options=model_options)
-    if not keep_columns:
-        out = out.select_columns([c for c in (id_column, output_column) if c is not None])
-    return out
+    return _map_on_pool(ds, embedder, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
+                        id_column, keep_columns, export=str(export), column=column,
+                        adapter=adapter, prompt_name=prompt_name, encode_batch_size=encode_batch_size,
+                        backend=backend, output_column=output_column, model_options=model_options)
 
 
 def rerank_dataset(ds, export: str | Path, query_column: str = "query", document_column: str = "document",
@@ -209,13 +208,11 @@ def rerank_dataset(ds, export: str | Path, query_column: str = "query", document
                            id_column, batch_size, block_rows)
     options = {key: value for key, value in (("prompt_name", prompt_name), ("prompt", prompt),
                                              ("activation_fn", activation_fn)) if value is not None}
-    out = _map_on_pool(ds, scorer, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
-                       export=str(export), query_column=query_column, document_column=document_column,
-                       adapter=adapter, predict_batch_size=predict_batch_size, backend=backend,
-                       output_column=output_column, options=options, model_options=model_options)
-    if not keep_columns:
-        out = out.select_columns([c for c in (id_column, output_column) if c is not None])
-    return out
+    return _map_on_pool(ds, scorer, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
+                        id_column, keep_columns, export=str(export),
+                        query_column=query_column, document_column=document_column, adapter=adapter,
+                        predict_batch_size=predict_batch_size, backend=backend, output_column=output_column,
+                        options=options, model_options=model_options)
 
 
 def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_column: str | None,
@@ -255,14 +252,19 @@ def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_col
 
 
 def _map_on_pool(ds, callable_class, batch_size: int, num_actors: int | None, threads_per_actor: int | None,
-                 num_cpus_per_actor: float | None, ray_remote_args: dict[str, Any], **constructor_kwargs):
+                 num_cpus_per_actor: float | None, ray_remote_args: dict[str, Any], id_column: str | None,
+                 keep_columns: bool, **constructor_kwargs):
     """``ds.map_batches`` with ``callable_class`` on an actor pool sized by :func:`plan_actors`, each actor built
-    with ``constructor_kwargs`` and its thread count."""
+    with ``constructor_kwargs`` and its thread count; without ``keep_columns``, only ``id_column`` (when given) and
+    the output column are kept."""
     actors, threads, reserved = plan_actors(num_actors, threads_per_actor, num_cpus_per_actor)
     from ray.data import ActorPoolStrategy
 
-    return ds.map_batches(
+    out = ds.map_batches(
         callable_class, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
         fn_constructor_kwargs={**constructor_kwargs, "threads": threads},
         compute=ActorPoolStrategy(size=actors), num_cpus=reserved, **ray_remote_args,
     )
+    if keep_columns:
+        return out
+    return out.select_columns([c for c in (id_column, constructor_kwargs["output_column"]) if c is not None])
