@@ -125,6 +125,19 @@ class ExportedModel(AdapterMethods):
         except ConfigError:
             return
         self._check_task(manifest)
+        # The manifest names this class's task, yet the folder holds another task's runtime config: the manifest's
+        # task was edited (or removed), or files of two exports were mixed. Say so rather than "not an export".
+        named = (f"names the task {manifest['task']!r}" if "task" in manifest else
+                 f"names no task (so the {DEFAULT_TASK!r} task)")
+        for other in _runtime_classes():
+            found = self.path / other.runtime_config_file
+            if other.runtime_config_file != self.runtime_config_file and found.is_file():
+                raise ConfigError(
+                    f"{self.path / MANIFEST_FILE} {named}, but the folder "
+                    f"holds {other.runtime_config_file} (the {other.task!r} task's runtime config) and no "
+                    f"{self.runtime_config_file}: the manifest was edited or the folder mixes two exports; refused. "
+                    "Export the folder again."
+                )
 
     def _check_task(self, manifest: dict[str, Any]) -> None:
         """Refuse an export made for another task, naming the class that opens it."""
@@ -229,13 +242,18 @@ class ExportedModel(AdapterMethods):
 def runtime_class_for(task: str) -> type[ExportedModel] | None:
     """The class that opens exports of ``task``: the subclass of ExportedModel that declares it (every runtime
     class is imported with ``peft_export.runtime``)."""
+    return next((cls for cls in _runtime_classes() if cls.task == task), None)
+
+
+def _runtime_classes() -> Iterator[type[ExportedModel]]:
+    """Every subclass of ExportedModel that runs a task (every runtime class is imported with
+    ``peft_export.runtime``)."""
     pending = list(ExportedModel.__subclasses__())
     while pending:
         cls = pending.pop(0)
-        if cls.task == task:
-            return cls
+        if cls.task is not None:
+            yield cls
         pending.extend(cls.__subclasses__())
-    return None
 
 
 def progress_counter(show: bool | None, total: int, batch_size: int) -> Callable[[int], None]:
