@@ -212,3 +212,15 @@ def test_a_symlink_to_another_graph_is_refused_and_one_to_the_same_bytes_loads(e
     (folder / "model.onnx").unlink()
     os.symlink(same, folder / "model.onnx")
     peft_export.load(folder).predict(PAIRS)
+
+
+@pytest.mark.parametrize("name", ["../../evil", "adapters/qv", "/etc/passwd", ".hidden", "a" * 65])
+def test_a_manifest_adapter_name_that_no_export_writes_is_refused(exports, tmp_path, name):
+    # Names become URL path parts and header values; a manifest edited to hold "../../evil" was loaded and served.
+    folder = Path(shutil.copytree(exports["onnx-switchable"], tmp_path / "edited"))
+    manifest = _json(folder / MANIFEST)
+    manifest["adapters"][0]["name"] = name
+    _write_json(folder / MANIFEST, manifest)
+    with pytest.raises(ConfigError, match=rf"peft_export\.json lists an adapter named {re.escape(repr(name)[:80])}, "
+                                          r"which no export writes .*the manifest was edited"):
+        peft_export.load(folder)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .adapter_names import check_adapter_name
 from .atomic_file import write_atomically
 from .export_files import confined, verified_bytes
 
@@ -156,6 +157,12 @@ def adapter_table(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, dic
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                 for e in entries):
         raise ConfigError(f"{folder}: {MANIFEST_FILE}'s adapters must be a list of objects with a name")
+    for entry in entries:  # names become URL path parts and header values: the rule they were exported under
+        try:
+            check_adapter_name(entry["name"])
+        except ConfigError as err:
+            raise ConfigError(f"{folder}: {MANIFEST_FILE} lists an adapter named {entry['name']!r:.80}, which no "
+                              f"export writes ({err}); the manifest was edited. Export the folder again.") from err
     table = {e["name"]: {k: v for k, v in e.items() if k not in ("name", "validation", "source")} for e in entries}
     default = manifest.get("default_adapter")
     if default is not None and default not in table:
