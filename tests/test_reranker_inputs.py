@@ -43,6 +43,31 @@ def _logits(model, pairs, **kwargs) -> np.ndarray:
     return model.predict(pairs, activation_fn="identity", **kwargs)
 
 
+# ----- shapes and options (item 16) -----
+def test_pairs_as_numpy_rows_score_as_the_list(model):
+    # sentence-transformers takes an array of [query, passage] rows; it was refused ("inputs[0] must be a pair").
+    rows = np.array([list(p) for p in PAIRS])
+    assert np.array_equal(model.predict(rows), model.predict(PAIRS))
+    assert np.ndim(model.predict(rows[0])) == 0 and model.predict(rows[0]) == model.predict(PAIRS[0])
+    assert model.predict(list(PAIRS[0])) == model.predict(PAIRS[0])  # one pair as a list is one pair
+
+
+@pytest.mark.parametrize("inputs, message", [
+    (None, r"inputs must be a \(query, passage\) pair or a list of them, found NoneType None"),
+    ("query and passage", r"inputs must be a \(query, passage\) pair or a list of them, found str 'query and"),
+    (5, r"inputs must be a \(query, passage\) pair or a list of them, found int 5"),
+    (("q", "p", "x"), r"inputs is one pair of 3 strings, found \('q', 'p', 'x'\): a pair is \(query, passage\)"),
+    ([("q", "p"), ("q", None)], r"inputs\[1\] must be a \(query, passage\) pair of two strings, found \('q', None\)"),
+    ([("q", "p"), ("q", "p", "x")], r"inputs\[1\] must be a \(query, passage\) pair of two strings"),
+    ([("q", "p"), (1, 2)], r"inputs\[1\] must be a \(query, passage\) pair of two strings, found \(1, 2\)"),
+], ids=["none", "one-string", "int", "three-strings", "none-item", "triple", "ints"])
+def test_inputs_that_are_not_pairs_are_refused_naming_them(model, inputs, message):
+    # None was "TypeError: 'NoneType' object is not iterable"; a string or three strings were "inputs[0] must be a
+    # pair ..., found 'q'", naming their first character.
+    with pytest.raises(InvalidInputError, match=message):
+        model.predict(inputs)
+
+
 @pytest.mark.parametrize("pairs, named", [
     ([("a", "b"), ("c", "\ud800")], r"inputs\[1\]\[1\] \(the passage of pair 1\)"),
     ([("a", "b"), ("\ud800", "d")], r"inputs\[1\]\[0\] \(the query of pair 1\)"),
@@ -57,10 +82,42 @@ def test_invalid_unicode_is_named_by_its_pair_and_side(model, pairs, named):
         model.rank(QUERY, ["a", "b", "\ud800"])
 
 
+def test_activation_fn_takes_names_and_functions_of_the_logits_shape(model, eager):
+    logits = _logits(model, PAIRS)
+    assert np.allclose(model.predict(PAIRS, activation_fn=np.tanh), np.tanh(logits), atol=1e-6)
+    assert np.array_equal(model.predict(PAIRS, activation_fn=lambda x: x[:, 0]), logits)  # one label: per pair
+    assert np.array_equal(model.predict(PAIRS, apply_softmax=True), model.predict(PAIRS))  # one label: no softmax
+    listed = model.predict(PAIRS, convert_to_numpy=False)
+    assert isinstance(listed, list) and np.array_equal(np.array(listed), model.predict(PAIRS))
+    with pytest.raises(ValueError, match=r"activation_fn must be a function or one of sigmoid, identity, tanh, found "
+                                         r"int 5"):
+        model.predict(PAIRS, activation_fn=5)  # was "TypeError: 'int' object is not callable"
+    with pytest.raises(ValueError, match=r"activation_fn must return an array of the logits' shape \(5, 1\) \(one "
+                                         r"value per logit\), returned shape \(\)"):
+        model.predict(PAIRS, activation_fn=np.sum)  # was returned as if it were the scores
+
+
 @pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])
 def test_batch_size_must_be_a_positive_integer(model, batch_size):
     with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, found {batch_size!r}"):
         model.predict(PAIRS, batch_size=batch_size)
+
+
+def test_rank_top_k_and_documents(model, eager):
+    assert model.rank(QUERY, PASSAGES, top_k=0) == [] and model.rank(QUERY, []) == []
+    everything = model.rank(QUERY, PASSAGES, return_documents=True)
+    assert model.rank(QUERY, PASSAGES, top_k=99, return_documents=True) == everything
+    assert [r["corpus_id"] for r in everything] == [r["corpus_id"] for r in eager.rank(QUERY, PASSAGES)]
+    assert all(r["text"] == PASSAGES[r["corpus_id"]] for r in everything)
+    for top_k in (-1, 1.5, True, "3"):
+        # -1 silently dropped the last document (a slice); 1.5 was a TypeError from slicing.
+        with pytest.raises(ValueError, match=rf"top_k must be None \(all documents\) or a non-negative integer, "
+                                             rf"found {top_k!r}"):
+            model.rank(QUERY, PASSAGES, top_k=top_k)
+    with pytest.raises(InvalidInputError, match=r"documents must be a list of strings, found str 'abc'"):
+        model.rank(QUERY, "abc")  # was each character ranked as a document
+    with pytest.raises(InvalidInputError, match=r"query must be a string, found NoneType"):
+        model.rank(None, PASSAGES)
 
 
 # ----- awkward strings and determinism (items 17, 19) -----
