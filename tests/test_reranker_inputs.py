@@ -211,3 +211,11 @@ def test_adapter_names_that_are_not_loaded_are_refused_listing_the_loaded_ones(s
     with pytest.raises(AdapterNotFoundError, match=r"Adapter with name .* not found\. Loaded adapters: "
                                                    r"\['qk', 'qv'\]"):
         switchable.predict(PAIRS, adapter=name)
+
+
+def test_an_adapter_on_a_merged_export_is_refused_naming_predict(model):
+    # The message named encode(adapter=...), a method CrossEncoderModel does not have.
+    with pytest.raises(ConfigError, match=r"^predict\(adapter=\.\.\.\) needs a switchable export"):
+        model.predict(PAIRS, adapter="qv")
+    with pytest.raises(ConfigError, match=r"^predict\(adapter=\.\.\.\) needs a switchable export"):
+        model.rank(QUERY, PASSAGES, adapter="qv")
