@@ -29,7 +29,7 @@ from .config import (
     check_export_folder,
     read_manifest,
 )
-from .export_files import graph_files, verify_export_files
+from .export_files import changed_file_error, graph_files, verify_export_files
 from .onnxruntime_backend import SessionSettings
 from .tokenizer import TextTokenizer
 
@@ -90,11 +90,17 @@ class ExportedModel(AdapterMethods):
         self.config = RuntimeConfig.load(self.path, self.manifest, self.runtime_config_file)
         self._check_sequence_limit()
         self.device = device
-        self.backend = open_backend(
-            self.path, self.config, backend, device, providers=providers, intra_op_threads=intra_op_threads,
-            session_settings=session_settings, openvino_settings=openvino_settings,
-            inference_precision=inference_precision, performance_hint=performance_hint,
-        )
+        try:
+            self.backend = open_backend(
+                self.path, self.config, backend, device, providers=providers, intra_op_threads=intra_op_threads,
+                session_settings=session_settings, openvino_settings=openvino_settings,
+                inference_precision=inference_precision, performance_hint=performance_hint,
+            )
+        except ConfigError as err:  # a graph edited so that the backend cannot read it: say it was changed
+            changed = changed_file_error(self.path, self.manifest, graph_files(self.config.model_file), err)
+            if changed is None:
+                raise
+            raise changed from err
         # Every file is the one the manifest recorded (checked after the backend's own checks, whose errors say more
         # about a missing or truncated graph file).
         verify_export_files(self.path, self.manifest,
