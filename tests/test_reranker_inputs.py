@@ -166,6 +166,34 @@ def test_one_huge_passage_costs_its_truncation_prefix(model, monkeypatch):
     assert sizes[0] == sizes[1] < 5_000
 
 
+@pytest.mark.parametrize("layout", ["pair", "chat-template"])
+def test_a_huge_query_ranked_with_a_prompt_is_not_copied_per_document(model, reranker, tmp_path, layout):
+    """rank() pairs one query with every document: prompt + a 1,000,000-character query against 300 documents held
+    300 copies of it (300 MB traced), as did a chat template's rendering; it costs what a bounded prefix costs per
+    pair, and scores as the cut query does."""
+    import tracemalloc
+
+    from fixtures.export_edits import with_task_config
+
+    if layout == "chat-template":  # a pair template rendering "prefix + query + middle + document + suffix"
+        template = {"prefix": "Query: ", "middle": " Passage: ", "suffix": " end", "suffix_ids": [7, 8]}
+        model = CrossEncoderModel(with_task_config(reranker["base_export"], tmp_path / "template",
+                                                   pair_template=template, prompts={}))
+    query, documents = "w " * 500_000, [f"document {i}" for i in range(300)]
+    tracemalloc.start()
+    try:
+        ranked = model.rank(query, documents, prompt=None if layout == "chat-template" else "Find: ",
+                            activation_fn="identity")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 30_000_000, peak
+    cut = model.rank("w " * 200, documents, prompt=None if layout == "chat-template" else "Find: ",
+                     activation_fn="identity")
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(sorted(ranked, key=lambda r: r["corpus_id"]),
+                                                            sorted(cut, key=lambda r: r["corpus_id"]))) <= TOLERANCE
+
+
 def test_a_prompt_longer_than_max_length_is_truncated_as_eager_truncates_it(model, eager):
     import torch
 

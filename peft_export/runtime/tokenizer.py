@@ -62,6 +62,10 @@ class TextTokenizer:
             self._prefixes = TokenCounter(self.tokenizer, self.max_seq_length, self.do_lower_case)
         return [truncation_prefix(self._prefixes, t, self.max_text_chars) for t in texts]
 
+    def _bounded(self, text: str) -> str:
+        """One text as :meth:`truncation_prefixes` gives it."""
+        return self.truncation_prefixes([text])[0]
+
     def tokenize(self, texts: list[str]) -> list:
         """``tokenizers.Encoding`` per text (truncated, unpadded): tokenize once, then batch with ``pad``. A long
         text is tokenized as its truncation prefix (same tokens, bounded cost)."""
@@ -84,10 +88,17 @@ class TextTokenizer:
         prompt (before the query, or the chat template's system message; "" none), None its default."""
         if self.pair_template is not None:
             return self._tokenize_rendered_pairs(pairs, self.pair_prompts.chat_template(prompt), prompt)
-        prefix = self.pair_prompts.query_prefix(prompt)
-        firsts, seconds = [prefix + p[0] for p in pairs], [p[1] for p in pairs]
+        prefix, cap = self.pair_prompts.query_prefix(prompt), self.max_text_chars
+        # Each side is cut to the characters truncation_prefix reads before the prompt is joined to it, and bounded
+        # before the next pair's is built: rank() puts one query in every pair, and prompt + a 1,000,000-character
+        # query ranked against 300 documents held 300 copies of it (300 MB). The query object is bounded once.
+        queries: dict[int, str] = {}
         try:
-            firsts, seconds = self.truncation_prefixes(firsts), self.truncation_prefixes(seconds)
+            for query, _ in pairs:
+                if id(query) not in queries:
+                    queries[id(query)] = self._bounded(prefix + query[:cap])
+            firsts = [queries[id(q)] for q, _ in pairs]
+            seconds = [self._bounded(d) for _, d in pairs]
             if self.do_lower_case:
                 firsts, seconds = [t.lower() for t in firsts], [t.lower() for t in seconds]
             return self.tokenizer.encode_batch(list(zip(firsts, seconds)), add_special_tokens=True)
@@ -99,9 +110,10 @@ class TextTokenizer:
         document + suffix`` tokenized as one text without added special tokens, truncated on the right, and the
         template's suffix tokens written back over the end of a truncated row (so the last token is the template's
         last, as the model was trained to read it)."""
-        texts = [template["prefix"] + q + template["middle"] + d + template["suffix"] for q, d in pairs]
+        cap = self.max_text_chars  # as in tokenize_pairs: no whole copy of a long side per pair
         try:
-            texts = self.truncation_prefixes(texts)
+            texts = [self._bounded(template["prefix"] + q[:cap] + template["middle"] + d[:cap] + template["suffix"])
+                     for q, d in pairs]
             if self.do_lower_case:
                 texts = [t.lower() for t in texts]
             encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
