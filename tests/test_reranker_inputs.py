@@ -92,9 +92,22 @@ def test_activation_fn_takes_names_and_functions_of_the_logits_shape(model, eage
     with pytest.raises(ValueError, match=r"activation_fn must be a function or one of sigmoid, identity, tanh, found "
                                          r"int 5"):
         model.predict(PAIRS, activation_fn=5)  # was "TypeError: 'int' object is not callable"
-    with pytest.raises(ValueError, match=r"activation_fn must return an array of the logits' shape \(5, 1\) \(one "
-                                         r"value per logit\), returned shape \(\)"):
-        model.predict(PAIRS, activation_fn=np.sum)  # was returned as if it were the scores
+    for reduction, shape in ((np.sum, r"\(\)"), (lambda x: x[:2], r"\(2, 1\)")):
+        with pytest.raises(ValueError, match=r"activation_fn must return one row per pair, as the logits \(5, 1\) "
+                                             rf"have, returned shape {shape}"):
+            model.predict(PAIRS, activation_fn=reduction)  # was returned as if it were the scores
+
+
+def test_several_labels_give_a_row_per_pair(zoo):
+    """A three-label (NLI) CrossEncoder: a row of logits per pair, one pair a row, no pairs (0, 3), an activation
+    that picks one label a value per pair (as sentence-transformers returns it), rank() refused."""
+    model = CrossEncoderModel(reranker_fixtures.nli_reranker(zoo)["export"])
+    logits = model.predict(PAIRS)
+    assert logits.shape == (5, 3) and model.predict(PAIRS[0]).shape == (3,) and model.predict([]).shape == (0, 3)
+    assert np.array_equal(model.predict(PAIRS, activation_fn=lambda x: x[:, 1]), logits[:, 1])
+    np.testing.assert_allclose(model.predict(PAIRS[0], apply_softmax=True).sum(), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"rank\(\) needs a model with num_labels=1; .* has 3"):
+        model.rank(QUERY, PASSAGES)
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 1.5, True])

@@ -191,11 +191,11 @@ class CrossEncoderModel(ExportedModel):
         if activation_fn is not None and len(scores):
             logits_shape = scores.shape
             scores = np.asarray(activation_fn(scores), dtype=np.float32)
-            # One value per logit (or per pair, for one label); anything else (a reduction) is not scores.
-            if scores.shape != logits_shape and not (self.num_labels == 1 and scores.shape == logits_shape[:1]):
-                raise ValueError(f"activation_fn must return an array of the logits' shape {logits_shape} (one value "
-                                 f"per logit), returned shape {scores.shape}")
-        if self.num_labels == 1 and scores.ndim > 1:
+            # One row per pair (a value, or one per label); a reduction over the pairs is not their scores.
+            if scores.ndim not in (1, 2) or scores.shape[0] != logits_shape[0]:
+                raise ValueError(f"activation_fn must return one row per pair, as the logits {logits_shape} have, "
+                                 f"returned shape {scores.shape}")
+        if self.num_labels == 1 and scores.ndim > 1 and scores.shape[1] == 1:
             scores = scores[:, 0]  # (pairs, 1) -> (pairs,)
         if apply_softmax and scores.ndim > 1 and len(scores):
             scores = _softmax(scores)
