@@ -238,3 +238,12 @@ def test_a_manifest_adapter_name_that_no_export_writes_is_refused(exports, tmp_p
     with pytest.raises(ConfigError, match=rf"peft_export\.json lists an adapter named {re.escape(repr(name)[:80])}, "
                                           r"which no export writes .*the manifest was edited"):
         peft_export.load(folder)
+
+
+def test_a_file_of_an_export_given_as_the_export_is_refused_naming_its_folder(exports):
+    # Was "Export folder not found: .../model.onnx", for a file that is there.
+    graph = exports["onnx"] / "model.onnx"
+    for opener in (peft_export.load, CrossEncoderModel):
+        with pytest.raises(ConfigError, match=rf"model\.onnx is a file, not an export folder: pass the folder that "
+                                              rf"holds it \({re.escape(str(exports['onnx']))}\)"):
+            opener(graph)

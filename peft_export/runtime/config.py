@@ -170,9 +170,18 @@ def adapter_table(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, dic
     return table, default
 
 
+def folder_not_found(folder: str | Path) -> ConfigError:
+    """The error for an export path that is not a folder: missing, or a file of an export (its graph, its manifest)
+    given instead of the folder that holds it."""
+    if Path(folder).is_file():
+        return ConfigError(f"{folder} is a file, not an export folder: pass the folder that holds it "
+                           f"({Path(folder).parent})")
+    return ConfigError(f"Export folder not found: {folder}")
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not Path(folder).is_dir():
-        raise ConfigError(f"Export folder not found: {folder}")
+        raise folder_not_found(folder)
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} has no {MANIFEST_FILE}; is it a peft_export export folder?")

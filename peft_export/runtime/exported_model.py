@@ -27,6 +27,7 @@ from .config import (
     TOKENIZER_FILE,
     RuntimeConfig,
     check_export_folder,
+    folder_not_found,
     read_manifest,
 )
 from .export_files import changed_file_error, graph_files, verify_export_files
@@ -82,7 +83,7 @@ class ExportedModel(AdapterMethods):
     ):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ConfigError(f"Export folder not found: {self.path}")
+            raise folder_not_found(self.path)
         self._refuse_other_task_early()
         check_export_folder(self.path, self.runtime_config_file)
         self.manifest = read_manifest(self.path)
