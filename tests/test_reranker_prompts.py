@@ -204,6 +204,19 @@ def test_qwen3_prompts_render_as_the_cross_encoders(qwen3):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("prompt", ["Instruction words " * 200, "x" * 5000], ids=["words", "unbroken"])
+def test_qwen3_prompt_longer_than_max_length_is_truncated_as_the_cross_encoder_truncates_it(qwen3, prompt):
+    """A system message longer than max_length leaves no room for the pair: truncated on the right and the
+    template's tail written back, as the CrossEncoder does; the ids and scores are its own."""
+    model, reference = qwen3["model"], qwen3["reference"]
+    eager, runtime = reference.preprocess(PAIRS, prompt=prompt), model._tokenizer.encode_pairs(PAIRS, prompt)
+    for row in range(len(PAIRS)):
+        want = eager["input_ids"][row][eager["attention_mask"][row].bool()].tolist()
+        assert runtime["input_ids"][row][runtime["attention_mask"][row].astype(bool)].tolist() == want, row
+    assert np.abs(model.predict(PAIRS, prompt=prompt) - reference.predict(PAIRS, prompt=prompt)).max() <= TOLERANCE
+
+
+@pytest.mark.slow
 def test_qwen3_prompts_equal_eager_cross_encoder(qwen3):
     _assert_parity(qwen3["model"], qwen3["reference"])
 

@@ -17,7 +17,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -42,6 +42,8 @@ class LoadedAdapter:
 class AdapterMethods:
     """Mixed into ExportedModel (every exported model class), which provides ``path``, ``config``, ``manifest`` and
     ``backend``."""
+
+    call_name: ClassVar[str] = "encode"  # the class's call that takes ``adapter=`` (messages name it)
 
     def _init_adapters(self) -> None:
         self._adapter_lock = threading.Lock()
@@ -122,9 +124,10 @@ class AdapterMethods:
         False = the base for this call."""
         if adapter is None and not self._slots:
             return None
-        self._require_switchable("encode(adapter=...)" if adapter is not None else "encode", "--adapter")
+        call = f"{self.call_name}(adapter=...)"
+        self._require_switchable(call if adapter is not None else self.call_name, "--adapter")
         if isinstance(adapter, (list, tuple)):
-            names = self._stack_names(adapter, "encode(adapter=...)")
+            names = self._stack_names(adapter, call)
             return self._stacked(names) if isinstance(names, tuple) else self._adapter_for_call(names)
         with self._adapter_lock:
             if adapter is None:

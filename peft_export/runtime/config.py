@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .adapter_names import check_adapter_name
 from .atomic_file import write_atomically
 from .export_files import confined, verified_bytes
 
@@ -156,6 +157,12 @@ def adapter_table(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, dic
     if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
                                                 for e in entries):
         raise ConfigError(f"{folder}: {MANIFEST_FILE}'s adapters must be a list of objects with a name")
+    for entry in entries:  # names become URL path parts and header values: the rule they were exported under
+        try:
+            check_adapter_name(entry["name"])
+        except ConfigError as err:
+            raise ConfigError(f"{folder}: {MANIFEST_FILE} lists an adapter named {entry['name']!r:.80}, which no "
+                              f"export writes ({err}); the manifest was edited. Export the folder again.") from err
     table = {e["name"]: {k: v for k, v in e.items() if k not in ("name", "validation", "source")} for e in entries}
     default = manifest.get("default_adapter")
     if default is not None and default not in table:
@@ -163,9 +170,18 @@ def adapter_table(folder: Path, manifest: dict[str, Any]) -> tuple[dict[str, dic
     return table, default
 
 
+def folder_not_found(folder: str | Path) -> ConfigError:
+    """The error for an export path that is not a folder: missing, or a file of an export (its graph, its manifest)
+    given instead of the folder that holds it."""
+    if Path(folder).is_file():
+        return ConfigError(f"{folder} is a file, not an export folder: pass the folder that holds it "
+                           f"({Path(folder).parent})")
+    return ConfigError(f"Export folder not found: {folder}")
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     if not Path(folder).is_dir():
-        raise ConfigError(f"Export folder not found: {folder}")
+        raise folder_not_found(folder)
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} has no {MANIFEST_FILE}; is it a peft_export export folder?")

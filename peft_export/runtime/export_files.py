@@ -113,6 +113,25 @@ def _compare(path: Path, found: str, expected: object, relative: str) -> None:
                           f"{REEXPORT}.")
 
 
+def changed_file_error(folder: Path, manifest: dict, names: list[str], cause: Exception) -> ConfigError | None:
+    """Where a backend could not read the graph (``cause``): the error naming the first of ``names`` that is there
+    but does not hold what the manifest records, with what the backend said; None where each one present does (a
+    missing or truncated file is left to the backend's own error, which says more)."""
+    try:
+        recorded = recorded_hashes(folder, manifest)
+    except ConfigError:
+        return None
+    for relative in names:
+        path = confined(folder, relative, "a file in peft_export.json")
+        if relative not in recorded or not path.is_file():
+            continue
+        try:
+            _compare(path, _read(path, sha256_of), recorded[relative], relative)
+        except ConfigError as err:
+            return ConfigError(f"{err} (The backend could not read it either: {cause})")
+    return None
+
+
 def graph_files(model_file: str) -> list[str]:
     """The files of a graph: ``model.onnx`` (its external data is listed beside it in the manifest), or an OpenVINO
     IR's ``.xml`` and ``.bin``."""

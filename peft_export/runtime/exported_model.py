@@ -27,9 +27,10 @@ from .config import (
     TOKENIZER_FILE,
     RuntimeConfig,
     check_export_folder,
+    folder_not_found,
     read_manifest,
 )
-from .export_files import graph_files, verify_export_files
+from .export_files import changed_file_error, graph_files, verify_export_files
 from .onnxruntime_backend import SessionSettings
 from .tokenizer import TextTokenizer
 
@@ -82,7 +83,7 @@ class ExportedModel(AdapterMethods):
     ):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise ConfigError(f"Export folder not found: {self.path}")
+            raise folder_not_found(self.path)
         self._refuse_other_task_early()
         check_export_folder(self.path, self.runtime_config_file)
         self.manifest = read_manifest(self.path)
@@ -90,11 +91,17 @@ class ExportedModel(AdapterMethods):
         self.config = RuntimeConfig.load(self.path, self.manifest, self.runtime_config_file)
         self._check_sequence_limit()
         self.device = device
-        self.backend = open_backend(
-            self.path, self.config, backend, device, providers=providers, intra_op_threads=intra_op_threads,
-            session_settings=session_settings, openvino_settings=openvino_settings,
-            inference_precision=inference_precision, performance_hint=performance_hint,
-        )
+        try:
+            self.backend = open_backend(
+                self.path, self.config, backend, device, providers=providers, intra_op_threads=intra_op_threads,
+                session_settings=session_settings, openvino_settings=openvino_settings,
+                inference_precision=inference_precision, performance_hint=performance_hint,
+            )
+        except ConfigError as err:  # a graph edited so that the backend cannot read it: say it was changed
+            changed = changed_file_error(self.path, self.manifest, graph_files(self.config.model_file), err)
+            if changed is None:
+                raise
+            raise changed from err
         # Every file is the one the manifest recorded (checked after the backend's own checks, whose errors say more
         # about a missing or truncated graph file).
         verify_export_files(self.path, self.manifest,
@@ -125,6 +132,19 @@ class ExportedModel(AdapterMethods):
         except ConfigError:
             return
         self._check_task(manifest)
+        # The manifest names this class's task, yet the folder holds another task's runtime config: the manifest's
+        # task was edited (or removed), or files of two exports were mixed. Say so rather than "not an export".
+        named = (f"names the task {manifest['task']!r}" if "task" in manifest else
+                 f"names no task (so the {DEFAULT_TASK!r} task)")
+        for other in _runtime_classes():
+            found = self.path / other.runtime_config_file
+            if other.runtime_config_file != self.runtime_config_file and found.is_file():
+                raise ConfigError(
+                    f"{self.path / MANIFEST_FILE} {named}, but the folder "
+                    f"holds {other.runtime_config_file} (the {other.task!r} task's runtime config) and no "
+                    f"{self.runtime_config_file}: the manifest was edited or the folder mixes two exports; refused. "
+                    "Export the folder again."
+                )
 
     def _check_task(self, manifest: dict[str, Any]) -> None:
         """Refuse an export made for another task, naming the class that opens it."""
@@ -229,13 +249,18 @@ class ExportedModel(AdapterMethods):
 def runtime_class_for(task: str) -> type[ExportedModel] | None:
     """The class that opens exports of ``task``: the subclass of ExportedModel that declares it (every runtime
     class is imported with ``peft_export.runtime``)."""
+    return next((cls for cls in _runtime_classes() if cls.task == task), None)
+
+
+def _runtime_classes() -> Iterator[type[ExportedModel]]:
+    """Every subclass of ExportedModel that runs a task (every runtime class is imported with
+    ``peft_export.runtime``)."""
     pending = list(ExportedModel.__subclasses__())
     while pending:
         cls = pending.pop(0)
-        if cls.task == task:
-            return cls
+        if cls.task is not None:
+            yield cls
         pending.extend(cls.__subclasses__())
-    return None
 
 
 def progress_counter(show: bool | None, total: int, batch_size: int) -> Callable[[int], None]:

@@ -155,17 +155,20 @@ def _open_session(ort, model_path: Path, options, providers: list, settings: Ses
     try:
         return ort.InferenceSession(str(model_path), sess_options=options, providers=providers,
                                     disabled_optimizers=settings.disabled_optimizers(providers))
-    except (state.InvalidProtobuf, state.InvalidGraph, state.NoSuchFile) as err:
+    except Exception as err:
+        if "escapes model directory" in str(err):  # ONNX Runtime's own check: data behind a symlink out of the folder
+            raise UnsafeModelError(f"{model_path} points to external data through a symlink outside the model "
+                                   f"folder; refused (ONNX Runtime: {str(err).split('Error: ', 1)[-1]})") from err
+        # A file it cannot parse, or a graph it finds invalid at load (a changed byte can make either: InvalidArgument
+        # "Load model from ... failed: Invalid model. Node input ... is not a graph input" escaped as a raw error).
+        if not (isinstance(err, (state.InvalidProtobuf, state.InvalidGraph, state.NoSuchFile))
+                or f"Load model from {model_path} failed" in str(err)):
+            raise
         detail = " ".join(str(err).split())[-300:]
         raise ConfigError(
             f"ONNX Runtime cannot load {model_path}: {detail}. The file is truncated or corrupt; export the folder "
             "again."
         ) from err
-    except Exception as err:  # ONNX Runtime's own check: data behind a symlink that leaves the model's folder
-        if "escapes model directory" not in str(err):
-            raise
-        raise UnsafeModelError(f"{model_path} points to external data through a symlink outside the model folder; "
-                               f"refused (ONNX Runtime: {str(err).split('Error: ', 1)[-1]})") from err
 
 
 class OnnxRuntimeBackend:

@@ -3,7 +3,7 @@ torch. The graph returns the raw ``logits`` and the ``scores`` the model's own a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,15 +32,27 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+# What one pair may be: a list, a tuple, or a row of a numpy array of strings (sentence-transformers takes each).
+_PAIR_TYPES = (list, tuple, np.ndarray)
+
+
 def _pairs(inputs: Any) -> tuple[list[tuple[str, str]], bool]:
     """(pairs, single): one [query, passage] pair or a list of them, each checked to be two strings."""
-    single = isinstance(inputs, (list, tuple)) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
+    if isinstance(inputs, str) or inputs is None or not isinstance(inputs, Iterable):
+        raise InvalidInputError(f"inputs must be a (query, passage) pair or a list of them, found "
+                                f"{type(inputs).__name__} {inputs!r:.80}")
+    if (isinstance(inputs, (list, tuple)) and len(inputs) not in (0, 2)
+            and all(isinstance(x, str) for x in inputs)):
+        raise InvalidInputError(f"inputs is one pair of {len(inputs)} strings, found {inputs!r:.80}: a pair is "
+                                "(query, passage), two strings")
+    single = (isinstance(inputs, _PAIR_TYPES) and len(inputs) == 2 and all(isinstance(x, str) for x in inputs)
+              and getattr(inputs, "ndim", 1) == 1)
     items = [inputs] if single else list(inputs)
     pairs = []
     for i, pair in enumerate(items):
-        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+        if not isinstance(pair, _PAIR_TYPES) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
             raise InvalidInputError(f"inputs[{i}] must be a (query, passage) pair of two strings, found {pair!r:.80}")
-        pairs.append((pair[0], pair[1]))
+        pairs.append((str(pair[0]), str(pair[1])))  # numpy's str_ as str
     return pairs, single
 
 
@@ -56,6 +68,7 @@ class CrossEncoderModel(ExportedModel):
     """
 
     task = "reranker"
+    call_name = "predict"
     runtime_config_file = RERANKER_CONFIG_FILE
     required_outputs = ("logits", "scores")
 
@@ -158,6 +171,9 @@ class CrossEncoderModel(ExportedModel):
                 raise ValueError(f"activation_fn must be a function or one of {', '.join(ACTIVATIONS)}, found "
                                  f"{activation_fn!r}")
             activation_fn = ACTIVATIONS[activation_fn]
+        elif activation_fn is not None and not callable(activation_fn):
+            raise ValueError(f"activation_fn must be a function or one of {', '.join(ACTIVATIONS)}, found "
+                             f"{type(activation_fn).__name__} {activation_fn!r:.60}")
         pairs, single = _pairs(inputs)
         applied = self._tokenizer.pair_prompts.resolve(prompt_name, prompt)
         run_adapter = self._adapter_for_call(adapter)  # resolved once: every batch of this call uses it
@@ -173,8 +189,13 @@ class CrossEncoderModel(ExportedModel):
         self._check_finite(results, adapter)
         scores = np.stack(results).astype(np.float32) if results else np.zeros((0, self.num_labels), np.float32)
         if activation_fn is not None and len(scores):
+            logits_shape = scores.shape
             scores = np.asarray(activation_fn(scores), dtype=np.float32)
-        if self.num_labels == 1 and scores.ndim > 1:
+            # One row per pair (a value, or one per label); a reduction over the pairs is not their scores.
+            if scores.ndim not in (1, 2) or scores.shape[0] != logits_shape[0]:
+                raise ValueError(f"activation_fn must return one row per pair, as the logits {logits_shape} have, "
+                                 f"returned shape {scores.shape}")
+        if self.num_labels == 1 and scores.ndim > 1 and scores.shape[1] == 1:
             scores = scores[:, 0]  # (pairs, 1) -> (pairs,)
         if apply_softmax and scores.ndim > 1 and len(scores):
             scores = _softmax(scores)
@@ -203,6 +224,12 @@ class CrossEncoderModel(ExportedModel):
                              "predict() with (query, document) pairs instead.")
         if not isinstance(query, str):
             raise InvalidInputError(f"query must be a string, found {type(query).__name__}")
+        if isinstance(documents, str) or not isinstance(documents, Iterable):
+            raise InvalidInputError(f"documents must be a list of strings, found {type(documents).__name__} "
+                                    f"{documents!r:.60}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            # sentence-transformers slices with it: -1 would silently drop the last document
+            raise ValueError(f"top_k must be None (all documents) or a non-negative integer, found {top_k!r}")
         documents = list(documents)
         for i, document in enumerate(documents):
             if not isinstance(document, str):

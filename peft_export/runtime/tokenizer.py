@@ -62,6 +62,10 @@ class TextTokenizer:
             self._prefixes = TokenCounter(self.tokenizer, self.max_seq_length, self.do_lower_case)
         return [truncation_prefix(self._prefixes, t, self.max_text_chars) for t in texts]
 
+    def _bounded(self, text: str) -> str:
+        """One text as :meth:`truncation_prefixes` gives it."""
+        return self.truncation_prefixes([text])[0]
+
     def tokenize(self, texts: list[str]) -> list:
         """``tokenizers.Encoding`` per text (truncated, unpadded): tokenize once, then batch with ``pad``. A long
         text is tokenized as its truncation prefix (same tokens, bounded cost)."""
@@ -83,36 +87,38 @@ class TextTokenizer:
         least max_seq_length tokens, more than truncation can keep of it in a pair. ``prompt``: the reranker's
         prompt (before the query, or the chat template's system message; "" none), None its default."""
         if self.pair_template is not None:
-            return self._tokenize_rendered_pairs(pairs, self.pair_prompts.chat_template(prompt))
-        prefix = self.pair_prompts.query_prefix(prompt)
-        firsts, seconds = [prefix + p[0] for p in pairs], [p[1] for p in pairs]
+            return self._tokenize_rendered_pairs(pairs, self.pair_prompts.chat_template(prompt), prompt)
+        prefix, cap = self.pair_prompts.query_prefix(prompt), self.max_text_chars
+        # Each side is cut to the characters truncation_prefix reads before the prompt is joined to it, and bounded
+        # before the next pair's is built: rank() puts one query in every pair, and prompt + a 1,000,000-character
+        # query ranked against 300 documents held 300 copies of it (300 MB). The query object is bounded once.
+        queries: dict[int, str] = {}
         try:
-            firsts, seconds = self.truncation_prefixes(firsts), self.truncation_prefixes(seconds)
-        except TypeError as err:  # a lone surrogate in a long text
-            raise InvalidInputError(f"{_first_invalid(firsts + seconds)}: {err}") from err
-        if self.do_lower_case:
-            firsts, seconds = [t.lower() for t in firsts], [t.lower() for t in seconds]
-        try:
+            for query, _ in pairs:
+                if id(query) not in queries:
+                    queries[id(query)] = self._bounded(prefix + query[:cap])
+            firsts = [queries[id(q)] for q, _ in pairs]
+            seconds = [self._bounded(d) for _, d in pairs]
+            if self.do_lower_case:
+                firsts, seconds = [t.lower() for t in firsts], [t.lower() for t in seconds]
             return self.tokenizer.encode_batch(list(zip(firsts, seconds)), add_special_tokens=True)
         except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
-            raise InvalidInputError(f"{_first_invalid(firsts + seconds)}: {err}") from err
+            raise InvalidInputError(f"{_first_invalid_pair(pairs, prompt)}: {err}") from err
 
-    def _tokenize_rendered_pairs(self, pairs: list[tuple[str, str]], template: dict) -> list:
+    def _tokenize_rendered_pairs(self, pairs: list[tuple[str, str]], template: dict, prompt: str | None) -> list:
         """Pairs as sentence-transformers renders them through a chat template: ``prefix + query + middle +
         document + suffix`` tokenized as one text without added special tokens, truncated on the right, and the
         template's suffix tokens written back over the end of a truncated row (so the last token is the template's
         last, as the model was trained to read it)."""
-        texts = [template["prefix"] + q + template["middle"] + d + template["suffix"] for q, d in pairs]
+        cap = self.max_text_chars  # as in tokenize_pairs: no whole copy of a long side per pair
         try:
-            texts = self.truncation_prefixes(texts)
-        except TypeError as err:  # a lone surrogate in a long text
-            raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
-        if self.do_lower_case:
-            texts = [t.lower() for t in texts]
-        try:
+            texts = [self._bounded(template["prefix"] + q[:cap] + template["middle"] + d[:cap] + template["suffix"])
+                     for q, d in pairs]
+            if self.do_lower_case:
+                texts = [t.lower() for t in texts]
             encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
-            raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
+            raise InvalidInputError(f"{_first_invalid_pair(pairs, prompt)}: {err}") from err
         suffix = template["suffix_ids"]
         rows = []
         for enc in encodings:
@@ -199,12 +205,23 @@ class RenderedPair:
         self.ids, self.type_ids = ids, type_ids
 
 
-def _first_invalid(texts: list[str]) -> str:
-    """Name the first text that is not valid Unicode (a lone UTF-16 surrogate such as "\\ud800")."""
+def _first_invalid(texts: list[str], names: list[str] | None = None) -> str:
+    """Name the first text that is not valid Unicode (a lone UTF-16 surrogate such as "\\ud800"); ``names``: how
+    each text is named (``sentences[i]`` where None)."""
     for index, text in enumerate(texts):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:
-            return (f"sentences[{index}] is not valid Unicode: {err.object[err.start:err.end]!r} at character "
-                    f"{err.start} is a lone surrogate")
+            name = f"sentences[{index}]" if names is None else names[index]
+            return (f"{name} is not valid Unicode: {err.object[err.start:err.end]!r} at character {err.start} is a "
+                    "lone surrogate")
     return "the input could not be tokenized"
+
+
+def _first_invalid_pair(pairs: list[tuple[str, str]], prompt: str | None) -> str:
+    """Name the first text of ``pairs`` (or the prompt) that is not valid Unicode by its place in the call:
+    ``prompt``, ``inputs[i][0]`` (the query of pair i) or ``inputs[i][1]`` (its passage; ``documents[i]`` of rank)."""
+    texts = ([prompt] if prompt else []) + [text for pair in pairs for text in pair]
+    names = (["prompt"] if prompt else []) + [f"inputs[{i}][{side}] (the {what} of pair {i})" for i in range(len(pairs))
+                                              for side, what in ((0, "query"), (1, "passage"))]
+    return _first_invalid(texts, names)
