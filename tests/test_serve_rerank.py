@@ -184,3 +184,70 @@ def test_concurrent_requests_for_two_adapters_never_share_a_batch(switchable_ser
     assert served_calls
     for adapter, passages in served_calls:
         assert all(p.startswith(f"{adapter} passage") for p in passages), (adapter, passages)
+
+
+# ----- attacks from outside (RELIABILITY items 25-29, 51): each once got through -----
+@pytest.mark.parametrize("route", ["/rerank", "/v1/rerank"])
+def test_a_query_over_the_token_limit_is_named_without_a_made_up_count(served, route):
+    """A long query was measured on a prefix, and the 422 then named texts[0] with that prefix's count ("have 67
+    tokens" for a query of over 500): it names the query, and truncation still scores what predict scores."""
+    model, client = served
+    field = "texts" if route == "/rerank" else "documents"
+    body = {"query": LONG, field: ["short", "Hi"], "truncate": False,
+            **({"model": model.path.name} if route == "/v1/rerank" else {})}
+    refused = client.post(route, json=body)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    message = error["message"] if route == "/v1/rerank" else error
+    assert message == ("query has more than 64 tokens; the model takes at most 64 per (query, text) pair. Shorten "
+                       "it or send truncate=true to score its first tokens.")
+    if route == "/v1/rerank":
+        assert (error["code"], error["param"]) == ("too_many_tokens", "query")
+    cut = client.post(route, json={**body, "truncate": True})
+    assert cut.status_code == 200, cut.text
+    results = cut.json() if route == "/rerank" else cut.json()["results"]
+    key = "score" if route == "/rerank" else "relevance_score"
+    got = [r[key] for r in sorted(results, key=lambda r: r["index"])]
+    np.testing.assert_allclose(got, model.predict([(LONG, "short"), (LONG, "Hi")]), atol=1e-6)
+
+
+@pytest.mark.parametrize("query", [["a", "b"], [], 3, {"text": "q"}, ["q"]])
+@pytest.mark.parametrize("route", ["/rerank", "/v1/rerank"])
+def test_a_query_that_is_not_a_string_is_refused_as_a_type(served, route, query):
+    """A list of queries was answered "Field 'query' has 2 inputs; the limit is 1 per request" (as if two were
+    fine elsewhere), [] "an empty list" and a number "must be a string or a list of strings"; the query is one
+    string."""
+    model, client = served
+    field = "texts" if route == "/rerank" else "documents"
+    response = client.post(route, json={"model": model.path.name, "query": query, field: ["a"]})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    message = error["message"] if route == "/v1/rerank" else error
+    found = {list: "array", int: "number", dict: "object"}[type(query)]
+    assert message == f"Field 'query' must be a string, found {found}"
+    missing = client.post(route, json={"model": model.path.name, field: ["a"]})
+    assert missing.status_code == 422
+    assert missing.text.count("Field 'query' is required: the query string") == 1
+
+
+@pytest.mark.parametrize(("document", "code", "param", "message"), [
+    ({"txt": "a"}, "missing_field", "documents[1].text",
+     "documents[1] is an object with no 'text'; a document object needs 'text': a string"),
+    ({"text": 3}, "invalid_type", "documents[1].text",
+     "documents[1] is an object with 'text' of type number; a document object needs 'text': a string"),
+    ({"text": None}, "invalid_type", "documents[1].text",
+     "documents[1] is an object with 'text' of type null; a document object needs 'text': a string"),
+    (3, "invalid_type", "documents[1]", 'documents[1] must be a string or an object {"text": string}, found number'),
+    ([1, 2], "invalid_type", "documents[1]",
+     'documents[1] must be a string or an object {"text": string}, found array'),
+    ({"text": ""}, "empty_input", "documents[1]", "documents[1] is an empty string"),
+])
+def test_v1_rerank_document_objects_are_checked_by_their_text(served, document, code, param, message):
+    """Cohere's {"text": ...} document objects: one without a string text was answered "documents[1] must be a
+    string, found object", which hid that objects are taken and what was wrong with this one."""
+    model, client = served
+    response = client.post("/v1/rerank", json={"model": model.path.name, "query": "q", "documents": ["a", document]})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, param)
+    assert error["message"].startswith(message), error["message"]
