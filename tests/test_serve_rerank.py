@@ -251,3 +251,16 @@ def test_v1_rerank_document_objects_are_checked_by_their_text(served, document, 
     error = response.json()["error"]
     assert (error["code"], error["param"]) == (code, param)
     assert error["message"].startswith(message), error["message"]
+
+
+@pytest.mark.parametrize("route", ["/rerank", "/predict"])
+def test_a_huge_truncation_direction_is_not_echoed_back(served, route):
+    """A 2 MB truncation_direction came back whole in the 422 (any client could make the server write what it
+    sent); the message shows its start."""
+    _, client = served
+    body = {"query": "q", "texts": ["a"]} if route == "/rerank" else {"inputs": ["q", "a"]}
+    response = client.post(route, json={**body, "truncation_direction": "L" * 2_000_000})
+    assert response.status_code == 422, response.text
+    assert len(response.content) < 500
+    assert response.json()["error"].startswith("Only truncation_direction 'Right' is supported (as the model was "
+                                               "trained), found 'LLLL")

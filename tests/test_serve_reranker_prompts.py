@@ -176,3 +176,18 @@ def test_concurrent_requests_with_different_prompts_are_batched_apart(served):
     for prompt, firsts in calls:
         owners = {i for i in queries if queries[i] in firsts}
         assert len(owners) >= 1 and all(resolved[i] == prompt for i in owners), (prompt, owners)
+
+
+def test_a_huge_prompt_name_is_not_echoed_back(served):
+    """A 2 MB prompt_name came back whole in the 422 (the runtime's message quoted it in full)."""
+    _, client, calls = served
+    calls.clear()
+    for route in ("/rerank", "/v1/rerank", "/predict"):
+        response = _post(client, route, prompt_name="n" * 2_000_000)
+        assert response.status_code == 422, response.text
+        assert len(response.content) < 500
+        error = response.json()["error"]
+        message = error["message"] if route == "/v1/rerank" else error
+        assert message.startswith("Prompt name 'nnnn") and "not found: the model's prompts are ['web', 'code']" in \
+            message, message
+    assert calls == []
