@@ -264,3 +264,29 @@ def test_a_huge_truncation_direction_is_not_echoed_back(served, route):
     assert len(response.content) < 500
     assert response.json()["error"].startswith("Only truncation_direction 'Right' is supported (as the model was "
                                                "trained), found 'LLLL")
+
+
+class NonFinite:
+    """A reranker whose scores are NaN for a passage holding "nan"."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def predict(self, pairs, **options):
+        scores = np.asarray(self._model.predict(pairs, **options), dtype=np.float32)
+        return np.where([["nan" in b] for _, b in pairs] if scores.ndim == 2 else [("nan" in b) for _, b in pairs],
+                        np.nan, scores)
+
+
+def test_a_reranker_that_scores_nan_says_scores_not_embeddings(reranker):
+    model = CrossEncoderModel(reranker["adapter_export"])
+    with TestClient(create_app(NonFinite(model), ServeSettings())) as client:
+        for route, body in [("/rerank", {"query": "q", "texts": ["a", "nan"]}), ("/predict", {"inputs": ["q", "nan"]})]:
+            response = client.post(route, json=body)
+            assert response.status_code == 500, response.text
+            assert response.json() == {"error": f"Model {model.path.name!r} produced NaN or Inf for this batch "
+                                                "(corrupt weights?); no scores were returned", "error_type": "Backend"}
+        assert client.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200

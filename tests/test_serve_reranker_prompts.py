@@ -191,3 +191,22 @@ def test_a_huge_prompt_name_is_not_echoed_back(served):
         assert message.startswith("Prompt name 'nnnn") and "not found: the model's prompts are ['web', 'code']" in \
             message, message
     assert calls == []
+
+
+def test_a_prompt_the_export_cannot_apply_is_refused_without_the_servers_path(reranker, tmp_path):
+    """A chat-template export made before prompts were recorded applies its default prompt only; the 422 said so
+    beginning with the export's folder on the server's disk. It names the served model instead."""
+    template = {"prefix": "Query: ", "middle": " Passage: ", "suffix": "", "suffix_ids": []}
+    folder = with_task_config(reranker["adapter_export"], tmp_path / "old-template", drop=("prompts",),
+                              pair_template=template)
+    with TestClient(create_app({"old": CrossEncoderModel(folder)}, ServeSettings())) as client:
+        response = client.post("/v1/rerank", json={"model": "old", "query": QUERY, "documents": DOCUMENTS,
+                                                   "prompt": LITERAL})
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert (error["code"], error["param"]) == ("invalid_prompt", "prompt")
+        assert error["message"].startswith(f"Model 'old' cannot apply the prompt {LITERAL!r}: it applies only its "
+                                           "default prompt, because it was made before peft_export recorded prompts")
+        assert str(tmp_path) not in response.text
+        assert client.post("/v1/rerank", json={"model": "old", "query": QUERY, "documents": DOCUMENTS}
+                           ).status_code == 200
