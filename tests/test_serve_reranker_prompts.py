@@ -78,13 +78,15 @@ def test_each_route_applies_the_prompt_as_predict_does(served, route, fields):
 
 
 def test_the_prompts_change_the_scores(served):
-    """The parity above could not tell prompts apart if they scored alike: they do not."""
+    """The parity above could not tell prompts apart if they scored alike: they do not. Compared on the logits
+    (/predict's raw scores): the tiny model's sigmoid scores sit near 0.9999, where prompts moved them by 5e-5 in
+    some builds of it, under the 1e-4 this asserted."""
     reference, client, _ = served
-    default = _by_index("/v1/rerank", _post(client, "/v1/rerank").json())
+    default = _by_index("/predict", _post(client, "/predict").json())
     for fields in ({"prompt_name": "code"}, {"prompt": LITERAL}, {"prompt": ""}):
-        got = _by_index("/v1/rerank", _post(client, "/v1/rerank", **fields).json())
-        assert np.abs(got - default).max() > 1e-4, fields
-    np.testing.assert_allclose(default, _scores(reference, prompt_name="web"), atol=1e-6)
+        got = _by_index("/predict", _post(client, "/predict", **fields).json())
+        assert np.abs(got - default).max() > 1e-3, (fields, np.abs(got - default).max())
+    np.testing.assert_allclose(default, _scores(reference, prompt_name="web", activation_fn="identity"), atol=1e-5)
 
 
 @pytest.mark.parametrize(("fields", "status", "code", "param", "message"), [
