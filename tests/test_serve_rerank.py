@@ -290,3 +290,75 @@ def test_a_reranker_that_scores_nan_says_scores_not_embeddings(reranker):
             assert response.json() == {"error": f"Model {model.path.name!r} produced NaN or Inf for this batch "
                                                 "(corrupt weights?); no scores were returned", "error_type": "Backend"}
         assert client.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
+
+
+class CountingTokenizer:
+    """A tokenizers.Tokenizer that adds up the characters of the texts it is given to encode."""
+
+    def __init__(self, tokenizer, seen: dict):
+        self._tokenizer, self._seen = tokenizer, seen
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def _count(self, item) -> None:
+        self._seen["chars"] += len(item) if isinstance(item, str) else sum(map(len, item))
+
+    def encode(self, item, *args, **kwargs):
+        self._count(item)
+        return self._tokenizer.encode(item, *args, **kwargs)
+
+    def encode_batch(self, items, *args, **kwargs):
+        for item in items:
+            self._count(item)
+        return self._tokenizer.encode_batch(items, *args, **kwargs)
+
+
+def test_a_long_query_is_tokenized_once_for_all_its_passages(reranker):
+    """A 20,000-character query without word boundaries (kept whole: no prefix decides its tokens) with 200
+    passages: the model call tokenized it once per passage (10 million characters here, every other request
+    waiting). Now once per model call; the scores equal scoring each pair alone."""
+    from tokenizers import Tokenizer
+
+    model = CrossEncoderModel(reranker["adapter_export"])
+    query = "a" * 20_000
+    passages = [f"passage {i} " + "about resetting passwords " * (i % 7) for i in range(200)]
+    alone = np.array([model.predict([(query, p)])[0] for p in passages[:20]])
+    tokenizer = model._tokenizer
+    seen = {"chars": 0}
+    tokenizer.truncation_prefixes(["b" * 20_000])  # makes its prefix counter, to count that one's texts too
+    tokenizer._prefixes._tokenizer = CountingTokenizer(tokenizer._prefixes._tokenizer, seen)
+    whole = Tokenizer.from_str(tokenizer.tokenizer.to_str())
+    whole.no_truncation()
+    tokenizer._whole = CountingTokenizer(whole, seen)
+    tokenizer.tokenizer = CountingTokenizer(tokenizer.tokenizer, seen)
+    with TestClient(create_app(model, ServeSettings(warmup=False))) as client:
+        response = client.post("/rerank", json={"query": query, "texts": passages, "truncate": True})
+    assert response.status_code == 200, response.text
+    passage_chars = sum(map(len, passages))
+    # the query: its prefix search (about 2x its length) and one encoding per model call; the passages a few times
+    assert seen["chars"] < 4 * len(query) + 4 * passage_chars, seen
+    scores = {r["index"]: r["score"] for r in response.json()}
+    np.testing.assert_allclose([scores[i] for i in range(20)], alone, atol=1e-5)
+
+
+def test_pairs_that_share_a_query_are_tokenized_as_each_pair_alone(reranker):
+    """The shared-query path (each distinct query tokenized once, pairs assembled by the tokenizer's
+    post-processing) gives exactly the ids and type ids of encoding every pair whole: long and short sides,
+    truncation of either side or both, a prompt before the query, texts the tokenizer splits oddly."""
+    model = CrossEncoderModel(reranker["adapter_export"])
+    tokenizer = model._tokenizer
+    queries = ["How do I reset my password?", LONG, "a" * 3000, "naïve café — 中文 😀", "q"]
+    passages = [*DOCUMENTS, LONG, "b" * 2000, "x " * 700, "Hi"]
+    pairs = [(q, p) for q in queries for p in passages]
+    for prompt in (None, "", "Find the passage that answers: "):
+        got = tokenizer.tokenize_pairs(pairs, prompt)
+        prefix = tokenizer.pair_prompts.query_prefix(prompt)
+        def prepared(text):  # as the pair path prepares each side before tokenizing
+            text = tokenizer.truncation_prefixes([text])[0]
+            return text.lower() if tokenizer.do_lower_case else text
+
+        want = tokenizer.tokenizer.encode_batch([(prepared(prefix + q), prepared(p)) for q, p in pairs])
+        assert [e.ids for e in got] == [e.ids for e in want]
+        assert [e.type_ids for e in got] == [e.type_ids for e in want]
+        assert max(len(e.ids) for e in got) == model.max_seq_length
