@@ -362,3 +362,26 @@ def test_pairs_that_share_a_query_are_tokenized_as_each_pair_alone(reranker):
         assert [e.ids for e in got] == [e.ids for e in want]
         assert [e.type_ids for e in got] == [e.type_ids for e in want]
         assert max(len(e.ids) for e in got) == model.max_seq_length
+
+
+def _metric(text: str, line_start: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_metrics_count_reranker_pairs_tokens_and_failures_by_reason(served):
+    """/metrics counts a reranker's pairs and tokens per model, and its refusals by reason; the help texts said
+    "Texts embedded" and "embedding routes" of a reranker's figures."""
+    model, client = served
+    name = model.path.name
+    before = client.get("/metrics").text
+    ranked = client.post("/v1/rerank", json={"model": name, "query": QUERY, "documents": DOCUMENTS[:3]})
+    assert ranked.status_code == 200, ranked.text
+    assert client.post("/rerank", json={"query": LONG, "texts": ["a"]}).status_code == 422
+    after = client.get("/metrics").text
+    for metric, grew in ((f'peft_export_inputs_total{{model="{name}"}}', 3),
+                         (f'peft_export_tokens_total{{model="{name}"}}', ranked.json()["usage"]["total_tokens"]),
+                         (f'peft_export_request_failures_total{{model="{name}",reason="too_many_tokens",'
+                          'route="/rerank"}', 1)):
+        assert _metric(after, metric) - _metric(before, metric) == grew, metric
+    assert "# HELP peft_export_inputs_total Inputs answered: texts embedded, or (query, text) pairs scored" in after
+    assert "embedding routes" not in after and "Embedding requests" not in after
