@@ -357,3 +357,28 @@ def test_cli_export_of_a_reranker_says_how_to_try_it_with_rerank(reranker, tmp_p
     assert main(["merge-onnx", str(reranker["adapter"]), "-o", str(tmp_path / "out")]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith(f"try it: peft-export rerank {tmp_path / 'out'} ") and "encode" not in last
+
+
+@pytest.mark.parametrize("case", ["bert_case", "roberta_case"])
+def test_pairs_with_both_texts_cut_are_built_without_tokenizers_overflow(case, request):
+    """Two long texts in one pair: tokenizers' own pair truncation builds every combination of the two sides'
+    cut-off parts (overflowing encodings, quadratic: 410 MB for two 8,000-character sides without word boundaries
+    on a byte-level BPE tokenizer, far more at the 100,000-character input cap). The runtime keeps tokenizers'
+    longest_first tokens (half each; the longer side, or the second on a tie, the odd one) without building them:
+    the same ids and type ids as tokenizers on pairs of every kind, and no overflowing parts."""
+    tokenizer = request.getfixturevalue(case).embedding_model()._tokenizer
+    words = ["password", "reset", "é", "中文", "😀", "don't", "1234", "aaaaaaaaaaaa"]
+    rng = np.random.default_rng(0)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words, n))
+
+    long_pairs = [(text(300), text(300)), (text(250), text(300)), (text(300), text(250))]
+    pairs = long_pairs + [("a" * 1500, "b" * 1500), ("a" * 1400, "b" * 1500), ("x" * 1500, "y" * 1400)]
+    pairs += [(text(int(rng.integers(0, 160))), text(int(rng.integers(0, 160)))) for _ in range(200)]
+    got = tokenizer.tokenize_pairs(pairs)
+    want = tokenizer.tokenizer.encode_batch(pairs)
+    assert [e.ids for e in got] == [e.ids for e in want]
+    assert [e.type_ids for e in got] == [e.type_ids for e in want]
+    assert sum(len(getattr(e, "overflowing", [])) for e in got[:len(long_pairs)]) == 0
+    assert all(len(e.ids) == tokenizer.max_seq_length for e in got[:len(long_pairs)])

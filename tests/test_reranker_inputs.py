@@ -156,7 +156,8 @@ def test_one_huge_passage_costs_its_truncation_prefix(model, monkeypatch):
     """Item 51: among 100 short pairs, a 100,000-character passage is tokenized as a prefix whose size does not grow
     with the passage (a 10,000,000-character one costs the same), and scores as the pair cut to what truncation keeps;
     the short pairs score as they do alone."""
-    real = model._tokenizer.tokenizer
+    tokenizer = model._tokenizer
+    real = tokenizer._untruncated()  # what tokenizes each text of the pairs (they are assembled from its encodings)
     tokenized: list[int] = []
 
     class Counting:
@@ -164,10 +165,10 @@ def test_one_huge_passage_costs_its_truncation_prefix(model, monkeypatch):
             return getattr(real, name)
 
         def encode_batch(self, items, **kwargs):
-            tokenized.append(max(len(a) + len(b) for a, b in items))
+            tokenized.append(max(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in items))
             return real.encode_batch(items, **kwargs)
 
-    monkeypatch.setattr(model._tokenizer, "tokenizer", Counting())
+    monkeypatch.setattr(tokenizer, "_untruncated", lambda: Counting())
     short = [(QUERY, f"short passage {i}") for i in range(100)]
     sizes = []
     for words in (20_000, 2_000_000):

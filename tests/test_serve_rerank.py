@@ -184,3 +184,204 @@ def test_concurrent_requests_for_two_adapters_never_share_a_batch(switchable_ser
     assert served_calls
     for adapter, passages in served_calls:
         assert all(p.startswith(f"{adapter} passage") for p in passages), (adapter, passages)
+
+
+# ----- attacks from outside (RELIABILITY items 25-29, 51): each once got through -----
+@pytest.mark.parametrize("route", ["/rerank", "/v1/rerank"])
+def test_a_query_over_the_token_limit_is_named_without_a_made_up_count(served, route):
+    """A long query was measured on a prefix, and the 422 then named texts[0] with that prefix's count ("have 67
+    tokens" for a query of over 500): it names the query, and truncation still scores what predict scores."""
+    model, client = served
+    field = "texts" if route == "/rerank" else "documents"
+    body = {"query": LONG, field: ["short", "Hi"], "truncate": False,
+            **({"model": model.path.name} if route == "/v1/rerank" else {})}
+    refused = client.post(route, json=body)
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    message = error["message"] if route == "/v1/rerank" else error
+    assert message == ("query has more than 64 tokens; the model takes at most 64 per (query, text) pair. Shorten "
+                       "it or send truncate=true to score its first tokens.")
+    if route == "/v1/rerank":
+        assert (error["code"], error["param"]) == ("too_many_tokens", "query")
+    cut = client.post(route, json={**body, "truncate": True})
+    assert cut.status_code == 200, cut.text
+    results = cut.json() if route == "/rerank" else cut.json()["results"]
+    key = "score" if route == "/rerank" else "relevance_score"
+    got = [r[key] for r in sorted(results, key=lambda r: r["index"])]
+    np.testing.assert_allclose(got, model.predict([(LONG, "short"), (LONG, "Hi")]), atol=1e-6)
+
+
+@pytest.mark.parametrize("query", [["a", "b"], [], 3, {"text": "q"}, ["q"]])
+@pytest.mark.parametrize("route", ["/rerank", "/v1/rerank"])
+def test_a_query_that_is_not_a_string_is_refused_as_a_type(served, route, query):
+    """A list of queries was answered "Field 'query' has 2 inputs; the limit is 1 per request" (as if two were
+    fine elsewhere), [] "an empty list" and a number "must be a string or a list of strings"; the query is one
+    string."""
+    model, client = served
+    field = "texts" if route == "/rerank" else "documents"
+    response = client.post(route, json={"model": model.path.name, "query": query, field: ["a"]})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    message = error["message"] if route == "/v1/rerank" else error
+    found = {list: "array", int: "number", dict: "object"}[type(query)]
+    assert message == f"Field 'query' must be a string, found {found}"
+    missing = client.post(route, json={"model": model.path.name, field: ["a"]})
+    assert missing.status_code == 422
+    assert missing.text.count("Field 'query' is required: the query string") == 1
+
+
+@pytest.mark.parametrize(("document", "code", "param", "message"), [
+    ({"txt": "a"}, "missing_field", "documents[1].text",
+     "documents[1] is an object with no 'text'; a document object needs 'text': a string"),
+    ({"text": 3}, "invalid_type", "documents[1].text",
+     "documents[1] is an object with 'text' of type number; a document object needs 'text': a string"),
+    ({"text": None}, "invalid_type", "documents[1].text",
+     "documents[1] is an object with 'text' of type null; a document object needs 'text': a string"),
+    (3, "invalid_type", "documents[1]", 'documents[1] must be a string or an object {"text": string}, found number'),
+    ([1, 2], "invalid_type", "documents[1]",
+     'documents[1] must be a string or an object {"text": string}, found array'),
+    ({"text": ""}, "empty_input", "documents[1]", "documents[1] is an empty string"),
+])
+def test_v1_rerank_document_objects_are_checked_by_their_text(served, document, code, param, message):
+    """Cohere's {"text": ...} document objects: one without a string text was answered "documents[1] must be a
+    string, found object", which hid that objects are taken and what was wrong with this one."""
+    model, client = served
+    response = client.post("/v1/rerank", json={"model": model.path.name, "query": "q", "documents": ["a", document]})
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == (code, param)
+    assert error["message"].startswith(message), error["message"]
+
+
+@pytest.mark.parametrize("route", ["/rerank", "/predict"])
+def test_a_huge_truncation_direction_is_not_echoed_back(served, route):
+    """A 2 MB truncation_direction came back whole in the 422 (any client could make the server write what it
+    sent); the message shows its start."""
+    _, client = served
+    body = {"query": "q", "texts": ["a"]} if route == "/rerank" else {"inputs": ["q", "a"]}
+    response = client.post(route, json={**body, "truncation_direction": "L" * 2_000_000})
+    assert response.status_code == 422, response.text
+    assert len(response.content) < 500
+    assert response.json()["error"].startswith("Only truncation_direction 'Right' is supported (as the model was "
+                                               "trained), found 'LLLL")
+
+
+class NonFinite:
+    """A reranker whose scores are NaN for a passage holding "nan"."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def predict(self, pairs, **options):
+        scores = np.asarray(self._model.predict(pairs, **options), dtype=np.float32)
+        return np.where([["nan" in b] for _, b in pairs] if scores.ndim == 2 else [("nan" in b) for _, b in pairs],
+                        np.nan, scores)
+
+
+def test_a_reranker_that_scores_nan_says_scores_not_embeddings(reranker):
+    model = CrossEncoderModel(reranker["adapter_export"])
+    with TestClient(create_app(NonFinite(model), ServeSettings())) as client:
+        for route, body in [("/rerank", {"query": "q", "texts": ["a", "nan"]}), ("/predict", {"inputs": ["q", "nan"]})]:
+            response = client.post(route, json=body)
+            assert response.status_code == 500, response.text
+            assert response.json() == {"error": f"Model {model.path.name!r} produced NaN or Inf for this batch "
+                                                "(corrupt weights?); no scores were returned", "error_type": "Backend"}
+        assert client.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
+
+
+class CountingTokenizer:
+    """A tokenizers.Tokenizer that adds up the characters of the texts it is given to encode."""
+
+    def __init__(self, tokenizer, seen: dict):
+        self._tokenizer, self._seen = tokenizer, seen
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def _count(self, item) -> None:
+        self._seen["chars"] += len(item) if isinstance(item, str) else sum(map(len, item))
+
+    def encode(self, item, *args, **kwargs):
+        self._count(item)
+        return self._tokenizer.encode(item, *args, **kwargs)
+
+    def encode_batch(self, items, *args, **kwargs):
+        for item in items:
+            self._count(item)
+        return self._tokenizer.encode_batch(items, *args, **kwargs)
+
+
+def test_a_long_query_is_tokenized_once_for_all_its_passages(reranker):
+    """A 20,000-character query without word boundaries (kept whole: no prefix decides its tokens) with 200
+    passages: the model call tokenized it once per passage (10 million characters here, every other request
+    waiting). Now once per model call; the scores equal scoring each pair alone."""
+    from tokenizers import Tokenizer
+
+    model = CrossEncoderModel(reranker["adapter_export"])
+    query = "a" * 20_000
+    passages = [f"passage {i} " + "about resetting passwords " * (i % 7) for i in range(200)]
+    alone = np.array([model.predict([(query, p)])[0] for p in passages[:20]])
+    tokenizer = model._tokenizer
+    seen = {"chars": 0}
+    tokenizer.truncation_prefixes(["b" * 20_000])  # makes its prefix counter, to count that one's texts too
+    tokenizer._prefixes._tokenizer = CountingTokenizer(tokenizer._prefixes._tokenizer, seen)
+    whole = Tokenizer.from_str(tokenizer.tokenizer.to_str())
+    whole.no_truncation()
+    tokenizer._whole = CountingTokenizer(whole, seen)
+    tokenizer.tokenizer = CountingTokenizer(tokenizer.tokenizer, seen)
+    with TestClient(create_app(model, ServeSettings(warmup=False))) as client:
+        response = client.post("/rerank", json={"query": query, "texts": passages, "truncate": True})
+    assert response.status_code == 200, response.text
+    passage_chars = sum(map(len, passages))
+    # the query: its prefix search (about 2x its length) and one encoding per model call; the passages a few times
+    assert seen["chars"] < 4 * len(query) + 4 * passage_chars, seen
+    scores = {r["index"]: r["score"] for r in response.json()}
+    np.testing.assert_allclose([scores[i] for i in range(20)], alone, atol=1e-5)
+
+
+def test_pairs_that_share_a_query_are_tokenized_as_each_pair_alone(reranker):
+    """The shared-query path (each distinct query tokenized once, pairs assembled by the tokenizer's
+    post-processing) gives exactly the ids and type ids of encoding every pair whole: long and short sides,
+    truncation of either side or both, a prompt before the query, texts the tokenizer splits oddly."""
+    model = CrossEncoderModel(reranker["adapter_export"])
+    tokenizer = model._tokenizer
+    queries = ["How do I reset my password?", LONG, "a" * 3000, "naïve café — 中文 😀", "q"]
+    passages = [*DOCUMENTS, LONG, "b" * 2000, "x " * 700, "Hi"]
+    pairs = [(q, p) for q in queries for p in passages]
+    for prompt in (None, "", "Find the passage that answers: "):
+        got = tokenizer.tokenize_pairs(pairs, prompt)
+        prefix = tokenizer.pair_prompts.query_prefix(prompt)
+        def prepared(text):  # as the pair path prepares each side before tokenizing
+            text = tokenizer.truncation_prefixes([text])[0]
+            return text.lower() if tokenizer.do_lower_case else text
+
+        want = tokenizer.tokenizer.encode_batch([(prepared(prefix + q), prepared(p)) for q, p in pairs])
+        assert [e.ids for e in got] == [e.ids for e in want]
+        assert [e.type_ids for e in got] == [e.type_ids for e in want]
+        assert max(len(e.ids) for e in got) == model.max_seq_length
+
+
+def _metric(text: str, line_start: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(line_start))
+
+
+def test_metrics_count_reranker_pairs_tokens_and_failures_by_reason(served):
+    """/metrics counts a reranker's pairs and tokens per model, and its refusals by reason; the help texts said
+    "Texts embedded" and "embedding routes" of a reranker's figures."""
+    model, client = served
+    name = model.path.name
+    before = client.get("/metrics").text
+    ranked = client.post("/v1/rerank", json={"model": name, "query": QUERY, "documents": DOCUMENTS[:3]})
+    assert ranked.status_code == 200, ranked.text
+    assert client.post("/rerank", json={"query": LONG, "texts": ["a"]}).status_code == 422
+    after = client.get("/metrics").text
+    for metric, grew in ((f'peft_export_inputs_total{{model="{name}"}}', 3),
+                         (f'peft_export_tokens_total{{model="{name}"}}', ranked.json()["usage"]["total_tokens"]),
+                         (f'peft_export_request_failures_total{{model="{name}",reason="too_many_tokens",'
+                          'route="/rerank"}', 1)):
+        assert _metric(after, metric) - _metric(before, metric) == grew, metric
+    assert "# HELP peft_export_inputs_total Inputs answered: texts embedded, or (query, text) pairs scored" in after
+    assert "embedding routes" not in after and "Embedding requests" not in after

@@ -86,9 +86,10 @@ class PairPrompts:
             known = (f"the model's prompts are {names}" if names else
                      "the model has no prompts" if self.recorded else
                      "this export records no prompts (made before peft_export recorded them); export it again")
-            raise ConfigError(f"Prompt name {prompt_name!r} not found: {known}. Pass one of them as prompt_name, or "
-                              "the prompt's text as prompt").in_cli_words(
-                f"--prompt-name {prompt_name!r} is not a prompt of {self.folder}: " + (
+            # The name cut to 80 characters: a server answers this message to whatever a client sent.
+            raise ConfigError(f"Prompt name {prompt_name!r:.80} not found: {known}. Pass one of them as prompt_name, "
+                              "or the prompt's text as prompt").in_cli_words(
+                f"--prompt-name {prompt_name!r:.80} is not a prompt of {self.folder}: " + (
                     f"choose one of {', '.join(names)}" if names else "it has no prompts; pass --prompt TEXT"))
         return self.prompts[prompt_name]
 

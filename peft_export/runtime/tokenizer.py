@@ -46,6 +46,8 @@ class TextTokenizer:
         self.input_names = config.input_names
         self.max_text_chars = max(MIN_MAX_TEXT_CHARS, CAP_CHARS_PER_TOKEN * config.max_seq_length)
         self._prefixes: TokenCounter | None = None  # made on the first long text
+        self._whole = None  # an untruncated copy of the tokenizer, made for the first pairs
+        self._layout: list | None | bool = False  # the pair template (_pair_layout), read on first use
         # A reranker's prompts and how each applies (runtime/pair_prompts.py). ``pair_template``: pairs rendered
         # through the model's chat template with the default prompt (export/pair_template.py), or None: the pair
         # template of tokenizer.json's post-processor, the default prompt (``query_prompt``) before the query.
@@ -81,29 +83,97 @@ class TextTokenizer:
             raise InvalidInputError(f"{_first_invalid(texts)}: {err}") from err
 
     def tokenize_pairs(self, pairs: list[tuple[str, str]], prompt: str | None = None) -> list:
-        """``tokenizers.Encoding`` per (first, second) text pair, tokenized together as a cross-encoder reads them
-        (special tokens and token type ids of the pair; the longest side truncated first to max_seq_length, as
-        transformers' ``truncation=True`` does). Each long side is tokenized as its truncation prefix: it keeps at
+        """An encoding (``ids``, ``type_ids``) per (first, second) text pair, as a cross-encoder reads them (special
+        tokens and token type ids of the pair; the longest side truncated first to max_seq_length, as
+        transformers' ``truncation=True`` does), assembled from each distinct text's tokens
+        (:meth:`_assembled_pairs`). Each long side is tokenized as its truncation prefix: it keeps at
         least max_seq_length tokens, more than truncation can keep of it in a pair. ``prompt``: the reranker's
         prompt (before the query, or the chat template's system message; "" none), None its default."""
         if self.pair_template is not None:
             return self._tokenize_rendered_pairs(pairs, self.pair_prompts.chat_template(prompt), prompt)
         prefix, cap = self.pair_prompts.query_prefix(prompt), self.max_text_chars
-        # Each side is cut to the characters truncation_prefix reads before the prompt is joined to it, and bounded
-        # before the next pair's is built: rank() puts one query in every pair, and prompt + a 1,000,000-character
-        # query ranked against 300 documents held 300 copies of it (300 MB). The query object is bounded once.
-        queries: dict[int, str] = {}
+        # Each distinct query is cut to the characters truncation_prefix reads before the prompt is joined to it,
+        # then bounded and tokenized once per call: rank() puts one query in every pair (prompt + a
+        # 1,000,000-character query ranked against 300 documents held 300 copies of it, 300 MB).
+        queries = list(dict.fromkeys(p[0] for p in pairs))
         try:
-            for query, _ in pairs:
-                if id(query) not in queries:
-                    queries[id(query)] = self._bounded(prefix + query[:cap])
-            firsts = [queries[id(q)] for q, _ in pairs]
+            firsts = [self._bounded(prefix + q[:cap]) for q in queries]
             seconds = [self._bounded(d) for _, d in pairs]
             if self.do_lower_case:
                 firsts, seconds = [t.lower() for t in firsts], [t.lower() for t in seconds]
-            return self.tokenizer.encode_batch(list(zip(firsts, seconds)), add_special_tokens=True)
+            return self._assembled_pairs(queries, firsts, pairs, seconds)
         except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
             raise InvalidInputError(f"{_first_invalid_pair(pairs, prompt)}: {err}") from err
+
+    def _assembled_pairs(self, queries: list[str], firsts: list[str], pairs: list[tuple[str, str]],
+                         seconds: list[str]) -> list:
+        """Each distinct first text (``firsts[i]``, prepared from ``queries[i]``) and every second text tokenized
+        once, untruncated, and each pair assembled from its two encodings by the tokenizer's own post-processing
+        (truncation, special tokens, type ids): what encoding a pair does after tokenizing its two texts, with the
+        same ids, type ids and mask (checked on WordPiece, byte-level BPE, SentencePiece BPE and Unigram
+        tokenizers). Encoding each pair whole tokenized a query once per passage: a 100,000-character query sent
+        once with 500 passages was 50 million characters for the model thread. A pair whose two texts are both
+        cut is assembled here instead (:meth:`_both_cut`)."""
+        whole = self._untruncated()
+        first = dict(zip(queries, whole.encode_batch(firsts, add_special_tokens=False)))
+        second = whole.encode_batch(seconds, add_special_tokens=False)
+        budget = self.max_seq_length - self.tokenizer.num_special_tokens_to_add(True)  # tokens of the two texts
+        layout = self._pair_layout()
+        rows = []
+        for (query, _), b in zip(pairs, second):
+            a = first[query]
+            if layout is not None and len(a.ids) + len(b.ids) > budget and min(len(a.ids), len(b.ids)) > budget // 2:
+                rows.append(self._both_cut(a, b, budget, layout))
+            else:
+                rows.append(self.tokenizer.post_process(a, b, add_special_tokens=True))
+        return rows
+
+    def _untruncated(self):
+        if self._whole is None:
+            from tokenizers import Tokenizer
+
+            self._whole = Tokenizer.from_str(self.tokenizer.to_str())
+            self._whole.no_truncation()  # a pair is truncated as a whole when it is assembled
+            self._whole.no_padding()
+        return self._whole
+
+    def _pair_layout(self) -> list | None:
+        """The post-processor's pair template as (side: None for a special token, 0 or 1 for a text; token id;
+        type id), read from a processed sample pair; None where the sample does not show the two texts whole, in
+        order, between special tokens (no supported tokenizer does that; tokenizers then truncates such pairs)."""
+        if self._layout is False:
+            sample = self._untruncated().encode("a", add_special_tokens=False)
+            processed = self._untruncated().post_process(sample, sample, add_special_tokens=True)
+            content = [i for i, special in enumerate(processed.special_tokens_mask) if not special]
+            n = len(sample.ids)
+            ok = (n > 0 and [processed.ids[i] for i in content] == sample.ids * 2
+                  and content[:n] == list(range(content[0], content[0] + n))
+                  and content[n:] == list(range(content[n], content[n] + n)))
+            layout = []
+            for i, (token, type_id) in enumerate(zip(processed.ids, processed.type_ids)):
+                if i not in content:
+                    layout.append((None, token, type_id))
+                elif ok and i in (content[0], content[n]):
+                    layout.append((0 if i == content[0] else 1, token, type_id))
+            self._layout = layout if ok else None
+        return self._layout
+
+    @staticmethod
+    def _both_cut(a, b, budget: int, layout: list) -> RenderedPair:
+        """A pair whose two texts are both cut: the first ``k1`` and ``k2`` tokens of each, as tokenizers'
+        longest_first keeps them (half the budget each; the longer text, or the second on a tie, keeps the odd
+        token), between the template's special tokens. tokenizers itself also builds every combination of the two
+        texts' cut-off parts (its overflowing encodings): quadratic in their lengths, 410 MB for two 8,000-character
+        texts without word boundaries on a byte-level BPE tokenizer, far more at the 100,000-character input cap."""
+        half = budget // 2
+        k1, k2 = (budget - half, half) if len(a.ids) > len(b.ids) else (half, budget - half)
+        ids: list[int] = []
+        type_ids: list[int] = []
+        for side, token, type_id in layout:
+            kept = [token] if side is None else a.ids[:k1] if side == 0 else b.ids[:k2]
+            ids += kept
+            type_ids += [type_id] * len(kept)
+        return RenderedPair(ids, type_ids)
 
     def _tokenize_rendered_pairs(self, pairs: list[tuple[str, str]], template: dict, prompt: str | None) -> list:
         """Pairs as sentence-transformers renders them through a chat template: ``prefix + query + middle +

@@ -28,11 +28,12 @@ class ServeMetrics:
                                      "Requests that did not get a 2xx, by route, model and reason",
                                      ["route", "model", "reason"], registry=r)
         self.latency = prom.Histogram("peft_export_request_duration_seconds",
-                                      "Time from request start to response, embedding routes",
+                                      "Time from request start to response, by route and model",
                                       ["route", "model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.inputs = prom.Counter("peft_export_inputs", "Texts embedded", ["model"], registry=r)
-        self.tokens = prom.Counter("peft_export_tokens", "Tokens embedded (after truncation)", ["model"],
-                                   registry=r)
+        self.inputs = prom.Counter("peft_export_inputs", "Inputs answered: texts embedded, or (query, text) pairs "
+                                   "scored by a reranker", ["model"], registry=r)
+        self.tokens = prom.Counter("peft_export_tokens", "Tokens of the inputs answered (after truncation; a pair's "
+                                   "with its special tokens)", ["model"], registry=r)
         self.batch_size = prom.Histogram("peft_export_batch_size", "Inputs per model call", ["model"],
                                          buckets=_SIZE_BUCKETS, registry=r)
         self.batch_tokens = prom.Histogram("peft_export_batch_tokens", "Tokens per model call", ["model"],
@@ -48,7 +49,7 @@ class ServeMetrics:
                                           "Tokens of the inputs in flight (max_concurrent_tokens applies to this)",
                                           registry=r)
         self.requests_in_flight = prom.Gauge("peft_export_requests_in_flight",
-                                             "Embedding requests accepted into the queue and not yet answered",
+                                             "Requests accepted into the queue and not yet answered",
                                              registry=r)
         self.connections_closed = prom.Counter(
             "peft_export_connections_closed", "Connections closed or refused below the routes (read timeout, "

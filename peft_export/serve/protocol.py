@@ -159,7 +159,7 @@ def check_truncation_direction(body: dict[str, Any]) -> None:
     if direction is not None and direction not in ("Right", "right"):
         raise ApiError(422, "invalid_truncation_direction",
                        f"Only truncation_direction 'Right' is supported (as the model was trained), found "
-                       f"{direction!r}", param="truncation_direction")
+                       f"{show(direction)}", param="truncation_direction")
 
 
 def parse_dimensions(value: Any, model_dimension: int, field: str = "dimensions") -> int | None:

@@ -71,6 +71,23 @@ def parse_pairs(value: Any, max_inputs: int, max_chars: int) -> tuple[list[tuple
     return pairs, single
 
 
+def document_text(document: Any, i: int) -> str:
+    """The text of ``documents[i]`` of /v1/rerank: a string, or an object ``{"text": string, ...}`` as Cohere and
+    Jina take it; anything else is a 422 saying both forms (parse_texts then checks the text itself)."""
+    if isinstance(document, str):
+        return document
+    if isinstance(document, dict):
+        text = document.get("text")
+        if isinstance(text, str):
+            return text
+        found = "no 'text'" if "text" not in document else f"'text' of type {json_type(text)}"
+        raise ApiError(422, "missing_field" if "text" not in document else "invalid_type",
+                       f"documents[{i}] is an object with {found}; a document object needs 'text': a string",
+                       param=f"documents[{i}].text")
+    raise ApiError(422, "invalid_type", f"documents[{i}] must be a string or an object {{\"text\": string}}, "
+                   f"found {json_type(document)}", param=f"documents[{i}]")
+
+
 class RerankHandlers:
     def __init__(self, server: ModelServer):
         self.server = server
@@ -96,6 +113,13 @@ class RerankHandlers:
             firsts, measured, counts = measure(firsts, seconds, prompt)
         limit = served.max_tokens
         if not truncate:
+            if one_query and len(firsts) < len(given):
+                # The query was measured on a prefix: it alone is over the limit, so every pair is, by an unknown
+                # count (its prefix's count in a pair's message would be a wrong figure, naming a text's index).
+                raise ApiError(422, "too_many_tokens",
+                               f"query has more than {limit} tokens; the model takes at most {limit} per (query, "
+                               "text) pair. Shorten it or send truncate=true to score its first tokens.",
+                               param="query")
             for i, count in enumerate(counts):
                 if count > limit:
                     # A long text was measured on a prefix: its pair is known to be over, not by how much.
@@ -122,11 +146,14 @@ class RerankHandlers:
                            "every label's score", param="model")
 
     def _query(self, body: dict[str, Any]) -> str:
-        query, _ = parse_texts(body.get("query"), "query", 1, self.server.settings.max_input_chars)
-        if not isinstance(body.get("query"), str):
-            raise ApiError(422, "invalid_type", f"Field 'query' must be a string, found {json_type(body['query'])}",
+        """The one query string (a list of them is refused as a type, not against a per-request count)."""
+        query = body.get("query")
+        if query is None:
+            raise ApiError(422, "missing_field", "Field 'query' is required: the query string", param="query")
+        if not isinstance(query, str):
+            raise ApiError(422, "invalid_type", f"Field 'query' must be a string, found {json_type(query)}",
                            param="query")
-        return query[0]
+        return parse_texts(query, "query", 1, self.server.settings.max_input_chars)[0][0]
 
     async def tei_rerank(self, request, info: RequestInfo):
         """TEI: {query, texts, raw_scores, return_text, truncate} -> [{index, score, text?}], best first; with
@@ -161,12 +188,11 @@ class RerankHandlers:
         self._one_score(server, info)
         query = self._query(body)
         documents = body.get("documents")
-        if isinstance(documents, list):  # Cohere and Jina also take {"text": ...} objects
-            documents = [d["text"] if isinstance(d, dict) and isinstance(d.get("text"), str) else d
-                         for d in documents]
         if isinstance(documents, str):
             raise ApiError(422, "invalid_type", "Field 'documents' must be a list of strings, found string",
                            param="documents")
+        if isinstance(documents, list) and len(documents) <= s.max_inputs_per_request:  # else parse_texts' 422
+            documents = [document_text(d, i) for i, d in enumerate(documents)]
         documents, _ = parse_texts(documents, "documents", s.max_inputs_per_request, s.max_input_chars)
         top_n = body.get("top_n")
         if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):

@@ -147,7 +147,10 @@ class ServedModel:
         try:
             return resolve(prompt_name, prompt)
         except ConfigError as err:
-            raise ApiError(422, "unknown_prompt" if prompt is None else "invalid_prompt", str(err),
+            # The runtime names the export by its folder; a client gets the served name, never a server path.
+            folder = str(getattr(self.model, "path", "")) or None
+            message = str(err).replace(folder, f"Model {self.base_name!r}") if folder else str(err)
+            raise ApiError(422, "unknown_prompt" if prompt is None else "invalid_prompt", message,
                            param=field) from None
 
     def measure_pairs(self, query: str, documents: list[str], prompt: str | None = None
@@ -201,6 +204,7 @@ class ServedModel:
         return vectors
 
     def _non_finite(self, adapter: str | None) -> ApiError:
+        what = "scores" if self.task.text_pairs else "embeddings"
         return ApiError(500, "non_finite_embedding",
                         f"Model {self.label(adapter)!r} produced NaN or Inf for this batch (corrupt weights?); "
-                        "no embeddings were returned")
+                        f"no {what} were returned")
