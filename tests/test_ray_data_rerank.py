@@ -1,9 +1,14 @@
 """peft_export.ray.rerank_dataset on a local Ray instance (2 CPUs, loopback): the score column equals in-process
 ``CrossEncoderModel.predict`` (1e-6, relative for logits) for the base and an adapter of a switchable reranker, and
 is a fixed-size list for a model with several labels; ids and other columns are kept; a job given the other task's
-export is refused on the driver, before any actor starts."""
+export is refused on the driver, before any actor starts; an actor killed mid-job is restarted and its batch scored
+again; empty and 10 MB texts score as in-process."""
 
 from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +19,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")
 pa = pytest.importorskip("pyarrow")
 
-from peft_export.ray import embed_dataset, rerank_dataset  # noqa: E402
+from peft_export.ray import BatchScorer, embed_dataset, rerank_dataset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -99,3 +104,45 @@ def test_the_other_tasks_export_and_bad_columns_are_refused(ray_local, exports):
         rerank_dataset(_dataset(), exports["rr"], document_column="passage")
     with pytest.raises(ConfigError, match=r"Column 'pair_id' must hold strings, found int64"):
         rerank_dataset(_dataset(), exports["rr"], query_column="pair_id")
+
+
+def killer(marker: Path) -> type[BatchScorer]:
+    """A BatchScorer whose process is killed with SIGKILL (kill -9: no cleanup, no exception) on its first batch
+    after ``marker`` is created, exactly once over all actors and restarts. (Defined in a function so that Ray
+    pickles the class by value: actors cannot import test modules.)"""
+
+    class Killer(BatchScorer):
+        def __call__(self, batch):
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().__call__(batch)
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return Killer
+
+
+def test_an_actor_killed_mid_job_is_restarted_and_the_scores_equal_an_uninterrupted_run(ray_local, exports, tmp_path):
+    marker = tmp_path / "killed-once"
+    options = {"adapter": "qk", "activation_fn": "identity", "batch_size": 25, "block_rows": 40}
+    killed = _collected(rerank_dataset(_dataset(), exports["rr"], scorer=killer(marker), **options))
+    assert marker.exists()  # an actor did die mid-job
+    whole = _collected(rerank_dataset(_dataset(), exports["rr"], **options))
+    ids, queries, documents = _rows()
+    assert killed.column("pair_id").to_pylist() == ids  # no row lost, none twice
+    np.testing.assert_array_equal(killed.column("score").to_numpy(), whole.column("score").to_numpy())
+    want = CrossEncoderModel(exports["rr"]).predict(list(zip(queries, documents)), adapter="qk",
+                                                    activation_fn="identity")
+    np.testing.assert_allclose(killed.column("score").to_numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_empty_and_ten_megabyte_texts_score_as_in_process(ray_local, exports):
+    huge = "word " * 2_000_000  # 10 MB: tokenized as its truncation prefix, the same tokens as the whole
+    pairs = [("", ""), ("a query", ""), ("", "a document"), ("a query", huge), (huge, "a document")]
+    table = pa.table({"pair_id": list(range(len(pairs))), "query": [q for q, _ in pairs],
+                      "document": [d for _, d in pairs]})
+    got = _collected(rerank_dataset(ray.data.from_arrow(table), exports["rr"], adapter="qv", activation_fn="identity",
+                                    num_actors=1))
+    want = CrossEncoderModel(exports["rr"]).predict(pairs, adapter="qv", activation_fn="identity")
+    np.testing.assert_allclose(got.column("score").to_numpy(), want, rtol=1e-6, atol=1e-6)
