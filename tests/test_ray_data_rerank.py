@@ -112,6 +112,15 @@ def test_the_other_tasks_export_and_bad_columns_are_refused(ray_local, exports):
         rerank_dataset(_dataset(), exports["rr"], document_column="passage")
     with pytest.raises(ConfigError, match=r"Column 'pair_id' must hold strings, found int64"):
         rerank_dataset(_dataset(), exports["rr"], query_column="pair_id")
+    with pytest.raises(ConfigError, match=r"output_column 'source' is already a column of the dataset; pass another "
+                                          r"output_column= or rename that column first"):
+        rerank_dataset(_dataset(), exports["rr"], output_column="source")
+    scored = _dataset().map_batches(lambda batch: batch.append_column("score", pa.array([0.5] * batch.num_rows)),
+                                    batch_format="pyarrow")  # e.g. a first-stage retriever's score
+    with pytest.raises(ConfigError, match=r"output_column 'score' is already a column of the dataset"):
+        rerank_dataset(scored, exports["rr"])
+    with pytest.raises(ConfigError, match=r"output_column 'query' is already a column of the dataset"):
+        embed_dataset(_dataset(), exports["embedder"], column="document", output_column="query")
 
 
 def test_apply_softmax_equals_predict(ray_local, exports):

@@ -228,7 +228,7 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     (``peft_export.ray.embed_job.write_runs_in_order``). Each row's embedding always stays with its row.
     """
     export, ds, pin = _prepared(
-        ds, export, "embedding", {"column": column}, id_column, batch_size, block_rows, backend,
+        ds, export, "embedding", {"column": column}, id_column, output_column, batch_size, block_rows, backend,
         lambda model: model.encode([""], **_encode_options(model, adapter, prompt_name, 1)))
     return _map_on_pool(ds, embedder, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
                         id_column, keep_columns, export=str(export), manifest_sha256=pin, column=column,
@@ -255,7 +255,7 @@ def rerank_dataset(ds, export: str | Path, query_column: str = "query", document
                if value is not None}
     export, ds, pin = _prepared(
         ds, export, "reranker", {"query_column": query_column, "document_column": document_column}, id_column,
-        batch_size, block_rows, backend,
+        output_column, batch_size, block_rows, backend,
         lambda model: model.predict([("", "")], **_score_options(model, adapter, 1, options)))
     return _map_on_pool(ds, scorer, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
                         id_column, keep_columns, export=str(export), manifest_sha256=pin,
@@ -265,7 +265,7 @@ def rerank_dataset(ds, export: str | Path, query_column: str = "query", document
 
 
 def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_column: str | None,
-              batch_size: int, block_rows: int | None, backend: str | None, probe):
+              output_column: str, batch_size: int, block_rows: int | None, backend: str | None, probe):
     """(the export folder, ``ds`` split into blocks of ``block_rows`` (see :func:`embed_dataset`), the digest of the
     export's manifest), after checking here, before any actor opens it, the arguments, that each of ``columns``
     (the job's argument name -> the column it names) holds strings, and that the export is one of ``task``'s and
@@ -294,6 +294,9 @@ def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_col
     for field, name in [*columns.items(), ("id_column", id_column)]:
         if name is not None and name not in names:
             raise ConfigError(f"{field} {name!r} is not a column of the dataset; it has {names}")
+    if output_column in names:  # two columns of one name: Ray fails after the whole job has run
+        raise ConfigError(f"output_column {output_column!r} is already a column of the dataset; pass another "
+                          "output_column= or rename that column first")
     for column in columns.values():
         kind = str(schema.types[names.index(column)])
         if kind not in ("string", "large_string"):
