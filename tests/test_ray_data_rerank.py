@@ -183,13 +183,19 @@ def test_an_export_replaced_or_deleted_after_the_driver_check_is_refused_by_the_
                                                                                         tmp_path):
     """The job is checked when rerank_dataset is called; its actors start when the dataset is consumed. An actor
     that finds another export at the path (here the merged export of the same base, valid on its own) refuses it
-    instead of scoring the rows with it."""
+    instead of scoring the rows with it; one that finds a file of the export edited, or no export, refuses too."""
     folder = tmp_path / "rr"
     shutil.copytree(exports["rr"], folder)
     ds = rerank_dataset(_dataset(), folder, num_actors=1)
     shutil.rmtree(folder)
     shutil.copytree(reranker["base_export"], folder)
     _fails(ds, r"changed after the job was checked on the driver")
+    ds = rerank_dataset(_dataset(), folder, num_actors=1)
+    with open(folder / "tokenizer.json", "ab") as edited:  # edited in place: the same manifest, another file
+        edited.write(b" ")
+    _fails(ds, r"tokenizer.json does not hold what peft_export.json records")
+    shutil.rmtree(folder)
+    shutil.copytree(reranker["base_export"], folder)
     ds = rerank_dataset(_dataset(), folder, num_actors=1)
     shutil.rmtree(folder)
     _fails(ds, r"Export folder not found")
