@@ -145,5 +145,7 @@ def test_bad_columns_and_values_are_clear_errors(ray_local, corpus, export):
     with pytest.raises(ConfigError, match="Export folder not found"):
         embed_dataset(ds, export / "missing")
     nulls = ray.data.from_arrow(pa.table({"text": ["fine", None, "also fine"]}))
-    with pytest.raises(Exception, match="Column 'text' has a null value at row 1 of this batch"):
+    with pytest.raises(Exception, match=r"Column 'text' has a null value at row 1 of a batch of 3 \(pass id_column="):
         collect(embed_dataset(nulls, export, num_actors=1))
+    with pytest.raises(ValueError, match=r"Adapter with name 'nope' not found"):  # on the driver, before any actor
+        embed_dataset(ds, export, adapter="nope")

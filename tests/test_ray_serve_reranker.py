@@ -71,3 +71,41 @@ def test_the_header_merges_the_adapter_on_its_replica(served):
 def test_an_embedding_route_names_the_task(served):
     response = httpx.post(served + "/v1/embeddings", json={"model": "rr", "input": ["x"]}, timeout=30)
     assert response.status_code in (400, 404), response.text
+
+
+@pytest.mark.parametrize("header", ["nope", "../../etc/passwd", "QV"])
+def test_a_header_naming_no_adapter_is_a_404_not_the_base(served, header):
+    """The multiplexing header used to be ignored when it named no adapter: the base answered a client that asked
+    for an adapter by the header alone (the TEI route without ``model``)."""
+    for path, body in (("/rerank", {"query": QUERY, "texts": DOCUMENTS}),
+                       ("/v1/rerank", {"model": "rr", "query": QUERY, "documents": DOCUMENTS})):
+        response = httpx.post(served + path, json=body, headers={HEADER: header}, timeout=30)
+        assert response.status_code == 404, response.text
+        assert response.headers["content-type"] == "application/json"
+        error = response.json()["error"]
+        assert error["code"] == "model_not_found" and error["param"] == HEADER
+        assert repr(header) in error["message"] and "available: rr, qk, qv" in error["message"]
+    base = httpx.post(served + "/v1/rerank", json={"model": "rr", "query": QUERY, "documents": DOCUMENTS},
+                      headers={HEADER: "rr"}, timeout=30)  # the base's own name is served
+    assert base.status_code == 200, base.text
+
+
+def test_hostile_bodies_get_json_errors_through_the_proxy(served):
+    def post(path: str, **request):
+        response = httpx.post(served + path, timeout=60, **request)
+        assert response.headers["content-type"] == "application/json", response.text[:200]
+        return response
+
+    assert post("/v1/rerank", content=b"{not json", headers={"content-type": "application/json"}).status_code == 400
+    assert post("/v1/rerank", content=b"[1, 2]", headers={"content-type": "application/json"}).status_code in (400, 422)
+    response = post("/v1/rerank", json={"model": "rr", "query": QUERY, "documents": ["a", None]})
+    assert response.status_code == 422 and "documents[1]" in response.text
+    response = post("/v1/rerank", json={"model": "rr", "query": 5, "documents": DOCUMENTS})
+    assert response.status_code == 422 and "query" in response.text
+    response = post("/v1/rerank", json={"model": "rr", "query": QUERY, "documents": ["a"] * 2049})
+    assert response.status_code == 422 and "2048" in response.text
+    assert post("/v1/rerank", json={"model": "rr", "query": QUERY, "documents": ["a"] * 2048}).status_code == 200
+    response = post("/v1/rerank", json={"model": "rr", "query": QUERY, "documents": ["word " * 2_000_000]})
+    assert response.status_code == 422 and "100000" in response.text.replace(",", "")
+    assert post("/v1/rerank", content=b"x" * (17 * 1024 * 1024),
+                headers={"content-type": "application/json"}).status_code == 413

@@ -23,7 +23,9 @@ adding a ``score`` column (float32; a fixed-size list of them for a model with s
 Faults: Ray Data creates pool actors with ``max_restarts=-1`` and ``max_task_retries=-1`` (its defaults; pass
 other values as keyword arguments to change them): an actor that dies (killed, OOM, node lost) is restarted and
 the batch it held is run again, so the output is complete. Errors in the data (a missing column, a non-string
-value) are not retried: they fail the job with a message naming the row.
+value) are not retried: they fail the job with a message naming the row by its ``id_column`` value. A restarted
+actor opens the export again, and only the one the driver checked (see :func:`_prepared`): never another export
+found at the same path meanwhile.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, require
+from ..errors import ConfigError, PeftExportError, require
 
 EMBEDDING_COLUMN = "embedding"
 SCORE_COLUMN = "score"
@@ -51,18 +53,18 @@ class BatchEmbedder:
 
     def __init__(self, export: str, column: str, *, adapter: str | None = None, prompt_name: str | None = None,
                  encode_batch_size: int = 32, threads: int = 1, backend: str | None = None,
-                 output_column: str = EMBEDDING_COLUMN, model_options: dict[str, Any] | None = None):
+                 output_column: str = EMBEDDING_COLUMN, model_options: dict[str, Any] | None = None,
+                 id_column: str | None = None, manifest_sha256: str | None = None):
         # Before the tokenizer's thread pool exists (first encode): as many threads as this actor has CPUs.
         os.environ["RAYON_NUM_THREADS"] = str(threads)
         from ..runtime.model import EmbeddingModel
 
-        self.model = EmbeddingModel(export, backend=backend, intra_op_threads=threads, **(model_options or {}))
+        self.model = _open_pinned(EmbeddingModel, export, manifest_sha256, backend=backend, intra_op_threads=threads,
+                                  **(model_options or {}))
         self.column = column
+        self.id_column = id_column
         self.output_column = output_column
-        self.options: dict[str, Any] = {"batch_size": encode_batch_size}
-        if prompt_name is not None:
-            self.options["prompt_name"] = prompt_name
-        self.options.update(_adapter_option(self.model, adapter))
+        self.options = _encode_options(self.model, adapter, prompt_name, encode_batch_size)
         self.dimension = self.model.get_sentence_embedding_dimension()
 
     def before_batch(self, batch) -> None:
@@ -73,7 +75,7 @@ class BatchEmbedder:
         import pyarrow as pa
 
         self.before_batch(batch)
-        texts = _texts(batch, self.column)
+        texts = _texts(batch, self.column, self.id_column)
         vectors = np.ascontiguousarray(self.model.encode(texts, **self.options), dtype=np.float32)
         vectors = vectors.reshape(len(texts), self.dimension)  # (rows, dim), also for an empty batch
         flat = pa.array(vectors.reshape(-1), type=pa.float32())
@@ -89,22 +91,24 @@ class BatchScorer:
     def __init__(self, export: str, query_column: str, document_column: str, *, adapter: str | None = None,
                  predict_batch_size: int = 32, threads: int = 1, backend: str | None = None,
                  output_column: str = SCORE_COLUMN, options: dict[str, Any] | None = None,
-                 model_options: dict[str, Any] | None = None):
+                 model_options: dict[str, Any] | None = None, id_column: str | None = None,
+                 manifest_sha256: str | None = None):
         os.environ["RAYON_NUM_THREADS"] = str(threads)  # before the tokenizer's thread pool exists
         from ..runtime.reranker_model import CrossEncoderModel
 
-        self.model = CrossEncoderModel(export, backend=backend, intra_op_threads=threads, **(model_options or {}))
+        self.model = _open_pinned(CrossEncoderModel, export, manifest_sha256, backend=backend,
+                                  intra_op_threads=threads, **(model_options or {}))
         self.columns = (query_column, document_column)
+        self.id_column = id_column
         self.output_column = output_column
-        self.options: dict[str, Any] = {"batch_size": predict_batch_size, **(options or {})}
-        self.options.update(_adapter_option(self.model, adapter))
+        self.options = _score_options(self.model, adapter, predict_batch_size, options)
         self.labels = self.model.num_labels
 
     def __call__(self, batch):
         import numpy as np
         import pyarrow as pa
 
-        queries, documents = (_texts(batch, column) for column in self.columns)
+        queries, documents = (_texts(batch, column, self.id_column) for column in self.columns)
         pairs = list(zip(queries, documents))
         scores = self.model.predict(pairs, **self.options) if pairs else np.zeros((0, self.labels), np.float32)
         scores = np.ascontiguousarray(scores, dtype=np.float32).reshape(len(pairs), -1)
@@ -122,8 +126,43 @@ def _adapter_option(model, adapter: str | None) -> dict[str, Any]:
     return {"adapter": False} if getattr(model, "is_switchable", False) else {}
 
 
-def _texts(batch, column: str) -> list[str]:
-    """The batch's texts as Python strings; a null or non-string value is an error naming its row in the batch."""
+def _encode_options(model, adapter: str | None, prompt_name: str | None, batch_size: int) -> dict[str, Any]:
+    """The options of every ``encode`` call of an embedding job (its actors', and the driver's check)."""
+    options: dict[str, Any] = {"batch_size": batch_size}
+    if prompt_name is not None:
+        options["prompt_name"] = prompt_name
+    return {**options, **_adapter_option(model, adapter)}
+
+
+def _score_options(model, adapter: str | None, batch_size: int, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The options of every ``predict`` call of a rerank job (its actors', and the driver's check)."""
+    return {"batch_size": batch_size, **(options or {}), **_adapter_option(model, adapter)}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's content (its JSON, keys sorted). The manifest records the hash of every file the
+    runtime reads and a model checks them all when it opens, so equal digests mean the same export."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _open_pinned(model_class, export: str, manifest_sha256: str | None, **options):
+    """``model_class(export, **options)``, refused when its manifest is not the one the driver checked: an export
+    replaced (re-exported, ``--force``, another folder moved there) after the job was checked, or between the
+    starts of two actors (a restarted one), must not score rows beside actors that run the old one."""
+    model = model_class(export, **options)
+    if manifest_sha256 is not None and manifest_digest(model.manifest) != manifest_sha256:
+        raise ConfigError(f"The export {export} changed after the job was checked on the driver (its manifest is "
+                          "another export's); this actor refuses it rather than mix two exports' results in one "
+                          "job. Run the job again")
+    return model
+
+
+def _texts(batch, column: str, id_column: str | None = None) -> list[str]:
+    """The batch's texts as Python strings; a null or non-string value is an error naming its row by
+    ``id_column`` (its position in the batch says nothing: Ray splits and reorders blocks)."""
     import pyarrow as pa
 
     if column not in batch.column_names:
@@ -134,8 +173,12 @@ def _texts(batch, column: str) -> list[str]:
     texts = values.to_pylist()
     for i, text in enumerate(texts):
         if text is None:
-            raise ConfigError(f"Column {column!r} has a null value at row {i} of this batch; drop or fill nulls "
-                              "first (ds.filter(...))")
+            if id_column is not None and id_column in batch.column_names:
+                where = f"in the row with {id_column}={batch.column(id_column)[i].as_py()!r}"
+            else:
+                where = f"at row {i} of a batch of {len(texts)} (pass id_column= to have rows named by their id)"
+            raise ConfigError(f"Column {column!r} has a null value {where}; drop or fill nulls first "
+                              "(ds.filter(...))")
     return texts
 
 
@@ -184,9 +227,11 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     the DataContext; when order matters, carry a row number (or the id) and order by it, as ``embed --ray`` does
     (``peft_export.ray.embed_job.write_runs_in_order``). Each row's embedding always stays with its row.
     """
-    export, ds = _prepared(ds, export, "embedding", {"column": column}, id_column, batch_size, block_rows)
+    export, ds, pin = _prepared(
+        ds, export, "embedding", {"column": column}, id_column, output_column, batch_size, block_rows, backend,
+        lambda model: model.encode([""], **_encode_options(model, adapter, prompt_name, 1)))
     return _map_on_pool(ds, embedder, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
-                        id_column, keep_columns, export=str(export), column=column,
+                        id_column, keep_columns, export=str(export), manifest_sha256=pin, column=column,
                         adapter=adapter, prompt_name=prompt_name, encode_batch_size=encode_batch_size,
                         backend=backend, output_column=output_column, model_options=model_options)
 
@@ -195,33 +240,41 @@ def rerank_dataset(ds, export: str | Path, query_column: str = "query", document
                    adapter: str | None = None, prompt_name: str | None = None, prompt: str | None = None,
                    activation_fn: str | None = None, batch_size: int = 256, id_column: str | None = None,
                    num_actors: int | None = None, threads_per_actor: int | None = None, backend: str | None = None,
-                   *, num_cpus_per_actor: float | None = None, output_column: str = SCORE_COLUMN,
-                   keep_columns: bool = True, predict_batch_size: int = 32, block_rows: int | None = BLOCK_ROWS,
-                   scorer: type[BatchScorer] = BatchScorer, model_options: dict[str, Any] | None = None,
-                   **ray_remote_args):
+                   *, apply_softmax: bool = False, num_cpus_per_actor: float | None = None,
+                   output_column: str = SCORE_COLUMN, keep_columns: bool = True, predict_batch_size: int = 32,
+                   block_rows: int | None = BLOCK_ROWS, scorer: type[BatchScorer] = BatchScorer,
+                   model_options: dict[str, Any] | None = None, **ray_remote_args):
     """``ds`` with a ``score`` column: a reranker export's score of each row's (``query_column``,
     ``document_column``) pair, as ``CrossEncoderModel.predict`` gives it (float32; a fixed-size list for a model
-    with several labels). ``adapter``, ``prompt_name``, ``prompt`` and ``activation_fn`` (a name: "sigmoid",
-    "identity", ...) are ``predict``'s; the pool, blocks, ``id_column`` and ``keep_columns`` are
+    with several labels). ``adapter``, ``prompt_name``, ``prompt``, ``activation_fn`` (a name: "sigmoid",
+    "identity", ...) and ``apply_softmax`` are ``predict``'s, checked on the driver (a call on one empty pair)
+    before any actor starts; the pool, blocks, ``id_column`` and ``keep_columns`` are
     :func:`embed_dataset`'s, and so is what it says about row order. The export must be a reranker's."""
-    export, ds = _prepared(ds, export, "reranker", {"query_column": query_column, "document_column": document_column},
-                           id_column, batch_size, block_rows)
     options = {key: value for key, value in (("prompt_name", prompt_name), ("prompt", prompt),
-                                             ("activation_fn", activation_fn)) if value is not None}
+                                             ("activation_fn", activation_fn), ("apply_softmax", apply_softmax or None))
+               if value is not None}
+    export, ds, pin = _prepared(
+        ds, export, "reranker", {"query_column": query_column, "document_column": document_column}, id_column,
+        output_column, batch_size, block_rows, backend,
+        lambda model: model.predict([("", "")], **_score_options(model, adapter, 1, options)))
     return _map_on_pool(ds, scorer, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
-                        id_column, keep_columns, export=str(export),
+                        id_column, keep_columns, export=str(export), manifest_sha256=pin,
                         query_column=query_column, document_column=document_column, adapter=adapter,
                         predict_batch_size=predict_batch_size, backend=backend, output_column=output_column,
                         options=options, model_options=model_options)
 
 
 def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_column: str | None,
-              batch_size: int, block_rows: int | None):
-    """The export folder, checked to be one of ``task``'s (here, before any actor opens it), and ``ds`` split into
-    blocks of ``block_rows`` (see :func:`embed_dataset`), after checking the arguments and that each of
-    ``columns`` (the job's argument name -> the column it names) holds strings."""
+              output_column: str, batch_size: int, block_rows: int | None, backend: str | None, probe):
+    """(the export folder, ``ds`` split into blocks of ``block_rows`` (see :func:`embed_dataset`), the digest of the
+    export's manifest), after checking here, before any actor opens it, the arguments, that each of ``columns``
+    (the job's argument name -> the column it names) holds strings, and that the export is one of ``task``'s and
+    takes the job's call: the driver opens it (every file checked against its manifest) and runs ``probe(model)``,
+    the call each actor makes, on one empty input, so an unknown adapter, prompt or activation is an error here,
+    not a Ray traceback from every actor. The actors open only the export whose manifest has that digest."""
     from ..runtime.config import read_manifest
     from ..tasks import task_of_manifest
+    from ..tasks.loading import load
 
     require("ray.data", "ray")
     require("pyarrow", "ray")
@@ -241,14 +294,26 @@ def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_col
     for field, name in [*columns.items(), ("id_column", id_column)]:
         if name is not None and name not in names:
             raise ConfigError(f"{field} {name!r} is not a column of the dataset; it has {names}")
+    if output_column in names:  # two columns of one name: Ray fails after the whole job has run
+        raise ConfigError(f"output_column {output_column!r} is already a column of the dataset; pass another "
+                          "output_column= or rename that column first")
     for column in columns.values():
         kind = str(schema.types[names.index(column)])
         if kind not in ("string", "large_string"):
             raise ConfigError(f"Column {column!r} must hold strings, found {kind}; cast it first (e.g. with "
                               "ds.map_batches) or pick another column")
+    model = load(export, backend=backend, intra_op_threads=1)
+    try:
+        probe(model)
+    except (ValueError, KeyError) as err:  # ConfigError and AdapterNotFoundError are ValueErrors
+        if isinstance(err, PeftExportError):
+            raise
+        raise ConfigError(str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)) from err
+    pin = manifest_digest(model.manifest)
+    del model
     if block_rows is not None:
         ds = ds.repartition(target_num_rows_per_block=block_rows)
-    return export, ds
+    return export, ds, pin
 
 
 def _map_on_pool(ds, callable_class, batch_size: int, num_actors: int | None, threads_per_actor: int | None,
@@ -262,7 +327,7 @@ def _map_on_pool(ds, callable_class, batch_size: int, num_actors: int | None, th
 
     out = ds.map_batches(
         callable_class, batch_size=batch_size, batch_format="pyarrow", zero_copy_batch=True,
-        fn_constructor_kwargs={**constructor_kwargs, "threads": threads},
+        fn_constructor_kwargs={**constructor_kwargs, "id_column": id_column, "threads": threads},
         compute=ActorPoolStrategy(size=actors), num_cpus=reserved, **ray_remote_args,
     )
     if keep_columns:

@@ -16,7 +16,8 @@ to replicas that have that id loaded; on a replica, "loaded" means merged into i
 ``merge_adapter``), at most ``merged_adapter_budget`` adapters per replica, least recently used evicted first (Ray
 Serve's multiplexing LRU; ``unmerge_adapter`` frees the session). A request never waits for a merge: it starts in
 the background and, until it is done, the adapter runs through the LoRA branches, which give the same answer (float
-rounding, ~1e-7). A header naming no adapter of the export (or the base) is ignored. The proxy cannot read request
+rounding, ~1e-7). A header naming neither an adapter of the export nor the base (``served_model_name``) is a JSON
+404, as the same name in ``model`` is: never a silent answer from the base. The proxy cannot read request
 bodies, hence the header; without it, requests are spread over all replicas and each adapter runs on the LoRA
 branches.
 
@@ -68,17 +69,21 @@ class _Merged:
 
 class _AdapterAffinity:
     """ASGI wrapper of the server app: a request whose multiplexing header names an adapter of the export marks
-    that adapter hot on this replica (merged in the background if it is not yet); everything else passes through."""
+    that adapter hot on this replica (merged in the background if it is not yet); one whose header names neither
+    an adapter nor the base (``base_name``) is answered 404; everything else passes through."""
 
-    def __init__(self, app, adapters: set[str], mark_hot):
-        self.app, self.adapters, self.mark_hot = app, adapters, mark_hot
+    def __init__(self, app, adapters: set[str], mark_hot, base_name: str | None = None):
+        self.app, self.adapters, self.mark_hot, self.base_name = app, adapters, mark_hot, base_name
         self.state = getattr(app, "state", None)
         self._tasks: set[asyncio.Task] = set()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.mark_hot is not None:
+        if scope["type"] == "http":
             name = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == MULTIPLEX_HEADER), None)
-            if name in self.adapters:
+            if name is not None and name != self.base_name and name not in self.adapters:
+                await _send_unknown_adapter(send, name, sorted(self.adapters), self.base_name)
+                return
+            if name in self.adapters and self.mark_hot is not None:
                 task = asyncio.ensure_future(self.mark_hot(name))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
@@ -90,6 +95,19 @@ class _AdapterAffinity:
             logger.error("merging an adapter failed; it keeps running on the LoRA branches: %r", task.exception())
 
 
+async def _send_unknown_adapter(send, name: str, adapters: list[str], base_name: str | None) -> None:
+    """A JSON 404 for a multiplexing header naming no adapter of the export (and not the base)."""
+    from ..serve.protocol import ApiError, dumps, show
+
+    known = ", ".join([n for n in (base_name, *adapters) if n is not None]) or "none"
+    body = dumps(ApiError(404, "model_not_found", f"The {MULTIPLEX_HEADER.decode()} header names {show(name)}, "
+                          f"which is not served here; available: {known}", param=MULTIPLEX_HEADER.decode()
+                          ).openai_body())
+    await send({"type": "http.response.start", "status": 404,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _open_replica(export: str, backend: str | None, threads: int, settings: ServeSettings, mark_hot) -> Any:
     os.environ["RAYON_NUM_THREADS"] = str(threads)  # the tokenizer's pool: as many threads as this replica's CPUs
     keep_replica_grpc_on_loopback()
@@ -99,7 +117,8 @@ def _open_replica(export: str, backend: str | None, threads: int, settings: Serv
     # The class of the export's task (EmbeddingModel, CrossEncoderModel): its routes are the ones served.
     model = load(export, backend=backend, intra_op_threads=threads)
     adapters = set(model.list_adapters()) if getattr(model, "is_switchable", False) else set()
-    _REPLICA["app"] = _AdapterAffinity(create_app(model, settings), adapters, mark_hot if adapters else None)
+    _REPLICA["app"] = _AdapterAffinity(create_app(model, settings), adapters, mark_hot if adapters else None,
+                                       settings.served_model_name)
     return model
 
 
