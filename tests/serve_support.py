@@ -217,8 +217,10 @@ def on_local_ray_serve(export: Path, app_name: str, **serve_app_options):
     from ray import serve
 
     from peft_export.ray import serve_app
+    from peft_export.ray.local import init_ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(serve_proxy=True, num_cpus=2, log_to_driver=False)  # on loopback, as serve-ray starts it
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -18,6 +18,7 @@ pytest.importorskip("ray.data")
 pa = pytest.importorskip("pyarrow")
 
 from peft_export.ray import BatchEmbedder, embed_dataset  # noqa: E402
+from peft_export.ray.local import init_ray  # noqa: E402
 
 ATOL = 1e-6
 N = 300
@@ -25,11 +26,12 @@ N = 300
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray instance for the module: 2 CPUs, no dashboard, rows kept in order. (Ray core listens on the
-    node's address whatever it is told, protected by its token authentication; nothing here calls out.)"""
+    """One local Ray instance for the module, as ``embed --ray`` starts it (on loopback, no dashboard): 2 CPUs, rows
+    kept in order."""
     from ray.data import DataContext
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(num_cpus=2, log_to_driver=False)  # on loopback, as embed --ray starts it
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     context = DataContext.get_current()
     before = context.execution_options.preserve_order
     context.execution_options.preserve_order = True

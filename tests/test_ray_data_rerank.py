@@ -22,6 +22,7 @@ pytest.importorskip("ray.data")
 pa = pytest.importorskip("pyarrow")
 
 from peft_export.ray import BatchScorer, embed_dataset, rerank_dataset  # noqa: E402
+from peft_export.ray.local import init_ray  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,8 @@ DOCUMENTS = ["Open the settings page, choose Security and click 'Reset password'
 def ray_local():
     from ray.data import DataContext
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(num_cpus=2, log_to_driver=False)  # on loopback, as embed --ray starts it
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     context = DataContext.get_current()
     context.enable_progress_bars = False
     try:

@@ -37,9 +37,10 @@ def starts_local_instance(address: str | None) -> bool:
     return address in (None, "local") and not os.environ.get("RAY_ADDRESS")
 
 
-def init_ray(address: str | None = None, *, serve_proxy: bool = False) -> None:
+def init_ray(address: str | None = None, *, serve_proxy: bool = False, **local_options) -> None:
     """Join the Ray cluster at ``address`` (or RAY_ADDRESS), else start a local instance that listens on loopback
-    only. ``serve_proxy``: the instance will run Ray Serve; its proxy answers lost requests with JSON 503."""
+    only. ``serve_proxy``: the instance will run Ray Serve; its proxy answers lost requests with JSON 503.
+    ``local_options`` (``num_cpus``, ``log_to_driver``, ...) go to ``ray.init`` when it starts the local instance."""
     if not starts_local_instance(address):
         ray = require("ray", "ray")
         ray.init(address=address, include_dashboard=False, configure_logging=False)
@@ -53,7 +54,8 @@ def init_ray(address: str | None = None, *, serve_proxy: bool = False) -> None:
         # Ray was imported before the setting above: this process read it already (the processes it starts read
         # it afresh).
         constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", _node_ip_address=LOOPBACK, include_dashboard=False, configure_logging=False,
+             **local_options)
     node_ip = ray.util.get_node_ip_address()
     if node_ip not in (LOOPBACK, "::1"):
         logger.warning("the local Ray instance took %s as its address instead of loopback: its interfaces are "
