@@ -120,3 +120,33 @@ def reranker_case(name: str, tmp_path_factory) -> RerankerCase:
     if name not in _FAMILY_CASES:
         _FAMILY_CASES[name] = RerankerCase(name, tmp_path_factory.mktemp(f"reranker-{name}"))
     return _FAMILY_CASES[name]
+
+
+def characters_tokenized(tokenizer, pairs, monkeypatch) -> tuple[int, list]:
+    """How many characters ``tokenizer.tokenize_pairs(pairs)`` hands to its tokenizers (the model's and the token
+    counter's), and the rows it gives."""
+    from peft_export.runtime.token_prefix import TokenCounter
+
+    chars: list[int] = []
+
+    class Counting:
+        def __init__(self, real):
+            self.real = real
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def encode(self, text, *args, **kwargs):
+            chars.append(len(text))
+            return self.real.encode(text, *args, **kwargs)
+
+        def encode_batch(self, items, *args, **kwargs):
+            chars.extend(len(t) if isinstance(t, str) else len(t[0]) + len(t[1]) for t in items)
+            return self.real.encode_batch(items, *args, **kwargs)
+
+    counter = TokenCounter(tokenizer.tokenizer, tokenizer.max_seq_length, tokenizer.do_lower_case)
+    counter._tokenizer = Counting(counter._tokenizer)
+    monkeypatch.setattr(tokenizer, "_prefixes", counter)
+    monkeypatch.setattr(tokenizer, "tokenizer", Counting(tokenizer.tokenizer))
+    rows = tokenizer.tokenize_pairs(pairs)
+    return sum(chars), [list(r.ids) for r in rows]

@@ -208,6 +208,29 @@ def test_a_huge_query_ranked_with_a_prompt_is_not_copied_per_document(model, rer
                                                             sorted(cut, key=lambda r: r["corpus_id"]))) <= TOLERANCE
 
 
+def test_a_long_query_through_a_chat_template_is_tokenized_once_for_all_its_documents(reranker, tmp_path,
+                                                                                      monkeypatch):
+    """A chat-template reranker renders prefix + query + middle + document + suffix per pair. A query whose rendered
+    start decides the tokens truncation keeps gives one row with every document: it is tokenized once per call, not
+    once per document (a 100,000-character query with 100 documents took 10 s on the Qwen3 tokenizer), and the rows
+    are those of each pair rendered alone."""
+    from fixtures.export_edits import with_task_config
+
+    template = {"prefix": "Query: ", "middle": " Passage: ", "suffix": " end", "suffix_ids": [7, 8]}
+    model = CrossEncoderModel(with_task_config(reranker["base_export"], tmp_path / "template", pair_template=template,
+                                               prompts={}))
+    documents = [f"document {i}" for i in range(100)] + ["word " * 5000]
+    for query in ("w " * 50_000, "a, b! " * 20_000, "short query"):
+        pairs = [(query, d) for d in documents]
+        chars, rows = reranker_fixtures.characters_tokenized(model._tokenizer, pairs, monkeypatch)
+        monkeypatch.setattr(model._tokenizer, "_decided_start", lambda start: None)  # each pair rendered alone
+        per_pair_chars, per_pair = reranker_fixtures.characters_tokenized(model._tokenizer, pairs, monkeypatch)
+        monkeypatch.undo()
+        assert rows == per_pair
+        if len(query) > 1000:
+            assert chars * 20 < per_pair_chars, (chars, per_pair_chars)
+
+
 def test_a_prompt_longer_than_max_length_is_truncated_as_eager_truncates_it(model, eager):
     import torch
 

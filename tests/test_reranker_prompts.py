@@ -217,6 +217,27 @@ def test_qwen3_prompt_longer_than_max_length_is_truncated_as_the_cross_encoder_t
 
 
 @pytest.mark.slow
+def test_qwen3_long_query_is_tokenized_once_for_all_its_documents(qwen3, monkeypatch):
+    """On the Qwen3 template a query of one unbroken 50,000-character run is decided by the template's text after
+    it: the call tokenizes it a few times, not once per document (100 such pairs took 4 s), with the rows of each
+    pair rendered alone; a query of words is cut to its truncation prefix once; the scores equal eager."""
+    import reranker_fixtures
+
+    tokenizer = qwen3["model"]._tokenizer
+    documents = [f"document {i}" for i in range(60)] + [PASSAGES[3]]
+    for query in ("x" * 50_000, "word " * 20_000):
+        pairs = [(query, d) for d in documents]
+        chars, rows = reranker_fixtures.characters_tokenized(tokenizer, pairs, monkeypatch)
+        monkeypatch.setattr(tokenizer, "_decided_start", lambda start: None)  # each pair rendered alone
+        per_pair_chars, per_pair = reranker_fixtures.characters_tokenized(tokenizer, pairs, monkeypatch)
+        monkeypatch.undo()
+        assert rows == per_pair
+        assert chars * 20 < per_pair_chars, (chars, per_pair_chars)
+    pairs = [("word " * 20_000, d) for d in documents[:3]]
+    assert np.abs(qwen3["model"].predict(pairs) - qwen3["reference"].predict(pairs)).max() <= TOLERANCE
+
+
+@pytest.mark.slow
 def test_qwen3_prompts_equal_eager_cross_encoder(qwen3):
     _assert_parity(qwen3["model"], qwen3["reference"])
 

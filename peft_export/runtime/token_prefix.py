@@ -48,7 +48,7 @@ class TokenCounter:
             texts = [t.lower() for t in texts]
         return [len(e.ids) for e in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
 
-    def _prefix_is_enough(self, prefix: str) -> bool:
+    def prefix_decides(self, prefix: str) -> bool:
         """Whether the first ``content_limit`` tokens of ``prefix`` are those of any text it begins (see module)."""
         encoding = self._tokenizer.encode(prefix.lower() if self.lower else prefix, add_special_tokens=False)
         words = encoding.word_ids
@@ -63,7 +63,7 @@ class TokenCounter:
         size = start + self.first_prefix
         while size < len(text):
             prefix = text[:size]
-            if self._prefix_is_enough(prefix):
+            if self.prefix_decides(prefix):
                 return prefix
             size *= 2
         return None

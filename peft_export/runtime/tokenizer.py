@@ -181,23 +181,43 @@ class TextTokenizer:
         template's suffix tokens written back over the end of a truncated row (so the last token is the template's
         last, as the model was trained to read it)."""
         cap = self.max_text_chars  # as in tokenize_pairs: no whole copy of a long side per pair
+        start, middle, end = template["prefix"], template["middle"], template["suffix"]
         try:
-            texts = [self._bounded(template["prefix"] + q[:cap] + template["middle"] + d[:cap] + template["suffix"])
-                     for q, d in pairs]
+            # A query whose rendered start alone decides the kept tokens (_decided_start) gives the same row with
+            # every document: it is bounded and tokenized once. Rendering it per document tokenized a
+            # 100,000-character query once per pair (10 s for 100 pairs on the Qwen3 tokenizer).
+            decided = {q: self._decided_start(start + q[:cap] + middle) for q in dict.fromkeys(q for q, _ in pairs)}
+            texts = [decided[q] or self._bounded(start + q[:cap] + middle + d[:cap] + end) for q, d in pairs]
             if self.do_lower_case:
                 texts = [t.lower() for t in texts]
-            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            unique = list(dict.fromkeys(texts))
+            encoded = dict(zip(unique, self.tokenizer.encode_batch(unique, add_special_tokens=False)))
         except TypeError as err:  # the tokenizers library cannot take a str that is not valid Unicode
             raise InvalidInputError(f"{_first_invalid_pair(pairs, prompt)}: {err}") from err
         suffix = template["suffix_ids"]
         rows = []
-        for enc in encodings:
+        for enc in (encoded[t] for t in texts):
             ids = list(enc.ids)
             keep = min(len(suffix), len(ids))
             if len(ids) >= self.max_seq_length and keep:
                 ids[len(ids) - keep:] = suffix[len(suffix) - keep:]
             rows.append(RenderedPair(ids, [0] * len(ids)))
         return rows
+
+    def _decided_start(self, start: str) -> str | None:
+        """What to tokenize for every rendered pair that begins with ``start`` (the template's prefix, the query
+        and the template's text before the document), where ``start`` alone decides the tokens truncation keeps:
+        its truncation prefix when that is shorter than ``start``, or ``start`` itself when the token counter
+        proves it decides them (a query that is one unbroken run is decided by the template's text after it).
+        None: the document matters, each pair is rendered."""
+        if self._prefixes is None:
+            self._prefixes = TokenCounter(self.tokenizer, self.max_seq_length, self.do_lower_case)
+        if len(start) <= self._prefixes.first_prefix:
+            return None
+        bounded = truncation_prefix(self._prefixes, start, self.max_text_chars)
+        if len(bounded) < len(start):
+            return bounded
+        return start if self._prefixes.prefix_decides(start) else None
 
     def pair_token_overhead(self, prompt: str | None = None) -> int:
         """Tokens a (query, document) pair holds beyond the two texts' own tokens (each without special tokens):
