@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import OutputExistsError, PeftExportError
+from ..errors import ConfigError, OutputExistsError, PeftExportError
 from ..runtime.atomic_file import exchange_folders, rename_no_replace
-from ..runtime.config import MANIFEST_FILE
+from ..runtime.config import MANIFEST_FILE, read_json_object
 
 _TMP_PREFIX = ".peft-export-tmp-"
 _OWNER_SUFFIX = ".owner"
@@ -148,14 +148,62 @@ def clean_dead_temporaries(parent: Path) -> None:
 
 
 def check_output_target(target: str | Path, force: bool = False) -> Path:
-    """Refuse an existing output unless ``force``; called before the slow stages and again when writing."""
+    """Refuse an existing output unless ``force``, and even with ``force`` one that holds anything an export did not
+    write (:func:`foreign_entries`); called before the slow stages and again when writing."""
     target = Path(target).expanduser().absolute()
     if target.exists() and not force:
         raise OutputExistsError(f"Output folder {target} already exists; pass force=True to overwrite it").in_cli_words(
             f"Output folder {target} already exists; pass --force to overwrite it")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"Output path {target} exists and is not a folder")
+    if target.exists():
+        foreign = foreign_entries(target)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputExistsError(
+                f"Output folder {target} holds files that no export wrote ({shown}); not replacing it even with "
+                "force=True, which only replaces an earlier export. Move them away or choose another output path"
+            ).in_cli_words(f"Output folder {target} holds files that no export wrote ({shown}); not replacing it "
+                           "even with --force, which only replaces an earlier export. Move them away or choose "
+                           "another output path")
     return target
+
+
+def _leftover_of_a_change(relative: Path) -> bool:
+    """A file an interrupted write or add-adapter of this package leaves (``.NAME.*.tmp``, an adapter candidate, an
+    adapter file written but never listed), which the next change removes."""
+    name, top = relative.name, relative.parts[0]
+    if len(relative.parts) > 2 or (len(relative.parts) == 2 and top != "adapters"):
+        return False
+    if name.startswith(".") and name.endswith((".tmp", ".candidate")):
+        return True
+    return top == "adapters" and len(relative.parts) == 2 and name.endswith((".onnx_adapter", ".safetensors"))
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` (an existing output) no export wrote: everything, where it has no manifest of this
+    package (its marker); else every file, link or folder that its manifest does not list (``export.sha256``,
+    ``export.files``) and that is not a leftover of an interrupted change. An empty folder holds nothing foreign."""
+    try:
+        manifest = read_json_object(folder / MANIFEST_FILE)
+    except (OSError, ConfigError):
+        manifest = {}
+    export = manifest.get("export") if manifest.get("format") == "peft_export" else None
+    if not isinstance(export, dict):  # not an export: all of it (its top level named; a home folder is not walked)
+        return sorted(path.name for path in folder.iterdir())
+    entries = sorted(folder.rglob("*"))
+    hashes, files = export.get("sha256"), export.get("files")
+    listed = [*(hashes if isinstance(hashes, dict) else ()), *(files if isinstance(files, list) else ())]
+    known = {str(name) for name in listed} | {MANIFEST_FILE}
+    folders = {parent.as_posix() for name in known for parent in Path(name).parents} | {"adapters"}
+    foreign = []
+    for path in entries:
+        relative = path.relative_to(folder)
+        name = relative.as_posix()
+        if path.is_symlink() or not (name in known or (path.is_dir() and name in folders)
+                                      or (path.is_file() and _leftover_of_a_change(relative))):
+            foreign.append(name)
+    return foreign
 
 
 def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
