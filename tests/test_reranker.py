@@ -6,6 +6,7 @@ other task's export."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -57,6 +58,20 @@ def test_unknown_sentence_transformers_class_is_refused(reranker, tmp_path):
     (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "model_type": "SparseEncoder"}))
     with pytest.raises(ConfigError, match=r"model_type 'SparseEncoder' is not a model type peft_export exports "
                                           r"\(CrossEncoder, SentenceTransformer\)"):
+        resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("value", ["abc", True, 1.5, 0, -5])
+def test_a_max_seq_length_that_is_no_positive_integer_is_refused_naming_the_file(reranker, tmp_path, value):
+    """An adapter-only CrossEncoder folder's own sentence_bert_config.json: a string used to raise a TypeError, and
+    True or 1.5 a RuntimeError from the tokenizer deep in the export."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(reranker["adapter"], folder)
+    config = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps({**config, "max_seq_length": value}))
+    with pytest.raises(ConfigError, match=rf"{folder / 'sentence_bert_config.json'}: 'max_seq_length' must be a "
+                                          rf"positive integer \(or null for the tokenizer's limit\), found "
+                                          rf"{re.escape(repr(value))}$"):
         resolve_model(str(folder))
 
 

@@ -164,6 +164,9 @@ def _read_transformer_settings(folder: Path) -> tuple[int | None, bool]:
         if (folder / name).is_file():
             cfg = read_json(folder / name)
             max_len = cfg.get("max_seq_length", max_len)
+            if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+                raise ConfigError(f"{folder / name}: 'max_seq_length' must be a positive integer (or null for the "
+                                  f"tokenizer's limit), found {max_len!r}")
             lower = bool(cfg.get("do_lower_case", lower))
             break
     if max_len is None and (folder / "tokenizer_config.json").is_file():
