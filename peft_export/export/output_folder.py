@@ -96,6 +96,30 @@ def _release(parent: Path, stem: str, fd: int) -> None:
     os.close(fd)
 
 
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an export folder for one change: an add-adapter or remove-adapter, or the switch of an export written
+    over it with force (an flock on the folder itself, so no file is created; the kernel drops it when the process
+    dies). A folder another change holds is refused, never waited for: two changes are never interleaved, and
+    neither runs on an export the other has just replaced."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; callers must not run two changes at once
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(f"{folder} is being changed by another peft-export process (add-adapter, "
+                                    "remove-adapter or an export with --force); wait for it to finish, then run "
+                                    "this again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     """Delete a temporary folder; a symlink (an output path that was a link to a folder, swapped out) is unlinked,
     never followed."""
@@ -212,12 +236,17 @@ def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
         if not rename_no_replace(tmp, target):
             os.rename(tmp, target)
         return
-    if exchange_folders(tmp, target):  # target: the new export; tmp: the old one
-        crash_point("export-swapped")
-        _remove(tmp)
-        return
-    # No exchange: rename the old export aside (into an owned folder, so that a kill right now leaves it
-    # restorable: the next export puts it back), then the new one into place.
+    with locked(target):  # no add/remove-adapter is changing the old export while it is replaced
+        if exchange_folders(tmp, target):  # target: the new export; tmp: the old one
+            crash_point("export-swapped")
+            _remove(tmp)
+            return
+        _rename_aside_then_in(tmp, target, parent)
+
+
+def _rename_aside_then_in(tmp: Path, target: Path, parent: Path) -> None:
+    """Without a folder exchange: rename the old export aside (into an owned folder, so that a kill right now leaves
+    it restorable: the next export puts it back), then the new one into place."""
     stem = f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(6)}{_PREVIOUS_SUFFIX}"
     fd = _claim(parent, stem)
     try:
@@ -261,6 +290,9 @@ def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Pa
         crash_point("export-before-switch")
         check_output_target(target, force)
         _switch_into_place(tmp, target, parent)
+    except PeftExportError:  # ours already say what happened (OutputExistsError is an OSError too)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise PeftExportError(f"Writing {target} failed: {err.strerror or err}; nothing was written") from err
