@@ -72,7 +72,7 @@ class PipelineConfig:
     default_prompt_name: str | None = None
     similarity_fn_name: str = "cosine"
     is_sentence_transformer: bool = False
-    activation_fn: str | None = None  # a CrossEncoder's, as config_sentence_transformers.json names it
+    activation_fn: Any = None  # a CrossEncoder's, as config_sentence_transformers.json names it (unchecked)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -223,8 +223,7 @@ def read_pipeline_config(folder: str | Path, required_modules: tuple[str, ...] =
         config.prompts = {k: v for k, v in (st_cfg.get("prompts") or {}).items() if isinstance(v, str)}
         config.default_prompt_name = st_cfg.get("default_prompt_name")
         config.similarity_fn_name = st_cfg.get("similarity_fn_name") or "cosine"
-        activation = st_cfg.get("activation_fn")
-        config.activation_fn = activation if isinstance(activation, str) else None
+        config.activation_fn = st_cfg.get("activation_fn")  # a value that is no torch path is refused at export
     if config.similarity_fn_name not in SIMILARITY_FUNCTIONS:
         raise ConfigError(
             f"{st_path}: similarity_fn_name {config.similarity_fn_name!r} is not one of "
