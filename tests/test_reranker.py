@@ -349,6 +349,19 @@ def test_an_adapter_that_changes_nothing_is_refused_naming_the_logits(reranker, 
         export_onnx_model(str(noop), tmp_path / "out", log=lambda msg: None)
 
 
+def test_a_reranker_adapter_on_an_embedding_base_is_refused_not_given_a_random_head(reranker, zoo, tmp_path):
+    """A CrossEncoder adapter with an embedding model of the same encoder as its base: its LoRA keys fit, and the
+    export used to succeed with the classifier transformers initialises at random (two labels, scores of noise)."""
+    embedder = zoo.st("mean", "bert")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(embedder))} has no weights for classifier\.bias, "
+                                          r"classifier\.weight, which BertForSequenceClassification needs for the "
+                                          r"reranker task \(CrossEncoder\); transformers would initialise them at "
+                                          r"random"):
+        peft_export.export_onnx_model(str(reranker["adapter"]), tmp_path / "out", base=str(embedder),
+                                      log=lambda msg: None)
+    assert not (tmp_path / "out").exists()
+
+
 def _with_activation_in_config_json(reranker, folder: Path, layout: str, path: str) -> Path:
     """The tiny CrossEncoder with its activation_fn saved only in config.json, as sentence-transformers 4-5 ("v4")
     or earlier versions ("legacy": a plain transformers folder) saved it."""
