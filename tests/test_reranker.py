@@ -362,6 +362,22 @@ def test_a_reranker_adapter_on_an_embedding_base_is_refused_not_given_a_random_h
     assert not (tmp_path / "out").exists()
 
 
+def test_a_config_with_another_number_of_labels_than_the_head_is_refused_naming_it(reranker, tmp_path):
+    """config.json's id2label giving 3 labels to a head saved with 1: transformers' bare RuntimeError ("You set
+    `ignore_mismatched_sizes` to `False`"), naming neither the file nor the parameter, used to end the export."""
+    folder = tmp_path / "three-labels"
+    shutil.copytree(reranker["base"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    labels = {"0": "a", "1": "b", "2": "c"}
+    (folder / "config.json").write_text(json.dumps({**config, "id2label": labels,
+                                                    "label2id": {v: int(k) for k, v in labels.items()}}))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(folder))}: the weights hold classifier\.bias with shape "
+                                          r"\(1,\), but config\.json makes it \(3,\) \(for a classification head: "
+                                          r"num_labels / id2label\)"):
+        peft_export.export_onnx_model(str(folder), tmp_path / "out", log=lambda msg: None)
+    assert not (tmp_path / "out").exists()
+
+
 def _with_activation_in_config_json(reranker, folder: Path, layout: str, path: str) -> Path:
     """The tiny CrossEncoder with its activation_fn saved only in config.json, as sentence-transformers 4-5 ("v4")
     or earlier versions ("legacy": a plain transformers folder) saved it."""

@@ -41,6 +41,7 @@ def load_base_encoder(folder: Path, trust_remote_code: bool = False, task: Task 
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, naming the parameter, instead of a bare RuntimeError
             **family_for(model_type).load_kwargs(),
         )
     except ValueError as err:
@@ -49,14 +50,22 @@ def load_base_encoder(folder: Path, trust_remote_code: bool = False, task: Task 
             raise ConfigError(f"{needs} trust_remote_code=True only if you trust this repository.").in_cli_words(
                 f"{needs} --trust-remote-code only if you trust this repository.") from err
         raise
-    _check_nothing_initialised(folder, model, task, loading.get("missing_keys") or [])
+    _check_nothing_initialised(folder, model, task, loading)
     return model.eval()
 
 
-def _check_nothing_initialised(folder: Path, model: nn.Module, task: Task, missing: list[str]) -> None:
-    """A task with a head of its own (a reranker's classifier) refuses a checkpoint that lacks weights for it:
-    transformers would initialise them at random (an embedding model given as a CrossEncoder adapter's base) and
-    the export would score with noise. An embedding export reads no head, so its base may lack one."""
+def _check_nothing_initialised(folder: Path, model: nn.Module, task: Task, loading: dict) -> None:
+    """Refuse a checkpoint whose weights transformers would initialise at random: one whose config.json gives a
+    parameter another shape than its weights have (a head saved with 1 label, a config naming 3), and, for a task
+    with a head of its own (a reranker's classifier), one that lacks the head's weights (an embedding model given
+    as a CrossEncoder adapter's base), which would score with noise. An embedding export reads no head, so its base
+    may lack one."""
+    for name, saved, expected in sorted(loading.get("mismatched_keys") or (), key=str):
+        raise ConfigError(
+            f"{folder}: the weights hold {name} with shape {tuple(saved)}, but config.json makes it "
+            f"{tuple(expected)} (for a classification head: num_labels / id2label); config.json does not match the "
+            "weights. Save the model again, or correct config.json")
+    missing = loading.get("missing_keys") or []
     if task is EMBEDDING or not missing:
         return
     names = sorted(missing)
