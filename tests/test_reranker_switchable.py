@@ -153,6 +153,19 @@ def test_add_and_remove_adapter_on_a_switchable_reranker(reranker, rerank_adapte
     assert not list((folder / "adapters").glob("q.*"))
 
 
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs"])
+def test_an_adapter_name_with_path_characters_is_refused_by_the_naming_rule(switchable_reranker, query_adapter,
+                                                                             name, capsys):
+    """It used to be read as part of the path, and add-adapter answered "Name the adapter: NAME=../x=PATH", for an
+    adapter that was named."""
+    from peft_export.cli import main
+
+    before = _files(switchable_reranker)
+    assert main(["add-adapter", str(switchable_reranker), f"{name}={query_adapter}"]) == 2
+    assert f"Adapter name {name!r} must be 1 to 64 characters of ASCII letters" in capsys.readouterr().err
+    assert _files(switchable_reranker) == before
+
+
 def _files(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
