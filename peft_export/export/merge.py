@@ -60,7 +60,9 @@ def _check_nothing_initialised(folder: Path, model: nn.Module, task: Task, loadi
     with a head of its own (a reranker's classifier), one that lacks the head's weights (an embedding model given
     as a CrossEncoder adapter's base), which would score with noise. An embedding export reads no head, so its base
     may lack one."""
-    for name, saved, expected in sorted(loading.get("mismatched_keys") or (), key=str):
+    mismatched = sorted(loading.get("mismatched_keys") or (), key=str)
+    if mismatched:
+        name, saved, expected = mismatched[0]
         raise ConfigError(
             f"{folder}: the weights hold {name} with shape {tuple(saved)}, but config.json makes it "
             f"{tuple(expected)} (for a classification head: num_labels / id2label); config.json does not match the "
