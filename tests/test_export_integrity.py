@@ -188,7 +188,8 @@ _EXPORT_SCRIPT = textwrap.dedent("""
         artifact.exchange_folders = lambda a, b: False
     with artifact.atomic_output_folder(target, force=True) as tmp:
         (tmp / "payload.bin").write_bytes(b"new" * 1000)
-        (tmp / "peft_export.json").write_text('{"version": "new"}')
+        (tmp / "peft_export.json").write_text(
+            '{"format": "peft_export", "version": "new", "export": {"sha256": {"payload.bin": ""}}}')
         if mode == "hold":
             print(tmp, flush=True)
             time.sleep(120)
@@ -199,7 +200,8 @@ def _old_export(tmp_path: Path) -> Path:
     target = tmp_path / "out"
     target.mkdir()
     (target / "payload.bin").write_bytes(b"old" * 1000)
-    (target / "peft_export.json").write_text('{"version": "old"}')
+    (target / "peft_export.json").write_text(
+        '{"format": "peft_export", "version": "old", "export": {"sha256": {"payload.bin": ""}}}')
     return target
 
 

@@ -1,10 +1,12 @@
-"""Export faults (RELIABILITY items 3-5): existing output, --force, validation failures, unwritable or full
-targets, atomic writes and kill -9, and adapters that change nothing."""
+"""Export faults (RELIABILITY items 3-5 and 46): existing output, --force (which replaces an earlier export and
+nothing else), validation failures, unwritable or full targets, atomic writes and kill -9, and adapters that change
+nothing."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,10 +45,10 @@ def _leftovers(parent: Path) -> list[str]:
 
 
 @pytest.fixture
-def existing_output(tmp_path) -> Path:
+def existing_output(bert_case, tmp_path) -> Path:
+    """A previous export the user cares about (of the tiny BERT's base: the tests export its adapter over it)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("a previous export the user cares about")
+    shutil.copytree(bert_case.export, out)
     return out
 
 
@@ -59,13 +61,44 @@ def test_existing_output_is_refused_and_left_untouched(bert_case, existing_outpu
 
 
 def test_force_replaces_the_existing_output(bert_case, bert_model, existing_output, real_texts):
+    before = (existing_output / "peft_export.json").read_bytes()
     result = export_onnx_model(str(bert_case.adapter), existing_output, force=True, log=_quiet)
     assert result.path == existing_output
-    assert not (existing_output / "keep.txt").exists()
-    assert (existing_output / "peft_export.json").is_file()
+    assert (existing_output / "peft_export.json").read_bytes() != before
     texts = real_texts[:10]
     np.testing.assert_allclose(EmbeddingModel(existing_output).encode(texts), bert_model.encode(texts), atol=1e-6)
     assert _leftovers(existing_output.parent) == []
+
+
+@pytest.mark.parametrize("user_file", ["keep.txt", ".env", "adapters/notes.md"])
+def test_force_never_replaces_a_folder_holding_files_no_export_wrote(bert_case, existing_output, tmp_path, user_file):
+    """RELIABILITY 46: --force replaces an earlier export, recognised by its manifest, and nothing else: a file the
+    user put beside an export's files (dotfiles included), or a folder that is no export at all, is left whole."""
+    (existing_output / user_file).parent.mkdir(exist_ok=True)
+    (existing_output / user_file).write_text("the user's")
+    plain = tmp_path / "documents"
+    plain.mkdir()
+    (plain / user_file.rsplit("/", 1)[-1]).write_text("the user's")
+    for target, shown in ((existing_output, user_file), (plain, user_file.rsplit("/", 1)[-1])):
+        before = _snapshot(target)
+        with pytest.raises(OutputExistsError, match=rf"{target} holds files that no export wrote \({re.escape(shown)}"
+                                                    r"\); not replacing it even with force=True"):
+            export_onnx_model(str(bert_case.adapter), target, force=True, log=_quiet)
+        assert _snapshot(target) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_force_with_the_input_as_output_leaves_the_input(reranker, tmp_path, capsys):
+    """`merge-onnx ADAPTER -o ADAPTER --force` (or -o the folder holding the models) used to export and then delete
+    the adapter folder, replaced by the export."""
+    adapter = tmp_path / "models" / "adapter"
+    shutil.copytree(reranker["adapter"], adapter)
+    for output in (adapter, adapter.parent):
+        before = _snapshot(adapter)
+        assert main(["merge-onnx", str(adapter), "--base", str(reranker["base"]), "-o", str(output), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert f"{output} holds files that no export wrote" in err and "even with --force" in err
+        assert _snapshot(adapter) == before
 
 
 def test_output_path_that_is_a_file_is_refused(bert_case, tmp_path):

@@ -6,7 +6,9 @@ other task's export."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 
 import peft_export
 from fixtures import tiny_models
-from peft_export import ConfigError, CrossEncoderModel, EmbeddingModel, InvalidInputError
+from peft_export import ConfigError, CrossEncoderModel, EmbeddingModel, InvalidInputError, UnsafeModelError
 from peft_export.source.resolve import resolve_model
 from peft_export.tasks import EMBEDDING, RERANKER
 from peft_export.tasks.reranker import VALIDATION_PAIRS, quality_against, spearman, top_k_overlap
@@ -57,6 +59,20 @@ def test_unknown_sentence_transformers_class_is_refused(reranker, tmp_path):
     (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "model_type": "SparseEncoder"}))
     with pytest.raises(ConfigError, match=r"model_type 'SparseEncoder' is not a model type peft_export exports "
                                           r"\(CrossEncoder, SentenceTransformer\)"):
+        resolve_model(str(folder))
+
+
+@pytest.mark.parametrize("value", ["abc", True, 1.5, 0, -5])
+def test_a_max_seq_length_that_is_no_positive_integer_is_refused_naming_the_file(reranker, tmp_path, value):
+    """An adapter-only CrossEncoder folder's own sentence_bert_config.json: a string used to raise a TypeError, and
+    True or 1.5 a RuntimeError from the tokenizer deep in the export."""
+    folder = tmp_path / "adapter"
+    shutil.copytree(reranker["adapter"], folder)
+    config = json.loads((folder / "sentence_bert_config.json").read_text())
+    (folder / "sentence_bert_config.json").write_text(json.dumps({**config, "max_seq_length": value}))
+    with pytest.raises(ConfigError, match=rf"{folder / 'sentence_bert_config.json'}: 'max_seq_length' must be a "
+                                          rf"positive integer \(or null for the tokenizer's limit\), found "
+                                          rf"{re.escape(repr(value))}$"):
         resolve_model(str(folder))
 
 
@@ -331,6 +347,88 @@ def test_an_adapter_that_changes_nothing_is_refused_naming_the_logits(reranker, 
     with pytest.raises(ConfigError, match=r"Adapter 'default' changes the logits by at most 0 \(< 0.0001\): it does "
                                           r"nothing \(LoRA B still zero\?\)"):
         export_onnx_model(str(noop), tmp_path / "out", log=lambda msg: None)
+
+
+def test_a_reranker_adapter_on_an_embedding_base_is_refused_not_given_a_random_head(reranker, zoo, tmp_path):
+    """A CrossEncoder adapter with an embedding model of the same encoder as its base: its LoRA keys fit, and the
+    export used to succeed with the classifier transformers initialises at random (two labels, scores of noise)."""
+    embedder = zoo.st("mean", "bert")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(embedder))} has no weights for classifier\.bias, "
+                                          r"classifier\.weight, which BertForSequenceClassification needs for the "
+                                          r"reranker task \(CrossEncoder\); transformers would initialise them at "
+                                          r"random"):
+        peft_export.export_onnx_model(str(reranker["adapter"]), tmp_path / "out", base=str(embedder),
+                                      log=lambda msg: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_with_another_number_of_labels_than_the_head_is_refused_naming_it(reranker, tmp_path):
+    """config.json's id2label giving 3 labels to a head saved with 1: transformers' bare RuntimeError ("You set
+    `ignore_mismatched_sizes` to `False`"), naming neither the file nor the parameter, used to end the export."""
+    folder = tmp_path / "three-labels"
+    shutil.copytree(reranker["base"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    labels = {"0": "a", "1": "b", "2": "c"}
+    (folder / "config.json").write_text(json.dumps({**config, "id2label": labels,
+                                                    "label2id": {v: int(k) for k, v in labels.items()}}))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(folder))}: the weights hold classifier\.bias with shape "
+                                          r"\(1,\), but config\.json makes it \(3,\) \(for a classification head: "
+                                          r"num_labels / id2label\)"):
+        peft_export.export_onnx_model(str(folder), tmp_path / "out", log=lambda msg: None)
+    assert not (tmp_path / "out").exists()
+
+
+def _with_activation_in_config_json(reranker, folder: Path, layout: str, path: str) -> Path:
+    """The tiny CrossEncoder with its activation_fn saved only in config.json, as sentence-transformers 4-5 ("v4")
+    or earlier versions ("legacy": a plain transformers folder) saved it."""
+    shutil.copytree(reranker["base"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    if layout == "v4":
+        st_config = json.loads((folder / "config_sentence_transformers.json").read_text())
+        del st_config["activation_fn"]
+        (folder / "config_sentence_transformers.json").write_text(json.dumps(st_config))
+        config["sentence_transformers"] = {"activation_fn": path}
+    else:
+        for name in ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json"):
+            (folder / name).unlink()
+        config["sbert_ce_default_activation_function"] = path
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("layout", ["v4", "legacy"])
+def test_an_activation_saved_in_config_json_is_the_one_exported(reranker, tmp_path, layout):
+    """sentence-transformers reads a CrossEncoder's activation_fn from config.json where
+    config_sentence_transformers.json has none; the export applied the default (sigmoid) instead, so its scores
+    differed from CrossEncoder.predict's (0.91 for 2.34), and the parity check, run on the same module, agreed."""
+    folder = _with_activation_in_config_json(reranker, tmp_path / layout, layout, "torch.nn.modules.linear.Identity")
+    out = peft_export.export_onnx_model(str(folder), tmp_path / "out", log=lambda msg: None).path
+    assert json.loads((out / "reranker_config.json").read_text())["task_config"]["activation_fn"] == "identity"
+    pairs = _pairs()
+    eager = tiny_models.cross_encoder_reference(folder).predict(pairs)
+    assert np.abs(eager).max() > 1.0  # raw logits: no sigmoid applied
+    assert np.abs(CrossEncoderModel(out).predict(pairs) - eager).max() <= 1e-5
+
+
+@pytest.mark.parametrize("layout", ["st", "v4", "legacy"])
+def test_an_activation_that_is_no_torch_activation_is_refused_without_import(reranker, tmp_path, layout):
+    """RELIABILITY 10: an activation_fn naming any other import path is refused, naming the file, and never
+    imported (sentence-transformers imports it under trust_remote_code)."""
+    path = "peft_export_attack_module.Activation"
+    if layout == "st":
+        folder = tmp_path / "st"
+        shutil.copytree(reranker["base"], folder)
+        config = json.loads((folder / "config_sentence_transformers.json").read_text())
+        (folder / "config_sentence_transformers.json").write_text(json.dumps({**config, "activation_fn": path}))
+        where = re.escape(str(folder / "config_sentence_transformers.json"))
+    else:
+        folder = _with_activation_in_config_json(reranker, tmp_path / layout, layout, path)
+        key = "sentence_transformers.activation_fn" if layout == "v4" else "sbert_ce_default_activation_function"
+        where = re.escape(f"{folder / 'config.json'} ({key})")
+    with pytest.raises(UnsafeModelError, match=rf"{where}: activation_fn '{path}' is not one of the torch "
+                                               r"activations peft_export exports"):
+        peft_export.export_onnx_model(str(folder), tmp_path / "out", log=lambda msg: None)
+    assert "peft_export_attack_module" not in sys.modules and not (tmp_path / "out").exists()
 
 
 def test_a_three_label_cross_encoder_exports_its_logits_and_softmax(zoo, tmp_path):

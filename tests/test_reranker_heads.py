@@ -199,3 +199,46 @@ def test_switchable_export_gives_each_adapter_its_own_head(reranker, heads, tmp_
     assert np.abs(scores["one"] - scores["two"]).max() > 0.1
     config = json.loads((out / "reranker_config.json").read_text())
     assert {p["name"] for p in config["saved_params"]} == {"classifier.weight", "classifier.bias"}
+
+
+def _changed_head_adapter(adapter: Path, folder: Path, seed: int) -> Path:
+    """A copy of ``adapter`` whose every tensor (LoRA and head) differs from the original's."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(adapter, folder)
+    rng = np.random.default_rng(seed)
+    tensors = {key: (value + 0.5 * rng.standard_normal(value.shape)).astype(np.float32)
+               for key, value in load_file(str(adapter / "adapter_model.safetensors")).items()}
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def test_add_adapter_takes_an_adapter_with_its_trained_head(reranker, heads, tmp_path):
+    """add-adapter of the usual trained reranker adapter (SEQ_CLS, head in modules_to_save) onto a switchable export
+    whose graph has head inputs scores with that adapter's head (1e-5 against eager PEFT). It used to be refused:
+    the head's tensors were read as LoRA tensors ("'base_model.model.classifier.bias' is not a LoRA weight")."""
+    from peft_export.export.switchable_changes import add_adapter
+
+    out = export_onnx_model(str(reranker["base"]), tmp_path / "switchable", switchable=True, log=_quiet,
+                            adapters=[f"one={heads['ce_adapter']}"]).path
+    second = _changed_head_adapter(heads["ce_adapter"], tmp_path / "ce-head-2", seed=12)
+    add_adapter(out, f"two={second}", log=_quiet)
+    model = peft_export.load(out)
+    assert model.list_adapters() == ["one", "two"]
+    got = model.predict(PAIRS, batch_size=4, activation_fn="identity", adapter="two")
+    assert np.abs(got - _eager_logits(reranker["base"], second)).max() <= TOLERANCE
+    assert np.abs(got - model.predict(PAIRS, batch_size=4, activation_fn="identity", adapter="one")).max() > 0.1
+
+
+def test_add_adapter_refuses_a_head_the_graph_has_no_input_for(reranker, heads, tmp_path):
+    """A switchable export made from LoRA-only adapters has no input for a head: an adapter that trained one is
+    refused, naming the head, and the export is left as it was (never scored with the base head instead)."""
+    from peft_export.export.switchable_changes import add_adapter
+
+    out = export_onnx_model(str(reranker["base"]), tmp_path / "switchable", switchable=True, log=_quiet,
+                            adapters=[f"lora={reranker['adapter']}"]).path
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"The adapter trains its own copy of 'classifier\.(weight|bias)' "
+                                          r"\(modules_to_save\), and this switchable graph has no input for it"):
+        add_adapter(out, f"head={heads['ce_adapter']}", log=_quiet)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -6,13 +6,16 @@ merge_adapter work on it as on an embedding export."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import threading
 
 import numpy as np
 import pytest
 
 import peft_export
 from fixtures import tiny_models
-from peft_export import AdapterNotFoundError, CrossEncoderModel
+from peft_export import AdapterNotFoundError, CrossEncoderModel, OutputExistsError
 from peft_export.tasks.reranker import VALIDATION_PAIRS
 import reranker_fixtures
 
@@ -148,6 +151,59 @@ def test_add_and_remove_adapter_on_a_switchable_reranker(reranker, rerank_adapte
     with pytest.raises(AdapterNotFoundError, match=r"'q'"):
         model.predict(PAIRS, adapter="q")
     assert not list((folder / "adapters").glob("q.*"))
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "/abs"])
+def test_an_adapter_name_with_path_characters_is_refused_by_the_naming_rule(switchable_reranker, query_adapter,
+                                                                             name, capsys):
+    """It used to be read as part of the path, and add-adapter answered "Name the adapter: NAME=../x=PATH", for an
+    adapter that was named."""
+    from peft_export.cli import main
+
+    before = _files(switchable_reranker)
+    assert main(["add-adapter", str(switchable_reranker), f"{name}={query_adapter}"]) == 2
+    assert f"Adapter name {name!r} must be 1 to 64 characters of ASCII letters" in capsys.readouterr().err
+    assert _files(switchable_reranker) == before
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_change_while_another_runs_is_refused_never_waited_for(reranker, switchable_reranker, query_adapter,
+                                                                 tmp_path):
+    """RELIABILITY 45: while one process changes an export (add/remove-adapter, or an export over it with force),
+    a second change is refused at once, and the folder stays as the first leaves it. The lock used to make the
+    second wait for the first, and then run on whatever it found; an export with force swapped the folder under a
+    running add-adapter, which then wrote its adapter and manifest into the new export."""
+    from peft_export.export.switchable_changes import add_adapter
+    from peft_export.export.switchable_folder import locked, remove_adapter
+
+    folder = tmp_path / "sw"
+    shutil.copytree(switchable_reranker, folder)
+    before = _files(folder)
+    outcome = {}
+
+    def remove():
+        try:
+            remove_adapter(folder, "qk", log=lambda msg: None)
+        except OutputExistsError as err:
+            outcome["error"] = err
+
+    busy = r"is being changed by another peft-export process \(add-adapter, remove-adapter or an export with --force\)"
+    with locked(folder):  # another process's change (another open file: flock conflicts as between processes)
+        worker = threading.Thread(target=remove, daemon=True)
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "remove-adapter waited for the running change"
+        assert re.search(busy, str(outcome["error"]))
+        with pytest.raises(OutputExistsError, match=busy):
+            add_adapter(folder, f"q={query_adapter}", log=lambda msg: None)
+        with pytest.raises(OutputExistsError, match=busy):
+            peft_export.export_onnx_model(str(reranker["base"]), folder, switchable=True, force=True,
+                                          adapters=[f"q={query_adapter}"], log=lambda msg: None)
+    assert _files(folder) == before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".peft-export-tmp-")]
 
 
 @pytest.mark.slow

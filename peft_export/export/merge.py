@@ -35,11 +35,13 @@ def load_base_encoder(folder: Path, trust_remote_code: bool = False, task: Task 
     # modules PEFT saw at training time; the pooler output is unused and drops out of the traced graph.
     try:
         model_type = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code).model_type
-        model = getattr(transformers, task.transformers_auto_class).from_pretrained(
+        model, loading = getattr(transformers, task.transformers_auto_class).from_pretrained(
             str(folder),
             dtype=torch.float32,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below, naming the parameter, instead of a bare RuntimeError
             **family_for(model_type).load_kwargs(),
         )
     except ValueError as err:
@@ -48,7 +50,33 @@ def load_base_encoder(folder: Path, trust_remote_code: bool = False, task: Task 
             raise ConfigError(f"{needs} trust_remote_code=True only if you trust this repository.").in_cli_words(
                 f"{needs} --trust-remote-code only if you trust this repository.") from err
         raise
+    _check_nothing_initialised(folder, model, task, loading)
     return model.eval()
+
+
+def _check_nothing_initialised(folder: Path, model: nn.Module, task: Task, loading: dict) -> None:
+    """Refuse a checkpoint whose weights transformers would initialise at random: one whose config.json gives a
+    parameter another shape than its weights have (a head saved with 1 label, a config naming 3), and, for a task
+    with a head of its own (a reranker's classifier), one that lacks the head's weights (an embedding model given
+    as a CrossEncoder adapter's base), which would score with noise. An embedding export reads no head, so its base
+    may lack one."""
+    mismatched = sorted(loading.get("mismatched_keys") or (), key=str)
+    if mismatched:
+        name, saved, expected = mismatched[0]
+        raise ConfigError(
+            f"{folder}: the weights hold {name} with shape {tuple(saved)}, but config.json makes it "
+            f"{tuple(expected)} (for a classification head: num_labels / id2label); config.json does not match the "
+            "weights. Save the model again, or correct config.json")
+    missing = loading.get("missing_keys") or []
+    if task is EMBEDDING or not missing:
+        return
+    names = sorted(missing)
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise ConfigError(
+        f"{folder} has no weights for {shown}, which {type(model).__name__} needs for the {task.name} task "
+        f"({task.sentence_transformers_class}); transformers would initialise them at random. Is this the base the "
+        "model or adapter was made from? A reranker's base is a CrossEncoder or a ...ForSequenceClassification "
+        "model, not a sentence embedding model")
 
 
 def uses_token_type_ids(model: nn.Module, tokenizer) -> bool:

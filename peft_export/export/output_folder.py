@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import OutputExistsError, PeftExportError
+from ..errors import ConfigError, OutputExistsError, PeftExportError
 from ..runtime.atomic_file import exchange_folders, rename_no_replace
-from ..runtime.config import MANIFEST_FILE
+from ..runtime.config import MANIFEST_FILE, read_json_object
 
 _TMP_PREFIX = ".peft-export-tmp-"
 _OWNER_SUFFIX = ".owner"
@@ -96,6 +96,30 @@ def _release(parent: Path, stem: str, fd: int) -> None:
     os.close(fd)
 
 
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold an export folder for one change: an add-adapter or remove-adapter, or the switch of an export written
+    over it with force (an flock on the folder itself, so no file is created; the kernel drops it when the process
+    dies). A folder another change holds is refused, never waited for: two changes are never interleaved, and
+    neither runs on an export the other has just replaced."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; callers must not run two changes at once
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputExistsError(f"{folder} is being changed by another peft-export process (add-adapter, "
+                                    "remove-adapter or an export with --force); wait for it to finish, then run "
+                                    "this again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _remove(path: Path) -> None:
     """Delete a temporary folder; a symlink (an output path that was a link to a folder, swapped out) is unlinked,
     never followed."""
@@ -148,14 +172,62 @@ def clean_dead_temporaries(parent: Path) -> None:
 
 
 def check_output_target(target: str | Path, force: bool = False) -> Path:
-    """Refuse an existing output unless ``force``; called before the slow stages and again when writing."""
+    """Refuse an existing output unless ``force``, and even with ``force`` one that holds anything an export did not
+    write (:func:`foreign_entries`); called before the slow stages and again when writing."""
     target = Path(target).expanduser().absolute()
     if target.exists() and not force:
         raise OutputExistsError(f"Output folder {target} already exists; pass force=True to overwrite it").in_cli_words(
             f"Output folder {target} already exists; pass --force to overwrite it")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"Output path {target} exists and is not a folder")
+    if target.exists():
+        foreign = foreign_entries(target)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise OutputExistsError(
+                f"Output folder {target} holds files that no export wrote ({shown}); not replacing it even with "
+                "force=True, which only replaces an earlier export. Move them away or choose another output path"
+            ).in_cli_words(f"Output folder {target} holds files that no export wrote ({shown}); not replacing it "
+                           "even with --force, which only replaces an earlier export. Move them away or choose "
+                           "another output path")
     return target
+
+
+def _leftover_of_a_change(relative: Path) -> bool:
+    """A file an interrupted write or add-adapter of this package leaves (``.NAME.*.tmp``, an adapter candidate, an
+    adapter file written but never listed), which the next change removes."""
+    name, top = relative.name, relative.parts[0]
+    if len(relative.parts) > 2 or (len(relative.parts) == 2 and top != "adapters"):
+        return False
+    if name.startswith(".") and name.endswith((".tmp", ".candidate")):
+        return True
+    return top == "adapters" and len(relative.parts) == 2 and name.endswith((".onnx_adapter", ".safetensors"))
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` (an existing output) no export wrote: everything, where it has no manifest of this
+    package (its marker); else every file, link or folder that its manifest does not list (``export.sha256``,
+    ``export.files``) and that is not a leftover of an interrupted change. An empty folder holds nothing foreign."""
+    try:
+        manifest = read_json_object(folder / MANIFEST_FILE)
+    except (OSError, ConfigError):
+        manifest = {}
+    export = manifest.get("export") if manifest.get("format") == "peft_export" else None
+    if not isinstance(export, dict):  # not an export: all of it (its top level named; a home folder is not walked)
+        return sorted(path.name for path in folder.iterdir())
+    entries = sorted(folder.rglob("*"))
+    hashes, files = export.get("sha256"), export.get("files")
+    listed = [*(hashes if isinstance(hashes, dict) else ()), *(files if isinstance(files, list) else ())]
+    known = {str(name) for name in listed} | {MANIFEST_FILE}
+    folders = {parent.as_posix() for name in known for parent in Path(name).parents} | {"adapters"}
+    foreign = []
+    for path in entries:
+        relative = path.relative_to(folder)
+        name = relative.as_posix()
+        if path.is_symlink() or not (name in known or (path.is_dir() and name in folders)
+                                      or (path.is_file() and _leftover_of_a_change(relative))):
+            foreign.append(name)
+    return foreign
 
 
 def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
@@ -164,12 +236,17 @@ def _switch_into_place(tmp: Path, target: Path, parent: Path) -> None:
         if not rename_no_replace(tmp, target):
             os.rename(tmp, target)
         return
-    if exchange_folders(tmp, target):  # target: the new export; tmp: the old one
-        crash_point("export-swapped")
-        _remove(tmp)
-        return
-    # No exchange: rename the old export aside (into an owned folder, so that a kill right now leaves it
-    # restorable: the next export puts it back), then the new one into place.
+    with locked(target):  # no add/remove-adapter is changing the old export while it is replaced
+        if exchange_folders(tmp, target):  # target: the new export; tmp: the old one
+            crash_point("export-swapped")
+            _remove(tmp)
+            return
+        _rename_aside_then_in(tmp, target, parent)
+
+
+def _rename_aside_then_in(tmp: Path, target: Path, parent: Path) -> None:
+    """Without a folder exchange: rename the old export aside (into an owned folder, so that a kill right now leaves
+    it restorable: the next export puts it back), then the new one into place."""
     stem = f"{_TMP_PREFIX}{target.name}-{secrets.token_hex(6)}{_PREVIOUS_SUFFIX}"
     fd = _claim(parent, stem)
     try:
@@ -213,6 +290,9 @@ def atomic_output_folder(target: str | Path, force: bool = False) -> Iterator[Pa
         crash_point("export-before-switch")
         check_output_target(target, force)
         _switch_into_place(tmp, target, parent)
+    except PeftExportError:  # ours already say what happened (OutputExistsError is an OSError too)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise PeftExportError(f"Writing {target} failed: {err.strerror or err}; nothing was written") from err

@@ -4,6 +4,7 @@ activation makes of them, so one graph gives both ``predict()`` defaults and ``a
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -20,16 +21,31 @@ ACTIVATIONS = {
 }
 
 
-def activation_name(activation_fn: str | None, num_labels: int, where: str) -> str:
+def activation_name(activation_fn: Any, num_labels: int, where: str) -> str:
     """The runtime's name of the activation a CrossEncoder applies to its logits: the one its config names, else
     sentence-transformers' default (sigmoid for one label, identity for several)."""
     if activation_fn is None:
         return "sigmoid" if num_labels == 1 else "identity"
-    if activation_fn not in ACTIVATIONS:
+    if not isinstance(activation_fn, str) or activation_fn not in ACTIVATIONS:
         raise UnsafeModelError(
             f"{where}: activation_fn {activation_fn!r} is not one of the torch activations peft_export exports "
             f"({', '.join(sorted(ACTIVATIONS))}); save the CrossEncoder with one of them")
     return ACTIVATIONS[activation_fn][0]
+
+
+def configured_activation(pipeline, model_config, pipeline_folder: Path, encoder_folder: Path) -> tuple[Any, str]:
+    """The activation_fn path a CrossEncoder loads with, and the file that names it, in sentence-transformers' order:
+    config_sentence_transformers.json's ``activation_fn``; else the model's config.json, as sentence-transformers 4
+    and 5 (``"sentence_transformers": {"activation_fn": ...}``) and earlier versions
+    (``sbert_ce_default_activation_function``) saved it; else None (the default for the number of labels)."""
+    if pipeline.activation_fn is not None:
+        return pipeline.activation_fn, str(pipeline_folder / "config_sentence_transformers.json")
+    where = str(encoder_folder / "config.json")
+    saved = getattr(model_config, "sentence_transformers", None)
+    if isinstance(saved, dict) and saved.get("activation_fn") is not None:
+        return saved["activation_fn"], f"{where} (sentence_transformers.activation_fn)"
+    legacy = getattr(model_config, "sbert_ce_default_activation_function", None)
+    return legacy, f"{where} (sbert_ce_default_activation_function)"
 
 
 def label_names(id2label: dict | None, num_labels: int) -> dict[str, str]:
@@ -85,8 +101,10 @@ def build_reranker_module(encoder: nn.Module, prepared) -> RerankerPipeline:
     """The reranker task's torch module (tasks/reranker.py names it): ``encoder``, a sequence-classification model
     (plain, merged, or a PEFT model holding adapters), with the activation the CrossEncoder's config names."""
     num_labels = int(encoder.config.num_labels)
-    where = str(prepared.resolved.pipeline_folder / "config_sentence_transformers.json")
-    activation = activation_name(prepared.resolved.pipeline.activation_fn, num_labels, where)
+    resolved = prepared.resolved
+    activation_fn, where = configured_activation(resolved.pipeline, encoder.config, resolved.pipeline_folder,
+                                                 resolved.encoder_folder)
+    activation = activation_name(activation_fn, num_labels, where)
     # sentence-transformers applies the default prompt to a pair: as the system message of a chat template, or
     # before the query where the tokenizer has no chat template.
     prompt = default_prompt(prepared.resolved.pipeline)

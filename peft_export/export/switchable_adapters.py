@@ -95,7 +95,8 @@ def peft_targeted_layers(model: nn.Module) -> set[str]:
 
 
 def adapter_modules(adapter: AdapterSource) -> set[str]:
-    """Modules an adapter file has tensors for (pooler heads excluded); refuses files that are not safetensors."""
+    """Modules an adapter file has branch tensors for (pooler heads and the trained copies of modules_to_save, which
+    the graph takes as saved-parameter inputs, excluded); refuses files that are not safetensors."""
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -103,7 +104,9 @@ def adapter_modules(adapter: AdapterSource) -> set[str]:
             keys = list(fh.keys())
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"{adapter.weights} is not a readable safetensors file: {err}") from err
-    parsed = [adapter.config.method.parse_key(key, adapter.weights, explain=False) for key in keys]
+    method = adapter.config.method
+    parsed = [method.parse_key(key, adapter.weights, explain=False) for key in keys
+              if method.saved_copy_module(adapter.config, key) is None]
     return {key.module for key in parsed if not is_unused_head(key.module)}
 
 

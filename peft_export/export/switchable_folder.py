@@ -17,7 +17,7 @@ from ..runtime.config import MANIFEST_FILE, RuntimeConfig, read_manifest
 from ..runtime.export_files import confined
 from ..runtime.atomic_file import write_json
 from ..tasks import task_of_manifest
-from .output_folder import crash_point, folder_size
+from .output_folder import crash_point, folder_size, locked
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +40,6 @@ def graph_files(config: RuntimeConfig) -> list[str]:
     if Path(config.model_file).suffix == ".xml":
         return [config.model_file, str(Path(config.model_file).with_suffix(".bin"))]
     return [config.model_file]
-
-
-@contextlib.contextmanager
-def locked(folder: Path):
-    """One add/remove at a time per export folder (an flock on the folder itself, so no file is created)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; callers must not run two changes at once
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def load_switchable(folder: Path) -> tuple[RuntimeConfig, dict[str, Any]]:

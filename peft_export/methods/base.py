@@ -306,10 +306,9 @@ class PeftMethod(ABC):
                 self.check_shared_tensor(config, where, key, name, info.shape)
                 shared.add(name)
                 continue
-            param = SAVED_MODULE_KEY.match(key).group("param")
-            module = saved_module_of(param, saved_entries) if saved_entries and self.key_pattern.match(key) is None \
-                else None
+            module = self.saved_copy_module(config, key)
             if module is not None:
+                param = SAVED_MODULE_KEY.match(key).group("param")
                 check_saved_tensor(where, key, param, info.shape, params or {}, base_name)
                 saved.setdefault(module, set()).add(param)
                 continue
@@ -330,6 +329,14 @@ class PeftMethod(ABC):
         if saved_entries and params is not None:
             check_saved_complete(saved_entries, where, saved, params, prefix or "base_model.model.")
         self.check_complete(config, where, found, targeted(), prefix)
+
+    def saved_copy_module(self, config: AdapterConfig, key: str) -> str | None:
+        """The module of ``modules_to_save`` whose trained copy tensor ``key`` holds (PEFT saves a copy under the base
+        parameter's own name: ``base_model.model.classifier.weight``), or None for the method's own tensors."""
+        entries = config.raw.get("modules_to_save") or []
+        if not entries or self.key_pattern.match(key) is not None:
+            return None
+        return saved_module_of(SAVED_MODULE_KEY.match(key).group("param"), entries)
 
     def _is_index_key(self, key: str) -> bool:
         match = self.key_pattern.match(key) if self.index_parts else None

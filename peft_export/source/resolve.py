@@ -110,9 +110,10 @@ def sha256_file(path: Path) -> str:
 
 
 def parse_adapter_spec(spec: str) -> tuple[str | None, str]:
-    """``NAME=PATH_OR_ID`` or ``PATH_OR_ID`` -> (name or None, path_or_id)."""
+    """``NAME=PATH_OR_ID`` or ``PATH_OR_ID`` -> (name or None, path_or_id). A name with path characters
+    (``../x=PATH``) is refused by the naming rule; a path holding "=" is one only where it exists."""
     name, sep, target = spec.partition("=")
-    if sep and name and "/" not in name and not _is_existing_path(spec):
+    if sep and name and not _is_existing_path(spec):
         check_adapter_name(name)
         return name, target
     return None, spec

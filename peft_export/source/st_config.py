@@ -72,7 +72,7 @@ class PipelineConfig:
     default_prompt_name: str | None = None
     similarity_fn_name: str = "cosine"
     is_sentence_transformer: bool = False
-    activation_fn: str | None = None  # a CrossEncoder's, as config_sentence_transformers.json names it
+    activation_fn: Any = None  # a CrossEncoder's, as config_sentence_transformers.json names it (unchecked)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -164,6 +164,9 @@ def _read_transformer_settings(folder: Path) -> tuple[int | None, bool]:
         if (folder / name).is_file():
             cfg = read_json(folder / name)
             max_len = cfg.get("max_seq_length", max_len)
+            if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+                raise ConfigError(f"{folder / name}: 'max_seq_length' must be a positive integer (or null for the "
+                                  f"tokenizer's limit), found {max_len!r}")
             lower = bool(cfg.get("do_lower_case", lower))
             break
     if max_len is None and (folder / "tokenizer_config.json").is_file():
@@ -220,8 +223,7 @@ def read_pipeline_config(folder: str | Path, required_modules: tuple[str, ...] =
         config.prompts = {k: v for k, v in (st_cfg.get("prompts") or {}).items() if isinstance(v, str)}
         config.default_prompt_name = st_cfg.get("default_prompt_name")
         config.similarity_fn_name = st_cfg.get("similarity_fn_name") or "cosine"
-        activation = st_cfg.get("activation_fn")
-        config.activation_fn = activation if isinstance(activation, str) else None
+        config.activation_fn = st_cfg.get("activation_fn")  # a value that is no torch path is refused at export
     if config.similarity_fn_name not in SIMILARITY_FUNCTIONS:
         raise ConfigError(
             f"{st_path}: similarity_fn_name {config.similarity_fn_name!r} is not one of "
