@@ -97,7 +97,7 @@ def test_no_adapter_is_the_base_and_the_adapters_differ(switchable_reranker, rer
     import torch
 
     eager = _eager(reranker).predict(PAIRS, activation_fn=torch.nn.Identity())
-    assert np.abs(base - eager).max() <= BASE_TOLERANCE
+    assert np.abs(base - eager).max() <= TOLERANCE  # against torch: the 1e-5 (1.2e-6 seen on logits near 2.3)
     qv, qk = (model.predict(PAIRS, adapter=n, activation_fn="identity") for n in ("qv", "qk"))
     assert np.abs(qv - base).max() > 1e-3 and np.abs(qk - base).max() > 1e-3 and np.abs(qv - qk).max() > 1e-3
 
