@@ -148,6 +148,9 @@ def test_what_the_export_does_not_take_is_refused_on_the_driver(ray_local, expor
         rerank_dataset(_dataset(), exports["rr"], activation_fn="softmax")
     with pytest.raises(ConfigError, match=r"Prompt name 'web' not found"):
         rerank_dataset(_dataset(), exports["rr"], prompt_name="web")
+    # The driver opens the export with the actors' model_options: a provider this machine lacks is named here.
+    with pytest.raises(ConfigError, match=r"NopeExecutionProvider"):
+        rerank_dataset(_dataset(), exports["rr"], model_options={"providers": ["NopeExecutionProvider"]})
 
 
 def killer(marker: Path) -> type[BatchScorer]:

@@ -228,7 +228,8 @@ def embed_dataset(ds, export: str | Path, column: str = "text", adapter: str | N
     (``peft_export.ray.embed_job.write_runs_in_order``). Each row's embedding always stays with its row.
     """
     export, ds, pin = _prepared(
-        ds, export, "embedding", {"column": column}, id_column, output_column, batch_size, block_rows, backend,
+        ds, export, "embedding", {"column": column}, id_column, output_column, batch_size, block_rows,
+        {"backend": backend, **(model_options or {})},
         lambda model: model.encode([""], **_encode_options(model, adapter, prompt_name, 1)))
     return _map_on_pool(ds, embedder, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
                         id_column, keep_columns, export=str(export), manifest_sha256=pin, column=column,
@@ -255,7 +256,7 @@ def rerank_dataset(ds, export: str | Path, query_column: str = "query", document
                if value is not None}
     export, ds, pin = _prepared(
         ds, export, "reranker", {"query_column": query_column, "document_column": document_column}, id_column,
-        output_column, batch_size, block_rows, backend,
+        output_column, batch_size, block_rows, {"backend": backend, **(model_options or {})},
         lambda model: model.predict([("", "")], **_score_options(model, adapter, 1, options)))
     return _map_on_pool(ds, scorer, batch_size, num_actors, threads_per_actor, num_cpus_per_actor, ray_remote_args,
                         id_column, keep_columns, export=str(export), manifest_sha256=pin,
@@ -265,7 +266,7 @@ def rerank_dataset(ds, export: str | Path, query_column: str = "query", document
 
 
 def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_column: str | None,
-              output_column: str, batch_size: int, block_rows: int | None, backend: str | None, probe):
+              output_column: str, batch_size: int, block_rows: int | None, open_options: dict[str, Any], probe):
     """(the export folder, ``ds`` split into blocks of ``block_rows`` (see :func:`embed_dataset`), the digest of the
     export's manifest), after checking here, before any actor opens it, the arguments, that each of ``columns``
     (the job's argument name -> the column it names) holds strings, and that the export is one of ``task``'s and
@@ -302,7 +303,7 @@ def _prepared(ds, export: str | Path, task: str, columns: dict[str, str], id_col
         if kind not in ("string", "large_string"):
             raise ConfigError(f"Column {column!r} must hold strings, found {kind}; cast it first (e.g. with "
                               "ds.map_batches) or pick another column")
-    model = load(export, backend=backend, intra_op_threads=1)
+    model = load(export, **{**open_options, "intra_op_threads": 1})  # as the actors open it
     try:
         probe(model)
     except (ValueError, KeyError) as err:  # ConfigError and AdapterNotFoundError are ValueErrors
