@@ -102,27 +102,34 @@ def test_several_labels_give_a_fixed_size_list(ray_local, exports):
     np.testing.assert_allclose(column.values.to_numpy().reshape(N, 3), want, atol=1e-6)
 
 
+def _refused(cases, exports) -> None:
+    """Each (job, export key, keyword arguments, error type, message pattern) raises when the job is called."""
+    for job, export, kwargs, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            job(kwargs.pop("ds") if "ds" in kwargs else _dataset(), exports[export], **kwargs)
+
+
 def test_the_other_tasks_export_and_bad_columns_are_refused(ray_local, exports):
-    with pytest.raises(ConfigError, match=r"is an export of the 'embedding' task; rerank_dataset takes 'reranker' "
-                                          r"exports \(use embed_dataset\)"):
-        rerank_dataset(_dataset(), exports["embedder"])
-    with pytest.raises(ConfigError, match=r"is an export of the 'reranker' task; embed_dataset takes 'embedding' "
-                                          r"exports \(use rerank_dataset\)"):
-        embed_dataset(_dataset(), exports["rr"], column="query")
-    with pytest.raises(ConfigError, match=r"document_column 'passage' is not a column of the dataset; it has "
-                                          r"\['pair_id', 'query', 'document', 'source'\]"):
-        rerank_dataset(_dataset(), exports["rr"], document_column="passage")
-    with pytest.raises(ConfigError, match=r"Column 'pair_id' must hold strings, found int64"):
-        rerank_dataset(_dataset(), exports["rr"], query_column="pair_id")
-    with pytest.raises(ConfigError, match=r"output_column 'source' is already a column of the dataset; pass another "
-                                          r"output_column= or rename that column first"):
-        rerank_dataset(_dataset(), exports["rr"], output_column="source")
     scored = _dataset().map_batches(lambda batch: batch.append_column("score", pa.array([0.5] * batch.num_rows)),
                                     batch_format="pyarrow")  # e.g. a first-stage retriever's score
-    with pytest.raises(ConfigError, match=r"output_column 'score' is already a column of the dataset"):
-        rerank_dataset(scored, exports["rr"])
-    with pytest.raises(ConfigError, match=r"output_column 'query' is already a column of the dataset"):
-        embed_dataset(_dataset(), exports["embedder"], column="document", output_column="query")
+    _refused([
+        (rerank_dataset, "embedder", {}, ConfigError,
+         r"is an export of the 'embedding' task; rerank_dataset takes 'reranker' exports \(use embed_dataset\)"),
+        (embed_dataset, "rr", {"column": "query"}, ConfigError,
+         r"is an export of the 'reranker' task; embed_dataset takes 'embedding' exports \(use rerank_dataset\)"),
+        (rerank_dataset, "rr", {"document_column": "passage"}, ConfigError,
+         r"document_column 'passage' is not a column of the dataset; it has \['pair_id', 'query', 'document', "
+         r"'source'\]"),
+        (rerank_dataset, "rr", {"query_column": "pair_id"}, ConfigError,
+         r"Column 'pair_id' must hold strings, found int64"),
+        (rerank_dataset, "rr", {"output_column": "source"}, ConfigError,
+         r"output_column 'source' is already a column of the dataset; pass another output_column= or rename that "
+         r"column first"),
+        (rerank_dataset, "rr", {"ds": scored}, ConfigError,
+         r"output_column 'score' is already a column of the dataset"),
+        (embed_dataset, "embedder", {"column": "document", "output_column": "query"}, ConfigError,
+         r"output_column 'query' is already a column of the dataset"),
+    ], exports)
 
 
 def test_apply_softmax_equals_predict(ray_local, exports):
@@ -137,20 +144,18 @@ def test_apply_softmax_equals_predict(ray_local, exports):
 
 
 def test_what_the_export_does_not_take_is_refused_on_the_driver(ray_local, exports):
-    """rerank_dataset raises itself (the dataset is lazy: nothing has run on an actor yet)."""
-    with pytest.raises(AdapterNotFoundError, match=r"Adapter with name 'nope' not found. Loaded adapters: "
-                                                   r"\['qk', 'qv'\]"):
-        rerank_dataset(_dataset(), exports["rr"], adapter="nope")
-    with pytest.raises(AdapterNotFoundError, match=r"Adapter with name '../qv' not found"):
-        rerank_dataset(_dataset(), exports["rr"], adapter="../qv")
-    with pytest.raises(ConfigError, match=r"activation_fn must be a function or one of sigmoid, identity, tanh, "
-                                          r"found 'softmax'$"):
-        rerank_dataset(_dataset(), exports["rr"], activation_fn="softmax")
-    with pytest.raises(ConfigError, match=r"Prompt name 'web' not found"):
-        rerank_dataset(_dataset(), exports["rr"], prompt_name="web")
-    # The driver opens the export with the actors' model_options: a provider this machine lacks is named here.
-    with pytest.raises(ConfigError, match=r"NopeExecutionProvider"):
-        rerank_dataset(_dataset(), exports["rr"], model_options={"providers": ["NopeExecutionProvider"]})
+    """rerank_dataset raises itself (the dataset is lazy: nothing has run on an actor yet). The driver opens the
+    export with the actors' model_options, so a provider this machine lacks is named here too."""
+    _refused([
+        (rerank_dataset, "rr", {"adapter": "nope"}, AdapterNotFoundError,
+         r"Adapter with name 'nope' not found. Loaded adapters: \['qk', 'qv'\]"),
+        (rerank_dataset, "rr", {"adapter": "../qv"}, AdapterNotFoundError, r"Adapter with name '../qv' not found"),
+        (rerank_dataset, "rr", {"activation_fn": "softmax"}, ConfigError,
+         r"activation_fn must be a function or one of sigmoid, identity, tanh, found 'softmax'$"),
+        (rerank_dataset, "rr", {"prompt_name": "web"}, ConfigError, r"Prompt name 'web' not found"),
+        (rerank_dataset, "rr", {"model_options": {"providers": ["NopeExecutionProvider"]}}, ConfigError,
+         r"NopeExecutionProvider"),
+    ], exports)
 
 
 def killer(marker: Path) -> type[BatchScorer]:
