@@ -318,19 +318,14 @@ def test_a_long_query_is_tokenized_once_for_all_its_passages(reranker):
     """A 20,000-character query without word boundaries (kept whole: no prefix decides its tokens) with 200
     passages: the model call tokenized it once per passage (10 million characters here, every other request
     waiting). Now once per model call; the scores equal scoring each pair alone."""
-    from tokenizers import Tokenizer
-
     model = CrossEncoderModel(reranker["adapter_export"])
     query = "a" * 20_000
     passages = [f"passage {i} " + "about resetting passwords " * (i % 7) for i in range(200)]
     alone = np.array([model.predict([(query, p)])[0] for p in passages[:20]])
     tokenizer = model._tokenizer
     seen = {"chars": 0}
-    tokenizer.truncation_prefixes(["b" * 20_000])  # makes its prefix counter, to count that one's texts too
-    tokenizer._prefixes._tokenizer = CountingTokenizer(tokenizer._prefixes._tokenizer, seen)
-    whole = Tokenizer.from_str(tokenizer.tokenizer.to_str())
-    whole.no_truncation()
-    tokenizer._whole = CountingTokenizer(whole, seen)
+    counter = tokenizer._counter()  # its untruncated copy also tokenizes each text of the pairs
+    counter._tokenizer = CountingTokenizer(counter._tokenizer, seen)
     tokenizer.tokenizer = CountingTokenizer(tokenizer.tokenizer, seen)
     with TestClient(create_app(model, ServeSettings(warmup=False))) as client:
         response = client.post("/rerank", json={"query": query, "texts": passages, "truncate": True})

@@ -42,6 +42,11 @@ class TokenCounter:
         self.content_limit = max(1, max_tokens - self.special_tokens)  # tokens of text that truncation keeps
         self.first_prefix = max(_MIN_FIRST_PREFIX, self.content_limit * _FIRST_PREFIX_CHARS_PER_TOKEN)
 
+    @property
+    def untruncated(self) -> Any:
+        """The copy of the tokenizer it counts with: no truncation, no padding (never change its settings)."""
+        return self._tokenizer
+
     def count(self, texts: list[str]) -> list[int]:
         """Tokens of each whole text, without truncation."""
         if self.lower:

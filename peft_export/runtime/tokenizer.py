@@ -45,8 +45,7 @@ class TextTokenizer:
         self.pad_token_id = config.pad_token_id
         self.input_names = config.input_names
         self.max_text_chars = max(MIN_MAX_TEXT_CHARS, CAP_CHARS_PER_TOKEN * config.max_seq_length)
-        self._prefixes: TokenCounter | None = None  # made on the first long text
-        self._whole = None  # an untruncated copy of the tokenizer, made for the first pairs
+        self._prefixes: TokenCounter | None = None  # made on first use (_counter)
         self._layout: list | None | bool = False  # the pair template (_pair_layout), read on first use
         # A reranker's prompts and how each applies (runtime/pair_prompts.py). ``pair_template``: pairs rendered
         # through the model's chat template with the default prompt (export/pair_template.py), or None: the pair
@@ -60,9 +59,13 @@ class TextTokenizer:
         """``texts`` with each long one replaced by the prefix of it that truncation keeps the same tokens of."""
         if all(len(t) <= MIN_MAX_TEXT_CHARS // 8 for t in texts):
             return texts
+        return [truncation_prefix(self._counter(), t, self.max_text_chars) for t in texts]
+
+    def _counter(self) -> TokenCounter:
+        """Token counts and prefixes (runtime/token_prefix.py), from an untruncated copy of the tokenizer."""
         if self._prefixes is None:
             self._prefixes = TokenCounter(self.tokenizer, self.max_seq_length, self.do_lower_case)
-        return [truncation_prefix(self._prefixes, t, self.max_text_chars) for t in texts]
+        return self._prefixes
 
     def _bounded(self, text: str) -> str:
         """One text as :meth:`truncation_prefixes` gives it."""
@@ -129,13 +132,9 @@ class TextTokenizer:
         return rows
 
     def _untruncated(self):
-        if self._whole is None:
-            from tokenizers import Tokenizer
-
-            self._whole = Tokenizer.from_str(self.tokenizer.to_str())
-            self._whole.no_truncation()  # a pair is truncated as a whole when it is assembled
-            self._whole.no_padding()
-        return self._whole
+        """The tokenizer without truncation or padding (the token counter's copy): a pair is truncated as a whole
+        when it is assembled."""
+        return self._counter().untruncated
 
     def _pair_layout(self) -> list | None:
         """The post-processor's pair template as (side: None for a special token, 0 or 1 for a text; token id;
@@ -210,14 +209,13 @@ class TextTokenizer:
         its truncation prefix when that is shorter than ``start``, or ``start`` itself when the token counter
         proves it decides them (a query that is one unbroken run is decided by the template's text after it).
         None: the document matters, each pair is rendered."""
-        if self._prefixes is None:
-            self._prefixes = TokenCounter(self.tokenizer, self.max_seq_length, self.do_lower_case)
-        if len(start) <= self._prefixes.first_prefix:
+        counter = self._counter()
+        if len(start) <= counter.first_prefix:
             return None
-        bounded = truncation_prefix(self._prefixes, start, self.max_text_chars)
+        bounded = truncation_prefix(counter, start, self.max_text_chars)
         if len(bounded) < len(start):
             return bounded
-        return start if self._prefixes.prefix_decides(start) else None
+        return start if counter.prefix_decides(start) else None
 
     def pair_token_overhead(self, prompt: str | None = None) -> int:
         """Tokens a (query, document) pair holds beyond the two texts' own tokens (each without special tokens):
