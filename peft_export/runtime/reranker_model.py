@@ -166,14 +166,12 @@ class CrossEncoderModel(ExportedModel):
         text; "" for none): the prompt put before each query, or the system message of a chat-template reranker's
         pairs, as sentence-transformers applies it; neither: the model's default prompt (:attr:`default_prompt_name`).
         """
-        if isinstance(activation_fn, str):
-            if activation_fn not in ACTIVATIONS:
-                raise ValueError(f"activation_fn must be a function or one of {', '.join(ACTIVATIONS)}, found "
-                                 f"{activation_fn!r}")
+        if isinstance(activation_fn, str) and activation_fn in ACTIVATIONS:
             activation_fn = ACTIVATIONS[activation_fn]
-        elif activation_fn is not None and not callable(activation_fn):
-            raise ValueError(f"activation_fn must be a function or one of {', '.join(ACTIVATIONS)}, found "
-                             f"{type(activation_fn).__name__} {activation_fn!r:.60}")
+        elif activation_fn is not None and (isinstance(activation_fn, str) or not callable(activation_fn)):
+            found = (repr(activation_fn) if isinstance(activation_fn, str)
+                     else f"{type(activation_fn).__name__} {activation_fn!r:.60}")
+            raise ValueError(f"activation_fn must be a function or one of {', '.join(ACTIVATIONS)}, found {found}")
         pairs, single = _pairs(inputs)
         applied = self._tokenizer.pair_prompts.resolve(prompt_name, prompt)
         run_adapter = self._adapter_for_call(adapter)  # resolved once: every batch of this call uses it
