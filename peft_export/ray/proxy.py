@@ -49,15 +49,12 @@ class AnswerUnansweredRequests:
 
 
 async def send_unavailable(send, retry_after_seconds: int) -> None:
-    from ..serve.protocol import ApiError, dumps
+    from ..serve.protocol import ApiError, send_error
 
-    body = dumps(ApiError(503, "replica_unavailable",
-                          "The replica running this request stopped before answering (Ray Serve replaces it); "
-                          f"retry in {retry_after_seconds} s").openai_body())
-    await send({"type": "http.response.start", "status": 503,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(retry_after_seconds).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, ApiError(503, "replica_unavailable",
+                                    "The replica running this request stopped before answering (Ray Serve replaces "
+                                    f"it); retry in {retry_after_seconds} s",
+                                    headers={"Retry-After": str(retry_after_seconds)}))
 
 
 def proxy_middlewares() -> list:

@@ -97,15 +97,12 @@ class _AdapterAffinity:
 
 async def _send_unknown_adapter(send, name: str, adapters: list[str], base_name: str | None) -> None:
     """A JSON 404 for a multiplexing header naming no adapter of the export (and not the base)."""
-    from ..serve.protocol import ApiError, dumps, show
+    from ..serve.protocol import ApiError, send_error, show
 
     known = ", ".join([n for n in (base_name, *adapters) if n is not None]) or "none"
-    body = dumps(ApiError(404, "model_not_found", f"The {MULTIPLEX_HEADER.decode()} header names {show(name)}, "
-                          f"which is not served here; available: {known}", param=MULTIPLEX_HEADER.decode()
-                          ).openai_body())
-    await send({"type": "http.response.start", "status": 404,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, ApiError(404, "model_not_found", f"The {MULTIPLEX_HEADER.decode()} header names "
+                                    f"{show(name)}, which is not served here; available: {known}",
+                                    param=MULTIPLEX_HEADER.decode()))
 
 
 def _open_replica(export: str, backend: str | None, threads: int, settings: ServeSettings, mark_hot) -> Any:

@@ -61,6 +61,16 @@ def json_response(payload: Any, status: int = 200):
     return Response(dumps(payload), status_code=status, media_type="application/json")
 
 
+async def send_error(send, error: ApiError) -> None:
+    """Answer ``error`` as JSON (the OpenAI error body, with its headers) on a raw ASGI ``send``, below any
+    framework: for wrappers of the app that answer a request themselves."""
+    body = dumps(error.openai_body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items())]
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def json_type(value: Any) -> str:
     """The JSON name of a parsed value's type, as a client wrote it: null, boolean, number, string, array, object."""
     if value is None:
