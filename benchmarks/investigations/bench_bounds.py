@@ -7,6 +7,7 @@ OpenVINO IRs at the same input shape.
     python benchmarks/investigations/bench_bounds.py per-token IR_XML IR_XML --precision bf16 --shape 32x128
     python benchmarks/investigations/bench_bounds.py padding --texts TEXTS_JSON --export RERANKER_EXPORT
     python benchmarks/investigations/bench_bounds.py linears GRAPH_OR_DIR --rows 15 --rows 512
+    python benchmarks/investigations/bench_bounds.py nodes IR_XML [IR_XML ...] --precision bf16 --shape 1x16
 
 ``bandwidth``: GB/s of summing a 1 GiB float32 array split over the cores (threads; numpy releases the GIL), best of
 five. ``weights``: bytes of an ONNX export's initializers that every query reads (those only gathered from, the
@@ -17,7 +18,11 @@ sentence-transformers' (sorted by length, batches of 32). ``linears``: only the 
 (every 2-D weight that is not a gathered table, chained ``x[rows, in] @ W1 @ W2 ...``), timed with each engine this
 machine has: ONNX Runtime fp32 and dynamic int8 (per channel, as the export's int8 uses), OpenVINO f32 and bf16, and
 torch's ``linear`` (oneDNN). At ``rows`` = a batch-1 query's tokens this is the least time any of these engines
-takes for the model's matrix work alone, with nothing else of the model run.
+takes for the model's matrix work alone, with nothing else of the model run. ``nodes``: OpenVINO IRs at batch B
+and length L, compiled as exported (dynamic shapes) and reshaped to the static shape [B, L], alternating rounds of
+calls whose real lengths cycle through L-2, L-1 and L (the static one padded to L, as shape buckets would); then the
+static compiles' own per-node time (OpenVINO's PERF_COUNT), summed by node type: how much of a call the model's
+FullyConnected nodes take inside the model itself.
 """
 
 from __future__ import annotations
@@ -236,6 +241,66 @@ def linears(args) -> None:
                                   "gflop_per_s": round(2 * macs / p50 / 1e9, 1)}), flush=True)
 
 
+def nodes(args) -> None:
+    import collections
+
+    import openvino as ov
+
+    core = ov.Core()
+    batch, length = (int(x) for x in args.shape.split("x"))
+    props = {"INFERENCE_PRECISION_HINT": args.precision, "PERFORMANCE_HINT": "LATENCY"}
+    reals = [length - 2, length - 1, length]
+    rng = np.random.default_rng(0)
+
+    def static_model(ir: str):
+        model = core.read_model(ir)
+        model.reshape({port.get_any_name(): ov.PartialShape([batch, length]) for port in model.inputs})
+        return model
+
+    def feeds(compiled, real: int, padded: int) -> dict[str, np.ndarray]:
+        ids = np.zeros((batch, padded), dtype=np.int64)
+        ids[:, :real] = rng.integers(1000, 2000, (batch, real))
+        mask = (ids != 0).astype(np.int64)
+        return {n: ids if "input_ids" in n else mask if "mask" in n else np.zeros_like(ids)
+                for n in (port.get_any_name() for port in compiled.inputs)}
+
+    contenders = {}  # (ir, mode) -> (compiled, inputs)
+    for ir in args.irs:
+        dynamic = core.compile_model(core.read_model(ir), "CPU", props)
+        static = core.compile_model(static_model(ir), "CPU", props)
+        contenders[ir, "dynamic"] = dynamic, [feeds(dynamic, r, r) for r in reals]
+        contenders[ir, "static"] = static, [feeds(static, r, length) for r in reals]
+    times: dict = {key: [] for key in contenders}
+    for round_ in range(args.rounds):
+        for key in (list(contenders) if round_ % 2 == 0 else list(contenders)[::-1]):
+            compiled, inputs = contenders[key]
+            request = compiled.create_infer_request()
+            for f in inputs:
+                request.infer(f)
+            runs = []
+            for i in range(args.runs):
+                start = time.perf_counter()
+                request.infer(inputs[i % len(inputs)])
+                runs.append(time.perf_counter() - start)
+            times[key].append(statistics.median(runs))
+    for (ir, mode), rounds in times.items():
+        print(json.dumps({"ir": ir, "mode": mode, "shape": args.shape, "lengths": reals,
+                          "p50_ms": round(statistics.median(rounds) * 1e3, 2),
+                          "rounds_ms": [round(t * 1e3, 2) for t in rounds]}), flush=True)
+    for ir in args.irs:  # where a static call's time goes, by node type (PERF_COUNT slows a call a little)
+        request = core.compile_model(static_model(ir), "CPU", {**props, "PERF_COUNT": True}).create_infer_request()
+        inputs = contenders[ir, "static"][1]
+        for f in inputs:
+            request.infer(f)
+        by_type: collections.Counter = collections.Counter()
+        for i in range(args.runs):
+            request.infer(inputs[i % len(inputs)])
+            for node in request.profiling_info:
+                by_type[node.node_type] += node.real_time.total_seconds() / args.runs
+        print(json.dumps({"ir": ir, "mode": "static, per node type", "sum_ms": round(sum(by_type.values()) * 1e3, 2),
+                          "ms": {k: round(v * 1e3, 3) for k, v in by_type.most_common(6)}}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +327,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--runs", type=int, default=20)
     p.set_defaults(run=linears)
+    p = sub.add_parser("nodes")
+    p.add_argument("irs", nargs="+")
+    p.add_argument("--precision", default="bf16")
+    p.add_argument("--shape", default="1x16")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--runs", type=int, default=30)
+    p.set_defaults(run=nodes)
     args = parser.parse_args()
     args.run(args)
 
