@@ -28,14 +28,36 @@ FullyConnected nodes take inside the model itself.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
+
+from peft_export.bench.rounds import alternating_rounds
+
+
+def _timed_runs(call: Callable[[], Any], runs: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``runs`` calls, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _ir_inputs(compiled, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """An encoder IR's inputs by name: the token ids, the attention mask, zeros for token types."""
+    return {n: ids if "input_ids" in n else mask if "mask" in n else np.zeros_like(ids)
+            for n in (port.get_any_name() for port in compiled.inputs)}
 
 
 def bandwidth(args) -> None:
@@ -78,22 +100,12 @@ def per_token(args) -> None:
                 for xml in args.irs]
     rng = np.random.default_rng(0)
     ids = rng.integers(1000, 2000, (batch, length))
-    times: list[list[float]] = [[] for _ in compiled]
-    for round_ in range(args.rounds):
-        order = range(len(compiled)) if round_ % 2 == 0 else reversed(range(len(compiled)))
-        for i in order:
-            names = [port.get_any_name() for port in compiled[i].inputs]
-            feeds = {n: ids if "input_ids" in n else np.ones_like(ids) if "mask" in n else np.zeros_like(ids)
-                     for n in names}
-            request = compiled[i].create_infer_request()
-            for _ in range(3):
-                request.infer(feeds)
-            for _ in range(10):
-                start = time.perf_counter()
-                request.infer(feeds)
-                times[i].append(time.perf_counter() - start)
-    for xml, runs in zip(args.irs, times):
-        p50 = statistics.median(runs)
+    requests = {xml: (c.create_infer_request(), _ir_inputs(c, ids, np.ones_like(ids)))
+                for xml, c in zip(args.irs, compiled)}
+    times = alternating_rounds(list(requests), args.rounds,
+                               lambda xml: _timed_runs(lambda: requests[xml][0].infer(requests[xml][1]), 10))
+    for xml, rounds in times.items():
+        p50 = statistics.median(itertools.chain.from_iterable(rounds))
         print(json.dumps({"ir": xml, "shape": args.shape, "p50_ms": round(p50 * 1e3, 2),
                           "us_per_token": round(p50 * 1e6 / (batch * length), 2)}))
 
@@ -223,18 +235,9 @@ def linears(args) -> None:
                 engines["torch fp32 (oneDNN)"] = run_torch
             except ImportError:
                 pass
-            times: dict[str, list[float]] = {name: [] for name in engines}
-            for round_ in range(args.rounds):
-                names = list(engines) if round_ % 2 == 0 else list(reversed(engines))
-                for name in names:
-                    for _ in range(3):
-                        engines[name]()
-                    for _ in range(args.runs):
-                        start = time.perf_counter()
-                        engines[name]()
-                        times[name].append(time.perf_counter() - start)
-            for name, runs in times.items():
-                p50 = statistics.median(runs)
+            times = alternating_rounds(list(engines), args.rounds, lambda name: _timed_runs(engines[name], args.runs))
+            for name, rounds in times.items():
+                p50 = statistics.median(itertools.chain.from_iterable(rounds))
                 print(json.dumps({"graph": str(path), "rows": rows, "engine": name, "weights": len(mats),
                                   "chained": len(mats) - sum(1 for k in feeds if k != "x"),
                                   "p50_ms": round(p50 * 1e3, 2),
@@ -260,41 +263,34 @@ def nodes(args) -> None:
     def feeds(compiled, real: int, padded: int) -> dict[str, np.ndarray]:
         ids = np.zeros((batch, padded), dtype=np.int64)
         ids[:, :real] = rng.integers(1000, 2000, (batch, real))
-        mask = (ids != 0).astype(np.int64)
-        return {n: ids if "input_ids" in n else mask if "mask" in n else np.zeros_like(ids)
-                for n in (port.get_any_name() for port in compiled.inputs)}
+        return _ir_inputs(compiled, ids, (ids != 0).astype(np.int64))
 
-    contenders = {}  # (ir, mode) -> (compiled, inputs)
+    def cycling(compiled, inputs: list[dict[str, np.ndarray]]) -> Callable[[], Any]:
+        """One infer request whose calls cycle through ``inputs``."""
+        request, each = compiled.create_infer_request(), itertools.cycle(inputs)
+        return lambda: request.infer(next(each))
+
+    contenders: dict[tuple[str, str], Callable[[], Any]] = {}
+    static_inputs = {}
     for ir in args.irs:
         dynamic = core.compile_model(core.read_model(ir), "CPU", props)
         static = core.compile_model(static_model(ir), "CPU", props)
-        contenders[ir, "dynamic"] = dynamic, [feeds(dynamic, r, r) for r in reals]
-        contenders[ir, "static"] = static, [feeds(static, r, length) for r in reals]
-    times: dict = {key: [] for key in contenders}
-    for round_ in range(args.rounds):
-        for key in (list(contenders) if round_ % 2 == 0 else list(contenders)[::-1]):
-            compiled, inputs = contenders[key]
-            request = compiled.create_infer_request()
-            for f in inputs:
-                request.infer(f)
-            runs = []
-            for i in range(args.runs):
-                start = time.perf_counter()
-                request.infer(inputs[i % len(inputs)])
-                runs.append(time.perf_counter() - start)
-            times[key].append(statistics.median(runs))
+        static_inputs[ir] = [feeds(static, r, length) for r in reals]
+        contenders[ir, "dynamic"] = cycling(dynamic, [feeds(dynamic, r, r) for r in reals])
+        contenders[ir, "static"] = cycling(static, static_inputs[ir])
+    times = alternating_rounds(list(contenders), args.rounds,
+                               lambda key: statistics.median(_timed_runs(contenders[key], args.runs, len(reals))))
     for (ir, mode), rounds in times.items():
         print(json.dumps({"ir": ir, "mode": mode, "shape": args.shape, "lengths": reals,
                           "p50_ms": round(statistics.median(rounds) * 1e3, 2),
                           "rounds_ms": [round(t * 1e3, 2) for t in rounds]}), flush=True)
     for ir in args.irs:  # where a static call's time goes, by node type (PERF_COUNT slows a call a little)
         request = core.compile_model(static_model(ir), "CPU", {**props, "PERF_COUNT": True}).create_infer_request()
-        inputs = contenders[ir, "static"][1]
-        for f in inputs:
+        for f in static_inputs[ir]:
             request.infer(f)
         by_type: collections.Counter = collections.Counter()
-        for i in range(args.runs):
-            request.infer(inputs[i % len(inputs)])
+        for f in itertools.islice(itertools.cycle(static_inputs[ir]), args.runs):
+            request.infer(f)
             for node in request.profiling_info:
                 by_type[node.node_type] += node.real_time.total_seconds() / args.runs
         print(json.dumps({"ir": ir, "mode": "static, per node type", "sum_ms": round(sum(by_type.values()) * 1e3, 2),
