@@ -335,3 +335,12 @@ def test_rerank_load_level_counts_pairs_and_checks_every_score():
     assert good["pairs_per_s"] * good["seconds"] == pytest.approx(10)  # 2 x (3 + 2) documents
     assert off["max_abs_diff"] == pytest.approx(0.5)
     assert down["errors"] == 4 and down["pairs_per_s"] == 0
+
+
+def test_timed_calls_times_each_run_after_untimed_warmup_calls():
+    from peft_export.bench.timing import timed_calls
+
+    calls = []
+    samples = timed_calls(lambda: calls.append(1), runs=5, warmup=2)
+    assert len(calls) == 7
+    assert len(samples) == 5 and all(s >= 0 for s in samples)

@@ -40,18 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from peft_export.bench.rounds import alternating_rounds
-
-
-def _timed_runs(call: Callable[[], Any], runs: int, warmup: int = 3) -> list[float]:
-    """Seconds of each of ``runs`` calls, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
+from peft_export.bench.timing import timed_calls
 
 
 def _ir_inputs(compiled, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -103,7 +92,7 @@ def per_token(args) -> None:
     requests = {xml: (c.create_infer_request(), _ir_inputs(c, ids, np.ones_like(ids)))
                 for xml, c in zip(args.irs, compiled)}
     times = alternating_rounds(list(requests), args.rounds,
-                               lambda xml: _timed_runs(lambda: requests[xml][0].infer(requests[xml][1]), 10))
+                               lambda xml: timed_calls(lambda: requests[xml][0].infer(requests[xml][1]), 10))
     for xml, rounds in times.items():
         p50 = statistics.median(itertools.chain.from_iterable(rounds))
         print(json.dumps({"ir": xml, "shape": args.shape, "p50_ms": round(p50 * 1e3, 2),
@@ -235,7 +224,7 @@ def linears(args) -> None:
                 engines["torch fp32 (oneDNN)"] = run_torch
             except ImportError:
                 pass
-            times = alternating_rounds(list(engines), args.rounds, lambda name: _timed_runs(engines[name], args.runs))
+            times = alternating_rounds(list(engines), args.rounds, lambda name: timed_calls(engines[name], args.runs))
             for name, rounds in times.items():
                 p50 = statistics.median(itertools.chain.from_iterable(rounds))
                 print(json.dumps({"graph": str(path), "rows": rows, "engine": name, "weights": len(mats),
@@ -279,7 +268,7 @@ def nodes(args) -> None:
         contenders[ir, "dynamic"] = cycling(dynamic, [feeds(dynamic, r, r) for r in reals])
         contenders[ir, "static"] = cycling(static, static_inputs[ir])
     times = alternating_rounds(list(contenders), args.rounds,
-                               lambda key: statistics.median(_timed_runs(contenders[key], args.runs, len(reals))))
+                               lambda key: statistics.median(timed_calls(contenders[key], args.runs, len(reals))))
     for (ir, mode), rounds in times.items():
         print(json.dumps({"ir": ir, "mode": mode, "shape": args.shape, "lengths": reals,
                           "p50_ms": round(statistics.median(rounds) * 1e3, 2),

@@ -9,6 +9,18 @@ from typing import Any, Callable
 from .stats import percentiles
 
 
+def timed_calls(call: Callable[[], Any], runs: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``runs`` calls of ``call``, after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
 def time_single_queries(encode_one: Callable[[str], Any], queries: list[str], warmup: int = 20) -> dict[str, float]:
     """Batch-1 latency: each query encoded alone, after ``warmup`` untimed calls."""
     for q in queries[:warmup]:
